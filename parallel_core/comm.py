@@ -1,0 +1,113 @@
+"""Collectives over one parallel dimension, each recording the bytes this rank sends.
+
+Byte counts are the payload this rank must deliver to its peers (what a bandwidth-optimal algorithm moves):
+all-to-all sends (g-1)/g of its input, all-gather sends its shard to g-1 peers, a ring step sends one block.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DimensionGroup:
+    """This rank's view of one parallel dimension: its position, the size, and the process group.
+
+    `group` is None when the dimension has one rank (no communication happens then). `ranks` lists the global
+    ranks of the group in group-rank order.
+    """
+
+    name: str
+    rank: int
+    size: int
+    ranks: tuple[int, ...]
+    group: dist.ProcessGroup | None = None
+
+    def global_rank(self, group_rank: int) -> int:
+        return self.ranks[group_rank % self.size]
+
+
+@dataclass
+class CommStats:
+    """Bytes sent and calls made by this rank, per (collective, dimension)."""
+
+    bytes_by_key: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
+    calls_by_key: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
+
+    def record(self, op: str, dimension: str, nbytes: int) -> None:
+        self.bytes_by_key[(op, dimension)] += int(nbytes)
+        self.calls_by_key[(op, dimension)] += 1
+
+    def bytes_sent(self, op: str | None = None, dimension: str | None = None) -> int:
+        """Total bytes sent, optionally only for one collective and/or one dimension."""
+        return sum(
+            n for (o, d), n in self.bytes_by_key.items() if (op is None or o == op) and (dimension is None or d == dimension)
+        )
+
+    def snapshot(self) -> dict[str, int]:
+        """{'op/dimension': bytes} for JSON reports."""
+        return {f"{o}/{d}": n for (o, d), n in sorted(self.bytes_by_key.items())}
+
+    def reset(self) -> None:
+        self.bytes_by_key.clear()
+        self.calls_by_key.clear()
+
+
+def _nbytes(x: torch.Tensor) -> int:
+    return x.numel() * x.element_size()
+
+
+def all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, dim_group: DimensionGroup, stats: CommStats) -> torch.Tensor:
+    """Scatter `x` in equal chunks along `scatter_dim` to the group's ranks, gather theirs along `gather_dim`.
+
+    The size of `scatter_dim` must divide by the group size (callers pad).
+    """
+    size = dim_group.size
+    if size == 1:
+        return x
+    if x.shape[scatter_dim] % size:
+        raise ValueError(f"all_to_all over {dim_group.name}: dim {scatter_dim} of size {x.shape[scatter_dim]} does not divide by {size}")
+    send = torch.stack(torch.chunk(x, size, dim=scatter_dim)).contiguous()
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=dim_group.group)
+    stats.record("all_to_all", dim_group.name, _nbytes(send) * (size - 1) // size)
+    return torch.cat(recv.unbind(0), dim=gather_dim)
+
+
+def all_gather(x: torch.Tensor, dim: int, dim_group: DimensionGroup, stats: CommStats) -> torch.Tensor:
+    """Concatenate every rank's `x` (all the same shape) along `dim`, in group-rank order."""
+    size = dim_group.size
+    if size == 1:
+        return x
+    x = x.contiguous()
+    pieces = [torch.empty_like(x) for _ in range(size)]
+    dist.all_gather(pieces, x, group=dim_group.group)
+    stats.record("all_gather", dim_group.name, _nbytes(x) * (size - 1))
+    return torch.cat(pieces, dim=dim)
+
+
+class RingShift:
+    """One non-blocking step of a ring: send a tensor to the next rank while receiving the previous rank's.
+
+    Start it before computing on the current block and `wait()` after, so the transfer overlaps compute.
+    """
+
+    def __init__(self, x: torch.Tensor, dim_group: DimensionGroup, stats: CommStats):
+        x = x.contiguous()
+        self._received = torch.empty_like(x)
+        nxt = dim_group.global_rank(dim_group.rank + 1)
+        prev = dim_group.global_rank(dim_group.rank - 1)
+        ops = [
+            dist.P2POp(dist.isend, x, nxt, group=dim_group.group),
+            dist.P2POp(dist.irecv, self._received, prev, group=dim_group.group),
+        ]
+        self._requests = dist.batch_isend_irecv(ops)
+        stats.record("ring_send", dim_group.name, _nbytes(x))
+
+    def wait(self) -> torch.Tensor:
+        for request in self._requests:
+            request.wait()
+        return self._received

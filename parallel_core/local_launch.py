@@ -1,0 +1,88 @@
+"""Run one function on N local CPU ranks joined in a gloo process group (tests and benches).
+
+Ranks are spawned processes that rendezvous through a TCPStore the caller owns on 127.0.0.1 (port chosen by the
+OS, so no free-port race) and talk over the loopback interface only. A rank that raises fails the whole run with
+its traceback; the others are stopped.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import time
+import traceback
+from datetime import timedelta
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+LOOPBACK = "127.0.0.1"
+
+
+class RankFailed(RuntimeError):
+    """A rank raised, died or timed out; the message carries its traceback."""
+
+
+def _rank_main(fn, rank, world_size, port, threads, env, args, results):
+    os.environ.update(env)
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # keep gloo's own connections on loopback
+    torch.set_num_threads(threads)
+    try:
+        store = dist.TCPStore(LOOPBACK, port, world_size + 1, is_master=False, timeout=timedelta(seconds=120))
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=300))
+        try:
+            value = fn(rank, world_size, *args)
+        finally:
+            dist.destroy_process_group()
+        results.put((rank, "ok", value))
+    except BaseException:  # report everything, including KeyboardInterrupt in a child
+        results.put((rank, "error", traceback.format_exc()))
+
+
+def run_on_ranks(
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    threads_per_rank: int = 1,
+    timeout_s: float = 600.0,
+    env: dict[str, str] | None = None,
+) -> list[Any]:
+    """Call fn(rank, world_size, *args) on `world_size` gloo ranks; return each rank's result, by rank.
+
+    `fn` and `args` must be picklable (a module-level function). Each rank uses `threads_per_rank` torch threads.
+    """
+    ctx = mp.get_context("spawn")
+    store = dist.TCPStore(LOOPBACK, 0, world_size + 1, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=120))
+    results = ctx.Queue()
+    procs = [
+        ctx.Process(target=_rank_main, args=(fn, r, world_size, store.port, threads_per_rank, env or {}, args, results), daemon=True)
+        for r in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    collected: dict[int, Any] = {}
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(collected) < world_size:
+            try:
+                rank, status, value = results.get(timeout=1.0)
+            except queue.Empty:
+                missing = sorted(set(range(world_size)) - set(collected))
+                dead = [r for r in missing if procs[r].exitcode not in (None, 0)]
+                if dead:
+                    raise RankFailed(f"rank {dead[0]} of {world_size} died (exit code {procs[dead[0]].exitcode}) without a result") from None
+                if time.monotonic() > deadline:
+                    raise RankFailed(f"ranks {missing} gave no result in {timeout_s:.0f} s") from None
+                continue
+            if status == "error":
+                raise RankFailed(f"rank {rank} of {world_size} failed:\n{value}")
+            collected[rank] = value
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+                p.join()
+        del store
+    return [collected[r] for r in range(world_size)]
