@@ -4,7 +4,7 @@ Public contract: ParallelConfig, ParallelState, init_parallel, usp_attention, sp
 split_batch, gather_batch, attention_with_lse, CommStats, DimensionGroup.
 """
 from .attention_kernels import BACKENDS, attention, attention_with_lse, merge_partials
-from .comm import CommStats, DimensionGroup
+from .comm import CommStats, DimensionGroup, all_gather, all_to_all, broadcast
 from .config import DIMENSIONS, ParallelConfig
 from .sharding import gather_batch, gather_sequence, split_batch, split_sequence
 from .state import ParallelState, init_parallel, rank_groups
@@ -17,7 +17,10 @@ __all__ = [
     "DimensionGroup",
     "ParallelConfig",
     "ParallelState",
+    "all_gather",
+    "all_to_all",
     "attention",
+    "broadcast",
     "attention_with_lse",
     "gather_batch",
     "gather_sequence",

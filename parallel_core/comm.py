@@ -89,6 +89,17 @@ def all_gather(x: torch.Tensor, dim: int, dim_group: DimensionGroup, stats: Comm
     return torch.cat(pieces, dim=dim)
 
 
+def broadcast(x: torch.Tensor, src: int, dim_group: DimensionGroup, stats: CommStats) -> torch.Tensor:
+    """Group rank `src`'s `x` on every rank of the group (receivers pass a tensor of the same shape and dtype)."""
+    if dim_group.size == 1:
+        return x
+    x = x.contiguous()
+    dist.broadcast(x, src=dim_group.global_rank(src), group=dim_group.group)
+    if dim_group.rank == src:
+        stats.record("broadcast", dim_group.name, _nbytes(x) * (dim_group.size - 1))
+    return x
+
+
 class RingShift:
     """One non-blocking step of a ring: send a tensor to the next rank while receiving the previous rank's.
 

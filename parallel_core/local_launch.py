@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import time
 import traceback
@@ -35,7 +36,9 @@ def _rank_main(fn, rank, world_size, port, threads, env, args, results):
             value = fn(rank, world_size, *args)
         finally:
             dist.destroy_process_group()
-        results.put((rank, "ok", value))
+        # Plain pickle copies tensor data into the message; the queue's own reducer would share file descriptors
+        # that vanish when this process exits before the parent reads them.
+        results.put((rank, "ok", pickle.dumps(value)))
     except BaseException:  # report everything, including KeyboardInterrupt in a child
         results.put((rank, "error", traceback.format_exc()))
 
@@ -77,7 +80,7 @@ def run_on_ranks(
                 continue
             if status == "error":
                 raise RankFailed(f"rank {rank} of {world_size} failed:\n{value}")
-            collected[rank] = value
+            collected[rank] = pickle.loads(value)
     finally:
         for p in procs:
             p.join(timeout=10)

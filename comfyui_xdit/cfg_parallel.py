@@ -1,0 +1,30 @@
+"""CFG parallelism for any ComfyUI model: the conds of one step are shared out over the cfg group.
+
+ComfyUI evaluates a step's conds (positive, negative, ...) in `calc_cond_batch`; its CALC_COND_BATCH wrapper
+lets each cfg rank evaluate only the conds it owns (round robin), then the owners broadcast their predictions,
+so every rank ends the step with the full list, exactly as one process would.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from parallel_core import ParallelState, broadcast
+
+WRAPPER_KEY = "comfyui_xdit.cfg_parallel"
+
+
+def cfg_parallel_wrapper(state: ParallelState) -> Callable[..., Any]:
+    """A CALC_COND_BATCH wrapper splitting the conds over `state.cfg`."""
+
+    def calc_cond_batch(executor, model, conds, x_in, timestep, model_options):
+        group = state.cfg
+        active = [i for i, cond in enumerate(conds) if cond is not None]
+        # One cond (e.g. BasicGuider, or cfg 1.0): nothing to share out; every rank computes it.
+        if group.size == 1 or len(active) < 2:
+            return executor(model, conds, x_in, timestep, model_options)
+        owner = {index: n % group.size for n, index in enumerate(active)}
+        mine = [cond if owner.get(i) == group.rank else None for i, cond in enumerate(conds)]
+        outputs = executor(model, mine, x_in, timestep, model_options)
+        return [broadcast(out, owner[i], group, state.comm) if i in owner else out for i, out in enumerate(outputs)]
+
+    return calc_cond_batch

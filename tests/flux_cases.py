@@ -1,0 +1,96 @@
+"""Rank-side sampling for the Flux exactness tests: stock ComfyUI nodes, stock vs parallel model.
+
+Every rank imports the real ComfyUI, loads the tiny Flux with ComfyUI's own loader, and drives the sampling path
+SamplerCustomAdvanced takes (ModelSamplingFlux -> BasicGuider/CFGGuider -> BasicScheduler, KSamplerSelect,
+RandomNoise -> SamplerCustomAdvanced) through the stock node classes. Rank 0 also runs the unpatched model.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from comfyui_xdit.comfy_runtime import init_worker
+
+TEXT_TOKENS = 7
+
+
+@dataclass(frozen=True)
+class SamplingCase:
+    name: str
+    guider: str = "basic"  # "basic" or "cfg"
+    cfg: float = 3.5
+    sampler: str = "euler"
+    steps: int = 3
+    height: int = 16  # latent rows
+    width: int = 16
+    batch: int = 1
+    seed: int = 0
+
+
+CASES: tuple[SamplingCase, ...] = (
+    SamplingCase("basic-euler"),
+    SamplingCase("cfg-euler", guider="cfg"),
+    SamplingCase("cfg-dpmpp2m-18x22", guider="cfg", sampler="dpmpp_2m", height=18, width=22, seed=1),
+    SamplingCase("basic-dpmpp2m-18x22-batch2", sampler="dpmpp_2m", height=18, width=22, batch=2, seed=2),
+)
+
+
+def _conditioning(seed: int, guidance: float = 3.5):
+    gen = torch.Generator().manual_seed(seed)
+    context = torch.randn(1, TEXT_TOKENS, 64, generator=gen)
+    pooled = torch.randn(1, 32, generator=gen)
+    return [[context, {"pooled_output": pooled, "guidance": guidance}]]
+
+
+def _first(node_output):
+    return node_output.result[0] if hasattr(node_output, "result") else node_output[0]
+
+
+def sample(model_patcher, case: SamplingCase) -> torch.Tensor:
+    """The latent SamplerCustomAdvanced returns for `case`, built with ComfyUI's stock nodes."""
+    from comfy_extras import nodes_custom_sampler as custom
+    from comfy_extras.nodes_model_advanced import ModelSamplingFlux
+
+    model = ModelSamplingFlux().patch(model_patcher, 1.15, 0.5, case.width * 8, case.height * 8)[0]
+    positive = _conditioning(100)
+    if case.guider == "cfg":
+        guider = _first(custom.CFGGuider.execute(model, positive, _conditioning(200), case.cfg))
+    else:
+        guider = _first(custom.BasicGuider.execute(model, positive))
+    sigmas = _first(custom.BasicScheduler.execute(model, "simple", case.steps, 1.0))
+    sampler = _first(custom.KSamplerSelect.execute(case.sampler))
+    noise = _first(custom.RandomNoise.execute(case.seed))
+    latent = {"samples": torch.zeros(case.batch, 16, case.height, case.width)}
+    return _first(custom.SamplerCustomAdvanced.execute(noise, guider, sampler, sigmas, latent))["samples"]
+
+
+def flux_rank(rank: int, world_size: int, model_path: str, configs: list[dict], case_dicts: list[dict]) -> dict:
+    """Parallel latents of every (config, case) on this rank; rank 0 adds the stock latents and re-checks them."""
+    init_worker(cpu=True)
+    import comfy.sd
+
+    from comfyui_xdit.parallel_model import parallelize
+    from parallel_core import ParallelConfig, init_parallel
+
+    cases = [SamplingCase(**c) for c in case_dicts]
+    base = comfy.sd.load_diffusion_model(model_path)
+    result: dict = {"parallel": {}, "bytes": {}}
+    if rank == 0:
+        result["stock"] = {case.name: sample(base, case) for case in cases}
+    for degrees in configs:
+        state = init_parallel(ParallelConfig(**degrees))
+        model = parallelize(base, state)
+        tag = "-".join(f"{k.split('_')[0]}{v}" for k, v in degrees.items())
+        for case in cases:
+            state.comm.reset()
+            result["parallel"][f"{tag}/{case.name}"] = sample(model, case)
+            result["bytes"][f"{tag}/{case.name}"] = state.comm.snapshot()
+    if rank == 0:
+        # The unpatched ModelPatcher, used again after the parallel clones, is stock again, bit for bit.
+        result["stock_again"] = {case.name: sample(base, case) for case in cases}
+    return result
+
+
+def case_dicts() -> list[dict]:
+    return [asdict(c) for c in CASES]
