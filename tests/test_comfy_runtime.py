@@ -1,0 +1,145 @@
+"""comfy_runtime against a real ComfyUI 0.30.0: locating, the cached-tree fast path, in-process and worker imports."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from comfyui_xdit.comfy_runtime import (
+    COMFYUI_VERSION,
+    PREPARED_MARKER,
+    SKIPPED_REQUIREMENTS,
+    cached_comfyui,
+    comfyui_path,
+    comfyui_version,
+    enclosing_comfyui,
+    import_comfy,
+    is_comfyui_checkout,
+    requirement_lines,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PACKAGE_DIR = REPO_ROOT / "comfyui_xdit"
+# Locating ComfyUI prefers the one a checkout sits in (custom_nodes/) over the cache: cache tests need neither.
+not_in_custom_nodes = pytest.mark.skipif(enclosing_comfyui() is not None,
+                                         reason="this checkout lives in a ComfyUI's custom_nodes/")
+
+
+def _fake_checkout(path: Path, version: str = "0.0.1") -> Path:
+    (path / "comfy").mkdir(parents=True)
+    (path / "main.py").write_text("")
+    (path / "comfyui_version.py").write_text(f'__version__ = "{version}"\n')
+    return path
+
+
+def _python(code: str, env: dict[str, str], cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, text=True, capture_output=True,
+                          timeout=300)
+
+
+def test_comfyui_path_is_comfyui_0_30_0(comfy_root: Path) -> None:
+    path = comfyui_path()
+    assert path == comfy_root
+    assert is_comfyui_checkout(path)
+    assert comfyui_version(path) == COMFYUI_VERSION == "0.30.0"
+    import comfy.model_management
+
+    assert Path(comfy.model_management.__file__).is_relative_to(comfy_root)
+
+
+def test_comfyui_path_honours_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = _fake_checkout(tmp_path / "MyComfy")
+    monkeypatch.setenv("COMFYUI_PATH", str(fake))
+    assert comfyui_path(prepare=False) == fake.resolve()
+
+
+def test_comfyui_path_rejects_env_that_is_no_checkout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COMFYUI_PATH", str(tmp_path))
+    with pytest.raises(RuntimeError, match="COMFYUI_PATH=.* is not a ComfyUI checkout"):
+        comfyui_path()
+
+
+@not_in_custom_nodes
+def test_prepared_cache_is_used_without_pip(comfy_root: Path, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("COMFYUI_PATH")
+    monkeypatch.setenv("COMFYUI_XDIT_CACHE", str(tmp_path / "cache"))
+    cached = _fake_checkout(cached_comfyui(), COMFYUI_VERSION)
+    # The session's environment satisfies ComfyUI's requirements, so a marked tree is ready as it is.
+    shutil.copy(comfy_root / "requirements.txt", cached / "requirements.txt")
+    with pytest.raises(RuntimeError, match="setup-comfyui"):
+        comfyui_path(prepare=False)  # not marked: a half-done preparation is never used
+    (cached / PREPARED_MARKER).write_text("")
+    assert comfyui_path(prepare=False) == cached
+    assert comfyui_path(prepare=True) == cached  # no download, no pip: that would fail on this fake tree
+
+
+def test_requirement_lines_leave_torch_alone(comfy_root: Path) -> None:
+    from packaging.requirements import Requirement
+
+    names = {Requirement(line).name.lower() for line in requirement_lines(comfy_root)}
+    assert "einops" in names and "transformers" in names
+    assert not names & SKIPPED_REQUIREMENTS
+
+
+@pytest.mark.parametrize("layout", ["copy", "symlink"])
+def test_repo_inside_custom_nodes_uses_that_comfyui(tmp_path: Path, layout: str) -> None:
+    host = _fake_checkout(tmp_path / "ComfyUI")
+    repo = host / "custom_nodes" / "comfyui-xdit"
+    if layout == "copy":
+        shutil.copytree(PACKAGE_DIR, repo / "comfyui_xdit", ignore=shutil.ignore_patterns("__pycache__"))
+    else:
+        elsewhere = tmp_path / "src" / "comfyui-xdit"
+        shutil.copytree(PACKAGE_DIR, elsewhere / "comfyui_xdit", ignore=shutil.ignore_patterns("__pycache__"))
+        repo.parent.mkdir()
+        repo.symlink_to(elsewhere)
+    env = {key: value for key, value in os.environ.items() if key != "COMFYUI_PATH"}
+    env["PYTHONPATH"] = str(repo)
+    result = _python("from comfyui_xdit.comfy_runtime import comfyui_path; print(comfyui_path(prepare=False))",
+                     env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert Path(result.stdout.strip()).resolve() == host.resolve()
+
+
+def test_import_comfy_is_idempotent(comfy_root: Path, tmp_path: Path) -> None:
+    assert import_comfy() == comfy_root
+    assert import_comfy(comfy_root) == comfy_root
+    assert os.environ["COMFYUI_PATH"] == str(comfy_root)
+    with pytest.raises(RuntimeError, match="already imported"):
+        import_comfy(_fake_checkout(tmp_path / "Other"))
+
+
+def test_worker_subprocess_imports_the_same_comfyui(comfy_root: Path) -> None:
+    code = (
+        "import importlib.util\n"
+        "from comfyui_xdit.comfy_runtime import init_worker\n"
+        "root = init_worker()\n"
+        "import comfy.model_management as mm\n"
+        "print(root)\n"
+        "print(importlib.util.find_spec('nodes').origin)\n"
+        "print(mm.get_torch_device().type)\n"
+    )
+    # Run from the repository root, whose nodes/ folder must not shadow ComfyUI's nodes.py.
+    result = _python(code, dict(os.environ))
+    assert result.returncode == 0, result.stderr
+    root, nodes_origin, device = result.stdout.strip().splitlines()[-3:]
+    assert Path(root) == comfy_root
+    assert Path(nodes_origin) == comfy_root / "nodes.py"
+    assert device == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@not_in_custom_nodes
+def test_worker_without_prepared_comfyui_fails_fast(tmp_path: Path) -> None:
+    env = {key: value for key, value in os.environ.items() if key != "COMFYUI_PATH"}
+    env["COMFYUI_XDIT_CACHE"] = str(tmp_path / "empty-cache")
+    result = _python("from comfyui_xdit.comfy_runtime import init_worker; init_worker()", env)
+    assert result.returncode != 0
+    assert "setup-comfyui" in result.stderr
+    assert not (tmp_path / "empty-cache").exists()
+
