@@ -1,7 +1,7 @@
 """Run one function on N local CPU ranks joined in a gloo process group (tests and benches).
 
-Ranks are spawned processes that rendezvous through a TCPStore the caller owns on 127.0.0.1 (port chosen by the
-OS, so no free-port race) and talk over the loopback interface only. A rank that raises fails the whole run with
+Ranks are spawned processes that rendezvous through a TCPStore the caller serves on 127.0.0.1 only (port chosen
+by the OS, so no free-port race) and talk over the loopback interface only. A rank that raises fails the whole run with
 its traceback; the others are stopped.
 """
 from __future__ import annotations
@@ -18,6 +18,8 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from .rendezvous import connect_store, serve_store
+
 LOOPBACK = "127.0.0.1"
 
 
@@ -30,7 +32,7 @@ def _rank_main(fn, rank, world_size, port, threads, env, args, results):
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # keep gloo's own connections on loopback
     torch.set_num_threads(threads)
     try:
-        store = dist.TCPStore(LOOPBACK, port, world_size + 1, is_master=False, timeout=timedelta(seconds=120))
+        store = connect_store(LOOPBACK, port, world_size + 1)
         dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=300))
         try:
             value = fn(rank, world_size, *args)
@@ -56,7 +58,7 @@ def run_on_ranks(
     `fn` and `args` must be picklable (a module-level function). Each rank uses `threads_per_rank` torch threads.
     """
     ctx = mp.get_context("spawn")
-    store = dist.TCPStore(LOOPBACK, 0, world_size + 1, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=120))
+    store = serve_store(LOOPBACK, world_size + 1)
     results = ctx.Queue()
     procs = [
         ctx.Process(target=_rank_main, args=(fn, r, world_size, store.port, threads_per_rank, env or {}, args, results), daemon=True)

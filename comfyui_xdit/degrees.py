@@ -1,0 +1,42 @@
+"""Turn the loader's degree inputs (0 = auto) into a ParallelConfig for a world size."""
+from __future__ import annotations
+
+from parallel_core import ParallelConfig
+
+AUTO = 0
+DEFAULT_CPU_WORKERS = 2
+
+
+def resolve_world_size(world_size: int, visible_gpus: int) -> int:
+    """0 = every visible GPU, or DEFAULT_CPU_WORKERS CPU workers where there is none."""
+    if world_size < 0:
+        raise ValueError(f"world_size must be 0 (auto) or a positive number of workers, got {world_size}")
+    if world_size:
+        return world_size
+    return visible_gpus if visible_gpus > 0 else DEFAULT_CPU_WORKERS
+
+
+def resolve_degrees(world_size: int, num_heads: int, ulysses: int = AUTO, ring: int = AUTO, cfg: int = AUTO,
+                    pipefusion: int = AUTO) -> ParallelConfig:
+    """Fill the auto (0) degrees: CFG and PipeFusion default to 1; what remains of the world goes to sequence
+    parallelism, as much Ulysses as divides the heads (cheapest), the rest Ring."""
+    named = {"ulysses_degree": ulysses, "ring_degree": ring, "cfg_degree": cfg, "pipefusion_degree": pipefusion}
+    for name, value in named.items():
+        if value < 0:
+            raise ValueError(f"{name} must be 0 (auto) or >= 1, got {value}")
+    cfg, pipefusion = cfg or 1, pipefusion or 1
+    fixed = cfg * pipefusion * (ulysses or 1) * (ring or 1)
+    if world_size % fixed:
+        given = " × ".join(f"{k} {v}" for k, v in named.items() if v) or "the degrees"
+        raise ValueError(f"{given} = {fixed} does not divide world_size {world_size}; choose degrees whose product divides (or equals) {world_size}")
+    rest = world_size // fixed
+    if not ulysses and not ring:
+        ulysses = max(d for d in range(1, rest + 1) if rest % d == 0 and num_heads % d == 0)
+        ring = rest // ulysses
+    elif not ulysses:
+        ulysses = rest
+    elif not ring:
+        ring = rest
+    config = ParallelConfig(ulysses_degree=ulysses, ring_degree=ring, cfg_degree=cfg, pipefusion_degree=pipefusion)
+    config.validate(world_size, num_heads)
+    return config

@@ -1,0 +1,171 @@
+"""The sampling job: what SamplerCustomAdvanced's inputs mean, as plain data, and back again on a worker.
+
+`carry_*` runs in the ComfyUI process and turns live objects (guider, sampler, the model's patches) into names,
+numbers and tensors, refusing anything it cannot rebuild faithfully. `rebuild_*` runs on each worker and makes
+the same objects around the worker's resident model, so the worker runs ComfyUI's own sampling code.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+import comfy.model_sampling
+import comfy.samplers
+from comfy_extras.nodes_custom_sampler import Guider_Basic
+
+from .errors import UnsupportedByXDiT
+from .job_spec import PoolModelRef, SamplingJob
+from .shell_model import POOL_ATTACHMENT, SHELL_GUARD_KEY
+
+GUIDERS: dict[str, type] = {"basic": Guider_Basic, "cfg": comfy.samplers.CFGGuider}
+# Cond entries whose meaning is a live object that cannot be carried to a worker.
+_LIVE_COND_KEYS = {"control": "ControlNet", "gligen": "GLIGEN", "hooks": "hook (LoRA/keyframe) scheduling"}
+# model_options entries that are plain switches; every other entry is a callable patch from some node.
+_PLAIN_MODEL_OPTIONS = {"transformer_options", "disable_cfg1_optimization"}
+
+
+def _is_plain(value: Any) -> bool:
+    if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_plain(v) for k, v in value.items())
+    return False
+
+
+def pool_model_of(model_patcher) -> PoolModelRef:
+    ref = model_patcher.attachments.get(POOL_ATTACHMENT)
+    if ref is None:
+        raise UnsupportedByXDiT("XDiTSamplerCustomAdvanced needs a MODEL from XDiTUNetLoader; replace UNETLoader with XDiTUNetLoader (or use the stock SamplerCustomAdvanced)")
+    return ref
+
+
+def carry_model_patches(model_patcher) -> tuple[dict | None, dict]:
+    """(model_sampling state, plain model options), or a clear refusal of what cannot be carried."""
+    foreign_objects = sorted(set(model_patcher.object_patches) - {"model_sampling"})
+    if foreign_objects:
+        raise UnsupportedByXDiT(f"the MODEL carries object patches {foreign_objects} from another node that XDiT cannot rebuild on its workers; remove that node")
+    if any(model_patcher.patches.values()):
+        raise UnsupportedByXDiT("the MODEL carries weight patches (e.g. a stock LoRA loader); use XDiTFluxLoraLoader, or remove the LoRA")
+    for kind, by_key in model_patcher.wrappers.items():
+        foreign = [k for k, fns in by_key.items() if fns and k != SHELL_GUARD_KEY]
+        if foreign:
+            raise UnsupportedByXDiT(f"the MODEL carries {kind} wrappers {foreign} from another node pack that XDiT cannot run on its workers; remove that node")
+    for kind, by_key in model_patcher.callbacks.items():
+        if any(by_key.values()):
+            raise UnsupportedByXDiT(f"the MODEL carries {kind} callbacks from another node pack that XDiT cannot run on its workers; remove that node")
+    if model_patcher.additional_models or model_patcher.hook_patches or model_patcher.injections:
+        raise UnsupportedByXDiT("the MODEL carries additional models, hooks or injections from another node; XDiT cannot rebuild them on its workers")
+    options = model_patcher.model_options
+    foreign_options = sorted(set(options) - _PLAIN_MODEL_OPTIONS)
+    if foreign_options:
+        raise UnsupportedByXDiT(f"the MODEL carries sampler patches {foreign_options} from another node; XDiT cannot run them on its workers; remove that node")
+    transformer_options = {k: v for k, v in options.get("transformer_options", {}).items() if v}
+    if transformer_options:
+        raise UnsupportedByXDiT(f"the MODEL carries transformer patches {sorted(transformer_options)} from another node; XDiT cannot run them on its workers; remove that node")
+    flags = {k: v for k, v in options.items() if k != "transformer_options"}
+    sampling = model_patcher.object_patches.get("model_sampling")
+    return (carry_model_sampling(sampling) if sampling is not None else None), flags
+
+
+def carry_model_sampling(sampling: torch.nn.Module) -> dict:
+    """A patched model_sampling (e.g. ModelSamplingFlux's shift) as class names + state."""
+    bases = []
+    for base in type(sampling).__bases__:
+        if getattr(comfy.model_sampling, base.__name__, None) is not base:
+            raise UnsupportedByXDiT(f"model_sampling class {base.__name__} is not one of ComfyUI's; XDiT cannot rebuild it on its workers")
+        bases.append(base.__name__)
+    attributes = {k: v for k, v in vars(sampling).items() if not k.startswith("_") and isinstance(v, (bool, int, float, str)) and k != "training"}
+    return {"bases": bases, "attributes": attributes, "buffers": {k: v.clone() for k, v in sampling.state_dict().items()}}
+
+
+def carry_conds(guider) -> dict[str, list[list[Any]]]:
+    """The guider's conditioning, back in CONDITIONING form ([[cross_attn, options], ...]) as plain data."""
+    carried = {}
+    for name, converted in guider.original_conds.items():
+        entries = []
+        for cond in converted:
+            for key, what in _LIVE_COND_KEYS.items():
+                if key in cond:
+                    raise UnsupportedByXDiT(f"the {name} conditioning carries {what} ('{key}'), which XDiT cannot run in parallel yet; remove it")
+            if cond.get("model_conds"):
+                raise UnsupportedByXDiT(f"the {name} conditioning carries model conds {sorted(cond['model_conds'])} XDiT cannot carry; remove the node that adds them")
+            options = {k: v for k, v in cond.items() if k not in ("cross_attn", "model_conds", "uuid")}
+            bad = sorted(k for k, v in options.items() if not _is_plain(v))
+            if bad:
+                raise UnsupportedByXDiT(f"the {name} conditioning carries {bad}, which are not plain data XDiT can send to its workers")
+            entries.append([cond.get("cross_attn"), options])
+        carried[name] = entries
+    return carried
+
+
+def carry_guider(guider) -> tuple[str, float]:
+    for name, cls in GUIDERS.items():
+        if type(guider) is cls:
+            return name, float(getattr(guider, "cfg", 1.0))
+    raise UnsupportedByXDiT(f"guider {type(guider).__name__} is not supported by XDiT yet; use BasicGuider or CFGGuider")
+
+
+def _function_identity(function) -> tuple:
+    # Closures (dpm_fast, dpm_adaptive) are new objects per sampler but share their code; decorated k-diffusion
+    # samplers share the decorator's code but keep their own qualified names: together they name the sampler.
+    return (function.__module__, function.__qualname__, function.__code__)
+
+
+def carry_sampler(sampler) -> tuple[str, dict, dict]:
+    """The SAMPLER as (name, extra_options, inpaint_options): found by the identity of its sampling code."""
+    if not isinstance(sampler, comfy.samplers.KSAMPLER):
+        raise UnsupportedByXDiT(f"sampler {type(sampler).__name__} is not one of ComfyUI's k-samplers; XDiT cannot rebuild it on its workers")
+    identity = _function_identity(sampler.sampler_function)
+    for name in comfy.samplers.SAMPLER_NAMES:
+        candidate = comfy.samplers.sampler_object(name)
+        if _function_identity(candidate.sampler_function) == identity:
+            extra, inpaint = dict(sampler.extra_options), dict(sampler.inpaint_options)
+            if not (_is_plain(extra) and _is_plain(inpaint)):
+                raise UnsupportedByXDiT(f"sampler {name} carries options that are not plain data; XDiT cannot send them to its workers")
+            return name, extra, inpaint
+    raise UnsupportedByXDiT(f"sampler function {sampler.sampler_function.__name__} is not one of ComfyUI's samplers; XDiT cannot rebuild it on its workers")
+
+
+def build_job(guider, sampler, sigmas: torch.Tensor, noise: torch.Tensor, latent: torch.Tensor,
+              denoise_mask: torch.Tensor | None, seed: int) -> SamplingJob:
+    """Everything a worker needs, checked before any work starts."""
+    model_patcher = guider.model_patcher
+    ref = pool_model_of(model_patcher)
+    guider_name, cfg = carry_guider(guider)
+    model_sampling, flags = carry_model_patches(model_patcher)
+    sampler_name, extra, inpaint = carry_sampler(sampler)
+    return SamplingJob(
+        model=ref, guider=guider_name, cfg=cfg, conds=carry_conds(guider), sampler_name=sampler_name,
+        sampler_extra_options=extra, sampler_inpaint_options=inpaint, sigmas=sigmas.cpu(), noise=noise.cpu(),
+        latent=latent.cpu(), denoise_mask=None if denoise_mask is None else denoise_mask.cpu(), seed=int(seed),
+        model_sampling=model_sampling, model_option_flags=flags,
+    )
+
+
+# --- worker side ----------------------------------------------------------------------------------------------
+
+def rebuild_model_sampling(carried: dict, model_config) -> torch.nn.Module:
+    bases = tuple(getattr(comfy.model_sampling, name) for name in carried["bases"])
+    sampling = type("ModelSamplingAdvanced", bases, {})(model_config)
+    sampling.load_state_dict(carried["buffers"])
+    for key, value in carried["attributes"].items():
+        setattr(sampling, key, value)
+    return sampling
+
+
+def run_job(model_patcher, job: SamplingJob, callback: Callable[[int, torch.Tensor, torch.Tensor, int], None]) -> torch.Tensor:
+    """guider.sample on `model_patcher` (the worker's parallel model), exactly as SamplerCustomAdvanced calls it."""
+    model = model_patcher.clone()
+    if job.model_sampling is not None:
+        model.add_object_patch("model_sampling", rebuild_model_sampling(job.model_sampling, model.model.model_config))
+    model.model_options.update(job.model_option_flags)
+    guider = GUIDERS[job.guider](model)
+    guider.inner_set_conds(job.conds)
+    guider.set_cfg(job.cfg)
+    sampler = comfy.samplers.sampler_object(job.sampler_name)
+    sampler.extra_options = dict(job.sampler_extra_options)
+    sampler.inpaint_options = dict(job.sampler_inpaint_options)
+    return guider.sample(job.noise, job.latent, sampler, job.sigmas, denoise_mask=job.denoise_mask, callback=callback, disable_pbar=True, seed=job.seed)

@@ -1,0 +1,40 @@
+"""Plain-data records that travel between the ComfyUI process and the workers (no ComfyUI import here, so a
+worker can unpickle them before it has imported ComfyUI)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class PoolModelRef:
+    """What the pool needs to serve one MODEL from XDiTUNetLoader."""
+
+    path: str
+    weight_dtype: str
+    degrees: tuple[tuple[str, int], ...]  # ParallelConfig fields, resolved (no zeros)
+    world_size: int
+    ray_address: str  # "" = local cluster
+    num_heads: int
+
+
+@dataclass
+class SamplingJob:
+    """SamplerCustomAdvanced's inputs as names, numbers and tensors (see job.py for both directions)."""
+
+    model: PoolModelRef
+    guider: str
+    cfg: float
+    conds: dict[str, list[list[Any]]]
+    sampler_name: str
+    sampler_extra_options: dict
+    sampler_inpaint_options: dict
+    sigmas: torch.Tensor
+    noise: torch.Tensor
+    latent: torch.Tensor
+    denoise_mask: torch.Tensor | None
+    seed: int
+    model_sampling: dict | None = None
+    model_option_flags: dict = field(default_factory=dict)

@@ -1,0 +1,90 @@
+"""The MODEL that XDiTUNetLoader hands to ComfyUI: the real model class, with weights on the meta device.
+
+Stock nodes between loader and sampler (ModelSamplingFlux, BasicGuider, CFGGuider, BasicScheduler) only touch the
+config, model_sampling and latent format, so they work on it unchanged while the weights live in the worker pool.
+The file is read for its header only (safetensors), so the ComfyUI process never holds the weights.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+import comfy.model_detection
+import comfy.model_management
+import comfy.model_patcher
+import comfy.patcher_extension
+
+from .errors import UnsupportedByXDiT
+from .job_spec import PoolModelRef
+
+POOL_ATTACHMENT = "comfyui_xdit.pool_model"
+SHELL_GUARD_KEY = "comfyui_xdit.shell_guard"
+
+# The same choices, with the same meaning, as stock UNETLoader's weight_dtype.
+WEIGHT_DTYPES: dict[str, dict] = {
+    "default": {},
+    "fp8_e4m3fn": {"dtype": torch.float8_e4m3fn},
+    "fp8_e4m3fn_fast": {"dtype": torch.float8_e4m3fn, "fp8_optimizations": True},
+    "fp8_e5m2": {"dtype": torch.float8_e5m2},
+}
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+def model_options_for(weight_dtype: str) -> dict:
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"weight_dtype {weight_dtype!r} is not one of {', '.join(WEIGHT_DTYPES)}")
+    return dict(WEIGHT_DTYPES[weight_dtype])
+
+
+def meta_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """Keys, shapes and dtypes of a safetensors file as meta tensors (no weight is read)."""
+    if not str(path).endswith((".safetensors", ".sft")):
+        raise UnsupportedByXDiT(f"{Path(path).name}: XDiTUNetLoader reads .safetensors files only (they load without unpickling); convert the file first")
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        metadata = f.metadata()
+        state = {}
+        for key in f.keys():
+            piece = f.get_slice(key)
+            dtype = _SAFETENSORS_DTYPES.get(piece.get_dtype(), torch.float32)
+            state[key] = torch.empty(piece.get_shape(), dtype=dtype, device="meta")
+    return state, metadata
+
+
+def detect(path: str | Path, weight_dtype: str):
+    """ComfyUI's model config for the file, as comfy.sd.load_diffusion_model would detect it."""
+    state, metadata = meta_state_dict(path)
+    prefix = comfy.model_detection.unet_prefix_from_state_dict(state)
+    stripped = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    state = stripped or state
+    config = comfy.model_detection.model_config_from_unet(state, "", metadata=metadata)
+    if config is None:
+        raise UnsupportedByXDiT(f"{Path(path).name}: ComfyUI does not recognise this file as a diffusion model; check it loads with UNETLoader")
+    dtype = model_options_for(weight_dtype).get("dtype")
+    parameters = sum(t.numel() for t in state.values())
+    load_device = torch.device("cpu")
+    if dtype is None:
+        dtype = comfy.model_management.unet_dtype(model_params=parameters, supported_dtypes=list(config.supported_inference_dtypes), weight_dtype=next(iter(state.values())).dtype)
+    manual_cast = comfy.model_management.unet_manual_cast(dtype, load_device, config.supported_inference_dtypes)
+    config.set_inference_dtype(dtype, manual_cast, device=load_device)
+    return config, state, parameters
+
+
+def _refuse_local_sampling(executor, *args, **kwargs):
+    raise UnsupportedByXDiT("this MODEL comes from XDiTUNetLoader and its weights live in the XDiT pool: sample it with XDiTSamplerCustomAdvanced, or load it with UNETLoader for stock samplers")
+
+
+def build_shell(path: str | Path, weight_dtype: str, ref: PoolModelRef) -> comfy.model_patcher.ModelPatcher:
+    """A ModelPatcher of the file's model class with meta weights, carrying `ref` for the sampler node."""
+    config, state, parameters = detect(path, weight_dtype)
+    model = config.get_model(state, "", device=torch.device("meta"))
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"), size=parameters * model.get_dtype().itemsize)
+    patcher.set_attachments(POOL_ATTACHMENT, ref)
+    patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, SHELL_GUARD_KEY, _refuse_local_sampling)
+    return patcher

@@ -1,0 +1,66 @@
+"""What a pool worker does with a sampling job: keep the model resident, run ComfyUI's sampling on it.
+
+Runs inside a Ray actor (ray_backend.worker.PoolWorker names it by import path). One model is resident per worker
+at a time, keyed by file and dtype; the parallel clone is cached per parallel config, so a second prompt on the
+same model and degrees loads and builds nothing.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from parallel_core import ParallelConfig, ParallelState
+
+from .comfy_runtime import init_worker
+
+SERVICE_PATH = "comfyui_xdit.worker_service:SamplingService"
+
+
+class SamplingService:
+    def __init__(self, device: str):
+        init_worker(cpu=(device == "cpu"))
+        self._key: tuple[str, str] | None = None
+        self._base = None
+        self._parallel: dict[ParallelConfig, Any] = {}
+        self.model_loads = 0
+        self.parallel_builds = 0
+
+    def _model(self, ref, state: ParallelState):
+        import comfy.model_management
+        import comfy.sd
+
+        from .parallel_model import parallelize
+        from .shell_model import model_options_for
+
+        key = (ref.path, ref.weight_dtype)
+        if key != self._key:
+            self._base, self._parallel, self._key = None, {}, None
+            comfy.model_management.unload_all_models()  # the previous model's memory goes before the next loads
+            self._base = comfy.sd.load_diffusion_model(ref.path, model_options=model_options_for(ref.weight_dtype))
+            self._key = key
+            self.model_loads += 1
+        if state.config not in self._parallel:
+            self._parallel[state.config] = parallelize(self._base, state)
+            self.parallel_builds += 1
+        return self._parallel[state.config]
+
+    def prepare(self, ref, state: ParallelState) -> None:
+        """Make the model of `ref` (a PoolModelRef) resident."""
+        self._model(ref, state)
+
+    def run(self, job, state: ParallelState, control) -> dict[str, Any]:
+        from .job import run_job
+
+        model = self._model(job.model, state)
+        control.start(len(job.sigmas) - 1)
+        last_x0: dict[str, Any] = {}
+
+        def callback(step, x0, x, total_steps):
+            last_x0["x0"] = x0
+            control.after_step(step + 1)
+
+        samples = run_job(model, job, callback)
+        x0 = last_x0.get("x0")
+        return {"samples": samples.cpu(), "x0": None if x0 is None else x0.cpu()}
+
+    def stats(self) -> dict[str, Any]:
+        return {"model_loads": self.model_loads, "parallel_builds": self.parallel_builds, "resident": list(self._key) if self._key else None}

@@ -1,0 +1,15 @@
+"""The pack's ComfyUI nodes (classic node API: stable across ComfyUI releases, which V3's `latest` is not yet)."""
+from .sampler import XDiTSamplerCustomAdvanced
+from .status_route import register_status_route
+from .unet_loader import XDiTUNetLoader
+
+NODE_CLASS_MAPPINGS = {
+    "XDiTUNetLoader": XDiTUNetLoader,
+    "XDiTSamplerCustomAdvanced": XDiTSamplerCustomAdvanced,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "XDiTUNetLoader": "Load Diffusion Model (XDiT pool)",
+    "XDiTSamplerCustomAdvanced": "SamplerCustomAdvanced (XDiT pool)",
+}
+
+register_status_route()

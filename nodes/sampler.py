@@ -1,0 +1,59 @@
+"""XDiTSamplerCustomAdvanced: SamplerCustomAdvanced's inputs and outputs, the loop run by the worker pool."""
+from __future__ import annotations
+
+import comfy.model_management
+import comfy.sample
+import comfy.utils
+
+from comfyui_xdit.job import build_job
+from comfyui_xdit.pool_client import degrees_of, pool_for
+from ray_backend.errors import JobInterrupted, PoolFailure
+
+
+class XDiTSamplerCustomAdvanced:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "noise": ("NOISE",),
+                "guider": ("GUIDER",),
+                "sampler": ("SAMPLER",),
+                "sigmas": ("SIGMAS",),
+                "latent_image": ("LATENT",),
+            }
+        }
+
+    RETURN_TYPES = ("LATENT", "LATENT")
+    RETURN_NAMES = ("output", "denoised_output")
+    FUNCTION = "sample"
+    CATEGORY = "sampling/custom_sampling/xdit"
+    DESCRIPTION = "Runs the sampling loop on the XDiT worker pool (drop-in for SamplerCustomAdvanced; needs a MODEL from XDiTUNetLoader)."
+
+    def sample(self, noise, guider, sampler, sigmas, latent_image):
+        latent = latent_image.copy()
+        latent["samples"] = comfy.sample.fix_empty_latent_channels(
+            guider.model_patcher, latent["samples"], latent.get("downscale_ratio_spacial", None), latent.get("downscale_ratio_temporal", None)
+        )
+        job = build_job(guider, sampler, sigmas, noise.generate_noise(latent), latent["samples"], latent.get("noise_mask"), noise.seed)
+        progress = comfy.utils.ProgressBar(max(1, sigmas.shape[-1] - 1))
+        pool = pool_for(job.model)
+        try:
+            result = pool.run(job, degrees_of(job.model), on_progress=lambda step, total: progress.update_absolute(step, total),
+                              should_interrupt=comfy.model_management.processing_interrupted)
+        except JobInterrupted:
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            raise
+        except PoolFailure as error:
+            raise RuntimeError(f"XDiT worker pool failed: {error}. The pool was stopped; queue the prompt again to start a fresh one.") from error
+        output = result["output"]
+        out = latent.copy()
+        out.pop("downscale_ratio_spacial", None)
+        out.pop("downscale_ratio_temporal", None)
+        out["samples"] = output["samples"].to(comfy.model_management.intermediate_device())
+        if output["x0"] is None:
+            return (out, out)
+        denoised = latent.copy()
+        denoised.pop("downscale_ratio_spacial", None)
+        denoised.pop("downscale_ratio_temporal", None)
+        denoised["samples"] = guider.model_patcher.model.process_latent_out(output["x0"].cpu())
+        return (out, denoised)

@@ -1,0 +1,65 @@
+"""XDiTUNetLoader: UNETLoader's inputs and output, with the weights loaded in the worker pool."""
+from __future__ import annotations
+
+import dataclasses
+
+import folder_paths
+
+from comfyui_xdit.degrees import resolve_degrees, resolve_world_size
+from comfyui_xdit.parallel_model import validate_for_model
+from comfyui_xdit.pool_client import pool_for
+from comfyui_xdit.job_spec import PoolModelRef
+from comfyui_xdit.shell_model import WEIGHT_DTYPES, build_shell, detect
+from ray_backend.cluster import cluster_gpus, ensure_ray, resolve_address
+
+_DEGREE = ("INT", {"default": 0, "min": 0, "max": 64, "tooltip": "0 = auto"})
+
+
+def _degree_inputs() -> dict:
+    return {name: _DEGREE for name in ("ulysses_degree", "ring_degree", "cfg_degree", "pipefusion_degree")}
+
+
+class XDiTUNetLoader:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "unet_name": (folder_paths.get_filename_list("diffusion_models"),),
+                "weight_dtype": (list(WEIGHT_DTYPES), {"advanced": True}),
+            },
+            "optional": {
+                "world_size": ("INT", {"default": 0, "min": 0, "max": 1024, "tooltip": "workers in the pool; 0 = every visible GPU, or 2 CPU workers when there is none"}),
+                **_degree_inputs(),
+                "ray_address": ("STRING", {"default": "", "tooltip": "Ray cluster to use; empty = RAY_ADDRESS, else a private local cluster on 127.0.0.1"}),
+            },
+        }
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "load_unet"
+    CATEGORY = "advanced/loaders/xdit"
+    DESCRIPTION = "Loads a diffusion model into a pool of workers that denoise one image together (drop-in for Load Diffusion Model)."
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, world_size=0, ulysses_degree=0, ring_degree=0, cfg_degree=0, pipefusion_degree=0, **_):
+        # Checked before the prompt runs; heads and GPU counts are checked again when the model is loaded.
+        if world_size:
+            try:
+                resolve_degrees(world_size, num_heads=1 << 30, ulysses=ulysses_degree, ring=ring_degree, cfg=cfg_degree, pipefusion=pipefusion_degree)
+            except ValueError as error:
+                return str(error)
+        return True
+
+    def load_unet(self, unet_name, weight_dtype, world_size=0, ulysses_degree=0, ring_degree=0, cfg_degree=0,
+                  pipefusion_degree=0, ray_address=""):
+        path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
+        model_config = detect(path, weight_dtype)[0]
+        num_heads = int(model_config.unet_config.get("num_heads", 1))
+        ensure_ray(ray_address)
+        world = resolve_world_size(world_size, cluster_gpus())
+        config = resolve_degrees(world, num_heads, ulysses_degree, ring_degree, cfg_degree, pipefusion_degree)
+        degrees = tuple((f.name, getattr(config, f.name)) for f in dataclasses.fields(config))
+        ref = PoolModelRef(path=path, weight_dtype=weight_dtype, degrees=degrees, world_size=world, ray_address=resolve_address(ray_address), num_heads=num_heads)
+        shell = build_shell(path, weight_dtype, ref)
+        validate_for_model(config, world, shell)
+        pool_for(ref).warm(ref, dict(degrees))
+        return (shell,)

@@ -1,0 +1,207 @@
+"""A pool of PoolWorker actors joined in one process group, and the job loop the caller drives.
+
+The caller (a ComfyUI node) runs a job on every rank and polls: progress goes to its progress bar, an interrupt
+request goes to every rank (which stop together, see step_control.py), and a worker that dies, fails alone or
+stops making progress ends the job with PoolFailure and takes the pool down, so the next job starts a fresh one.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from .cluster import cluster_gpus, ensure_ray, node_address, resolve_address
+from .errors import JobInterrupted, PoolFailure
+from .worker import PoolWorker
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+STARTUP_TIMEOUT_S = float(os.environ.get("XDIT_STARTUP_TIMEOUT_S", "300"))
+# A step that makes no progress for this long means a stuck worker.
+STALL_TIMEOUT_S = float(os.environ.get("XDIT_STALL_TIMEOUT_S", "600"))
+COLLECTIVE_TIMEOUT_S = float(os.environ.get("XDIT_COLLECTIVE_TIMEOUT_S", "900"))
+# After one rank fails, the others get this long to fail the same way (a consistent, input-caused error).
+FAILURE_GRACE_S = 10.0
+
+
+@dataclass(frozen=True)
+class PoolKey:
+    world_size: int
+    ray_address: str  # "" = local
+
+
+def _worker_env() -> dict[str, str]:
+    # Workers import this repo's packages and the ComfyUI this process uses; the repo goes after whatever is
+    # already there, so ComfyUI's top-level `nodes` module is never shadowed by our `nodes/` folder.
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p] + [str(REPO_ROOT)]
+    env = {"PYTHONPATH": os.pathsep.join(paths), "RAY_USAGE_STATS_ENABLED": "0"}
+    if os.environ.get("COMFYUI_PATH"):
+        env["COMFYUI_PATH"] = os.environ["COMFYUI_PATH"]
+    return env
+
+
+def _cause(error: BaseException) -> BaseException:
+    """The worker-side exception behind a Ray error (Ray wraps it)."""
+    cause = getattr(error, "cause", None)
+    return cause if isinstance(cause, BaseException) else error
+
+
+class WorkerPool:
+    """`key.world_size` actors, one per GPU when the cluster has enough GPUs, else CPU workers over gloo."""
+
+    def __init__(self, key: PoolKey, service_path: str):
+        import ray
+
+        ensure_ray(key.ray_address)
+        self.key = key
+        started = time.perf_counter()
+        use_gpus = cluster_gpus() >= key.world_size
+        threads = 1 if use_gpus else max(1, (os.cpu_count() or 1) // key.world_size)
+        actor = ray.remote(PoolWorker).options(
+            num_cpus=0 if not use_gpus else 1, num_gpus=1 if use_gpus else 0, max_concurrency=4,
+            runtime_env={"env_vars": _worker_env()},
+        )
+        self.actors = [actor.remote(rank, key.world_size, service_path, threads) for rank in range(key.world_size)]
+        try:
+            self.workers = ray.get([a.describe.remote() for a in self.actors], timeout=STARTUP_TIMEOUT_S)
+            host = node_address(self.workers[0]["node_id"])
+            port = ray.get(self.actors[0].open_rendezvous.remote(host), timeout=STARTUP_TIMEOUT_S)
+            backends = ray.get([a.join.remote(host, port, COLLECTIVE_TIMEOUT_S) for a in self.actors], timeout=STARTUP_TIMEOUT_S)
+        except Exception as error:
+            self.shutdown()
+            raise PoolFailure(f"the worker pool of {key.world_size} did not start: {_cause(error)}") from error
+        self.backend = backends[0]
+        self.startup_s = time.perf_counter() - started
+        self.jobs_run = 0
+        self.last_stats: list[dict] = []
+
+    def warm(self, model_ref: Any, degrees: dict[str, int]) -> list[dict]:
+        """Load the model on every rank now (so the first prompt does not pay for it)."""
+        import ray
+
+        try:
+            self.last_stats = ray.get([a.prepare.remote(model_ref, degrees) for a in self.actors], timeout=STARTUP_TIMEOUT_S)
+            return self.last_stats
+        except Exception as error:
+            raise PoolFailure(f"loading the model in the worker pool failed: {_cause(error)}") from error
+
+    def run(self, job: Any, degrees: dict[str, int], on_progress: Callable[[int, int], None] | None = None,
+            should_interrupt: Callable[[], bool] | None = None, poll_s: float = 0.05) -> dict[str, Any]:
+        """Run `job` on every rank; returns rank 0's result. Raises JobInterrupted, or PoolFailure (pool is dead)."""
+        import ray
+
+        refs = [a.run.remote(job, degrees) for a in self.actors]
+        results: dict[int, Any] = {}
+        errors: dict[int, BaseException] = {}
+        last_step, last_change, first_error_at, interrupting = -1, time.monotonic(), None, False
+        while len(results) + len(errors) < len(refs):
+            pending = [r for i, r in enumerate(refs) if i not in results and i not in errors]
+            ready, _ = ray.wait(pending, num_returns=len(pending), timeout=poll_s)
+            for ref in ready:
+                rank = refs.index(ref)
+                try:
+                    results[rank] = ray.get(ref)
+                except (ray.exceptions.RayActorError, ray.exceptions.ActorDiedError) as error:
+                    self.shutdown()
+                    raise PoolFailure(f"worker rank {rank} died during the job: {error}") from error
+                except ray.exceptions.RayTaskError as error:
+                    errors[rank] = _cause(error)
+                    first_error_at = first_error_at or time.monotonic()
+            if first_error_at is not None:
+                if time.monotonic() - first_error_at > FAILURE_GRACE_S:
+                    self.shutdown()
+                    rank, error = next(iter(errors.items()))
+                    raise PoolFailure(f"worker rank {rank} failed alone and the others stopped answering: {error!r}") from error
+                continue
+            if should_interrupt is not None and not interrupting and should_interrupt():
+                interrupting = True
+                for a in self.actors:
+                    a.request_interrupt.remote()
+            step = self._progress(on_progress)
+            if step != last_step:
+                last_step, last_change = step, time.monotonic()
+            elif time.monotonic() - last_change > STALL_TIMEOUT_S:
+                self.shutdown()
+                raise PoolFailure(f"the worker pool made no progress for {STALL_TIMEOUT_S:.0f} s (stuck at step {step}); it was stopped")
+        self.jobs_run += 1
+        if errors and results:
+            self.shutdown()
+            rank, error = next(iter(errors.items()))
+            raise PoolFailure(f"worker rank {rank} failed while others finished: {error!r}") from error
+        if errors:
+            return self._consistent_error(errors)
+        self.last_stats = [results[r]["stats"] for r in sorted(results)]
+        return results[0]
+
+    def _progress(self, on_progress: Callable[[int, int], None] | None) -> int:
+        import ray
+
+        try:
+            step, total = ray.get(self.actors[0].progress.remote(), timeout=30)
+        except Exception as error:
+            self.shutdown()
+            raise PoolFailure(f"worker rank 0 stopped answering: {_cause(error)}") from error
+        if on_progress is not None and total:
+            on_progress(step, total)
+        return step
+
+    def _consistent_error(self, errors: dict[int, BaseException]):
+        """Every rank failed: an interrupt or an input error they all hit; the pool itself is healthy."""
+        kinds = {type(e) for e in errors.values()}
+        error = errors[min(errors)]
+        if kinds == {JobInterrupted}:
+            raise JobInterrupted(str(error))
+        if len(kinds) > 1:
+            self.shutdown()
+            raise PoolFailure(f"the workers failed differently: {sorted(k.__name__ for k in kinds)}; first: {error!r}") from error
+        raise error
+
+    def shutdown(self) -> None:
+        import ray
+
+        for actor in getattr(self, "actors", []):
+            try:
+                ray.kill(actor)
+            except Exception:  # already dead: nothing to free
+                pass
+        self.actors = []
+
+    @property
+    def alive(self) -> bool:
+        return bool(self.actors)
+
+    def status(self) -> dict[str, Any]:
+        return {"world_size": self.key.world_size, "ray_address": self.key.ray_address or "local", "backend": self.backend,
+                "workers": self.workers, "startup_s": round(self.startup_s, 3), "jobs_run": self.jobs_run, "ranks": self.last_stats}
+
+
+class PoolRegistry:
+    """The ComfyUI process's one live pool: reused while its key matches, replaced when it changes or dies."""
+
+    def __init__(self, service_path: str):
+        self._service_path = service_path
+        self._pool: WorkerPool | None = None
+
+    def get(self, world_size: int, ray_address: str) -> WorkerPool:
+        key = PoolKey(world_size, resolve_address(ray_address))
+        if self._pool is not None and (self._pool.key != key or not self._pool.alive):
+            self._pool.shutdown()
+            self._pool = None
+        if self._pool is None:
+            self._pool = WorkerPool(key, self._service_path)
+        return self._pool
+
+    @property
+    def current(self) -> WorkerPool | None:
+        return self._pool if self._pool is not None and self._pool.alive else None
+
+    def shutdown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+        if "ray" in sys.modules:
+            from .cluster import shutdown_ray
+
+            shutdown_ray()

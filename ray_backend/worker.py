@@ -1,0 +1,90 @@
+"""One pool worker (a Ray actor): a rank of the job's process group, hosting a service that runs jobs.
+
+The actor is generic: what a job means (which model, which sampling code) belongs to the service, named by an
+import path so that this module needs neither ComfyUI nor the model code. The actor runs with several threads
+so that progress() and request_interrupt() answer while run() is busy.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import time
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from parallel_core import ParallelConfig, ParallelState, init_parallel
+from parallel_core.rendezvous import connect_store, serve_store
+
+from .step_control import StepControl
+
+LOOPBACK_PREFIX = "127."
+
+
+class PoolWorker:
+    def __init__(self, rank: int, world_size: int, service_path: str, threads: int):
+        torch.set_num_threads(threads)
+        self.rank, self.world_size = rank, world_size
+        self._service_path = service_path
+        self._service = None
+        self._store = None
+        self._states: dict[ParallelConfig, ParallelState] = {}
+        self._device = "cpu"
+        self.control: StepControl | None = None
+        self.jobs_run = 0
+
+    def describe(self) -> dict[str, Any]:
+        import ray
+
+        return {"rank": self.rank, "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(), "cuda": torch.cuda.is_available()}
+
+    def open_rendezvous(self, host: str) -> int:
+        """Rank 0: serve the TCP store the group meets at, on `host` only; returns its port (chosen by the OS)."""
+        self._store = serve_store(host, self.world_size)
+        return self._store.port
+
+    def join(self, host: str, port: int, timeout_s: float) -> str:
+        """Join the process group: NCCL on GPUs, gloo on CPU. Returns the backend."""
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if host.startswith(LOOPBACK_PREFIX):
+            os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # a local pool never leaves the loopback interface
+        store = self._store or connect_store(host, port, self.world_size)
+        if backend == "nccl":
+            self._device = "cuda"
+            torch.cuda.set_device(0)  # Ray shows each actor only its own GPU
+        dist.init_process_group(backend, store=store, rank=self.rank, world_size=self.world_size, timeout=timedelta(seconds=timeout_s))
+        self.control = StepControl(self.world_size > 1, self._device)
+        # Created now, before any job arrives: a job's arguments may only unpickle once the service's imports ran.
+        module, name = self._service_path.split(":")
+        self._service = getattr(importlib.import_module(module), name)(self._device)
+        return backend
+
+    def _state_for(self, degrees: dict[str, int]) -> ParallelState:
+        config = ParallelConfig(**degrees)
+        if config not in self._states:  # group creation is collective: every rank reaches here in the same job
+            self._states[config] = init_parallel(config)
+        return self._states[config]
+
+    def prepare(self, model_ref: Any, degrees: dict[str, int]) -> dict[str, Any]:
+        """Make a model resident (every rank at once); returns the service's stats."""
+        service = self._service
+        service.prepare(model_ref, self._state_for(degrees))
+        return service.stats()
+
+    def run(self, job: Any, degrees: dict[str, int]) -> dict[str, Any]:
+        """Run one job on this rank. Rank 0's result carries the job's output."""
+        service = self._service
+        state = self._state_for(degrees)
+        started = time.perf_counter()
+        result = service.run(job, state, self.control)
+        self.jobs_run += 1
+        return {"rank": self.rank, "output": result if self.rank == 0 else None, "seconds": time.perf_counter() - started, "stats": service.stats(), "comm_bytes": state.comm.snapshot()}
+
+    def progress(self) -> tuple[int, int]:
+        return (self.control.step, self.control.total) if self.control else (0, 0)
+
+    def request_interrupt(self) -> None:
+        if self.control:
+            self.control.request_interrupt()
