@@ -32,10 +32,8 @@ CONFIGS = {
 
 
 @pytest.fixture(scope="module")
-def tiny_flux_dev(tmp_path_factory) -> str:
-    from comfyui_xdit.tiny_models import write_tiny_flux
-
-    return str(write_tiny_flux(tmp_path_factory.mktemp("flux") / "tiny-flux-dev.safetensors", "dev", "tiny", seed=3))
+def tiny_flux_dev(tiny_flux_paths) -> str:
+    return str(tiny_flux_paths["dev"])
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,0 +1,140 @@
+"""The sampling job in one process (no pool): carried inputs rebuild to the stock result; the rest is refused.
+
+build_job runs on a shell MODEL (meta weights, as XDiTUNetLoader returns it); run_job runs on a stock-loaded
+model, so any difference comes from carrying the inputs, not from parallelism.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import flux_cases
+from comfyui_xdit.errors import UnsupportedByXDiT
+
+
+@pytest.fixture(scope="module")
+def models(comfy_root, tiny_flux_paths):
+    import comfy.sd
+
+    from comfyui_xdit.job_spec import PoolModelRef
+    from comfyui_xdit.shell_model import build_shell
+
+    path = str(tiny_flux_paths["dev"])
+    ref = PoolModelRef(path, "default", (("ulysses_degree", 1),), 1, "", 2)
+    return {"shell": build_shell(path, "default", ref), "stock": comfy.sd.load_diffusion_model(path)}
+
+
+def _inputs(model, guider="cfg", sampler=None, steps=3):
+    from comfy_extras import nodes_custom_sampler as custom
+    from comfy_extras.nodes_model_advanced import ModelSamplingFlux
+
+    model = ModelSamplingFlux().patch(model, 1.15, 0.5, 128, 128)[0]
+    if guider == "cfg":
+        g = flux_cases._first(custom.CFGGuider.execute(model, flux_cases._conditioning(100), flux_cases._conditioning(200), 3.5))
+    else:
+        g = flux_cases._first(custom.BasicGuider.execute(model, flux_cases._conditioning(100)))
+    sigmas = flux_cases._first(custom.BasicScheduler.execute(model, "simple", steps, 1.0))
+    sampler = sampler or flux_cases._first(custom.KSamplerSelect.execute("euler"))
+    noise = flux_cases._first(custom.RandomNoise.execute(7))
+    return g, sampler, sigmas, noise, {"samples": torch.zeros(1, 16, 16, 16)}
+
+
+def _samplers():
+    from comfy_extras import nodes_custom_sampler as custom
+
+    return {
+        "dpmpp_2m": lambda: flux_cases._first(custom.KSamplerSelect.execute("dpmpp_2m")),
+        "dpm_fast (closure)": lambda: flux_cases._first(custom.KSamplerSelect.execute("dpm_fast")),
+        "ddim (inpaint options)": lambda: flux_cases._first(custom.KSamplerSelect.execute("ddim")),
+        "euler_ancestral eta 0.7 (extra options, seeded noise)": lambda: flux_cases._first(custom.SamplerEulerAncestral.execute(0.7, 1.0)),
+    }
+
+
+@pytest.mark.parametrize("sampler_name", ["dpmpp_2m", "dpm_fast (closure)", "ddim (inpaint options)", "euler_ancestral eta 0.7 (extra options, seeded noise)"])
+def test_carried_job_reproduces_stock_sampling_bit_for_bit(models, sampler_name):
+    from comfy_extras import nodes_custom_sampler as custom
+
+    from comfyui_xdit.job import build_job, run_job
+
+    sampler = _samplers()[sampler_name]()
+    g, smp, sigmas, noise, latent = _inputs(models["stock"], sampler=sampler)
+    stock = custom.SamplerCustomAdvanced.execute(noise, g, smp, sigmas, latent).result[0]["samples"]
+    g2, smp2, sigmas2, noise2, latent2 = _inputs(models["shell"], sampler=_samplers()[sampler_name]())
+    job = build_job(g2, smp2, sigmas2, noise2.generate_noise(latent2), latent2["samples"], None, noise2.seed)
+    carried = run_job(models["stock"], job, lambda *args: None)
+    assert torch.equal(carried, stock)
+
+
+def test_the_shell_model_refuses_stock_sampling(models):
+    from comfy_extras import nodes_custom_sampler as custom
+
+    g, smp, sigmas, noise, latent = _inputs(models["shell"])
+    with pytest.raises(UnsupportedByXDiT, match="sample it with XDiTSamplerCustomAdvanced"):
+        custom.SamplerCustomAdvanced.execute(noise, g, smp, sigmas, latent)
+
+
+def test_shell_holds_no_weights(models):
+    params = list(models["shell"].model.diffusion_model.parameters())
+    assert params and all(p.device.type == "meta" for p in params)
+
+
+def _job_of(guider, sampler, sigmas, noise, latent):
+    from comfyui_xdit.job import build_job
+
+    return build_job(guider, sampler, sigmas, noise.generate_noise(latent), latent["samples"], None, noise.seed)
+
+
+def test_refuses_a_model_from_the_stock_loader(models):
+    with pytest.raises(UnsupportedByXDiT, match="needs a MODEL from XDiTUNetLoader"):
+        _job_of(*_inputs(models["stock"]))
+
+
+def test_refuses_weight_patches_with_a_pointer_to_the_xdit_lora_loader(models):
+    patched = models["shell"].clone()
+    key = next(iter(patched.model.diffusion_model.state_dict()))
+    patched.add_patches({f"diffusion_model.{key}": (torch.zeros(1),)}, 1.0)
+    with pytest.raises(UnsupportedByXDiT, match="weight patches .* use XDiTFluxLoraLoader"):
+        _job_of(*_inputs(patched))
+
+
+def test_refuses_sampler_patches_from_other_nodes(models):
+    patched = models["shell"].clone()
+    patched.set_model_sampler_cfg_function(lambda args: args["cond"])
+    with pytest.raises(UnsupportedByXDiT, match=r"sampler patches \['sampler_cfg_function'\]"):
+        _job_of(*_inputs(patched))
+
+
+def test_refuses_foreign_wrappers_and_object_patches(models):
+    import comfy.patcher_extension
+
+    wrapped = models["shell"].clone()
+    wrapped.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "other_pack", lambda executor, *a, **k: executor(*a, **k))
+    with pytest.raises(UnsupportedByXDiT, match=r"apply_model wrappers \['other_pack'\]"):
+        _job_of(*_inputs(wrapped))
+    patched = models["shell"].clone()
+    patched.add_object_patch("diffusion_model.final_layer", torch.nn.Identity())
+    with pytest.raises(UnsupportedByXDiT, match="object patches .*diffusion_model.final_layer"):
+        _job_of(*_inputs(patched))
+
+
+def test_refuses_controlnet_in_conditioning(models):
+    g, smp, sigmas, noise, latent = _inputs(models["shell"])
+    g.original_conds["positive"][0]["control"] = object()
+    with pytest.raises(UnsupportedByXDiT, match=r"positive conditioning carries ControlNet \('control'\)"):
+        _job_of(g, smp, sigmas, noise, latent)
+
+
+def test_refuses_other_guiders_and_custom_samplers(models):
+    import comfy.samplers
+    from comfy_extras import nodes_custom_sampler as custom
+
+    g, smp, sigmas, noise, latent = _inputs(models["shell"])
+    dual = flux_cases._first(custom.DualCFGGuider.execute(g.model_patcher, flux_cases._conditioning(1), flux_cases._conditioning(2), flux_cases._conditioning(3), 3.0, 2.0, "regular"))
+    with pytest.raises(UnsupportedByXDiT, match="guider Guider_DualCFG is not supported"):
+        _job_of(dual, smp, sigmas, noise, latent)
+
+    def my_sampler(model, x, sigmas, extra_args=None, callback=None, disable=None):
+        return x
+
+    with pytest.raises(UnsupportedByXDiT, match="sampler function my_sampler is not one of ComfyUI's samplers"):
+        _job_of(g, comfy.samplers.KSAMPLER(my_sampler), sigmas, noise, latent)
