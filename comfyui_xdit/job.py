@@ -6,6 +6,8 @@ the same objects around the worker's resident model, so the worker runs ComfyUI'
 """
 from __future__ import annotations
 
+import inspect
+import os
 from typing import Any, Callable
 
 import torch
@@ -101,9 +103,15 @@ def carry_conds(guider) -> dict[str, list[list[Any]]]:
     return carried
 
 
+def _class_identity(cls: type) -> tuple[str, str]:
+    # By source file and name, not object identity: ComfyUI loads comfy_extras node files under module names of
+    # its own making, so the server's Guider_Basic is another class object than `from comfy_extras... import`.
+    return os.path.realpath(inspect.getfile(cls)), cls.__qualname__
+
+
 def carry_guider(guider) -> tuple[str, float]:
     for name, cls in GUIDERS.items():
-        if type(guider) is cls:
+        if _class_identity(type(guider)) == _class_identity(cls):
             return name, float(getattr(guider, "cfg", 1.0))
     raise UnsupportedByXDiT(f"guider {type(guider).__name__} is not supported by XDiT yet; use BasicGuider or CFGGuider")
 

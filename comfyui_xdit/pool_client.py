@@ -5,6 +5,7 @@ import atexit
 
 from ray_backend.pool import PoolRegistry, WorkerPool
 
+from .comfy_runtime import import_comfy
 from .job_spec import PoolModelRef
 from .worker_service import SERVICE_PATH
 
@@ -13,6 +14,7 @@ atexit.register(REGISTRY.shutdown)
 
 
 def pool_for(ref: PoolModelRef) -> WorkerPool:
+    import_comfy(prepare=False)  # inside ComfyUI: exports COMFYUI_PATH, so workers import this same ComfyUI
     return REGISTRY.get(ref.world_size, ref.ray_address)
 
 

@@ -1,0 +1,179 @@
+"""The product through a real ComfyUI server: XDiT nodes on a local Ray pool vs the stock graph, over HTTP + ws.
+
+Each prompt is an API-format graph UNETLoader → ModelSamplingFlux → BasicGuider/CFGGuider → SamplerCustomAdvanced
+→ SaveLatent, run once as stock and once with only the loader and sampler swapped for the XDiT nodes.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from comfy_server import TINY_UNET_NAMES
+
+from comfyui_xdit.api_client import ComfyClient, ExecutionFailed, ExecutionInterrupted, PromptRejected
+
+FP32_TOL = 1e-5
+
+
+def flux_graph(xdit: bool, guider: str = "basic", seed: int = 5, steps: int = 3, prefix: str = "latent", size: int = 128,
+               sampler: str = "euler", **loader_inputs) -> dict:
+    """The API-format graph; `xdit` swaps only the loader and the sampler node."""
+    loader = {"class_type": "XDiTUNetLoader" if xdit else "UNETLoader",
+              "inputs": {"unet_name": TINY_UNET_NAMES["dev"], "weight_dtype": "default", **(loader_inputs if xdit else {})}}
+    graph = {
+        "1": loader,
+        "2": {"class_type": "ModelSamplingFlux", "inputs": {"model": ["1", 0], "max_shift": 1.15, "base_shift": 0.5, "width": size, "height": size}},
+        "3": {"class_type": "XDiTTestConditioning", "inputs": {"seed": 100, "text_tokens": 7, "context_dim": 64, "pooled_dim": 32}},
+        "4": {"class_type": "FluxGuidance", "inputs": {"conditioning": ["3", 0], "guidance": 3.5}},
+        "5": {"class_type": "XDiTTestConditioning", "inputs": {"seed": 200, "text_tokens": 7, "context_dim": 64, "pooled_dim": 32}},
+        "7": {"class_type": "BasicScheduler", "inputs": {"model": ["2", 0], "scheduler": "simple", "steps": steps, "denoise": 1.0}},
+        "8": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": sampler}},
+        "9": {"class_type": "RandomNoise", "inputs": {"noise_seed": seed}},
+        "10": {"class_type": "EmptySD3LatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
+        "11": {"class_type": "XDiTSamplerCustomAdvanced" if xdit else "SamplerCustomAdvanced",
+               "inputs": {"noise": ["9", 0], "guider": ["6", 0], "sampler": ["8", 0], "sigmas": ["7", 0], "latent_image": ["10", 0]}},
+        "12": {"class_type": "SaveLatent", "inputs": {"samples": ["11", 0], "filename_prefix": prefix}},
+    }
+    if guider == "cfg":
+        graph["6"] = {"class_type": "CFGGuider", "inputs": {"model": ["2", 0], "positive": ["4", 0], "negative": ["5", 0], "cfg": 3.5}}
+    else:
+        graph["6"] = {"class_type": "BasicGuider", "inputs": {"model": ["2", 0], "conditioning": ["4", 0]}}
+    return graph
+
+
+def saved_latent(server, result) -> torch.Tensor:
+    (file,) = [f for f in result.files if f.kind == "latents"]
+    return load_file(str(server.output_dir / file.subfolder / file.filename))["latent_tensor"]
+
+
+@pytest.fixture(scope="module")
+def client(comfy_server) -> ComfyClient:
+    return ComfyClient(comfy_server.url)
+
+
+CASES = [
+    ("ulysses2", "basic", {"world_size": 2, "ulysses_degree": 2, "ring_degree": 1, "cfg_degree": 1}),
+    ("ring2", "basic", {"world_size": 2, "ulysses_degree": 1, "ring_degree": 2, "cfg_degree": 1}),
+    ("cfg2", "cfg", {"world_size": 2, "ulysses_degree": 1, "ring_degree": 1, "cfg_degree": 2}),
+    ("hybrid4-ulysses2-cfg2", "cfg", {"world_size": 4, "ulysses_degree": 2, "ring_degree": 1, "cfg_degree": 2}),
+    ("hybrid4-ulysses2-ring2", "basic", {"world_size": 4, "ulysses_degree": 2, "ring_degree": 2, "cfg_degree": 1}),
+]
+
+
+@pytest.mark.parametrize(("name", "guider", "degrees"), CASES, ids=[c[0] for c in CASES])
+def test_xdit_nodes_match_the_stock_graph(comfy_server, client, name, guider, degrees):
+    stock = saved_latent(comfy_server, client.run(flux_graph(False, guider, prefix=f"stock_{name}"), timeout=300))
+    result = client.run(flux_graph(True, guider, prefix=f"xdit_{name}", **degrees), timeout=600)
+    xdit = saved_latent(comfy_server, result)
+    assert xdit.shape == stock.shape
+    assert stock.abs().max() > 0.1
+    assert (xdit - stock).abs().max().item() <= FP32_TOL
+    progress = [data for kind, data in result.events if kind == "progress" and data.get("node") == "11"]
+    assert progress and progress[-1]["value"] == progress[-1]["max"] == 3, "the sampler's progress bar reached every step"
+    status = comfy_server.get_json("/xdit/status")["pool"]
+    assert status["world_size"] == degrees["world_size"] and status["backend"] == "gloo"
+
+
+def test_a_second_prompt_on_the_same_model_loads_nothing(comfy_server, client):
+    """The test knows through GET /xdit/status: every rank reports how often it loaded a model and built a
+    parallel clone; a second prompt (new seed, same loader inputs) runs one more job and loads nothing."""
+    degrees = {"world_size": 2, "ulysses_degree": 2, "ring_degree": 1, "cfg_degree": 1}
+    client.run(flux_graph(True, seed=11, prefix="warm", **degrees), timeout=600)
+    before = comfy_server.get_json("/xdit/status")["pool"]
+    started = time.monotonic()
+    client.run(flux_graph(True, seed=12, prefix="again", **degrees), timeout=600)
+    seconds = time.monotonic() - started
+    after = comfy_server.get_json("/xdit/status")["pool"]
+    assert after["jobs_run"] == before["jobs_run"] + 1
+    assert [w["pid"] for w in after["workers"]] == [w["pid"] for w in before["workers"]]
+    for rank_before, rank_after in zip(before["ranks"], after["ranks"]):
+        assert rank_after["model_loads"] == rank_before["model_loads"]
+        assert rank_after["parallel_builds"] == rank_before["parallel_builds"]
+    assert seconds < 30, f"a warm prompt took {seconds:.1f} s"
+
+
+def test_bad_degrees_are_refused_before_the_prompt_runs(client):
+    with pytest.raises(PromptRejected, match="does not divide world_size 2"):
+        client.queue_prompt(flux_graph(True, world_size=2, ulysses_degree=4))
+
+
+def test_a_stock_sampler_on_an_xdit_model_fails_clearly_and_the_server_stays_up(comfy_server, client):
+    graph = flux_graph(True, prefix="mixed", world_size=2, ulysses_degree=2)
+    graph["11"]["class_type"] = "SamplerCustomAdvanced"
+    with pytest.raises(ExecutionFailed, match="sample it with XDiTSamplerCustomAdvanced"):
+        client.run(graph, timeout=300)
+    assert comfy_server.get_json("/object_info/XDiTUNetLoader")
+
+
+def _run_in_background(client: ComfyClient, graph: dict) -> tuple[threading.Thread, dict]:
+    outcome: dict = {}
+
+    def target():
+        try:
+            outcome["result"] = client.run(graph, on_event=lambda kind, data: outcome.setdefault("events", []).append((kind, data)), timeout=600)
+        except Exception as error:  # the test inspects it
+            outcome["error"] = error
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def _wait_for_progress(outcome: dict, at_least: int, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        steps = [d["value"] for k, d in outcome.get("events", []) if k == "progress" and d.get("node") == "11"]
+        if steps and steps[-1] >= at_least:
+            return
+        if "error" in outcome or "result" in outcome:
+            raise AssertionError(f"the prompt ended before step {at_least}: {outcome}")
+        time.sleep(0.05)
+    raise AssertionError(f"no progress to step {at_least} within {timeout} s")
+
+
+def _post(url: str) -> None:
+    import urllib.request
+
+    urllib.request.urlopen(urllib.request.Request(url, data=b"{}", method="POST", headers={"Content-Type": "application/json"}), timeout=30).read()
+
+
+def test_interrupt_stops_every_rank_and_the_next_prompt_works(comfy_server, client):
+    degrees = {"world_size": 2, "ulysses_degree": 1, "ring_degree": 2, "cfg_degree": 1}
+    client.run(flux_graph(True, seed=1, prefix="pre_interrupt", **degrees), timeout=600)  # pool and model warm
+    thread, outcome = _run_in_background(ComfyClient(comfy_server.url), flux_graph(True, seed=2, steps=400, prefix="interrupted", **degrees))
+    _wait_for_progress(outcome, 3)
+    interrupted_at = time.monotonic()
+    _post(f"{comfy_server.url}/interrupt")
+    thread.join(timeout=120)
+    assert isinstance(outcome.get("error"), ExecutionInterrupted), outcome
+    assert time.monotonic() - interrupted_at < 20
+    steps = [d["value"] for k, d in outcome["events"] if k == "progress" and d.get("node") == "11"]
+    assert steps[-1] < 400
+    pool = comfy_server.get_json("/xdit/status")["pool"]
+    assert pool is not None, "an interrupt leaves the pool running"
+    client.run(flux_graph(True, seed=3, prefix="post_interrupt", **degrees), timeout=600)
+
+
+def test_a_killed_worker_fails_the_prompt_clearly_and_the_next_prompt_rebuilds_the_pool(comfy_server, client):
+    degrees = {"world_size": 2, "ulysses_degree": 2, "ring_degree": 1, "cfg_degree": 1}
+    client.run(flux_graph(True, seed=21, prefix="pre_kill", **degrees), timeout=600)
+    victim = comfy_server.get_json("/xdit/status")["pool"]["workers"][1]["pid"]
+    thread, outcome = _run_in_background(ComfyClient(comfy_server.url), flux_graph(True, seed=22, steps=400, prefix="killed", **degrees))
+    _wait_for_progress(outcome, 3)
+    os.kill(victim, signal.SIGKILL)
+    thread.join(timeout=300)
+    error = outcome.get("error")
+    assert isinstance(error, ExecutionFailed), outcome
+    assert "XDiT worker pool failed" in error.exception_message and "queue the prompt again" in error.exception_message
+    assert comfy_server.get_json("/xdit/status")["pool"] is None
+    stock = saved_latent(comfy_server, client.run(flux_graph(False, seed=23, prefix="after_kill_stock"), timeout=300))
+    xdit = saved_latent(comfy_server, client.run(flux_graph(True, seed=23, prefix="after_kill", **degrees), timeout=600))
+    assert (xdit - stock).abs().max().item() <= FP32_TOL
+    workers = comfy_server.get_json("/xdit/status")["pool"]["workers"]
+    assert victim not in [w["pid"] for w in workers]
