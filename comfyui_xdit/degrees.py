@@ -38,5 +38,9 @@ def resolve_degrees(world_size: int, num_heads: int, ulysses: int = AUTO, ring: 
     elif not ring:
         ring = rest
     config = ParallelConfig(ulysses_degree=ulysses, ring_degree=ring, cfg_degree=cfg, pipefusion_degree=pipefusion)
+    if config.world_size != world_size:
+        product = " × ".join(f"{name} {getattr(config, name)}" for name in named)
+        raise ValueError(f"{product} = {config.world_size}, but world_size is {world_size}; "
+                         f"set a degree to 0 (auto) or make their product {world_size}")
     config.validate(world_size, num_heads)
     return config

@@ -1,0 +1,41 @@
+"""The loader's auto degrees (0) and the errors for degree combinations that cannot run."""
+from __future__ import annotations
+
+import pytest
+
+from comfyui_xdit.degrees import resolve_degrees, resolve_world_size
+from parallel_core import ParallelConfig
+
+
+def test_world_size_auto_is_every_gpu_or_two_cpu_workers():
+    assert resolve_world_size(0, visible_gpus=8) == 8
+    assert resolve_world_size(0, visible_gpus=0) == 2
+    assert resolve_world_size(3, visible_gpus=8) == 3
+    with pytest.raises(ValueError, match="world_size must be 0"):
+        resolve_world_size(-1, 0)
+
+
+@pytest.mark.parametrize(
+    ("world", "heads", "given", "expected"),
+    [
+        (4, 24, {}, ParallelConfig(ulysses_degree=4)),
+        (8, 24, {}, ParallelConfig(ulysses_degree=8)),
+        (8, 6, {}, ParallelConfig(ulysses_degree=2, ring_degree=4)),  # as much Ulysses as divides the heads
+        (4, 2, {}, ParallelConfig(ulysses_degree=2, ring_degree=2)),
+        (4, 24, {"cfg": 2}, ParallelConfig(ulysses_degree=2, cfg_degree=2)),
+        (4, 24, {"ring": 4}, ParallelConfig(ring_degree=4)),
+        (8, 24, {"ulysses": 2}, ParallelConfig(ulysses_degree=2, ring_degree=4)),
+        (2, 24, {"ulysses": 1, "ring": 1, "cfg": 2}, ParallelConfig(cfg_degree=2)),
+    ],
+)
+def test_auto_degrees_fill_the_world(world, heads, given, expected):
+    assert resolve_degrees(world, heads, **given) == expected
+
+
+def test_degrees_that_do_not_divide_the_world_say_what_to_change():
+    with pytest.raises(ValueError, match="ulysses_degree 4 = 4 does not divide world_size 2"):
+        resolve_degrees(2, 24, ulysses=4)
+    with pytest.raises(ValueError, match="ulysses_degree 1 × ring_degree 1 × cfg_degree 1 × pipefusion_degree 1 = 1, but world_size is 4; set a degree to 0"):
+        resolve_degrees(4, 24, ulysses=1, ring=1)
+    with pytest.raises(ValueError, match="cfg_degree must be 0 \\(auto\\) or >= 1"):
+        resolve_degrees(4, 24, cfg=-2)
