@@ -56,13 +56,14 @@ def _split_batch_inputs(state: ParallelState, tensors: list[Any]) -> list[Any]:
 
 
 def _parallel_forward_orig(original, state: ParallelState, img, img_ids, txt, txt_ids, timesteps, y, guidance=None,
-                           control=None, timestep_zero_index=None, transformer_options={}, attn_mask=None):
+                           control=None, timestep_zero_index=None, transformer_options=None, attn_mask=None):
     if control is not None:
         raise UnsupportedByXDiT("ControlNet on Flux is not supported in parallel yet; remove the ControlNet apply node or use UNETLoader")
     if timestep_zero_index is not None:
         raise UnsupportedByXDiT("reference latents with ref_latents_method 'index_timestep_zero' are not supported in parallel; use another method")
     if attn_mask is not None:
         raise UnsupportedByXDiT("an attention mask on Flux is not supported in parallel; remove it or use UNETLoader")
+    transformer_options = transformer_options or {}
     if "optimized_attention_override" in transformer_options:
         raise UnsupportedByXDiT("another node pack already overrides attention on this model; remove that patch to sample with XDiT")
     if state.data.size > 1:
