@@ -45,7 +45,7 @@ def _configure_make_tiny_model(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=JSON",
                         help="override one config field, e.g. --set depth=3 (repeatable)")
-    parser.add_argument("--out", required=True, help="output .safetensors path")
+    parser.add_argument("--out", required=True, help="output .safetensors path (for taef1: the vae_approx folder)")
 
 
 def _run_make_tiny_model(args: argparse.Namespace) -> int:
