@@ -16,10 +16,11 @@ def resolve_world_size(world_size: int, visible_gpus: int) -> int:
     return visible_gpus if visible_gpus > 0 else DEFAULT_CPU_WORKERS
 
 
-def resolve_degrees(world_size: int, num_heads: int, ulysses: int = AUTO, ring: int = AUTO, cfg: int = AUTO,
+def resolve_degrees(world_size: int, num_heads: int | None, ulysses: int = AUTO, ring: int = AUTO, cfg: int = AUTO,
                     pipefusion: int = AUTO) -> ParallelConfig:
     """Fill the auto (0) degrees: CFG and PipeFusion default to 1; what remains of the world goes to sequence
-    parallelism, as much Ulysses as divides the heads (cheapest), the rest Ring."""
+    parallelism, as much Ulysses as divides the heads (cheapest), the rest Ring. num_heads None = not known yet
+    (input validation before the file is read): only the product is checked."""
     named = {"ulysses_degree": ulysses, "ring_degree": ring, "cfg_degree": cfg, "pipefusion_degree": pipefusion}
     for name, value in named.items():
         if value < 0:
@@ -31,7 +32,7 @@ def resolve_degrees(world_size: int, num_heads: int, ulysses: int = AUTO, ring: 
         raise ValueError(f"{given} = {fixed} does not divide world_size {world_size}; choose degrees whose product divides (or equals) {world_size}")
     rest = world_size // fixed
     if not ulysses and not ring:
-        ulysses = max(d for d in range(1, rest + 1) if rest % d == 0 and num_heads % d == 0)
+        ulysses = max(d for d in range(1, rest + 1) if rest % d == 0 and (num_heads is None or num_heads % d == 0))
         ring = rest // ulysses
     elif not ulysses:
         ulysses = rest

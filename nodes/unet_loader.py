@@ -40,11 +40,16 @@ class XDiTUNetLoader:
     DESCRIPTION = "Loads a diffusion model into a pool of workers that denoise one image together (drop-in for Load Diffusion Model)."
 
     @classmethod
-    def VALIDATE_INPUTS(cls, world_size=0, ulysses_degree=0, ring_degree=0, cfg_degree=0, pipefusion_degree=0, **_):
-        # Checked before the prompt runs; heads and GPU counts are checked again when the model is loaded.
+    def VALIDATE_INPUTS(cls, world_size=0, ulysses_degree=0, ring_degree=0, cfg_degree=0, pipefusion_degree=0):
+        # Checked before the prompt runs; heads and GPU counts are checked again when the model is loaded. Only
+        # the inputs named here skip ComfyUI's own checks (unet_name, weight_dtype keep theirs).
+        for name, value in (("world_size", world_size), ("ulysses_degree", ulysses_degree), ("ring_degree", ring_degree),
+                            ("cfg_degree", cfg_degree), ("pipefusion_degree", pipefusion_degree)):
+            if not isinstance(value, int) or value < 0:
+                return f"{name} must be 0 (auto) or a positive whole number, got {value!r}"
         if world_size:
             try:
-                resolve_degrees(world_size, num_heads=1 << 30, ulysses=ulysses_degree, ring=ring_degree, cfg=cfg_degree, pipefusion=pipefusion_degree)
+                resolve_degrees(world_size, num_heads=None, ulysses=ulysses_degree, ring=ring_degree, cfg=cfg_degree, pipefusion=pipefusion_degree)
             except ValueError as error:
                 return str(error)
         return True
