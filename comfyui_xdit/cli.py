@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from comfyui_xdit import queue_cli
+from comfyui_xdit import demo, queue_cli
 
 
 class UsageError(Exception):
@@ -78,6 +78,10 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "make-tiny-model": Subcommand(
         "write a seeded tiny model checkpoint that ComfyUI loads and detects", _run_make_tiny_model,
         _configure_make_tiny_model,
+    ),
+    "demo": Subcommand(
+        "the main job: headless ComfyUI + this pack + a local Ray pool run the shipped Flux workflow; image and timings",
+        demo.run, demo.configure,
     ),
     "queue": Subcommand(
         "run an API-format workflow on a ComfyUI server with a progress bar, and save its output files",

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import atexit
+import os
+import signal
+import threading
 
 from ray_backend.pool import PoolRegistry, WorkerPool
 
@@ -10,7 +13,25 @@ from .job_spec import PoolModelRef
 from .worker_service import SERVICE_PATH
 
 REGISTRY = PoolRegistry(SERVICE_PATH)
-atexit.register(REGISTRY.shutdown)
+
+
+def install_exit_hooks() -> None:
+    """Stop the pool and the Ray cluster with ComfyUI: at a normal exit, and on SIGTERM, which Python does not
+    turn into an exit by itself (Ray's agents would outlive ComfyUI). Call from the main thread (pack import)."""
+    atexit.register(REGISTRY.shutdown)
+    if threading.current_thread() is not threading.main_thread():
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_sigterm(signum, frame):
+        REGISTRY.shutdown()
+        if callable(previous):
+            previous(signum, frame)
+            return
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)  # whatever SIGTERM did before (terminate, by default)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
 
 
 def pool_for(ref: PoolModelRef) -> WorkerPool:

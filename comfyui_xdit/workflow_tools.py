@@ -37,7 +37,7 @@ def check_api_workflow(data: Any, source: str = "workflow") -> Workflow:
     if is_ui_workflow(data):
         raise WorkflowError(
             f"{source} is a UI-format workflow (litegraph JSON with nodes and links), which cannot be queued. "
-            "Use the matching *_api.json file, or in ComfyUI open it and use Workflow > Export (API)."
+            "Use the matching workflows/api/*_api.json file, or in ComfyUI open it and use Workflow > Export (API)."
         )
     if not isinstance(data, dict) or not data:
         raise WorkflowError(f"{source} is not an API-format workflow (expected a JSON object of node id -> node)")

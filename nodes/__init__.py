@@ -1,4 +1,6 @@
 """The pack's ComfyUI nodes (classic node API: stable across ComfyUI releases, which V3's `latest` is not yet)."""
+from comfyui_xdit.pool_client import install_exit_hooks
+
 from .sampler import XDiTSamplerCustomAdvanced
 from .status_route import register_status_route
 from .unet_loader import XDiTUNetLoader
@@ -13,3 +15,4 @@ NODE_DISPLAY_NAME_MAPPINGS = {
 }
 
 register_status_route()
+install_exit_hooks()

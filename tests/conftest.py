@@ -53,13 +53,13 @@ def tiny_flux_paths(comfy_root: Path, tmp_path_factory: pytest.TempPathFactory) 
 
 @pytest.fixture(scope="session")
 def comfy_server(request: pytest.FixtureRequest, comfy_root: Path, tmp_path_factory: pytest.TempPathFactory):
-    """One real headless ComfyUI server for the whole session (tests/comfy_server.py), on a free 127.0.0.1 port.
+    """One real headless ComfyUI server for the whole session (comfyui_xdit/server_launcher.py), on a free 127.0.0.1 port.
 
     Its custom_nodes/ holds this repo (as comfyui-xdit) and tests/xdit_test_nodes; models/diffusion_models the
-    tiny Flux dev and schnell (names in comfy_server.TINY_UNET_NAMES); models/vae_approx a tiny taef1. A failing
+    tiny Flux dev and schnell (names in server_launcher.TINY_UNET_NAMES); models/vae_approx a tiny taef1. A failing
     test that uses it gets the server log's tail in its report.
     """
-    from comfy_server import TINY_UNET_NAMES, launch_server, prepare_base
+    from comfyui_xdit.server_launcher import TINY_UNET_NAMES, launch_server, prepare_base
 
     from comfyui_xdit.tiny_vae import write_tiny_taef1
 

@@ -18,14 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from comfy_server import REPO_ROOT, ComfyServer
+from comfyui_xdit.server_launcher import REPO_ROOT, ComfyServer
 from playwright.sync_api import Browser, Page, sync_playwright
 from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 
 from comfyui_xdit.workflow_tools import is_link
 
 WORKFLOWS = REPO_ROOT / "workflows"
-UI_FILES = sorted(path for path in WORKFLOWS.glob("*.json") if not path.stem.endswith("_api"))
+UI_FILES = sorted(WORKFLOWS.glob("*.json"))
 BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                 "--no-first-run", "--disable-sync", "--disable-dev-shm-usage"]
 APP_READY_JS = "() => window.app?.vueAppReady && Object.keys(window.LiteGraph?.registered_node_types ?? {}).length > 0"
@@ -117,7 +117,7 @@ def settled_text(page: Page, quiet_s: float = 2.0, timeout_s: float = 30.0) -> s
 def test_ui_workflow_loads_with_every_node_known(path: Path, frontend: Callable[[], Page],
                                                  screenshot_dir: Path) -> None:
     workflow = json.loads(path.read_text())
-    api = json.loads(path.with_name(f"{path.stem}_api.json").read_text())
+    api = json.loads((WORKFLOWS / "api" / f"{path.stem}_api.json").read_text())
     page = frontend()
     nodes = load(page, workflow, path.name)
     shot = screenshot_dir / f"{path.stem}.png"

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from comfy_server import TINY_UNET_NAMES
+from comfyui_xdit.server_launcher import TINY_UNET_NAMES
 
 from comfyui_xdit.api_client import ComfyClient, ExecutionFailed, ExecutionInterrupted, PromptRejected
 

@@ -13,15 +13,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from comfy_server import REPO_ROOT, TINY_UNET_NAMES, ComfyServer
+from comfyui_xdit.server_launcher import REPO_ROOT, TINY_UNET_NAMES, ComfyServer
 from PIL import Image
 
 from comfyui_xdit.api_client import ComfyClient, ExecutionFailed, PromptRejected
 from comfyui_xdit.workflow_tools import TEST_CONDITIONING, is_link, load_api_workflow, make_offline, stock_twin
 
 WORKFLOWS = REPO_ROOT / "workflows"
-API_FILES = sorted(WORKFLOWS.glob("*_api.json"))
-UI_FILES = sorted(path for path in WORKFLOWS.glob("*.json") if path not in API_FILES)
+# API files live in workflows/api/: ComfyUI lists every JSON at the top of a pack's workflows/ folder as a
+# template, and only the UI ones belong there.
+API_FILES = sorted((WORKFLOWS / "api").glob("*_api.json"))
+UI_FILES = sorted(WORKFLOWS.glob("*.json"))
 WIDGET_TYPES = frozenset({"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"})
 STOCK_E2E_TYPES = {"UNETLoader", "ModelSamplingFlux", "XDiTTestConditioning", "FluxGuidance", "BasicGuider",
                    "KSamplerSelect", "BasicScheduler", "RandomNoise", "EmptySD3LatentImage", "SamplerCustomAdvanced",
@@ -30,7 +32,7 @@ MODEL_FILE_INPUTS = frozenset({"unet_name", "clip_name1", "clip_name2", "vae_nam
 
 
 def api_twin(ui_path: Path) -> Path:
-    return ui_path.with_name(f"{ui_path.stem}_api.json")
+    return WORKFLOWS / "api" / f"{ui_path.stem}_api.json"
 
 
 def widget_names(node_info: dict[str, Any]) -> list[str]:
@@ -64,7 +66,7 @@ def object_info(comfy_server: ComfyServer) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def stock_workflow() -> dict[str, Any]:
     """The dev workflow with stock nodes in place of the pack's, tiny weights and a 128 px image, plus SaveLatent."""
-    workflow = make_offline(stock_twin(load_api_workflow(WORKFLOWS / "flux_dev_xdit_api.json")),
+    workflow = make_offline(stock_twin(load_api_workflow(WORKFLOWS / "api" / "flux_dev_xdit_api.json")),
                             TINY_UNET_NAMES["dev"], size=128, steps=4)
     workflow["15"] = {"class_type": "SaveLatent", "inputs": {"samples": ["11", 0], "filename_prefix": "latents/e2e"}}
     assert {node["class_type"] for node in workflow.values()} == STOCK_E2E_TYPES
@@ -134,7 +136,7 @@ def test_api_workflow_validates_but_for_absent_model_files(path: Path, comfy_ser
 
 
 def test_make_offline_swaps_text_encoders_for_seeded_conditioning() -> None:
-    workflow = load_api_workflow(WORKFLOWS / "flux_dev_xdit_api.json")
+    workflow = load_api_workflow(WORKFLOWS / "api" / "flux_dev_xdit_api.json")
     # A negative prompt beside the positive one, as a CFGGuider workflow would have.
     workflow["20"] = {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["3", 0]}}
     offline = make_offline(workflow, "tiny.safetensors", size=64, steps=2, seed=5)
@@ -155,7 +157,7 @@ def test_queue_refuses_a_ui_workflow(run_cli) -> None:
 
 
 def test_queue_set_names_valid_nodes_and_inputs(run_cli) -> None:
-    dev_api = str(WORKFLOWS / "flux_dev_xdit_api.json")
+    dev_api = str(WORKFLOWS / "api" / "flux_dev_xdit_api.json")
     unknown_node = run_cli("queue", dev_api, "--set", "99.steps=4")
     assert unknown_node.returncode == 2
     assert "no node '99'" in unknown_node.stderr and "8 (BasicScheduler)" in unknown_node.stderr

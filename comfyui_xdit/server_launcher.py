@@ -1,8 +1,9 @@
-"""A real headless ComfyUI server for tests: its own base directory, free loopback port, captured log.
+"""A real headless ComfyUI server with this pack installed: own base directory, free loopback port, captured log.
 
-The base directory holds custom_nodes/ with links to this repository (as ``comfyui-xdit``, the way a user installs
-it) and to the test-only node pack tests/xdit_test_nodes, plus models/ folders that tests fill with tiny weights.
-ComfyUI rescans model folders on each request, so files may be added while the server boots.
+Used by the tests and by the demo. The base directory holds custom_nodes/ with links to this repository (as
+``comfyui-xdit``, the way a user installs it) and to the stand-in conditioning pack tests/xdit_test_nodes (no
+text-encoder weights exist offline), plus models/ folders that the caller fills with tiny weights. ComfyUI rescans
+model folders on each request, so files may be added while the server boots.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-TEST_NODES = Path(__file__).resolve().parent / "xdit_test_nodes"
+TEST_NODES = REPO_ROOT / "tests" / "xdit_test_nodes"
 REPO_LINK_NAME = "comfyui-xdit"
 # File names of the tiny Flux checkpoints in the server's models/diffusion_models, by variant.
 TINY_UNET_NAMES = {"dev": "tiny-flux-dev.safetensors", "schnell": "tiny-flux-schnell.safetensors"}

@@ -1,0 +1,18 @@
+"""The README's main job (`python -m comfyui_xdit demo`) runs end to end, at its quickest settings."""
+from __future__ import annotations
+
+import json
+
+from PIL import Image
+
+
+def test_demo_writes_an_image_and_reports_timings(run_cli, comfy_root, tmp_path):
+    result = run_cli("demo", "--size", "tiny", "--pixels", "128", "--steps", "2", "--out", str(tmp_path), timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    (image,) = summary["image"]
+    with Image.open(image) as picture:
+        assert picture.size == (128, 128)
+    assert summary["world_size"] == 2 and summary["backend"] == "gloo"
+    assert summary["stock_s"] > 0 and summary["xdit_s"] > 0 and summary["pool_startup_s"] > 0
+    assert "image written:" in result.stdout
