@@ -1,8 +1,8 @@
 """Flux (ComfyUI's comfy.ldm.flux.model.Flux) computed across ranks.
 
-Image tokens and their RoPE positions are split over the sequence-parallel group, text tokens stay replicated
-(joint attention, text in front), and every attention call of the double and single blocks goes through
-usp_attention. The batch is split over the data group; conds over the cfg group (cfg_parallel.py).
+Image tokens and text tokens, with their RoPE positions, are split over the sequence-parallel group; every attention
+call of the double and single blocks gathers the (short) text q/k/v and runs usp_attention with the text as joint
+tokens in front. The batch is split over the data group; conds over the cfg group (cfg_parallel.py).
 
 All of it is attached to a clone of the ModelPatcher through ComfyUI's extension points: an object patch of the
 diffusion model's `forward_orig` (active only while that clone is the one patched in) and, inside it, the
@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from parallel_core import ParallelState, gather_batch, gather_sequence, split_batch, split_sequence, usp_attention
+from parallel_core import ParallelState, all_gather, gather_batch, gather_sequence, split_batch, split_sequence, usp_attention
+from parallel_core.sharding import chunk_length, padded_piece
 
 from .errors import UnsupportedByXDiT
 
@@ -34,18 +35,26 @@ def num_heads(diffusion_model: torch.nn.Module) -> int:
 
 def _usp_attention_override(state: ParallelState, text_len: int, func, q, k, v, heads, mask=None, skip_reshape=False,
                             skip_output_reshape=False, transformer_options=None, **kwargs):
-    """Replaces ComfyUI's optimized_attention for Flux's joint [text, image] attention."""
+    """Replaces ComfyUI's optimized_attention for Flux's joint [text, image] attention.
+
+    Each rank's rows are [its text shard, its image shard]. The text shards' q/k/v are gathered (text is short),
+    attention runs over the whole sequence, and each rank keeps the output rows of its own shards.
+    """
     if mask is not None:
         raise UnsupportedByXDiT("an attention mask on Flux (e.g. from an attention-mask node) is not supported in parallel; remove it or use UNETLoader")
     if not skip_reshape:  # (B, S, H*D) -> (B, H, S, D), the layout Flux passes
         b, s, _ = q.shape
         q, k, v = (t.view(b, s, heads, -1).transpose(1, 2) for t in (q, k, v))
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, S, H, D)
+    sp = state.sequence
+    text_local = chunk_length(text_len, sp.size)
+    text_qkv = all_gather(torch.stack([q[:, :text_local], k[:, :text_local], v[:, :text_local]]), 2, sp, state.comm)
+    text_q, text_k, text_v = text_qkv[:, :, :text_len].unbind(0)
     out = usp_attention(
-        q[:, text_len:], k[:, text_len:], v[:, text_len:], state,
-        joint_q=q[:, :text_len], joint_k=k[:, :text_len], joint_v=v[:, :text_len], joint_strategy="front",
-        scale=kwargs.get("scale"),
+        q[:, text_local:], k[:, text_local:], v[:, text_local:], state,
+        joint_q=text_q, joint_k=text_k, joint_v=text_v, joint_strategy="front", scale=kwargs.get("scale"),
     )
+    out = torch.cat([padded_piece(out[:, :text_len], 1, sp.size, sp.rank), out[:, text_len:]], dim=1)
     if skip_output_reshape:
         return out.transpose(1, 2)
     return out.reshape(out.shape[0], out.shape[1], -1)
@@ -68,10 +77,15 @@ def _parallel_forward_orig(original, state: ParallelState, img, img_ids, txt, tx
         raise UnsupportedByXDiT("another node pack already overrides attention on this model; remove that patch to sample with XDiT")
     if state.data.size > 1:
         img, img_ids, txt, txt_ids, timesteps, y, guidance = _split_batch_inputs(state, [img, img_ids, txt, txt_ids, timesteps, y, guidance])
+    # Text rows are sharded too: every linear layer of the text stream then does 1/P of the text work instead of
+    # repeating all of it on every rank (at 8 ranks, 512 T5 tokens would otherwise equal each rank's image share).
+    text_len = txt.shape[1]
+    txt = padded_piece(txt, 1, state.sequence.size, state.sequence.rank)
+    txt_ids = padded_piece(txt_ids, 1, state.sequence.size, state.sequence.rank)
     img = split_sequence(img, state, 1)
     img_ids = split_sequence(img_ids, state, 1)
     options = dict(transformer_options)
-    options["optimized_attention_override"] = functools.partial(_usp_attention_override, state, txt.shape[1])
+    options["optimized_attention_override"] = functools.partial(_usp_attention_override, state, text_len)
     out = original(img, img_ids, txt, txt_ids, timesteps, y, guidance, None, transformer_options=options)
     out = gather_sequence(out, state, 1)
     if state.data.size > 1:

@@ -1,0 +1,525 @@
+"""Per-step time of ComfyUI's own Flux on local CPU gloo ranks: 1 rank vs Ulysses-2, Ring-2 and CFG-2.
+
+    python -m comfyui_xdit.bench.flux_step [--pairs 5] [--repeats 2] [--text-tokens 256] [--no-mix] [--wait-load 1.2]
+
+Prints one JSON line per (model shape, configuration) on stdout; progress goes to stderr.
+
+Method
+- Models: seeded checkpoints written with `write_tiny_flux(path, "dev", "bench", seed, **overrides)` and loaded in
+  every rank with `comfy.sd.load_diffusion_model`, so the forward is ComfyUI 0.30.0's own Flux code. Two shapes:
+  "bench" (a 128x128 latent = 4096 image tokens; by default hidden 512 = 4 heads of 128, 1 double + 2 single
+  blocks: FLUX_SIZES["bench"], hidden 768 with 2 + 4 blocks, takes ~16 s a step here, and tests pin that size, so
+  the bench passes overrides instead) and "flux_mix" (hidden 768 =
+  6 heads, 64x64 latent = 1024 image tokens: attention is ~20% of the FLOPs, like Flux-dev at 1024^2). Every line
+  states the shape it ran and its `attention_flop_share`, computed from the shapes (`flux_flops`).
+- Attention kernel: ComfyUI on CPU defaults to its sub-quadratic attention, about 2x slower than torch SDPA (which
+  parallel_core's attention uses) at these shapes; a stock baseline with it would credit the kernel change to
+  parallelism. Every rank therefore runs ComfyUI with --use-pytorch-cross-attention (`--comfy-attention pytorch`),
+  so the baseline and the parallel runs use the same SDPA kernel; `--comfy-attention default` measures the former.
+  CFG-2 ranks run parallel_core's attention too (the Flux adapter routes attention through it for any degrees).
+- Sampling is what SamplerCustomAdvanced does with stock nodes (ModelSamplingFlux -> BasicGuider or CFGGuider ->
+  BasicScheduler "simple", KSamplerSelect euler, RandomNoise), like tests/flux_cases.py. The text conditioning
+  has `--text-tokens` rows (256 by default: ComfyUI's Flux T5 tokenizer pads every prompt to at least 256).
+- One spawn of 2 ranks (`run_on_ranks`, `threads_per_rank` torch threads each) runs everything, so spawn, ComfyUI
+  import and model loading are excluded. The 1-rank baselines are the unpatched ModelPatcher on rank 0 while
+  rank 1 waits in a barrier (its CPU use then is reported as `idle_rank_cpu_share`, ~0): same process, same
+  thread count, stock code path. Parallel runs use `parallelize(model, state)` on both ranks.
+- Interleaving: each round runs ulysses, single, ring, cfg, single-cfg (odd rounds reversed), so every parallel
+  run sits next to its baseline of the same round; per-pair ratio = baseline_ms[k] / method_ms[k] and
+  `speedup_vs_1` is the median of those ratios. ulysses and ring pair with "single" (BasicGuider, one forward per
+  step); cfg pairs with "single-cfg" (CFGGuider cfg 3.5 on one rank: ComfyUI batches both conds into one forward).
+- Step time: a sampler_post_cfg_function (stock ModelPatcher hook, called once per step after the model) stamps
+  perf_counter on rank 0; step i lasts stamp[i] - stamp[i-1] (step 1 from the call, which adds only ComfyUI's
+  per-call setup, a few ms). Each run samples `repeats` steps, and a run's time is the median of them; in the first
+  round every configuration samples `warmup` extra first steps that are dropped (first model load, first use of
+  each gloo group); later rounds' first steps measured no slower than their others. Parallel ranks are
+  synchronised by their collectives every step, so rank 0's step time is the slowest rank's.
+- Bytes: `bytes_per_rank_per_step` is what each rank recorded on `state.comm` over a run, divided by its steps.
+  `theoretical_bytes_per_step` (see `theoretical_step_bytes`): Ulysses per attention call
+  3*B*(S/P)*H*D*4*(U-1)/U in + B*(S/P)*H*D*4*(U-1)/U out (attention.theoretical_bytes) + the text rows' head
+  all-gather B*T*(H/U)*D*4*(U-1); Ring (R-1)*2*B*(S/R)*H*D*4 per call; both: the text shards' q, k, v
+  all-gather 3*B*(T/P)*H*D*4*(P-1) per call; calls = depth + single_depth per forward, plus the forward's output
+  all-gather B*(S/P)*64*4*(P-1); CFG: each rank broadcasts the prediction of each cond it owns, latent bytes *
+  (world-1).
+- `comm_only_ms_per_step`: the step's collectives replayed alone (same shapes, same gloo groups, no compute),
+  median of `repeats` replays; divided by the step time it bounds the communication share (Ring overlaps its K/V
+  transfer with compute, so for Ring it is an upper bound on what is exposed).
+- `flop_bound_speedup`: total FLOPs / the FLOPs of one rank, i.e. the speedup with free communication: sequence
+  parallelism splits image and text rows of every linear layer and the attention; every rank repeats only the
+  modulation/embedders (per sample); CFG-2 splits whole forwards (2.0).
+- `max_abs_err`: the parallel run's final latent vs the 1-rank latent of the same round (same seed).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from comfyui_xdit.bench.attention import METHODS, theoretical_bytes
+from parallel_core.local_launch import run_on_ranks
+
+# configuration -> (ParallelConfig kwargs or None for the 1-rank baseline, guider, baseline it is paired with)
+CONFIGS: dict[str, tuple[dict | None, str, str | None]] = {
+    "single": (None, "basic", None),
+    "ulysses": ({"ulysses_degree": METHODS["ulysses"][0], "ring_degree": METHODS["ulysses"][1]}, "basic", "single"),
+    "ring": ({"ulysses_degree": METHODS["ring"][0], "ring_degree": METHODS["ring"][1]}, "basic", "single"),
+    "single-cfg": (None, "cfg", None),
+    "cfg": ({"cfg_degree": 2}, "cfg", "single-cfg"),
+}
+ROUND_ORDER = ("ulysses", "single", "ring", "cfg", "single-cfg")  # each parallel run next to its baseline
+PARALLEL = ("ulysses", "ring", "cfg")
+WORLD = 2
+CFG_SCALE = 3.5
+LATENT_CHANNELS = 16
+PATCH = 2
+OUT_FEATURES = LATENT_CHANNELS * PATCH * PATCH  # final layer's per-token output (64)
+ELT = 4  # fp32
+
+
+# --------------------------------------------------------------------------------------------------- FLOP model
+def flux_flops(hidden: int, depth: int, single_depth: int, image_tokens: int, text_tokens: int, batch: int = 1,
+               context_dim: int = 64, vec_dim: int = 32, mlp_ratio: float = 4.0) -> dict[str, float]:
+    """Matmul FLOPs (2 per multiply-add) of one Flux forward, by what a sequence-parallel rank does with them.
+
+    Per token and block (double: each stream; single: linear1 h->(3+m)h, linear2 (1+m)h->h) the linear layers cost
+    2*(4+2m)*h^2; joint attention over N = S + T tokens costs 4*N^2*h per block (QK^T and PV). Embedders and
+    modulation are per sample. Norms, RoPE, softmax and other elementwise work are not counted. The total equals
+    torch.utils.flop_counter.FlopCounterMode's count of ComfyUI's Flux forward (addmm + baddbmm/bmm) exactly.
+    """
+    h, s, t, blocks = hidden, image_tokens, text_tokens, depth + single_depth
+    n = s + t
+    per_token = 2 * (4 + 2 * mlp_ratio) * h * h
+    attention = blocks * 4 * n * n * h
+    linear_image = blocks * s * per_token + 2 * s * OUT_FEATURES * h + 2 * s * h * OUT_FEATURES  # + img_in, final linear
+    linear_text = blocks * t * per_token + 2 * t * context_dim * h  # + txt_in
+    per_sample = (2 * 2 * (256 * h + h * h)  # time_in, guidance_in
+                  + 2 * (vec_dim * h + h * h)  # vector_in
+                  + depth * 2 * 2 * 6 * h * h + single_depth * 2 * 3 * h * h + 2 * 2 * h * h)  # modulations
+    parts = {"attention": attention, "linear_image": linear_image, "linear_text": linear_text, "per_sample": per_sample}
+    return {k: float(v * batch) for k, v in parts.items()}
+
+
+def attention_flop_share(flops: dict[str, float]) -> float:
+    return flops["attention"] / sum(flops.values())
+
+
+def flop_bound_speedup(method: str, flops: dict[str, float], degree: int = 2) -> float:
+    """Speedup over one rank if communication were free and ranks perfectly overlapped (see module docstring).
+
+    Ring's rank 0 also attends to the text keys (ring block 0), a small extra not counted here.
+    """
+    total = sum(flops.values())
+    if method == "cfg":
+        return float(degree)
+    # Text rows are sharded like image rows; the text queries' attention is repeated per ring rank (small).
+    per_rank = (flops["attention"] + flops["linear_image"] + flops["linear_text"]) / degree + flops["per_sample"]
+    return total / per_rank
+
+
+# ------------------------------------------------------------------------------------------------- byte model
+def theoretical_step_bytes(method: str, batch: int, image_tokens: int, text_tokens: int, heads: int, head_dim: int,
+                           calls: int, latent_hw: tuple[int, int]) -> dict[str, int]:
+    """Bytes one rank sends per sampling step, by collective (see the module docstring)."""
+    if method == "cfg":
+        # 2 conds, one owned by each of the 2 cfg ranks: the owner broadcasts its prediction to the other rank.
+        owned = 2 // WORLD
+        return {"broadcast/cfg": owned * batch * LATENT_CHANNELS * latent_hw[0] * latent_hw[1] * ELT * (WORLD - 1)}
+    u, r = METHODS[method]
+    p = u * r
+    local = -(-image_tokens // p)
+    heads_here = -(-heads // u)
+    per_call = theoretical_bytes(batch, image_tokens, heads, head_dim, ELT, u, r)  # attention.py's per-call bytes
+    ring_per_call = (r - 1) * 2 * batch * (u * local) * heads_here * head_dim * ELT
+    out = {}
+    if u > 1:
+        out["all_to_all/ulysses"] = calls * (per_call - ring_per_call)  # q, k, v in + output back
+        out["all_gather/ulysses"] = calls * batch * text_tokens * heads_here * head_dim * ELT * (u - 1)  # text rows
+    if r > 1:
+        out["ring_send/ring"] = calls * ring_per_call
+    text_local = -(-text_tokens // p)
+    text_gather = calls * 3 * batch * text_local * heads * head_dim * ELT * (p - 1)  # each call's text q, k, v shards
+    out["all_gather/sequence"] = text_gather + batch * local * OUT_FEATURES * ELT * (p - 1)  # + the output rows
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- rank side
+def _conditioning(seed: int, text_tokens: int, guidance: float = 3.5):
+    gen = torch.Generator().manual_seed(seed)
+    context = torch.randn(1, text_tokens, 64, generator=gen)
+    pooled = torch.randn(1, 32, generator=gen)
+    return [[context, {"pooled_output": pooled, "guidance": guidance}]]
+
+
+def _first(node_output):
+    return node_output.result[0] if hasattr(node_output, "result") else node_output[0]
+
+
+def _sample(model_patcher, guider_kind: str, job: dict, steps: int, seed: int) -> tuple[torch.Tensor, list[float]]:
+    """SamplerCustomAdvanced with stock nodes; returns the latent and one perf_counter stamp per step (+ start)."""
+    from comfy_extras import nodes_custom_sampler as custom
+    from comfy_extras.nodes_model_advanced import ModelSamplingFlux
+
+    h, w = job["latent"]
+    model = ModelSamplingFlux().patch(model_patcher, 1.15, 0.5, w * 8, h * 8)[0]
+    stamps: list[float] = []
+
+    def stamp(args):
+        stamps.append(time.perf_counter())
+        return args["denoised"]
+
+    model.set_model_sampler_post_cfg_function(stamp)
+    positive = _conditioning(100, job["text_tokens"])
+    if guider_kind == "cfg":
+        guider = _first(custom.CFGGuider.execute(model, positive, _conditioning(200, job["text_tokens"]), CFG_SCALE))
+    else:
+        guider = _first(custom.BasicGuider.execute(model, positive))
+    sigmas = _first(custom.BasicScheduler.execute(model, "simple", steps, 1.0))
+    sampler = _first(custom.KSamplerSelect.execute("euler"))
+    noise = _first(custom.RandomNoise.execute(seed))
+    latent = {"samples": torch.zeros(1, LATENT_CHANNELS, h, w)}
+    start = time.perf_counter()
+    samples = _first(custom.SamplerCustomAdvanced.execute(noise, guider, sampler, sigmas, latent))["samples"]
+    return samples, [start, *stamps]
+
+
+def _replay_step_comm(method: str, state, job: dict, spec: dict) -> dict:
+    """The collectives of one step of `method`, alone, on this rank's groups: median ms over `repeats` replays."""
+    import parallel_core as pc
+    from parallel_core.comm import CommStats, RingShift
+
+    stats = CommStats()
+    b, s, t, heads, d = 1, job["image_tokens"], job["text_tokens"], job["heads"], 128
+    calls = job["depth"] + job["single_depth"]
+
+    def replay():
+        if method == "cfg":
+            pred = torch.zeros(1, LATENT_CHANNELS, *job["latent"])
+            for owner in range(2):
+                pc.broadcast(pred, owner % state.cfg.size, state.cfg, stats)
+            return
+        u, r = state.ulysses.size, state.ring.size
+        local = -(-s // (u * r))
+        heads_here = -(-heads // u)
+        for _ in range(calls):
+            if u > 1:
+                qkv = torch.zeros(3, b, local, heads_here * u, d)
+                qkv = pc.all_to_all(qkv, scatter_dim=3, gather_dim=2, dim_group=state.ulysses, stats=stats)
+            kv = torch.zeros(2, b, u * local, heads_here, d)
+            for _step in range(r - 1):
+                kv = RingShift(kv, state.ring, stats).wait()
+            if u > 1:
+                pc.all_to_all(torch.zeros(b, u * local, heads_here, d), scatter_dim=1, gather_dim=2, dim_group=state.ulysses, stats=stats)
+                pc.all_gather(torch.zeros(b, t, heads_here, d), 2, state.ulysses, stats)
+        pc.all_gather(torch.zeros(b, local, OUT_FEATURES), 1, state.sequence, stats)
+
+    replay()  # warm
+    stats.reset()
+    times = []
+    for _ in range(spec["repeats"]):
+        dist.barrier()
+        t0 = time.perf_counter()
+        replay()
+        dist.barrier()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return {"ms": statistics.median(times), "bytes": stats.bytes_sent() // spec["repeats"]}
+
+
+def _cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _import_comfy(attention: str) -> str:
+    """Import ComfyUI in this rank (CPU); "pytorch" sets --use-pytorch-cross-attention first. Returns the kernel."""
+    from comfyui_xdit.comfy_runtime import comfyui_path, init_worker
+
+    if attention == "pytorch":
+        root = str(comfyui_path(prepare=False))
+        if root not in sys.path:
+            sys.path.insert(0, root)
+        import comfy.cli_args
+
+        comfy.cli_args.args.use_pytorch_cross_attention = True  # read when comfy.model_management is imported
+    init_worker(cpu=True)
+    import comfy.ldm.modules.attention
+
+    return comfy.ldm.modules.attention.optimized_attention.__name__
+
+
+def _bench_rank(rank: int, world_size: int, spec: dict) -> list[dict]:
+    """Every job's interleaved rounds on this rank (one spawn for the whole bench)."""
+    comfy_kernel = _import_comfy(spec["comfy_attention"])
+    import comfy.sd
+    import comfy.utils
+
+    from comfyui_xdit.parallel_model import parallelize
+    from parallel_core import ParallelConfig, init_parallel
+
+    comfy.utils.set_progress_bar_enabled(False)
+    # Group creation is collective: every rank builds every state, in the same order.
+    states = {name: init_parallel(ParallelConfig(**CONFIGS[name][0])) for name in PARALLEL}
+    results = []
+    for job in spec["jobs"]:
+        base = comfy.sd.load_diffusion_model(job["path"])
+        models = {name: parallelize(base, states[name]) for name in PARALLEL}
+        runs: dict[str, list[dict]] = {name: [] for name in CONFIGS}
+        latents: dict[str, torch.Tensor] = {}
+        for k in range(spec["pairs"]):
+            order = ROUND_ORDER if k % 2 == 0 else tuple(reversed(ROUND_ORDER))
+            for name in order:
+                degrees, guider, baseline = CONFIGS[name]
+                seed = spec["seed"] + k
+                warmup = spec["warmup"] if k == 0 else 0
+                steps = warmup + spec["repeats"]
+                dist.barrier()
+                load = os.getloadavg()[0]
+                if degrees is None and rank != 0:
+                    cpu0, wall0 = _cpu_s(), time.perf_counter()
+                    dist.barrier()  # rank 0 samples alone
+                    runs[name].append({"idle_cpu_s": _cpu_s() - cpu0, "idle_wall_s": time.perf_counter() - wall0})
+                    continue
+                state = states.get(name)
+                if state is not None:
+                    state.comm.reset()
+                latent, stamps = _sample(base if degrees is None else models[name], guider, job, steps, seed)
+                step_ms = [(b - a) * 1e3 for a, b in zip(stamps, stamps[1:])]
+                if len(step_ms) != steps:
+                    raise RuntimeError(f"{name}: {len(step_ms)} step stamps for {steps} steps")
+                record = {
+                    "step_ms": step_ms,
+                    "median_ms": statistics.median(step_ms[warmup:]),
+                    "bytes_per_step": {key: n / steps for key, n in state.comm.snapshot().items()} if state else {},
+                    "load": (load, os.getloadavg()[0]),
+                }
+                if rank == 0:
+                    latents[name] = latent
+                    record["latent_absmax"] = latent.abs().max().item()
+                runs[name].append(record)
+                dist.barrier()
+                if rank == 0:
+                    print(f"[bench] {job['name']} round {k + 1}/{spec['pairs']} {name}: {record['median_ms']:.0f} ms/step "
+                          f"(steps {', '.join(f'{x:.0f}' for x in step_ms)}; load {os.getloadavg()[0]:.2f})",
+                          file=sys.stderr, flush=True)
+            if rank == 0:  # each parallel latent against its baseline of the same round
+                for name in PARALLEL:
+                    runs[name][-1]["max_abs_err"] = (latents[name] - latents[CONFIGS[name][2]]).abs().max().item()
+        comm = {name: _replay_step_comm(name, states[name], job, spec) for name in PARALLEL}
+        results.append({"runs": runs, "comm_replay": comm, "comfy_kernel": comfy_kernel})
+        del models, base
+    return results
+
+
+# ----------------------------------------------------------------------------------------------- parent side
+def _write_models(jobs: list[dict], directory: Path, seed: int) -> None:
+    from comfyui_xdit.tiny_models import flux_config, write_tiny_flux
+
+    for job in jobs:
+        path = directory / f"flux_step_{job['name']}.safetensors"
+        write_tiny_flux(path, "dev", "bench", seed, **job["overrides"])
+        config = flux_config("dev", "bench", **job["overrides"])
+        job.update(path=str(path), heads=config["num_heads"], hidden=config["hidden_size"], depth=config["depth"],
+                   single_depth=config["depth_single_blocks"])
+
+
+def _records(job: dict, result: dict, spec: dict, threads: int) -> list[dict]:
+    idle = result["idle_runs"]["single"] + result["idle_runs"]["single-cfg"]  # rank 1 while rank 0 ran alone
+    flops = flux_flops(job["hidden"], job["depth"], job["single_depth"], job["image_tokens"], job["text_tokens"])
+    share = attention_flop_share(flops)
+    calls = job["depth"] + job["single_depth"]
+    common = {
+        "model": job["name"],
+        "model_file": {"size": "bench", "overrides": job["overrides"]},
+        "latent": list(job["latent"]),
+        "image_tokens": job["image_tokens"],
+        "text_tokens": job["text_tokens"],
+        "hidden": job["hidden"],
+        "heads": job["heads"],
+        "head_dim": 128,
+        "depth": job["depth"],
+        "single_depth": job["single_depth"],
+        "attention_flop_share": round(share, 3),
+        "gflop_per_forward": round(sum(flops.values()) / 1e9, 1),
+        "threads_per_rank": threads,
+        "timed_steps_per_run": spec["repeats"],
+        "warmup_steps_first_round": spec["warmup"],
+        "pairs": spec["pairs"],
+        "sampler": "euler",
+        "comfy_attention": result["comfy_kernel"],
+        "xdit_attention": "parallel_core auto backend (torch_cpu_flash on CPU)",
+    }
+    out = []
+    for name, (degrees, guider, baseline) in CONFIGS.items():
+        rank0 = result["runs_rank0"][name]
+        loads = [x for run in rank0 for x in run["load"]]
+        line = {"method": name if degrees is None else f"{name}-2", "world_size": 1 if degrees is None else WORLD,
+                "degrees": degrees or {}, "guider": "CFGGuider cfg 3.5 (2 conds/step)" if guider == "cfg" else "BasicGuider (1 cond/step)",
+                **common}
+        mine = [run["median_ms"] for run in rank0]
+        line["median_step_ms"] = round(statistics.median(mine), 1)
+        line["per_pair_step_ms"] = [round(x, 1) for x in mine]
+        line["per_pair_loadavg_1m"] = [round(run["load"][0], 2) for run in rank0]
+        if baseline is None:
+            line["latent_absmax"] = round(max(run["latent_absmax"] for run in rank0), 3)
+            if name == "single":
+                idle_cpu = sum(run["idle_cpu_s"] for run in idle)
+                idle_wall = sum(run["idle_wall_s"] for run in idle)
+                line["idle_rank_cpu_share"] = round(idle_cpu / idle_wall, 4) if idle_wall else None
+        else:
+            base_ms = [run["median_ms"] for run in result["runs_rank0"][baseline]]
+            ratios = [b / m for b, m in zip(base_ms, mine)]
+            method = name
+            theory = theoretical_step_bytes(method, 1, job["image_tokens"], job["text_tokens"], job["heads"], 128, calls, job["latent"])
+            measured = result["bytes_by_rank"][name]
+            replay = result["comm_replay"][name]
+            line.update({
+                "baseline": baseline,
+                "per_pair_baseline_ms": [round(x, 1) for x in base_ms],
+                "per_pair_ratio": [round(x, 3) for x in ratios],
+                "speedup_vs_1": round(statistics.median(ratios), 3),
+                "flop_bound_speedup": round(flop_bound_speedup(method, flops), 3),
+                "bytes_per_rank_per_step": sum(measured[0].values()),
+                "measured_breakdown": measured[0],
+                "bytes_by_rank_per_step": [sum(m.values()) for m in measured],
+                "theoretical_bytes_per_step": sum(theory.values()),
+                "theoretical_breakdown": theory,
+                "bytes_match": all(m == theory for m in measured),
+                "comm_only_ms_per_step": round(replay["ms"], 1),
+                "comm_share_of_step": round(replay["ms"] / statistics.median(mine), 3),
+                "max_abs_err": max(run["max_abs_err"] for run in rank0),
+            })
+        line["loadavg_1m"] = [round(min(loads), 2), round(max(loads), 2)]
+        out.append(line)
+    return out
+
+
+def _jobs(args) -> list[dict]:
+    jobs = [{
+        "name": "bench",
+        "latent": (args.latent, args.latent),
+        "overrides": {"hidden_size": args.hidden, "depth": args.depth, "depth_single_blocks": args.single_depth},
+    }]
+    if args.mix:
+        jobs.append({
+            "name": "flux_mix",
+            "latent": (args.mix_latent, args.mix_latent),
+            "overrides": {"hidden_size": args.mix_hidden, "depth": args.mix_depth, "depth_single_blocks": args.mix_single_depth},
+        })
+    for job in jobs:
+        h, w = job["latent"]
+        job["image_tokens"] = ((h + 1) // PATCH) * ((w + 1) // PATCH)
+        job["text_tokens"] = args.text_tokens
+    return jobs
+
+
+def _reference_line(text_tokens: int) -> dict:
+    """The same FLOP model for real Flux-dev at 1024^2 (not run): what the bench shapes are compared with."""
+    flops = flux_flops(3072, 19, 38, 4096, text_tokens, context_dim=4096, vec_dim=768)
+    return {
+        "method": "reference (not run)",
+        "model": "Flux-dev 1024x1024 (FLOP model only)",
+        "latent": [128, 128],
+        "image_tokens": 4096,
+        "text_tokens": text_tokens,
+        "hidden": 3072,
+        "heads": 24,
+        "depth": 19,
+        "single_depth": 38,
+        "attention_flop_share": round(attention_flop_share(flops), 3),
+        "flop_bound_speedup": {m: round(flop_bound_speedup(m, flops), 3) for m in PARALLEL},
+    }
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m comfyui_xdit.bench.flux_step", description=__doc__.split("\n")[0])
+    parser.add_argument("--latent", type=int, default=128, help="bench model: latent side (128 -> 4096 image tokens)")
+    parser.add_argument("--hidden", type=int, default=512, help="bench model: hidden size (a multiple of 128)")
+    parser.add_argument("--depth", type=int, default=1, help="bench model: double blocks")
+    parser.add_argument("--single-depth", type=int, default=2, help="bench model: single blocks")
+    parser.add_argument("--no-mix", dest="mix", action="store_false", help="skip the Flux-mix shape")
+    parser.add_argument("--mix-latent", type=int, default=64, help="Flux-mix model: latent side (64 -> 1024 tokens)")
+    parser.add_argument("--mix-hidden", type=int, default=768)
+    parser.add_argument("--mix-depth", type=int, default=1)
+    parser.add_argument("--mix-single-depth", type=int, default=2)
+    parser.add_argument("--text-tokens", type=int, default=256, help="text rows of the conditioning (Flux T5 in ComfyUI: >= 256)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per rank (1-rank baseline uses the same)")
+    parser.add_argument("--repeats", type=int, default=2, help="timed steps per run (median taken)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed first steps of each configuration's first run")
+    parser.add_argument("--pairs", type=int, default=5, help="interleaved rounds")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--comfy-attention", choices=("pytorch", "default"), default="pytorch",
+                        help="ComfyUI's attention in every rank: 'pytorch' (--use-pytorch-cross-attention: torch SDPA, "
+                             "the kernel the parallel runs use, so speedups compare like with like) or 'default' "
+                             "(ComfyUI's CPU default, sub-quadratic attention, ~2x slower than SDPA here)")
+    parser.add_argument("--wait-load", type=float, default=None,
+                        help="before starting, wait (up to --wait-s) until the 1-minute load average is at most this")
+    parser.add_argument("--wait-s", type=float, default=600.0)
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds for the whole spawn")
+    args = parser.parse_args(argv)
+    if min(args.repeats, args.pairs) < 1 or args.warmup < 0:
+        parser.error("--repeats and --pairs must be >= 1, --warmup >= 0")
+    for hidden in (args.hidden, args.mix_hidden):
+        if hidden % 128:
+            parser.error("hidden sizes must be multiples of 128 (ComfyUI detects Flux heads as hidden / 128)")
+    return args
+
+
+def _wait_for_load(limit: float, max_s: float) -> None:
+    deadline = time.monotonic() + max_s
+    while os.getloadavg()[0] > limit and time.monotonic() < deadline:
+        print(f"[bench] load {os.getloadavg()[0]:.2f} > {limit}: waiting", file=sys.stderr, flush=True)
+        time.sleep(30)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.wait_load is not None:
+        _wait_for_load(args.wait_load, args.wait_s)
+    if WORLD * args.threads > (os.cpu_count() or 1):
+        print(f"[bench] warning: {WORLD} ranks x {args.threads} threads exceed the {os.cpu_count()} CPUs here", file=sys.stderr)
+    load_start = os.getloadavg()
+    print(f"[bench] torch {torch.__version__}, {os.cpu_count()} CPUs, load {load_start}", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    jobs = _jobs(args)
+    spec = {"warmup": args.warmup, "repeats": args.repeats, "pairs": args.pairs, "seed": args.seed,
+            "comfy_attention": args.comfy_attention}
+    with tempfile.TemporaryDirectory(prefix="flux_step_") as tmp:
+        _write_models(jobs, Path(tmp), args.seed)
+        spec["jobs"] = jobs
+        per_rank = run_on_ranks(_bench_rank, WORLD, spec, threads_per_rank=args.threads, timeout_s=args.timeout)
+    load_end = os.getloadavg()
+    for j, job in enumerate(jobs):
+        result = {
+            "runs_rank0": per_rank[0][j]["runs"],
+            "comm_replay": per_rank[0][j]["comm_replay"],
+            "comfy_kernel": per_rank[0][j]["comfy_kernel"],
+            "bytes_by_rank": {name: [_median_bytes(rank_result[j]["runs"][name]) for rank_result in per_rank] for name in PARALLEL},
+        }
+        # rank 1's idle records for the baselines (it only waits while rank 0 samples alone)
+        result["idle_runs"] = {"single": per_rank[1][j]["runs"]["single"], "single-cfg": per_rank[1][j]["runs"]["single-cfg"]}
+        for line in _records(job, result, spec, args.threads):
+            line["loadavg_bench_start_end"] = [round(x, 2) for x in (*load_start, *load_end)]
+            print(json.dumps(line), flush=True)
+    print(json.dumps(_reference_line(args.text_tokens)), flush=True)
+    print(f"[bench] done in {time.perf_counter() - t0:.0f} s, load {os.getloadavg()}", file=sys.stderr, flush=True)
+    return 0
+
+
+def _median_bytes(runs: list[dict]) -> dict[str, int]:
+    """Bytes per step by collective; every run of a configuration moves the same bytes, so take the first."""
+    first = runs[0]["bytes_per_step"]
+    if any(run["bytes_per_step"] != first for run in runs):
+        raise RuntimeError(f"byte counts differ between runs of one configuration: {[run['bytes_per_step'] for run in runs]}")
+    return {key: int(value) if float(value).is_integer() else value for key, value in first.items()}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
