@@ -133,6 +133,18 @@ def write_tiny_flux(path: str | Path, variant: str = "dev", size: str = "tiny", 
                  {"family": "flux", "variant": variant, "size": size, "seed": seed, "config": config})
 
 
+def stand_in_conditioning(seed: int, text_tokens: int = 7, guidance: float | None = 3.5,
+                          context_dim: int = FLUX_BASE["context_in_dim"], pooled_dim: int = FLUX_BASE["vec_in_dim"]) -> list:
+    """Seeded CONDITIONING shaped like Flux's text encoders' output for these models ([[context, {pooled, guidance}]]),
+    for places with no text-encoder weights (tests, benches)."""
+    generator = torch.Generator().manual_seed(seed)
+    context = torch.randn(1, text_tokens, context_dim, generator=generator)
+    options: dict[str, Any] = {"pooled_output": torch.randn(1, pooled_dim, generator=generator)}
+    if guidance is not None:
+        options["guidance"] = guidance
+    return [[context, options]]
+
+
 @dataclass(frozen=True)
 class TinyFamily:
     variants: tuple[str, ...]  # the first is the default

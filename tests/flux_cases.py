@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from comfyui_xdit.comfy_runtime import init_worker
+from comfyui_xdit.tiny_models import stand_in_conditioning
 
 TEXT_TOKENS = 7
 
@@ -36,11 +37,8 @@ CASES: tuple[SamplingCase, ...] = (
 )
 
 
-def _conditioning(seed: int, guidance: float = 3.5):
-    gen = torch.Generator().manual_seed(seed)
-    context = torch.randn(1, TEXT_TOKENS, 64, generator=gen)
-    pooled = torch.randn(1, 32, generator=gen)
-    return [[context, {"pooled_output": pooled, "guidance": guidance}]]
+def _conditioning(seed: int):
+    return stand_in_conditioning(seed, TEXT_TOKENS)
 
 
 def _first(node_output):

@@ -152,13 +152,6 @@ def theoretical_step_bytes(method: str, batch: int, image_tokens: int, text_toke
 
 
 # ---------------------------------------------------------------------------------------------- rank side
-def _conditioning(seed: int, text_tokens: int, guidance: float = 3.5):
-    gen = torch.Generator().manual_seed(seed)
-    context = torch.randn(1, text_tokens, 64, generator=gen)
-    pooled = torch.randn(1, 32, generator=gen)
-    return [[context, {"pooled_output": pooled, "guidance": guidance}]]
-
-
 def _first(node_output):
     return node_output.result[0] if hasattr(node_output, "result") else node_output[0]
 
@@ -167,6 +160,8 @@ def _sample(model_patcher, guider_kind: str, job: dict, steps: int, seed: int) -
     """SamplerCustomAdvanced with stock nodes; returns the latent and one perf_counter stamp per step (+ start)."""
     from comfy_extras import nodes_custom_sampler as custom
     from comfy_extras.nodes_model_advanced import ModelSamplingFlux
+
+    from comfyui_xdit.tiny_models import stand_in_conditioning
 
     h, w = job["latent"]
     model = ModelSamplingFlux().patch(model_patcher, 1.15, 0.5, w * 8, h * 8)[0]
@@ -177,9 +172,9 @@ def _sample(model_patcher, guider_kind: str, job: dict, steps: int, seed: int) -
         return args["denoised"]
 
     model.set_model_sampler_post_cfg_function(stamp)
-    positive = _conditioning(100, job["text_tokens"])
+    positive = stand_in_conditioning(100, job["text_tokens"])
     if guider_kind == "cfg":
-        guider = _first(custom.CFGGuider.execute(model, positive, _conditioning(200, job["text_tokens"]), CFG_SCALE))
+        guider = _first(custom.CFGGuider.execute(model, positive, stand_in_conditioning(200, job["text_tokens"]), CFG_SCALE))
     else:
         guider = _first(custom.BasicGuider.execute(model, positive))
     sigmas = _first(custom.BasicScheduler.execute(model, "simple", steps, 1.0))
