@@ -12,20 +12,33 @@ def resolve_address(ray_address: str) -> str:
     return (ray_address or os.environ.get("RAY_ADDRESS", "")).strip()
 
 
+# The address this process's Ray connection was made for ("" = the private local cluster). Ray's connection is
+# process-global by Ray's design; this records which one it is, so a changed address reconnects.
+_connected_for: dict[str, str] = {}
+
+
 def ensure_ray(ray_address: str = "") -> None:
-    """Connect this process to Ray once: attach to `ray_address` (or RAY_ADDRESS), or start a private local cluster."""
+    """Connect this process to Ray: attach to `ray_address` (or RAY_ADDRESS), or start a private local cluster.
+
+    Connecting again for the same address does nothing; another address drops the old connection first.
+    """
     import ray
 
     address = resolve_address(ray_address)
     if ray.is_initialized():
-        return
+        if _connected_for.get("address") == address:
+            return
+        ray.shutdown()
     for key, value in LOCAL_RAY_ENV.items():
         os.environ.setdefault(key, value)
     if address:
-        ray.init(address=address, log_to_driver=True)
+        # A driver finds its own node by IP: on a loopback cluster that must be the loopback address.
+        loopback = address.split(":")[0] in ("127.0.0.1", "localhost")
+        ray.init(address=address, log_to_driver=True, **({"_node_ip_address": "127.0.0.1"} if loopback else {}))
     else:
         # num_cpus=cpu_count: CPU workers reserve no CPU (they are sized by threads), GPU workers ask for one GPU.
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=True)
+    _connected_for["address"] = address
 
 
 def cluster_gpus() -> int:
@@ -49,3 +62,4 @@ def shutdown_ray() -> None:
 
     if ray.is_initialized():
         ray.shutdown()
+    _connected_for.clear()
