@@ -1,8 +1,9 @@
 """The sampling job: what SamplerCustomAdvanced's inputs mean, as plain data, and back again on a worker.
 
 `carry_*` runs in the ComfyUI process and turns live objects (guider, sampler, the model's patches) into names,
-numbers and tensors, refusing anything it cannot rebuild faithfully. `rebuild_*` runs on each worker and makes
-the same objects around the worker's resident model, so the worker runs ComfyUI's own sampling code.
+numbers and tensors, refusing anything it cannot rebuild faithfully; the LoRA stack XDiTFluxLoraLoader recorded
+travels as (path, strength) data (lora.py) and is merged on the workers (lora_merge.py). `rebuild_*` runs on each
+worker and makes the same objects around the worker's resident model, so the worker runs ComfyUI's own sampling code.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from comfy_extras.nodes_custom_sampler import Guider_Basic
 
 from .errors import UnsupportedByXDiT
 from .job_spec import PoolModelRef, SamplingJob
+from .lora import lora_stack
 from .shell_model import POOL_ATTACHMENT, SHELL_GUARD_KEY
 
 GUIDERS: dict[str, type] = {"basic": Guider_Basic, "cfg": comfy.samplers.CFGGuider}
@@ -149,7 +151,7 @@ def build_job(guider, sampler, sigmas: torch.Tensor, noise: torch.Tensor, latent
         model=ref, guider=guider_name, cfg=cfg, conds=carry_conds(guider), sampler_name=sampler_name,
         sampler_extra_options=extra, sampler_inpaint_options=inpaint, sigmas=sigmas.cpu(), noise=noise.cpu(),
         latent=latent.cpu(), denoise_mask=None if denoise_mask is None else denoise_mask.cpu(), seed=int(seed),
-        model_sampling=model_sampling, model_option_flags=flags,
+        model_sampling=model_sampling, model_option_flags=flags, loras=lora_stack(model_patcher),
     )
 
 

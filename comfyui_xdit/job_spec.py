@@ -20,6 +20,15 @@ class PoolModelRef:
     num_heads: int
 
 
+@dataclass(frozen=True)
+class LoraRef:
+    """One LoRA of a MODEL's stack, as XDiTFluxLoraLoader recorded it; workers merge the stack in this order."""
+
+    path: str
+    strength: float
+    stamp: tuple[int, int]  # (size, mtime_ns) when validated: a rewritten file is read again, never a stale cache
+
+
 @dataclass
 class SamplingJob:
     """SamplerCustomAdvanced's inputs as names, numbers and tensors (see job.py for both directions)."""
@@ -38,3 +47,4 @@ class SamplingJob:
     seed: int
     model_sampling: dict | None = None
     model_option_flags: dict = field(default_factory=dict)
+    loras: tuple[LoraRef, ...] = ()

@@ -2,7 +2,8 @@
 
 Runs inside a Ray actor (ray_backend.worker.PoolWorker names it by import path). One model is resident per worker
 at a time, keyed by file and dtype; the parallel clone is cached per parallel config, so a second prompt on the
-same model and degrees loads and builds nothing.
+same model and degrees loads and builds nothing. A job's LoRA stack is merged into the resident model before it
+runs (lora_merge.py): switching LoRAs changes the weights they touch and loads nothing.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ class SamplingService:
         self._key: tuple[str, str] | None = None
         self._base = None
         self._parallel: dict[ParallelConfig, Any] = {}
+        self._loras = None  # MergedLoras of the resident model
         self.model_loads = 0
         self.parallel_builds = 0
 
@@ -28,14 +30,16 @@ class SamplingService:
         import comfy.model_management
         import comfy.sd
 
+        from .lora_merge import MergedLoras
         from .parallel_model import parallelize
         from .shell_model import model_options_for
 
         key = (ref.path, ref.weight_dtype)
         if key != self._key:
-            self._base, self._parallel, self._key = None, {}, None
+            self._base, self._parallel, self._loras, self._key = None, {}, None, None
             comfy.model_management.unload_all_models()  # the previous model's memory goes before the next loads
             self._base = comfy.sd.load_diffusion_model(ref.path, model_options=model_options_for(ref.weight_dtype))
+            self._loras = MergedLoras(self._base)
             self._key = key
             self.model_loads += 1
         if state.config not in self._parallel:
@@ -51,6 +55,7 @@ class SamplingService:
         from .job import run_job
 
         model = self._model(job.model, state)
+        self._loras.apply(job.loras)
         control.start(len(job.sigmas) - 1)
         last_x0: dict[str, Any] = {}
 
@@ -63,4 +68,7 @@ class SamplingService:
         return {"samples": samples.cpu(), "x0": None if x0 is None else x0.cpu()}
 
     def stats(self) -> dict[str, Any]:
-        return {"model_loads": self.model_loads, "parallel_builds": self.parallel_builds, "resident": list(self._key) if self._key else None}
+        loras = self._loras
+        return {"model_loads": self.model_loads, "parallel_builds": self.parallel_builds, "resident": list(self._key) if self._key else None,
+                "loras": loras.describe() if loras else [], "lora_switches": loras.switches if loras else 0,
+                "lora_keys_changed": loras.last_keys_changed if loras else 0}

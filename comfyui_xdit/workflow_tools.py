@@ -18,6 +18,7 @@ Workflow = dict[str, dict[str, Any]]
 STOCK_TWINS: dict[str, tuple[str, tuple[str, ...]]] = {
     "XDiTUNetLoader": ("UNETLoader", ("unet_name", "weight_dtype")),
     "XDiTSamplerCustomAdvanced": ("SamplerCustomAdvanced", ("noise", "guider", "sampler", "sigmas", "latent_image")),
+    "XDiTFluxLoraLoader": ("LoraLoaderModelOnly", ("model", "lora_name", "strength_model")),
 }
 UNET_LOADERS = frozenset({"XDiTUNetLoader", "UNETLoader"})
 LATENT_SIZED = frozenset({"EmptySD3LatentImage", "EmptyLatentImage", "ModelSamplingFlux"})

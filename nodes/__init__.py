@@ -1,6 +1,7 @@
 """The pack's ComfyUI nodes (classic node API: stable across ComfyUI releases, which V3's `latest` is not yet)."""
 from comfyui_xdit.pool_client import install_exit_hooks
 
+from .lora_loader import XDiTFluxLoraLoader
 from .sampler import XDiTSamplerCustomAdvanced
 from .status_route import register_status_route
 from .unet_loader import XDiTUNetLoader
@@ -8,10 +9,12 @@ from .unet_loader import XDiTUNetLoader
 NODE_CLASS_MAPPINGS = {
     "XDiTUNetLoader": XDiTUNetLoader,
     "XDiTSamplerCustomAdvanced": XDiTSamplerCustomAdvanced,
+    "XDiTFluxLoraLoader": XDiTFluxLoraLoader,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "XDiTUNetLoader": "Load Diffusion Model (XDiT pool)",
     "XDiTSamplerCustomAdvanced": "SamplerCustomAdvanced (XDiT pool)",
+    "XDiTFluxLoraLoader": "LoraLoaderModelOnly (XDiT pool, Flux)",
 }
 
 register_status_route()

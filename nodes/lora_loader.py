@@ -1,0 +1,43 @@
+"""XDiTFluxLoraLoader: LoraLoaderModelOnly's inputs and output, with the LoRA merged on the pool's workers."""
+from __future__ import annotations
+
+import os
+
+import folder_paths
+
+from comfyui_xdit.errors import UnsupportedByXDiT
+from comfyui_xdit.lora import checked_lora, with_lora
+from comfyui_xdit.shell_model import POOL_ATTACHMENT
+
+
+class XDiTFluxLoraLoader:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "A MODEL from XDiTUNetLoader (or another XDiTFluxLoraLoader)."}),
+                "lora_name": (folder_paths.get_filename_list("loras"), {"tooltip": "The name of the LoRA."}),
+                "strength_model": ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01,
+                                             "tooltip": "How strongly to modify the diffusion model. This value can be negative."}),
+            }
+        }
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "load_lora_model_only"
+    CATEGORY = "advanced/loaders/xdit"
+    DESCRIPTION = ("Applies a Flux LoRA to a MODEL from XDiTUNetLoader (drop-in for LoraLoaderModelOnly; chain several). "
+                   "The workers merge it into their resident model; switching LoRAs loads no base weights.")
+
+    @classmethod
+    def IS_CHANGED(cls, lora_name, **_):
+        # A LoRA rewritten under the same name (a trainer's new checkpoint) is checked and merged again.
+        path = folder_paths.get_full_path("loras", lora_name)
+        return os.stat(path).st_mtime_ns if path else ""
+
+    def load_lora_model_only(self, model, lora_name, strength_model):
+        if strength_model == 0:  # as stock: strength 0 is the model itself, the file is not even opened
+            return (model,)
+        if model.attachments.get(POOL_ATTACHMENT) is None:
+            raise UnsupportedByXDiT("XDiTFluxLoraLoader needs a MODEL from XDiTUNetLoader; for a model from UNETLoader use LoraLoaderModelOnly")
+        path = folder_paths.get_full_path_or_raise("loras", lora_name)
+        return (with_lora(model, checked_lora(model, path, strength_model)),)
