@@ -138,3 +138,18 @@ def test_refuses_other_guiders_and_custom_samplers(models):
 
     with pytest.raises(UnsupportedByXDiT, match="sampler function my_sampler is not one of ComfyUI's samplers"):
         _job_of(g, comfy.samplers.KSAMPLER(my_sampler), sigmas, noise, latent)
+
+
+def test_model_level_refusals_name_the_fix(models):
+    from types import SimpleNamespace
+
+    from comfyui_xdit.parallel_model import adapter_for, validate_for_model
+    from parallel_core import ParallelConfig
+
+    with pytest.raises(UnsupportedByXDiT, match="pipefusion_degree > 1 is not available yet; set pipefusion_degree to 1"):
+        validate_for_model(ParallelConfig(pipefusion_degree=2), 2, models["shell"])
+    with pytest.raises(ValueError, match="= 2, but 4 ranks are running"):
+        validate_for_model(ParallelConfig(ulysses_degree=2), 4, models["shell"])
+    other = SimpleNamespace(model=SimpleNamespace(diffusion_model=torch.nn.Linear(1, 1)))
+    with pytest.raises(UnsupportedByXDiT, match="Linear models are not supported by XDiT yet .* load it with UNETLoader"):
+        adapter_for(other)
