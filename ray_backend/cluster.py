@@ -22,7 +22,11 @@ def ensure_ray(ray_address: str = "") -> None:
 
     Connecting again for the same address does nothing; another address drops the old connection first.
     """
-    import ray
+    try:
+        import ray
+    except ImportError as error:
+        raise RuntimeError("the XDiT nodes need Ray in ComfyUI's Python environment: "
+                           "run `pip install -r requirements.txt` from the comfyui-xdit folder") from error
 
     address = resolve_address(ray_address)
     if ray.is_initialized():
