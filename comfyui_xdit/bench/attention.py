@@ -93,6 +93,18 @@ def _block(x: torch.Tensor, weights: dict[str, torch.Tensor], state, heads: int,
     return x + F.linear(F.gelu(F.linear(x, weights["mlp_in"]), approximate="tanh"), weights["mlp_out"])
 
 
+
+def time_across_ranks(call, repeats: int) -> list[float]:
+    """Milliseconds of each of `repeats` calls, barrier to barrier: the slowest rank's time."""
+    times = []
+    for _ in range(repeats):
+        dist.barrier()
+        t0 = time.perf_counter()
+        call()
+        dist.barrier()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
 def _bench_job(state, job: dict, spec: dict) -> dict:
     """One (variant, seq, shape) on this rank: seeded inputs, warmup, one byte-counted call, `repeats` timed calls."""
     batch, seq, heads, head_dim = spec["batch"], job["seq"], job["heads"], job["head_dim"]
@@ -134,13 +146,7 @@ def _bench_job(state, job: dict, spec: dict) -> dict:
     rows = [i for i in range(local) if (offset + i) % FINGERPRINT_STRIDE == 0 and offset + i < seq]
     fingerprint = (tuple(offset + i for i in rows), out[:, rows].float().tolist())
 
-    times = []
-    for _ in range(spec["repeats"]):
-        dist.barrier()
-        t0 = time.perf_counter()
-        call()
-        dist.barrier()
-        times.append((time.perf_counter() - t0) * 1e3)
+    times = time_across_ranks(call, spec["repeats"])
     return {"times_ms": times, "bytes": sent, "comm": comm, "kernel": kernel, "fingerprint": fingerprint}
 
 

@@ -64,7 +64,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from comfyui_xdit.bench.attention import METHODS, theoretical_bytes
+from comfyui_xdit.bench.attention import METHODS, theoretical_bytes, time_across_ranks
 from parallel_core.local_launch import run_on_ranks
 
 # configuration -> (ParallelConfig kwargs or None for the 1-rank baseline, guider, baseline it is paired with)
@@ -218,13 +218,7 @@ def _replay_step_comm(method: str, state, job: dict, spec: dict) -> dict:
 
     replay()  # warm
     stats.reset()
-    times = []
-    for _ in range(spec["repeats"]):
-        dist.barrier()
-        t0 = time.perf_counter()
-        replay()
-        dist.barrier()
-        times.append((time.perf_counter() - t0) * 1e3)
+    times = time_across_ranks(replay, spec["repeats"])
     return {"ms": statistics.median(times), "bytes": stats.bytes_sent() // spec["repeats"]}
 
 
