@@ -4,6 +4,10 @@ Image tokens and text tokens, with their RoPE positions, are split over the sequ
 call of the double and single blocks gathers the (short) text q/k/v and runs usp_attention with the text as joint
 tokens in front. The batch is split over the data group; conds over the cfg group (cfg_parallel.py).
 
+With patch_degree > 1 (displaced patch parallel, DistriFusion-style) the same rows are shared out over the patch
+group instead, and attention uses last step's keys/values of the other ranks' rows (displaced_attention) after
+the synchronous warmup steps (stale_steps.py). PipeFusion is flux_pipefusion.py.
+
 All of it is attached to a clone of the ModelPatcher through ComfyUI's extension points: an object patch of the
 diffusion model's `forward_orig` (active only while that clone is the one patched in) and, inside it, the
 `optimized_attention_override` transformer option. The original ModelPatcher and other models are untouched.
@@ -15,10 +19,14 @@ from typing import Any
 
 import torch
 
-from parallel_core import ParallelState, all_gather, gather_batch, gather_sequence, split_batch, split_sequence, usp_attention
-from parallel_core.sharding import chunk_length, padded_piece
+import comfy.patcher_extension
 
+from parallel_core import KVCache, ParallelState, all_gather, displaced_attention, gather_batch, gather_sequence, split_batch, split_sequence, usp_attention
+from parallel_core.sharding import chunk_length, gather_over, padded_piece, shard_positions, split_over
+
+from . import stale_steps
 from .errors import UnsupportedByXDiT
+from .flux_stages import stage_plan  # noqa: F401  (the adapter's PipeFusion plan, see parallel_model.validate_for_model)
 
 OBJECT_PATCH_KEY = "diffusion_model.forward_orig"
 
@@ -33,6 +41,29 @@ def num_heads(diffusion_model: torch.nn.Module) -> int:
     return diffusion_model.num_heads
 
 
+def token_rows(latent_height: int) -> int:
+    """Rows of image tokens for a latent of this height (Flux pads to its 2x2 patches)."""
+    return -(-latent_height // 2)
+
+
+def layer_of(transformer_options: dict) -> tuple[str, int]:
+    """Which block is calling attention, as ComfyUI's forward_orig records it."""
+    return transformer_options["block_type"], transformer_options["block_index"]
+
+
+def to_bshd(q, k, v, heads, skip_reshape):
+    if not skip_reshape:  # (B, S, H*D) -> (B, H, S, D), the layout Flux passes
+        b, s, _ = q.shape
+        q, k, v = (t.view(b, s, heads, -1).transpose(1, 2) for t in (q, k, v))
+    return (t.transpose(1, 2) for t in (q, k, v))
+
+
+def from_bshd(out, skip_output_reshape):
+    if skip_output_reshape:
+        return out.transpose(1, 2)
+    return out.reshape(out.shape[0], out.shape[1], -1)
+
+
 def _usp_attention_override(state: ParallelState, text_len: int, func, q, k, v, heads, mask=None, skip_reshape=False,
                             skip_output_reshape=False, transformer_options=None, **kwargs):
     """Replaces ComfyUI's optimized_attention for Flux's joint [text, image] attention.
@@ -40,12 +71,8 @@ def _usp_attention_override(state: ParallelState, text_len: int, func, q, k, v, 
     Each rank's rows are [its text shard, its image shard]. The text shards' q/k/v are gathered (text is short),
     attention runs over the whole sequence, and each rank keeps the output rows of its own shards.
     """
-    if mask is not None:
-        raise UnsupportedByXDiT("an attention mask on Flux (e.g. from an attention-mask node) is not supported in parallel; remove it or use UNETLoader")
-    if not skip_reshape:  # (B, S, H*D) -> (B, H, S, D), the layout Flux passes
-        b, s, _ = q.shape
-        q, k, v = (t.view(b, s, heads, -1).transpose(1, 2) for t in (q, k, v))
-    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, S, H, D)
+    refuse_mask(mask)
+    q, k, v = to_bshd(q, k, v, heads, skip_reshape)
     sp = state.sequence
     text_local = chunk_length(text_len, sp.size)
     text_qkv = all_gather(torch.stack([q[:, :text_local], k[:, :text_local], v[:, :text_local]]), 2, sp, state.comm)
@@ -55,28 +82,35 @@ def _usp_attention_override(state: ParallelState, text_len: int, func, q, k, v, 
         joint_q=text_q, joint_k=text_k, joint_v=text_v, joint_strategy="front", scale=kwargs.get("scale"),
     )
     out = torch.cat([padded_piece(out[:, :text_len], 1, sp.size, sp.rank), out[:, text_len:]], dim=1)
-    if skip_output_reshape:
-        return out.transpose(1, 2)
-    return out.reshape(out.shape[0], out.shape[1], -1)
+    return from_bshd(out, skip_output_reshape)
 
 
-def _split_batch_inputs(state: ParallelState, tensors: list[Any]) -> list[Any]:
+def refuse_mask(mask) -> None:
+    if mask is not None:
+        raise UnsupportedByXDiT("an attention mask on Flux (e.g. from an attention-mask node) is not supported in parallel; remove it or use UNETLoader")
+
+
+def split_batch_inputs(state: ParallelState, tensors: list[Any]) -> list[Any]:
     return [split_batch(t, state, 0, "data") if isinstance(t, torch.Tensor) else t for t in tensors]
 
 
-def _parallel_forward_orig(original, state: ParallelState, img, img_ids, txt, txt_ids, timesteps, y, guidance=None,
-                           control=None, timestep_zero_index=None, transformer_options=None, attn_mask=None):
+def refuse_unsupported(control, timestep_zero_index, attn_mask, transformer_options: dict) -> None:
+    """Raise for the inputs of Flux's forward that the parallel paths do not handle."""
     if control is not None:
         raise UnsupportedByXDiT("ControlNet on Flux is not supported in parallel yet; remove the ControlNet apply node or use UNETLoader")
     if timestep_zero_index is not None:
         raise UnsupportedByXDiT("reference latents with ref_latents_method 'index_timestep_zero' are not supported in parallel; use another method")
-    if attn_mask is not None:
-        raise UnsupportedByXDiT("an attention mask on Flux is not supported in parallel; remove it or use UNETLoader")
-    transformer_options = transformer_options or {}
+    refuse_mask(attn_mask)
     if "optimized_attention_override" in transformer_options:
         raise UnsupportedByXDiT("another node pack already overrides attention on this model; remove that patch to sample with XDiT")
+
+
+def _parallel_forward_orig(original, state: ParallelState, img, img_ids, txt, txt_ids, timesteps, y, guidance=None,
+                           control=None, timestep_zero_index=None, transformer_options=None, attn_mask=None):
+    transformer_options = transformer_options or {}
+    refuse_unsupported(control, timestep_zero_index, attn_mask, transformer_options)
     if state.data.size > 1:
-        img, img_ids, txt, txt_ids, timesteps, y, guidance = _split_batch_inputs(state, [img, img_ids, txt, txt_ids, timesteps, y, guidance])
+        img, img_ids, txt, txt_ids, timesteps, y, guidance = split_batch_inputs(state, [img, img_ids, txt, txt_ids, timesteps, y, guidance])
     # Text rows are sharded too: every linear layer of the text stream then does 1/P of the text work instead of
     # repeating all of it on every rank (at 8 ranks, 512 T5 tokens would otherwise equal each rank's image share).
     text_len = txt.shape[1]
@@ -93,10 +127,57 @@ def _parallel_forward_orig(original, state: ParallelState, img, img_ids, txt, tx
     return out
 
 
+def _displaced_attention_override(state: ParallelState, cache: KVCache, stream, synchronous: bool, positions: torch.Tensor,
+                                  total: int, func, q, k, v, heads, mask=None, skip_reshape=False, skip_output_reshape=False,
+                                  transformer_options=None, **kwargs):
+    """Flux's joint attention with this rank's rows fresh and the other patches' keys/values one step old."""
+    refuse_mask(mask)
+    q, k, v = to_bshd(q, k, v, heads, skip_reshape)
+    out = displaced_attention(q, k, v, positions, total, cache, stream, layer_of(transformer_options), state.patch, state,
+                              synchronous, scale=kwargs.get("scale"))
+    return from_bshd(out, skip_output_reshape)
+
+
+def _displaced_forward_orig(original, state: ParallelState, cache: KVCache, img, img_ids, txt, txt_ids, timesteps, y,
+                            guidance=None, control=None, timestep_zero_index=None, transformer_options=None, attn_mask=None):
+    transformer_options = transformer_options or {}
+    refuse_unsupported(control, timestep_zero_index, attn_mask, transformer_options)
+    if state.data.size > 1:
+        img, img_ids, txt, txt_ids, timesteps, y, guidance = split_batch_inputs(state, [img, img_ids, txt, txt_ids, timesteps, y, guidance])
+    patch = state.patch
+    text_len, image_len = txt.shape[1], img.shape[1]
+    stream = stale_steps.stream_of(transformer_options, img, txt)
+    synchronous = stale_steps.is_synchronous(cache, stream, transformer_options, stale_steps.options_from(transformer_options).warmup_steps)
+    # Each rank's patch is its text shard and its band of image rows, both at their global positions.
+    positions = shard_positions([range(text_len), range(text_len, text_len + image_len)], patch.size)
+    options = dict(transformer_options)
+    options["optimized_attention_override"] = functools.partial(
+        _displaced_attention_override, state, cache, stream, synchronous, positions, text_len + image_len)
+    out = original(split_over(img, 1, patch), split_over(img_ids, 1, patch), split_over(txt, 1, patch),
+                   split_over(txt_ids, 1, patch), timesteps, y, guidance, None, transformer_options=options)
+    if synchronous:
+        cache.mark_filled(stream)
+    out = gather_over(out, 1, patch, state, image_len)
+    if state.data.size > 1:
+        out = gather_batch(out, state, 0, "data")
+    return out
+
+
 def parallelize(model_patcher, state: ParallelState):
-    """A clone of `model_patcher` whose Flux runs over `state`'s sequence and data groups."""
+    """A clone of `model_patcher` whose Flux runs over `state`'s groups: sequence or patch, data, and PipeFusion
+    stages (flux_pipefusion.py)."""
+    if state.pipefusion.size > 1:
+        from . import flux_pipefusion  # it builds on this module
+
+        return flux_pipefusion.parallelize(model_patcher, state)
     diffusion_model = model_patcher.model.diffusion_model
     original = functools.partial(type(diffusion_model).forward_orig, diffusion_model)
     patched = model_patcher.clone()
-    patched.add_object_patch(OBJECT_PATCH_KEY, functools.partial(_parallel_forward_orig, original, state))
+    if state.patch.size > 1:
+        cache = KVCache()
+        patched.add_object_patch(OBJECT_PATCH_KEY, functools.partial(_displaced_forward_orig, original, state, cache))
+        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, stale_steps.RESET_WRAPPER_KEY,
+                                     stale_steps.reset_wrapper(cache))
+    else:
+        patched.add_object_patch(OBJECT_PATCH_KEY, functools.partial(_parallel_forward_orig, original, state))
     return patched

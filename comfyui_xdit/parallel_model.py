@@ -31,13 +31,14 @@ def adapter_for(model_patcher) -> ModuleType:
 def validate_for_model(config: ParallelConfig, world_size: int, model_patcher) -> None:
     """Raise, saying what to change, if `config` cannot run this model on `world_size` ranks."""
     adapter = adapter_for(model_patcher)
-    config.validate(world_size, num_heads=adapter.num_heads(model_patcher.model.diffusion_model))
+    diffusion_model = model_patcher.model.diffusion_model
+    config.validate(world_size, num_heads=adapter.num_heads(diffusion_model))
     if config.pipefusion_degree > 1:
-        raise UnsupportedByXDiT("pipefusion_degree > 1 is not available yet; set pipefusion_degree to 1")
+        adapter.stage_plan(diffusion_model, config.pipefusion_degree)  # more stages than blocks raises here
 
 
 def parallelize(model_patcher, state: ParallelState):
-    """A clone of `model_patcher` computing across `state` (sequence, cfg and data parallel)."""
+    """A clone of `model_patcher` computing across `state` (sequence or patch, PipeFusion, cfg and data parallel)."""
     validate_for_model(state.config, state.world_size, model_patcher)
     patched = adapter_for(model_patcher).parallelize(model_patcher, state)
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, WRAPPER_KEY, cfg_parallel_wrapper(state))

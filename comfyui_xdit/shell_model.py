@@ -57,18 +57,23 @@ def meta_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | N
     return state, metadata
 
 
-def detect(path: str | Path, weight_dtype: str):
-    """ComfyUI's model config for the file, as comfy.sd.load_diffusion_model would detect it."""
-    state, metadata = meta_state_dict(path)
+def unet_prefix(state: dict[str, torch.Tensor]) -> str:
+    """The prefix of the diffusion model's keys ('' for a bare diffusion-model file), as ComfyUI strips it."""
     prefix = comfy.model_detection.unet_prefix_from_state_dict(state)
-    stripped = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    state = stripped or state
+    return prefix if any(k.startswith(prefix) for k in state) else ""
+
+
+def detect(path: str | Path, weight_dtype: str, load_device: torch.device = torch.device("cpu")):
+    """ComfyUI's model config for the file, as comfy.sd.load_diffusion_model would detect it, with the (meta)
+    state dict under the names the model uses and the parameter count."""
+    state, metadata = meta_state_dict(path)
+    prefix = unet_prefix(state)
+    state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     config = comfy.model_detection.model_config_from_unet(state, "", metadata=metadata)
     if config is None:
         raise UnsupportedByXDiT(f"{Path(path).name}: ComfyUI does not recognise this file as a diffusion model; check it loads with UNETLoader")
     dtype = model_options_for(weight_dtype).get("dtype")
     parameters = sum(t.numel() for t in state.values())
-    load_device = torch.device("cpu")
     if dtype is None:
         dtype = comfy.model_management.unet_dtype(model_params=parameters, supported_dtypes=list(config.supported_inference_dtypes), weight_dtype=next(iter(state.values())).dtype)
     manual_cast = comfy.model_management.unet_manual_cast(dtype, load_device, config.supported_inference_dtypes)

@@ -1,19 +1,24 @@
-"""Exact hybrid parallelism for diffusion transformers, on torch.distributed alone (no ComfyUI, no Ray).
+"""Hybrid parallelism for diffusion transformers, on torch.distributed alone (no ComfyUI, no Ray).
 
-Public contract: ParallelConfig, ParallelState, init_parallel, usp_attention, split_sequence, gather_sequence,
-split_batch, gather_batch, attention_with_lse, CommStats, DimensionGroup.
+Exact: usp_attention (Ulysses x Ring), split/gather over sequence, cfg and data. Approximate, with one-step-stale
+keys/values: PipeFusion (partition_stages, patch_bands, pipefusion_attention) and displaced patch parallel
+(displaced_attention), both exact on synchronous steps. Also ParallelConfig, ParallelState, init_parallel,
+attention_with_lse, CommStats, DimensionGroup, KVCache.
 """
 from .attention_kernels import BACKENDS, attention, attention_with_lse, merge_partials
 from .comm import CommStats, DimensionGroup, all_gather, all_to_all, broadcast
 from .config import DIMENSIONS, ParallelConfig
+from .pipefusion import partition_stages, patch_bands, pipeline_bubble
 from .sharding import gather_batch, gather_sequence, split_batch, split_sequence
 from .state import ParallelState, init_parallel, rank_groups
+from .stale_kv import KVCache, displaced_attention, pipefusion_attention
 from .usp import usp_attention
 
 __all__ = [
     "BACKENDS",
     "DIMENSIONS",
     "CommStats",
+    "KVCache",
     "DimensionGroup",
     "ParallelConfig",
     "ParallelState",
@@ -21,6 +26,11 @@ __all__ = [
     "all_to_all",
     "attention",
     "broadcast",
+    "displaced_attention",
+    "partition_stages",
+    "patch_bands",
+    "pipefusion_attention",
+    "pipeline_bubble",
     "attention_with_lse",
     "gather_batch",
     "gather_sequence",

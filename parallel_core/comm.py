@@ -122,3 +122,32 @@ class RingShift:
         for request in self._requests:
             request.wait()
         return self._received
+
+
+class PendingGather:
+    """An all-gather started now and collected later (`wait()`), so the transfer overlaps compute."""
+
+    def __init__(self, x: torch.Tensor, dim: int, dim_group: DimensionGroup, stats: CommStats):
+        x = x.contiguous()
+        self._dim = dim
+        self._pieces = [torch.empty_like(x) for _ in range(dim_group.size)]
+        self._work = dist.all_gather(self._pieces, x, group=dim_group.group, async_op=True)
+        stats.record("all_gather_async", dim_group.name, _nbytes(x) * (dim_group.size - 1))
+
+    def wait(self) -> torch.Tensor:
+        self._work.wait()
+        return torch.cat(self._pieces, dim=self._dim)
+
+
+def send_async(x: torch.Tensor, to_group_rank: int, dim_group: DimensionGroup, stats: CommStats) -> dist.Work:
+    """Start sending `x` to one rank of the group; wait on the returned Work before reusing `x`."""
+    x = x.contiguous()
+    stats.record("send", dim_group.name, _nbytes(x))
+    return dist.isend(x, dim_group.global_rank(to_group_rank), group=dim_group.group)
+
+
+def recv(like: torch.Tensor, from_group_rank: int, dim_group: DimensionGroup) -> torch.Tensor:
+    """Receive a tensor of `like`'s shape and dtype from one rank of the group (blocking)."""
+    received = torch.empty_like(like, memory_format=torch.contiguous_format)
+    dist.recv(received, dim_group.global_rank(from_group_rank), group=dim_group.group)
+    return received

@@ -4,7 +4,10 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 # Outermost first: the rank layout `init_parallel` builds (see state.py).
-DIMENSIONS: tuple[str, ...] = ("data", "cfg", "pipefusion", "ring", "ulysses")
+DIMENSIONS: tuple[str, ...] = ("data", "cfg", "pipefusion", "patch", "ring", "ulysses")
+# Patch parallelism (DistriFusion-style, displaced) shares out the sequence the way Ulysses/Ring do, but with stale
+# keys/values: it replaces them rather than nesting with them (patch.py).
+_EXCLUSIVE_WITH_PATCH = ("ulysses_degree", "ring_degree", "pipefusion_degree")
 
 
 @dataclass(frozen=True)
@@ -16,6 +19,7 @@ class ParallelConfig:
     cfg_degree: int = 1
     pipefusion_degree: int = 1
     data_degree: int = 1
+    patch_degree: int = 1
 
     def degree(self, dimension: str) -> int:
         """Degree of `dimension` (one of DIMENSIONS)."""
@@ -57,5 +61,12 @@ class ParallelConfig:
                 f"{self.describe()} = {self.world_size}, but {world_size} ranks are running; "
                 f"choose degrees whose product is {world_size} (or run {self.world_size} ranks)"
             )
+        if self.patch_degree > 1:
+            clashing = [name for name in _EXCLUSIVE_WITH_PATCH if getattr(self, name) > 1]
+            if clashing:
+                raise ValueError(
+                    f"patch_degree {self.patch_degree} (displaced patch parallel) cannot be combined with "
+                    f"{', '.join(f'{n} {getattr(self, n)}' for n in clashing)}; set those to 1, or patch_degree to 1"
+                )
         if num_heads is not None and num_heads < 1:
             raise ValueError(f"num_heads must be >= 1, got {num_heads}")

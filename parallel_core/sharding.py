@@ -32,6 +32,27 @@ def padded_piece(x: torch.Tensor, dim: int, parts: int, index: int) -> torch.Ten
     return torch.cat([piece, x.new_zeros(pad_shape)], dim=dim)
 
 
+def shard_positions(segments: list[range], parts: int) -> torch.Tensor:
+    """(parts, rows) global positions of each rank's rows when every segment is split with padded_piece over
+    `parts` ranks and each rank concatenates its pieces in segment order; -1 marks padding rows (and a segment
+    may list -1 for rows that are not part of the sequence)."""
+    pieces = []
+    for segment in segments:
+        shifted = torch.tensor(list(segment), dtype=torch.long) + 1  # padding comes out as 0, i.e. -1 after the shift
+        pieces.append(torch.stack([padded_piece(shifted, 0, parts, r) for r in range(parts)]) - 1)
+    return torch.cat(pieces, dim=1) if pieces else torch.empty(parts, 0, dtype=torch.long)
+
+
+def split_over(x: torch.Tensor, dim: int, dim_group: DimensionGroup) -> torch.Tensor:
+    """This rank's padded_piece of `x` along `dim` over any group (the length is not recorded)."""
+    return padded_piece(x, dim % x.dim(), dim_group.size, dim_group.rank)
+
+
+def gather_over(x: torch.Tensor, dim: int, dim_group: DimensionGroup, state: ParallelState, length: int) -> torch.Tensor:
+    """Inverse of split_over: every rank's piece concatenated, trimmed to `length`."""
+    return _gather_trimmed(x, dim % x.dim(), dim_group, state, length)
+
+
 def _gather_trimmed(x: torch.Tensor, dim: int, dim_group: DimensionGroup, state: ParallelState, length: int) -> torch.Tensor:
     full = all_gather(x, dim, dim_group, state.comm)
     if length > full.shape[dim]:

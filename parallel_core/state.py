@@ -1,10 +1,12 @@
 """Process groups of every parallel dimension, built once and passed explicitly.
 
-Rank layout (outermost to innermost): data, cfg, pipefusion, ring, ulysses. A global rank is the mixed-radix
-number (data, cfg, pipefusion, ring, ulysses) with Ulysses varying fastest, so:
+Rank layout (outermost to innermost): data, cfg, pipefusion, patch, ring, ulysses. A global rank is the
+mixed-radix number (data, cfg, pipefusion, patch, ring, ulysses) with Ulysses varying fastest, so:
 - the sequence-parallel ranks of one sequence are contiguous, and inside them each Ulysses group is contiguous:
   the all-to-all, the heaviest collective, stays among neighbouring devices (same node, fastest links);
-- ring neighbours are one Ulysses group apart; CFG and data, which talk once per step, are outermost.
+- ring neighbours are one Ulysses group apart; CFG and data, which talk once per step, are outermost;
+- a PipeFusion stage (one pipefusion rank) is a contiguous block of sequence-parallel ranks, and the ranks that
+  pass a patch from stage to stage hold the same sequence shard.
 Example, world 8 = data 1 × cfg 2 × pipefusion 1 × ring 2 × ulysses 2: ranks 0-3 hold the conditional branch
 (ulysses groups {0,1} and {2,3}, ring groups {0,2} and {1,3}), ranks 4-7 the unconditional one; cfg groups are
 {0,4}, {1,5}, {2,6}, {3,7}.
@@ -40,6 +42,7 @@ class ParallelState:
     sequence: DimensionGroup
     cfg: DimensionGroup
     pipefusion: DimensionGroup
+    patch: DimensionGroup
     data: DimensionGroup
     attention_backend: str = "auto"
     comm: CommStats = field(default_factory=CommStats)

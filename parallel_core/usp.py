@@ -45,7 +45,7 @@ def _check_inputs(q, k, v, joint, joint_strategy, causal):
     return all(present)
 
 
-def _pad_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+def pad_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     missing = heads - x.shape[-2]
     return x if missing == 0 else F.pad(x, (0, 0, 0, missing))
 
@@ -85,7 +85,7 @@ def usp_attention(
     heads_here = padded_heads // ulysses.size
 
     # Ulysses: sequence shard -> head shard (one collective for q, k and v together).
-    qkv = _pad_heads(torch.stack([q, k, v]), padded_heads)
+    qkv = pad_heads(torch.stack([q, k, v]), padded_heads)
     qkv = all_to_all(qkv, scatter_dim=3, gather_dim=2, dim_group=ulysses, stats=state.comm)
     bq, bk, bv = qkv.unbind(0)  # (B, U*local_len, heads_here, D): ring block `ring.rank`
     block_len = bq.shape[1]
@@ -94,7 +94,7 @@ def usp_attention(
     if has_joint:
         text_len = joint_q.shape[1]
         head_slice = slice(ulysses.rank * heads_here, (ulysses.rank + 1) * heads_here)
-        jq, jk, jv = (_pad_heads(t, padded_heads)[:, :, head_slice] for t in (joint_q, joint_k, joint_v))
+        jq, jk, jv = (pad_heads(t, padded_heads)[:, :, head_slice] for t in (joint_q, joint_k, joint_v))
         front = joint_strategy == "front"
         queries = torch.cat([jq, bq] if front else [bq, jq], dim=1)
     else:

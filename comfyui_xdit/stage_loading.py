@@ -1,0 +1,62 @@
+"""Load one PipeFusion stage of a diffusion model: its own blocks' weights and the small shared layers, nothing else.
+
+The model is detected and built the way comfy.sd.load_diffusion_model does it (shell_model.detect), but on the
+meta device; the blocks other stages hold become RemoteBlock stand-ins before any memory is allocated, and only the
+remaining tensors are read from the safetensors file (by name, so the others are never read).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+import comfy.model_management
+import comfy.model_patcher
+
+from .flux_stages import RemoteBlock, block_parameters, blocks, stage_plan
+from .shell_model import detect, meta_state_dict, unet_prefix
+
+
+def _container_and_index(diffusion_model: torch.nn.Module, index: int) -> tuple[str, int]:
+    doubles = len(diffusion_model.double_blocks)
+    return ("double_blocks", index) if index < doubles else ("single_blocks", index - doubles)
+
+
+def load_stage(path: str | Path, weight_dtype: str, stages: int, stage: int) -> comfy.model_patcher.ModelPatcher:
+    """A ModelPatcher of the file's model holding only stage `stage` of `stages` (plus the shared layers)."""
+    load_device = comfy.model_management.get_torch_device()
+    config, meta_state, _ = detect(path, weight_dtype, load_device)
+    model = config.get_model(meta_state, "", device=torch.device("meta"))
+    diffusion_model = model.diffusion_model
+    plan = stage_plan(diffusion_model, stages)
+    foreign = []
+    for index in range(sum(len(s) for s in plan)):
+        if index in plan[stage]:
+            continue
+        container, position = _container_and_index(diffusion_model, index)
+        container_blocks = getattr(diffusion_model, container)
+        container_blocks[position] = RemoteBlock(block_parameters(container_blocks[position]))
+        foreign.append(f"{container}.{position}.")
+    offload_device = comfy.model_management.unet_offload_device()
+    diffusion_model.to_empty(device=offload_device)
+    wanted = set(diffusion_model.state_dict())
+    prefix = unet_prefix(meta_state_dict(path)[0])
+    weights = {}
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        for key in f.keys():
+            name = key[len(prefix):] if key.startswith(prefix) else None
+            if name is not None and not name.startswith(tuple(foreign)):
+                weights[name] = f.get_tensor(key)
+    missing = sorted(wanted - set(config.process_unet_state_dict(dict(weights))))
+    if missing:
+        raise RuntimeError(f"{Path(path).name}: no weights in the file for {missing[:3]}; it does not load as this stage of the model")
+    model.load_model_weights(weights, "")
+    return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+
+
+def held_block_parameters(diffusion_model: torch.nn.Module) -> tuple[int, int]:
+    """(block parameters held by this rank, block parameters of the whole model)."""
+    every = blocks(diffusion_model)
+    held = sum(block_parameters(b) for b in every if not isinstance(b, RemoteBlock))
+    return held, sum(block_parameters(b) for b in every)

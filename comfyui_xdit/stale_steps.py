@@ -1,0 +1,96 @@
+"""When the stale-activation methods (PipeFusion, displaced patch parallel) may reuse last step's keys/values.
+
+ComfyUI's sampler loop calls the model once per evaluation; the call's transformer_options say which step it is
+(`sigmas` against `sample_sigmas`) and which conds it carries (`cond_or_uncond`). Each distinct set of conds and
+shapes is a stream with its own KVCache tables. A call is synchronous (every row fresh, exact) during the first
+`warmup_steps` steps and whenever its stream has not been filled yet in this sampling run (a new batch layout, a
+sampler's extra evaluation of an unseen kind); the cache is emptied when a sampling run starts and ends.
+
+The sampler node's options travel to the workers as plain data in transformer_options[OPTIONS_KEY].
+"""
+from __future__ import annotations
+
+from collections.abc import Hashable
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from parallel_core import KVCache, patch_bands
+
+OPTIONS_KEY = "xdit_stale"
+RESET_WRAPPER_KEY = "comfyui_xdit.stale_kv_reset"
+DEFAULT_WARMUP_STEPS = 1
+
+
+AUTO_PATCHES_PER_STAGE = 2
+
+
+@dataclass(frozen=True)
+class StaleOptions:
+    """The sampler node's choices; num_pipeline_patch 0 = auto (default_patches)."""
+
+    num_pipeline_patch: int = 0
+    warmup_steps: int = DEFAULT_WARMUP_STEPS
+
+
+def default_patches(pipefusion_degree: int) -> int:
+    """Patches when the sampler leaves it at 0 (auto): two per stage keeps the fill-and-drain bubble at
+    (P-1)/(3P-1), under a third, while patches stay tall enough to compute efficiently."""
+    return AUTO_PATCHES_PER_STAGE * pipefusion_degree
+
+
+def resolve_patches(requested: int, stages: int, rows: int) -> int:
+    """The number of patches to use: `requested` if it cuts `rows` token rows evenly enough (else a ValueError
+    saying what to choose); for 0 (auto) the most, up to default_patches, that does."""
+    if requested:
+        patch_bands(rows, requested)
+        return requested
+    for patches in range(min(default_patches(stages), rows), 0, -1):
+        try:
+            patch_bands(rows, patches)
+            return patches
+        except ValueError:
+            continue
+    return 1
+
+
+def bands_for(rows: int, requested: int, stages: int) -> list[tuple[int, int]]:
+    return patch_bands(rows, resolve_patches(requested, stages, rows))
+
+
+def options_from(transformer_options: dict) -> StaleOptions:
+    carried = transformer_options.get(OPTIONS_KEY) or {}
+    return StaleOptions(**carried)
+
+
+def step_index(transformer_options: dict) -> int:
+    """Which step of the schedule this model call belongs to (0 when the sampler did not say)."""
+    sigmas = transformer_options.get("sigmas")
+    schedule = transformer_options.get("sample_sigmas")
+    if sigmas is None or schedule is None:
+        return 0
+    current = float(torch.as_tensor(sigmas).max())
+    return int((torch.as_tensor(schedule).float() > current * (1 + 1e-6) + 1e-12).sum())
+
+
+def stream_of(transformer_options: dict, *tensors: torch.Tensor) -> Hashable:
+    conds = tuple(transformer_options.get("cond_or_uncond") or ())
+    return conds, tuple(tuple(t.shape) for t in tensors)
+
+
+def is_synchronous(cache: KVCache, stream: Hashable, transformer_options: dict, warmup_steps: int) -> bool:
+    return step_index(transformer_options) < warmup_steps or not cache.has_stream(stream)
+
+
+def reset_wrapper(cache: KVCache) -> Callable[..., Any]:
+    """An OUTER_SAMPLE wrapper emptying `cache` around each sampling run (no stale rows cross prompts)."""
+
+    def outer_sample(executor, *args, **kwargs):
+        cache.clear()
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            cache.clear()
+
+    return outer_sample

@@ -1,0 +1,69 @@
+"""PipeFusion's plan: which blocks each stage holds and how the image is cut into patches.
+
+A model's blocks are split into `stages` contiguous runs with balanced weight (parameters, a proxy for both memory
+and per-token compute), so each stage holds about 1/P of the block parameters. The image is cut along its height
+into `patches` bands of whole token rows; a patch flows through the stages like a micro-batch.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+# Bands of uneven height are allowed while the tallest is at most this much taller than the shortest: beyond it
+# the pipeline's bubbles grow and stale activations cover an uneven share of the image.
+MAX_PATCH_IMBALANCE = 0.25
+
+
+def partition_stages(block_weights: Sequence[int], stages: int) -> list[range]:
+    """Contiguous runs of block indices, one per stage, minimising the heaviest stage (ties: earlier stages lighter)."""
+    count = len(block_weights)
+    if not isinstance(stages, int) or stages < 1:
+        raise ValueError(f"pipefusion_degree must be a whole number >= 1, got {stages!r}")
+    if stages > count:
+        raise ValueError(f"pipefusion_degree {stages} is more stages than the model's {count} transformer blocks; use at most {count}")
+    prefix = [0]
+    for weight in block_weights:
+        prefix.append(prefix[-1] + int(weight))
+    # best[k][i]: the lightest possible heaviest stage when blocks [0, i) form k stages; cut[k][i]: where the last starts.
+    inf = float("inf")
+    best = [[inf] * (count + 1) for _ in range(stages + 1)]
+    cut = [[0] * (count + 1) for _ in range(stages + 1)]
+    best[0][0] = 0
+    for k in range(1, stages + 1):
+        for i in range(k, count - (stages - k) + 1):
+            for j in range(k - 1, i):
+                heaviest = max(best[k - 1][j], prefix[i] - prefix[j])
+                if heaviest < best[k][i] or (heaviest == best[k][i] and j > cut[k][i]):
+                    best[k][i], cut[k][i] = heaviest, j
+    bounds, end = [], count
+    for k in range(stages, 0, -1):
+        start = cut[k][end]
+        bounds.append(range(start, end))
+        end = start
+    return bounds[::-1]
+
+
+def patch_bands(rows: int, patches: int) -> list[tuple[int, int]]:
+    """[start, stop) token rows of each patch: `patches` bands as even as possible, taller ones first."""
+    if not isinstance(patches, int) or patches < 1:
+        raise ValueError(f"num_pipeline_patch must be a whole number >= 1, got {patches!r}")
+    if patches > rows:
+        raise ValueError(f"num_pipeline_patch {patches} is more patches than the latent's {rows} token rows; use at most {rows}")
+    base, taller = divmod(rows, patches)
+    if taller and (base + 1) / base - 1 > MAX_PATCH_IMBALANCE:
+        divisors = [d for d in range(1, rows + 1) if rows % d == 0 and d <= 64]
+        raise ValueError(
+            f"num_pipeline_patch {patches} cuts {rows} token rows into bands of {base + 1} and {base} rows "
+            f"({(base + 1) / base - 1:.0%} uneven, at most {MAX_PATCH_IMBALANCE:.0%} allowed); "
+            f"choose a number of patches that divides {rows}: {', '.join(map(str, divisors))}"
+        )
+    bands, start = [], 0
+    for index in range(patches):
+        stop = start + base + (1 if index < taller else 0)
+        bands.append((start, stop))
+        start = stop
+    return bands
+
+
+def pipeline_bubble(stages: int, patches: int) -> float:
+    """Share of a stage's time spent idle when `patches` equal micro-batches fill and drain `stages` once."""
+    return (stages - 1) / (patches + stages - 1)
