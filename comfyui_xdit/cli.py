@@ -41,7 +41,7 @@ def _run_setup_comfyui(args: argparse.Namespace) -> int:
 def _configure_make_tiny_model(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--family", default="flux", help="model family (default: flux)")
     parser.add_argument("--variant", help="family variant, e.g. dev or schnell for flux (default: the family's first)")
-    parser.add_argument("--size", default="tiny", help="tiny (tests) or bench (benchmarks)")
+    parser.add_argument("--size", default="tiny", help="tiny (tests), pipeline (PipeFusion tests: 4 double + 10 single blocks) or bench (benchmarks)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=JSON",
                         help="override one config field, e.g. --set depth=3 (repeatable)")

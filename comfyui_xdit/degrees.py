@@ -17,16 +17,20 @@ def resolve_world_size(world_size: int, visible_gpus: int) -> int:
 
 
 def resolve_degrees(world_size: int, num_heads: int | None, ulysses: int = AUTO, ring: int = AUTO, cfg: int = AUTO,
-                    pipefusion: int = AUTO) -> ParallelConfig:
-    """Fill the auto (0) degrees: CFG and PipeFusion default to 1; what remains of the world goes to sequence
-    parallelism, as much Ulysses as divides the heads (cheapest), the rest Ring. num_heads None = not known yet
-    (input validation before the file is read): only the product is checked."""
-    named = {"ulysses_degree": ulysses, "ring_degree": ring, "cfg_degree": cfg, "pipefusion_degree": pipefusion}
+                    pipefusion: int = AUTO, patch: int = AUTO) -> ParallelConfig:
+    """Fill the auto (0) degrees: CFG, PipeFusion and patch parallel default to 1; what remains of the world goes
+    to sequence parallelism, as much Ulysses as divides the heads (cheapest), the rest Ring (none of it with
+    patch parallel, which replaces them). num_heads None = not known yet (input validation before the file is
+    read): only the product is checked."""
+    named = {"ulysses_degree": ulysses, "ring_degree": ring, "cfg_degree": cfg, "pipefusion_degree": pipefusion,
+             "patch_degree": patch}
     for name, value in named.items():
         if value < 0:
             raise ValueError(f"{name} must be 0 (auto) or >= 1, got {value}")
-    cfg, pipefusion = cfg or 1, pipefusion or 1
-    fixed = cfg * pipefusion * (ulysses or 1) * (ring or 1)
+    cfg, pipefusion, patch = cfg or 1, pipefusion or 1, patch or 1
+    if patch > 1:
+        ulysses, ring = ulysses or 1, ring or 1
+    fixed = cfg * pipefusion * patch * (ulysses or 1) * (ring or 1)
     if world_size % fixed:
         given = " × ".join(f"{k} {v}" for k, v in named.items() if v) or "the degrees"
         raise ValueError(f"{given} = {fixed} does not divide world_size {world_size}; choose degrees whose product divides (or equals) {world_size}")
@@ -38,7 +42,7 @@ def resolve_degrees(world_size: int, num_heads: int | None, ulysses: int = AUTO,
         ulysses = rest
     elif not ring:
         ring = rest
-    config = ParallelConfig(ulysses_degree=ulysses, ring_degree=ring, cfg_degree=cfg, pipefusion_degree=pipefusion)
+    config = ParallelConfig(ulysses_degree=ulysses, ring_degree=ring, cfg_degree=cfg, pipefusion_degree=pipefusion, patch_degree=patch)
     if config.world_size != world_size:
         product = " × ".join(f"{name} {getattr(config, name)}" for name in named)
         raise ValueError(f"{product} = {config.world_size}, but world_size is {world_size}; "

@@ -21,6 +21,7 @@ from .errors import UnsupportedByXDiT
 from .job_spec import PoolModelRef, SamplingJob
 from .lora import lora_stack
 from .shell_model import POOL_ATTACHMENT, SHELL_GUARD_KEY
+from .stale_steps import OPTIONS_KEY
 
 GUIDERS: dict[str, type] = {"basic": Guider_Basic, "cfg": comfy.samplers.CFGGuider}
 # Cond entries whose meaning is a live object that cannot be carried to a worker.
@@ -140,7 +141,7 @@ def carry_sampler(sampler) -> tuple[str, dict, dict]:
 
 
 def build_job(guider, sampler, sigmas: torch.Tensor, noise: torch.Tensor, latent: torch.Tensor,
-              denoise_mask: torch.Tensor | None, seed: int) -> SamplingJob:
+              denoise_mask: torch.Tensor | None, seed: int, stale_options: dict | None = None) -> SamplingJob:
     """Everything a worker needs, checked before any work starts."""
     model_patcher = guider.model_patcher
     ref = pool_model_of(model_patcher)
@@ -152,6 +153,7 @@ def build_job(guider, sampler, sigmas: torch.Tensor, noise: torch.Tensor, latent
         sampler_extra_options=extra, sampler_inpaint_options=inpaint, sigmas=sigmas.cpu(), noise=noise.cpu(),
         latent=latent.cpu(), denoise_mask=None if denoise_mask is None else denoise_mask.cpu(), seed=int(seed),
         model_sampling=model_sampling, model_option_flags=flags, loras=lora_stack(model_patcher),
+        stale_options=dict(stale_options or {}),
     )
 
 
@@ -172,6 +174,8 @@ def run_job(model_patcher, job: SamplingJob, callback: Callable[[int, torch.Tens
     if job.model_sampling is not None:
         model.add_object_patch("model_sampling", rebuild_model_sampling(job.model_sampling, model.model.model_config))
     model.model_options.update(job.model_option_flags)
+    if job.stale_options:
+        model.model_options["transformer_options"] = {**model.model_options.get("transformer_options", {}), OPTIONS_KEY: dict(job.stale_options)}
     guider = GUIDERS[job.guider](model)
     guider.inner_set_conds(job.conds)
     guider.set_cfg(job.cfg)

@@ -48,3 +48,4 @@ class SamplingJob:
     model_sampling: dict | None = None
     model_option_flags: dict = field(default_factory=dict)
     loras: tuple[LoraRef, ...] = ()
+    stale_options: dict = field(default_factory=dict)  # stale_steps.StaleOptions fields, for PipeFusion / patch parallel

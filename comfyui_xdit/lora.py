@@ -78,13 +78,13 @@ class MappedLora:
     unmatched: tuple[str, ...]  # the ones no Flux weight takes, sorted
 
 
-def map_lora(model_patcher, state_dict: dict, name: str) -> MappedLora:
+def map_lora(model_patcher, state_dict: dict, name: str, require_match: bool = True) -> MappedLora:
     """What LoraLoaderModelOnly builds for this model (same conversion, key map and loader), or a clear refusal
-    when no key matches."""
+    when no key matches (unless `require_match` is False: a PipeFusion stage may hold none of a LoRA's blocks)."""
     converted = _ReadRecorder(comfy.lora_convert.convert_lora(state_dict))
     patches = comfy.lora.load_lora(converted, comfy.lora.model_lora_keys_unet(model_patcher.model, {}), log_missing=False)
     unmatched = tuple(sorted(set(converted) - converted.read))
-    if not patches:
+    if not patches and require_match:
         example = f"; e.g. {unmatched[0]!r}" if unmatched else ""
         raise UnsupportedByXDiT(f"LoRA {name}: none of its {len(converted)} keys match this Flux model (0 of {len(converted)} matched{example}). {_FORMATS}: is it a LoRA for another model?")
     return MappedLora(patches, len(converted), unmatched)

@@ -76,7 +76,8 @@ class MergedLoras:
             self._files.move_to_end(file_key)
         else:
             state_dict = comfy.utils.load_torch_file(ref.path, safe_load=True)
-            self._files[file_key] = map_lora(self._model, state_dict, Path(ref.path).name).patches
+            # Checked against the whole model at the node; here a PipeFusion stage keeps only its own blocks' patches.
+            self._files[file_key] = map_lora(self._model, state_dict, Path(ref.path).name, require_match=False).patches
             while len(self._files) > CACHED_FILES:
                 self._files.popitem(last=False)
         return self._files[file_key]

@@ -59,6 +59,18 @@ def bands_for(rows: int, requested: int, stages: int) -> list[tuple[int, int]]:
     return patch_bands(rows, resolve_patches(requested, stages, rows))
 
 
+def carry_options(degrees: dict[str, int], token_rows: int, num_pipeline_patch: int, warmup_steps: int) -> dict:
+    """The sampler node's choices checked against the job (before any work) as plain data for the workers."""
+    if warmup_steps < 1:
+        raise ValueError(f"warmup_steps must be >= 1 (the first step fills the key/value tables), got {warmup_steps}")
+    if num_pipeline_patch < 0:
+        raise ValueError(f"num_pipeline_patch must be 0 (auto) or a number of patches, got {num_pipeline_patch}")
+    stages = degrees.get("pipefusion_degree", 1)
+    if stages > 1:
+        num_pipeline_patch = resolve_patches(num_pipeline_patch, stages, token_rows)
+    return {"num_pipeline_patch": num_pipeline_patch, "warmup_steps": warmup_steps}
+
+
 def options_from(transformer_options: dict) -> StaleOptions:
     carried = transformer_options.get(OPTIONS_KEY) or {}
     return StaleOptions(**carried)

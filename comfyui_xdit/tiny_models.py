@@ -45,6 +45,9 @@ FLUX_SIZES: dict[str, dict[str, Any]] = {
     # A Flux-like mix of double and single blocks at a width where a 128x128 latent (4096 image tokens) takes a
     # measurable step on CPU; attention is not unrealistically dominant at this width.
     "bench": {"hidden_size": 768, "depth": 2, "depth_single_blocks": 4},
+    # Enough blocks for PipeFusion stages, double and single like Flux, in a mix (a double
+    # block has 2.4x a single block's parameters) that splits into 2 or 4 stages within 5% of an equal share.
+    "pipeline": {"hidden_size": 256, "depth": 4, "depth_single_blocks": 10},
 }
 FLUX_VARIANTS: dict[str, dict[str, Any]] = {
     "dev": {"guidance_embed": True},

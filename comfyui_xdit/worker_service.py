@@ -1,8 +1,9 @@
 """What a pool worker does with a sampling job: keep the model resident, run ComfyUI's sampling on it.
 
 Runs inside a Ray actor (ray_backend.worker.PoolWorker names it by import path). One model is resident per worker
-at a time, keyed by file and dtype; the parallel clone is cached per parallel config, so a second prompt on the
-same model and degrees loads and builds nothing. A job's LoRA stack is merged into the resident model before it
+at a time, keyed by file, dtype and PipeFusion stage (a stage loads only its own blocks, stage_loading.py); the
+parallel clone is cached per parallel config, so a second prompt on the same model and degrees loads and builds
+nothing. A job's LoRA stack is merged into the resident model before it
 runs (lora_merge.py): switching LoRAs changes the weights they touch and loads nothing.
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ SERVICE_PATH = "comfyui_xdit.worker_service:SamplingService"
 class SamplingService:
     def __init__(self, device: str):
         init_worker(cpu=(device == "cpu"))
-        self._key: tuple[str, str] | None = None
+        self._key: tuple[str, str, int, int] | None = None
         self._base = None
         self._parallel: dict[ParallelConfig, Any] = {}
         self._loras = None  # MergedLoras of the resident model
@@ -33,12 +34,17 @@ class SamplingService:
         from .lora_merge import MergedLoras
         from .parallel_model import parallelize
         from .shell_model import model_options_for
+        from .stage_loading import load_stage
 
-        key = (ref.path, ref.weight_dtype)
+        stages, stage = state.pipefusion.size, state.pipefusion.rank
+        key = (ref.path, ref.weight_dtype, stages, stage)
         if key != self._key:
             self._base, self._parallel, self._loras, self._key = None, {}, None, None
             comfy.model_management.unload_all_models()  # the previous model's memory goes before the next loads
-            self._base = comfy.sd.load_diffusion_model(ref.path, model_options=model_options_for(ref.weight_dtype))
+            if stages > 1:
+                self._base = load_stage(ref.path, ref.weight_dtype, stages, stage)
+            else:
+                self._base = comfy.sd.load_diffusion_model(ref.path, model_options=model_options_for(ref.weight_dtype))
             self._loras = MergedLoras(self._base)
             self._key = key
             self.model_loads += 1
@@ -68,7 +74,11 @@ class SamplingService:
         return {"samples": samples.cpu(), "x0": None if x0 is None else x0.cpu()}
 
     def stats(self) -> dict[str, Any]:
+        from .stage_loading import held_block_parameters
+
         loras = self._loras
+        held, total = held_block_parameters(self._base.model.diffusion_model) if self._base is not None else (0, 0)
         return {"model_loads": self.model_loads, "parallel_builds": self.parallel_builds, "resident": list(self._key) if self._key else None,
+                "block_parameters_held": held, "block_parameters_total": total,
                 "loras": loras.describe() if loras else [], "lora_switches": loras.switches if loras else 0,
                 "lora_keys_changed": loras.last_keys_changed if loras else 0}

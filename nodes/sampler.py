@@ -5,8 +5,10 @@ import comfy.model_management
 import comfy.sample
 import comfy.utils
 
-from comfyui_xdit.job import build_job
+from comfyui_xdit.flux import token_rows
+from comfyui_xdit.job import build_job, pool_model_of
 from comfyui_xdit.pool_client import degrees_of, pool_for
+from comfyui_xdit.stale_steps import DEFAULT_WARMUP_STEPS, carry_options
 from ray_backend.errors import JobInterrupted, PoolFailure
 
 
@@ -20,7 +22,11 @@ class XDiTSamplerCustomAdvanced:
                 "sampler": ("SAMPLER",),
                 "sigmas": ("SIGMAS",),
                 "latent_image": ("LATENT",),
-            }
+            },
+            "optional": {
+                "num_pipeline_patch": ("INT", {"default": 0, "min": 0, "max": 256, "tooltip": "PipeFusion: bands of image rows in flight through the stages; 0 = auto (2 per stage, or the most that cut the latent evenly)"}),
+                "warmup_steps": ("INT", {"default": DEFAULT_WARMUP_STEPS, "min": 1, "max": 10000, "tooltip": "PipeFusion / patch parallel: exact synchronous steps before stale activations are reused; as many as the steps = exact"}),
+            },
         }
 
     RETURN_TYPES = ("LATENT", "LATENT")
@@ -29,12 +35,16 @@ class XDiTSamplerCustomAdvanced:
     CATEGORY = "sampling/custom_sampling/xdit"
     DESCRIPTION = "Runs the sampling loop on the XDiT worker pool (drop-in for SamplerCustomAdvanced; needs a MODEL from XDiTUNetLoader)."
 
-    def sample(self, noise, guider, sampler, sigmas, latent_image):
+    def sample(self, noise, guider, sampler, sigmas, latent_image, num_pipeline_patch=0, warmup_steps=DEFAULT_WARMUP_STEPS):
         latent = latent_image.copy()
         latent["samples"] = comfy.sample.fix_empty_latent_channels(
             guider.model_patcher, latent["samples"], latent.get("downscale_ratio_spacial", None), latent.get("downscale_ratio_temporal", None)
         )
-        job = build_job(guider, sampler, sigmas, noise.generate_noise(latent), latent["samples"], latent.get("noise_mask"), noise.seed)
+        try:
+            stale = carry_options(degrees_of(pool_model_of(guider.model_patcher)), token_rows(latent["samples"].shape[-2]), num_pipeline_patch, warmup_steps)
+        except ValueError as error:
+            raise ValueError(f"XDiTSamplerCustomAdvanced: {error}") from error
+        job = build_job(guider, sampler, sigmas, noise.generate_noise(latent), latent["samples"], latent.get("noise_mask"), noise.seed, stale)
         progress = comfy.utils.ProgressBar(max(1, sigmas.shape[-1] - 1))
         pool = pool_for(job.model)
         try:

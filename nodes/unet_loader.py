@@ -12,11 +12,17 @@ from comfyui_xdit.job_spec import PoolModelRef
 from comfyui_xdit.shell_model import WEIGHT_DTYPES, build_shell, detect
 from ray_backend.cluster import cluster_gpus, ensure_ray, resolve_address
 
-_DEGREE = ("INT", {"default": 0, "min": 0, "max": 64, "tooltip": "0 = auto"})
+_TOOLTIPS = {
+    "ulysses_degree": "Ulysses sequence parallel (exact); 0 = auto",
+    "ring_degree": "Ring sequence parallel (exact); 0 = auto",
+    "cfg_degree": "positive and negative on separate workers (exact); 0 = auto (1)",
+    "pipefusion_degree": "PipeFusion stages: each worker holds only 1/N of the blocks; approximate after the sampler's warmup steps; 0 = auto (1)",
+    "patch_degree": "displaced patch parallel (DistriFusion-style), full model per worker; approximate after warmup, excludes ulysses/ring/pipefusion; 0 = auto (1)",
+}
 
 
-def _degree_inputs() -> dict:
-    return {name: _DEGREE for name in ("ulysses_degree", "ring_degree", "cfg_degree", "pipefusion_degree")}
+def _degree_input(name: str) -> tuple:
+    return ("INT", {"default": 0, "min": 0, "max": 64, "tooltip": _TOOLTIPS[name]})
 
 
 class XDiTUNetLoader:
@@ -29,8 +35,10 @@ class XDiTUNetLoader:
             },
             "optional": {
                 "world_size": ("INT", {"default": 0, "min": 0, "max": 1024, "tooltip": "workers in the pool; 0 = every visible GPU, or 2 CPU workers when there is none"}),
-                **_degree_inputs(),
+                **{name: _degree_input(name) for name in ("ulysses_degree", "ring_degree", "cfg_degree", "pipefusion_degree")},
                 "ray_address": ("STRING", {"default": "", "tooltip": "Ray cluster to use; empty = RAY_ADDRESS, else a private local cluster on 127.0.0.1"}),
+                # Last, so saved workflows' widget values keep their places.
+                "patch_degree": _degree_input("patch_degree"),
             },
         }
 
@@ -40,28 +48,29 @@ class XDiTUNetLoader:
     DESCRIPTION = "Loads a diffusion model into a pool of workers that denoise one image together (drop-in for Load Diffusion Model)."
 
     @classmethod
-    def VALIDATE_INPUTS(cls, world_size=0, ulysses_degree=0, ring_degree=0, cfg_degree=0, pipefusion_degree=0):
-        # Checked before the prompt runs; heads and GPU counts are checked again when the model is loaded. Only
-        # the inputs named here skip ComfyUI's own checks (unet_name, weight_dtype keep theirs).
+    def VALIDATE_INPUTS(cls, world_size=0, ulysses_degree=0, ring_degree=0, cfg_degree=0, pipefusion_degree=0, patch_degree=0):
+        # Checked before the prompt runs; heads, blocks and GPU counts are checked again when the model is loaded.
+        # Only the inputs named here skip ComfyUI's own checks (unet_name, weight_dtype keep theirs).
         for name, value in (("world_size", world_size), ("ulysses_degree", ulysses_degree), ("ring_degree", ring_degree),
-                            ("cfg_degree", cfg_degree), ("pipefusion_degree", pipefusion_degree)):
+                            ("cfg_degree", cfg_degree), ("pipefusion_degree", pipefusion_degree), ("patch_degree", patch_degree)):
             if not isinstance(value, int) or value < 0:
                 return f"{name} must be 0 (auto) or a positive whole number, got {value!r}"
         if world_size:
             try:
-                resolve_degrees(world_size, num_heads=None, ulysses=ulysses_degree, ring=ring_degree, cfg=cfg_degree, pipefusion=pipefusion_degree)
+                resolve_degrees(world_size, num_heads=None, ulysses=ulysses_degree, ring=ring_degree, cfg=cfg_degree,
+                                pipefusion=pipefusion_degree, patch=patch_degree)
             except ValueError as error:
                 return str(error)
         return True
 
     def load_unet(self, unet_name, weight_dtype, world_size=0, ulysses_degree=0, ring_degree=0, cfg_degree=0,
-                  pipefusion_degree=0, ray_address=""):
+                  pipefusion_degree=0, ray_address="", patch_degree=0):
         path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
         model_config = detect(path, weight_dtype)[0]
         num_heads = int(model_config.unet_config.get("num_heads", 1))
         ensure_ray(ray_address)
         world = resolve_world_size(world_size, cluster_gpus())
-        config = resolve_degrees(world, num_heads, ulysses_degree, ring_degree, cfg_degree, pipefusion_degree)
+        config = resolve_degrees(world, num_heads, ulysses_degree, ring_degree, cfg_degree, pipefusion_degree, patch_degree)
         degrees = tuple((f.name, getattr(config, f.name)) for f in dataclasses.fields(config))
         ref = PoolModelRef(path=path, weight_dtype=weight_dtype, degrees=degrees, world_size=world, ray_address=resolve_address(ray_address), num_heads=num_heads)
         shell = build_shell(path, weight_dtype, ref)
