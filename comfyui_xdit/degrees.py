@@ -35,6 +35,10 @@ def resolve_degrees(world_size: int, num_heads: int | None, ulysses: int = AUTO,
         given = " × ".join(f"{k} {v}" for k, v in named.items() if v) or "the degrees"
         raise ValueError(f"{given} = {fixed} does not divide world_size {world_size}; choose degrees whose product divides (or equals) {world_size}")
     rest = world_size // fixed
+    if patch > 1 and rest > 1:
+        raise ValueError(f"patch_degree {patch} × cfg_degree {cfg} × pipefusion_degree {pipefusion} covers {fixed} of world_size "
+                         f"{world_size} workers, and patch parallel takes no Ulysses/Ring for the rest; raise patch_degree "
+                         f"or cfg_degree so the product is {world_size}")
     if not ulysses and not ring:
         ulysses = max(d for d in range(1, rest + 1) if rest % d == 0 and (num_heads is None or num_heads % d == 0))
         ring = rest // ulysses

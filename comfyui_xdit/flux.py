@@ -148,13 +148,15 @@ def _displaced_forward_orig(original, state: ParallelState, cache: KVCache, img,
     text_len, image_len = txt.shape[1], img.shape[1]
     stream = stale_steps.stream_of(transformer_options, img, txt)
     synchronous = stale_steps.is_synchronous(cache, stream, transformer_options, stale_steps.options_from(transformer_options).warmup_steps)
-    # Each rank's patch is its text shard and its band of image rows, both at their global positions.
-    positions = shard_positions([range(text_len), range(text_len, text_len + image_len)], patch.size)
+    # Each rank's patch is its band of image rows plus the whole text: text rows are few, and computing them on
+    # every rank keeps their keys/values fresh everywhere (only other patches' image rows are a step old).
+    positions = torch.cat([torch.arange(text_len).expand(patch.size, -1),
+                           shard_positions([range(text_len, text_len + image_len)], patch.size)], dim=1)
     options = dict(transformer_options)
     options["optimized_attention_override"] = functools.partial(
         _displaced_attention_override, state, cache, stream, synchronous, positions, text_len + image_len)
-    out = original(split_over(img, 1, patch), split_over(img_ids, 1, patch), split_over(txt, 1, patch),
-                   split_over(txt_ids, 1, patch), timesteps, y, guidance, None, transformer_options=options)
+    out = original(split_over(img, 1, patch), split_over(img_ids, 1, patch), txt, txt_ids, timesteps, y, guidance, None,
+                   transformer_options=options)
     if synchronous:
         cache.mark_filled(stream)
     out = gather_over(out, 1, patch, state, image_len)

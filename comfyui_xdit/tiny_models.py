@@ -99,7 +99,27 @@ def build_flux(config: dict[str, Any], seed: int) -> torch.nn.Module:
         dtype=torch.float32, device="cpu", operations=comfy.ops.disable_weight_init, **copy.deepcopy(config)
     )
     init_weights_(model, seed)
+    smooth_in_time_(model)
     return model
+
+
+# Flux embeds sigma as cos/sin at 128 frequencies up to 1000 rad per unit sigma. A trained model's timestep MLP
+# varies smoothly over the schedule; with random weights it would weigh every frequency alike, and the highest ones
+# turn over completely between adjacent steps, so a random model's activations would decorrelate from step to step
+# in a way no trained model's do (which would make every stale-activation method look arbitrarily bad).
+_TIME_FACTOR, _MAX_PERIOD = 1000.0, 10000.0
+_SMOOTH_RAD_PER_SIGMA = 5.0
+
+
+def smooth_in_time_(model: torch.nn.Module) -> None:
+    """Damp the timestep MLP's input weights on frequencies above ~5 rad per unit sigma, keeping its scale."""
+    layer = model.time_in.in_layer
+    half = layer.in_features // 2
+    rad_per_sigma = _TIME_FACTOR * torch.exp(-math.log(_MAX_PERIOD) * torch.arange(half, dtype=torch.float32) / half)
+    damping = 1.0 / (1.0 + (rad_per_sigma / _SMOOTH_RAD_PER_SIGMA) ** 2)
+    damping = torch.cat([damping, damping])
+    with torch.no_grad():
+        layer.weight.mul_(damping * math.sqrt(len(damping) / float((damping**2).sum())))
 
 
 def init_weights_(model: torch.nn.Module, seed: int) -> None:

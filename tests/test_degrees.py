@@ -32,10 +32,18 @@ def test_auto_degrees_fill_the_world(world, heads, given, expected):
     assert resolve_degrees(world, heads, **given) == expected
 
 
+def test_patch_parallel_takes_no_sequence_parallel_by_default():
+    assert resolve_degrees(4, 24, patch=2, cfg=2) == ParallelConfig(patch_degree=2, cfg_degree=2)
+    assert resolve_degrees(2, 24, pipefusion=2) == ParallelConfig(pipefusion_degree=2)
+    assert resolve_degrees(4, 24, patch=4) == ParallelConfig(patch_degree=4)
+    with pytest.raises(ValueError, match="patch_degree 2 × cfg_degree 1 × pipefusion_degree 1 covers 2 of world_size 4 workers, .* raise patch_degree or cfg_degree so the product is 4"):
+        resolve_degrees(4, 24, patch=2)
+
+
 def test_degrees_that_do_not_divide_the_world_say_what_to_change():
     with pytest.raises(ValueError, match="ulysses_degree 4 = 4 does not divide world_size 2"):
         resolve_degrees(2, 24, ulysses=4)
-    with pytest.raises(ValueError, match="ulysses_degree 1 × ring_degree 1 × cfg_degree 1 × pipefusion_degree 1 = 1, but world_size is 4; set a degree to 0"):
+    with pytest.raises(ValueError, match="ulysses_degree 1 × ring_degree 1 × cfg_degree 1 × pipefusion_degree 1 × patch_degree 1 = 1, but world_size is 4; set a degree to 0"):
         resolve_degrees(4, 24, ulysses=1, ring=1)
     with pytest.raises(ValueError, match="cfg_degree must be 0 \\(auto\\) or >= 1"):
         resolve_degrees(4, 24, cfg=-2)

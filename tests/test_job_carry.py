@@ -146,8 +146,11 @@ def test_model_level_refusals_name_the_fix(models):
     from comfyui_xdit.parallel_model import adapter_for, validate_for_model
     from parallel_core import ParallelConfig
 
-    with pytest.raises(UnsupportedByXDiT, match="pipefusion_degree > 1 is not available yet; set pipefusion_degree to 1"):
-        validate_for_model(ParallelConfig(pipefusion_degree=2), 2, models["shell"])
+    with pytest.raises(ValueError, match="pipefusion_degree 3 is more stages than the model's 2 transformer blocks; use at most 2"):
+        validate_for_model(ParallelConfig(pipefusion_degree=3), 3, models["shell"])
+    validate_for_model(ParallelConfig(pipefusion_degree=2), 2, models["shell"])  # one block per stage is fine
+    with pytest.raises(ValueError, match="patch_degree 2 .*cannot be combined with ring_degree 2"):
+        validate_for_model(ParallelConfig(patch_degree=2, ring_degree=2), 4, models["shell"])
     with pytest.raises(ValueError, match="= 2, but 4 ranks are running"):
         validate_for_model(ParallelConfig(ulysses_degree=2), 4, models["shell"])
     other = SimpleNamespace(model=SimpleNamespace(diffusion_model=torch.nn.Linear(1, 1)))

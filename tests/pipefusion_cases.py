@@ -1,0 +1,91 @@
+"""Rank-side sampling for the PipeFusion / displaced patch parallel tests: stock ComfyUI nodes (flux_cases.sample),
+stock model vs stage-loaded parallel model, with the sampler node's stale options set on the worker's model."""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+
+import flux_cases
+from comfyui_xdit.comfy_runtime import init_worker
+
+EXACT = {"warmup_steps": 10_000}  # every step synchronous
+DEFAULTS: dict = {}  # the sampler node's defaults: warmup 1, patches auto
+
+
+def with_options(model_patcher, options: dict):
+    from comfyui_xdit.stale_steps import OPTIONS_KEY
+
+    model = model_patcher.clone()
+    model.model_options["transformer_options"] = {**model.model_options.get("transformer_options", {}), OPTIONS_KEY: dict(options)}
+    return model
+
+
+def naive_patch_forward(original, patches: int, img, img_ids, txt, txt_ids, timesteps, y, guidance=None, control=None,
+                        timestep_zero_index=None, transformer_options=None, attn_mask=None):
+    """Patches that never see each other: each band of image rows runs the whole model alone (with the text)."""
+    from comfyui_xdit.flux_pipefusion import image_grid
+    from parallel_core import patch_bands
+
+    rows, width = image_grid(img_ids)
+    outputs = [original(img[:, top * width:bottom * width], img_ids[:, top * width:bottom * width], txt, txt_ids, timesteps, y,
+                        guidance, None, transformer_options=transformer_options) for top, bottom in patch_bands(rows, patches)]
+    return torch.cat(outputs, dim=1)
+
+
+def naive_patch_model(model_patcher, patches: int):
+    diffusion_model = model_patcher.model.diffusion_model
+    original = functools.partial(type(diffusion_model).forward_orig, diffusion_model)
+    model = model_patcher.clone()
+    model.add_object_patch("diffusion_model.forward_orig", functools.partial(naive_patch_forward, original, patches))
+    return model
+
+
+def _lora_refs(paths: list[str]):
+    from comfyui_xdit.job_spec import LoraRef
+
+    refs = []
+    for path in paths:
+        stat = Path(path).stat()
+        refs.append(LoraRef(path=path, strength=0.8, stamp=(stat.st_size, stat.st_mtime_ns)))
+    return tuple(refs)
+
+
+def pipefusion_rank(rank: int, world_size: int, model_path: str, runs: list[dict], naive_patches: list[int] = (), loras: list[str] = ()) -> dict:
+    """runs: [{"degrees": ..., "case": SamplingCase fields, "options": stale options}]; every rank returns its
+    latents, bytes and held block parameters per run; rank 0 adds stock (with the LoRAs) and naive patch latents."""
+    init_worker(cpu=True)
+    import comfy.sd
+    import comfy.utils
+
+    from comfyui_xdit.lora_merge import MergedLoras
+    from comfyui_xdit.parallel_model import parallelize
+    from comfyui_xdit.stage_loading import held_block_parameters, load_stage
+    from parallel_core import ParallelConfig, init_parallel
+
+    base = comfy.sd.load_diffusion_model(model_path)
+    result: dict = {"latents": {}, "bytes": {}, "held": {}, "stock": {}, "naive": {}}
+    cases = {str(run["case"]): flux_cases.SamplingCase(**run["case"]) for run in runs}
+    if rank == 0:
+        stock = base
+        for path in loras:
+            stock = comfy.sd.load_lora_for_models(stock, None, comfy.utils.load_torch_file(path, safe_load=True), 0.8, 0)[0]
+        for name, case in cases.items():
+            result["stock"][name] = flux_cases.sample(stock, case)
+            for patches in naive_patches:
+                result["naive"][f"{patches}/{name}"] = flux_cases.sample(naive_patch_model(base, patches), case)
+    states: dict = {}
+    for index, run in enumerate(runs):
+        config = ParallelConfig(**run["degrees"])
+        if config not in states:  # one model per config, as a worker keeps it
+            state = init_parallel(config)
+            model = load_stage(model_path, "default", config.pipefusion_degree, state.pipefusion.rank) if config.pipefusion_degree > 1 else base
+            MergedLoras(model).apply(_lora_refs(list(loras)))
+            states[config] = (state, parallelize(model, state), held_block_parameters(model.model.diffusion_model))
+        state, model, held = states[config]
+        state.comm.reset()
+        result["latents"][index] = flux_cases.sample(with_options(model, run["options"]), cases[str(run["case"])])
+        result["bytes"][index] = state.comm.snapshot()
+        result["held"][index] = held
+    return result
