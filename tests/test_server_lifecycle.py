@@ -7,7 +7,7 @@ import time
 import psutil
 
 from comfyui_xdit.server_launcher import TINY_UNET_NAMES, launch_server, prepare_base
-from test_server_pool import flux_graph
+from server_graphs import flux_graph
 
 from comfyui_xdit.api_client import ComfyClient
 

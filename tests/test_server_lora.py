@@ -13,11 +13,14 @@ from comfyui_xdit.api_client import ComfyClient, ExecutionFailed
 from comfyui_xdit.server_launcher import REPO_ROOT, TINY_UNET_NAMES
 from comfyui_xdit.tiny_loras import flux_lora, flux_shapes, write_flux_lora
 from comfyui_xdit.workflow_tools import load_api_workflow, make_offline, set_input, stock_twin
-from test_server_pool import FP32_TOL, flux_graph, saved_latent
+from server_graphs import flux_graph, saved_latent
+from test_server_pool import FP32_TOL
 
 ULYSSES2 = {"world_size": 2, "ulysses_degree": 2, "ring_degree": 1, "cfg_degree": 1}
 RING2 = {"world_size": 2, "ulysses_degree": 1, "ring_degree": 2, "cfg_degree": 1}
 CFG2 = {"world_size": 2, "ulysses_degree": 1, "ring_degree": 1, "cfg_degree": 2}
+PIPEFUSION2 = {"world_size": 2, "ulysses_degree": 1, "ring_degree": 1, "cfg_degree": 1, "pipefusion_degree": 2}
+ALL_WARMUP = {"warmup_steps": 100}  # every step synchronous: PipeFusion is exact
 # name -> (format, rank, seed)
 LORAS = {"a": ("kohya", 4, 1), "b": ("diffusers", 8, 2), "c": ("loha", 4, 3), "d": ("lokr", 4, 4)}
 
@@ -65,6 +68,7 @@ STACKS = [
     ("kohya-ulysses2", [("a", 0.8)], "basic", ULYSSES2),
     ("kohya+diffusers-cfg2", [("a", 0.8), ("b", -0.6)], "cfg", CFG2),
     ("loha+lokr-ring2", [("c", 1.0), ("d", 0.7)], "basic", RING2),
+    ("kohya-pipefusion2", [("a", 0.8)], "cfg", PIPEFUSION2),  # each stage merges only its own blocks' patches
 ]
 
 
@@ -73,7 +77,8 @@ def test_xdit_loras_match_stock_lora_loaders(comfy_server, client, loras, name, 
     files = [(loras[key], strength) for key, strength in stack]
     stock = saved_latent(comfy_server, client.run(lora_graph(False, files, guider=guider, prefix=f"lora_stock_{name}"), timeout=300))
     base = saved_latent(comfy_server, client.run(flux_graph(False, guider, prefix=f"lora_base_{name}"), timeout=300))
-    xdit = saved_latent(comfy_server, client.run(lora_graph(True, files, guider=guider, prefix=f"lora_xdit_{name}", **degrees), timeout=600))
+    xdit = saved_latent(comfy_server, client.run(lora_graph(True, files, guider=guider, prefix=f"lora_xdit_{name}", sampler_inputs=ALL_WARMUP,
+                                                            **degrees), timeout=600))
     assert (stock - base).abs().max() > 0.05, "the LoRAs change the result"
     assert (xdit - stock).abs().max().item() <= FP32_TOL
     assert ranks(comfy_server)[0]["loras"] == [f"{n}@{s:g}" for n, s in files]

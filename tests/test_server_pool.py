@@ -11,45 +11,12 @@ import threading
 import time
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
-from comfyui_xdit.server_launcher import TINY_UNET_NAMES
+from server_graphs import flux_graph, saved_latent
 
 from comfyui_xdit.api_client import ComfyClient, ExecutionFailed, ExecutionInterrupted, PromptRejected
 
 FP32_TOL = 1e-5
-
-
-def flux_graph(xdit: bool, guider: str = "basic", seed: int = 5, steps: int = 3, prefix: str = "latent", size: int = 128,
-               sampler: str = "euler", **loader_inputs) -> dict:
-    """The API-format graph; `xdit` swaps only the loader and the sampler node."""
-    loader = {"class_type": "XDiTUNetLoader" if xdit else "UNETLoader",
-              "inputs": {"unet_name": TINY_UNET_NAMES["dev"], "weight_dtype": "default", **(loader_inputs if xdit else {})}}
-    graph = {
-        "1": loader,
-        "2": {"class_type": "ModelSamplingFlux", "inputs": {"model": ["1", 0], "max_shift": 1.15, "base_shift": 0.5, "width": size, "height": size}},
-        "3": {"class_type": "XDiTTestConditioning", "inputs": {"seed": 100, "text_tokens": 7, "context_dim": 64, "pooled_dim": 32}},
-        "4": {"class_type": "FluxGuidance", "inputs": {"conditioning": ["3", 0], "guidance": 3.5}},
-        "5": {"class_type": "XDiTTestConditioning", "inputs": {"seed": 200, "text_tokens": 7, "context_dim": 64, "pooled_dim": 32}},
-        "7": {"class_type": "BasicScheduler", "inputs": {"model": ["2", 0], "scheduler": "simple", "steps": steps, "denoise": 1.0}},
-        "8": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": sampler}},
-        "9": {"class_type": "RandomNoise", "inputs": {"noise_seed": seed}},
-        "10": {"class_type": "EmptySD3LatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
-        "11": {"class_type": "XDiTSamplerCustomAdvanced" if xdit else "SamplerCustomAdvanced",
-               "inputs": {"noise": ["9", 0], "guider": ["6", 0], "sampler": ["8", 0], "sigmas": ["7", 0], "latent_image": ["10", 0]}},
-        "12": {"class_type": "SaveLatent", "inputs": {"samples": ["11", 0], "filename_prefix": prefix}},
-    }
-    if guider == "cfg":
-        graph["6"] = {"class_type": "CFGGuider", "inputs": {"model": ["2", 0], "positive": ["4", 0], "negative": ["5", 0], "cfg": 3.5}}
-    else:
-        graph["6"] = {"class_type": "BasicGuider", "inputs": {"model": ["2", 0], "conditioning": ["4", 0]}}
-    return graph
-
-
-def saved_latent(server, result) -> torch.Tensor:
-    (file,) = [f for f in result.files if f.kind == "latents"]
-    return load_file(str(server.output_dir / file.subfolder / file.filename))["latent_tensor"]
 
 
 @pytest.fixture(scope="module")
