@@ -14,6 +14,7 @@ Warmup calls (stale_steps.py) run the whole image as one patch: exact, and they 
 from __future__ import annotations
 
 import functools
+import time
 
 import torch
 
@@ -47,7 +48,7 @@ def _run_block(index: int, double: bool, stage: range, state: ParallelState, sen
     if index == stage.start and pf.rank > 0:
         # Rows arrive as one [text, image] tensor whatever the block kind; its shape is this rank's own rows'.
         like = torch.cat([args["txt"], args["img"]], 1) if double else args["img"]
-        joint = recv(like, pf.rank - 1, pf)
+        joint = recv(like, pf.rank - 1, pf, state.comm)
         text_rows = args["txt"].shape[1] if double else 0
         args = {**args, "txt": joint[:, :text_rows], "img": joint[:, text_rows:]} if double else {**args, "img": joint}
     out = extra["original_block"](args)
@@ -114,7 +115,9 @@ def _pipefusion_forward_orig(original, state: ParallelState, cache: KVCache, pla
         result = torch.cat(outputs, dim=1)
     else:
         result = out.new_empty(out.shape[0], image_len, out.shape[2])
-    result = broadcast(result, pf.size - 1, pf, state.comm)
+    started = time.perf_counter()
+    result = broadcast(result, pf.size - 1, pf, state.comm)  # earlier stages wait here for the pipeline to drain
+    state.comm.record_wait("broadcast", pf.name, time.perf_counter() - started)
     if state.data.size > 1:
         result = gather_batch(result, state, 0, "data")
     return result

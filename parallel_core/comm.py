@@ -5,6 +5,7 @@ all-to-all sends (g-1)/g of its input, all-gather sends its shard to g-1 peers, 
 """
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -36,10 +37,18 @@ class CommStats:
 
     bytes_by_key: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
     calls_by_key: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
+    wait_s_by_key: dict[tuple[str, str], float] = field(default_factory=lambda: defaultdict(float))
 
     def record(self, op: str, dimension: str, nbytes: int) -> None:
         self.bytes_by_key[(op, dimension)] += int(nbytes)
         self.calls_by_key[(op, dimension)] += 1
+
+    def record_wait(self, op: str, dimension: str, seconds: float) -> None:
+        """Time spent blocked waiting for another rank (a pipeline's bubbles)."""
+        self.wait_s_by_key[(op, dimension)] += seconds
+
+    def waited_s(self, dimension: str | None = None) -> float:
+        return sum(s for (_, d), s in self.wait_s_by_key.items() if dimension is None or d == dimension)
 
     def bytes_sent(self, op: str | None = None, dimension: str | None = None) -> int:
         """Total bytes sent, optionally only for one collective and/or one dimension."""
@@ -54,6 +63,7 @@ class CommStats:
     def reset(self) -> None:
         self.bytes_by_key.clear()
         self.calls_by_key.clear()
+        self.wait_s_by_key.clear()
 
 
 def _nbytes(x: torch.Tensor) -> int:
@@ -146,8 +156,10 @@ def send_async(x: torch.Tensor, to_group_rank: int, dim_group: DimensionGroup, s
     return dist.isend(x, dim_group.global_rank(to_group_rank), group=dim_group.group)
 
 
-def recv(like: torch.Tensor, from_group_rank: int, dim_group: DimensionGroup) -> torch.Tensor:
-    """Receive a tensor of `like`'s shape and dtype from one rank of the group (blocking)."""
+def recv(like: torch.Tensor, from_group_rank: int, dim_group: DimensionGroup, stats: CommStats) -> torch.Tensor:
+    """Receive a tensor of `like`'s shape and dtype from one rank of the group (blocking; the wait is recorded)."""
     received = torch.empty_like(like, memory_format=torch.contiguous_format)
+    started = time.perf_counter()
     dist.recv(received, dim_group.global_rank(from_group_rank), group=dim_group.group)
+    stats.record_wait("recv", dim_group.name, time.perf_counter() - started)
     return received

@@ -29,6 +29,7 @@ class KVCache:
         self._tables: dict[tuple[Hashable, Hashable], torch.Tensor] = {}
         self._pending: dict[tuple[Hashable, Hashable], PendingGather] = {}
         self._streams: set[Hashable] = set()
+        self.peak_bytes = 0  # the most the tables held at once (they are emptied between sampling runs)
 
     def has_stream(self, stream: Hashable) -> bool:
         """Whether a synchronous step has filled this stream's tables (only then may later steps reuse them)."""
@@ -44,6 +45,7 @@ class KVCache:
         table = self._tables.get(key)
         if table is None or tuple(table.shape) != shape or table.dtype != like.dtype:
             table = self._tables[key] = like.new_zeros(shape)
+            self.peak_bytes = max(self.peak_bytes, self.bytes_held())
         return table
 
     def take_pending(self, stream: Hashable, layer: Hashable) -> PendingGather | None:

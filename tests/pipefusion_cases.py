@@ -2,10 +2,8 @@
 stock model vs stage-loaded parallel model, with the sampler node's stale options set on the worker's model."""
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
-import torch
 
 import flux_cases
 from comfyui_xdit.comfy_runtime import init_worker
@@ -19,26 +17,6 @@ def with_options(model_patcher, options: dict):
 
     model = model_patcher.clone()
     model.model_options["transformer_options"] = {**model.model_options.get("transformer_options", {}), OPTIONS_KEY: dict(options)}
-    return model
-
-
-def naive_patch_forward(original, patches: int, img, img_ids, txt, txt_ids, timesteps, y, guidance=None, control=None,
-                        timestep_zero_index=None, transformer_options=None, attn_mask=None):
-    """Patches that never see each other: each band of image rows runs the whole model alone (with the text)."""
-    from comfyui_xdit.flux_pipefusion import image_grid
-    from parallel_core import patch_bands
-
-    rows, width = image_grid(img_ids)
-    outputs = [original(img[:, top * width:bottom * width], img_ids[:, top * width:bottom * width], txt, txt_ids, timesteps, y,
-                        guidance, None, transformer_options=transformer_options) for top, bottom in patch_bands(rows, patches)]
-    return torch.cat(outputs, dim=1)
-
-
-def naive_patch_model(model_patcher, patches: int):
-    diffusion_model = model_patcher.model.diffusion_model
-    original = functools.partial(type(diffusion_model).forward_orig, diffusion_model)
-    model = model_patcher.clone()
-    model.add_object_patch("diffusion_model.forward_orig", functools.partial(naive_patch_forward, original, patches))
     return model
 
 
@@ -59,6 +37,7 @@ def pipefusion_rank(rank: int, world_size: int, model_path: str, runs: list[dict
     import comfy.sd
     import comfy.utils
 
+    from comfyui_xdit.bench.naive_patches import naive_patch_model
     from comfyui_xdit.lora_merge import MergedLoras
     from comfyui_xdit.parallel_model import parallelize
     from comfyui_xdit.stage_loading import held_block_parameters, load_stage

@@ -94,7 +94,7 @@ def pipeline_send_rank(rank: int, world_size: int) -> dict:
     pf = state.pipefusion
     x = torch.full((2, 3), float(rank))
     if pf.rank > 0:
-        x = recv(x, pf.rank - 1, pf) + 1
+        x = recv(x, pf.rank - 1, pf, state.comm) + 1
     if pf.rank < pf.size - 1:
         send_async(x, pf.rank + 1, pf, state.comm).wait()
     return {"value": x[0, 0].item(), "bytes": state.comm.bytes_sent("send", "pipefusion")}

@@ -1,0 +1,217 @@
+"""PipeFusion, displaced patch parallel and Ulysses at the same world size, against stock ComfyUI and naive patches.
+
+    python -m comfyui_xdit.bench.stale_methods [--steps 12] [--size 64] [--text-tokens 256] [--repeats 2]
+
+Prints one JSON line per method on stdout (progress on stderr), then one line per stage count for the memory plan
+of the real Flux.1-dev architecture.
+
+Method
+- Model: a seeded checkpoint of tiny_models' "pipeline" size (hidden 256, 4 double + 10 single blocks) loaded by
+  ComfyUI; a `--size` x `--size` latent and `--text-tokens` text rows; sampling as SamplerCustomAdvanced does with
+  stock nodes (BasicGuider, euler, "simple" schedule, `--steps` steps), as in tests/flux_cases.py.
+- Every method is one spawn of its ranks (`run_on_ranks`, one torch thread per rank, ComfyUI with
+  --use-pytorch-cross-attention so all runs use the same SDPA kernel); `ms_per_step` is the median over `--repeats`
+  samplings of the wall time / steps, after one untimed sampling. `speedup_vs_1` divides the stock median by it.
+- Quality: the final latent against stock's (same seed, steps): `max_abs_err` and `psnr_db` (peak = stock's
+  range). "naive_patch" runs the model on each band of rows alone (bench/naive_patches.py) with as many bands as
+  the PipeFusion run uses; "naive_patch_2" as many as patch parallel uses.
+- Bytes: what each rank recorded on its CommStats over a sampling / steps, beside the definition
+  (bench/stale_bytes.py for PipeFusion and patch parallel, bench/flux_step.theoretical_step_bytes for Ulysses).
+- Memory: `block_parameter_share` is the share of the transformer's block parameters a rank holds (PipeFusion
+  stages load only their blocks, stage_loading.py); `peak_rss_mb` the rank's peak resident memory;
+  `kv_cache_mb` the most the stale methods' key/value tables held at once.
+- Bubble: PipeFusion ranks record the time they block waiting for the previous stage (recv) or for the last
+  stage's output (broadcast); `bubble_measured` is that time over the sampling's wall time, beside
+  `bubble_theory` = (P-1)/(M+P-1) of one fill and drain per model call.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from parallel_core import pipeline_bubble
+from parallel_core.local_launch import run_on_ranks
+
+from .flux_step import theoretical_step_bytes
+from .stale_bytes import displaced_call_bytes, pipefusion_call_bytes
+
+HIDDEN, HEADS, HEAD_DIM, BLOCKS, OUT_FEATURES = 256, 2, 128, 14, 64
+FLUX_DEV = {"hidden_size": 3072, "num_heads": 24, "depth": 19, "depth_single_blocks": 38}
+
+
+def _rank(rank: int, world_size: int, model_path: str, method: dict, spec: dict) -> dict:
+    from .flux_step import _import_comfy, _sample
+
+    torch.set_num_threads(1)
+    _import_comfy("pytorch")
+    import comfy.sd
+
+    from comfyui_xdit.bench.naive_patches import naive_patch_model
+    from comfyui_xdit.parallel_model import parallelize
+    from comfyui_xdit.stage_loading import held_block_parameters, load_stage
+    from comfyui_xdit.stale_steps import OPTIONS_KEY
+    from parallel_core import ParallelConfig, init_parallel
+
+    config = ParallelConfig(**method.get("degrees", {}))
+    state = init_parallel(config) if world_size > 1 else None
+    if config.pipefusion_degree > 1:
+        model = load_stage(model_path, "default", config.pipefusion_degree, state.pipefusion.rank)
+    else:
+        model = comfy.sd.load_diffusion_model(model_path)
+    held = held_block_parameters(model.model.diffusion_model)
+    if state is not None:
+        model = parallelize(model, state)
+        model.model_options["transformer_options"] = {**model.model_options.get("transformer_options", {}),
+                                                      OPTIONS_KEY: method.get("options", {})}
+    elif method.get("naive_patches"):
+        model = naive_patch_model(model, method["naive_patches"])
+    job = {"latent": (spec["size"], spec["size"]), "text_tokens": spec["text_tokens"]}
+    latent, _ = _sample(model, "basic", job, spec["steps"], spec["seed"])  # untimed: first use of every group
+    times, comm = [], None
+    for _ in range(spec["repeats"]):
+        if state is not None:
+            torch.distributed.barrier()
+            state.comm.reset()
+        started = time.perf_counter()
+        latent, _ = _sample(model, "basic", job, spec["steps"], spec["seed"])
+        times.append(time.perf_counter() - started)
+        if state is not None:
+            comm = {"bytes": state.comm.snapshot(), "waited_s": state.comm.waited_s()}
+    cache = sum(c.peak_bytes for c in _caches(model))
+    return {"latent": latent, "times": times, "comm": comm, "held": held, "kv_cache_bytes": cache,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def _caches(model) -> list:
+    from parallel_core import KVCache
+
+    found = []
+    for patch in model.object_patches.values():
+        for arg in getattr(patch, "args", ()):
+            if isinstance(arg, KVCache):
+                found.append(arg)
+    return found
+
+
+def _theory(method: dict, spec: dict, rank: int) -> dict[str, int]:
+    from parallel_core import patch_bands
+
+    rows, steps, text = spec["size"] // 2, spec["steps"], spec["text_tokens"]
+    total: dict[str, int] = {}
+
+    def add(part: dict[str, int]) -> None:
+        for key, value in part.items():
+            total[key] = total.get(key, 0) + value
+
+    degrees = method.get("degrees", {})
+    if degrees.get("pipefusion_degree", 1) > 1:
+        stages = degrees["pipefusion_degree"]
+        for call in range(steps):
+            bands = [(0, rows)] if call == 0 else patch_bands(rows, method["patches"])
+            add(pipefusion_call_bytes(rank, stages, 1, text, rows, bands, HIDDEN, OUT_FEATURES))
+    elif degrees.get("patch_degree", 1) > 1:
+        for call in range(steps):
+            add(displaced_call_bytes(degrees["patch_degree"], 1, text, rows * rows, BLOCKS, HEADS, HEAD_DIM, OUT_FEATURES, call == 0))
+    else:
+        for _ in range(steps):
+            add(theoretical_step_bytes("ulysses", 1, rows * rows, text, HEADS, HEAD_DIM, BLOCKS, (spec["size"], spec["size"])))
+    return {k: v // steps for k, v in total.items()}
+
+
+def _psnr(latent: torch.Tensor, reference: torch.Tensor) -> float:
+    mse = ((latent - reference) ** 2).mean().item()
+    return math.inf if mse == 0 else 10 * math.log10((reference.max() - reference.min()).item() ** 2 / mse)
+
+
+def _methods(spec: dict) -> list[dict]:
+    patches = 4  # PipeFusion's auto patches at 2 stages
+    return [
+        {"method": "stock", "world_size": 1},
+        {"method": "naive_patch", "world_size": 1, "naive_patches": patches},
+        {"method": "naive_patch_2", "world_size": 1, "naive_patches": 2},
+        {"method": "pipefusion", "world_size": 2, "degrees": {"pipefusion_degree": 2}, "options": {}, "patches": patches},
+        {"method": "patch_parallel", "world_size": 2, "degrees": {"patch_degree": 2}, "options": {}},
+        {"method": "ulysses", "world_size": 2, "degrees": {"ulysses_degree": 2}},
+    ]
+
+
+def memory_plan_lines() -> list[dict]:
+    """Each stage's share of Flux.1-dev's block parameters (the real architecture on the meta device)."""
+    import comfy.ldm.flux.model
+    import comfy.ops
+
+    from comfyui_xdit.flux_stages import block_parameters, blocks, stage_plan
+    from comfyui_xdit.tiny_models import flux_config
+
+    config = flux_config("dev", "tiny", **FLUX_DEV, vec_in_dim=768, context_in_dim=4096)
+    model = comfy.ldm.flux.model.Flux(dtype=torch.bfloat16, device="meta", operations=comfy.ops.disable_weight_init, **config)
+    weights = [block_parameters(b) for b in blocks(model)]
+    lines = []
+    for stages in (2, 4, 8):
+        shares = [sum(weights[i] for i in stage) / sum(weights) for stage in stage_plan(model, stages)]
+        lines.append({"method": "pipefusion_memory_plan", "model": "flux1-dev architecture (19 double + 38 single blocks, hidden 3072)",
+                      "stages": stages, "block_parameter_shares": [round(s, 4) for s in shares],
+                      "max_share_over_equal": round(max(shares) * stages, 4), "target": 1.05})
+    return lines
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--size", type=int, default=64, help="latent height and width")
+    parser.add_argument("--text-tokens", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    spec = {"steps": args.steps, "size": args.size, "text_tokens": args.text_tokens, "repeats": args.repeats, "seed": args.seed}
+    from comfyui_xdit.comfy_runtime import import_comfy
+    from comfyui_xdit.tiny_models import write_tiny_flux
+
+    import_comfy()
+    results = {}
+    with tempfile.TemporaryDirectory() as folder:
+        path = str(write_tiny_flux(Path(folder) / "flux-pipeline.safetensors", "dev", "pipeline", seed=args.seed))
+        for method in _methods(spec):
+            print(f"running {method['method']} ...", file=sys.stderr)
+            results[method["method"]] = (method, run_on_ranks(_rank, method["world_size"], path, method, spec, timeout_s=3600))
+    stock_latent = results["stock"][1][0]["latent"]
+    stock_ms = statistics.median(results["stock"][1][0]["times"]) / args.steps * 1e3
+    for name, (method, per_rank) in results.items():
+        ms = statistics.median(per_rank[0]["times"]) / args.steps * 1e3
+        line = {"method": name, "world_size": method["world_size"], "degrees": method.get("degrees", {}),
+                "latent": [args.size, args.size], "image_tokens": (args.size // 2) ** 2, "text_tokens": args.text_tokens,
+                "hidden": HIDDEN, "blocks": BLOCKS, "steps": args.steps, "ms_per_step": round(ms, 1),
+                "speedup_vs_1": round(stock_ms / ms, 3),
+                "max_abs_err": (per_rank[0]["latent"] - stock_latent).abs().max().item(),
+                "psnr_db": round(_psnr(per_rank[0]["latent"], stock_latent), 2),
+                "block_parameter_share": [round(r["held"][0] / r["held"][1], 4) for r in per_rank],
+                "peak_rss_mb": [round(r["peak_rss_mb"], 1) for r in per_rank],
+                "kv_cache_mb": [round(r["kv_cache_bytes"] / 2**20, 2) for r in per_rank]}
+        if method["world_size"] > 1:
+            measured = [{k: v // args.steps for k, v in r["comm"]["bytes"].items()} for r in per_rank]
+            theory = [_theory(method, spec, rank) for rank in range(method["world_size"])]
+            line.update({"bytes_per_rank_per_step": measured, "theoretical_bytes_per_rank_per_step": theory,
+                         "bytes_match": measured == theory,
+                         "total_bytes_per_rank_per_step": [sum(m.values()) for m in measured]})
+        if name == "pipefusion":
+            wall = statistics.median(per_rank[0]["times"])
+            line.update({"warmup_steps": 1, "num_pipeline_patch": method["patches"],
+                         "bubble_measured": [round(r["comm"]["waited_s"] / wall, 3) for r in per_rank],
+                         "bubble_theory": round(pipeline_bubble(2, method["patches"]), 3)})
+        print(json.dumps(line), flush=True)
+    for line in memory_plan_lines():
+        print(json.dumps(line), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
