@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
 import flux_cases
 from comfyui_xdit.comfy_runtime import init_worker
 
