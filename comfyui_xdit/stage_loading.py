@@ -14,6 +14,7 @@ from safetensors import safe_open
 import comfy.model_management
 import comfy.model_patcher
 
+from .errors import UnsupportedByXDiT
 from .flux_stages import RemoteBlock, block_parameters, blocks, stage_plan
 from .shell_model import detect, meta_state_dict, unet_prefix
 
@@ -23,9 +24,19 @@ def _container_and_index(diffusion_model: torch.nn.Module, index: int) -> tuple[
     return ("double_blocks", index) if index < doubles else ("single_blocks", index - doubles)
 
 
+def check_stage_loadable(path: str | Path) -> dict[str, torch.Tensor]:
+    """The file's header (meta tensors), or a refusal if per-stage loading cannot read it faithfully."""
+    header, metadata = meta_state_dict(path)
+    if any(key.endswith("scaled_fp8") for key in header) or "_quantization_metadata" in (metadata or {}):
+        raise UnsupportedByXDiT(f"{Path(path).name} is a quantized (scaled fp8) checkpoint, which PipeFusion's per-stage "
+                                "loading does not read yet; use the full-precision file or set pipefusion_degree to 1")
+    return header
+
+
 def load_stage(path: str | Path, weight_dtype: str, stages: int, stage: int) -> comfy.model_patcher.ModelPatcher:
     """A ModelPatcher of the file's model holding only stage `stage` of `stages` (plus the shared layers)."""
     load_device = comfy.model_management.get_torch_device()
+    header = check_stage_loadable(path)
     config, meta_state, _ = detect(path, weight_dtype, load_device)
     model = config.get_model(meta_state, "", device=torch.device("meta"))
     diffusion_model = model.diffusion_model
@@ -41,7 +52,7 @@ def load_stage(path: str | Path, weight_dtype: str, stages: int, stage: int) -> 
     offload_device = comfy.model_management.unet_offload_device()
     diffusion_model.to_empty(device=offload_device)
     wanted = set(diffusion_model.state_dict())
-    prefix = unet_prefix(meta_state_dict(path)[0])
+    prefix = unet_prefix(header)
     weights = {}
     with safe_open(str(path), framework="pt", device="cpu") as f:
         for key in f.keys():

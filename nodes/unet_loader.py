@@ -10,6 +10,7 @@ from comfyui_xdit.parallel_model import validate_for_model
 from comfyui_xdit.pool_client import pool_for
 from comfyui_xdit.job_spec import PoolModelRef
 from comfyui_xdit.shell_model import WEIGHT_DTYPES, build_shell, detect
+from comfyui_xdit.stage_loading import check_stage_loadable
 from ray_backend.cluster import cluster_gpus, ensure_ray, resolve_address
 
 _TOOLTIPS = {
@@ -75,5 +76,7 @@ class XDiTUNetLoader:
         ref = PoolModelRef(path=path, weight_dtype=weight_dtype, degrees=degrees, world_size=world, ray_address=resolve_address(ray_address), num_heads=num_heads)
         shell = build_shell(path, weight_dtype, ref)
         validate_for_model(config, world, shell)
+        if config.pipefusion_degree > 1:
+            check_stage_loadable(path)
         pool_for(ref).warm(ref, dict(degrees))
         return (shell,)

@@ -144,3 +144,17 @@ def test_loras_merge_onto_stage_models(pipeline_flux, tmp_path):
     assert (reference - base[0]["stock"][str(CASES["cfg"])]).abs().max() > 1e-3, "the LoRAs changed nothing"
     for result in per_rank:
         assert (result["latents"][0] - reference).abs().max().item() <= FP32_TOL
+
+
+def test_quantized_checkpoints_are_refused_for_stage_loading(comfy_root, pipeline_flux, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from comfyui_xdit.errors import UnsupportedByXDiT
+    from comfyui_xdit.stage_loading import check_stage_loadable
+
+    assert check_stage_loadable(pipeline_flux)
+    tensors = load_file(pipeline_flux)
+    tensors["scaled_fp8"] = torch.zeros(2)
+    save_file(tensors, str(tmp_path / "scaled.safetensors"))
+    with pytest.raises(UnsupportedByXDiT, match="quantized \\(scaled fp8\\) checkpoint, .* set pipefusion_degree to 1"):
+        check_stage_loadable(tmp_path / "scaled.safetensors")
