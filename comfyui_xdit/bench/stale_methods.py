@@ -6,8 +6,8 @@ Prints one JSON line per method on stdout (progress on stderr), then one line pe
 of the real Flux.1-dev architecture.
 
 Method
-- Model: a seeded checkpoint of tiny_models' "pipeline" size (hidden 256, 4 double + 10 single blocks) loaded by
-  ComfyUI; a `--size` x `--size` latent and `--text-tokens` text rows; sampling as SamplerCustomAdvanced does with
+- Model: a seeded checkpoint of tiny_models' "pipeline" size (4 double + 10 single blocks; hidden 256, or
+  `--hidden`) loaded by ComfyUI; a `--size` x `--size` latent and `--text-tokens` text rows; sampling as SamplerCustomAdvanced does with
   stock nodes (BasicGuider, euler, "simple" schedule, `--steps` steps), as in tests/flux_cases.py.
 - Every method is one spawn of its ranks (`run_on_ranks`, one torch thread per rank, ComfyUI with
   --use-pytorch-cross-attention so all runs use the same SDPA kernel); `ms_per_step` is the median over `--repeats`
@@ -44,7 +44,7 @@ from parallel_core.local_launch import run_on_ranks
 from .flux_step import theoretical_step_bytes
 from .stale_bytes import displaced_call_bytes, pipefusion_call_bytes
 
-HIDDEN, HEADS, HEAD_DIM, BLOCKS, OUT_FEATURES = 256, 2, 128, 14, 64
+HEAD_DIM, BLOCKS, OUT_FEATURES = 128, 14, 64
 FLUX_DEV = {"hidden_size": 3072, "num_heads": 24, "depth": 19, "depth_single_blocks": 38}
 
 
@@ -117,13 +117,13 @@ def _theory(method: dict, spec: dict, rank: int) -> dict[str, int]:
         stages = degrees["pipefusion_degree"]
         for call in range(steps):
             bands = [(0, rows)] if call == 0 else patch_bands(rows, method["patches"])
-            add(pipefusion_call_bytes(rank, stages, 1, text, rows, bands, HIDDEN, OUT_FEATURES))
+            add(pipefusion_call_bytes(rank, stages, 1, text, rows, bands, spec["hidden"], OUT_FEATURES))
     elif degrees.get("patch_degree", 1) > 1:
         for call in range(steps):
-            add(displaced_call_bytes(degrees["patch_degree"], 1, text, rows * rows, BLOCKS, HEADS, HEAD_DIM, OUT_FEATURES, call == 0))
+            add(displaced_call_bytes(degrees["patch_degree"], 1, text, rows * rows, BLOCKS, spec["hidden"] // HEAD_DIM, HEAD_DIM, OUT_FEATURES, call == 0))
     else:
         for _ in range(steps):
-            add(theoretical_step_bytes("ulysses", 1, rows * rows, text, HEADS, HEAD_DIM, BLOCKS, (spec["size"], spec["size"])))
+            add(theoretical_step_bytes("ulysses", 1, rows * rows, text, spec["hidden"] // HEAD_DIM, HEAD_DIM, BLOCKS, (spec["size"], spec["size"])))
     return {k: v // steps for k, v in total.items()}
 
 
@@ -171,15 +171,17 @@ def main(argv=None) -> int:
     parser.add_argument("--text-tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--hidden", type=int, default=256, help="model width (a multiple of 128); the pipeline size's is 256")
     args = parser.parse_args(argv)
-    spec = {"steps": args.steps, "size": args.size, "text_tokens": args.text_tokens, "repeats": args.repeats, "seed": args.seed}
+    spec = {"steps": args.steps, "size": args.size, "text_tokens": args.text_tokens, "repeats": args.repeats, "seed": args.seed,
+            "hidden": args.hidden}
     from comfyui_xdit.comfy_runtime import import_comfy
     from comfyui_xdit.tiny_models import write_tiny_flux
 
     import_comfy()
     results = {}
     with tempfile.TemporaryDirectory() as folder:
-        path = str(write_tiny_flux(Path(folder) / "flux-pipeline.safetensors", "dev", "pipeline", seed=args.seed))
+        path = str(write_tiny_flux(Path(folder) / "flux-pipeline.safetensors", "dev", "pipeline", seed=args.seed, hidden_size=args.hidden))
         for method in _methods(spec):
             print(f"running {method['method']} ...", file=sys.stderr)
             results[method["method"]] = (method, run_on_ranks(_rank, method["world_size"], path, method, spec, timeout_s=3600))
@@ -189,7 +191,7 @@ def main(argv=None) -> int:
         ms = statistics.median(per_rank[0]["times"]) / args.steps * 1e3
         line = {"method": name, "world_size": method["world_size"], "degrees": method.get("degrees", {}),
                 "latent": [args.size, args.size], "image_tokens": (args.size // 2) ** 2, "text_tokens": args.text_tokens,
-                "hidden": HIDDEN, "blocks": BLOCKS, "steps": args.steps, "ms_per_step": round(ms, 1),
+                "hidden": args.hidden, "blocks": BLOCKS, "steps": args.steps, "ms_per_step": round(ms, 1),
                 "speedup_vs_1": round(stock_ms / ms, 3),
                 "max_abs_err": (per_rank[0]["latent"] - stock_latent).abs().max().item(),
                 "psnr_db": round(_psnr(per_rank[0]["latent"], stock_latent), 2),
