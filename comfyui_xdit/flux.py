@@ -19,8 +19,6 @@ from typing import Any
 
 import torch
 
-import comfy.patcher_extension
-
 from parallel_core import KVCache, ParallelState, all_gather, displaced_attention, gather_batch, gather_sequence, split_batch, split_sequence, usp_attention
 from parallel_core.sharding import chunk_length, gather_over, padded_piece, shard_positions, split_over
 
@@ -176,10 +174,8 @@ def parallelize(model_patcher, state: ParallelState):
     original = functools.partial(type(diffusion_model).forward_orig, diffusion_model)
     patched = model_patcher.clone()
     if state.patch.size > 1:
-        cache = KVCache()
+        cache = stale_steps.attach_cache(patched)
         patched.add_object_patch(OBJECT_PATCH_KEY, functools.partial(_displaced_forward_orig, original, state, cache))
-        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, stale_steps.RESET_WRAPPER_KEY,
-                                     stale_steps.reset_wrapper(cache))
     else:
         patched.add_object_patch(OBJECT_PATCH_KEY, functools.partial(_parallel_forward_orig, original, state))
     return patched

@@ -18,8 +18,6 @@ import time
 
 import torch
 
-import comfy.patcher_extension
-
 from parallel_core import KVCache, ParallelState, broadcast, gather_batch, pipefusion_attention
 from parallel_core.comm import recv, send_async
 from parallel_core.sharding import gather_over, shard_positions, split_over
@@ -93,6 +91,9 @@ def _pipefusion_forward_orig(original, state: ParallelState, cache: KVCache, pla
     text_len, image_len = txt.shape[1], img.shape[1]
     sends: list = []
     outputs = []
+    # One set of block replacements serves every band: they differ only in the rows they receive.
+    replacements = {**transformer_options.get("patches_replace", {}),
+                    "dit": _block_replacements(double_count, sum(len(s) for s in plan), plan[pf.rank], state, sends)}
     for band, (top, bottom) in enumerate(bands):
         image = slice(top * width, bottom * width)
         # The text rows travel with the first patch. Flux's blocks cannot take zero text rows, so later patches
@@ -102,8 +103,7 @@ def _pipefusion_forward_orig(original, state: ParallelState, cache: KVCache, pla
         positions = shard_positions([text_positions, range(text_len + image.start, text_len + image.stop)], sp.size)
         call_options = dict(transformer_options)
         call_options["optimized_attention_override"] = functools.partial(_attention_override, state, cache, stream, positions, text_len + image_len)
-        call_options["patches_replace"] = {**transformer_options.get("patches_replace", {}),
-                                           "dit": _block_replacements(double_count, sum(len(s) for s in plan), plan[pf.rank], state, sends)}
+        call_options["patches_replace"] = replacements
         local = [split_over(t, 1, sp) for t in (img[:, image], img_ids[:, image], txt[:, text], txt_ids[:, text])]
         out = original(*local, timesteps, y, guidance, None, transformer_options=call_options)
         outputs.append(gather_over(out, 1, sp, state, image.stop - image.start) if pf.rank == pf.size - 1 else None)
@@ -129,9 +129,8 @@ def parallelize(model_patcher, state: ParallelState):
     diffusion_model = model_patcher.model.diffusion_model
     plan = stage_plan(diffusion_model, state.pipefusion.size)
     original = functools.partial(type(diffusion_model).forward_orig, diffusion_model)
-    cache = KVCache()
     patched = model_patcher.clone()
+    cache = stale_steps.attach_cache(patched)
     patched.add_object_patch(OBJECT_PATCH_KEY, functools.partial(
         _pipefusion_forward_orig, original, state, cache, plan, len(diffusion_model.double_blocks)))
-    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, stale_steps.RESET_WRAPPER_KEY, stale_steps.reset_wrapper(cache))
     return patched

@@ -16,13 +16,13 @@ from typing import Any, Callable
 
 import torch
 
+import comfy.patcher_extension
+
 from parallel_core import KVCache, patch_bands
 
 OPTIONS_KEY = "xdit_stale"
 RESET_WRAPPER_KEY = "comfyui_xdit.stale_kv_reset"
 DEFAULT_WARMUP_STEPS = 1
-
-
 AUTO_PATCHES_PER_STAGE = 2
 
 
@@ -93,6 +93,13 @@ def stream_of(transformer_options: dict, *tensors: torch.Tensor) -> Hashable:
 
 def is_synchronous(cache: KVCache, stream: Hashable, transformer_options: dict, warmup_steps: int) -> bool:
     return step_index(transformer_options) < warmup_steps or not cache.has_stream(stream)
+
+
+def attach_cache(model_patcher) -> KVCache:
+    """A new KVCache for `model_patcher` (a parallel clone), emptied around each of its sampling runs."""
+    cache = KVCache()
+    model_patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, RESET_WRAPPER_KEY, reset_wrapper(cache))
+    return cache
 
 
 def reset_wrapper(cache: KVCache) -> Callable[..., Any]:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, fields
 # Outermost first: the rank layout `init_parallel` builds (see state.py).
 DIMENSIONS: tuple[str, ...] = ("data", "cfg", "pipefusion", "patch", "ring", "ulysses")
 # Patch parallelism (DistriFusion-style, displaced) shares out the sequence the way Ulysses/Ring do, but with stale
-# keys/values: it replaces them rather than nesting with them (patch.py).
+# keys/values: it replaces them rather than nesting with them (stale_kv.py).
 _EXCLUSIVE_WITH_PATCH = ("ulysses_degree", "ring_degree", "pipefusion_degree")
 
 
