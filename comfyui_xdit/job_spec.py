@@ -16,7 +16,7 @@ class PoolModelRef:
     weight_dtype: str
     degrees: tuple[tuple[str, int], ...]  # ParallelConfig fields, resolved (no zeros)
     world_size: int
-    ray_address: str  # "" = local cluster
+    cluster: str  # the operator-configured cluster's name ("local" = the private local cluster)
     num_heads: int
 
 

@@ -2,16 +2,21 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
+import comfy.model_management
 import folder_paths
 
+from comfyui_xdit import cluster_config
 from comfyui_xdit.degrees import resolve_degrees, resolve_world_size
 from comfyui_xdit.parallel_model import validate_for_model
 from comfyui_xdit.pool_client import pool_for
 from comfyui_xdit.job_spec import PoolModelRef
 from comfyui_xdit.shell_model import WEIGHT_DTYPES, build_shell, detect
 from comfyui_xdit.stage_loading import check_stage_loadable
-from ray_backend.cluster import cluster_gpus, ensure_ray, resolve_address
+from ray_backend.capacity import check_world_fits
+from ray_backend.cluster import ClusterConnectCancelled, ClusterUnreachable, cluster_gpus, cluster_memory_bytes, ensure_ray
+from ray_backend.clusters import LOCAL, ClusterNotConfigured
 
 _TOOLTIPS = {
     "ulysses_degree": "Ulysses sequence parallel (exact); 0 = auto",
@@ -37,7 +42,9 @@ class XDiTUNetLoader:
             "optional": {
                 "world_size": ("INT", {"default": 0, "min": 0, "max": 1024, "tooltip": "workers in the pool; 0 = every visible GPU, or 2 CPU workers when there is none"}),
                 **{name: _degree_input(name) for name in ("ulysses_degree", "ring_degree", "cfg_degree", "pipefusion_degree")},
-                "ray_address": ("STRING", {"default": "", "tooltip": "Ray cluster to use; empty = RAY_ADDRESS, else a private local cluster on 127.0.0.1"}),
+                # A name, never an address: the operator maps names to clusters (README: multi-node), so a workflow
+                # from anywhere cannot make ComfyUI connect somewhere. Same input name and place as the old address.
+                "ray_address": (cluster_config.choices(), {"default": LOCAL, "tooltip": "Ray cluster: 'local' = a private cluster on this machine; other names are the clusters the operator configured (XDIT_RAY_CLUSTERS or user/__comfyui_xdit/clusters.json)"}),
                 # Last, so saved workflows' widget values keep their places.
                 "patch_degree": _degree_input("patch_degree"),
             },
@@ -49,9 +56,14 @@ class XDiTUNetLoader:
     DESCRIPTION = "Loads a diffusion model into a pool of workers that denoise one image together (drop-in for Load Diffusion Model)."
 
     @classmethod
-    def VALIDATE_INPUTS(cls, world_size=0, ulysses_degree=0, ring_degree=0, cfg_degree=0, pipefusion_degree=0, patch_degree=0):
+    def VALIDATE_INPUTS(cls, world_size=0, ulysses_degree=0, ring_degree=0, cfg_degree=0, pipefusion_degree=0, patch_degree=0,
+                        ray_address=LOCAL):
         # Checked before the prompt runs; heads, blocks and GPU counts are checked again when the model is loaded.
         # Only the inputs named here skip ComfyUI's own checks (unet_name, weight_dtype keep theirs).
+        try:
+            cluster_config.target_for(ray_address)
+        except ClusterNotConfigured as error:
+            return str(error)
         for name, value in (("world_size", world_size), ("ulysses_degree", ulysses_degree), ("ring_degree", ring_degree),
                             ("cfg_degree", cfg_degree), ("pipefusion_degree", pipefusion_degree), ("patch_degree", patch_degree)):
             if not isinstance(value, int) or value < 0:
@@ -65,18 +77,31 @@ class XDiTUNetLoader:
         return True
 
     def load_unet(self, unet_name, weight_dtype, world_size=0, ulysses_degree=0, ring_degree=0, cfg_degree=0,
-                  pipefusion_degree=0, ray_address="", patch_degree=0):
+                  pipefusion_degree=0, ray_address=LOCAL, patch_degree=0):
+        target = cluster_config.target_for(ray_address)  # an unconfigured cluster is refused before anything runs
         path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
         model_config = detect(path, weight_dtype)[0]
         num_heads = int(model_config.unet_config.get("num_heads", 1))
-        ensure_ray(ray_address)
+        connect(target)
         world = resolve_world_size(world_size, cluster_gpus())
+        check_world_fits(world, cluster_gpus(), cluster_memory_bytes(), os.path.getsize(path))
         config = resolve_degrees(world, num_heads, ulysses_degree, ring_degree, cfg_degree, pipefusion_degree, patch_degree)
         degrees = tuple((f.name, getattr(config, f.name)) for f in dataclasses.fields(config))
-        ref = PoolModelRef(path=path, weight_dtype=weight_dtype, degrees=degrees, world_size=world, ray_address=resolve_address(ray_address), num_heads=num_heads)
+        ref = PoolModelRef(path=path, weight_dtype=weight_dtype, degrees=degrees, world_size=world, cluster=target.name, num_heads=num_heads)
         shell = build_shell(path, weight_dtype, ref)
         validate_for_model(config, world, shell)
         if config.pipefusion_degree > 1:
             check_stage_loadable(path)
-        pool_for(ref).warm(ref, dict(degrees))
+        pool_for(ref, comfy.model_management.processing_interrupted).warm(ref, dict(degrees))
         return (shell,)
+
+
+def connect(target) -> None:
+    """Connect to the chosen cluster in bounded time; ComfyUI's Cancel stops the attempt."""
+    try:
+        ensure_ray(target, comfy.model_management.processing_interrupted)
+    except ClusterConnectCancelled:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        raise
+    except ClusterUnreachable as error:
+        raise RuntimeError(f"XDiTUNetLoader: {error}. Nothing was changed; the private local cluster (if any) keeps running.") from error

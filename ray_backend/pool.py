@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .cluster import cluster_gpus, ensure_ray, node_address, resolve_address
+from .cluster import cluster_gpus, ensure_ray, node_address
+from .clusters import ClusterTarget
 from .errors import JobInterrupted, PoolFailure
 from .worker import PoolWorker
 
@@ -29,7 +30,7 @@ FAILURE_GRACE_S = 10.0
 @dataclass(frozen=True)
 class PoolKey:
     world_size: int
-    ray_address: str  # "" = local
+    cluster: ClusterTarget
 
 
 def _worker_env() -> dict[str, str]:
@@ -51,10 +52,10 @@ def _cause(error: BaseException) -> BaseException:
 class WorkerPool:
     """`key.world_size` actors, one per GPU when the cluster has enough GPUs, else CPU workers over gloo."""
 
-    def __init__(self, key: PoolKey, service_path: str):
+    def __init__(self, key: PoolKey, service_path: str, should_interrupt: Callable[[], bool] | None = None):
         import ray
 
-        ensure_ray(key.ray_address)
+        ensure_ray(key.cluster, should_interrupt)
         self.key = key
         started = time.perf_counter()
         use_gpus = cluster_gpus() >= key.world_size
@@ -177,7 +178,7 @@ class WorkerPool:
         return bool(self.actors)
 
     def status(self) -> dict[str, Any]:
-        return {"world_size": self.key.world_size, "ray_address": self.key.ray_address or "local", "backend": self.backend,
+        return {"world_size": self.key.world_size, "cluster": self.key.cluster.name, "ray_address": self.key.cluster.address or "local", "backend": self.backend,
                 "workers": self.workers, "startup_s": round(self.startup_s, 3), "jobs_run": self.jobs_run, "ranks": self.last_stats,
                 "last_job": self.last_job}
 
@@ -189,13 +190,14 @@ class PoolRegistry:
         self._service_path = service_path
         self._pool: WorkerPool | None = None
 
-    def get(self, world_size: int, ray_address: str) -> WorkerPool:
-        key = PoolKey(world_size, resolve_address(ray_address))
+    def get(self, world_size: int, cluster: ClusterTarget, should_interrupt: Callable[[], bool] | None = None) -> WorkerPool:
+        """The live pool for this world size and cluster, started (after connecting, cancellably) if needed."""
+        key = PoolKey(world_size, cluster)
         if self._pool is not None and (self._pool.key != key or not self._pool.alive):
             self._pool.shutdown()
             self._pool = None
         if self._pool is None:
-            self._pool = WorkerPool(key, self._service_path)
+            self._pool = WorkerPool(key, self._service_path, should_interrupt)
         return self._pool
 
     @property

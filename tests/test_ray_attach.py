@@ -1,5 +1,5 @@
-"""ray_backend on its own (no ComfyUI): attaching to a Ray cluster the user started (ray_address), here one on
-127.0.0.1 started by the test, and ending a job whose worker is stuck."""
+"""ray_backend on its own (no ComfyUI): attaching to a Ray cluster the operator named (here one on 127.0.0.1
+started by the test, configured through XDIT_RAY_CLUSTERS), and ending a job whose worker is stuck."""
 from __future__ import annotations
 
 import json
@@ -16,9 +16,10 @@ from comfyui_xdit.server_launcher import REPO_ROOT, free_port
 TESTS = Path(__file__).resolve().parent
 DRIVER = """
 import json, sys
+from ray_backend.clusters import resolve_cluster
 from ray_backend.pool import PoolRegistry
 registry = PoolRegistry("pool_echo_service:EchoService")
-pool = registry.get(2, sys.argv[1])
+pool = registry.get(2, resolve_cluster("testhead", None))
 result = pool.run({"value": 3}, {"ulysses_degree": 2})
 report = {"output": result["output"], "status": pool.status()}
 try:
@@ -55,11 +56,12 @@ def test_pool_runs_on_an_existing_cluster_given_its_address_and_ends_a_stuck_job
     env["XDIT_STALL_TIMEOUT_S"] = "5"  # the driver's stuck-worker limit (600 s by default)
     try:
         _wait_for_port(port)
-        driver = subprocess.run([sys.executable, "-c", DRIVER, f"127.0.0.1:{port}"], env=env, capture_output=True, text=True, timeout=300)
+        env["XDIT_RAY_CLUSTERS"] = f"testhead=127.0.0.1:{port}"
+        driver = subprocess.run([sys.executable, "-c", DRIVER], env=env, capture_output=True, text=True, timeout=300)
         assert driver.returncode == 0, driver.stdout[-2000:] + driver.stderr[-4000:]
         report = json.loads(driver.stdout.strip().splitlines()[-1])
         assert report["output"] == {"sum": 3 * 1 + 3 * 2, "world": 2}
-        assert report["status"]["ray_address"] == f"127.0.0.1:{port}" and report["status"]["backend"] == "gloo"
+        assert report["status"]["cluster"] == "testhead" and report["status"]["ray_address"] == f"127.0.0.1:{port}" and report["status"]["backend"] == "gloo"
         assert report["stuck"].startswith("PoolFailure: the worker pool made no progress for 5 s")
         assert report["alive_after_stuck"] is False, "a stuck pool is taken down so the next job starts a fresh one"
     finally:
