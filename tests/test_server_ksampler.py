@@ -1,0 +1,97 @@
+"""XDiTKSampler / XDiTKSamplerAdvanced and live previews through a real ComfyUI server, on a local Ray pool.
+
+Each KSampler graph (UNETLoader -> ModelSamplingFlux -> KSampler with a positive and a negative -> SaveLatent) runs
+once as stock and once with only the loader and the sampler swapped for the XDiT nodes. Previews are asked for
+the way the frontend asks (the prompt's extra_data "preview_method") and arrive as binary websocket frames.
+"""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from server_graphs import flux_graph, ksampler_graph, saved_latent
+
+from comfyui_xdit.api_client import ComfyClient, PromptResult
+
+FP32_TOL = 1e-5
+ULYSSES2 = {"world_size": 2, "ulysses_degree": 2, "ring_degree": 1, "cfg_degree": 1}
+CFG2 = {"world_size": 2, "ulysses_degree": 1, "ring_degree": 1, "cfg_degree": 2}
+LATENT2RGB = {"preview_method": "latent2rgb"}
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def client(comfy_server) -> ComfyClient:
+    return ComfyClient(comfy_server.url)
+
+
+@pytest.mark.parametrize(("xdit", "stock"), [("XDiTKSampler", "KSampler"), ("XDiTKSamplerAdvanced", "KSamplerAdvanced")])
+def test_the_xdit_ksamplers_take_exactly_the_stock_inputs(client, xdit, stock):
+    info = client.object_info()
+    for key in ("input", "input_order", "output", "output_name", "output_is_list"):
+        assert info[xdit][key] == info[stock][key], key
+    assert info[xdit]["display_name"].endswith("(XDiT pool)")
+
+
+CASES = [
+    ("ulysses2-cfg1", 1.0, None, ULYSSES2),
+    ("cfg2-cfg3.5", 3.5, None, CFG2),  # CFGGuider with the negative, its two halves on two ranks
+    ("ulysses2-cfg3.5-dpmpp2m", 3.5, None, ULYSSES2),
+    ("advanced-ulysses2-end2-leftover", 1.0, {"add_noise": "enable", "start_at_step": 0, "end_at_step": 2, "return_with_leftover_noise": "enable"}, ULYSSES2),
+    ("advanced-cfg2-no-noise-from1", 2.0, {"add_noise": "disable", "start_at_step": 1, "end_at_step": 10000, "return_with_leftover_noise": "disable"}, CFG2),
+]
+
+
+@pytest.mark.parametrize(("name", "cfg", "advanced", "degrees"), CASES, ids=[c[0] for c in CASES])
+def test_xdit_ksampler_matches_the_stock_graph(comfy_server, client, name, cfg, advanced, degrees):
+    sampler = "dpmpp_2m" if "dpmpp2m" in name else "euler"
+    graph = {"cfg": cfg, "sampler": sampler, "advanced": advanced, "steps": STEPS}
+    stock = saved_latent(comfy_server, client.run(ksampler_graph(False, prefix=f"stock_ks_{name}", **graph), timeout=300))
+    result = client.run(ksampler_graph(True, prefix=f"xdit_ks_{name}", **graph, **degrees), timeout=600)
+    xdit = saved_latent(comfy_server, result)
+    assert xdit.shape == stock.shape
+    assert stock.abs().max() > 0.1
+    assert (xdit - stock).abs().max().item() <= FP32_TOL
+    progress = [data for kind, data in result.events if kind == "progress" and data.get("node") == "11"]
+    assert progress and progress[-1]["value"] == progress[-1]["max"]
+    assert result.previews == [], "no previews unless the prompt asks for them"
+
+
+def _image(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+def _check_previews(stock: PromptResult, xdit: PromptResult) -> None:
+    assert len(stock.previews) == STEPS
+    # Rank 0 hands over at most one preview per step (the newest, when the node polls), and always the last one.
+    assert 1 <= len(xdit.previews) <= STEPS
+    last_stock, last_xdit = _image(stock.previews[-1]), _image(xdit.previews[-1])
+    assert last_xdit.shape == last_stock.shape  # the server scales both to --preview-size
+    assert np.abs(last_xdit - last_stock).mean() < 1.0, "the last preview shows the same x0 as stock's"
+    assert last_xdit.std() > 1.0, "the preview is an image, not a blank"
+
+
+def test_xdit_ksampler_sends_live_previews(comfy_server, client):
+    stock = client.run(ksampler_graph(False, seed=31, prefix="stock_ks_preview"), timeout=300, extra_data=LATENT2RGB)
+    xdit = client.run(ksampler_graph(True, seed=31, prefix="xdit_ks_preview", **ULYSSES2), timeout=600, extra_data=LATENT2RGB)
+    _check_previews(stock, xdit)
+    assert (saved_latent(comfy_server, xdit) - saved_latent(comfy_server, stock)).abs().max().item() <= FP32_TOL
+
+
+def test_xdit_sampler_custom_advanced_sends_live_previews(comfy_server, client):
+    stock = client.run(flux_graph(False, seed=32, prefix="stock_sca_preview"), timeout=300, extra_data=LATENT2RGB)
+    xdit = client.run(flux_graph(True, seed=32, prefix="xdit_sca_preview", **ULYSSES2), timeout=600, extra_data=LATENT2RGB)
+    _check_previews(stock, xdit)
+
+
+def test_a_stock_model_in_xdit_ksampler_is_refused_naming_the_fix(comfy_server, client):
+    from comfyui_xdit.api_client import ExecutionFailed
+
+    graph = ksampler_graph(False, seed=41, prefix="refused")
+    graph["11"]["class_type"] = "XDiTKSampler"
+    with pytest.raises(ExecutionFailed, match=r"XDiTKSampler needs a MODEL from XDiTUNetLoader; replace UNETLoader with XDiTUNetLoader"):
+        client.run(graph, timeout=300)
