@@ -15,6 +15,8 @@ from PIL import Image
 from server_graphs import flux_graph, ksampler_graph, saved_latent
 
 from comfyui_xdit.api_client import ComfyClient, PromptResult
+from comfyui_xdit.server_launcher import REPO_ROOT, TINY_UNET_NAMES
+from comfyui_xdit.workflow_tools import STOCK_TWINS, load_api_workflow, make_offline, stock_twin
 
 FP32_TOL = 1e-5
 ULYSSES2 = {"world_size": 2, "ulysses_degree": 2, "ring_degree": 1, "cfg_degree": 1}
@@ -34,6 +36,9 @@ def test_the_xdit_ksamplers_take_exactly_the_stock_inputs(client, xdit, stock):
     for key in ("input", "input_order", "output", "output_name", "output_is_list"):
         assert info[xdit][key] == info[stock][key], key
     assert info[xdit]["display_name"].endswith("(XDiT pool)")
+    # workflow_tools.stock_twin keeps every stock input when it swaps the node back
+    assert STOCK_TWINS[xdit][0] == stock
+    assert sorted(STOCK_TWINS[xdit][1]) == sorted(name for section in info[stock]["input_order"].values() for name in section)
 
 
 CASES = [
@@ -95,3 +100,17 @@ def test_a_stock_model_in_xdit_ksampler_is_refused_naming_the_fix(comfy_server, 
     graph["11"]["class_type"] = "XDiTKSampler"
     with pytest.raises(ExecutionFailed, match=r"XDiTKSampler needs a MODEL from XDiTUNetLoader; replace UNETLoader with XDiTUNetLoader"):
         client.run(graph, timeout=300)
+
+
+def test_the_shipped_ksampler_workflow_runs_on_the_pool_like_its_stock_twin(comfy_server, client):
+    """workflows/api/flux_dev_ksampler_xdit_api.json as shipped (pool size and degrees auto), offline on tiny weights."""
+    workflow = make_offline(load_api_workflow(REPO_ROOT / "workflows" / "api" / "flux_dev_ksampler_xdit_api.json"),
+                            TINY_UNET_NAMES["dev"], size=128, steps=STEPS)
+    workflow["99"] = {"class_type": "SaveLatent", "inputs": {"samples": ["11", 0], "filename_prefix": "shipped_ks_xdit"}}
+    stock = stock_twin(workflow)
+    assert stock["11"]["class_type"] == "KSampler" and stock["11"]["inputs"].keys() == workflow["11"]["inputs"].keys()
+    stock["99"]["inputs"]["filename_prefix"] = "shipped_ks_stock"
+    xdit_result = client.run(workflow, timeout=600)
+    assert {file.kind for file in xdit_result.files} == {"images", "latents"}
+    difference = saved_latent(comfy_server, xdit_result) - saved_latent(comfy_server, client.run(stock, timeout=300))
+    assert difference.abs().max().item() <= FP32_TOL
