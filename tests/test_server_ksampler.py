@@ -42,17 +42,19 @@ def test_the_xdit_ksamplers_take_exactly_the_stock_inputs(client, xdit, stock):
 
 
 CASES = [
-    ("ulysses2-cfg1", 1.0, None, ULYSSES2),
-    ("cfg2-cfg3.5", 3.5, None, CFG2),  # CFGGuider with the negative, its two halves on two ranks
-    ("ulysses2-cfg3.5-dpmpp2m", 3.5, None, ULYSSES2),
-    ("advanced-ulysses2-end2-leftover", 1.0, {"add_noise": "enable", "start_at_step": 0, "end_at_step": 2, "return_with_leftover_noise": "enable"}, ULYSSES2),
-    ("advanced-cfg2-no-noise-from1", 2.0, {"add_noise": "disable", "start_at_step": 1, "end_at_step": 10000, "return_with_leftover_noise": "disable"}, CFG2),
+    ("ulysses2-cfg1", 1.0, "euler", None, ULYSSES2),
+    ("cfg2-cfg3.5", 3.5, "euler", None, CFG2),  # CFGGuider with the negative, its two halves on two ranks
+    ("ulysses2-cfg3.5-dpmpp2m", 3.5, "dpmpp_2m", None, ULYSSES2),
+    # Seeded noise inside the loop: every rank draws the same, as one stock process would.
+    ("ulysses2-euler-ancestral", 1.0, "euler_ancestral", None, ULYSSES2),
+    ("cfg2-dpmpp2m-sde", 2.0, "dpmpp_2m_sde", None, CFG2),
+    ("advanced-ulysses2-end2-leftover", 1.0, "euler", {"add_noise": "enable", "start_at_step": 0, "end_at_step": 2, "return_with_leftover_noise": "enable"}, ULYSSES2),
+    ("advanced-cfg2-no-noise-from1", 2.0, "euler", {"add_noise": "disable", "start_at_step": 1, "end_at_step": 10000, "return_with_leftover_noise": "disable"}, CFG2),
 ]
 
 
-@pytest.mark.parametrize(("name", "cfg", "advanced", "degrees"), CASES, ids=[c[0] for c in CASES])
-def test_xdit_ksampler_matches_the_stock_graph(comfy_server, client, name, cfg, advanced, degrees):
-    sampler = "dpmpp_2m" if "dpmpp2m" in name else "euler"
+@pytest.mark.parametrize(("name", "cfg", "sampler", "advanced", "degrees"), CASES, ids=[c[0] for c in CASES])
+def test_xdit_ksampler_matches_the_stock_graph(comfy_server, client, name, cfg, sampler, advanced, degrees):
     graph = {"cfg": cfg, "sampler": sampler, "advanced": advanced, "steps": STEPS}
     stock = saved_latent(comfy_server, client.run(ksampler_graph(False, prefix=f"stock_ks_{name}", **graph), timeout=300))
     result = client.run(ksampler_graph(True, prefix=f"xdit_ks_{name}", **graph, **degrees), timeout=600)
