@@ -49,3 +49,4 @@ class SamplingJob:
     model_option_flags: dict = field(default_factory=dict)
     loras: tuple[LoraRef, ...] = ()
     stale_options: dict = field(default_factory=dict)  # stale_steps.StaleOptions fields, for PipeFusion / patch parallel
+    previews: bool = False  # rank 0 hands each step's x0 (first batch item) to the caller for ComfyUI's live preview

@@ -80,7 +80,7 @@ def detect(path: str | Path, weight_dtype: str, load_device: torch.device = torc
 
 
 def _refuse_local_sampling(executor, *args, **kwargs):
-    raise UnsupportedByXDiT("this MODEL comes from XDiTUNetLoader and its weights live in the XDiT pool: sample it with XDiTSamplerCustomAdvanced, or load it with UNETLoader for stock samplers")
+    raise UnsupportedByXDiT("this MODEL comes from XDiTUNetLoader and its weights live in the XDiT pool: sample it with XDiTSamplerCustomAdvanced, XDiTKSampler or XDiTKSamplerAdvanced, or load it with UNETLoader for stock samplers")
 
 
 def build_shell(path: str | Path, weight_dtype: str, ref: PoolModelRef) -> comfy.model_patcher.ModelPatcher:

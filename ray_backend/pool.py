@@ -78,6 +78,7 @@ class WorkerPool:
         self.jobs_run = 0
         self.last_stats: list[dict] = []
         self.last_job: dict[str, float] = {}
+        self._preview_seen: int | None = None  # the last step whose preview was delivered; None: the job wants none
 
     def warm(self, model_ref: Any, degrees: dict[str, int]) -> list[dict]:
         """Load the model on every rank now (so the first prompt does not pay for it)."""
@@ -89,9 +90,13 @@ class WorkerPool:
         except Exception as error:
             raise PoolFailure(f"loading the model in the worker pool failed: {_cause(error)}") from error
 
-    def run(self, job: Any, degrees: dict[str, int], on_progress: Callable[[int, int], None] | None = None,
-            should_interrupt: Callable[[], bool] | None = None, poll_s: float = 0.05) -> dict[str, Any]:
-        """Run `job` on every rank; returns rank 0's result. Raises JobInterrupted, or PoolFailure (pool is dead)."""
+    def run(self, job: Any, degrees: dict[str, int], on_progress: Callable[[int, int, Any], None] | None = None,
+            should_interrupt: Callable[[], bool] | None = None, poll_s: float = 0.05, previews: bool = False) -> dict[str, Any]:
+        """Run `job` on every rank; returns rank 0's result. Raises JobInterrupted, or PoolFailure (pool is dead).
+
+        `on_progress(step, total, preview)` sees rank 0's progress; with `previews`, `preview` is the payload rank 0
+        attached to a step it has not delivered before (else None), so a preview crosses at most once per step.
+        """
         import ray
 
         dispatched = time.perf_counter()
@@ -99,6 +104,7 @@ class WorkerPool:
         results: dict[int, Any] = {}
         errors: dict[int, BaseException] = {}
         last_step, last_change, first_error_at, interrupting = -1, time.monotonic(), None, False
+        self._preview_seen = 0 if previews else None
         while len(results) + len(errors) < len(refs):
             pending = [r for i, r in enumerate(refs) if i not in results and i not in errors]
             ready, _ = ray.wait(pending, num_returns=len(pending), timeout=poll_s)
@@ -140,16 +146,19 @@ class WorkerPool:
         self.last_job = {"seconds_total": time.perf_counter() - dispatched, "seconds_in_workers": max(r["seconds"] for r in results.values())}
         return results[0]
 
-    def _progress(self, on_progress: Callable[[int, int], None] | None) -> int:
+    def _progress(self, on_progress: Callable[[int, int, Any], None] | None) -> int:
         import ray
 
         try:
-            step, total = ray.get(self.actors[0].progress.remote(), timeout=30)
+            step, total, preview = ray.get(self.actors[0].progress.remote(self._preview_seen), timeout=30)
         except Exception as error:
             self.shutdown()
             raise PoolFailure(f"worker rank 0 stopped answering: {_cause(error)}") from error
+        if preview is not None:
+            self._preview_seen = preview[0]
         if on_progress is not None and total:
-            on_progress(step, total)
+            # A preview goes with the step it belongs to (rank 0 may have moved on since it was made).
+            on_progress(*((preview[0], total, preview[1]) if preview is not None else (step, total, None)))
         return step
 
     def _consistent_error(self, errors: dict[int, BaseException]):

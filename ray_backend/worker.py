@@ -82,8 +82,14 @@ class PoolWorker:
         self.jobs_run += 1
         return {"rank": self.rank, "output": result if self.rank == 0 else None, "seconds": time.perf_counter() - started, "stats": service.stats(), "comm_bytes": state.comm.snapshot()}
 
-    def progress(self) -> tuple[int, int]:
-        return (self.control.step, self.control.total) if self.control else (0, 0)
+    def progress(self, preview_after: int | None = None) -> tuple[int, int, Any]:
+        """(step, total, preview): the preview is the latest step's payload when that step is past `preview_after`
+        (None: the caller wants none), so each step's preview crosses to the caller at most once."""
+        if not self.control:
+            return 0, 0, None
+        latest = self.control.preview
+        fresh = preview_after is not None and latest is not None and latest[0] > preview_after
+        return self.control.step, self.control.total, latest if fresh else None
 
     def request_interrupt(self) -> None:
         if self.control:
