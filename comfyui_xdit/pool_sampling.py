@@ -42,7 +42,7 @@ def sample_on_pool(node: str, guider, sampler, sigmas: torch.Tensor, noise: torc
         preview = None if x0 is None else previewer.decode_latent_to_preview_image(PREVIEW_FORMAT, x0)
         progress.update_absolute(step, total, preview)
 
-    pool = pool_for(job.model)
+    pool = pool_for(job.model, comfy.model_management.processing_interrupted)
     try:
         result = pool.run(job, degrees_of(job.model), on_progress=on_progress, previews=job.previews,
                           should_interrupt=comfy.model_management.processing_interrupted)
