@@ -198,6 +198,12 @@ def _loopback_only():
                 os.environ[key] = value
 
 
+def private_cluster_folder() -> Path | None:
+    """The private cluster's own 0700 folder while this process runs it, else None."""
+    target = _connection.get("target")
+    return _connection.get("temp_dir") if target is not None and target.is_local else None  # type: ignore[return-value]
+
+
 def private_cluster_info() -> dict[str, str] | None:
     """The private cluster's GCS address and token file, while this process runs one (tests and operators)."""
     target, temp_dir = _connection.get("target"), _connection.get("temp_dir")

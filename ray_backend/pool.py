@@ -9,11 +9,12 @@ from __future__ import annotations
 import os
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .cluster import cluster_gpus, ensure_ray, node_address
+from .cluster import cluster_gpus, ensure_ray, node_address, private_cluster_folder
 from .clusters import ClusterTarget
 from .errors import JobInterrupted, PoolFailure
 from .worker import PoolWorker
@@ -67,9 +68,7 @@ class WorkerPool:
         self.actors = [actor.remote(rank, key.world_size, service_path, threads) for rank in range(key.world_size)]
         try:
             self.workers = ray.get([a.describe.remote() for a in self.actors], timeout=STARTUP_TIMEOUT_S)
-            host = node_address(self.workers[0]["node_id"])
-            port = ray.get(self.actors[0].open_rendezvous.remote(host), timeout=STARTUP_TIMEOUT_S)
-            backends = ray.get([a.join.remote(host, port, COLLECTIVE_TIMEOUT_S) for a in self.actors], timeout=STARTUP_TIMEOUT_S)
+            backends = ray.get(self._join_calls(), timeout=STARTUP_TIMEOUT_S)
         except Exception as error:
             self.shutdown()
             raise PoolFailure(f"the worker pool of {key.world_size} did not start: {_cause(error)}") from error
@@ -79,6 +78,21 @@ class WorkerPool:
         self.last_stats: list[dict] = []
         self.last_job: dict[str, float] = {}
         self._preview_seen: int | None = None  # the last step whose preview was delivered; None: the job wants none
+
+    def _join_calls(self) -> list:
+        """Every rank joins the group: at a store file in the private cluster's own folder (no port at all), or at
+        a TCP store rank 0 serves on its node's address (a cluster spanning machines)."""
+        import ray
+
+        folder = private_cluster_folder()
+        if folder is not None:
+            self.rendezvous = "file"
+            path = str(folder / f"rendezvous-{uuid.uuid4().hex}")
+            return [a.join_file.remote(path, COLLECTIVE_TIMEOUT_S) for a in self.actors]
+        self.rendezvous = "tcp"
+        host = node_address(self.workers[0]["node_id"])
+        port = ray.get(self.actors[0].open_rendezvous.remote(host), timeout=STARTUP_TIMEOUT_S)
+        return [a.join.remote(host, port, COLLECTIVE_TIMEOUT_S) for a in self.actors]
 
     def warm(self, model_ref: Any, degrees: dict[str, int]) -> list[dict]:
         """Load the model on every rank now (so the first prompt does not pay for it)."""
@@ -187,7 +201,7 @@ class WorkerPool:
         return bool(self.actors)
 
     def status(self) -> dict[str, Any]:
-        return {"world_size": self.key.world_size, "cluster": self.key.cluster.name, "ray_address": self.key.cluster.address or "local", "backend": self.backend,
+        return {"world_size": self.key.world_size, "cluster": self.key.cluster.name, "ray_address": self.key.cluster.address or "local", "backend": self.backend, "rendezvous": self.rendezvous,
                 "workers": self.workers, "startup_s": round(self.startup_s, 3), "jobs_run": self.jobs_run, "ranks": self.last_stats,
                 "last_job": self.last_job}
 

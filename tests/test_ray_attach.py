@@ -35,6 +35,6 @@ def test_pool_runs_on_an_existing_cluster_given_its_address_and_ends_a_stuck_job
         report = json.loads(driver.stdout.strip().splitlines()[-1])
         assert report["output"] == {"sum": 3 * 1 + 3 * 2, "world": 2}
         assert report["status"]["cluster"] == "testhead" and report["status"]["ray_address"] == address
-        assert report["status"]["backend"] == "gloo"
+        assert report["status"]["backend"] == "gloo" and report["status"]["rendezvous"] == "tcp"
         assert report["stuck"].startswith("PoolFailure: the worker pool made no progress for 5 s")
         assert report["alive_after_stuck"] is False, "a stuck pool is taken down so the next job starts a fresh one"

@@ -3,7 +3,8 @@
 It never adopts a cluster it did not start (RAY_ADDRESS and /tmp/ray/ray_current_cluster point elsewhere here),
 runs in a temp directory of its own with a token file only this user can read, and a local process without that
 token can neither attach nor run a task. Connecting to an operator-named cluster that does not answer fails in
-bounded time, can be cancelled, and never starts Ray in this process.
+bounded time, can be cancelled, and never starts Ray in this process. The pool's ranks meet at a store file in the
+cluster's own folder, so the rendezvous has no port another local user could reach.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from ray_backend.pool import PoolRegistry
 registry = PoolRegistry("pool_echo_service:EchoService")
 pool = registry.get(2, LOCAL_TARGET)
 info = private_cluster_info()
-report = {"output": pool.run({"value": 2}, {"ulysses_degree": 2})["output"], "info": info,
+report = {"output": pool.run({"value": 2}, {"ulysses_degree": 2})["output"], "info": info, "rendezvous": pool.status()["rendezvous"],
           "token_mode": stat.S_IMODE(os.stat(info["token_path"]).st_mode),
           "dir_mode": stat.S_IMODE(os.stat(info["temp_dir"]).st_mode)}
 print(json.dumps(report), flush=True)
@@ -72,6 +73,7 @@ def test_private_cluster_never_adopts_another_and_refuses_processes_without_its_
         report = json.loads(line)
         assert report["output"] == {"sum": 2 * 1 + 2 * 2, "world": 2}
         assert report["token_mode"] == 0o600 and report["dir_mode"] == 0o700
+        assert report["rendezvous"] == "file", "ranks on one machine meet at a file in the 0700 folder: no port to reach"
         gcs = report["info"]["gcs_address"]
         assert gcs.startswith("127.0.0.1:") and gcs != "127.0.0.1:1", "the pool must run on a cluster it started"
 

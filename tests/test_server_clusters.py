@@ -58,7 +58,7 @@ def test_a_configured_cluster_is_used_and_one_that_does_not_answer_changes_nothi
     stock = saved_latent(comfy_server, client.run(flux_graph(False, prefix="stock_clusters"), timeout=300))
     client.run(flux_graph(True, prefix="local_before", **DEGREES), timeout=600)
     local = _pool(comfy_server)
-    assert local["cluster"] == "local" and local["ray_address"] == "local"
+    assert local["cluster"] == "local" and local["ray_address"] == "local" and local["rendezvous"] == "file"
 
     clusters_file.write_text(json.dumps({"testhead": head, "gone": "127.0.0.1:1"}))
     choices = client.object_info()["XDiTUNetLoader"]["input"]["optional"]["ray_address"][0]
@@ -78,7 +78,7 @@ def test_a_configured_cluster_is_used_and_one_that_does_not_answer_changes_nothi
     used = saved_latent(comfy_server, client.run(flux_graph(True, prefix="testhead", ray_address="testhead", **DEGREES), timeout=600))
     assert (used - stock).abs().max().item() <= FP32_TOL
     remote = _pool(comfy_server)
-    assert remote["cluster"] == "testhead" and remote["ray_address"] == head
+    assert remote["cluster"] == "testhead" and remote["ray_address"] == head and remote["rendezvous"] == "tcp"
     assert comfy_server.process.pid in driver_pids(head), "the configured head was not the one used"
     # Back to the private cluster, as the rest of the session expects.
     client.run(flux_graph(True, prefix="local_after", **DEGREES), timeout=600)
