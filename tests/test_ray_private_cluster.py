@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import stat
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from comfyui_xdit.server_launcher import REPO_ROOT
+from silent_port import silent_port
 
 TESTS = Path(__file__).resolve().parent
 CURRENT_CLUSTER_FILE = Path("/tmp/ray/ray_current_cluster")
@@ -105,29 +104,8 @@ def test_private_cluster_never_adopts_another_and_refuses_processes_without_its_
 
 @pytest.fixture
 def silent_listener():
-    """A loopback TCP port that accepts connections and never answers (not a Ray head)."""
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen()
-    accepted = []
-    stop = threading.Event()
-
-    def accept():
-        server.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                accepted.append(server.accept()[0])
-            except OSError:
-                pass
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    yield f"127.0.0.1:{server.getsockname()[1]}"
-    stop.set()
-    thread.join()
-    for connection in accepted:
-        connection.close()
-    server.close()
+    with silent_port() as address:
+        yield address
 
 
 def test_a_configured_cluster_that_does_not_answer_fails_in_bounded_time_and_can_be_cancelled(silent_listener):

@@ -7,15 +7,18 @@ does not answer fails the prompt in bounded time and leaves the private local cl
 from __future__ import annotations
 
 import json
+import threading
 import time
+import urllib.request
 
 import psutil
 import pytest
 
 from ray_head import driver_pids, ray_head
 from server_graphs import flux_graph, saved_latent
+from silent_port import silent_port
 
-from comfyui_xdit.api_client import ComfyClient, ExecutionFailed, PromptRejected
+from comfyui_xdit.api_client import ComfyClient, ExecutionFailed, ExecutionInterrupted, PromptRejected
 from comfyui_xdit.cluster_config import CLUSTERS_FILE, SYSTEM_USER
 
 FP32_TOL = 1e-5
@@ -102,3 +105,33 @@ def test_every_port_of_the_private_cluster_and_pool_listens_on_loopback_only(com
     assert any("gcs_server" in n for n in names) and any("raylet" in n for n in names), listening
     exposed = [entry for entry in listening if entry[1] not in ("127.0.0.1", "::ffff:127.0.0.1", "::1")]
     assert not exposed, f"listening beyond loopback: {exposed}"
+
+
+def test_cancel_stops_an_attempt_to_reach_a_cluster_that_hangs(comfy_server, client, clusters_file):
+    client.run(flux_graph(True, seed=8, prefix="before_hang", **DEGREES), timeout=600)
+    pids = [w["pid"] for w in _pool(comfy_server)["workers"]]
+    with silent_port() as address:
+        clusters_file.write_text(json.dumps({"hangs": address}))
+        outcome: dict = {}
+        events: list = []
+
+        def queue() -> None:
+            try:
+                client.run(flux_graph(True, prefix="hangs", ray_address="hangs", **DEGREES), timeout=120,
+                           on_event=lambda kind, data: events.append((kind, data)))
+            except Exception as error:  # the test inspects it
+                outcome["error"] = error
+
+        thread = threading.Thread(target=queue, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 60
+        while not any(kind == "executing" and data.get("node") == "1" for kind, data in events) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.5)  # the loader is now waiting on the silent cluster
+        cancelled_at = time.monotonic()
+        request = urllib.request.Request(f"{comfy_server.url}/interrupt", data=b"{}", method="POST", headers={"Content-Type": "application/json"})
+        urllib.request.urlopen(request, timeout=30).read()
+        thread.join(timeout=60)
+    assert isinstance(outcome.get("error"), ExecutionInterrupted), outcome
+    assert time.monotonic() - cancelled_at < 5
+    assert [w["pid"] for w in _pool(comfy_server)["workers"]] == pids, "the private pool was disturbed"
