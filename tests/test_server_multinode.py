@@ -14,6 +14,7 @@ import re
 import threading
 import time
 
+import psutil
 import pytest
 
 from ray_head import alive_node_addresses, ray_head, ray_node
@@ -83,6 +84,10 @@ def test_a_world_of_four_spreads_over_both_nodes_and_is_exact(comfy_server, clie
     assert len({w["node_id"] for w in pool["workers"]}) == 2
     assert pool["workers"][0]["node_id"] == pool["workers"][1]["node_id"] != pool["workers"][2]["node_id"] == pool["workers"][3]["node_id"]
     TIMINGS["pool start, 4 workers on 2 nodes (s)"] = pool["startup_s"]
+    low, high = cluster[1].ports["min_worker"], cluster[1].ports["max_worker"]
+    for worker in pool["workers"][2:]:  # the second node's pinned worker ports hold, as README tells operators
+        listening = [c.laddr.port for c in psutil.Process(worker["pid"]).net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+        assert any(low <= port <= high for port in listening), (worker, listening, (low, high))
 
     stock_cfg = _stock(comfy_server, client, "cfg", "mn_stock_cfg")
     xdit_cfg = _timed(comfy_server, client, flux_graph(True, "cfg", prefix="mn_u2cfg2", **U2CFG2), "warm prompt, ulysses2 x cfg2 (s)")
