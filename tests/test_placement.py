@@ -2,6 +2,7 @@
 gloo uses for a node address, and a rendezvous store served on a second loopback address (fast tier, no Ray)."""
 from __future__ import annotations
 
+import os
 import socket
 
 import psutil
@@ -9,7 +10,7 @@ import pytest
 
 from parallel_core.rendezvous import connect_store, serve_store
 from ray_backend.placement import WORKER_SLOT_RESOURCE, NodeSlots, node_slots, spread
-from ray_backend.worker import interface_of
+from ray_backend.worker import GLOO_IFNAME_ENV, interface_of, pin_gloo_interface
 
 
 def _node(node_id: str, address: str, alive: bool = True, **resources: float) -> dict:
@@ -57,6 +58,20 @@ def test_gloo_interface_of_a_node_address():
     assert interface_of("127.0.0.1") == loopback
     assert interface_of("127.0.0.2") == loopback, "a second loopback address belongs to the loopback interface"
     assert interface_of("not-an-ip") is None
+
+
+def test_gloo_is_pinned_to_the_node_address_interface_or_refused_naming_the_setting(monkeypatch):
+    monkeypatch.setenv(GLOO_IFNAME_ENV, "eth7")
+    pin_gloo_interface("127.0.0.2")
+    assert os.environ[GLOO_IFNAME_ENV] == "lo", "a loopback node's pool stays on loopback"
+    monkeypatch.setenv(GLOO_IFNAME_ENV, "ib0")
+    pin_gloo_interface("198.51.100.7")
+    assert os.environ[GLOO_IFNAME_ENV] == "ib0", "the operator's interface wins on a real network"
+    monkeypatch.delenv(GLOO_IFNAME_ENV)
+    if interface_of("198.51.100.7") is None:
+        with pytest.raises(RuntimeError, match=r"no network interface of this machine holds its Ray node address 198.51.100.7.*"
+                                               r"set GLOO_SOCKET_IFNAME"):
+            pin_gloo_interface("198.51.100.7")
 
 
 def test_rendezvous_on_a_second_loopback_address_listens_there_only():
