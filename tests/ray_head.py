@@ -95,13 +95,14 @@ class RayNode:
 
 
 @contextlib.contextmanager
-def _ray_start(args: list[str], ip: str, resources: dict[str, int] | None, ports: dict[str, int]) -> Iterator[RayNode]:
+def _ray_start(args: list[str], ip: str, resources: dict[str, int] | None, ports: dict[str, int],
+               env: dict[str, str] | None = None) -> Iterator[RayNode]:
     """One Ray node (`ray start ... --block`), stopped and its temp dir removed afterwards."""
     temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # Ray's socket paths must stay short
     process = subprocess.Popen(
         [sys.executable, "-m", "ray.scripts.scripts", "start", "--block", f"--node-ip-address={ip}", "--num-cpus=2",
          "--disable-usage-stats", f"--temp-dir={temp_dir}", *args, *([f"--resources={json.dumps(resources)}"] if resources else [])],
-        env=head_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+        env={**head_env(), **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
     )
     node = RayNode(ip, process, ports)
     try:
@@ -117,10 +118,10 @@ def _ray_start(args: list[str], ip: str, resources: dict[str, int] | None, ports
 
 
 @contextlib.contextmanager
-def ray_head(resources: dict[str, int] | None = None, ip: str = HEAD_IP) -> Iterator[str]:
-    """A Ray head on `ip` (with custom `resources`, if any); yields its address."""
+def ray_head(resources: dict[str, int] | None = None, ip: str = HEAD_IP, env: dict[str, str] | None = None) -> Iterator[str]:
+    """A Ray head on `ip` (with custom `resources` and extra environment `env`, if any); yields its address."""
     port = free_port()
-    with _ray_start(["--head", f"--port={port}", "--include-dashboard=false"], ip, resources, {"gcs": port}):
+    with _ray_start(["--head", f"--port={port}", "--include-dashboard=false"], ip, resources, {"gcs": port}, env):
         _wait_for_port(ip, port)
         yield f"{ip}:{port}"
 
