@@ -55,6 +55,9 @@ def spread(world_size: int, nodes: list[NodeSlots], first_node_id: str | None = 
     """The node of each rank: as even as the slots allow, contiguous ranks per node, `first_node_id` (the driver's
     node: rank 0 returns every result and preview) first, the rest by address. Raises ValueError naming what is
     missing when the slots do not add up to `world_size`."""
+    if not nodes:
+        raise ValueError(f"the Ray cluster {cluster_name!r} has no live node whose raylet answers; start its nodes "
+                         f"(`ray start`) or check the network between them and ComfyUI")
     order = sorted(nodes, key=lambda n: (n.node_id != first_node_id, n.address, n.node_id))
     total = sum(n.slots for n in order)
     if total < world_size:

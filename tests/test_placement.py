@@ -50,6 +50,8 @@ def test_missing_slots_are_named_before_anything_starts():
                                          r"127.0.0.1 \(2 CPU worker slots\); set world_size to 2 or less, or add nodes, "
                                          r"or raise a node's 'xdit_worker' resource"):
         spread(4, nodes, cluster_name="two")
+    with pytest.raises(ValueError, match=r"the Ray cluster 'two' has no live node whose raylet answers"):
+        spread(2, [], cluster_name="two")
 
 
 def test_gloo_interface_of_a_node_address():
