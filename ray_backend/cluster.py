@@ -31,7 +31,7 @@ TOKEN_FILE = "auth_token"
 
 _PROBE = """
 import sys, ray
-ray.init(address=sys.argv[1], log_to_driver=False, **({"_node_ip_address": "127.0.0.1"} if sys.argv[2] == "1" else {}))
+ray.init(address=sys.argv[1], log_to_driver=False, **({"_node_ip_address": sys.argv[2]} if sys.argv[2] else {}))
 print("gpus", int(ray.cluster_resources().get("GPU", 0)))
 """
 
@@ -94,9 +94,11 @@ def _write_private_token(temp_dir: Path) -> Path:
     return path
 
 
-def _is_loopback(address: str) -> bool:
+def _driver_node_ip(address: str) -> str | None:
+    """The node address this process joins a cluster with: for a head on a loopback address, that address (a driver
+    must sit on a node of the cluster, and on one machine that is the head's); else Ray's own choice (None)."""
     host = address.rsplit("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
-    return host in ("localhost", "::1") or host.startswith("127.")
+    return host if host in ("localhost", "::1") or host.startswith("127.") else None
 
 
 def _tcp_reachable(address: str, timeout_s: float) -> str | None:
@@ -121,7 +123,7 @@ def probe_cluster(target: ClusterTarget, should_interrupt: Callable[[], bool] | 
                                  f"start it, or correct its address in the cluster configuration")
     env = {k: v for k, v in os.environ.items() if k not in AUTH_ENV_KEYS}
     env.update({k: v for k, v in _auth_env_for(target).items() if v is not None})
-    probe = subprocess.Popen([sys.executable, "-c", _PROBE, target.address, "1" if _is_loopback(target.address) else "0"],
+    probe = subprocess.Popen([sys.executable, "-c", _PROBE, target.address, _driver_node_ip(target.address) or ""],
                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.monotonic() + timeout_s
     try:
@@ -157,9 +159,9 @@ def ensure_ray(target: ClusterTarget = LOCAL_TARGET, should_interrupt: Callable[
         _start_private_cluster(ray)
     else:
         _set_auth_env(_auth_env_for(target))
-        # A driver finds its own node by IP: on a loopback cluster that must be the loopback address.
-        ray.init(address=target.address, log_to_driver=True,
-                 **({"_node_ip_address": "127.0.0.1"} if _is_loopback(target.address) else {}))
+        # A driver finds its own node by IP: on a loopback cluster that must be the head's loopback address.
+        driver_ip = _driver_node_ip(target.address)
+        ray.init(address=target.address, log_to_driver=True, **({"_node_ip_address": driver_ip} if driver_ip else {}))
     _connection["target"] = target
 
 
@@ -228,14 +230,16 @@ def cluster_memory_bytes() -> int:
     return int(ray.cluster_resources().get("memory", 0))
 
 
-def node_address(node_id: str) -> str:
-    """The address a Ray node registered with (127.0.0.1 for our local cluster): where rank 0 serves rendezvous."""
+def live_nodes(timeout_s: float = 3.0) -> list[dict]:
+    """`ray.nodes()` entries of the nodes Ray lists alive whose raylet answers a TCP connection now: Ray's own health
+    checks take 15-30 s to notice a lost node, and a pool planned onto one would wait for it."""
     import ray
+    from concurrent.futures import ThreadPoolExecutor
 
-    for node in ray.nodes():
-        if node["NodeID"] == node_id:
-            return node["NodeManagerAddress"]
-    raise RuntimeError(f"Ray node {node_id} is not in the cluster")
+    listed = [n for n in ray.nodes() if n.get("Alive")]
+    with ThreadPoolExecutor(max_workers=max(1, min(16, len(listed)))) as executor:
+        answers = list(executor.map(lambda n: _tcp_reachable(f"{n['NodeManagerAddress']}:{n['NodeManagerPort']}", timeout_s), listed))
+    return [node for node, unreachable in zip(listed, answers) if unreachable is None]
 
 
 def connected_target() -> ClusterTarget | None:

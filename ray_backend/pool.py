@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .cluster import cluster_gpus, ensure_ray, node_address, private_cluster_folder
+from .cluster import cluster_gpus, ensure_ray, live_nodes, private_cluster_folder
 from .clusters import ClusterTarget
 from .errors import JobInterrupted, PoolFailure
+from .placement import WORKER_SLOT_RESOURCE, NodeSlots, node_slots, spread, uses_worker_slots
 from .worker import PoolWorker
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -61,13 +62,16 @@ class WorkerPool:
         started = time.perf_counter()
         use_gpus = cluster_gpus() >= key.world_size
         threads = 1 if use_gpus else max(1, (os.cpu_count() or 1) // key.world_size)
-        actor = ray.remote(PoolWorker).options(
-            num_cpus=0 if not use_gpus else 1, num_gpus=1 if use_gpus else 0, max_concurrency=4,
-            runtime_env={"env_vars": _worker_env()},
-        )
-        self.actors = [actor.remote(rank, key.world_size, service_path, threads) for rank in range(key.world_size)]
+        nodes = live_nodes()
+        # Refused here, before any worker starts, when the live nodes lack the slots (ValueError names them).
+        self.placement = spread(key.world_size, node_slots(nodes, use_gpus, key.world_size),
+                                ray.get_runtime_context().get_node_id(), use_gpus, key.cluster.name)
+        by_slots = not use_gpus and uses_worker_slots(nodes)  # then each worker also holds one slot, as Ray counts them
+        self.actors = [self._actor(ray, node, use_gpus, by_slots).remote(rank, key.world_size, service_path, threads)
+                       for rank, node in enumerate(self.placement)]
         try:
-            self.workers = ray.get([a.describe.remote() for a in self.actors], timeout=STARTUP_TIMEOUT_S)
+            described = ray.get([a.describe.remote() for a in self.actors], timeout=STARTUP_TIMEOUT_S)
+            self.workers = [{**w, "node_address": node.address} for w, node in zip(described, self.placement)]
             backends = ray.get(self._join_calls(), timeout=STARTUP_TIMEOUT_S)
         except Exception as error:
             self.shutdown()
@@ -81,7 +85,7 @@ class WorkerPool:
 
     def _join_calls(self) -> list:
         """Every rank joins the group: at a store file in the private cluster's own folder (no port at all), or at
-        a TCP store rank 0 serves on its node's address (a cluster spanning machines)."""
+        a TCP store rank 0 serves on its node's own address (a cluster spanning machines)."""
         import ray
 
         folder = private_cluster_folder()
@@ -90,9 +94,21 @@ class WorkerPool:
             path = str(folder / f"rendezvous-{uuid.uuid4().hex}")
             return [a.join_file.remote(path, COLLECTIVE_TIMEOUT_S) for a in self.actors]
         self.rendezvous = "tcp"
-        host = node_address(self.workers[0]["node_id"])
+        host = self.placement[0].address
         port = ray.get(self.actors[0].open_rendezvous.remote(host), timeout=STARTUP_TIMEOUT_S)
-        return [a.join.remote(host, port, COLLECTIVE_TIMEOUT_S) for a in self.actors]
+        return [a.join.remote(host, port, COLLECTIVE_TIMEOUT_S, node.address) for a, node in zip(self.actors, self.placement)]
+
+    @staticmethod
+    def _actor(ray, node: NodeSlots, use_gpus: bool, by_slots: bool):
+        """The actor class pinned to `node` (hard affinity: a worker never lands elsewhere than planned)."""
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        return ray.remote(PoolWorker).options(
+            num_cpus=0 if not use_gpus else 1, num_gpus=1 if use_gpus else 0, max_concurrency=4,
+            resources={WORKER_SLOT_RESOURCE: 1} if by_slots else {},
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=False),
+            runtime_env={"env_vars": _worker_env()},
+        )
 
     def warm(self, model_ref: Any, degrees: dict[str, int]) -> list[dict]:
         """Load the model on every rank now (so the first prompt does not pay for it)."""
@@ -128,7 +144,7 @@ class WorkerPool:
                     results[rank] = ray.get(ref)
                 except (ray.exceptions.RayActorError, ray.exceptions.ActorDiedError) as error:
                     self.shutdown()
-                    raise PoolFailure(f"worker rank {rank} died during the job: {error}") from error
+                    raise PoolFailure(f"{self._where(rank)} died during the job (its process or its node went away): {error}") from error
                 except ray.exceptions.RayTaskError as error:
                     errors[rank] = _cause(error)
                     first_error_at = first_error_at or time.monotonic()
@@ -136,7 +152,7 @@ class WorkerPool:
                 if time.monotonic() - first_error_at > FAILURE_GRACE_S:
                     self.shutdown()
                     rank, error = next(iter(errors.items()))
-                    raise PoolFailure(f"worker rank {rank} failed alone and the others stopped answering: {error!r}") from error
+                    raise PoolFailure(f"{self._where(rank)} failed alone and the others stopped answering: {error!r}") from error
                 continue
             if should_interrupt is not None and not interrupting and should_interrupt():
                 interrupting = True
@@ -152,13 +168,19 @@ class WorkerPool:
         if errors and results:
             self.shutdown()
             rank, error = next(iter(errors.items()))
-            raise PoolFailure(f"worker rank {rank} failed while others finished: {error!r}") from error
+            raise PoolFailure(f"{self._where(rank)} failed while others finished: {error!r}") from error
         if errors:
             return self._consistent_error(errors)
         self.last_stats = [results[r]["stats"] for r in sorted(results)]
         # What the pool adds around the ranks' own work: dispatch, polling, result transfer (benches read it).
         self.last_job = {"seconds_total": time.perf_counter() - dispatched, "seconds_in_workers": max(r["seconds"] for r in results.values())}
         return results[0]
+
+    def _where(self, rank: int) -> str:
+        """A rank and its node, for failures: on a cluster, which machine to look at."""
+        node = self.placement[rank]
+        peers = [r for r, n in enumerate(self.placement) if n.node_id == node.node_id]
+        return f"worker rank {rank} on Ray node {node.address} (node {node.node_id[:12]}, ranks {', '.join(map(str, peers))})"
 
     def _progress(self, on_progress: Callable[[int, int, Any], None] | None) -> int:
         import ray
@@ -167,7 +189,7 @@ class WorkerPool:
             step, total, preview = ray.get(self.actors[0].progress.remote(self._preview_seen), timeout=30)
         except Exception as error:
             self.shutdown()
-            raise PoolFailure(f"worker rank 0 stopped answering: {_cause(error)}") from error
+            raise PoolFailure(f"{self._where(0)} stopped answering: {_cause(error)}") from error
         if preview is not None:
             self._preview_seen = preview[0]
         if on_progress is not None and total:

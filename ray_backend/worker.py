@@ -21,6 +21,50 @@ from parallel_core.rendezvous import connect_store, file_store, serve_store
 from .step_control import StepControl
 
 LOOPBACK_PREFIX = "127."
+GLOO_IFNAME_ENV = "GLOO_SOCKET_IFNAME"
+
+
+def interface_of(address: str) -> str | None:
+    """The network interface that carries `address` (the one holding it, else the one whose network contains it,
+    as loopback's 127.0.0.0/8 contains 127.0.0.2); None when no interface of this machine does."""
+    import ipaddress
+    import socket
+
+    import psutil
+
+    try:
+        wanted = ipaddress.ip_address(address)
+    except ValueError:
+        return None
+    containing = None
+    for name, entries in psutil.net_if_addrs().items():
+        for entry in entries:
+            if entry.family not in (socket.AF_INET, socket.AF_INET6) or not entry.netmask:
+                continue
+            own = entry.address.split("%")[0]
+            if ipaddress.ip_address(own) == wanted:
+                return name
+            prefix = bin(int(ipaddress.ip_address(entry.netmask))).count("1")  # psutil gives IPv6 masks as addresses
+            if containing is None and wanted in ipaddress.ip_network(f"{own}/{prefix}", strict=False):
+                containing = name
+    return containing
+
+
+def pin_gloo_interface(node_address: str) -> None:
+    """Make gloo listen on the interface of this worker's Ray node address, which the other nodes reach (Ray needs
+    it too). Without it gloo picks the address its hostname resolves to, often 127.0.1.1 on Debian: unreachable
+    from another machine. An operator's own GLOO_SOCKET_IFNAME (in `ray start`'s environment) wins off loopback."""
+    if node_address.startswith(LOOPBACK_PREFIX):
+        os.environ[GLOO_IFNAME_ENV] = "lo"  # a local pool never leaves the loopback interface
+        return
+    if os.environ.get(GLOO_IFNAME_ENV):
+        return
+    interface = interface_of(node_address)
+    if interface is None:
+        raise RuntimeError(f"no network interface of this machine holds its Ray node address {node_address}, so gloo "
+                           f"cannot tell the other nodes where to reach it; set {GLOO_IFNAME_ENV} to the interface "
+                           f"of the pool's network in the environment of `ray start` on this node")
+    os.environ[GLOO_IFNAME_ENV] = interface
 
 
 class PoolWorker:
@@ -45,19 +89,20 @@ class PoolWorker:
         self._store = serve_store(host, self.world_size)
         return self._store.port
 
-    def join(self, host: str, port: int, timeout_s: float) -> str:
-        """Join the process group at rank 0's TCP store: NCCL on GPUs, gloo on CPU. Returns the backend."""
+    def join(self, host: str, port: int, timeout_s: float, node_address: str) -> str:
+        """Join the process group that meets at rank 0's store `host:port`; `node_address` is this worker's own
+        Ray node address. NCCL on GPUs, gloo on CPU. Returns the backend."""
+        pin_gloo_interface(node_address)
         store = self._store or connect_store(host, port, self.world_size)
-        return self._init_group(store, loopback=host.startswith(LOOPBACK_PREFIX), timeout_s=timeout_s)
+        return self._init_group(store, timeout_s)
 
     def join_file(self, path: str, timeout_s: float) -> str:
-        """Join the process group at a store file (every rank on this machine; the private local cluster)."""
-        return self._init_group(file_store(path, self.world_size), loopback=True, timeout_s=timeout_s)
+        """Join the process group at a store file (every rank on this machine: the private local cluster)."""
+        pin_gloo_interface("127.0.0.1")
+        return self._init_group(file_store(path, self.world_size), timeout_s)
 
-    def _init_group(self, store, loopback: bool, timeout_s: float) -> str:
+    def _init_group(self, store, timeout_s: float) -> str:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if loopback:
-            os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # a local pool never leaves the loopback interface
         if backend == "nccl":
             self._device = "cuda"
             torch.cuda.set_device(0)  # Ray shows each actor only its own GPU

@@ -1,4 +1,4 @@
-"""ray_backend on its own (no ComfyUI): attaching to a Ray cluster the operator named (here one on 127.0.0.1
+"""ray_backend on its own (no ComfyUI): attaching to a Ray cluster the operator named (here one on a loopback address
 started by the test, configured through XDIT_RAY_CLUSTERS), and ending a job whose worker is stuck."""
 from __future__ import annotations
 
