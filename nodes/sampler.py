@@ -5,7 +5,7 @@ import comfy.model_management
 import comfy.sample
 import comfy.utils
 
-from comfyui_xdit.flux import token_rows
+from comfyui_xdit.families import adapter_for
 from comfyui_xdit.job import build_job, pool_model_of
 from comfyui_xdit.pool_client import degrees_of, pool_for
 from comfyui_xdit.stale_steps import DEFAULT_WARMUP_STEPS, carry_options
@@ -40,8 +40,10 @@ class XDiTSamplerCustomAdvanced:
         latent["samples"] = comfy.sample.fix_empty_latent_channels(
             guider.model_patcher, latent["samples"], latent.get("downscale_ratio_spacial", None), latent.get("downscale_ratio_temporal", None)
         )
+        model = guider.model_patcher.model
+        token_rows = adapter_for(model).token_rows(model.diffusion_model, latent["samples"].shape[-2])
         try:
-            stale = carry_options(degrees_of(pool_model_of(guider.model_patcher)), token_rows(latent["samples"].shape[-2]), num_pipeline_patch, warmup_steps)
+            stale = carry_options(degrees_of(pool_model_of(guider.model_patcher)), token_rows, num_pipeline_patch, warmup_steps)
         except ValueError as error:
             raise ValueError(f"XDiTSamplerCustomAdvanced: {error}") from error
         job = build_job(guider, sampler, sigmas, noise.generate_noise(latent), latent["samples"], latent.get("noise_mask"), noise.seed, stale)

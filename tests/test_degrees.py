@@ -43,7 +43,7 @@ def test_patch_parallel_takes_no_sequence_parallel_by_default():
 def test_degrees_that_do_not_divide_the_world_say_what_to_change():
     with pytest.raises(ValueError, match="ulysses_degree 4 = 4 does not divide world_size 2"):
         resolve_degrees(2, 24, ulysses=4)
-    with pytest.raises(ValueError, match="ulysses_degree 1 × ring_degree 1 × cfg_degree 1 × pipefusion_degree 1 × patch_degree 1 = 1, but world_size is 4; set a degree to 0"):
+    with pytest.raises(ValueError, match="ulysses_degree 1 × ring_degree 1 × cfg_degree 1 × pipefusion_degree 1 × patch_degree 1 × data_degree 1 = 1, but world_size is 4; set a degree to 0"):
         resolve_degrees(4, 24, ulysses=1, ring=1)
     with pytest.raises(ValueError, match="cfg_degree must be 0 \\(auto\\) or >= 1"):
         resolve_degrees(4, 24, cfg=-2)
