@@ -52,6 +52,25 @@ def tiny_flux_paths(comfy_root: Path, tmp_path_factory: pytest.TempPathFactory) 
 
 
 @pytest.fixture(scope="session")
+def tiny_model_path(comfy_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """path_for(family): a seed-0 tiny checkpoint of that family ("flux2", "sd15", ...; see `make-tiny-model`),
+    written through the CLI on first use and kept for the session."""
+    folder = tmp_path_factory.mktemp("tiny_models")
+    written: dict[str, Path] = {}
+
+    def path_for(family: str) -> Path:
+        if family not in written:
+            path = folder / f"{family}.safetensors"
+            done = subprocess.run(_cli("make-tiny-model", "--family", family, "--seed", "0", "--out", str(path)),
+                                  cwd=REPO_ROOT, text=True, capture_output=True, timeout=300)
+            assert done.returncode == 0, done.stderr
+            written[family] = path
+        return written[family]
+
+    return path_for
+
+
+@pytest.fixture(scope="session")
 def comfy_server(request: pytest.FixtureRequest, comfy_root: Path, tmp_path_factory: pytest.TempPathFactory):
     """One real headless ComfyUI server for the whole session (comfyui_xdit/server_launcher.py), on a free 127.0.0.1 port.
 

@@ -1,8 +1,9 @@
-"""Rank-side sampling for the Flux exactness tests: stock ComfyUI nodes, stock vs parallel model.
+"""Rank-side sampling for the exactness tests of every family: stock ComfyUI nodes, stock vs parallel model.
 
-Every rank imports the real ComfyUI, loads the tiny Flux with ComfyUI's own loader, and drives the sampling path
-SamplerCustomAdvanced takes (ModelSamplingFlux -> BasicGuider/CFGGuider -> BasicScheduler, KSamplerSelect,
-RandomNoise -> SamplerCustomAdvanced) through the stock node classes. Rank 0 also runs the unpatched model.
+Every rank imports the real ComfyUI, loads a tiny model with ComfyUI's own loader, and drives the sampling path
+SamplerCustomAdvanced takes ([ModelSamplingFlux for Flux-type models] -> BasicGuider/CFGGuider -> BasicScheduler,
+KSamplerSelect, RandomNoise -> SamplerCustomAdvanced) through the stock node classes. Rank 0 also runs the
+unpatched model. Latent channels and the text width come from the loaded model, so one case fits every family.
 """
 from __future__ import annotations
 
@@ -34,11 +35,20 @@ CASES: tuple[SamplingCase, ...] = (
     SamplingCase("cfg-euler", guider="cfg"),
     SamplingCase("cfg-dpmpp2m-18x22", guider="cfg", sampler="dpmpp_2m", height=18, width=22, seed=1),
     SamplingCase("basic-dpmpp2m-18x22-batch2", sampler="dpmpp_2m", height=18, width=22, batch=2, seed=2),
+    SamplingCase("cfg-euler-10x12-batch2", guider="cfg", cfg=5.0, height=10, width=12, batch=2, seed=3),
 )
+CASE_BY_NAME = {case.name: case for case in CASES}
+# Which cases each tiny family runs: Flux all but the U-Net-sized one; Flux.2 (512 padded text tokens, slower) its
+# uneven CFG case; the SD1.5 U-Net (CFG and data parallel only) one case that exercises both.
+FAMILY_CASES: dict[str, tuple[str, ...]] = {
+    "flux": tuple(c.name for c in CASES[:4]),
+    "flux2": ("cfg-dpmpp2m-18x22",),
+    "sd15": ("cfg-euler-10x12-batch2",),
+}
 
 
-def _conditioning(seed: int):
-    return stand_in_conditioning(seed, TEXT_TOKENS)
+def _conditioning(seed: int, context_dim: int = 64):
+    return stand_in_conditioning(seed, TEXT_TOKENS, context_dim=context_dim)
 
 
 def _first(node_output):
@@ -47,23 +57,29 @@ def _first(node_output):
 
 def sample(model_patcher, case: SamplingCase) -> torch.Tensor:
     """The latent SamplerCustomAdvanced returns for `case`, built with ComfyUI's stock nodes."""
+    import comfy.model_base
     from comfy_extras import nodes_custom_sampler as custom
     from comfy_extras.nodes_model_advanced import ModelSamplingFlux
 
-    model = ModelSamplingFlux().patch(model_patcher, 1.15, 0.5, case.width * 8, case.height * 8)[0]
-    positive = _conditioning(100)
+    base_model = model_patcher.model
+    unet_config = base_model.model_config.unet_config
+    context_dim = unet_config.get("context_in_dim", unet_config.get("context_dim"))
+    model = model_patcher
+    if base_model.model_type == comfy.model_base.ModelType.FLUX:
+        model = ModelSamplingFlux().patch(model_patcher, 1.15, 0.5, case.width * 8, case.height * 8)[0]
+    positive = _conditioning(100, context_dim)
     if case.guider == "cfg":
-        guider = _first(custom.CFGGuider.execute(model, positive, _conditioning(200), case.cfg))
+        guider = _first(custom.CFGGuider.execute(model, positive, _conditioning(200, context_dim), case.cfg))
     else:
         guider = _first(custom.BasicGuider.execute(model, positive))
     sigmas = _first(custom.BasicScheduler.execute(model, "simple", case.steps, 1.0))
     sampler = _first(custom.KSamplerSelect.execute(case.sampler))
     noise = _first(custom.RandomNoise.execute(case.seed))
-    latent = {"samples": torch.zeros(case.batch, 16, case.height, case.width)}
+    latent = {"samples": torch.zeros(case.batch, base_model.latent_format.latent_channels, case.height, case.width)}
     return _first(custom.SamplerCustomAdvanced.execute(noise, guider, sampler, sigmas, latent))["samples"]
 
 
-def flux_rank(rank: int, world_size: int, model_path: str, configs: list[dict], case_dicts: list[dict]) -> dict:
+def family_rank(rank: int, world_size: int, model_path: str, configs: list[dict], case_dicts: list[dict]) -> dict:
     """Parallel latents of every (config, case) on this rank; rank 0 adds the stock latents and re-checks them."""
     init_worker(cpu=True)
     import comfy.sd
@@ -90,5 +106,5 @@ def flux_rank(rank: int, world_size: int, model_path: str, configs: list[dict], 
     return result
 
 
-def case_dicts() -> list[dict]:
-    return [asdict(c) for c in CASES]
+def case_dicts(family: str) -> list[dict]:
+    return [asdict(CASE_BY_NAME[name]) for name in FAMILY_CASES[family]]

@@ -56,7 +56,7 @@ CFG_AND_DATA = Capabilities()
 class FamilyAdapter:
     """One model family: what it supports, read from data, and the module whose `parallelize` does the work."""
 
-    name: str | None  # None: the model's own ComfyUI class name (the generic fallback)
+    name: str | None  # None: the name of the model's ComfyUI config class, e.g. SDXL (the generic fallback)
     capabilities: Capabilities
     hooks: str | None = None  # module with parallelize(model_patcher, state, adapter); None: nothing to patch
     heads_attribute: str | None = None  # the diffusion model's attribute holding its attention head count
@@ -66,7 +66,8 @@ class FamilyAdapter:
     limits: str = ""  # why capabilities are narrower than the architecture would allow, for the refusal
 
     def family_name(self, model: torch.nn.Module) -> str:
-        return self.name or type(model).__name__
+        # SD1.5 and many others share comfy.model_base.BaseModel; their supported_models config class names them.
+        return self.name or type(getattr(model, "model_config", model)).__name__
 
     def num_heads(self, diffusion_model: torch.nn.Module) -> int | None:
         """Attention heads as the model was built with them; None if the family shards no attention."""
