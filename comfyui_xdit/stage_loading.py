@@ -48,7 +48,7 @@ def load_stage(path: str | Path, weight_dtype: str, stages: int, stage: int) -> 
         foreign.append(f"{container}.{position}.")
     offload_device = comfy.model_management.unet_offload_device()
     diffusion_model.to_empty(device=offload_device)
-    wanted = set(diffusion_model.state_dict())
+    needed = set(diffusion_model.state_dict())
     prefix = unet_prefix(header)
     weights = {}
     with safe_open(str(path), framework="pt", device="cpu") as f:
@@ -56,7 +56,7 @@ def load_stage(path: str | Path, weight_dtype: str, stages: int, stage: int) -> 
             name = key[len(prefix):] if key.startswith(prefix) else None
             if name is not None and not name.startswith(tuple(foreign)):
                 weights[name] = f.get_tensor(key)
-    missing = sorted(wanted - set(config.process_unet_state_dict(dict(weights))))
+    missing = sorted(needed - set(config.process_unet_state_dict(dict(weights))))
     if missing:
         raise RuntimeError(f"{Path(path).name}: no weights in the file for {missing[:3]}; it does not load as this stage of the model")
     model.load_model_weights(weights, "")

@@ -14,7 +14,7 @@ NODE_CLASS_MAPPINGS = {
 NODE_DISPLAY_NAME_MAPPINGS = {
     "XDiTUNetLoader": "Load Diffusion Model (XDiT pool)",
     "XDiTSamplerCustomAdvanced": "SamplerCustomAdvanced (XDiT pool)",
-    "XDiTFluxLoraLoader": "LoraLoaderModelOnly (XDiT pool, Flux)",
+    "XDiTFluxLoraLoader": "LoraLoaderModelOnly (XDiT pool)",
 }
 
 register_status_route()

@@ -78,9 +78,9 @@ def comfy_server(request: pytest.FixtureRequest, comfy_root: Path, tmp_path_fact
     tiny Flux dev and schnell (names in server_launcher.TINY_UNET_NAMES); models/vae_approx a tiny taef1. A failing
     test that uses it gets the server log's tail in its report.
     """
-    from comfyui_xdit.server_launcher import TINY_UNET_NAMES, launch_server, prepare_base
+    from comfyui_xdit.testing.server_launcher import TINY_UNET_NAMES, launch_server, prepare_base
 
-    from comfyui_xdit.tiny_vae import write_tiny_taef1
+    from comfyui_xdit.testing.tiny_vae import write_tiny_taef1
 
     base = prepare_base(tmp_path_factory.mktemp("comfy_base"))
     server = launch_server(comfy_root, base, base / "comfyui.log")

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from comfyui_xdit.comfy_runtime import init_worker
-from comfyui_xdit.tiny_models import stand_in_conditioning
+from comfyui_xdit.testing.tiny_models import stand_in_conditioning
 
 TEXT_TOKENS = 7
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from safetensors.torch import load_file
 
-from comfyui_xdit.server_launcher import TINY_UNET_NAMES
+from comfyui_xdit.testing.server_launcher import TINY_UNET_NAMES
 
 
 def flux_graph(xdit: bool, guider: str = "basic", seed: int = 5, steps: int = 3, prefix: str = "latent", size: int = 128,

@@ -11,7 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from comfyui_xdit.server_launcher import REPO_ROOT, free_port
+from comfyui_xdit.testing.server_launcher import REPO_ROOT, free_port
 
 TESTS = Path(__file__).resolve().parent
 DRIVER = """

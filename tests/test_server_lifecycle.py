@@ -6,7 +6,7 @@ import time
 
 import psutil
 
-from comfyui_xdit.server_launcher import TINY_UNET_NAMES, launch_server, prepare_base
+from comfyui_xdit.testing.server_launcher import TINY_UNET_NAMES, launch_server, prepare_base
 from server_graphs import flux_graph
 
 from comfyui_xdit.api_client import ComfyClient

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from comfyui_xdit.tiny_models import build_flux, check_flux_detectable, flux_config, write_tiny_flux
+from comfyui_xdit.testing.tiny_models import build_flux, check_flux_detectable, flux_config, write_tiny_flux
 
 EXPECTED_CLASS = {"dev": "Flux", "schnell": "FluxSchnell"}
 

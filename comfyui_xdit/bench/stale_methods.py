@@ -150,7 +150,7 @@ def memory_plan_lines() -> list[dict]:
     import comfy.ops
 
     from comfyui_xdit.block_stages import block_parameters, blocks, stage_plan
-    from comfyui_xdit.tiny_models import flux_config
+    from comfyui_xdit.testing.tiny_models import flux_config
 
     config = flux_config("dev", "tiny", **FLUX_DEV, vec_in_dim=768, context_in_dim=4096)
     model = comfy.ldm.flux.model.Flux(dtype=torch.bfloat16, device="meta", operations=comfy.ops.disable_weight_init, **config)
@@ -177,7 +177,7 @@ def main(argv=None) -> int:
     spec = {"steps": args.steps, "size": args.size, "text_tokens": args.text_tokens, "repeats": args.repeats, "seed": args.seed,
             "hidden": args.hidden}
     from comfyui_xdit.comfy_runtime import import_comfy
-    from comfyui_xdit.tiny_models import write_tiny_flux
+    from comfyui_xdit.testing.tiny_models import write_tiny_flux
 
     import_comfy()
     results = {}

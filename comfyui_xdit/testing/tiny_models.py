@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from comfyui_xdit.comfy_runtime import import_comfy
-from comfyui_xdit.tiny_vae import TAEF1_SIZES, TAEF1_VARIANTS, write_tiny_taef1
+from comfyui_xdit.testing.tiny_vae import TAEF1_SIZES, TAEF1_VARIANTS, write_tiny_taef1
 
 # What ComfyUI 0.30.0's model detection reads back from a Flux state dict (comfy/model_detection.py): these values
 # are hard-coded there, so a file written with any other value would load as a different model.
