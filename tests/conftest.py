@@ -95,6 +95,13 @@ def comfy_server(request: pytest.FixtureRequest, comfy_root: Path, tmp_path_fact
         server.stop()
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # A test that asks for the shared server is in the server tier, wherever it lives.
+    for item in items:
+        if "comfy_server" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.server)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     outcome = yield

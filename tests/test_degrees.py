@@ -6,6 +6,8 @@ import pytest
 from comfyui_xdit.degrees import resolve_degrees, resolve_world_size
 from parallel_core import ParallelConfig
 
+pytestmark = pytest.mark.fast
+
 
 def test_world_size_auto_is_every_gpu_or_two_cpu_workers():
     assert resolve_world_size(0, visible_gpus=8) == 8

@@ -63,6 +63,7 @@ def test_refusals_name_the_family_and_what_it_supports(shells):
     validate_for_model(ParallelConfig(ulysses_degree=2, ring_degree=2), 4, shells["flux2"])
 
 
+@pytest.mark.fast  # needs ComfyUI's classes, no model file
 @pytest.mark.parametrize(("class_name", "message"), [
     ("LongCatImage", r"LongCat-Image supports cfg and data parallel only \(its shifted RoPE positions are not tested"),
     ("Chroma", "Chroma supports cfg and data parallel only"),  # a Flux subclass: Flux's adapter does not cover it
@@ -75,6 +76,7 @@ def test_flux_subclasses_without_a_tested_adapter_are_refused_sequence_parallel(
         validate_for_model(ParallelConfig(ulysses_degree=2), 2, patcher)
 
 
+@pytest.mark.fast  # needs ComfyUI's classes, no model file
 def test_matching_is_on_comfyui_own_classes_most_derived_first(comfy_root):
     import comfy.model_base
 
@@ -92,6 +94,7 @@ def test_matching_is_on_comfyui_own_classes_most_derived_first(comfy_root):
         adapter_for(torch.nn.Linear(1, 1))
 
 
+@pytest.mark.fast  # needs ComfyUI's classes, no model file
 def test_registering_a_class_twice_is_refused_and_a_missing_class_is_harmless(comfy_root):
     from comfyui_xdit import families
 
@@ -105,6 +108,7 @@ def test_registering_a_class_twice_is_refused_and_a_missing_class_is_harmless(co
         del families._REGISTRY["NotInThisComfyUI"]
 
 
+@pytest.mark.fast  # needs ComfyUI's classes, no model file
 def test_loader_inputs_and_validation_come_from_one_list(comfy_root):
     import importlib.util
 

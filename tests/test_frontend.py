@@ -24,6 +24,8 @@ from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 
 from comfyui_xdit.workflow_tools import is_link
 
+pytestmark = pytest.mark.server
+
 WORKFLOWS = REPO_ROOT / "workflows"
 UI_FILES = sorted(WORKFLOWS.glob("*.json"))
 BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",

@@ -11,6 +11,8 @@ import torch
 import flux_cases
 from comfyui_xdit.errors import UnsupportedByXDiT
 
+pytestmark = pytest.mark.fast
+
 
 @pytest.fixture(scope="module")
 def models(comfy_root, tiny_flux_paths):

@@ -12,6 +12,8 @@ import parallel_cases
 import parallel_core as pc
 from parallel_core.local_launch import RankFailed, run_on_ranks
 
+pytestmark = pytest.mark.fast
+
 WORLD_SIZES = (1, 2, 4)
 FP32_TOL = 1e-5
 BF16_TOL = 2e-2

@@ -16,6 +16,8 @@ from comfyui_xdit.workflow_tools import load_api_workflow, make_offline, set_inp
 from server_graphs import flux_graph, saved_latent
 from test_server_pool import FP32_TOL
 
+pytestmark = pytest.mark.server
+
 ULYSSES2 = {"world_size": 2, "ulysses_degree": 2, "ring_degree": 1, "cfg_degree": 1}
 RING2 = {"world_size": 2, "ulysses_degree": 1, "ring_degree": 2, "cfg_degree": 1}
 CFG2 = {"world_size": 2, "ulysses_degree": 1, "ring_degree": 1, "cfg_degree": 2}

@@ -16,6 +16,8 @@ from server_graphs import flux_graph, saved_latent
 
 from comfyui_xdit.api_client import ComfyClient, ExecutionFailed, ExecutionInterrupted, PromptRejected
 
+pytestmark = pytest.mark.server
+
 FP32_TOL = 1e-5
 
 
