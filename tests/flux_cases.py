@@ -79,9 +79,11 @@ def sample(model_patcher, case: SamplingCase) -> torch.Tensor:
     return _first(custom.SamplerCustomAdvanced.execute(noise, guider, sampler, sigmas, latent))["samples"]
 
 
-def family_rank(rank: int, world_size: int, model_path: str, configs: list[dict], case_dicts: list[dict]) -> dict:
-    """Parallel latents of every (config, case) on this rank; rank 0 adds the stock latents and re-checks them."""
-    init_worker(cpu=True)
+def family_rank(rank: int, world_size: int, model_path: str, configs: list[dict], case_dicts: list[dict],
+                device: str = "cpu") -> dict:
+    """Parallel latents of every (config, case) on this rank; rank 0 adds the stock latents and re-checks them.
+    device "cuda": ComfyUI runs on this rank's CUDA device (local_launch sets it), for NCCL ranks."""
+    init_worker(cpu=(device == "cpu"))
     import comfy.sd
 
     from comfyui_xdit.parallel_model import parallelize
@@ -95,15 +97,72 @@ def family_rank(rank: int, world_size: int, model_path: str, configs: list[dict]
     for degrees in configs:
         state = init_parallel(ParallelConfig(**degrees))
         model = parallelize(base, state)
-        tag = "-".join(f"{k.split('_')[0]}{v}" for k, v in degrees.items())
         for case in cases:
             state.comm.reset()
-            result["parallel"][f"{tag}/{case.name}"] = sample(model, case)
-            result["bytes"][f"{tag}/{case.name}"] = state.comm.snapshot()
+            result["parallel"][f"{tag(degrees)}/{case.name}"] = sample(model, case)
+            result["bytes"][f"{tag(degrees)}/{case.name}"] = state.comm.snapshot()
     if rank == 0:
         # The unpatched ModelPatcher, used again after the parallel clones, is stock again, bit for bit.
         result["stock_again"] = {case.name: sample(base, case) for case in cases}
     return result
+
+
+# The exact methods each family is checked with, by world size.
+CONFIGS: dict[str, dict[int, list[dict]]] = {
+    "flux": {
+        2: [
+            {"ulysses_degree": 2},
+            {"ring_degree": 2},
+            {"cfg_degree": 2},
+            {"data_degree": 2},
+        ],
+        4: [
+            {"ulysses_degree": 4},
+            {"ulysses_degree": 2, "ring_degree": 2},
+            {"ring_degree": 4},
+            {"ulysses_degree": 2, "cfg_degree": 2},
+            {"ring_degree": 2, "cfg_degree": 2},
+            {"cfg_degree": 4},
+            {"ulysses_degree": 2, "data_degree": 2},
+            {"cfg_degree": 2, "data_degree": 2},
+        ],
+    },
+    "flux2": {
+        2: [{"ulysses_degree": 2}, {"ring_degree": 2}, {"cfg_degree": 2}],
+        4: [{"ulysses_degree": 2, "ring_degree": 2}, {"ulysses_degree": 2, "cfg_degree": 2}],
+    },
+    "sd15": {2: [{"cfg_degree": 2}, {"data_degree": 2}]},
+}
+FP32_TOL = 1e-5
+# CFG multiplies the difference of two predictions by the guidance scale, and EPS models' latents reach ~15: there
+# the bound is relative to the latent's size.
+RELATIVE_TOL = 2e-6
+
+
+def tag(degrees: dict) -> str:
+    return "-".join(f"{k.split('_')[0]}{v}" for k, v in degrees.items())
+
+
+def differences_from_stock(per_rank: list[dict], family: str, world_size: int) -> list[str]:
+    """One line per (config, case, rank) whose latent is not stock's to fp32 rounding; empty when all match."""
+    stock = per_rank[0]["stock"]
+    failures = []
+    for degrees in CONFIGS[family][world_size]:
+        for name in FAMILY_CASES[family]:
+            key = f"{tag(degrees)}/{name}"
+            reference = stock[name]
+            if not reference.abs().max() > 0.1:
+                failures.append(f"{name}: stock latent is trivial; the comparison would prove nothing")
+            tolerance = max(FP32_TOL, RELATIVE_TOL * reference.abs().max().item())
+            for rank, result in enumerate(per_rank):
+                latent = result["parallel"][key]
+                if latent.shape != reference.shape:
+                    failures.append(f"{key} rank {rank}: shape {tuple(latent.shape)} != {tuple(reference.shape)}")
+                    continue
+                err = (latent - reference).abs().max().item()
+                if not err <= tolerance:
+                    failures.append(f"{key} rank {rank}: max abs error {err:.3e} vs stock (tolerance {tolerance:.1e})")
+    return failures
 
 
 def case_dicts(family: str) -> list[dict]:

@@ -61,6 +61,8 @@ def test_refusals_name_the_family_and_what_it_supports(shells):
         validate_for_model(ParallelConfig(pipefusion_degree=2), 2, shells["sd15"])
     validate_for_model(ParallelConfig(cfg_degree=2, data_degree=2), 4, shells["sd15"])
     validate_for_model(ParallelConfig(ulysses_degree=2, ring_degree=2), 4, shells["flux2"])
+    with pytest.raises(UnsupportedByXDiT, match=r"Flux.2 supports ulysses, ring, cfg and data parallel only \(PipeFusion and patch .*set patch_degree to 1"):
+        validate_for_model(ParallelConfig(patch_degree=2), 2, shells["flux2"])
 
 
 @pytest.mark.fast  # needs ComfyUI's classes, no model file

@@ -1,7 +1,8 @@
 """Every family inside real ComfyUI on gloo ranks: the parallel model's latents equal stock sampling to fp32 rounding.
 
-One suite, parametrised over families: Flux.1 (every exact method), Flux.2 (same adapter code, its own token grid)
-and an SD1.5 U-Net, which has no sequence-parallel adapter and runs on the generic CFG and data parallel wrappers.
+One suite, parametrised over families (flux_cases.CONFIGS): Flux.1 (every exact method), Flux.2 (same adapter
+code, its own token grid) and an SD1.5 U-Net, which has no sequence-parallel adapter and runs on the generic CFG
+and data parallel wrappers. test_gpu_parallel.py runs the same cases on CUDA ranks over NCCL.
 """
 from __future__ import annotations
 
@@ -13,37 +14,7 @@ import torch
 import flux_cases
 from parallel_core.local_launch import run_on_ranks
 
-FP32_TOL = 1e-5
-# CFG multiplies the difference of two predictions by the guidance scale, and EPS models' latents reach ~15: there
-# the bound is relative to the latent's size.
-RELATIVE_TOL = 2e-6
-
-CONFIGS: dict[str, dict[int, list[dict]]] = {
-    "flux": {
-        2: [
-            {"ulysses_degree": 2},
-            {"ring_degree": 2},
-            {"cfg_degree": 2},
-            {"data_degree": 2},
-        ],
-        4: [
-            {"ulysses_degree": 4},
-            {"ulysses_degree": 2, "ring_degree": 2},
-            {"ring_degree": 4},
-            {"ulysses_degree": 2, "cfg_degree": 2},
-            {"ring_degree": 2, "cfg_degree": 2},
-            {"cfg_degree": 4},
-            {"ulysses_degree": 2, "data_degree": 2},
-            {"cfg_degree": 2, "data_degree": 2},
-        ],
-    },
-    "flux2": {
-        2: [{"ulysses_degree": 2}, {"ring_degree": 2}, {"cfg_degree": 2}],
-        4: [{"ulysses_degree": 2, "ring_degree": 2}, {"ulysses_degree": 2, "cfg_degree": 2}],
-    },
-    "sd15": {2: [{"cfg_degree": 2}, {"data_degree": 2}]},
-}
-RUNS = [(family, world) for family, by_world in CONFIGS.items() for world in by_world]
+RUNS = [(family, world) for family, by_world in flux_cases.CONFIGS.items() for world in by_world]
 # (config tag/case, counter) that must have moved bytes on every rank: guards against a silently unpatched model.
 TRAFFIC: dict[str, list[tuple[str, str]]] = {
     "flux": [("ulysses2/basic-euler", "all_to_all/ulysses"), ("ring2/basic-euler", "ring_send/ring"),
@@ -61,33 +32,13 @@ def model_path(tiny_flux_paths, tiny_model_path):
 
 @functools.lru_cache(maxsize=None)
 def _run(family: str, world_size: int, path: str) -> list[dict]:
-    return run_on_ranks(flux_cases.family_rank, world_size, path, CONFIGS[family][world_size], flux_cases.case_dicts(family),
-                        timeout_s=900)
-
-
-def _tag(degrees: dict) -> str:
-    return "-".join(f"{k.split('_')[0]}{v}" for k, v in degrees.items())
+    return run_on_ranks(flux_cases.family_rank, world_size, path, flux_cases.CONFIGS[family][world_size],
+                        flux_cases.case_dicts(family), timeout_s=900)
 
 
 @pytest.mark.parametrize(("family", "world_size"), RUNS)
 def test_parallel_model_matches_stock_sampling(family, world_size, model_path):
-    per_rank = _run(family, world_size, model_path(family))
-    stock = per_rank[0]["stock"]
-    failures = []
-    for degrees in CONFIGS[family][world_size]:
-        for name in flux_cases.FAMILY_CASES[family]:
-            key = f"{_tag(degrees)}/{name}"
-            reference = stock[name]
-            assert reference.abs().max() > 0.1, "stock latent is trivial; the comparison would prove nothing"
-            tolerance = max(FP32_TOL, RELATIVE_TOL * reference.abs().max().item())
-            for rank, result in enumerate(per_rank):
-                latent = result["parallel"][key]
-                if latent.shape != reference.shape:
-                    failures.append(f"{key} rank {rank}: shape {tuple(latent.shape)} != {tuple(reference.shape)}")
-                    continue
-                err = (latent - reference).abs().max().item()
-                if not err <= tolerance:
-                    failures.append(f"{key} rank {rank}: max abs error {err:.3e} vs stock (tolerance {tolerance:.1e})")
+    failures = flux_cases.differences_from_stock(_run(family, world_size, model_path(family)), family, world_size)
     assert not failures, "\n".join(failures)
 
 

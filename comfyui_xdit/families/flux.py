@@ -125,6 +125,8 @@ def _displaced_forward_orig(original, state: ParallelState, cache: KVCache, img,
 def parallelize(model_patcher, state: ParallelState, adapter):
     """A clone of `model_patcher` whose Flux runs over `state`'s groups: sequence or patch, and PipeFusion stages
     (flux_pipefusion.py); `adapter` is its registry entry (families/__init__.py)."""
+    if adapter.joint_attention != "front":  # a registry entry pointing these hooks at another layout is a bug
+        raise ValueError(f"the Flux hooks run text-in-front joint attention, not {adapter.joint_attention!r} ({adapter.name})")
     if state.pipefusion.size > 1:
         from . import flux_pipefusion  # it builds on this module
 
