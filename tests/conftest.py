@@ -75,7 +75,8 @@ def comfy_server(request: pytest.FixtureRequest, comfy_root: Path, tmp_path_fact
     """One real headless ComfyUI server for the whole session (comfyui_xdit/server_launcher.py), on a free 127.0.0.1 port.
 
     Its custom_nodes/ holds this repo (as comfyui-xdit) and tests/xdit_test_nodes; models/diffusion_models the
-    tiny Flux dev and schnell (names in server_launcher.TINY_UNET_NAMES); models/vae_approx a tiny taef1. A failing
+    tiny Flux dev and schnell (names in server_launcher.TINY_UNET_NAMES) and the tiny SD1.5 U-Net
+    (server_graphs.TINY_SD15_NAME); models/vae_approx a tiny taef1. A failing
     test that uses it gets the server log's tail in its report.
     """
     from comfyui_xdit.testing.server_launcher import TINY_UNET_NAMES, launch_server, prepare_base
@@ -88,6 +89,7 @@ def comfy_server(request: pytest.FixtureRequest, comfy_root: Path, tmp_path_fact
         # Weights are written while the server boots (~17 s): it rescans model folders on every request.
         for variant, path in request.getfixturevalue("tiny_flux_paths").items():
             (server.models_dir("diffusion_models") / TINY_UNET_NAMES[variant]).symlink_to(path)
+        (server.models_dir("diffusion_models") / "tiny-sd15.safetensors").symlink_to(request.getfixturevalue("tiny_model_path")("sd15"))
         write_tiny_taef1(server.models_dir("vae_approx"))
         server.wait_ready()
         yield server
