@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import torch
 
-from parallel_core import DIMENSIONS, ParallelConfig
+from parallel_core import DIMENSIONS, ParallelConfig, ParallelState
 
 from ..errors import UnsupportedByXDiT
 
@@ -46,7 +46,8 @@ class Capabilities:
 
 # The order degrees are named in messages and loader inputs (parallel_core's DIMENSIONS is the rank layout's).
 DIMENSIONS_IN_ORDER: tuple[str, ...] = tuple(f.name for f in fields(Capabilities))
-assert set(DIMENSIONS_IN_ORDER) == set(DIMENSIONS), "Capabilities must name every parallel dimension"
+if set(DIMENSIONS_IN_ORDER) != set(DIMENSIONS):
+    raise ImportError(f"Capabilities must name every parallel dimension {DIMENSIONS}")
 
 EVERY_METHOD = Capabilities(ulysses=True, ring=True, cfg=True, data=True, pipefusion=True, patch=True)
 CFG_AND_DATA = Capabilities()
@@ -83,7 +84,7 @@ class FamilyAdapter:
         patch = getattr(diffusion_model, self.patch_attribute) if self.patch_attribute else 1
         return -(-latent_height // patch)
 
-    def parallelize(self, model_patcher, state):
+    def parallelize(self, model_patcher: Any, state: ParallelState) -> Any:
         """A clone of `model_patcher` whose diffusion model computes over `state`'s sequence/patch/stage groups."""
         if self.hooks is None:
             return model_patcher.clone()
