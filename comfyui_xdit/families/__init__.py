@@ -18,8 +18,9 @@ from typing import Any, Literal
 
 import torch
 
-from parallel_core import DIMENSIONS, ParallelConfig, ParallelState
+from parallel_core import ParallelConfig, ParallelState
 
+from ..degrees import DEGREE_TOOLTIPS
 from ..errors import UnsupportedByXDiT
 
 JointLayout = Literal["front", "rear", "cross", "none"]
@@ -27,14 +28,14 @@ JointLayout = Literal["front", "rear", "cross", "none"]
 
 @dataclass(frozen=True)
 class Capabilities:
-    """Which parallel dimensions (parallel_core.config.DIMENSIONS) a family takes."""
+    """Which parallel dimensions (degrees.DEGREE_TOOLTIPS, in its order) a family takes."""
 
     ulysses: bool = False
     ring: bool = False
     cfg: bool = True
-    data: bool = True
     pipefusion: bool = False
     patch: bool = False
+    data: bool = True
 
     def supported(self) -> tuple[str, ...]:
         return tuple(d for d in DIMENSIONS_IN_ORDER if getattr(self, d))
@@ -44,10 +45,10 @@ class Capabilities:
         return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
 
 
-# The order degrees are named in messages and loader inputs (parallel_core's DIMENSIONS is the rank layout's).
-DIMENSIONS_IN_ORDER: tuple[str, ...] = tuple(f.name for f in fields(Capabilities))
-if set(DIMENSIONS_IN_ORDER) != set(DIMENSIONS):
-    raise ImportError(f"Capabilities must name every parallel dimension {DIMENSIONS}")
+# Degrees are named in the loader's order, in messages as in its inputs (parallel_core's DIMENSIONS is the rank layout's).
+DIMENSIONS_IN_ORDER: tuple[str, ...] = tuple(DEGREE_TOOLTIPS)
+if tuple(f.name for f in fields(Capabilities)) != DIMENSIONS_IN_ORDER:
+    raise ImportError(f"Capabilities must name the loader's degrees {DIMENSIONS_IN_ORDER}, in order")
 
 EVERY_METHOD = Capabilities(ulysses=True, ring=True, cfg=True, data=True, pipefusion=True, patch=True)
 CFG_AND_DATA = Capabilities()
