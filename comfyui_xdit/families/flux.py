@@ -16,7 +16,6 @@ diffusion model's `forward_orig` (active only while that clone is the one patche
 from __future__ import annotations
 
 import functools
-from typing import Any
 
 import torch
 
