@@ -9,6 +9,7 @@ ComfyAPIError subclasses whose message names the node id, node type and exceptio
 from __future__ import annotations
 
 import json
+import struct
 import time
 import urllib.error
 import urllib.parse
@@ -23,6 +24,7 @@ import websocket
 
 EventHandler = Callable[[str, dict[str, Any]], None]
 FINAL_EVENTS = ("execution_success", "execution_error", "execution_interrupted")
+PREVIEW_IMAGE = 1  # ComfyUI's binary frame type for a live preview: (type, image format) as 4-byte ints, then the image
 HISTORY_POLL_S = 0.2
 WS_POLL_S = 5.0  # how often a silent websocket is cross-checked against /history
 
@@ -82,6 +84,7 @@ class PromptResult:
     prompt_id: str
     outputs: dict[str, dict[str, Any]]  # node id -> that node's UI output, as in /history
     events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # this prompt's websocket events, in order
+    previews: list[bytes] = field(default_factory=list)  # live preview images (JPEG/PNG bytes) sent while it ran
 
     @property
     def files(self) -> list[OutputFile]:
@@ -107,9 +110,11 @@ class ComfyClient:
         """Every node type the server knows, with its inputs and outputs (GET /object_info)."""
         return self._get_json("/object_info")
 
-    def queue_prompt(self, prompt: dict[str, Any]) -> str:
-        """POST an API-format workflow; returns its prompt id. Raises PromptRejected if it does not validate."""
-        body = json.dumps({"prompt": prompt, "client_id": self.client_id}).encode()
+    def queue_prompt(self, prompt: dict[str, Any], extra_data: dict[str, Any] | None = None) -> str:
+        """POST an API-format workflow; returns its prompt id. Raises PromptRejected if it does not validate.
+
+        ``extra_data`` goes with it as the frontend sends it, e.g. ``{"preview_method": "latent2rgb"}``."""
+        body = json.dumps({"prompt": prompt, "client_id": self.client_id, **({"extra_data": extra_data} if extra_data else {})}).encode()
         request = urllib.request.Request(f"{self.url}/prompt", data=body, method="POST",
                                          headers={"Content-Type": "application/json"})
         try:
@@ -128,16 +133,18 @@ class ComfyClient:
         return self._get_json(f"/history/{urllib.parse.quote(prompt_id)}").get(prompt_id)
 
     def run(self, prompt: dict[str, Any], on_event: EventHandler | None = None,
-            timeout: float | None = None) -> PromptResult:
-        """Queue ``prompt``, follow it to the end and return its outputs; ``on_event(type, data)`` sees each event.
+            timeout: float | None = None, extra_data: dict[str, Any] | None = None) -> PromptResult:
+        """Queue ``prompt`` (with ``extra_data``), follow it to the end and return its outputs and the live previews
+        it sent; ``on_event(type, data)`` sees each event.
 
         Raises PromptRejected, ExecutionFailed, ExecutionInterrupted, or ComfyAPIError (connection lost, timeout).
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         ws = self._connect_ws()
+        previews: list[bytes] = []
         try:
-            prompt_id = self.queue_prompt(prompt)
-            events = self._follow(ws, prompt_id, on_event, deadline)
+            prompt_id = self.queue_prompt(prompt, extra_data)
+            events = self._follow(ws, prompt_id, on_event, deadline, previews)
         finally:
             ws.close()
         final_type, final_data = events[-1]
@@ -146,7 +153,7 @@ class ComfyClient:
         if final_type == "execution_interrupted":
             raise ExecutionInterrupted(final_data)
         entry = self._wait_history(prompt_id, deadline)
-        return PromptResult(prompt_id, entry.get("outputs", {}), events)
+        return PromptResult(prompt_id, entry.get("outputs", {}), events, previews)
 
     def download(self, file: OutputFile, dest_dir: str | Path) -> Path:
         """Fetch one output file (GET /view) into ``dest_dir``, keeping its subfolder; returns the local path."""
@@ -161,7 +168,7 @@ class ComfyClient:
         return dest
 
     def _follow(self, ws: websocket.WebSocket, prompt_id: str, on_event: EventHandler | None,
-                deadline: float | None) -> list[tuple[str, dict[str, Any]]]:
+                deadline: float | None, previews: list[bytes]) -> list[tuple[str, dict[str, Any]]]:
         events: list[tuple[str, dict[str, Any]]] = []
         while True:
             ws.settimeout(_remaining(deadline, WS_POLL_S))
@@ -176,7 +183,10 @@ class ComfyClient:
             except (websocket.WebSocketConnectionClosedException, ConnectionError) as error:
                 raise ComfyAPIError(f"lost the websocket to {self.url} while prompt {prompt_id} ran: {error}") from None
             if not isinstance(raw, str):
-                continue  # binary frames are live preview images
+                # Binary frames are live previews; ComfyUI sends them to the client whose prompt runs.
+                if len(raw) > 8 and struct.unpack(">I", raw[:4])[0] == PREVIEW_IMAGE:
+                    previews.append(bytes(raw[8:]))
+                continue
             message = json.loads(raw)
             event_type, data = message.get("type", ""), message.get("data") or {}
             if data.get("prompt_id", prompt_id) != prompt_id:

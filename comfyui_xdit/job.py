@@ -40,10 +40,11 @@ def _is_plain(value: Any) -> bool:
     return False
 
 
-def pool_model_of(model_patcher) -> PoolModelRef:
+def pool_model_of(model_patcher, node: str = "XDiTSamplerCustomAdvanced") -> PoolModelRef:
+    """The pool model behind a MODEL; `node` (an XDiT sampler, named after its stock twin) is named in the refusal."""
     ref = model_patcher.attachments.get(POOL_ATTACHMENT)
     if ref is None:
-        raise UnsupportedByXDiT("XDiTSamplerCustomAdvanced needs a MODEL from XDiTUNetLoader; replace UNETLoader with XDiTUNetLoader (or use the stock SamplerCustomAdvanced)")
+        raise UnsupportedByXDiT(f"{node} needs a MODEL from XDiTUNetLoader; replace UNETLoader with XDiTUNetLoader (or use the stock {node.removeprefix('XDiT')})")
     return ref
 
 
@@ -141,7 +142,7 @@ def carry_sampler(sampler) -> tuple[str, dict, dict]:
 
 
 def build_job(guider, sampler, sigmas: torch.Tensor, noise: torch.Tensor, latent: torch.Tensor,
-              denoise_mask: torch.Tensor | None, seed: int, stale_options: dict | None = None) -> SamplingJob:
+              denoise_mask: torch.Tensor | None, seed: int, stale_options: dict | None = None, previews: bool = False) -> SamplingJob:
     """Everything a worker needs, checked before any work starts."""
     model_patcher = guider.model_patcher
     ref = pool_model_of(model_patcher)
@@ -153,7 +154,7 @@ def build_job(guider, sampler, sigmas: torch.Tensor, noise: torch.Tensor, latent
         sampler_extra_options=extra, sampler_inpaint_options=inpaint, sigmas=sigmas.cpu(), noise=noise.cpu(),
         latent=latent.cpu(), denoise_mask=None if denoise_mask is None else denoise_mask.cpu(), seed=int(seed),
         model_sampling=model_sampling, model_option_flags=flags, loras=lora_stack(model_patcher),
-        stale_options=dict(stale_options or {}),
+        stale_options=dict(stale_options or {}), previews=previews,
     )
 
 

@@ -16,7 +16,7 @@ class PoolModelRef:
     weight_dtype: str
     degrees: tuple[tuple[str, int], ...]  # ParallelConfig fields, resolved (no zeros)
     world_size: int
-    ray_address: str  # "" = local cluster
+    cluster: str  # the operator-configured cluster's name ("local" = the private local cluster)
     num_heads: int | None  # None: the model's family shards no attention
 
 
@@ -49,3 +49,4 @@ class SamplingJob:
     model_option_flags: dict = field(default_factory=dict)
     loras: tuple[LoraRef, ...] = ()
     stale_options: dict = field(default_factory=dict)  # stale_steps.StaleOptions fields, for PipeFusion / patch parallel
+    previews: bool = False  # rank 0 hands each step's x0 (first batch item) to the caller for ComfyUI's live preview

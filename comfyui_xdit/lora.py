@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 import comfy.lora
 import comfy.lora_convert
@@ -24,6 +23,7 @@ import comfy.weight_adapter
 from .errors import UnsupportedByXDiT
 from .families import adapter_for
 from .job_spec import LoraRef
+from .safetensors_files import open_safetensors
 
 LORA_ATTACHMENT = "comfyui_xdit.loras"
 # ComfyUI's loader needs the values of a few tiny tensors (alpha, reshape_weight); every other tensor is only
@@ -46,10 +46,8 @@ def with_lora(model_patcher, ref: LoraRef):
 
 def read_shapes(path: str | Path) -> dict[str, torch.Tensor]:
     """The file's tensors as meta tensors of their shapes (tiny ones are read): its header, not its weights."""
-    if not str(path).endswith((".safetensors", ".sft")):
-        raise UnsupportedByXDiT(f"LoRA {Path(path).name}: XDiTFluxLoraLoader reads .safetensors files only (they load without unpickling); convert the file first")
     tensors = {}
-    with safe_open(str(path), framework="pt", device="cpu") as f:
+    with open_safetensors(path, "LoRA") as f:
         for key in f.keys():
             shape = f.get_slice(key).get_shape()
             tensors[key] = f.get_tensor(key) if math.prod(shape) <= _READ_VALUES_UP_TO else torch.empty(shape, device="meta")

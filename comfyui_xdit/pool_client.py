@@ -5,9 +5,11 @@ import atexit
 import os
 import signal
 import threading
+from typing import Callable
 
 from ray_backend.pool import PoolRegistry, WorkerPool
 
+from .cluster_config import target_for
 from .comfy_runtime import import_comfy
 from .job_spec import PoolModelRef
 from .worker_service import SERVICE_PATH
@@ -34,9 +36,10 @@ def install_exit_hooks() -> None:
     signal.signal(signal.SIGTERM, on_sigterm)
 
 
-def pool_for(ref: PoolModelRef) -> WorkerPool:
+def pool_for(ref: PoolModelRef, should_interrupt: Callable[[], bool] | None = None) -> WorkerPool:
+    """The pool for `ref`'s world and cluster (connecting to the cluster first, cancellably, if needed)."""
     import_comfy(prepare=False)  # inside ComfyUI: exports COMFYUI_PATH, so workers import this same ComfyUI
-    return REGISTRY.get(ref.world_size, ref.ray_address)
+    return REGISTRY.get(ref.world_size, target_for(ref.cluster), should_interrupt)
 
 
 def degrees_of(ref: PoolModelRef) -> dict[str, int]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 import comfy.model_detection
 import comfy.model_management
@@ -18,6 +17,7 @@ import comfy.patcher_extension
 
 from .errors import UnsupportedByXDiT
 from .job_spec import PoolModelRef
+from .safetensors_files import open_safetensors
 
 POOL_ATTACHMENT = "comfyui_xdit.pool_model"
 SHELL_GUARD_KEY = "comfyui_xdit.shell_guard"
@@ -45,9 +45,7 @@ def model_options_for(weight_dtype: str) -> dict:
 
 def meta_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None]:
     """Keys, shapes and dtypes of a safetensors file as meta tensors (no weight is read)."""
-    if not str(path).endswith((".safetensors", ".sft")):
-        raise UnsupportedByXDiT(f"{Path(path).name}: XDiTUNetLoader reads .safetensors files only (they load without unpickling); convert the file first")
-    with safe_open(str(path), framework="pt", device="cpu") as f:
+    with open_safetensors(path, "diffusion model") as f:
         metadata = f.metadata()
         state = {}
         for key in f.keys():
@@ -82,7 +80,7 @@ def detect(path: str | Path, weight_dtype: str, load_device: torch.device = torc
 
 
 def _refuse_local_sampling(executor, *args, **kwargs):
-    raise UnsupportedByXDiT("this MODEL comes from XDiTUNetLoader and its weights live in the XDiT pool: sample it with XDiTSamplerCustomAdvanced, or load it with UNETLoader for stock samplers")
+    raise UnsupportedByXDiT("this MODEL comes from XDiTUNetLoader and its weights live in the XDiT pool: sample it with XDiTSamplerCustomAdvanced, XDiTKSampler or XDiTKSamplerAdvanced, or load it with UNETLoader for stock samplers")
 
 
 def build_shell(path: str | Path, weight_dtype: str, ref: PoolModelRef | None = None) -> comfy.model_patcher.ModelPatcher:

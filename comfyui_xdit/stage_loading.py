@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 import comfy.model_management
 import comfy.model_patcher
@@ -17,6 +16,7 @@ import comfy.model_patcher
 from .block_stages import RemoteBlock, block_parameters, blocks, container_and_index, stage_plan
 from .errors import UnsupportedByXDiT
 from .families import adapter_for
+from .safetensors_files import open_safetensors
 from .shell_model import detect, meta_state_dict, unet_prefix
 
 
@@ -51,7 +51,7 @@ def load_stage(path: str | Path, weight_dtype: str, stages: int, stage: int) -> 
     needed = set(diffusion_model.state_dict())
     prefix = unet_prefix(header)
     weights = {}
-    with safe_open(str(path), framework="pt", device="cpu") as f:
+    with open_safetensors(path, "diffusion model") as f:
         for key in f.keys():
             name = key[len(prefix):] if key.startswith(prefix) else None
             if name is not None and not name.startswith(tuple(foreign)):

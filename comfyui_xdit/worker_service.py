@@ -65,9 +65,11 @@ class SamplingService:
         control.start(len(job.sigmas) - 1)
         last_x0: dict[str, Any] = {}
 
+        previews = job.previews and state.rank == 0  # only rank 0 is asked for them
+
         def callback(step, x0, x, total_steps):
             last_x0["x0"] = x0
-            control.after_step(step + 1)
+            control.after_step(step + 1, x0[:1].to("cpu", copy=True) if previews else None)
 
         samples = run_job(model, job, callback)
         x0 = last_x0.get("x0")

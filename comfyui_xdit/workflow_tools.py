@@ -19,9 +19,15 @@ STOCK_TWINS: dict[str, tuple[str, tuple[str, ...]]] = {
     "XDiTUNetLoader": ("UNETLoader", ("unet_name", "weight_dtype")),
     "XDiTSamplerCustomAdvanced": ("SamplerCustomAdvanced", ("noise", "guider", "sampler", "sigmas", "latent_image")),
     "XDiTFluxLoraLoader": ("LoraLoaderModelOnly", ("model", "lora_name", "strength_model")),
+    "XDiTKSampler": ("KSampler", ("model", "seed", "steps", "cfg", "sampler_name", "scheduler", "positive", "negative",
+                                  "latent_image", "denoise")),
+    "XDiTKSamplerAdvanced": ("KSamplerAdvanced", ("model", "add_noise", "noise_seed", "steps", "cfg", "sampler_name", "scheduler",
+                                                  "positive", "negative", "latent_image", "start_at_step", "end_at_step",
+                                                  "return_with_leftover_noise")),
 }
 UNET_LOADERS = frozenset({"XDiTUNetLoader", "UNETLoader"})
 LATENT_SIZED = frozenset({"EmptySD3LatentImage", "EmptyLatentImage", "ModelSamplingFlux"})
+STEPPED = frozenset({"BasicScheduler", "KSampler", "KSamplerAdvanced", "XDiTKSampler", "XDiTKSamplerAdvanced"})
 TEST_CONDITIONING = "XDiTTestConditioning"  # tests/xdit_test_nodes: seeded random CONDITIONING
 
 
@@ -113,7 +119,8 @@ def make_offline(workflow: Workflow, unet_name: str, vae_name: str = "taef1", si
     Every CLIPTextEncode becomes XDiTTestConditioning (seeds ``seed``, ``seed + 1``, ... in node-id order, so a
     positive and a negative prompt differ) and the CLIP loaders feeding them are dropped; UNet loaders load
     ``unet_name``, VAELoader loads ``vae_name``; latents and ModelSamplingFlux use ``size`` pixels square;
-    ``steps`` overrides BasicScheduler's steps. The tiny-model defaults match testing/tiny_models' default family.
+    ``steps`` overrides the steps of BasicScheduler and the KSamplers. The tiny-model defaults match testing/tiny_models'
+    default family.
     """
     offline = copy.deepcopy(workflow)
     encoders = sorted((node_id for node_id, node in offline.items() if node["class_type"] == "CLIPTextEncode"),
@@ -134,7 +141,7 @@ def make_offline(workflow: Workflow, unet_name: str, vae_name: str = "taef1", si
             inputs["unet_name"] = unet_name
         elif node["class_type"] == "VAELoader":
             inputs["vae_name"] = vae_name
-        elif node["class_type"] == "BasicScheduler" and steps is not None:
+        elif node["class_type"] in STEPPED and steps is not None:
             inputs["steps"] = steps
         if node["class_type"] in LATENT_SIZED:
             inputs["width"] = inputs["height"] = size

@@ -1,6 +1,7 @@
 """The pack's ComfyUI nodes (classic node API: stable across ComfyUI releases, which V3's `latest` is not yet)."""
 from comfyui_xdit.pool_client import install_exit_hooks
 
+from .ksampler import XDiTKSampler, XDiTKSamplerAdvanced
 from .lora_loader import XDiTFluxLoraLoader
 from .sampler import XDiTSamplerCustomAdvanced
 from .status_route import register_status_route
@@ -10,11 +11,15 @@ NODE_CLASS_MAPPINGS = {
     "XDiTUNetLoader": XDiTUNetLoader,
     "XDiTSamplerCustomAdvanced": XDiTSamplerCustomAdvanced,
     "XDiTFluxLoraLoader": XDiTFluxLoraLoader,
+    "XDiTKSampler": XDiTKSampler,
+    "XDiTKSamplerAdvanced": XDiTKSamplerAdvanced,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "XDiTUNetLoader": "Load Diffusion Model (XDiT pool)",
     "XDiTSamplerCustomAdvanced": "SamplerCustomAdvanced (XDiT pool)",
     "XDiTFluxLoraLoader": "LoraLoaderModelOnly (XDiT pool)",
+    "XDiTKSampler": "KSampler (XDiT pool)",
+    "XDiTKSamplerAdvanced": "KSampler (Advanced) (XDiT pool)",
 }
 
 register_status_route()

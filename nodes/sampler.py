@@ -3,13 +3,9 @@ from __future__ import annotations
 
 import comfy.model_management
 import comfy.sample
-import comfy.utils
 
-from comfyui_xdit.families import adapter_for
-from comfyui_xdit.job import build_job, pool_model_of
-from comfyui_xdit.pool_client import degrees_of, pool_for
-from comfyui_xdit.stale_steps import DEFAULT_WARMUP_STEPS, carry_options
-from ray_backend.errors import JobInterrupted, PoolFailure
+from comfyui_xdit.pool_sampling import sample_on_pool
+from comfyui_xdit.stale_steps import DEFAULT_WARMUP_STEPS
 
 
 class XDiTSamplerCustomAdvanced:
@@ -40,24 +36,8 @@ class XDiTSamplerCustomAdvanced:
         latent["samples"] = comfy.sample.fix_empty_latent_channels(
             guider.model_patcher, latent["samples"], latent.get("downscale_ratio_spacial", None), latent.get("downscale_ratio_temporal", None)
         )
-        model = guider.model_patcher.model
-        token_rows = adapter_for(model).token_rows(model.diffusion_model, latent["samples"].shape[-2])
-        try:
-            stale = carry_options(degrees_of(pool_model_of(guider.model_patcher)), token_rows, num_pipeline_patch, warmup_steps)
-        except ValueError as error:
-            raise ValueError(f"XDiTSamplerCustomAdvanced: {error}") from error
-        job = build_job(guider, sampler, sigmas, noise.generate_noise(latent), latent["samples"], latent.get("noise_mask"), noise.seed, stale)
-        progress = comfy.utils.ProgressBar(max(1, sigmas.shape[-1] - 1))
-        pool = pool_for(job.model)
-        try:
-            result = pool.run(job, degrees_of(job.model), on_progress=lambda step, total: progress.update_absolute(step, total),
-                              should_interrupt=comfy.model_management.processing_interrupted)
-        except JobInterrupted:
-            comfy.model_management.throw_exception_if_processing_interrupted()
-            raise
-        except PoolFailure as error:
-            raise RuntimeError(f"XDiT worker pool failed: {error}. The pool was stopped; queue the prompt again to start a fresh one.") from error
-        output = result["output"]
+        output = sample_on_pool("XDiTSamplerCustomAdvanced", guider, sampler, sigmas, noise.generate_noise(latent), latent["samples"],
+                                latent.get("noise_mask"), noise.seed, num_pipeline_patch, warmup_steps)
         out = latent.copy()
         out.pop("downscale_ratio_spacial", None)
         out.pop("downscale_ratio_temporal", None)

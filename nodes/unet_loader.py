@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
+import comfy.model_management
 import folder_paths
 
+from comfyui_xdit import cluster_config
 from comfyui_xdit.degrees import DEGREE_INPUTS, DEGREE_TOOLTIPS, resolve_degrees, resolve_world_size
 from comfyui_xdit.families import adapter_for
 from comfyui_xdit.job_spec import PoolModelRef
@@ -12,7 +15,9 @@ from comfyui_xdit.parallel_model import validate_for_model
 from comfyui_xdit.pool_client import pool_for
 from comfyui_xdit.shell_model import POOL_ATTACHMENT, WEIGHT_DTYPES, build_shell
 from comfyui_xdit.stage_loading import check_stage_loadable
-from ray_backend.cluster import cluster_gpus, ensure_ray, resolve_address
+from ray_backend.capacity import check_world_fits
+from ray_backend.cluster import ClusterConnectCancelled, ClusterUnreachable, cluster_gpus, cluster_memory_bytes, ensure_ray
+from ray_backend.clusters import LOCAL, ClusterNotConfigured
 
 # ray_address came after the first four degrees before patch_degree existed; it keeps its widget place.
 _RAY_ADDRESS_AFTER = "pipefusion_degree"
@@ -23,7 +28,9 @@ def _optional_inputs() -> dict:
     for name, tooltip in DEGREE_TOOLTIPS.items():
         inputs[f"{name}_degree"] = ("INT", {"default": 0, "min": 0, "max": 64, "tooltip": tooltip})
         if f"{name}_degree" == _RAY_ADDRESS_AFTER:
-            inputs["ray_address"] = ("STRING", {"default": "", "tooltip": "Ray cluster to use; empty = RAY_ADDRESS, else a private local cluster on 127.0.0.1"})
+            # A name, never an address: the operator maps names to clusters (README: Ray clusters and security), so a
+            # workflow from anywhere cannot make ComfyUI connect somewhere. Same input name and place as the old address.
+            inputs["ray_address"] = (cluster_config.choices(), {"default": LOCAL, "tooltip": "Ray cluster: 'local' = a private cluster on this machine; other names are the clusters the operator configured (XDIT_RAY_CLUSTERS or user/__comfyui_xdit/clusters.json)"})
     return inputs
 
 
@@ -49,10 +56,15 @@ class XDiTUNetLoader:
     DESCRIPTION = "Loads a diffusion model into a pool of workers that denoise one image together (drop-in for Load Diffusion Model)."
 
     @classmethod
-    def VALIDATE_INPUTS(cls, world_size=0, ulysses_degree=0, ring_degree=0, cfg_degree=0, pipefusion_degree=0, patch_degree=0, data_degree=0):
+    def VALIDATE_INPUTS(cls, world_size=0, ulysses_degree=0, ring_degree=0, cfg_degree=0, pipefusion_degree=0, patch_degree=0, data_degree=0,
+                        ray_address=LOCAL):
         # Checked before the prompt runs; the family, heads, blocks and GPU counts are checked again when the model is
         # loaded. Only the inputs named here skip ComfyUI's own checks (a **kwargs would skip unet_name's too), so the
-        # names are spelled out; tests check they are exactly DEGREE_INPUTS.
+        # names are spelled out; tests check the degrees are exactly DEGREE_INPUTS.
+        try:
+            cluster_config.target_for(ray_address)
+        except ClusterNotConfigured as error:
+            return str(error)
         degrees = dict(zip(DEGREE_INPUTS, (ulysses_degree, ring_degree, cfg_degree, pipefusion_degree, patch_degree, data_degree)))
         for name, value in {"world_size": world_size, **degrees}.items():
             if not isinstance(value, int) or value < 0:
@@ -64,19 +76,32 @@ class XDiTUNetLoader:
                 return str(error)
         return True
 
-    def load_unet(self, unet_name, weight_dtype, world_size=0, ray_address="", **degree_inputs):
+    def load_unet(self, unet_name, weight_dtype, world_size=0, ray_address=LOCAL, **degree_inputs):
+        target = cluster_config.target_for(ray_address)  # an unconfigured cluster is refused before anything runs
         path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
         shell = build_shell(path, weight_dtype)
         adapter = adapter_for(shell.model)
         num_heads = adapter.num_heads(shell.model.diffusion_model)
-        ensure_ray(ray_address)
+        connect(target)
         world = resolve_world_size(world_size, cluster_gpus())
+        check_world_fits(world, cluster_gpus(), cluster_memory_bytes(), os.path.getsize(path))
         config = resolve_degrees(world, num_heads, supported=adapter.capabilities.supported(), **_degree_arguments(degree_inputs))
         validate_for_model(config, world, shell)
         degrees = tuple((f.name, getattr(config, f.name)) for f in dataclasses.fields(config))
-        ref = PoolModelRef(path=path, weight_dtype=weight_dtype, degrees=degrees, world_size=world, ray_address=resolve_address(ray_address), num_heads=num_heads)
+        ref = PoolModelRef(path=path, weight_dtype=weight_dtype, degrees=degrees, world_size=world, cluster=target.name, num_heads=num_heads)
         shell.set_attachments(POOL_ATTACHMENT, ref)
         if config.pipefusion_degree > 1:
             check_stage_loadable(path)
-        pool_for(ref).warm(ref, dict(degrees))
+        pool_for(ref, comfy.model_management.processing_interrupted).warm(ref, dict(degrees))
         return (shell,)
+
+
+def connect(target) -> None:
+    """Connect to the chosen cluster in bounded time; ComfyUI's Cancel stops the attempt."""
+    try:
+        ensure_ray(target, comfy.model_management.processing_interrupted)
+    except ClusterConnectCancelled:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        raise
+    except ClusterUnreachable as error:
+        raise RuntimeError(f"XDiTUNetLoader: {error}. Nothing was changed; the private local cluster (if any) keeps running.") from error

@@ -1,54 +1,231 @@
-"""Start a local Ray cluster (loopback only, no dashboard, no usage stats) or attach to the user's."""
+"""Connect this process to Ray: a private local cluster that is ours alone, or a cluster the operator named.
+
+The private cluster is always started new (`address="local"`, so neither RAY_ADDRESS nor the world-writable
+/tmp/ray/ray_current_cluster can make us adopt somebody else's), in a temp directory of its own, on 127.0.0.1,
+without dashboard or usage stats, and with Ray token authentication on a token only this user can read: a local
+process without the token can neither attach nor run a task.
+
+An operator-named cluster is probed in a separate process first (bounded time, cancellable); only a cluster that
+answered is connected to in-process, so an unreachable one never hangs ComfyUI and never disturbs the private one.
+"""
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+from .clusters import LOCAL_TARGET, ClusterTarget
 
 # Set before Ray starts: keep a local cluster on 127.0.0.1 and send nothing home.
 LOCAL_RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+AUTH_ENV_KEYS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+CONNECT_TIMEOUT_S = float(os.environ.get("XDIT_CLUSTER_CONNECT_TIMEOUT_S", "60"))
+TOKEN_FILE = "auth_token"
+
+_PROBE = """
+import sys, ray
+ray.init(address=sys.argv[1], log_to_driver=False, **({"_node_ip_address": "127.0.0.1"} if sys.argv[2] == "1" else {}))
+print("gpus", int(ray.cluster_resources().get("GPU", 0)))
+"""
 
 
-def resolve_address(ray_address: str) -> str:
-    """The cluster to use: the node input, else RAY_ADDRESS, else "" for a local one."""
-    return (ray_address or os.environ.get("RAY_ADDRESS", "")).strip()
+class ClusterUnreachable(ConnectionError):
+    """An operator-named cluster did not answer in time (the current connection is unchanged)."""
 
 
-# The address this process's Ray connection was made for ("" = the private local cluster). Ray's connection is
-# process-global by Ray's design; this records which one it is, so a changed address reconnects.
-_connected_for: dict[str, str] = {}
+class ClusterConnectCancelled(ConnectionError):
+    """The user cancelled while a cluster was being probed (the current connection is unchanged)."""
 
 
-def ensure_ray(ray_address: str = "") -> None:
-    """Connect this process to Ray: attach to `ray_address` (or RAY_ADDRESS), or start a private local cluster.
+# This process's Ray connection (process-global by Ray's design): which target, and the private cluster's temp dir.
+_connection: dict[str, object] = {}
+# The operator's own Ray auth settings, restored whenever we leave the private cluster.
+_operator_auth_env: dict[str, str | None] = {}
 
-    Connecting again for the same address does nothing; another address drops the old connection first.
-    """
+
+def _import_ray():
     try:
         import ray
     except ImportError as error:
         raise RuntimeError("the XDiT nodes need Ray in ComfyUI's Python environment: "
                            "run `pip install -r requirements.txt` from the comfyui-xdit folder") from error
+    return ray
 
-    address = resolve_address(ray_address)
-    if ray.is_initialized():
-        if _connected_for.get("address") == address:
-            return
-        ray.shutdown()
-    for key, value in LOCAL_RAY_ENV.items():
-        os.environ.setdefault(key, value)
-    if address:
-        # A driver finds its own node by IP: on a loopback cluster that must be the loopback address.
-        loopback = address.split(":")[0] in ("127.0.0.1", "localhost")
-        ray.init(address=address, log_to_driver=True, **({"_node_ip_address": "127.0.0.1"} if loopback else {}))
+
+def _auth_env_for(target: ClusterTarget, private_token: Path | None = None) -> dict[str, str | None]:
+    """Ray's auth variables for `target`: our private token, the configured token file, else the operator's own."""
+    if not _operator_auth_env:
+        _operator_auth_env.update({key: os.environ.get(key) for key in AUTH_ENV_KEYS})
+    token_path = str(private_token) if private_token is not None else target.token_path
+    if token_path is None:
+        return dict(_operator_auth_env)
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": None, "RAY_AUTH_TOKEN_PATH": token_path}
+
+
+def _set_auth_env(values: dict[str, str | None]) -> None:
+    """Ray reads its auth mode and token from the environment (for this process and the processes it starts)."""
+    for key in AUTH_ENV_KEYS:
+        value = values.get(key)
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    # Ray caches its config and token per process: make it read the environment again.
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
+def _write_private_token(temp_dir: Path) -> Path:
+    import secrets
+
+    path = temp_dir / TOKEN_FILE
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # never readable by other users
+    with os.fdopen(descriptor, "w") as file:
+        file.write(secrets.token_hex(32))
+    return path
+
+
+def _is_loopback(address: str) -> bool:
+    host = address.rsplit("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def _tcp_reachable(address: str, timeout_s: float) -> str | None:
+    """None if HOST:PORT accepts a TCP connection, else why not."""
+    target = address.rsplit("://", 1)[-1]
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        return f"{address!r} is not HOST:PORT"
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            return None
+    except OSError as error:
+        return str(error) or type(error).__name__
+
+
+def probe_cluster(target: ClusterTarget, should_interrupt: Callable[[], bool] | None = None,
+                  timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """Check, from a throwaway process, that `target` is a Ray cluster this process can join; raise otherwise."""
+    unreachable = _tcp_reachable(target.address, min(10.0, timeout_s))
+    if unreachable is not None:
+        raise ClusterUnreachable(f"Ray cluster {target.name!r} at {target.address} cannot be reached ({unreachable}); "
+                                 f"start it, or correct its address in the cluster configuration")
+    env = {k: v for k, v in os.environ.items() if k not in AUTH_ENV_KEYS}
+    env.update({k: v for k, v in _auth_env_for(target).items() if v is not None})
+    probe = subprocess.Popen([sys.executable, "-c", _PROBE, target.address, "1" if _is_loopback(target.address) else "0"],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while probe.poll() is None:
+            if should_interrupt is not None and should_interrupt():
+                raise ClusterConnectCancelled(f"connecting to Ray cluster {target.name!r} was cancelled")
+            if time.monotonic() > deadline:
+                raise ClusterUnreachable(f"Ray cluster {target.name!r} at {target.address} did not answer within "
+                                         f"{timeout_s:.0f} s (XDIT_CLUSTER_CONNECT_TIMEOUT_S); check that it is a Ray head "
+                                         f"and that its auth token is configured")
+            time.sleep(0.1)
+    finally:
+        if probe.poll() is None:
+            probe.kill()
+        _, stderr = probe.communicate()
+    if probe.returncode != 0:
+        tail = stderr.strip().splitlines()[-1] if stderr.strip() else f"exit code {probe.returncode}"
+        raise ClusterUnreachable(f"Ray cluster {target.name!r} at {target.address} refused this ComfyUI: {tail}")
+
+
+def ensure_ray(target: ClusterTarget = LOCAL_TARGET, should_interrupt: Callable[[], bool] | None = None) -> None:
+    """Connect this process to `target`; connecting again to the same one does nothing.
+
+    Switching to another cluster happens only after it answered a probe, so a failed attempt changes nothing.
+    """
+    ray = _import_ray()
+    if ray.is_initialized() and _connection.get("target") == target:
+        return
+    if not target.is_local:
+        probe_cluster(target, should_interrupt)
+    shutdown_ray()
+    if target.is_local:
+        _start_private_cluster(ray)
     else:
-        # num_cpus=cpu_count: CPU workers reserve no CPU (they are sized by threads), GPU workers ask for one GPU.
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=True)
-    _connected_for["address"] = address
+        _set_auth_env(_auth_env_for(target))
+        # A driver finds its own node by IP: on a loopback cluster that must be the loopback address.
+        ray.init(address=target.address, log_to_driver=True,
+                 **({"_node_ip_address": "127.0.0.1"} if _is_loopback(target.address) else {}))
+    _connection["target"] = target
+
+
+def _start_private_cluster(ray) -> None:
+    # A 0700 folder (mkdtemp) holds the token and Ray's own temp dir, which Ray makes world-writable: other users can
+    # then neither read nor swap anything of ours. Short, under /tmp: Ray's unix socket paths have a length limit.
+    temp_dir = Path(tempfile.mkdtemp(prefix="xdit-", dir="/tmp"))
+    _connection["temp_dir"] = temp_dir
+    token_path = _write_private_token(temp_dir)
+    _set_auth_env(_auth_env_for(LOCAL_TARGET, token_path))
+    # address="local": always a new cluster, never one found through RAY_ADDRESS or /tmp/ray/ray_current_cluster.
+    # num_cpus=cpu_count: CPU workers reserve no CPU (they are sized by threads), GPU workers ask for one GPU.
+    with _loopback_only():
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1",
+                 _temp_dir=str(temp_dir / "ray"), log_to_driver=True)
+
+
+@contextlib.contextmanager
+def _loopback_only():
+    """Ray decides at import whether its processes listen on every interface (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER).
+    If another node pack imported Ray before us, that decision was made without us: hold it to loopback while
+    our private cluster starts (its processes read the environment we set, so they keep to loopback after)."""
+    from ray._private import ray_constants
+
+    before = ray_constants.ENABLE_RAY_CLUSTER, {key: os.environ.get(key) for key in LOCAL_RAY_ENV}
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    os.environ.update(LOCAL_RAY_ENV)
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before[0]
+        for key, value in before[1].items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def private_cluster_folder() -> Path | None:
+    """The private cluster's own 0700 folder while this process runs it, else None."""
+    target = _connection.get("target")
+    return _connection.get("temp_dir") if target is not None and target.is_local else None  # type: ignore[return-value]
+
+
+def private_cluster_info() -> dict[str, str] | None:
+    """The private cluster's GCS address and token file, while this process runs one (tests and operators)."""
+    target, temp_dir = _connection.get("target"), _connection.get("temp_dir")
+    if target is None or not target.is_local or temp_dir is None:
+        return None
+    import ray
+
+    return {"gcs_address": ray.get_runtime_context().gcs_address, "token_path": str(temp_dir / TOKEN_FILE),
+            "temp_dir": str(temp_dir)}
 
 
 def cluster_gpus() -> int:
     import ray
 
     return int(ray.cluster_resources().get("GPU", 0))
+
+
+def cluster_memory_bytes() -> int:
+    """Memory Ray may give to workers on the connected cluster (every node)."""
+    import ray
+
+    return int(ray.cluster_resources().get("memory", 0))
 
 
 def node_address(node_id: str) -> str:
@@ -61,9 +238,20 @@ def node_address(node_id: str) -> str:
     raise RuntimeError(f"Ray node {node_id} is not in the cluster")
 
 
-def shutdown_ray() -> None:
-    import ray
+def connected_target() -> ClusterTarget | None:
+    return _connection.get("target")  # type: ignore[return-value]
 
-    if ray.is_initialized():
-        ray.shutdown()
-    _connected_for.clear()
+
+def shutdown_ray() -> None:
+    """Leave the current cluster (stopping it if it is our private one) and forget its token and temp dir."""
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    temp_dir = _connection.pop("temp_dir", None)
+    _connection.pop("target", None)
+    if temp_dir is not None:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    if _operator_auth_env:
+        _set_auth_env(dict(_operator_auth_env))

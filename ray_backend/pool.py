@@ -9,11 +9,13 @@ from __future__ import annotations
 import os
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .cluster import cluster_gpus, ensure_ray, node_address, resolve_address
+from .cluster import cluster_gpus, ensure_ray, node_address, private_cluster_folder
+from .clusters import ClusterTarget
 from .errors import JobInterrupted, PoolFailure
 from .worker import PoolWorker
 
@@ -29,7 +31,7 @@ FAILURE_GRACE_S = 10.0
 @dataclass(frozen=True)
 class PoolKey:
     world_size: int
-    ray_address: str  # "" = local
+    cluster: ClusterTarget
 
 
 def _worker_env() -> dict[str, str]:
@@ -51,10 +53,10 @@ def _cause(error: BaseException) -> BaseException:
 class WorkerPool:
     """`key.world_size` actors, one per GPU when the cluster has enough GPUs, else CPU workers over gloo."""
 
-    def __init__(self, key: PoolKey, service_path: str):
+    def __init__(self, key: PoolKey, service_path: str, should_interrupt: Callable[[], bool] | None = None):
         import ray
 
-        ensure_ray(key.ray_address)
+        ensure_ray(key.cluster, should_interrupt)
         self.key = key
         started = time.perf_counter()
         use_gpus = cluster_gpus() >= key.world_size
@@ -66,9 +68,7 @@ class WorkerPool:
         self.actors = [actor.remote(rank, key.world_size, service_path, threads) for rank in range(key.world_size)]
         try:
             self.workers = ray.get([a.describe.remote() for a in self.actors], timeout=STARTUP_TIMEOUT_S)
-            host = node_address(self.workers[0]["node_id"])
-            port = ray.get(self.actors[0].open_rendezvous.remote(host), timeout=STARTUP_TIMEOUT_S)
-            backends = ray.get([a.join.remote(host, port, COLLECTIVE_TIMEOUT_S) for a in self.actors], timeout=STARTUP_TIMEOUT_S)
+            backends = ray.get(self._join_calls(), timeout=STARTUP_TIMEOUT_S)
         except Exception as error:
             self.shutdown()
             raise PoolFailure(f"the worker pool of {key.world_size} did not start: {_cause(error)}") from error
@@ -77,6 +77,22 @@ class WorkerPool:
         self.jobs_run = 0
         self.last_stats: list[dict] = []
         self.last_job: dict[str, float] = {}
+        self._preview_seen: int | None = None  # the last step whose preview was delivered; None: the job asked for none
+
+    def _join_calls(self) -> list:
+        """Every rank joins the group: at a store file in the private cluster's own folder (no port at all), or at
+        a TCP store rank 0 serves on its node's address (a cluster spanning machines)."""
+        import ray
+
+        folder = private_cluster_folder()
+        if folder is not None:
+            self.rendezvous = "file"
+            path = str(folder / f"rendezvous-{uuid.uuid4().hex}")
+            return [a.join_file.remote(path, COLLECTIVE_TIMEOUT_S) for a in self.actors]
+        self.rendezvous = "tcp"
+        host = node_address(self.workers[0]["node_id"])
+        port = ray.get(self.actors[0].open_rendezvous.remote(host), timeout=STARTUP_TIMEOUT_S)
+        return [a.join.remote(host, port, COLLECTIVE_TIMEOUT_S) for a in self.actors]
 
     def warm(self, model_ref: Any, degrees: dict[str, int]) -> list[dict]:
         """Load the model on every rank now (so the first prompt does not pay for it)."""
@@ -88,9 +104,13 @@ class WorkerPool:
         except Exception as error:
             raise PoolFailure(f"loading the model in the worker pool failed: {_cause(error)}") from error
 
-    def run(self, job: Any, degrees: dict[str, int], on_progress: Callable[[int, int], None] | None = None,
-            should_interrupt: Callable[[], bool] | None = None, poll_s: float = 0.05) -> dict[str, Any]:
-        """Run `job` on every rank; returns rank 0's result. Raises JobInterrupted, or PoolFailure (pool is dead)."""
+    def run(self, job: Any, degrees: dict[str, int], on_progress: Callable[[int, int, Any], None] | None = None,
+            should_interrupt: Callable[[], bool] | None = None, poll_s: float = 0.05, previews: bool = False) -> dict[str, Any]:
+        """Run `job` on every rank; returns rank 0's result. Raises JobInterrupted, or PoolFailure (pool is dead).
+
+        `on_progress(step, total, preview)` sees rank 0's progress; with `previews`, `preview` is the payload rank 0
+        attached to a step it has not delivered before (else None), so a preview crosses at most once per step.
+        """
         import ray
 
         dispatched = time.perf_counter()
@@ -98,6 +118,7 @@ class WorkerPool:
         results: dict[int, Any] = {}
         errors: dict[int, BaseException] = {}
         last_step, last_change, first_error_at, interrupting = -1, time.monotonic(), None, False
+        self._preview_seen = 0 if previews else None
         while len(results) + len(errors) < len(refs):
             pending = [r for i, r in enumerate(refs) if i not in results and i not in errors]
             ready, _ = ray.wait(pending, num_returns=len(pending), timeout=poll_s)
@@ -139,16 +160,19 @@ class WorkerPool:
         self.last_job = {"seconds_total": time.perf_counter() - dispatched, "seconds_in_workers": max(r["seconds"] for r in results.values())}
         return results[0]
 
-    def _progress(self, on_progress: Callable[[int, int], None] | None) -> int:
+    def _progress(self, on_progress: Callable[[int, int, Any], None] | None) -> int:
         import ray
 
         try:
-            step, total = ray.get(self.actors[0].progress.remote(), timeout=30)
+            step, total, preview = ray.get(self.actors[0].progress.remote(self._preview_seen), timeout=30)
         except Exception as error:
             self.shutdown()
             raise PoolFailure(f"worker rank 0 stopped answering: {_cause(error)}") from error
+        if preview is not None:
+            self._preview_seen = preview[0]
         if on_progress is not None and total:
-            on_progress(step, total)
+            # A preview goes with the step it belongs to (rank 0 may have moved on since it was made).
+            on_progress(*((preview[0], total, preview[1]) if preview is not None else (step, total, None)))
         return step
 
     def _consistent_error(self, errors: dict[int, BaseException]):
@@ -177,7 +201,7 @@ class WorkerPool:
         return bool(self.actors)
 
     def status(self) -> dict[str, Any]:
-        return {"world_size": self.key.world_size, "ray_address": self.key.ray_address or "local", "backend": self.backend,
+        return {"world_size": self.key.world_size, "cluster": self.key.cluster.name, "ray_address": self.key.cluster.address or "local", "backend": self.backend, "rendezvous": self.rendezvous,
                 "workers": self.workers, "startup_s": round(self.startup_s, 3), "jobs_run": self.jobs_run, "ranks": self.last_stats,
                 "last_job": self.last_job}
 
@@ -189,13 +213,14 @@ class PoolRegistry:
         self._service_path = service_path
         self._pool: WorkerPool | None = None
 
-    def get(self, world_size: int, ray_address: str) -> WorkerPool:
-        key = PoolKey(world_size, resolve_address(ray_address))
+    def get(self, world_size: int, cluster: ClusterTarget, should_interrupt: Callable[[], bool] | None = None) -> WorkerPool:
+        """The live pool for this world size and cluster, started (after connecting, cancellably) if needed."""
+        key = PoolKey(world_size, cluster)
         if self._pool is not None and (self._pool.key != key or not self._pool.alive):
             self._pool.shutdown()
             self._pool = None
         if self._pool is None:
-            self._pool = WorkerPool(key, self._service_path)
+            self._pool = WorkerPool(key, self._service_path, should_interrupt)
         return self._pool
 
     @property

@@ -1,7 +1,9 @@
-"""Per-step plumbing inside a worker: progress for the caller, and an interrupt every rank agrees on."""
+"""Per-step plumbing inside a worker: progress (and a live preview) for the caller, and an interrupt every rank
+agrees on."""
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -23,15 +25,18 @@ class StepControl:
         self._interrupt = threading.Event()
         self.step = 0
         self.total = 0
+        self.preview: tuple[int, Any] | None = None  # (step, payload): the latest step's preview, if the job makes them
 
     def start(self, total: int) -> None:
         self._interrupt.clear()
-        self.step, self.total = 0, total
+        self.step, self.total, self.preview = 0, total, None
 
     def request_interrupt(self) -> None:
         self._interrupt.set()
 
-    def after_step(self, step: int) -> None:
+    def after_step(self, step: int, preview: Any = None) -> None:
+        if preview is not None:
+            self.preview = (step, preview)  # set before the step, so a reader never sees a step without its preview
         self.step = step
         flag = torch.tensor([1 if self._interrupt.is_set() else 0], dtype=torch.int32, device=self._device)
         if self._distributed:

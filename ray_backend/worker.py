@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from parallel_core import ParallelConfig, ParallelState, init_parallel
-from parallel_core.rendezvous import connect_store, serve_store
+from parallel_core.rendezvous import connect_store, file_store, serve_store
 
 from .step_control import StepControl
 
@@ -46,11 +46,18 @@ class PoolWorker:
         return self._store.port
 
     def join(self, host: str, port: int, timeout_s: float) -> str:
-        """Join the process group: NCCL on GPUs, gloo on CPU. Returns the backend."""
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if host.startswith(LOOPBACK_PREFIX):
-            os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # a local pool never leaves the loopback interface
+        """Join the process group at rank 0's TCP store: NCCL on GPUs, gloo on CPU. Returns the backend."""
         store = self._store or connect_store(host, port, self.world_size)
+        return self._init_group(store, loopback=host.startswith(LOOPBACK_PREFIX), timeout_s=timeout_s)
+
+    def join_file(self, path: str, timeout_s: float) -> str:
+        """Join the process group at a store file (every rank on this machine; the private local cluster)."""
+        return self._init_group(file_store(path, self.world_size), loopback=True, timeout_s=timeout_s)
+
+    def _init_group(self, store, loopback: bool, timeout_s: float) -> str:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if loopback:
+            os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # a local pool never leaves the loopback interface
         if backend == "nccl":
             self._device = "cuda"
             torch.cuda.set_device(0)  # Ray shows each actor only its own GPU
@@ -82,8 +89,14 @@ class PoolWorker:
         self.jobs_run += 1
         return {"rank": self.rank, "output": result if self.rank == 0 else None, "seconds": time.perf_counter() - started, "stats": service.stats(), "comm_bytes": state.comm.snapshot()}
 
-    def progress(self) -> tuple[int, int]:
-        return (self.control.step, self.control.total) if self.control else (0, 0)
+    def progress(self, preview_after: int | None = None) -> tuple[int, int, Any]:
+        """(step, total, preview): the preview is the latest step's payload when that step is past `preview_after`
+        (None: the caller asked for none), so each step's preview crosses to the caller at most once."""
+        if not self.control:
+            return 0, 0, None
+        latest = self.control.preview
+        fresh = preview_after is not None and latest is not None and latest[0] > preview_after
+        return self.control.step, self.control.total, latest if fresh else None
 
     def request_interrupt(self) -> None:
         if self.control:

@@ -35,6 +35,21 @@ def flux_graph(xdit: bool, guider: str = "basic", seed: int = 5, steps: int = 3,
     return graph
 
 
+def ksampler_graph(xdit: bool, cfg: float = 1.0, seed: int = 5, steps: int = 3, prefix: str = "latent", size: int = 128,
+                   sampler: str = "euler", scheduler: str = "simple", advanced: dict | None = None, **loader_inputs) -> dict:
+    """A KSampler graph (KSamplerAdvanced with `advanced`'s extra inputs); `xdit` swaps only the loader and sampler."""
+    graph = flux_graph(xdit, prefix=prefix, size=size, **loader_inputs)
+    for node_id in ("6", "7", "8", "9", "11"):
+        del graph[node_id]
+    inputs = {"model": ["2", 0], "steps": steps, "cfg": cfg, "sampler_name": sampler, "scheduler": scheduler,
+              "positive": ["4", 0], "negative": ["5", 0], "latent_image": ["10", 0]}
+    if advanced is None:
+        graph["11"] = {"class_type": "XDiTKSampler" if xdit else "KSampler", "inputs": {**inputs, "seed": seed, "denoise": 1.0}}
+    else:
+        graph["11"] = {"class_type": "XDiTKSamplerAdvanced" if xdit else "KSamplerAdvanced", "inputs": {**inputs, "noise_seed": seed, **advanced}}
+    return graph
+
+
 # The conftest's server holds the tiny SD1.5 U-Net (testing/tiny_models.py) under this name.
 TINY_SD15_NAME = "tiny-sd15.safetensors"
 

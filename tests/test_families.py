@@ -129,7 +129,7 @@ def test_loader_inputs_and_validation_come_from_one_list(comfy_root):
     assert [n for n in optional if n.endswith("_degree")] == list(DEGREE_INPUTS)
     for name, tooltip in DEGREE_TOOLTIPS.items():
         assert optional[f"{name}_degree"][1]["tooltip"] == tooltip
-    assert list(inspect.signature(XDiTUNetLoader.VALIDATE_INPUTS).parameters) == ["world_size", *DEGREE_INPUTS]
+    assert list(inspect.signature(XDiTUNetLoader.VALIDATE_INPUTS).parameters) == ["world_size", *DEGREE_INPUTS, "ray_address"]
     assert XDiTUNetLoader.VALIDATE_INPUTS(world_size=2, data_degree=2) is True
     assert "data_degree must be 0 (auto)" in XDiTUNetLoader.VALIDATE_INPUTS(data_degree=-1)
     assert "does not divide world_size 2" in XDiTUNetLoader.VALIDATE_INPUTS(world_size=2, data_degree=4)

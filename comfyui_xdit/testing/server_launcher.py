@@ -67,7 +67,6 @@ def server_env(comfy_dir: Path) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join([str(comfy_dir), *inherited])
     env["COMFYUI_PATH"] = str(comfy_dir)
     env["RAY_USAGE_STATS_ENABLED"] = "0"
-    env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # keep a Ray cluster started by the nodes on 127.0.0.1
     env["PYTHONUNBUFFERED"] = "1"  # the log file shows what happened up to a crash
     return env
 

@@ -1,0 +1,131 @@
+"""The private local Ray cluster is ours alone (ray_backend on its own, no ComfyUI).
+
+It never adopts a cluster it did not start (RAY_ADDRESS and /tmp/ray/ray_current_cluster point elsewhere here),
+runs in a temp directory of its own with a token file only this user can read, and a local process without that
+token can neither attach nor run a task. Connecting to an operator-named cluster that does not answer fails in
+bounded time, can be cancelled, and never starts Ray in this process. The pool's ranks meet at a store file in the
+cluster's own folder, so the rendezvous has no port another local user could reach.
+"""
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from comfyui_xdit.testing.server_launcher import REPO_ROOT
+from silent_port import silent_port
+
+TESTS = Path(__file__).resolve().parent
+CURRENT_CLUSTER_FILE = Path("/tmp/ray/ray_current_cluster")
+
+DRIVER = """
+import json, os, stat, sys
+from ray_backend.cluster import private_cluster_info
+from ray_backend.clusters import LOCAL_TARGET
+from ray_backend.pool import PoolRegistry
+registry = PoolRegistry("pool_echo_service:EchoService")
+pool = registry.get(2, LOCAL_TARGET)
+info = private_cluster_info()
+report = {"output": pool.run({"value": 2}, {"ulysses_degree": 2})["output"], "info": info, "rendezvous": pool.status()["rendezvous"],
+          "token_mode": stat.S_IMODE(os.stat(info["token_path"]).st_mode),
+          "dir_mode": stat.S_IMODE(os.stat(info["temp_dir"]).st_mode)}
+print(json.dumps(report), flush=True)
+sys.stdin.readline()  # the test tries to attach while the cluster runs
+registry.shutdown()
+print(json.dumps({"temp_dir_left": os.path.exists(info["temp_dir"])}), flush=True)
+"""
+
+STRANGER = """
+import sys, ray
+ray.init(address=sys.argv[1], _node_ip_address="127.0.0.1", log_to_driver=False)
+print("ran", ray.get(ray.remote(lambda: 41 + 1).remote()))
+"""
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    # A stranger that knows the cluster is on loopback (else Ray maps 127.0.0.1 to the machine's own address).
+    env.update({"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO_ROOT)])})
+    env.update(extra)
+    return env
+
+
+def test_private_cluster_never_adopts_another_and_refuses_processes_without_its_token(tmp_path):
+    saved = CURRENT_CLUSTER_FILE.read_text() if CURRENT_CLUSTER_FILE.exists() else None
+    CURRENT_CLUSTER_FILE.parent.mkdir(parents=True, exist_ok=True)
+    CURRENT_CLUSTER_FILE.write_text("127.0.0.1:1")  # what any local user can write there
+    # An unrelated process's token in its own home (Ray's default place) must not open our cluster either.
+    home = tmp_path / "home"
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray" / "auth_token").write_text("0" * 64)
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER], env=_env(RAY_ADDRESS="127.0.0.1:1"), text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        line = driver.stdout.readline()
+        assert line, driver.stderr.read()[-4000:]
+        report = json.loads(line)
+        assert report["output"] == {"sum": 2 * 1 + 2 * 2, "world": 2}
+        assert report["token_mode"] == 0o600 and report["dir_mode"] == 0o700
+        assert report["rendezvous"] == "file", "ranks on one machine meet at a file in the 0700 folder: no port to reach"
+        gcs = report["info"]["gcs_address"]
+        assert gcs.startswith("127.0.0.1:") and gcs != "127.0.0.1:1", "the pool must run on a cluster it started"
+
+        attempts = {
+            "no token": _env(HOME=str(home)),
+            "token auth off": _env(HOME=str(home), RAY_AUTH_MODE="disabled"),
+            "another token": _env(HOME=str(home), RAY_AUTH_MODE="token"),
+        }
+        for what, env in attempts.items():
+            stranger = subprocess.run([sys.executable, "-c", STRANGER, gcs], env=env, capture_output=True, text=True, timeout=90)
+            assert stranger.returncode != 0 and "ran 42" not in stranger.stdout, f"{what}: attached and ran a task"
+            assert "auth" in (stranger.stderr + stranger.stdout).lower(), f"{what}: failed for another reason:\n{stranger.stderr[-2000:]}"
+        # The same attempt with the token succeeds: the refusals above were the token's doing.
+        holder = subprocess.run([sys.executable, "-c", STRANGER, gcs], capture_output=True, text=True, timeout=120,
+                                env=_env(HOME=str(home), RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=report["info"]["token_path"]))
+        assert "ran 42" in holder.stdout, holder.stderr[-2000:]
+
+        out, err = driver.communicate("\n", timeout=120)
+        assert driver.returncode == 0, err[-4000:]
+        assert json.loads(out.strip().splitlines()[-1]) == {"temp_dir_left": False}
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+        if saved is None:
+            CURRENT_CLUSTER_FILE.unlink(missing_ok=True)
+        else:
+            CURRENT_CLUSTER_FILE.write_text(saved)
+
+
+@pytest.fixture
+def silent_listener():
+    with silent_port() as address:
+        yield address
+
+
+def test_a_configured_cluster_that_does_not_answer_fails_in_bounded_time_and_can_be_cancelled(silent_listener):
+    import ray
+
+    from ray_backend.cluster import ClusterConnectCancelled, ClusterUnreachable, probe_cluster
+    from ray_backend.clusters import ClusterTarget
+
+    started = time.monotonic()
+    with pytest.raises(ClusterUnreachable, match=r"'gone' at 127.0.0.1:1 cannot be reached"):
+        probe_cluster(ClusterTarget("gone", "127.0.0.1:1"))
+    assert time.monotonic() - started < 5
+
+    started = time.monotonic()
+    with pytest.raises(ClusterUnreachable, match=r"did not answer within 4 s"):
+        probe_cluster(ClusterTarget("silent", silent_listener), timeout_s=4)
+    assert time.monotonic() - started < 10
+
+    cancel_at = time.monotonic() + 0.5
+    with pytest.raises(ClusterConnectCancelled):
+        probe_cluster(ClusterTarget("silent", silent_listener), should_interrupt=lambda: time.monotonic() > cancel_at, timeout_s=60)
+    assert time.monotonic() - cancel_at < 3
+    assert not ray.is_initialized(), "a failed probe must not touch this process's Ray connection"
