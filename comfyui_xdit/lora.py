@@ -1,4 +1,4 @@
-"""Flux LoRA files read and mapped by ComfyUI's own code (comfy.lora_convert, comfy.lora), checked before any work.
+"""LoRA files read and mapped by ComfyUI's own code (comfy.lora_convert, comfy.lora), checked before any work.
 
 Both sides use it: XDiTFluxLoraLoader checks a file against the shell MODEL (meta weights, so keys and shapes
 are the real ones and nothing is computed), and each worker maps the same file onto its resident model with the
@@ -21,6 +21,7 @@ import comfy.model_patcher
 import comfy.weight_adapter
 
 from .errors import UnsupportedByXDiT
+from .families import adapter_for
 from .job_spec import LoraRef
 from .safetensors_files import open_safetensors
 
@@ -29,7 +30,7 @@ LORA_ATTACHMENT = "comfyui_xdit.loras"
 # its shape in the ComfyUI process.
 _READ_VALUES_UP_TO = 16
 _FORMATS = ("ComfyUI maps kohya (lora_unet_*), diffusers/PEFT (transformer.*), ComfyUI (diffusion_model.*), "
-            "XLabs (processor.*) and LyCORIS LoHa/LoKr keys onto Flux")
+            "XLabs (processor.*) and LyCORIS LoHa/LoKr keys onto the diffusion model")
 
 
 def lora_stack(model_patcher) -> tuple[LoraRef, ...]:
@@ -73,7 +74,13 @@ class _ReadRecorder(dict):
 class MappedLora:
     patches: dict  # comfy.lora.load_lora's output: target key (or (key, offset[, function])) -> patch
     keys: int  # tensors in the file, after ComfyUI's format conversion
-    unmatched: tuple[str, ...]  # the ones no Flux weight takes, sorted
+    unmatched: tuple[str, ...]  # the ones no weight of the model takes, sorted
+
+
+def _this_model(model_patcher) -> str:
+    """'this SD15 model' style: the family's name, as the registry knows it, for messages."""
+    model = model_patcher.model
+    return f"this {adapter_for(model).family_name(model)} model"
 
 
 def map_lora(model_patcher, state_dict: dict, name: str, require_match: bool = True) -> MappedLora:
@@ -84,7 +91,7 @@ def map_lora(model_patcher, state_dict: dict, name: str, require_match: bool = T
     unmatched = tuple(sorted(set(converted) - converted.read))
     if not patches and require_match:
         example = f"; e.g. {unmatched[0]!r}" if unmatched else ""
-        raise UnsupportedByXDiT(f"LoRA {name}: none of its {len(converted)} keys match this Flux model (0 of {len(converted)} matched{example}). {_FORMATS}: is it a LoRA for another model?")
+        raise UnsupportedByXDiT(f"LoRA {name}: none of its {len(converted)} keys match {_this_model(model_patcher)} (0 of {len(converted)} matched{example}). {_FORMATS}: is it a LoRA for another model?")
     return MappedLora(patches, len(converted), unmatched)
 
 
@@ -145,7 +152,7 @@ def check_fits(model_patcher, mapped: MappedLora, name: str) -> None:
             if not _fits(patch, shape, key):
                 misfits.append(f"{key} of shape {tuple(shape)} cannot take {_describe(patch)}")
     if misfits:
-        raise UnsupportedByXDiT(f"LoRA {name}: {len(misfits)} of its {checked} weight patches do not fit this Flux model, e.g. {misfits[0]}; is it a LoRA for another Flux variant or size?")
+        raise UnsupportedByXDiT(f"LoRA {name}: {len(misfits)} of its {checked} weight patches do not fit {_this_model(model_patcher)}, e.g. {misfits[0]}; is it a LoRA for another variant or size of it?")
 
 
 def checked_lora(model_patcher, path: str, strength: float) -> LoraRef:
@@ -154,7 +161,7 @@ def checked_lora(model_patcher, path: str, strength: float) -> LoraRef:
     stat = os.stat(path)
     mapped = map_lora(model_patcher, read_shapes(path), name)
     if mapped.unmatched:  # stock LoraLoader merges what matches and logs the rest: so does the pool
-        logging.warning("XDiTFluxLoraLoader: LoRA %s: %d of %d keys match this Flux model; not applied, e.g. %r",
-                        name, mapped.keys - len(mapped.unmatched), mapped.keys, mapped.unmatched[0])
+        logging.warning("XDiTFluxLoraLoader: LoRA %s: %d of %d keys match %s; not applied, e.g. %r",
+                        name, mapped.keys - len(mapped.unmatched), mapped.keys, _this_model(model_patcher), mapped.unmatched[0])
     check_fits(model_patcher, mapped, name)
     return LoraRef(path=path, strength=float(strength), stamp=(stat.st_size, stat.st_mtime_ns))

@@ -20,7 +20,7 @@ import comfy.utils
 from .job_spec import LoraRef
 from .lora import map_lora
 
-# Mapped LoRA files kept in memory (a Flux LoRA is 20-700 MB): enough to flip between a few without re-reading.
+# Mapped LoRA files kept in memory (a large DiT's LoRA is 20-700 MB): enough to flip between a few without re-reading.
 CACHED_FILES = 4
 
 
@@ -39,17 +39,17 @@ class MergedLoras:
         if stack == self.stack:
             return
         target = self._model.clone()
-        wanted: dict[str, tuple[LoraRef, ...]] = {}
+        requested: dict[str, tuple[LoraRef, ...]] = {}
         for ref in stack:
             for k in target.add_patches(self._patches(ref), ref.strength):
                 key = k if isinstance(k, str) else k[0]
-                wanted[key] = wanted.get(key, ()) + (ref,)
-        changed = [k for k in wanted.keys() | self._applied.keys() if wanted.get(k) != self._applied.get(k)]
+                requested[key] = requested.get(key, ()) + (ref,)
+        changed = [k for k in requested.keys() | self._applied.keys() if requested.get(k) != self._applied.get(k)]
         self.stack = None  # until every key is done: a failure part-way leaves _applied exact per key
         for key in changed:
-            self._set(key, target if key in wanted else None)
-            if key in wanted:
-                self._applied[key] = wanted[key]
+            self._set(key, target if key in requested else None)
+            if key in requested:
+                self._applied[key] = requested[key]
             else:
                 del self._applied[key]
         self.stack = stack

@@ -1,45 +1,36 @@
 """Turn a stock ComfyUI ModelPatcher into one that computes across the ranks of a ParallelState.
 
-One adapter per model family (flux.py, ...) shards the diffusion model's tokens; CFG parallelism is
-family-independent (cfg_parallel.py). The result is a clone: the input ModelPatcher keeps its stock behaviour.
+The model's family adapter (families/) shards its tokens; CFG and data parallelism are family-independent
+wrappers (cfg_parallel.py, parallel_glue.py), so every model ComfyUI loads takes those two. The result is a
+clone: the input ModelPatcher keeps its stock behaviour.
 """
 from __future__ import annotations
-
-from types import ModuleType
 
 import comfy.patcher_extension
 
 from parallel_core import ParallelConfig, ParallelState
 
-from . import flux
+from .block_stages import stage_plan
 from .cfg_parallel import WRAPPER_KEY, cfg_parallel_wrapper
-from .errors import UnsupportedByXDiT
-
-ADAPTERS: tuple[ModuleType, ...] = (flux,)
-
-
-def adapter_for(model_patcher) -> ModuleType:
-    diffusion_model = model_patcher.model.diffusion_model
-    for adapter in ADAPTERS:
-        if adapter.is_flux(diffusion_model):
-            return adapter
-    raise UnsupportedByXDiT(
-        f"{type(diffusion_model).__name__} models are not supported by XDiT yet (supported: Flux); load it with UNETLoader"
-    )
+from .families import FamilyAdapter, adapter_for
+from .parallel_glue import DATA_WRAPPER_KEY, data_parallel_wrapper
 
 
-def validate_for_model(config: ParallelConfig, world_size: int, model_patcher) -> None:
-    """Raise, saying what to change, if `config` cannot run this model on `world_size` ranks."""
-    adapter = adapter_for(model_patcher)
-    diffusion_model = model_patcher.model.diffusion_model
-    config.validate(world_size, num_heads=adapter.num_heads(diffusion_model))
-    if config.pipefusion_degree > 1:
-        adapter.stage_plan(diffusion_model, config.pipefusion_degree)  # more stages than blocks raises here
+def validate_for_model(config: ParallelConfig, world_size: int, model_patcher) -> FamilyAdapter:
+    """The model's adapter; raises, saying what to change, if `config` cannot run this model on `world_size` ranks."""
+    model = model_patcher.model
+    adapter = adapter_for(model)
+    adapter.refuse_unsupported(config, model)
+    config.validate(world_size, num_heads=adapter.num_heads(model.diffusion_model))
+    if config.pipefusion_degree > 1:  # more stages than blocks raises here
+        stage_plan(model.diffusion_model, adapter.block_containers, config.pipefusion_degree)
+    return adapter
 
 
 def parallelize(model_patcher, state: ParallelState):
     """A clone of `model_patcher` computing across `state` (sequence or patch, PipeFusion, cfg and data parallel)."""
-    validate_for_model(state.config, state.world_size, model_patcher)
-    patched = adapter_for(model_patcher).parallelize(model_patcher, state)
+    adapter = validate_for_model(state.config, state.world_size, model_patcher)
+    patched = adapter.parallelize(model_patcher, state)
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, WRAPPER_KEY, cfg_parallel_wrapper(state))
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, DATA_WRAPPER_KEY, data_parallel_wrapper(state))
     return patched

@@ -14,7 +14,7 @@ import comfy.utils
 import latent_preview
 from ray_backend.errors import JobInterrupted, PoolFailure
 
-from .flux import token_rows
+from .families import adapter_for
 from .job import build_job, pool_model_of
 from .pool_client import degrees_of, pool_for
 from .stale_steps import DEFAULT_WARMUP_STEPS, carry_options
@@ -29,8 +29,9 @@ def sample_on_pool(node: str, guider, sampler, sigmas: torch.Tensor, noise: torc
     {"samples", "x0"}. `node` names the calling node in refusals."""
     model = guider.model_patcher
     ref = pool_model_of(model, node)
+    token_rows = adapter_for(model.model).token_rows(model.model.diffusion_model, latent.shape[-2])
     try:
-        stale = carry_options(degrees_of(ref), token_rows(latent.shape[-2]), num_pipeline_patch, warmup_steps)
+        stale = carry_options(degrees_of(ref), token_rows, num_pipeline_patch, warmup_steps)
     except ValueError as error:
         raise ValueError(f"{node}: {error}") from error
     # The stock samplers' previewer (None when previews are off): rank 0 then sends each step's x0 to it.

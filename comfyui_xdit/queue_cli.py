@@ -19,7 +19,7 @@ DEFAULT_SERVER = "http://127.0.0.1:8188"  # ComfyUI's own default address
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("workflow", help="API-format workflow JSON (e.g. workflows/api/flux_dev_xdit_api.json)")
+    parser.add_argument("workflow", help="API-format workflow JSON (e.g. one of workflows/api/)")
     parser.add_argument("--server", default=DEFAULT_SERVER, help=f"ComfyUI server URL (default: {DEFAULT_SERVER})")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="NODE.INPUT=VALUE",
                         help="change a widget value before queueing; NODE is a node id or a unique node type or "

@@ -17,7 +17,7 @@ from safetensors import SafetensorError, safe_open
 from .errors import UnsupportedByXDiT
 
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
-# A header longer than this is no real checkpoint's (Flux.1-dev's is ~100 KB); the library's own limit is 100 MB.
+# A header longer than this is no real checkpoint's (a 12B-parameter DiT's is ~100 KB); the library's own limit is 100 MB.
 _MAX_HEADER_BYTES = 100 * 2**20
 
 

@@ -83,11 +83,13 @@ def _refuse_local_sampling(executor, *args, **kwargs):
     raise UnsupportedByXDiT("this MODEL comes from XDiTUNetLoader and its weights live in the XDiT pool: sample it with XDiTSamplerCustomAdvanced, XDiTKSampler or XDiTKSamplerAdvanced, or load it with UNETLoader for stock samplers")
 
 
-def build_shell(path: str | Path, weight_dtype: str, ref: PoolModelRef) -> comfy.model_patcher.ModelPatcher:
-    """A ModelPatcher of the file's model class with meta weights, carrying `ref` for the sampler node."""
+def build_shell(path: str | Path, weight_dtype: str, ref: PoolModelRef | None = None) -> comfy.model_patcher.ModelPatcher:
+    """A ModelPatcher of the file's model class with meta weights, carrying `ref` for the sampler node (the loader
+    attaches it later, once the model's family has decided the degrees)."""
     config, state, parameters = detect(path, weight_dtype)
     model = config.get_model(state, "", device=torch.device("meta"))
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"), size=parameters * model.get_dtype().itemsize)
-    patcher.set_attachments(POOL_ATTACHMENT, ref)
+    if ref is not None:
+        patcher.set_attachments(POOL_ATTACHMENT, ref)
     patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, SHELL_GUARD_KEY, _refuse_local_sampling)
     return patcher

@@ -13,15 +13,11 @@ import torch
 import comfy.model_management
 import comfy.model_patcher
 
+from .block_stages import RemoteBlock, block_parameters, blocks, container_and_index, stage_plan
 from .errors import UnsupportedByXDiT
-from .flux_stages import RemoteBlock, block_parameters, blocks, stage_plan
+from .families import adapter_for
 from .safetensors_files import open_safetensors
 from .shell_model import detect, meta_state_dict, unet_prefix
-
-
-def _container_and_index(diffusion_model: torch.nn.Module, index: int) -> tuple[str, int]:
-    doubles = len(diffusion_model.double_blocks)
-    return ("double_blocks", index) if index < doubles else ("single_blocks", index - doubles)
 
 
 def check_stage_loadable(path: str | Path) -> dict[str, torch.Tensor]:
@@ -40,18 +36,19 @@ def load_stage(path: str | Path, weight_dtype: str, stages: int, stage: int) -> 
     config, meta_state, _ = detect(path, weight_dtype, load_device)
     model = config.get_model(meta_state, "", device=torch.device("meta"))
     diffusion_model = model.diffusion_model
-    plan = stage_plan(diffusion_model, stages)
+    containers = adapter_for(model).block_containers
+    plan = stage_plan(diffusion_model, containers, stages)
     foreign = []
     for index in range(sum(len(s) for s in plan)):
         if index in plan[stage]:
             continue
-        container, position = _container_and_index(diffusion_model, index)
+        container, position = container_and_index(diffusion_model, containers, index)
         container_blocks = getattr(diffusion_model, container)
         container_blocks[position] = RemoteBlock(block_parameters(container_blocks[position]))
         foreign.append(f"{container}.{position}.")
     offload_device = comfy.model_management.unet_offload_device()
     diffusion_model.to_empty(device=offload_device)
-    wanted = set(diffusion_model.state_dict())
+    needed = set(diffusion_model.state_dict())
     prefix = unet_prefix(header)
     weights = {}
     with open_safetensors(path, "diffusion model") as f:
@@ -59,15 +56,15 @@ def load_stage(path: str | Path, weight_dtype: str, stages: int, stage: int) -> 
             name = key[len(prefix):] if key.startswith(prefix) else None
             if name is not None and not name.startswith(tuple(foreign)):
                 weights[name] = f.get_tensor(key)
-    missing = sorted(wanted - set(config.process_unet_state_dict(dict(weights))))
+    missing = sorted(needed - set(config.process_unet_state_dict(dict(weights))))
     if missing:
         raise RuntimeError(f"{Path(path).name}: no weights in the file for {missing[:3]}; it does not load as this stage of the model")
     model.load_model_weights(weights, "")
     return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
 
 
-def held_block_parameters(diffusion_model: torch.nn.Module) -> tuple[int, int]:
-    """(block parameters held by this rank, block parameters of the whole model)."""
-    every = blocks(diffusion_model)
+def held_block_parameters(model) -> tuple[int, int]:
+    """(block parameters held by this rank, block parameters of the whole model), for a comfy.model_base model."""
+    every = blocks(model.diffusion_model, adapter_for(model).block_containers)
     held = sum(block_parameters(b) for b in every if not isinstance(b, RemoteBlock))
     return held, sum(block_parameters(b) for b in every)

@@ -79,7 +79,7 @@ class SamplingService:
         from .stage_loading import held_block_parameters
 
         loras = self._loras
-        held, total = held_block_parameters(self._base.model.diffusion_model) if self._base is not None else (0, 0)
+        held, total = held_block_parameters(self._base.model) if self._base is not None else (0, 0)
         return {"model_loads": self.model_loads, "parallel_builds": self.parallel_builds, "resident": list(self._key) if self._key else None,
                 "block_parameters_held": held, "block_parameters_total": total,
                 "loras": loras.describe() if loras else [], "lora_switches": loras.switches if loras else 0,

@@ -119,8 +119,8 @@ def make_offline(workflow: Workflow, unet_name: str, vae_name: str = "taef1", si
     Every CLIPTextEncode becomes XDiTTestConditioning (seeds ``seed``, ``seed + 1``, ... in node-id order, so a
     positive and a negative prompt differ) and the CLIP loaders feeding them are dropped; UNet loaders load
     ``unet_name``, VAELoader loads ``vae_name``; latents and ModelSamplingFlux use ``size`` pixels square;
-    ``steps`` overrides the steps of BasicScheduler and the KSamplers. The tiny-model defaults match tiny_models'
-    tiny Flux.
+    ``steps`` overrides the steps of BasicScheduler and the KSamplers. The tiny-model defaults match testing/tiny_models'
+    default family.
     """
     offline = copy.deepcopy(workflow)
     encoders = sorted((node_id for node_id, node in offline.items() if node["class_type"] == "CLIPTextEncode"),

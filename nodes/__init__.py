@@ -17,7 +17,7 @@ NODE_CLASS_MAPPINGS = {
 NODE_DISPLAY_NAME_MAPPINGS = {
     "XDiTUNetLoader": "Load Diffusion Model (XDiT pool)",
     "XDiTSamplerCustomAdvanced": "SamplerCustomAdvanced (XDiT pool)",
-    "XDiTFluxLoraLoader": "LoraLoaderModelOnly (XDiT pool, Flux)",
+    "XDiTFluxLoraLoader": "LoraLoaderModelOnly (XDiT pool)",
     "XDiTKSampler": "KSampler (XDiT pool)",
     "XDiTKSamplerAdvanced": "KSampler (Advanced) (XDiT pool)",
 }

@@ -25,7 +25,7 @@ class XDiTFluxLoraLoader:
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "load_lora_model_only"
     CATEGORY = "advanced/loaders/xdit"
-    DESCRIPTION = ("Applies a Flux LoRA to a MODEL from XDiTUNetLoader (drop-in for LoraLoaderModelOnly; chain several). "
+    DESCRIPTION = ("Applies a LoRA to a MODEL from XDiTUNetLoader (drop-in for LoraLoaderModelOnly; chain several). "
                    "The workers merge it into their resident model; switching LoRAs loads no base weights.")
 
     @classmethod

@@ -8,27 +8,35 @@ import comfy.model_management
 import folder_paths
 
 from comfyui_xdit import cluster_config
-from comfyui_xdit.degrees import resolve_degrees, resolve_world_size
+from comfyui_xdit.degrees import DEGREE_INPUTS, DEGREE_TOOLTIPS, resolve_degrees, resolve_world_size
+from comfyui_xdit.families import adapter_for
+from comfyui_xdit.job_spec import PoolModelRef
 from comfyui_xdit.parallel_model import validate_for_model
 from comfyui_xdit.pool_client import pool_for
-from comfyui_xdit.job_spec import PoolModelRef
-from comfyui_xdit.shell_model import WEIGHT_DTYPES, build_shell, detect
+from comfyui_xdit.shell_model import POOL_ATTACHMENT, WEIGHT_DTYPES, build_shell
 from comfyui_xdit.stage_loading import check_stage_loadable
 from ray_backend.capacity import check_world_fits
 from ray_backend.cluster import ClusterConnectCancelled, ClusterUnreachable, cluster_gpus, cluster_memory_bytes, ensure_ray
 from ray_backend.clusters import LOCAL, ClusterNotConfigured
 
-_TOOLTIPS = {
-    "ulysses_degree": "Ulysses sequence parallel (exact); 0 = auto",
-    "ring_degree": "Ring sequence parallel (exact); 0 = auto",
-    "cfg_degree": "positive and negative on separate workers (exact); 0 = auto (1)",
-    "pipefusion_degree": "PipeFusion stages: each worker holds only 1/N of the blocks; approximate after the sampler's warmup steps; 0 = auto (1)",
-    "patch_degree": "displaced patch parallel (DistriFusion-style), full model per worker; approximate after warmup, excludes ulysses/ring/pipefusion; 0 = auto (1)",
-}
+# ray_address came after the first four degrees before patch_degree existed; it keeps its widget place.
+_RAY_ADDRESS_AFTER = "pipefusion_degree"
 
 
-def _degree_input(name: str) -> tuple:
-    return ("INT", {"default": 0, "min": 0, "max": 64, "tooltip": _TOOLTIPS[name]})
+def _optional_inputs() -> dict:
+    inputs: dict = {"world_size": ("INT", {"default": 0, "min": 0, "max": 1024, "tooltip": "workers in the pool; 0 = every visible GPU, or 2 CPU workers when there is none"})}
+    for name, tooltip in DEGREE_TOOLTIPS.items():
+        inputs[f"{name}_degree"] = ("INT", {"default": 0, "min": 0, "max": 64, "tooltip": tooltip})
+        if f"{name}_degree" == _RAY_ADDRESS_AFTER:
+            # A name, never an address: the operator maps names to clusters (README: Ray clusters and security), so a
+            # workflow from anywhere cannot make ComfyUI connect somewhere. Same input name and place as the old address.
+            inputs["ray_address"] = (cluster_config.choices(), {"default": LOCAL, "tooltip": "Ray cluster: 'local' = a private cluster on this machine; other names are the clusters the operator configured (XDIT_RAY_CLUSTERS or user/__comfyui_xdit/clusters.json)"})
+    return inputs
+
+
+def _degree_arguments(degrees: dict[str, int]) -> dict[str, int]:
+    """Loader inputs (ulysses_degree=...) as resolve_degrees' keywords (ulysses=...)."""
+    return {name.removesuffix("_degree"): value for name, value in degrees.items()}
 
 
 class XDiTUNetLoader:
@@ -39,15 +47,7 @@ class XDiTUNetLoader:
                 "unet_name": (folder_paths.get_filename_list("diffusion_models"),),
                 "weight_dtype": (list(WEIGHT_DTYPES), {"advanced": True}),
             },
-            "optional": {
-                "world_size": ("INT", {"default": 0, "min": 0, "max": 1024, "tooltip": "workers in the pool; 0 = every visible GPU, or 2 CPU workers when there is none"}),
-                **{name: _degree_input(name) for name in ("ulysses_degree", "ring_degree", "cfg_degree", "pipefusion_degree")},
-                # A name, never an address: the operator maps names to clusters (README: multi-node), so a workflow
-                # from anywhere cannot make ComfyUI connect somewhere. Same input name and place as the old address.
-                "ray_address": (cluster_config.choices(), {"default": LOCAL, "tooltip": "Ray cluster: 'local' = a private cluster on this machine; other names are the clusters the operator configured (XDIT_RAY_CLUSTERS or user/__comfyui_xdit/clusters.json)"}),
-                # Last, so saved workflows' widget values keep their places.
-                "patch_degree": _degree_input("patch_degree"),
-            },
+            "optional": _optional_inputs(),
         }
 
     RETURN_TYPES = ("MODEL",)
@@ -56,40 +56,40 @@ class XDiTUNetLoader:
     DESCRIPTION = "Loads a diffusion model into a pool of workers that denoise one image together (drop-in for Load Diffusion Model)."
 
     @classmethod
-    def VALIDATE_INPUTS(cls, world_size=0, ulysses_degree=0, ring_degree=0, cfg_degree=0, pipefusion_degree=0, patch_degree=0,
+    def VALIDATE_INPUTS(cls, world_size=0, ulysses_degree=0, ring_degree=0, cfg_degree=0, pipefusion_degree=0, patch_degree=0, data_degree=0,
                         ray_address=LOCAL):
-        # Checked before the prompt runs; heads, blocks and GPU counts are checked again when the model is loaded.
-        # Only the inputs named here skip ComfyUI's own checks (unet_name, weight_dtype keep theirs).
+        # Checked before the prompt runs; the family, heads, blocks and GPU counts are checked again when the model is
+        # loaded. Only the inputs named here skip ComfyUI's own checks (a **kwargs would skip unet_name's too), so the
+        # names are spelled out; tests check the degrees are exactly DEGREE_INPUTS.
         try:
             cluster_config.target_for(ray_address)
         except ClusterNotConfigured as error:
             return str(error)
-        for name, value in (("world_size", world_size), ("ulysses_degree", ulysses_degree), ("ring_degree", ring_degree),
-                            ("cfg_degree", cfg_degree), ("pipefusion_degree", pipefusion_degree), ("patch_degree", patch_degree)):
+        degrees = dict(zip(DEGREE_INPUTS, (ulysses_degree, ring_degree, cfg_degree, pipefusion_degree, patch_degree, data_degree)))
+        for name, value in {"world_size": world_size, **degrees}.items():
             if not isinstance(value, int) or value < 0:
                 return f"{name} must be 0 (auto) or a positive whole number, got {value!r}"
         if world_size:
             try:
-                resolve_degrees(world_size, num_heads=None, ulysses=ulysses_degree, ring=ring_degree, cfg=cfg_degree,
-                                pipefusion=pipefusion_degree, patch=patch_degree)
+                resolve_degrees(world_size, num_heads=None, **_degree_arguments(degrees))
             except ValueError as error:
                 return str(error)
         return True
 
-    def load_unet(self, unet_name, weight_dtype, world_size=0, ulysses_degree=0, ring_degree=0, cfg_degree=0,
-                  pipefusion_degree=0, ray_address=LOCAL, patch_degree=0):
+    def load_unet(self, unet_name, weight_dtype, world_size=0, ray_address=LOCAL, **degree_inputs):
         target = cluster_config.target_for(ray_address)  # an unconfigured cluster is refused before anything runs
         path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
-        model_config = detect(path, weight_dtype)[0]
-        num_heads = int(model_config.unet_config.get("num_heads", 1))
+        shell = build_shell(path, weight_dtype)
+        adapter = adapter_for(shell.model)
+        num_heads = adapter.num_heads(shell.model.diffusion_model)
         connect(target)
         world = resolve_world_size(world_size, cluster_gpus())
         check_world_fits(world, cluster_gpus(), cluster_memory_bytes(), os.path.getsize(path))
-        config = resolve_degrees(world, num_heads, ulysses_degree, ring_degree, cfg_degree, pipefusion_degree, patch_degree)
+        config = resolve_degrees(world, num_heads, supported=adapter.capabilities.supported(), **_degree_arguments(degree_inputs))
+        validate_for_model(config, world, shell)
         degrees = tuple((f.name, getattr(config, f.name)) for f in dataclasses.fields(config))
         ref = PoolModelRef(path=path, weight_dtype=weight_dtype, degrees=degrees, world_size=world, cluster=target.name, num_heads=num_heads)
-        shell = build_shell(path, weight_dtype, ref)
-        validate_for_model(config, world, shell)
+        shell.set_attachments(POOL_ATTACHMENT, ref)
         if config.pipefusion_degree > 1:
             check_stage_loadable(path)
         pool_for(ref, comfy.model_management.processing_interrupted).warm(ref, dict(degrees))

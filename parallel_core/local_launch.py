@@ -1,4 +1,5 @@
-"""Run one function on N local CPU ranks joined in a gloo process group (tests and benches).
+"""Run one function on N local ranks joined in a process group (tests and benches): CPU ranks over gloo, or
+one CUDA device per rank over NCCL.
 
 Ranks are spawned processes that rendezvous through a TCPStore the caller serves on 127.0.0.1 only (port chosen
 by the OS, so no free-port race) and talk over the loopback interface only. A rank that raises fails the whole run with
@@ -27,13 +28,15 @@ class RankFailed(RuntimeError):
     """A rank raised, died or timed out; the message carries its traceback."""
 
 
-def _rank_main(fn, rank, world_size, port, threads, env, args, results):
+def _rank_main(fn, rank, world_size, port, threads, env, args, results, backend):
     os.environ.update(env)
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # keep gloo's own connections on loopback
     torch.set_num_threads(threads)
     try:
+        if backend == "nccl":
+            torch.cuda.set_device(rank)  # before anything allocates: each rank owns one device
         store = connect_store(LOOPBACK, port, world_size + 1)
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=300))
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=300))
         try:
             value = fn(rank, world_size, *args)
         finally:
@@ -52,16 +55,22 @@ def run_on_ranks(
     threads_per_rank: int = 1,
     timeout_s: float = 600.0,
     env: dict[str, str] | None = None,
+    backend: str = "gloo",
 ) -> list[Any]:
-    """Call fn(rank, world_size, *args) on `world_size` gloo ranks; return each rank's result, by rank.
+    """Call fn(rank, world_size, *args) on `world_size` ranks; return each rank's result, by rank.
 
     `fn` and `args` must be picklable (a module-level function). Each rank uses `threads_per_rank` torch threads.
+    backend "nccl" puts rank r on CUDA device r.
     """
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
+    if backend == "nccl" and torch.cuda.device_count() < world_size:
+        raise ValueError(f"backend nccl needs one CUDA device per rank: {world_size} ranks, {torch.cuda.device_count()} devices visible; use gloo")
     ctx = mp.get_context("spawn")
     store = serve_store(LOOPBACK, world_size + 1)
     results = ctx.Queue()
     procs = [
-        ctx.Process(target=_rank_main, args=(fn, r, world_size, store.port, threads_per_rank, env or {}, args, results), daemon=True)
+        ctx.Process(target=_rank_main, args=(fn, r, world_size, store.port, threads_per_rank, env or {}, args, results, backend), daemon=True)
         for r in range(world_size)
     ]
     for p in procs:

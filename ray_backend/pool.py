@@ -81,7 +81,7 @@ class WorkerPool:
         self.jobs_run = 0
         self.last_stats: list[dict] = []
         self.last_job: dict[str, float] = {}
-        self._preview_seen: int | None = None  # the last step whose preview was delivered; None: the job wants none
+        self._preview_seen: int | None = None  # the last step whose preview was delivered; None: the job asked for none
 
     def _join_calls(self) -> list:
         """Every rank joins the group: at a store file in the private cluster's own folder (no port at all), or at

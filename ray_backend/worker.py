@@ -136,7 +136,7 @@ class PoolWorker:
 
     def progress(self, preview_after: int | None = None) -> tuple[int, int, Any]:
         """(step, total, preview): the preview is the latest step's payload when that step is past `preview_after`
-        (None: the caller wants none), so each step's preview crosses to the caller at most once."""
+        (None: the caller asked for none), so each step's preview crosses to the caller at most once."""
         if not self.control:
             return 0, 0, None
         latest = self.control.preview

@@ -52,16 +52,36 @@ def tiny_flux_paths(comfy_root: Path, tmp_path_factory: pytest.TempPathFactory) 
 
 
 @pytest.fixture(scope="session")
+def tiny_model_path(comfy_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """path_for(family): a seed-0 tiny checkpoint of that family ("flux2", "sd15", ...; see `make-tiny-model`),
+    written through the CLI on first use and kept for the session."""
+    folder = tmp_path_factory.mktemp("tiny_models")
+    written: dict[str, Path] = {}
+
+    def path_for(family: str) -> Path:
+        if family not in written:
+            path = folder / f"{family}.safetensors"
+            done = subprocess.run(_cli("make-tiny-model", "--family", family, "--seed", "0", "--out", str(path)),
+                                  cwd=REPO_ROOT, text=True, capture_output=True, timeout=300)
+            assert done.returncode == 0, done.stderr
+            written[family] = path
+        return written[family]
+
+    return path_for
+
+
+@pytest.fixture(scope="session")
 def comfy_server(request: pytest.FixtureRequest, comfy_root: Path, tmp_path_factory: pytest.TempPathFactory):
     """One real headless ComfyUI server for the whole session (comfyui_xdit/server_launcher.py), on a free 127.0.0.1 port.
 
     Its custom_nodes/ holds this repo (as comfyui-xdit) and tests/xdit_test_nodes; models/diffusion_models the
-    tiny Flux dev and schnell (names in server_launcher.TINY_UNET_NAMES); models/vae_approx a tiny taef1. A failing
+    tiny Flux dev and schnell (names in server_launcher.TINY_UNET_NAMES) and the tiny SD1.5 U-Net
+    (server_graphs.TINY_SD15_NAME); models/vae_approx a tiny taef1. A failing
     test that uses it gets the server log's tail in its report.
     """
-    from comfyui_xdit.server_launcher import TINY_UNET_NAMES, launch_server, prepare_base
+    from comfyui_xdit.testing.server_launcher import TINY_UNET_NAMES, launch_server, prepare_base
 
-    from comfyui_xdit.tiny_vae import write_tiny_taef1
+    from comfyui_xdit.testing.tiny_vae import write_tiny_taef1
 
     base = prepare_base(tmp_path_factory.mktemp("comfy_base"))
     server = launch_server(comfy_root, base, base / "comfyui.log")
@@ -69,11 +89,19 @@ def comfy_server(request: pytest.FixtureRequest, comfy_root: Path, tmp_path_fact
         # Weights are written while the server boots (~17 s): it rescans model folders on every request.
         for variant, path in request.getfixturevalue("tiny_flux_paths").items():
             (server.models_dir("diffusion_models") / TINY_UNET_NAMES[variant]).symlink_to(path)
+        (server.models_dir("diffusion_models") / "tiny-sd15.safetensors").symlink_to(request.getfixturevalue("tiny_model_path")("sd15"))
         write_tiny_taef1(server.models_dir("vae_approx"))
         server.wait_ready()
         yield server
     finally:
         server.stop()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # A test that asks for the shared server is in the server tier, wherever it lives.
+    for item in items:
+        if "comfy_server" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.server)
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -1,8 +1,9 @@
-"""Rank-side sampling for the Flux exactness tests: stock ComfyUI nodes, stock vs parallel model.
+"""Rank-side sampling for the exactness tests of every family: stock ComfyUI nodes, stock vs parallel model.
 
-Every rank imports the real ComfyUI, loads the tiny Flux with ComfyUI's own loader, and drives the sampling path
-SamplerCustomAdvanced takes (ModelSamplingFlux -> BasicGuider/CFGGuider -> BasicScheduler, KSamplerSelect,
-RandomNoise -> SamplerCustomAdvanced) through the stock node classes. Rank 0 also runs the unpatched model.
+Every rank imports the real ComfyUI, loads a tiny model with ComfyUI's own loader, and drives the sampling path
+SamplerCustomAdvanced takes ([ModelSamplingFlux for Flux-type models] -> BasicGuider/CFGGuider -> BasicScheduler,
+KSamplerSelect, RandomNoise -> SamplerCustomAdvanced) through the stock node classes. Rank 0 also runs the
+unpatched model. Latent channels and the text width come from the loaded model, so one case fits every family.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from comfyui_xdit.comfy_runtime import init_worker
-from comfyui_xdit.tiny_models import stand_in_conditioning
+from comfyui_xdit.testing.tiny_models import stand_in_conditioning
 
 TEXT_TOKENS = 7
 
@@ -34,11 +35,20 @@ CASES: tuple[SamplingCase, ...] = (
     SamplingCase("cfg-euler", guider="cfg"),
     SamplingCase("cfg-dpmpp2m-18x22", guider="cfg", sampler="dpmpp_2m", height=18, width=22, seed=1),
     SamplingCase("basic-dpmpp2m-18x22-batch2", sampler="dpmpp_2m", height=18, width=22, batch=2, seed=2),
+    SamplingCase("cfg-euler-10x12-batch2", guider="cfg", cfg=5.0, height=10, width=12, batch=2, seed=3),
 )
+CASE_BY_NAME = {case.name: case for case in CASES}
+# Which cases each tiny family runs: Flux all but the U-Net-sized one; Flux.2 (512 padded text tokens, slower) its
+# uneven CFG case; the SD1.5 U-Net (CFG and data parallel only) one case that exercises both.
+FAMILY_CASES: dict[str, tuple[str, ...]] = {
+    "flux": tuple(c.name for c in CASES[:4]),
+    "flux2": ("cfg-dpmpp2m-18x22",),
+    "sd15": ("cfg-euler-10x12-batch2",),
+}
 
 
-def _conditioning(seed: int):
-    return stand_in_conditioning(seed, TEXT_TOKENS)
+def _conditioning(seed: int, context_dim: int = 64):
+    return stand_in_conditioning(seed, TEXT_TOKENS, context_dim=context_dim)
 
 
 def _first(node_output):
@@ -47,25 +57,33 @@ def _first(node_output):
 
 def sample(model_patcher, case: SamplingCase) -> torch.Tensor:
     """The latent SamplerCustomAdvanced returns for `case`, built with ComfyUI's stock nodes."""
+    import comfy.model_base
     from comfy_extras import nodes_custom_sampler as custom
     from comfy_extras.nodes_model_advanced import ModelSamplingFlux
 
-    model = ModelSamplingFlux().patch(model_patcher, 1.15, 0.5, case.width * 8, case.height * 8)[0]
-    positive = _conditioning(100)
+    base_model = model_patcher.model
+    unet_config = base_model.model_config.unet_config
+    context_dim = unet_config.get("context_in_dim", unet_config.get("context_dim"))
+    model = model_patcher
+    if base_model.model_type == comfy.model_base.ModelType.FLUX:
+        model = ModelSamplingFlux().patch(model_patcher, 1.15, 0.5, case.width * 8, case.height * 8)[0]
+    positive = _conditioning(100, context_dim)
     if case.guider == "cfg":
-        guider = _first(custom.CFGGuider.execute(model, positive, _conditioning(200), case.cfg))
+        guider = _first(custom.CFGGuider.execute(model, positive, _conditioning(200, context_dim), case.cfg))
     else:
         guider = _first(custom.BasicGuider.execute(model, positive))
     sigmas = _first(custom.BasicScheduler.execute(model, "simple", case.steps, 1.0))
     sampler = _first(custom.KSamplerSelect.execute(case.sampler))
     noise = _first(custom.RandomNoise.execute(case.seed))
-    latent = {"samples": torch.zeros(case.batch, 16, case.height, case.width)}
+    latent = {"samples": torch.zeros(case.batch, base_model.latent_format.latent_channels, case.height, case.width)}
     return _first(custom.SamplerCustomAdvanced.execute(noise, guider, sampler, sigmas, latent))["samples"]
 
 
-def flux_rank(rank: int, world_size: int, model_path: str, configs: list[dict], case_dicts: list[dict]) -> dict:
-    """Parallel latents of every (config, case) on this rank; rank 0 adds the stock latents and re-checks them."""
-    init_worker(cpu=True)
+def family_rank(rank: int, world_size: int, model_path: str, configs: list[dict], case_dicts: list[dict],
+                device: str = "cpu") -> dict:
+    """Parallel latents of every (config, case) on this rank; rank 0 adds the stock latents and re-checks them.
+    device "cuda": ComfyUI runs on this rank's CUDA device (local_launch sets it), for NCCL ranks."""
+    init_worker(cpu=(device == "cpu"))
     import comfy.sd
 
     from comfyui_xdit.parallel_model import parallelize
@@ -79,16 +97,73 @@ def flux_rank(rank: int, world_size: int, model_path: str, configs: list[dict], 
     for degrees in configs:
         state = init_parallel(ParallelConfig(**degrees))
         model = parallelize(base, state)
-        tag = "-".join(f"{k.split('_')[0]}{v}" for k, v in degrees.items())
         for case in cases:
             state.comm.reset()
-            result["parallel"][f"{tag}/{case.name}"] = sample(model, case)
-            result["bytes"][f"{tag}/{case.name}"] = state.comm.snapshot()
+            result["parallel"][f"{tag(degrees)}/{case.name}"] = sample(model, case)
+            result["bytes"][f"{tag(degrees)}/{case.name}"] = state.comm.snapshot()
     if rank == 0:
         # The unpatched ModelPatcher, used again after the parallel clones, is stock again, bit for bit.
         result["stock_again"] = {case.name: sample(base, case) for case in cases}
     return result
 
 
-def case_dicts() -> list[dict]:
-    return [asdict(c) for c in CASES]
+# The exact methods each family is checked with, by world size.
+CONFIGS: dict[str, dict[int, list[dict]]] = {
+    "flux": {
+        2: [
+            {"ulysses_degree": 2},
+            {"ring_degree": 2},
+            {"cfg_degree": 2},
+            {"data_degree": 2},
+        ],
+        4: [
+            {"ulysses_degree": 4},
+            {"ulysses_degree": 2, "ring_degree": 2},
+            {"ring_degree": 4},
+            {"ulysses_degree": 2, "cfg_degree": 2},
+            {"ring_degree": 2, "cfg_degree": 2},
+            {"cfg_degree": 4},
+            {"ulysses_degree": 2, "data_degree": 2},
+            {"cfg_degree": 2, "data_degree": 2},
+        ],
+    },
+    "flux2": {
+        2: [{"ulysses_degree": 2}, {"ring_degree": 2}, {"cfg_degree": 2}],
+        4: [{"ulysses_degree": 2, "ring_degree": 2}, {"ulysses_degree": 2, "cfg_degree": 2}],
+    },
+    "sd15": {2: [{"cfg_degree": 2}, {"data_degree": 2}]},
+}
+FP32_TOL = 1e-5
+# CFG multiplies the difference of two predictions by the guidance scale, and EPS models' latents reach ~15: there
+# the bound is relative to the latent's size.
+RELATIVE_TOL = 2e-6
+
+
+def tag(degrees: dict) -> str:
+    return "-".join(f"{k.split('_')[0]}{v}" for k, v in degrees.items())
+
+
+def differences_from_stock(per_rank: list[dict], family: str, world_size: int) -> list[str]:
+    """One line per (config, case, rank) whose latent is not stock's to fp32 rounding; empty when all match."""
+    stock = per_rank[0]["stock"]
+    failures = []
+    for degrees in CONFIGS[family][world_size]:
+        for name in FAMILY_CASES[family]:
+            key = f"{tag(degrees)}/{name}"
+            reference = stock[name]
+            if not reference.abs().max() > 0.1:
+                failures.append(f"{name}: stock latent is trivial; the comparison would prove nothing")
+            tolerance = max(FP32_TOL, RELATIVE_TOL * reference.abs().max().item())
+            for rank, result in enumerate(per_rank):
+                latent = result["parallel"][key]
+                if latent.shape != reference.shape:
+                    failures.append(f"{key} rank {rank}: shape {tuple(latent.shape)} != {tuple(reference.shape)}")
+                    continue
+                err = (latent - reference).abs().max().item()
+                if not err <= tolerance:
+                    failures.append(f"{key} rank {rank}: max abs error {err:.3e} vs stock (tolerance {tolerance:.1e})")
+    return failures
+
+
+def case_dicts(family: str) -> list[dict]:
+    return [asdict(CASE_BY_NAME[name]) for name in FAMILY_CASES[family]]

@@ -60,7 +60,7 @@ def pipefusion_rank(rank: int, world_size: int, model_path: str, runs: list[dict
             state = init_parallel(config)
             model = load_stage(model_path, "default", config.pipefusion_degree, state.pipefusion.rank) if config.pipefusion_degree > 1 else base
             MergedLoras(model).apply(_lora_refs(list(loras)))
-            states[config] = (state, parallelize(model, state), held_block_parameters(model.model.diffusion_model))
+            states[config] = (state, parallelize(model, state), held_block_parameters(model.model))
         state, model, held = states[config]
         state.comm.reset()
         result["latents"][index] = flux_cases.sample(with_options(model, run["options"]), cases[str(run["case"])])

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import psutil
 
-from comfyui_xdit.server_launcher import REPO_ROOT, free_port
+from comfyui_xdit.testing.server_launcher import REPO_ROOT, free_port
 
 TESTS = Path(__file__).resolve().parent
 HEAD_IP = "127.0.0.2"

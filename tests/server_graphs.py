@@ -1,10 +1,11 @@
-"""API-format graphs for the server tests: the stock Flux graph and its XDiT twin (loader and sampler swapped)."""
+"""API-format graphs for the server tests: stock graphs and their XDiT twins (loader and sampler swapped), for the
+tiny Flux and the tiny SD1.5 U-Net."""
 from __future__ import annotations
 
 import torch
 from safetensors.torch import load_file
 
-from comfyui_xdit.server_launcher import TINY_UNET_NAMES
+from comfyui_xdit.testing.server_launcher import TINY_UNET_NAMES
 
 
 def flux_graph(xdit: bool, guider: str = "basic", seed: int = 5, steps: int = 3, prefix: str = "latent", size: int = 128,
@@ -47,6 +48,29 @@ def ksampler_graph(xdit: bool, cfg: float = 1.0, seed: int = 5, steps: int = 3, 
     else:
         graph["11"] = {"class_type": "XDiTKSamplerAdvanced" if xdit else "KSamplerAdvanced", "inputs": {**inputs, "noise_seed": seed, **advanced}}
     return graph
+
+
+# The conftest's server holds the tiny SD1.5 U-Net (testing/tiny_models.py) under this name.
+TINY_SD15_NAME = "tiny-sd15.safetensors"
+
+
+def sd15_graph(xdit: bool, seed: int = 5, steps: int = 3, prefix: str = "latent", size: int = 80, batch: int = 2,
+               **loader_inputs) -> dict:
+    """A CFG graph on the SD1.5 U-Net (no sequence-parallel adapter: CFG and data parallel only)."""
+    return {
+        "1": {"class_type": "XDiTUNetLoader" if xdit else "UNETLoader",
+              "inputs": {"unet_name": TINY_SD15_NAME, "weight_dtype": "default", **(loader_inputs if xdit else {})}},
+        "3": {"class_type": "XDiTTestConditioning", "inputs": {"seed": 100, "text_tokens": 7, "context_dim": 768, "pooled_dim": 32}},
+        "5": {"class_type": "XDiTTestConditioning", "inputs": {"seed": 200, "text_tokens": 7, "context_dim": 768, "pooled_dim": 32}},
+        "6": {"class_type": "CFGGuider", "inputs": {"model": ["1", 0], "positive": ["3", 0], "negative": ["5", 0], "cfg": 5.0}},
+        "7": {"class_type": "BasicScheduler", "inputs": {"model": ["1", 0], "scheduler": "normal", "steps": steps, "denoise": 1.0}},
+        "8": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
+        "9": {"class_type": "RandomNoise", "inputs": {"noise_seed": seed}},
+        "10": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": batch}},
+        "11": {"class_type": "XDiTSamplerCustomAdvanced" if xdit else "SamplerCustomAdvanced",
+               "inputs": {"noise": ["9", 0], "guider": ["6", 0], "sampler": ["8", 0], "sigmas": ["7", 0], "latent_image": ["10", 0]}},
+        "12": {"class_type": "SaveLatent", "inputs": {"samples": ["11", 0], "filename_prefix": prefix}},
+    }
 
 
 def saved_latent(server, result) -> torch.Tensor:

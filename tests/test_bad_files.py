@@ -12,6 +12,8 @@ from safetensors.torch import save_file
 from comfyui_xdit.errors import UnsupportedByXDiT
 from comfyui_xdit.safetensors_files import open_safetensors
 
+pytestmark = pytest.mark.fast
+
 
 class _Marker:
     """Unpickling this creates a file: proof that something was unpickled."""

@@ -9,6 +9,8 @@ from ray_backend.capacity import CPU_WORKER_OVERHEAD_BYTES, check_world_fits
 from ray_backend.clusters import (LOCAL, LOCAL_TARGET, ClusterNotConfigured, ClusterTarget, cluster_choices,
                                   configured_clusters, resolve_cluster)
 
+pytestmark = pytest.mark.fast
+
 GiB = 2**30
 
 

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from PIL import Image
+
+pytestmark = pytest.mark.server
 
 
 def test_demo_writes_an_image_and_reports_timings(run_cli, comfy_root, tmp_path):

@@ -129,7 +129,7 @@ def test_bytes_per_step_match_the_definitions(pipeline_flux):
 
 
 def test_loras_merge_onto_stage_models(pipeline_flux, tmp_path):
-    from comfyui_xdit.tiny_loras import flux_lora, flux_shapes, write_flux_lora
+    from comfyui_xdit.testing.tiny_loras import flux_lora, flux_shapes, write_flux_lora
 
     shapes = flux_shapes(pipeline_flux)
     everywhere = write_flux_lora(tmp_path / "all.safetensors", shapes, "kohya", rank=4, seed=1)

@@ -18,11 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from comfyui_xdit.server_launcher import REPO_ROOT, ComfyServer
+from comfyui_xdit.testing.server_launcher import REPO_ROOT, ComfyServer
 from playwright.sync_api import Browser, Page, sync_playwright
 from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 
 from comfyui_xdit.workflow_tools import is_link
+
+pytestmark = pytest.mark.server
 
 WORKFLOWS = REPO_ROOT / "workflows"
 UI_FILES = sorted(WORKFLOWS.glob("*.json"))

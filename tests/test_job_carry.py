@@ -11,6 +11,8 @@ import torch
 import flux_cases
 from comfyui_xdit.errors import UnsupportedByXDiT
 
+pytestmark = pytest.mark.fast
+
 
 @pytest.fixture(scope="module")
 def models(comfy_root, tiny_flux_paths):
@@ -141,9 +143,8 @@ def test_refuses_other_guiders_and_custom_samplers(models):
 
 
 def test_model_level_refusals_name_the_fix(models):
-    from types import SimpleNamespace
-
-    from comfyui_xdit.parallel_model import adapter_for, validate_for_model
+    from comfyui_xdit.families import adapter_for
+    from comfyui_xdit.parallel_model import validate_for_model
     from parallel_core import ParallelConfig
 
     with pytest.raises(ValueError, match="pipefusion_degree 3 is more stages than the model's 2 transformer blocks; use at most 2"):
@@ -153,6 +154,5 @@ def test_model_level_refusals_name_the_fix(models):
         validate_for_model(ParallelConfig(patch_degree=2, ring_degree=2), 4, models["shell"])
     with pytest.raises(ValueError, match="= 2, but 4 ranks are running"):
         validate_for_model(ParallelConfig(ulysses_degree=2), 4, models["shell"])
-    other = SimpleNamespace(model=SimpleNamespace(diffusion_model=torch.nn.Linear(1, 1)))
-    with pytest.raises(UnsupportedByXDiT, match="Linear models are not supported by XDiT yet .* load it with UNETLoader"):
-        adapter_for(other)
+    with pytest.raises(UnsupportedByXDiT, match="Linear is not a ComfyUI diffusion model .* load it with UNETLoader"):
+        adapter_for(torch.nn.Linear(1, 1))

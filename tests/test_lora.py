@@ -1,6 +1,6 @@
 """LoRA in one process (no pool): every format ComfyUI maps, checks at the node, and the workers' key-by-key merge.
 
-Files are written by comfyui_xdit.tiny_loras in the trainers' own key formats. The stock side is ComfyUI itself:
+Files are written by comfyui_xdit.testing.tiny_loras in the trainers' own key formats. The stock side is ComfyUI itself:
 comfy.sd.load_lora_for_models (what LoraLoaderModelOnly calls) and ModelPatcher.patch_model; the XDiT side is the
 shell MODEL's checks (meta weights) and MergedLoras on a resident model, as a worker runs them.
 """
@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 import flux_cases
 from comfyui_xdit.errors import UnsupportedByXDiT
 from comfyui_xdit.job_spec import LoraRef, PoolModelRef
-from comfyui_xdit.tiny_loras import FORMATS, flux_lora, flux_shapes, write_flux_lora
+from comfyui_xdit.testing.tiny_loras import FORMATS, flux_lora, flux_shapes, write_flux_lora
 
 STRENGTH = 0.7
 
@@ -23,7 +23,7 @@ STRENGTH = 0.7
 @pytest.fixture(scope="module")
 def full_flux(comfy_root, tmp_path_factory):
     """Flux's full block layout (19 double, 38 single blocks) at hidden 128: ComfyUI maps XLabs keys onto no other."""
-    from comfyui_xdit.tiny_models import write_tiny_flux
+    from comfyui_xdit.testing.tiny_models import write_tiny_flux
 
     return write_tiny_flux(tmp_path_factory.mktemp("full_flux") / "flux-full.safetensors", "dev", "tiny", seed=3,
                            hidden_size=128, depth=19, depth_single_blocks=38)

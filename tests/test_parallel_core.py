@@ -12,6 +12,8 @@ import parallel_cases
 import parallel_core as pc
 from parallel_core.local_launch import RankFailed, run_on_ranks
 
+pytestmark = pytest.mark.fast
+
 WORLD_SIZES = (1, 2, 4)
 FP32_TOL = 1e-5
 BF16_TOL = 2e-2
@@ -181,3 +183,10 @@ def test_parallel_core_imports_with_torch_only():
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_nccl_launch_needs_a_device_per_rank():
+    if torch.cuda.device_count() >= 2:
+        pytest.skip("this machine has the devices; test_gpu_parallel.py runs NCCL ranks")
+    with pytest.raises(ValueError, match=r"backend nccl needs one CUDA device per rank: 2 ranks, \d devices visible; use gloo"):
+        run_on_ranks(parallel_cases.fail_on_rank_one, 2, backend="nccl")

@@ -12,6 +12,8 @@ from parallel_core.rendezvous import connect_store, serve_store
 from ray_backend.placement import WORKER_SLOT_RESOURCE, NodeSlots, node_slots, spread
 from ray_backend.worker import GLOO_IFNAME_ENV, interface_of, pin_gloo_interface
 
+pytestmark = pytest.mark.fast
+
 
 def _node(node_id: str, address: str, alive: bool = True, **resources: float) -> dict:
     return {"NodeID": node_id, "NodeManagerAddress": address, "Alive": alive, "Resources": {"memory": 8 * 2**30, **resources}}

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from comfyui_xdit.server_launcher import REPO_ROOT
+from comfyui_xdit.testing.server_launcher import REPO_ROOT
 from silent_port import silent_port
 
 TESTS = Path(__file__).resolve().parent

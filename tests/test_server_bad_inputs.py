@@ -9,7 +9,9 @@ import pytest
 from server_graphs import flux_graph
 
 from comfyui_xdit.api_client import ComfyClient, ExecutionFailed
-from comfyui_xdit.server_launcher import TINY_UNET_NAMES
+from comfyui_xdit.testing.server_launcher import TINY_UNET_NAMES
+
+pytestmark = pytest.mark.server
 
 DEGREES = {"world_size": 2, "ulysses_degree": 2, "ring_degree": 1, "cfg_degree": 1}
 

@@ -21,6 +21,8 @@ from silent_port import silent_port
 from comfyui_xdit.api_client import ComfyClient, ExecutionFailed, ExecutionInterrupted, PromptRejected
 from comfyui_xdit.cluster_config import CLUSTERS_FILE, SYSTEM_USER
 
+pytestmark = pytest.mark.server
+
 FP32_TOL = 1e-5
 DEGREES = {"world_size": 2, "ulysses_degree": 2, "ring_degree": 1, "cfg_degree": 1}
 

@@ -15,8 +15,10 @@ from PIL import Image
 from server_graphs import flux_graph, ksampler_graph, saved_latent
 
 from comfyui_xdit.api_client import ComfyClient, PromptResult
-from comfyui_xdit.server_launcher import REPO_ROOT, TINY_UNET_NAMES
+from comfyui_xdit.testing.server_launcher import REPO_ROOT, TINY_UNET_NAMES
 from comfyui_xdit.workflow_tools import STOCK_TWINS, load_api_workflow, make_offline, stock_twin
+
+pytestmark = pytest.mark.server
 
 FP32_TOL = 1e-5
 ULYSSES2 = {"world_size": 2, "ulysses_degree": 2, "ring_degree": 1, "cfg_degree": 1}

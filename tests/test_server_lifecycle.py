@@ -5,11 +5,14 @@ import signal
 import time
 
 import psutil
+import pytest
 
-from comfyui_xdit.server_launcher import TINY_UNET_NAMES, launch_server, prepare_base
+from comfyui_xdit.testing.server_launcher import TINY_UNET_NAMES, launch_server, prepare_base
 from server_graphs import flux_graph
 
 from comfyui_xdit.api_client import ComfyClient
+
+pytestmark = pytest.mark.server
 
 
 def test_sigterm_to_comfyui_stops_every_pool_and_ray_process(comfy_root, tiny_flux_paths, tmp_path):

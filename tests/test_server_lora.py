@@ -1,7 +1,7 @@
 """LoRA through a real ComfyUI server: XDiTFluxLoraLoader on the Ray pool vs stock LoraLoaderModelOnly, over HTTP + ws.
 
 The graphs are test_server_pool's flux_graph with LoRA nodes between the loader and ModelSamplingFlux; the LoRA
-files are written by comfyui_xdit.tiny_loras into the server's models/loras in the trainers' key formats.
+files are written by comfyui_xdit.testing.tiny_loras into the server's models/loras in the trainers' key formats.
 """
 from __future__ import annotations
 
@@ -10,11 +10,13 @@ import torch
 from safetensors.torch import save_file
 
 from comfyui_xdit.api_client import ComfyClient, ExecutionFailed
-from comfyui_xdit.server_launcher import REPO_ROOT, TINY_UNET_NAMES
-from comfyui_xdit.tiny_loras import flux_lora, flux_shapes, write_flux_lora
+from comfyui_xdit.testing.server_launcher import REPO_ROOT, TINY_UNET_NAMES
+from comfyui_xdit.testing.tiny_loras import flux_lora, flux_shapes, write_flux_lora
 from comfyui_xdit.workflow_tools import load_api_workflow, make_offline, set_input, stock_twin
 from server_graphs import flux_graph, saved_latent
 from test_server_pool import FP32_TOL
+
+pytestmark = pytest.mark.server
 
 ULYSSES2 = {"world_size": 2, "ulysses_degree": 2, "ring_degree": 1, "cfg_degree": 1}
 RING2 = {"world_size": 2, "ulysses_degree": 1, "ring_degree": 2, "cfg_degree": 1}

@@ -6,8 +6,10 @@ import pytest
 from server_graphs import flux_graph, saved_latent
 
 from comfyui_xdit.api_client import ComfyClient, ExecutionFailed
-from comfyui_xdit.server_launcher import REPO_ROOT, TINY_UNET_NAMES
+from comfyui_xdit.testing.server_launcher import REPO_ROOT, TINY_UNET_NAMES
 from comfyui_xdit.workflow_tools import load_api_workflow, make_offline, set_input, stock_twin
+
+pytestmark = pytest.mark.server
 
 FP32_TOL = 1e-5
 PIPEFUSION_WORKFLOW = REPO_ROOT / "workflows" / "api" / "flux_dev_pipefusion_xdit_api.json"

@@ -12,9 +12,11 @@ import time
 
 import pytest
 
-from server_graphs import flux_graph, saved_latent
+from server_graphs import flux_graph, saved_latent, sd15_graph
 
 from comfyui_xdit.api_client import ComfyClient, ExecutionFailed, ExecutionInterrupted, PromptRejected
+
+pytestmark = pytest.mark.server
 
 FP32_TOL = 1e-5
 
@@ -45,6 +47,27 @@ def test_xdit_nodes_match_the_stock_graph(comfy_server, client, name, guider, de
     assert progress and progress[-1]["value"] == progress[-1]["max"] == 3, "the sampler's progress bar reached every step"
     status = comfy_server.get_json("/xdit/status")["pool"]
     assert status["world_size"] == degrees["world_size"] and status["backend"] == "gloo"
+
+
+# CFG amplifies rounding, and an EPS model's latents reach ~15: the bound is relative to the latent's size there.
+RELATIVE_TOL = 2e-6
+
+
+@pytest.mark.parametrize("degrees", [{"cfg_degree": 2}, {"data_degree": 2}, {}], ids=["cfg2", "data2", "auto"])
+def test_a_model_without_an_adapter_runs_cfg_and_data_parallel(comfy_server, client, degrees):
+    """An SD1.5 U-Net through the whole product: loader, pool, generic CFG / data wrappers; auto gives it cfg 2."""
+    name = "-".join(f"{k}{v}" for k, v in degrees.items()) or "auto"
+    stock = saved_latent(comfy_server, client.run(sd15_graph(False, prefix=f"sd15_stock_{name}"), timeout=300))
+    xdit = saved_latent(comfy_server, client.run(sd15_graph(True, prefix=f"sd15_xdit_{name}", world_size=2, **degrees), timeout=600))
+    assert xdit.shape == stock.shape == (2, 4, 10, 10)
+    assert stock.abs().max() > 0.1
+    assert (xdit - stock).abs().max().item() <= max(FP32_TOL, RELATIVE_TOL * stock.abs().max().item())
+    assert comfy_server.get_json("/xdit/status")["pool"]["world_size"] == 2
+
+
+def test_a_model_without_an_adapter_refuses_sequence_parallel_by_name(client):
+    with pytest.raises(ExecutionFailed, match=r"SD15 supports cfg and data parallel only .*set ulysses_degree to 1"):
+        client.run(sd15_graph(True, prefix="sd15_refused", world_size=2, ulysses_degree=2), timeout=300)
 
 
 def test_a_second_prompt_on_the_same_model_loads_nothing(comfy_server, client):

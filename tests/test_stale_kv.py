@@ -10,6 +10,8 @@ import stale_cases
 from parallel_core.local_launch import run_on_ranks
 from parallel_core.sharding import shard_positions
 
+pytestmark = pytest.mark.fast
+
 FP32_TOL = 1e-5
 CONFIGS = {
     2: [{"pipefusion_degree": 2}, {"ulysses_degree": 2}, {"ring_degree": 2}, {"patch_degree": 2}],

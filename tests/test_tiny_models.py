@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from comfyui_xdit.tiny_models import build_flux, check_flux_detectable, flux_config, write_tiny_flux
+from comfyui_xdit.testing.tiny_models import build_flux, check_flux_detectable, flux_config, write_tiny_flux
 
 EXPECTED_CLASS = {"dev": "Flux", "schnell": "FluxSchnell"}
 
@@ -137,3 +137,16 @@ def test_cli_rejects_bad_arguments(run_cli, tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "unknown flux variant 'pro'" in result.stderr
     assert not (tmp_path / "x.safetensors").exists()
+
+
+@pytest.mark.parametrize(("family", "model_class", "config_class"), [("flux2", "Flux2", "Flux2"), ("sd15", "BaseModel", "SD15")])
+def test_other_families_are_detected_as_themselves_and_round_trip(tiny_model_path, family: str, model_class: str,
+                                                                  config_class: str) -> None:
+    path = tiny_model_path(family)
+    patcher = _load(path)
+    assert type(patcher.model).__name__ == model_class
+    assert type(patcher.model.model_config).__name__ == config_class
+    saved, loaded = load_file(path), patcher.model.diffusion_model.state_dict()
+    assert saved.keys() == loaded.keys()
+    assert all(torch.equal(tensor, loaded[key]) for key, tensor in saved.items())
+    assert all(tensor.abs().max() > 0 for tensor in saved.values()), "every tensor is seeded, none left at zero"

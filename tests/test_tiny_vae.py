@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from comfyui_xdit.tiny_models import write_tiny_model
-from comfyui_xdit.tiny_vae import taef1_files, write_tiny_taef1
+from comfyui_xdit.testing.tiny_models import write_tiny_model
+from comfyui_xdit.testing.tiny_vae import taef1_files, write_tiny_taef1
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from comfyui_xdit.server_launcher import REPO_ROOT, TINY_UNET_NAMES, ComfyServer
+from comfyui_xdit.testing.server_launcher import REPO_ROOT, TINY_UNET_NAMES, ComfyServer
 from PIL import Image
 
 from comfyui_xdit.api_client import ComfyClient, ExecutionFailed, PromptRejected

@@ -161,7 +161,7 @@ def _sample(model_patcher, guider_kind: str, job: dict, steps: int, seed: int) -
     from comfy_extras import nodes_custom_sampler as custom
     from comfy_extras.nodes_model_advanced import ModelSamplingFlux
 
-    from comfyui_xdit.tiny_models import stand_in_conditioning
+    from comfyui_xdit.testing.tiny_models import stand_in_conditioning
 
     h, w = job["latent"]
     model = ModelSamplingFlux().patch(model_patcher, 1.15, 0.5, w * 8, h * 8)[0]
@@ -309,7 +309,7 @@ def _bench_rank(rank: int, world_size: int, spec: dict) -> list[dict]:
 
 # ----------------------------------------------------------------------------------------------- parent side
 def _write_models(jobs: list[dict], directory: Path, seed: int) -> None:
-    from comfyui_xdit.tiny_models import flux_config, write_tiny_flux
+    from comfyui_xdit.testing.tiny_models import flux_config, write_tiny_flux
 
     for job in jobs:
         path = directory / f"flux_step_{job['name']}.safetensors"

@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from comfyui_xdit.tiny_models import FLUX_SIZES
+from comfyui_xdit.testing.tiny_models import FLUX_SIZES
 
 LATENT_CHANNELS = 16
 MLP_RATIO = 4
@@ -109,8 +109,8 @@ def _run_pool(args: argparse.Namespace, folder: Path) -> None:
 
     from comfyui_xdit.job_spec import LoraRef
     from comfyui_xdit.lora_merge import MergedLoras
-    from comfyui_xdit.tiny_loras import flux_shapes, write_flux_lora
-    from comfyui_xdit.tiny_models import write_tiny_flux
+    from comfyui_xdit.testing.tiny_loras import flux_shapes, write_flux_lora
+    from comfyui_xdit.testing.tiny_models import write_tiny_flux
 
     torch.set_num_threads(args.threads)
     model_path = write_tiny_flux(folder / "bench.safetensors", "dev", "bench", seed=0)

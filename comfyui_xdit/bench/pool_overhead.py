@@ -23,8 +23,8 @@ import psutil
 
 from comfyui_xdit.api_client import ComfyClient
 from comfyui_xdit.comfy_runtime import import_comfy
-from comfyui_xdit.server_launcher import launch_server, prepare_base
-from comfyui_xdit.tiny_models import write_tiny_flux
+from comfyui_xdit.testing.server_launcher import launch_server, prepare_base
+from comfyui_xdit.testing.tiny_models import write_tiny_flux
 
 
 def graph(xdit: bool, unet: str, steps: int, seed: int, pixels: int = 128, world_size: int = 1) -> dict:

@@ -67,7 +67,7 @@ def _rank(rank: int, world_size: int, model_path: str, method: dict, spec: dict)
         model = load_stage(model_path, "default", config.pipefusion_degree, state.pipefusion.rank)
     else:
         model = comfy.sd.load_diffusion_model(model_path)
-    held = held_block_parameters(model.model.diffusion_model)
+    held = held_block_parameters(model.model)
     if state is not None:
         model = parallelize(model, state)
         model.model_options["transformer_options"] = {**model.model_options.get("transformer_options", {}),
@@ -149,15 +149,16 @@ def memory_plan_lines() -> list[dict]:
     import comfy.ldm.flux.model
     import comfy.ops
 
-    from comfyui_xdit.flux_stages import block_parameters, blocks, stage_plan
-    from comfyui_xdit.tiny_models import flux_config
+    from comfyui_xdit.block_stages import block_parameters, blocks, stage_plan
+    from comfyui_xdit.testing.tiny_models import flux_config
 
     config = flux_config("dev", "tiny", **FLUX_DEV, vec_in_dim=768, context_in_dim=4096)
     model = comfy.ldm.flux.model.Flux(dtype=torch.bfloat16, device="meta", operations=comfy.ops.disable_weight_init, **config)
-    weights = [block_parameters(b) for b in blocks(model)]
+    containers = ("double_blocks", "single_blocks")
+    weights = [block_parameters(b) for b in blocks(model, containers)]
     lines = []
     for stages in (2, 4, 8):
-        shares = [sum(weights[i] for i in stage) / sum(weights) for stage in stage_plan(model, stages)]
+        shares = [sum(weights[i] for i in stage) / sum(weights) for stage in stage_plan(model, containers, stages)]
         lines.append({"method": "pipefusion_memory_plan", "model": "flux1-dev architecture (19 double + 38 single blocks, hidden 3072)",
                       "stages": stages, "block_parameter_shares": [round(s, 4) for s in shares],
                       "max_share_over_equal": round(max(shares) * stages, 4), "target": 1.05})
@@ -176,7 +177,7 @@ def main(argv=None) -> int:
     spec = {"steps": args.steps, "size": args.size, "text_tokens": args.text_tokens, "repeats": args.repeats, "seed": args.seed,
             "hidden": args.hidden}
     from comfyui_xdit.comfy_runtime import import_comfy
-    from comfyui_xdit.tiny_models import write_tiny_flux
+    from comfyui_xdit.testing.tiny_models import write_tiny_flux
 
     import_comfy()
     results = {}

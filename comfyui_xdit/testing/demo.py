@@ -12,10 +12,10 @@ import json
 import time
 from pathlib import Path
 
-from .api_client import ComfyClient
-from .workflow_tools import find_node, load_api_workflow, make_offline, set_input, stock_twin
+from ..api_client import ComfyClient
+from ..workflow_tools import find_node, load_api_workflow, make_offline, set_input, stock_twin
 
-WORKFLOW = Path(__file__).resolve().parents[1] / "workflows" / "api" / "flux_dev_xdit_api.json"
+WORKFLOW = Path(__file__).resolve().parents[2] / "workflows" / "api" / "flux_dev_xdit_api.json"
 UNET_NAME = "demo-flux-dev.safetensors"
 
 
@@ -45,7 +45,7 @@ def _timed_run(client: ComfyClient, workflow: dict) -> tuple[float, object]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .comfy_runtime import import_comfy
+    from ..comfy_runtime import import_comfy
     from .server_launcher import launch_server, prepare_base
 
     out = Path(args.out).resolve()

@@ -18,14 +18,15 @@ import time
 
 import torch
 
-from parallel_core import KVCache, ParallelState, broadcast, gather_batch, pipefusion_attention
+from parallel_core import KVCache, ParallelState, broadcast, pipefusion_attention
 from parallel_core.comm import recv, send_async
 from parallel_core.sharding import gather_over, shard_positions, split_over
 
-from . import stale_steps
-from .errors import UnsupportedByXDiT
-from .flux import OBJECT_PATCH_KEY, from_bshd, layer_of, refuse_mask, refuse_unsupported, split_batch_inputs, to_bshd
-from .flux_stages import stage_plan
+from .. import stale_steps
+from ..block_stages import stage_plan
+from ..errors import UnsupportedByXDiT
+from ..parallel_glue import from_bshd, to_bshd
+from .flux import OBJECT_PATCH_KEY, layer_of, refuse_mask, refuse_unsupported
 
 
 def image_grid(img_ids: torch.Tensor) -> tuple[int, int]:
@@ -80,8 +81,6 @@ def _pipefusion_forward_orig(original, state: ParallelState, cache: KVCache, pla
     refuse_unsupported(control, timestep_zero_index, attn_mask, transformer_options)
     if transformer_options.get("patches_replace", {}).get("dit"):
         raise UnsupportedByXDiT("another node replaces Flux blocks on this model, which PipeFusion cannot combine with; remove it or set pipefusion_degree to 1")
-    if state.data.size > 1:
-        img, img_ids, txt, txt_ids, timesteps, y, guidance = split_batch_inputs(state, [img, img_ids, txt, txt_ids, timesteps, y, guidance])
     pf, sp = state.pipefusion, state.sequence
     options = stale_steps.options_from(transformer_options)
     stream = stale_steps.stream_of(transformer_options, img, txt)
@@ -118,16 +117,14 @@ def _pipefusion_forward_orig(original, state: ParallelState, cache: KVCache, pla
     started = time.perf_counter()
     result = broadcast(result, pf.size - 1, pf, state.comm)  # earlier stages wait here for the pipeline to drain
     state.comm.record_wait("broadcast", pf.name, time.perf_counter() - started)
-    if state.data.size > 1:
-        result = gather_batch(result, state, 0, "data")
     return result
 
 
-def parallelize(model_patcher, state: ParallelState):
+def parallelize(model_patcher, state: ParallelState, containers: tuple[str, ...]):
     """A clone of `model_patcher` running Flux as a PipeFusion pipeline over `state` (its model may hold only this
-    stage's blocks, see stage_loading.py)."""
+    stage's blocks, see stage_loading.py); `containers` hold its blocks in execution order."""
     diffusion_model = model_patcher.model.diffusion_model
-    plan = stage_plan(diffusion_model, state.pipefusion.size)
+    plan = stage_plan(diffusion_model, containers, state.pipefusion.size)
     original = functools.partial(type(diffusion_model).forward_orig, diffusion_model)
     patched = model_patcher.clone()
     cache = stale_steps.attach_cache(patched)

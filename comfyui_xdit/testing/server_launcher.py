@@ -21,7 +21,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 TEST_NODES = REPO_ROOT / "tests" / "xdit_test_nodes"
 REPO_LINK_NAME = "comfyui-xdit"
 # File names of the tiny Flux checkpoints in the server's models/diffusion_models, by variant.

@@ -1,8 +1,9 @@
-"""Flux (ComfyUI's comfy.ldm.flux.model.Flux) computed across ranks.
+"""Flux.1 and Flux.2 (ComfyUI's comfy.ldm.flux.model.Flux, both) computed across ranks.
 
 Image tokens and text tokens, with their RoPE positions, are split over the sequence-parallel group; every attention
 call of the double and single blocks gathers the (short) text q/k/v and runs usp_attention with the text as joint
-tokens in front. The batch is split over the data group; conds over the cfg group (cfg_parallel.py).
+tokens in front. The batch is split over the data group and conds over the cfg group by family-independent
+wrappers (parallel_glue.py, cfg_parallel.py).
 
 With patch_degree > 1 (displaced patch parallel, DistriFusion-style) the same rows are shared out over the patch
 group instead, and attention uses last step's keys/values of the other ranks' rows (displaced_attention) after
@@ -15,51 +16,22 @@ diffusion model's `forward_orig` (active only while that clone is the one patche
 from __future__ import annotations
 
 import functools
-from typing import Any
 
 import torch
 
-from parallel_core import KVCache, ParallelState, all_gather, displaced_attention, gather_batch, gather_sequence, split_batch, split_sequence, usp_attention
+from parallel_core import KVCache, ParallelState, all_gather, displaced_attention, gather_sequence, split_sequence, usp_attention
 from parallel_core.sharding import chunk_length, gather_over, padded_piece, shard_positions, split_over
 
-from . import stale_steps
-from .errors import UnsupportedByXDiT
-from .flux_stages import stage_plan  # noqa: F401  (the adapter's PipeFusion plan, see parallel_model.validate_for_model)
+from .. import stale_steps
+from ..errors import UnsupportedByXDiT
+from ..parallel_glue import from_bshd, to_bshd
 
 OBJECT_PATCH_KEY = "diffusion_model.forward_orig"
-
-
-def is_flux(diffusion_model: torch.nn.Module) -> bool:
-    from comfy.ldm.flux.model import Flux
-
-    return isinstance(diffusion_model, Flux)
-
-
-def num_heads(diffusion_model: torch.nn.Module) -> int:
-    return diffusion_model.num_heads
-
-
-def token_rows(latent_height: int) -> int:
-    """Rows of image tokens for a latent of this height (Flux pads to its 2x2 patches)."""
-    return -(-latent_height // 2)
 
 
 def layer_of(transformer_options: dict) -> tuple[str, int]:
     """Which block is calling attention, as ComfyUI's forward_orig records it."""
     return transformer_options["block_type"], transformer_options["block_index"]
-
-
-def to_bshd(q, k, v, heads, skip_reshape):
-    if not skip_reshape:  # (B, S, H*D) -> (B, H, S, D), the layout Flux passes
-        b, s, _ = q.shape
-        q, k, v = (t.view(b, s, heads, -1).transpose(1, 2) for t in (q, k, v))
-    return (t.transpose(1, 2) for t in (q, k, v))
-
-
-def from_bshd(out, skip_output_reshape):
-    if skip_output_reshape:
-        return out.transpose(1, 2)
-    return out.reshape(out.shape[0], out.shape[1], -1)
 
 
 def _usp_attention_override(state: ParallelState, text_len: int, func, q, k, v, heads, mask=None, skip_reshape=False,
@@ -88,10 +60,6 @@ def refuse_mask(mask) -> None:
         raise UnsupportedByXDiT("an attention mask on Flux (e.g. from an attention-mask node) is not supported in parallel; remove it or use UNETLoader")
 
 
-def split_batch_inputs(state: ParallelState, tensors: list[Any]) -> list[Any]:
-    return [split_batch(t, state, 0, "data") if isinstance(t, torch.Tensor) else t for t in tensors]
-
-
 def refuse_unsupported(control, timestep_zero_index, attn_mask, transformer_options: dict) -> None:
     """Raise for the inputs of Flux's forward that the parallel paths do not handle."""
     if control is not None:
@@ -107,8 +75,6 @@ def _parallel_forward_orig(original, state: ParallelState, img, img_ids, txt, tx
                            control=None, timestep_zero_index=None, transformer_options=None, attn_mask=None):
     transformer_options = transformer_options or {}
     refuse_unsupported(control, timestep_zero_index, attn_mask, transformer_options)
-    if state.data.size > 1:
-        img, img_ids, txt, txt_ids, timesteps, y, guidance = split_batch_inputs(state, [img, img_ids, txt, txt_ids, timesteps, y, guidance])
     # Text rows are sharded too: every linear layer of the text stream then does 1/P of the text work instead of
     # repeating all of it on every rank (at 8 ranks, 512 T5 tokens would otherwise equal each rank's image share).
     text_len = txt.shape[1]
@@ -119,10 +85,7 @@ def _parallel_forward_orig(original, state: ParallelState, img, img_ids, txt, tx
     options = dict(transformer_options)
     options["optimized_attention_override"] = functools.partial(_usp_attention_override, state, text_len)
     out = original(img, img_ids, txt, txt_ids, timesteps, y, guidance, None, transformer_options=options)
-    out = gather_sequence(out, state, 1)
-    if state.data.size > 1:
-        out = gather_batch(out, state, 0, "data")
-    return out
+    return gather_sequence(out, state, 1)
 
 
 def _displaced_attention_override(state: ParallelState, cache: KVCache, stream, synchronous: bool, positions: torch.Tensor,
@@ -140,8 +103,6 @@ def _displaced_forward_orig(original, state: ParallelState, cache: KVCache, img,
                             guidance=None, control=None, timestep_zero_index=None, transformer_options=None, attn_mask=None):
     transformer_options = transformer_options or {}
     refuse_unsupported(control, timestep_zero_index, attn_mask, transformer_options)
-    if state.data.size > 1:
-        img, img_ids, txt, txt_ids, timesteps, y, guidance = split_batch_inputs(state, [img, img_ids, txt, txt_ids, timesteps, y, guidance])
     patch = state.patch
     text_len, image_len = txt.shape[1], img.shape[1]
     stream = stale_steps.stream_of(transformer_options, img, txt)
@@ -157,19 +118,18 @@ def _displaced_forward_orig(original, state: ParallelState, cache: KVCache, img,
                    transformer_options=options)
     if synchronous:
         cache.mark_filled(stream)
-    out = gather_over(out, 1, patch, state, image_len)
-    if state.data.size > 1:
-        out = gather_batch(out, state, 0, "data")
-    return out
+    return gather_over(out, 1, patch, state, image_len)
 
 
-def parallelize(model_patcher, state: ParallelState):
-    """A clone of `model_patcher` whose Flux runs over `state`'s groups: sequence or patch, data, and PipeFusion
-    stages (flux_pipefusion.py)."""
+def parallelize(model_patcher, state: ParallelState, adapter):
+    """A clone of `model_patcher` whose Flux runs over `state`'s groups: sequence or patch, and PipeFusion stages
+    (flux_pipefusion.py); `adapter` is its registry entry (families/__init__.py)."""
+    if adapter.joint_attention != "front":  # a registry entry pointing these hooks at another layout is a bug
+        raise ValueError(f"the Flux hooks run text-in-front joint attention, not {adapter.joint_attention!r} ({adapter.name})")
     if state.pipefusion.size > 1:
         from . import flux_pipefusion  # it builds on this module
 
-        return flux_pipefusion.parallelize(model_patcher, state)
+        return flux_pipefusion.parallelize(model_patcher, state, adapter.block_containers)
     diffusion_model = model_patcher.model.diffusion_model
     original = functools.partial(type(diffusion_model).forward_orig, diffusion_model)
     patched = model_patcher.clone()

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from comfyui_xdit.comfy_runtime import import_comfy
-from comfyui_xdit.tiny_vae import TAEF1_SIZES, TAEF1_VARIANTS, write_tiny_taef1
+from comfyui_xdit.testing.tiny_vae import TAEF1_SIZES, TAEF1_VARIANTS, write_tiny_taef1
 
 # What ComfyUI 0.30.0's model detection reads back from a Flux state dict (comfy/model_detection.py): these values
 # are hard-coded there, so a file written with any other value would load as a different model.
@@ -54,6 +54,38 @@ FLUX_VARIANTS: dict[str, dict[str, Any]] = {
     "schnell": {"guidance_embed": False},
 }
 
+# Flux.2 (comfy.model_base.Flux2) is the same model class; detection tells it by its global modulation weights and
+# hard-codes these (model_detection.py, "flux2"): patch 1 on 128 latent channels, head dim 128, no pooled vector.
+FLUX2_DETECTION_FIXED: dict[str, Any] = {
+    "image_model": "flux2",
+    "out_channels": 128,
+    "mlp_ratio": 3.0,
+    "axes_dim": [32, 32, 32, 32],
+    "theta": 2000,
+    "patch_size": 1,
+    "qkv_bias": False,
+    "global_modulation": True,
+    "mlp_silu_act": True,
+    "ops_bias": False,
+    "default_ref_method": "index",
+    "ref_index_scale": 10.0,
+    "txt_ids_dims": [3],
+    "vec_in_dim": None,
+}
+FLUX2_BASE: dict[str, Any] = {**FLUX2_DETECTION_FIXED, "in_channels": 128, "context_in_dim": 64}
+FLUX2_SIZES: dict[str, dict[str, Any]] = {"tiny": {"hidden_size": 256, "depth": 1, "depth_single_blocks": 1}}
+FLUX2_VARIANTS: dict[str, dict[str, Any]] = {"dev": {"guidance_embed": True}}
+
+# A one-level SD1.5 U-Net: SD15 detection fixes the width (320), the text width (768, CLIP-L) and 8 heads; depth,
+# levels and attention placement are read back from the weights, so one res block with one cross-attention
+# transformer (and no middle block) is the smallest model that still conditions on text. ~13.6 M parameters.
+SD15_UNET_CONFIG: dict[str, Any] = {
+    "use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 320,
+    "num_res_blocks": [1], "channel_mult": [1], "transformer_depth": [1], "transformer_depth_output": [0, 0],
+    "transformer_depth_middle": -2, "use_spatial_transformer": True, "legacy": False, "adm_in_channels": None,
+    "use_linear_in_transformer": False, "context_dim": 768, "use_temporal_resblock": False, "use_temporal_attention": False,
+}
+
 # Normalisation scales are drawn around 1 rather than set to exactly 1 so that a wrong mapping of them (e.g. in a
 # sharded model) changes the output; biases are small but non-zero for the same reason.
 _NORM_SCALE_STD = 0.1
@@ -72,6 +104,20 @@ def flux_config(variant: str = "dev", size: str = "tiny", **overrides: Any) -> d
         raise ValueError(f"unknown flux size {size!r}; choose from {sorted(FLUX_SIZES)}")
     config = copy.deepcopy({**FLUX_BASE, **FLUX_SIZES[size], **FLUX_VARIANTS[variant], **overrides})
     config.setdefault("num_heads", config["hidden_size"] // sum(config["axes_dim"]))
+    return config
+
+
+def flux2_config(variant: str = "dev", size: str = "tiny", **overrides: Any) -> dict[str, Any]:
+    """Keyword arguments for ``comfy.ldm.flux.model.Flux`` that detection reads back as Flux.2."""
+    if variant not in FLUX2_VARIANTS or size not in FLUX2_SIZES:
+        raise ValueError(f"unknown flux2 variant/size {variant!r}/{size!r}; choose from {sorted(FLUX2_VARIANTS)} / {sorted(FLUX2_SIZES)}")
+    config = copy.deepcopy({**FLUX2_BASE, **FLUX2_SIZES[size], **FLUX2_VARIANTS[variant], **overrides})
+    config.setdefault("num_heads", config["hidden_size"] // sum(config["axes_dim"]))
+    for key, value in FLUX2_DETECTION_FIXED.items():
+        if config[key] != value:
+            raise ValueError(f"this Flux.2 config would not load back from a file as itself: {key}={config[key]!r} (ComfyUI assumes {value!r})")
+    if config["num_heads"] * sum(config["axes_dim"]) != config["hidden_size"]:
+        raise ValueError(f"Flux.2 needs num_heads = hidden_size / {sum(config['axes_dim'])}")
     return config
 
 
@@ -139,7 +185,9 @@ def init_weights_(model: torch.nn.Module, seed: int) -> None:
                     value = noise / math.sqrt(module.in_features)
                     if module_name == _OUTPUT_LAYER:
                         value = value * _OUTPUT_SCALE
-                elif isinstance(module, (torch.nn.LayerNorm, torch.nn.RMSNorm)):
+                elif isinstance(module, torch.nn.Conv2d):
+                    value = noise / math.sqrt(parameter[0].numel())
+                elif isinstance(module, (torch.nn.LayerNorm, torch.nn.RMSNorm, torch.nn.GroupNorm)):
                     value = 1.0 + _NORM_SCALE_STD * noise
                 else:
                     raise TypeError(f"no initialiser for parameter {name!r} of {type(module).__name__}")
@@ -154,6 +202,29 @@ def write_tiny_flux(path: str | Path, variant: str = "dev", size: str = "tiny", 
     check_flux_detectable(config)
     return _save(build_flux(config, seed), path,
                  {"family": "flux", "variant": variant, "size": size, "seed": seed, "config": config})
+
+
+def write_tiny_flux2(path: str | Path, variant: str = "dev", size: str = "tiny", seed: int = 0, **overrides: Any) -> Path:
+    """Write a seeded checkpoint that ``comfy.sd.load_diffusion_model`` loads and detects as Flux.2."""
+    path = _checked_path(path)
+    config = flux2_config(variant, size, **overrides)
+    return _save(build_flux(config, seed), path,
+                 {"family": "flux2", "variant": variant, "size": size, "seed": seed, "config": config})
+
+
+def write_tiny_sd15(path: str | Path, variant: str = "default", size: str = "tiny", seed: int = 0, **overrides: Any) -> Path:
+    """Write a seeded U-Net checkpoint that ``comfy.sd.load_diffusion_model`` loads and detects as SD1.5."""
+    import_comfy()
+    import comfy.model_detection
+
+    path = _checked_path(path)
+    config = {**SD15_UNET_CONFIG, **overrides}
+    model_config = comfy.model_detection.model_config_from_unet_config(config)
+    if type(model_config).__name__ != "SD15":
+        raise ValueError(f"this U-Net config is detected as {type(model_config).__name__}, not SD15")
+    model = model_config.get_model({}).diffusion_model
+    init_weights_(model, seed)
+    return _save(model, path, {"family": "sd15", "variant": variant, "size": size, "seed": seed, "config": config})
 
 
 def stand_in_conditioning(seed: int, text_tokens: int = 7, guidance: float | None = 3.5,
@@ -177,6 +248,8 @@ class TinyFamily:
 
 FAMILIES: dict[str, TinyFamily] = {
     "flux": TinyFamily(tuple(FLUX_VARIANTS), tuple(FLUX_SIZES), write_tiny_flux),
+    "flux2": TinyFamily(tuple(FLUX2_VARIANTS), tuple(FLUX2_SIZES), write_tiny_flux2),
+    "sd15": TinyFamily(("default",), ("tiny",), write_tiny_sd15),
     # Two files (encoder, decoder) written into the given vae_approx folder; VAELoader offers them as "taef1".
     "taef1": TinyFamily(TAEF1_VARIANTS, TAEF1_SIZES, write_tiny_taef1),
 }

@@ -1,0 +1,145 @@
+"""The family-adapter registry: which parallel methods each ComfyUI model class takes, and the code that does it.
+
+An adapter is declared as data (name, capabilities, where the model keeps its head count and patch size, how text
+joins image attention, which module lists hold its blocks) plus the import path of its `parallelize` hook, which
+is imported only when a model of that family is parallelised. Registrations name `comfy.model_base` classes as
+strings, so a ComfyUI without one of them still loads the pack (the entry just never matches).
+
+`adapter_for` walks the model's class hierarchy from the most derived class up: an exact registration wins; a
+registration of a base class applies to subclasses only if it says so (Flux does not: Flux.2, LongCat-Image and
+Chroma subclass it with different forwards). BaseModel's entry is the generic fallback every model reaches:
+CFG and data parallel, which need nothing from the model's internals.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, fields
+from typing import Any, Literal
+
+import torch
+
+from parallel_core import ParallelConfig, ParallelState
+
+from ..degrees import DEGREE_TOOLTIPS
+from ..errors import UnsupportedByXDiT
+
+JointLayout = Literal["front", "rear", "cross", "none"]
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """Which parallel dimensions (degrees.DEGREE_TOOLTIPS, in its order) a family takes."""
+
+    ulysses: bool = False
+    ring: bool = False
+    cfg: bool = True
+    pipefusion: bool = False
+    patch: bool = False
+    data: bool = True
+
+    def supported(self) -> tuple[str, ...]:
+        return tuple(d for d in DIMENSIONS_IN_ORDER if getattr(self, d))
+
+    def describe(self) -> str:
+        names = self.supported()
+        return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+
+
+# Degrees are named in the loader's order, in messages as in its inputs (parallel_core's DIMENSIONS is the rank layout's).
+DIMENSIONS_IN_ORDER: tuple[str, ...] = tuple(DEGREE_TOOLTIPS)
+if tuple(f.name for f in fields(Capabilities)) != DIMENSIONS_IN_ORDER:
+    raise ImportError(f"Capabilities must name the loader's degrees {DIMENSIONS_IN_ORDER}, in order")
+
+EVERY_METHOD = Capabilities(ulysses=True, ring=True, cfg=True, data=True, pipefusion=True, patch=True)
+CFG_AND_DATA = Capabilities()
+
+
+@dataclass(frozen=True)
+class FamilyAdapter:
+    """One model family: what it supports, read from data, and the module whose `parallelize` does the work."""
+
+    name: str | None  # None: the name of the model's ComfyUI config class, e.g. SDXL (the generic fallback)
+    capabilities: Capabilities
+    hooks: str | None = None  # module with parallelize(model_patcher, state, adapter); None: nothing to patch
+    heads_attribute: str | None = None  # the diffusion model's attribute holding its attention head count
+    patch_attribute: str | None = None  # ... and its patch size (latent pixels per token, each way)
+    joint_attention: JointLayout = "none"  # where text tokens sit in the image's attention
+    block_containers: tuple[str, ...] = ()  # module lists holding the blocks, in execution order
+    limits: str = ""  # why capabilities are narrower than the architecture would allow, for the refusal
+
+    def family_name(self, model: torch.nn.Module) -> str:
+        # SD1.5 and many others share comfy.model_base.BaseModel; their supported_models config class names them.
+        return self.name or type(getattr(model, "model_config", model)).__name__
+
+    def num_heads(self, diffusion_model: torch.nn.Module) -> int | None:
+        """Attention heads as the model was built with them; None if the family shards no attention."""
+        if self.heads_attribute is None:
+            return None
+        heads = getattr(diffusion_model, self.heads_attribute)
+        if not isinstance(heads, int) or heads < 1:
+            raise UnsupportedByXDiT(f"{type(diffusion_model).__name__}.{self.heads_attribute} is {heads!r}, not a head count")
+        return heads
+
+    def token_rows(self, diffusion_model: torch.nn.Module, latent_height: int) -> int:
+        """Rows of image tokens for a latent this many rows high (the model pads to whole patches)."""
+        patch = getattr(diffusion_model, self.patch_attribute) if self.patch_attribute else 1
+        return -(-latent_height // patch)
+
+    def parallelize(self, model_patcher: Any, state: ParallelState) -> Any:
+        """A clone of `model_patcher` whose diffusion model computes over `state`'s sequence/patch/stage groups."""
+        if self.hooks is None:
+            return model_patcher.clone()
+        return importlib.import_module(self.hooks).parallelize(model_patcher, state, self)
+
+    def refuse_unsupported(self, config: ParallelConfig, model: torch.nn.Module) -> None:
+        """Raise, naming the family and what it takes, if `config` uses a dimension this family does not."""
+        unsupported = [d for d in DIMENSIONS_IN_ORDER if config.degree(d) > 1 and not getattr(self.capabilities, d)]
+        if unsupported:
+            why = f" ({self.limits})" if self.limits else ""
+            raise UnsupportedByXDiT(f"{self.family_name(model)} supports {self.capabilities.describe()} parallel only{why}; "
+                                    f"set {'/'.join(f'{d}_degree' for d in unsupported)} to 1")
+
+
+@dataclass(frozen=True)
+class _Registration:
+    model_class: str  # a class name in comfy.model_base
+    adapter: FamilyAdapter
+    covers_subclasses: bool
+
+
+_REGISTRY: dict[str, _Registration] = {}
+
+
+def register(model_class: str, adapter: FamilyAdapter, covers_subclasses: bool = False) -> None:
+    """Serve models of comfy.model_base.<model_class> with `adapter` (and its subclasses, if `covers_subclasses`)."""
+    if model_class in _REGISTRY:
+        raise ValueError(f"{model_class} already has an adapter ({_REGISTRY[model_class].adapter.name})")
+    _REGISTRY[model_class] = _Registration(model_class, adapter, covers_subclasses)
+
+
+def adapter_for(model: torch.nn.Module) -> FamilyAdapter:
+    """The adapter of a ComfyUI model (comfy.model_base.BaseModel instance), most derived registration first."""
+    import comfy.model_base
+
+    for depth, cls in enumerate(type(model).__mro__):
+        entry = _REGISTRY.get(cls.__name__)
+        # By name, but only ComfyUI's own class of that name: a class that is missing from this ComfyUI is skipped.
+        if entry is None or getattr(comfy.model_base, cls.__name__, None) is not cls:
+            continue
+        if depth == 0 or entry.covers_subclasses:
+            return entry.adapter
+    raise UnsupportedByXDiT(f"{type(model).__name__} is not a ComfyUI diffusion model (comfy.model_base.BaseModel); load it with UNETLoader")
+
+
+_FLUX_LAYOUT: dict[str, Any] = dict(
+    hooks="comfyui_xdit.families.flux", heads_attribute="num_heads", patch_attribute="patch_size", joint_attention="front",
+    block_containers=("double_blocks", "single_blocks"),
+)
+register("BaseModel", FamilyAdapter(None, CFG_AND_DATA, limits="no sequence-parallel adapter for this model yet"), covers_subclasses=True)
+register("Flux", FamilyAdapter("Flux", EVERY_METHOD, **_FLUX_LAYOUT))
+# Flux.2 runs Flux.1's model class with patch 1, 128 latent channels and global modulation: the same hooks apply.
+# Only the exact methods are tested on it so far; the stale-activation ones stay off until they are.
+register("Flux2", FamilyAdapter("Flux.2", Capabilities(ulysses=True, ring=True, cfg=True, data=True),
+                                limits="PipeFusion and patch parallel are not tested on it yet", **_FLUX_LAYOUT))
+register("LongCatImage", FamilyAdapter(
+    "LongCat-Image", CFG_AND_DATA, limits="its shifted RoPE positions are not tested with sequence parallel yet"))

@@ -1,0 +1,135 @@
+"""The family-adapter registry: which adapter a ComfyUI model gets, what it reads from the model, what it refuses,
+and the loader inputs made from the one list of degrees."""
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from comfyui_xdit.errors import UnsupportedByXDiT
+from parallel_core import ParallelConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def shells(comfy_root, tiny_flux_paths, tiny_model_path):
+    """Meta-weight models (as XDiTUNetLoader builds them) of every tiny family, by family."""
+    from comfyui_xdit.shell_model import build_shell
+
+    paths = {"flux": tiny_flux_paths["dev"], "flux2": tiny_model_path("flux2"), "sd15": tiny_model_path("sd15")}
+    return {family: build_shell(path, "default") for family, path in paths.items()}
+
+
+def _bare(class_name: str):
+    """An instance of comfy.model_base.<class_name> without running its constructor (only its type matters here)."""
+    import comfy.model_base
+
+    return object.__new__(getattr(comfy.model_base, class_name))
+
+
+@pytest.mark.parametrize(("family", "name", "heads", "rows_of_18"), [("flux", "Flux", 2, 9), ("flux2", "Flux.2", 2, 18), ("sd15", "SD15", None, 18)])
+def test_adapter_reads_heads_and_token_grid_from_the_model(shells, family, name, heads, rows_of_18):
+    from comfyui_xdit.families import adapter_for
+
+    model = shells[family].model
+    adapter = adapter_for(model)
+    assert adapter.family_name(model) == name
+    assert adapter.num_heads(model.diffusion_model) == heads
+    assert adapter.token_rows(model.diffusion_model, 18) == rows_of_18
+
+
+def test_heads_come_from_the_model_not_a_default(shells):
+    from comfyui_xdit.families import adapter_for
+
+    model = shells["flux"].model
+    model.diffusion_model.num_heads = 3
+    try:
+        assert adapter_for(model).num_heads(model.diffusion_model) == 3
+    finally:
+        model.diffusion_model.num_heads = 2
+
+
+def test_refusals_name_the_family_and_what_it_supports(shells):
+    from comfyui_xdit.parallel_model import validate_for_model
+
+    with pytest.raises(UnsupportedByXDiT, match=r"^SD15 supports cfg and data parallel only \(.*\); set ulysses_degree/ring_degree to 1$"):
+        validate_for_model(ParallelConfig(ulysses_degree=2, ring_degree=2), 4, shells["sd15"])
+    with pytest.raises(UnsupportedByXDiT, match="SD15 supports cfg and data parallel only .*set pipefusion_degree to 1"):
+        validate_for_model(ParallelConfig(pipefusion_degree=2), 2, shells["sd15"])
+    validate_for_model(ParallelConfig(cfg_degree=2, data_degree=2), 4, shells["sd15"])
+    validate_for_model(ParallelConfig(ulysses_degree=2, ring_degree=2), 4, shells["flux2"])
+    with pytest.raises(UnsupportedByXDiT, match=r"Flux.2 supports ulysses, ring, cfg and data parallel only \(PipeFusion and patch .*set patch_degree to 1"):
+        validate_for_model(ParallelConfig(patch_degree=2), 2, shells["flux2"])
+
+
+@pytest.mark.fast  # needs ComfyUI's classes, no model file
+@pytest.mark.parametrize(("class_name", "message"), [
+    ("LongCatImage", r"LongCat-Image supports cfg and data parallel only \(its shifted RoPE positions are not tested"),
+    ("Chroma", "Chroma supports cfg and data parallel only"),  # a Flux subclass: Flux's adapter does not cover it
+])
+def test_flux_subclasses_without_a_tested_adapter_are_refused_sequence_parallel(class_name, message, comfy_root):
+    from comfyui_xdit.parallel_model import validate_for_model
+
+    patcher = SimpleNamespace(model=_bare(class_name))
+    with pytest.raises(UnsupportedByXDiT, match=f"^{message}.*set ulysses_degree to 1"):
+        validate_for_model(ParallelConfig(ulysses_degree=2), 2, patcher)
+
+
+@pytest.mark.fast  # needs ComfyUI's classes, no model file
+def test_matching_is_on_comfyui_own_classes_most_derived_first(comfy_root):
+    import comfy.model_base
+
+    from comfyui_xdit.families import adapter_for
+
+    assert adapter_for(_bare("Flux2")).name == "Flux.2"
+    assert adapter_for(_bare("Flux")).name == "Flux"
+    assert adapter_for(_bare("ChromaRadiance")).name is None  # the generic fallback
+    # A class that only shares a registered name (as a node pack's own "Flux" might) is not taken for ComfyUI's.
+    impostor = type("Flux", (comfy.model_base.BaseModel,), {})
+    assert adapter_for(object.__new__(impostor)).name is None
+    with pytest.raises(UnsupportedByXDiT, match="Linear is not a ComfyUI diffusion model"):
+        import torch
+
+        adapter_for(torch.nn.Linear(1, 1))
+
+
+@pytest.mark.fast  # needs ComfyUI's classes, no model file
+def test_registering_a_class_twice_is_refused_and_a_missing_class_is_harmless(comfy_root):
+    from comfyui_xdit import families
+
+    with pytest.raises(ValueError, match="Flux already has an adapter"):
+        families.register("Flux", families.FamilyAdapter("Flux again", families.CFG_AND_DATA))
+    # A registration for a class this ComfyUI does not have (newer ComfyUI) loads and never matches.
+    families.register("NotInThisComfyUI", families.FamilyAdapter("Future", families.EVERY_METHOD))
+    try:
+        assert families.adapter_for(_bare("SDXL")).name is None
+    finally:
+        del families._REGISTRY["NotInThisComfyUI"]
+
+
+@pytest.mark.fast  # needs ComfyUI's classes, no model file
+def test_loader_inputs_and_validation_come_from_one_list(comfy_root):
+    import importlib.util
+
+    from comfyui_xdit.degrees import DEGREE_INPUTS, DEGREE_TOOLTIPS
+
+    # By file: inside ComfyUI the pack's folder is the package, and `nodes` here is ComfyUI's own nodes.py.
+    spec = importlib.util.spec_from_file_location("xdit_unet_loader", REPO_ROOT / "nodes" / "unet_loader.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    XDiTUNetLoader = module.XDiTUNetLoader
+
+    optional = XDiTUNetLoader.INPUT_TYPES()["optional"]
+    # Widget order is what saved workflows depend on: data_degree is appended after patch_degree.
+    assert list(optional) == ["world_size", "ulysses_degree", "ring_degree", "cfg_degree", "pipefusion_degree", "ray_address",
+                              "patch_degree", "data_degree"]
+    assert [n for n in optional if n.endswith("_degree")] == list(DEGREE_INPUTS)
+    for name, tooltip in DEGREE_TOOLTIPS.items():
+        assert optional[f"{name}_degree"][1]["tooltip"] == tooltip
+    assert list(inspect.signature(XDiTUNetLoader.VALIDATE_INPUTS).parameters) == ["world_size", *DEGREE_INPUTS, "ray_address"]
+    assert XDiTUNetLoader.VALIDATE_INPUTS(world_size=2, data_degree=2) is True
+    assert "data_degree must be 0 (auto)" in XDiTUNetLoader.VALIDATE_INPUTS(data_degree=-1)
+    assert "does not divide world_size 2" in XDiTUNetLoader.VALIDATE_INPUTS(world_size=2, data_degree=4)
