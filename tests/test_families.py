@@ -30,7 +30,8 @@ def _bare(class_name: str):
     return object.__new__(getattr(comfy.model_base, class_name))
 
 
-@pytest.mark.parametrize(("family", "name", "heads", "rows_of_18"), [("flux", "Flux", 2, 9), ("flux2", "Flux.2", 2, 18), ("sd15", "SD15", None, 18), ("sd3", "SD3", 2, 9), ("sd35", "SD3", 2, 9)])
+@pytest.mark.parametrize(("family", "name", "heads", "rows_of_18"), [
+    ("flux", "Flux", 2, 9), ("flux2", "Flux.2", 2, 18), ("sd15", "SD15", None, 18), ("sd3", "SD3", 2, 9), ("sd35", "SD3", 2, 9)])
 def test_adapter_reads_heads_and_token_grid_from_the_model(shells, family, name, heads, rows_of_18):
     from comfyui_xdit.families import adapter_for
 

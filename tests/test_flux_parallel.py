@@ -1,8 +1,8 @@
 """Every family inside real ComfyUI on gloo ranks: the parallel model's latents equal stock sampling to fp32 rounding.
 
 One suite, parametrised over families (flux_cases.CONFIGS): Flux.1 (every exact method), Flux.2 (same adapter
-code, its own token grid), SD3 and SD3.5 (MMDiT, with and without dual-attention blocks) and an SD1.5 U-Net, which has no sequence-parallel adapter and runs on the generic CFG
-and data parallel wrappers. test_gpu_parallel.py runs the same cases on CUDA ranks over NCCL.
+code, its own token grid), SD3 and SD3.5 (MMDiT, with and without dual-attention blocks) and an SD1.5 U-Net,
+which has no sequence-parallel adapter and runs on the generic CFG and data parallel wrappers. test_gpu_parallel.py runs the same cases on CUDA ranks over NCCL.
 """
 from __future__ import annotations
 
