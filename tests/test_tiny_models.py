@@ -137,6 +137,10 @@ def test_cli_rejects_bad_arguments(run_cli, tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "unknown flux variant 'pro'" in result.stderr
     assert not (tmp_path / "x.safetensors").exists()
+    result = run_cli("make-tiny-model", "--family", "sd3", "--variant", "sd4", "--out", str(tmp_path / "y.safetensors"))
+    assert result.returncode == 2
+    assert "unknown sd3 variant/size 'sd4'/'tiny'; choose from ['sd3', 'sd35']" in result.stderr
+    assert not (tmp_path / "y.safetensors").exists()
 
 
 @pytest.mark.parametrize(("family", "model_class", "config_class"), [("flux2", "Flux2", "Flux2"), ("sd15", "BaseModel", "SD15"),
