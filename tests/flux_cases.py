@@ -1,9 +1,9 @@
 """Rank-side sampling for the exactness tests of every family: stock ComfyUI nodes, stock vs parallel model.
 
 Every rank imports the real ComfyUI, loads a tiny model with ComfyUI's own loader, and drives the sampling path
-SamplerCustomAdvanced takes ([ModelSamplingFlux for Flux-type models] -> BasicGuider/CFGGuider -> BasicScheduler,
-KSamplerSelect, RandomNoise -> SamplerCustomAdvanced) through the stock node classes. Rank 0 also runs the
-unpatched model. Latent channels and the text width come from the loaded model, so one case fits every family.
+SamplerCustomAdvanced takes ([ModelSamplingFlux for Flux-type models, ModelSamplingSD3 for SD3] ->
+BasicGuider/CFGGuider -> BasicScheduler, KSamplerSelect, RandomNoise -> SamplerCustomAdvanced) through the stock
+node classes. Rank 0 also runs the unpatched model. Latent channels and the text width come from the loaded model, so one case fits every family.
 """
 from __future__ import annotations
 
@@ -44,11 +44,21 @@ FAMILY_CASES: dict[str, tuple[str, ...]] = {
     "flux": tuple(c.name for c in CASES[:4]),
     "flux2": ("cfg-dpmpp2m-18x22",),
     "sd15": ("cfg-euler-10x12-batch2",),
+    # SD3 (MMDiT) and SD3.5's dual-attention blocks: even and uneven grids, both guiders, both samplers, a batch.
+    "sd3": ("basic-euler", "cfg-dpmpp2m-18x22", "basic-dpmpp2m-18x22-batch2"),
+    "sd35": ("cfg-euler", "cfg-dpmpp2m-18x22", "basic-dpmpp2m-18x22-batch2"),
 }
 
 
 def _conditioning(seed: int, context_dim: int = 64):
     return stand_in_conditioning(seed, TEXT_TOKENS, context_dim=context_dim)
+
+
+def _text_width(unet_config: dict) -> int:
+    # Flux names it context_in_dim and U-Nets context_dim; MMDiT records the input of its context embedder.
+    if "context_embedder_config" in unet_config:
+        return unet_config["context_embedder_config"]["params"]["in_features"]
+    return unet_config.get("context_in_dim", unet_config.get("context_dim"))
 
 
 def _first(node_output):
@@ -59,14 +69,15 @@ def sample(model_patcher, case: SamplingCase) -> torch.Tensor:
     """The latent SamplerCustomAdvanced returns for `case`, built with ComfyUI's stock nodes."""
     import comfy.model_base
     from comfy_extras import nodes_custom_sampler as custom
-    from comfy_extras.nodes_model_advanced import ModelSamplingFlux
+    from comfy_extras.nodes_model_advanced import ModelSamplingFlux, ModelSamplingSD3
 
     base_model = model_patcher.model
-    unet_config = base_model.model_config.unet_config
-    context_dim = unet_config.get("context_in_dim", unet_config.get("context_dim"))
+    context_dim = _text_width(base_model.model_config.unet_config)
     model = model_patcher
     if base_model.model_type == comfy.model_base.ModelType.FLUX:
         model = ModelSamplingFlux().patch(model_patcher, 1.15, 0.5, case.width * 8, case.height * 8)[0]
+    elif isinstance(base_model, comfy.model_base.SD3):  # a shift other than the config's 3.0, as SD3.5 graphs set it
+        model = ModelSamplingSD3().patch(model_patcher, 2.5)[0]
     positive = _conditioning(100, context_dim)
     if case.guider == "cfg":
         guider = _first(custom.CFGGuider.execute(model, positive, _conditioning(200, context_dim), case.cfg))
@@ -132,7 +143,12 @@ CONFIGS: dict[str, dict[int, list[dict]]] = {
         4: [{"ulysses_degree": 2, "ring_degree": 2}, {"ulysses_degree": 2, "cfg_degree": 2}],
     },
     "sd15": {2: [{"cfg_degree": 2}, {"data_degree": 2}]},
+    "sd3": {
+        2: [{"ulysses_degree": 2}, {"ring_degree": 2}, {"cfg_degree": 2}, {"data_degree": 2}],
+        4: [{"ulysses_degree": 2, "ring_degree": 2}, {"ulysses_degree": 2, "cfg_degree": 2}],
+    },
 }
+CONFIGS["sd35"] = CONFIGS["sd3"]
 FP32_TOL = 1e-5
 # CFG multiplies the difference of two predictions by the guidance scale, and EPS models' latents reach ~15: there
 # the bound is relative to the latent's size.

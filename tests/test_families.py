@@ -19,7 +19,7 @@ def shells(comfy_root, tiny_flux_paths, tiny_model_path):
     """Meta-weight models (as XDiTUNetLoader builds them) of every tiny family, by family."""
     from comfyui_xdit.shell_model import build_shell
 
-    paths = {"flux": tiny_flux_paths["dev"], "flux2": tiny_model_path("flux2"), "sd15": tiny_model_path("sd15")}
+    paths = {"flux": tiny_flux_paths["dev"], **{family: tiny_model_path(family) for family in ("flux2", "sd15", "sd3", "sd35")}}
     return {family: build_shell(path, "default") for family, path in paths.items()}
 
 
@@ -30,7 +30,8 @@ def _bare(class_name: str):
     return object.__new__(getattr(comfy.model_base, class_name))
 
 
-@pytest.mark.parametrize(("family", "name", "heads", "rows_of_18"), [("flux", "Flux", 2, 9), ("flux2", "Flux.2", 2, 18), ("sd15", "SD15", None, 18)])
+@pytest.mark.parametrize(("family", "name", "heads", "rows_of_18"), [
+    ("flux", "Flux", 2, 9), ("flux2", "Flux.2", 2, 18), ("sd15", "SD15", None, 18), ("sd3", "SD3", 2, 9), ("sd35", "SD3", 2, 9)])
 def test_adapter_reads_heads_and_token_grid_from_the_model(shells, family, name, heads, rows_of_18):
     from comfyui_xdit.families import adapter_for
 
@@ -41,10 +42,11 @@ def test_adapter_reads_heads_and_token_grid_from_the_model(shells, family, name,
     assert adapter.token_rows(model.diffusion_model, 18) == rows_of_18
 
 
-def test_heads_come_from_the_model_not_a_default(shells):
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_heads_come_from_the_model_not_a_default(shells, family):
     from comfyui_xdit.families import adapter_for
 
-    model = shells["flux"].model
+    model = shells[family].model
     model.diffusion_model.num_heads = 3
     try:
         assert adapter_for(model).num_heads(model.diffusion_model) == 3
@@ -63,6 +65,18 @@ def test_refusals_name_the_family_and_what_it_supports(shells):
     validate_for_model(ParallelConfig(ulysses_degree=2, ring_degree=2), 4, shells["flux2"])
     with pytest.raises(UnsupportedByXDiT, match=r"Flux.2 supports ulysses, ring, cfg and data parallel only \(PipeFusion and patch .*set patch_degree to 1"):
         validate_for_model(ParallelConfig(patch_degree=2), 2, shells["flux2"])
+
+
+@pytest.mark.parametrize("family", ["sd3", "sd35"])
+def test_sd3_takes_the_exact_methods_and_refuses_the_stale_ones_by_name(shells, family):
+    from comfyui_xdit.parallel_model import validate_for_model
+
+    validate_for_model(ParallelConfig(ulysses_degree=2, ring_degree=2), 4, shells[family])
+    validate_for_model(ParallelConfig(ulysses_degree=2, cfg_degree=2, data_degree=2), 8, shells[family])
+    for degree in ("pipefusion", "patch"):
+        with pytest.raises(UnsupportedByXDiT, match=rf"^SD3 supports ulysses, ring, cfg and data parallel only "
+                                                    rf"\(PipeFusion and patch parallel are not implemented .*\); set {degree}_degree to 1$"):
+            validate_for_model(ParallelConfig(**{f"{degree}_degree": 2}), 2, shells[family])
 
 
 @pytest.mark.fast  # needs ComfyUI's classes, no model file
@@ -86,6 +100,7 @@ def test_matching_is_on_comfyui_own_classes_most_derived_first(comfy_root):
 
     assert adapter_for(_bare("Flux2")).name == "Flux.2"
     assert adapter_for(_bare("Flux")).name == "Flux"
+    assert adapter_for(_bare("SD3")).name == "SD3"
     assert adapter_for(_bare("ChromaRadiance")).name is None  # the generic fallback
     # A class that only shares a registered name (as a node pack's own "Flux" might) is not taken for ComfyUI's.
     impostor = type("Flux", (comfy.model_base.BaseModel,), {})

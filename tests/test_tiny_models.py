@@ -137,9 +137,14 @@ def test_cli_rejects_bad_arguments(run_cli, tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "unknown flux variant 'pro'" in result.stderr
     assert not (tmp_path / "x.safetensors").exists()
+    result = run_cli("make-tiny-model", "--family", "sd3", "--variant", "sd4", "--out", str(tmp_path / "y.safetensors"))
+    assert result.returncode == 2
+    assert "unknown sd3 variant/size 'sd4'/'tiny'; choose from ['sd3', 'sd35']" in result.stderr
+    assert not (tmp_path / "y.safetensors").exists()
 
 
-@pytest.mark.parametrize(("family", "model_class", "config_class"), [("flux2", "Flux2", "Flux2"), ("sd15", "BaseModel", "SD15")])
+@pytest.mark.parametrize(("family", "model_class", "config_class"), [("flux2", "Flux2", "Flux2"), ("sd15", "BaseModel", "SD15"),
+                                                                  ("sd3", "SD3", "SD3"), ("sd35", "SD3", "SD3")])
 def test_other_families_are_detected_as_themselves_and_round_trip(tiny_model_path, family: str, model_class: str,
                                                                   config_class: str) -> None:
     path = tiny_model_path(family)
@@ -150,3 +155,14 @@ def test_other_families_are_detected_as_themselves_and_round_trip(tiny_model_pat
     assert saved.keys() == loaded.keys()
     assert all(torch.equal(tensor, loaded[key]) for key, tensor in saved.items())
     assert all(tensor.abs().max() > 0 for tensor in saved.values()), "every tensor is seeded, none left at zero"
+
+
+@pytest.mark.parametrize(("family", "qk_norm", "dual_attention_blocks"), [("sd3", None, []), ("sd35", "rms", [0])])
+def test_sd3_files_load_with_their_block_layout(tiny_model_path, family: str, qk_norm, dual_attention_blocks) -> None:
+    """SD3.5's layout (RMS q/k norms, an image-only second attention in its first block) is read back from the file."""
+    patcher = _load(tiny_model_path(family))
+    unet_config = patcher.model.model_config.unet_config
+    assert unet_config.get("qk_norm") == qk_norm
+    assert unet_config["x_block_self_attn_layers"] == dual_attention_blocks
+    blocks = patcher.model.diffusion_model.joint_blocks
+    assert [i for i, block in enumerate(blocks) if block.x_block.x_block_self_attn] == dual_attention_blocks

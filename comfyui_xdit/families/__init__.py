@@ -143,3 +143,8 @@ register("Flux2", FamilyAdapter("Flux.2", Capabilities(ulysses=True, ring=True, 
                                 limits="PipeFusion and patch parallel are not tested on it yet", **_FLUX_LAYOUT))
 register("LongCatImage", FamilyAdapter(
     "LongCat-Image", CFG_AND_DATA, limits="its shifted RoPE positions are not tested with sequence parallel yet"))
+# SD3 and SD3.5 share one class (ComfyUI's MMDiT); SD3.5's dual-attention blocks run through the same hooks.
+register("SD3", FamilyAdapter(
+    "SD3", Capabilities(ulysses=True, ring=True, cfg=True, data=True), hooks="comfyui_xdit.families.sd3",
+    heads_attribute="num_heads", patch_attribute="patch_size", joint_attention="front", block_containers=("joint_blocks",),
+    limits="PipeFusion and patch parallel are not implemented for its joint blocks yet"))

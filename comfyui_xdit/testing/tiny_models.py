@@ -86,6 +86,22 @@ SD15_UNET_CONFIG: dict[str, Any] = {
     "use_linear_in_transformer": False, "context_dim": 768, "use_temporal_resblock": False, "use_temporal_attention": False,
 }
 
+# SD3 / SD3.5 (comfy.model_base.SD3, ComfyUI's MMDiT). Detection reads every size back from weight shapes with one
+# fixed rule: heads of 64 channels, so hidden = 64 * depth, heads = depth and there are `depth` joint blocks (the last
+# one's text stream stops after attention). Depth 2: 2 heads at hidden 128, ~1 M parameters. The position table is
+# a fixed 16 x 16 grid that forward crops around its centre for smaller latents, as SD3's 192 x 192 one is.
+SD3_DEPTH = 2
+SD3_CONFIG: dict[str, Any] = {
+    "in_channels": 16, "patch_size": 2, "out_channels": 16, "depth": SD3_DEPTH, "input_size": None, "adm_in_channels": 32,
+    "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 64, "out_features": 64 * SD3_DEPTH}},
+    "num_patches": 16 * 16, "pos_embed_max_size": 16, "pos_embed_scaling_factor": None, "x_block_self_attn_layers": [],
+}
+# SD3.5 Medium's layout: RMS-normalised q/k and, in its first blocks, a second image-only self-attention (dual attention).
+SD3_VARIANTS: dict[str, dict[str, Any]] = {
+    "sd3": {},
+    "sd35": {"qk_norm": "rms", "x_block_self_attn_layers": [0]},
+}
+
 # Normalisation scales are drawn around 1 rather than set to exactly 1 so that a wrong mapping of them (e.g. in a
 # sharded model) changes the output; biases are small but non-zero for the same reason.
 _NORM_SCALE_STD = 0.1
@@ -145,7 +161,7 @@ def build_flux(config: dict[str, Any], seed: int) -> torch.nn.Module:
         dtype=torch.float32, device="cpu", operations=comfy.ops.disable_weight_init, **copy.deepcopy(config)
     )
     init_weights_(model, seed)
-    smooth_in_time_(model)
+    smooth_in_time_(model.time_in.in_layer)
     return model
 
 
@@ -157,9 +173,9 @@ _TIME_FACTOR, _MAX_PERIOD = 1000.0, 10000.0
 _SMOOTH_RAD_PER_SIGMA = 5.0
 
 
-def smooth_in_time_(model: torch.nn.Module) -> None:
-    """Damp the timestep MLP's input weights on frequencies above ~5 rad per unit sigma, keeping its scale."""
-    layer = model.time_in.in_layer
+def smooth_in_time_(layer: torch.nn.Linear) -> None:
+    """Damp the timestep MLP's input weights (`layer`, on cos/sin of 128 frequencies of 1000 * sigma) on frequencies
+    above ~5 rad per unit sigma, keeping its scale."""
     half = layer.in_features // 2
     rad_per_sigma = _TIME_FACTOR * torch.exp(-math.log(_MAX_PERIOD) * torch.arange(half, dtype=torch.float32) / half)
     damping = 1.0 / (1.0 + (rad_per_sigma / _SMOOTH_RAD_PER_SIGMA) ** 2)
@@ -187,7 +203,8 @@ def init_weights_(model: torch.nn.Module, seed: int) -> None:
                         value = value * _OUTPUT_SCALE
                 elif isinstance(module, torch.nn.Conv2d):
                     value = noise / math.sqrt(parameter[0].numel())
-                elif isinstance(module, (torch.nn.LayerNorm, torch.nn.RMSNorm, torch.nn.GroupNorm)):
+                # ComfyUI's own RMSNorm classes (MMDiT's q/k norms) are not torch's.
+                elif isinstance(module, (torch.nn.LayerNorm, torch.nn.RMSNorm, torch.nn.GroupNorm)) or type(module).__name__ == "RMSNorm":
                     value = 1.0 + _NORM_SCALE_STD * noise
                 else:
                     raise TypeError(f"no initialiser for parameter {name!r} of {type(module).__name__}")
@@ -227,6 +244,29 @@ def write_tiny_sd15(path: str | Path, variant: str = "default", size: str = "tin
     return _save(model, path, {"family": "sd15", "variant": variant, "size": size, "seed": seed, "config": config})
 
 
+def write_tiny_sd3(path: str | Path, variant: str = "sd3", size: str = "tiny", seed: int = 0, **overrides: Any) -> Path:
+    """Write a seeded MMDiT checkpoint that ``comfy.sd.load_diffusion_model`` loads and detects as SD3 (variant "sd3")
+    or with SD3.5 Medium's blocks ("sd35")."""
+    import_comfy()
+    import comfy.ldm.modules.diffusionmodules.mmdit as mmdit
+    import comfy.model_detection
+
+    path = _checked_path(path)
+    if variant not in SD3_VARIANTS or size != "tiny":
+        raise ValueError(f"unknown sd3 variant/size {variant!r}/{size!r}; choose from {sorted(SD3_VARIANTS)} / ['tiny']")
+    config = copy.deepcopy({**SD3_CONFIG, **SD3_VARIANTS[variant], **overrides})
+    model_config = comfy.model_detection.model_config_from_unet_config(config)
+    if type(model_config).__name__ != "SD3":
+        raise ValueError(f"this MMDiT config is detected as {type(model_config).__name__}, not SD3")
+    model = model_config.get_model({}).diffusion_model
+    init_weights_(model, seed)
+    smooth_in_time_(model.t_embedder.mlp[0])
+    side = config["pos_embed_max_size"]
+    with torch.no_grad():  # a buffer, not a parameter: SD3's fixed sin/cos table (absolute positions must matter)
+        model.pos_embed.copy_(mmdit.get_2d_sincos_pos_embed_torch(model.hidden_size, side, side).unsqueeze(0))
+    return _save(model, path, {"family": "sd3", "variant": variant, "size": size, "seed": seed, "config": config})
+
+
 def stand_in_conditioning(seed: int, text_tokens: int = 7, guidance: float | None = 3.5,
                           context_dim: int = FLUX_BASE["context_in_dim"], pooled_dim: int = FLUX_BASE["vec_in_dim"]) -> list:
     """Seeded CONDITIONING shaped like Flux's text encoders' output for these models ([[context, {pooled, guidance}]]),
@@ -250,6 +290,9 @@ FAMILIES: dict[str, TinyFamily] = {
     "flux": TinyFamily(tuple(FLUX_VARIANTS), tuple(FLUX_SIZES), write_tiny_flux),
     "flux2": TinyFamily(tuple(FLUX2_VARIANTS), tuple(FLUX2_SIZES), write_tiny_flux2),
     "sd15": TinyFamily(("default",), ("tiny",), write_tiny_sd15),
+    "sd3": TinyFamily(tuple(SD3_VARIANTS), ("tiny",), write_tiny_sd3),
+    # SD3.5 Medium's layout under its own name, so tests and the CLI ask for it as a family.
+    "sd35": TinyFamily(("sd35",), ("tiny",), write_tiny_sd3),
     # Two files (encoder, decoder) written into the given vae_approx folder; VAELoader offers them as "taef1".
     "taef1": TinyFamily(TAEF1_VARIANTS, TAEF1_SIZES, write_tiny_taef1),
 }

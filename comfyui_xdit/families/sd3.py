@@ -1,0 +1,78 @@
+"""SD3 and SD3.5 (ComfyUI's MMDiT, comfy.ldm.modules.diffusionmodules.mmdit) computed across ranks.
+
+MMDiT's `forward` patchifies the whole latent and adds its absolute positions (a crop from a fixed grid, centred on
+the image) before `forward_core_with_concat` runs the joint blocks and the per-token final layer on (B, rows,
+hidden) tensors. Patching that method therefore shards image tokens that already carry their true positions;
+text rows are sharded too, so the text stream's linear layers do 1/P of the work on each rank.
+
+A joint block attends over [text, image] (text in front): the text shards' q/k/v are gathered (text is short) and
+usp_attention runs with them as joint tokens. SD3.5's dual-attention blocks add an image-only self-attention, which
+is plain sequence-parallel attention. Both calls pass the block's transformer_options, so ComfyUI's
+`optimized_attention_override` option reaches them; they are told apart by how many rows they bring.
+
+CFG and data parallel are the family-independent wrappers (cfg_parallel.py, parallel_glue.py). Everything is
+attached to a clone of the ModelPatcher as an object patch; the original stays stock.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from parallel_core import ParallelState, all_gather, gather_sequence, split_sequence, usp_attention
+from parallel_core.sharding import chunk_length, padded_piece
+
+from ..errors import UnsupportedByXDiT
+from ..parallel_glue import from_bshd, to_bshd
+
+OBJECT_PATCH_KEY = "diffusion_model.forward_core_with_concat"
+
+
+def _attention_override(state: ParallelState, text_len: int, image_local: int, func, q, k, v, heads, mask=None,
+                        skip_reshape=False, skip_output_reshape=False, transformer_options=None, **kwargs):
+    """Replaces ComfyUI's optimized_attention inside MMDiT's blocks, whose rows on each rank are [its text shard,
+    its image shard] (joint attention) or just its image shard (SD3.5's image-only attention)."""
+    if mask is not None:
+        raise UnsupportedByXDiT("an attention mask on SD3 is not supported in parallel; remove it or use UNETLoader")
+    q, k, v = to_bshd(q, k, v, heads, skip_reshape)
+    scale = kwargs.get("scale")
+    text_local = q.shape[1] - image_local
+    if text_local == 0:
+        return from_bshd(usp_attention(q, k, v, state, scale=scale), skip_output_reshape)
+    sp = state.sequence
+    if text_local != chunk_length(text_len, sp.size):
+        raise ValueError(f"MMDiT attention got {q.shape[1]} rows; expected {image_local} image rows and "
+                         f"{chunk_length(text_len, sp.size)} text rows")
+    text_qkv = all_gather(torch.stack([q[:, :text_local], k[:, :text_local], v[:, :text_local]]), 2, sp, state.comm)
+    text_q, text_k, text_v = text_qkv[:, :, :text_len].unbind(0)
+    out = usp_attention(q[:, text_local:], k[:, text_local:], v[:, text_local:], state,
+                        joint_q=text_q, joint_k=text_k, joint_v=text_v, joint_strategy="front", scale=scale)
+    out = torch.cat([padded_piece(out[:, :text_len], 1, sp.size, sp.rank), out[:, text_len:]], dim=1)
+    return from_bshd(out, skip_output_reshape)
+
+
+def _parallel_forward_core(original, state: ParallelState, x: torch.Tensor, c_mod: torch.Tensor, context: torch.Tensor,
+                           control=None, transformer_options=None) -> torch.Tensor:
+    transformer_options = transformer_options or {}
+    if control is not None:  # ControlNet adds full-image residuals after each block
+        raise UnsupportedByXDiT("ControlNet on SD3 is not supported in parallel yet; remove the ControlNet apply node or use UNETLoader")
+    if "optimized_attention_override" in transformer_options:
+        raise UnsupportedByXDiT("another node pack already overrides attention on this model; remove that patch to sample with XDiT")
+    sp = state.sequence
+    text_len = context.shape[1]
+    context = padded_piece(context, 1, sp.size, sp.rank)
+    x = split_sequence(x, state, 1)
+    options = dict(transformer_options)
+    options["optimized_attention_override"] = functools.partial(_attention_override, state, text_len, x.shape[1])
+    return gather_sequence(original(x, c_mod, context, None, options), state, 1)
+
+
+def parallelize(model_patcher, state: ParallelState, adapter):
+    """A clone of `model_patcher` whose MMDiT runs over `state`'s sequence group; `adapter` is its registry entry."""
+    if adapter.joint_attention != "front":  # a registry entry pointing these hooks at another layout is a bug
+        raise ValueError(f"the SD3 hooks run text-in-front joint attention, not {adapter.joint_attention!r} ({adapter.name})")
+    diffusion_model = model_patcher.model.diffusion_model
+    original = functools.partial(type(diffusion_model).forward_core_with_concat, diffusion_model)
+    patched = model_patcher.clone()
+    patched.add_object_patch(OBJECT_PATCH_KEY, functools.partial(_parallel_forward_core, original, state))
+    return patched
