@@ -1,9 +1,10 @@
 """Rank-side sampling for the exactness tests of every family: stock ComfyUI nodes, stock vs parallel model.
 
 Every rank imports the real ComfyUI, loads a tiny model with ComfyUI's own loader, and drives the sampling path
-SamplerCustomAdvanced takes ([ModelSamplingFlux for Flux-type models] -> BasicGuider/CFGGuider -> BasicScheduler,
+SamplerCustomAdvanced takes ([ModelSamplingFlux for Flux-type models, ModelSamplingAuraFlow for Qwen-Image] -> BasicGuider/CFGGuider -> BasicScheduler,
 KSamplerSelect, RandomNoise -> SamplerCustomAdvanced) through the stock node classes. Rank 0 also runs the
-unpatched model. Latent channels and the text width come from the loaded model, so one case fits every family.
+unpatched model. Latent channels and the text width come from the loaded model, so one case fits every family
+(Qwen-Image's 4-D empty latent becomes its 5-D (B, C, 1, H, W) one inside ComfyUI's sampler, as in its workflows).
 """
 from __future__ import annotations
 
@@ -44,6 +45,9 @@ FAMILY_CASES: dict[str, tuple[str, ...]] = {
     "flux": tuple(c.name for c in CASES[:4]),
     "flux2": ("cfg-dpmpp2m-18x22",),
     "sd15": ("cfg-euler-10x12-batch2",),
+    # Qwen-Image (hidden 3072 fixed by detection, ~0.4 s a forward here): euler and dpmpp_2m, basic and CFG, one
+    # even and two uneven token grids (9x11 rows), batch 2 for data parallel.
+    "qwen_image": ("basic-euler", "cfg-dpmpp2m-18x22", "basic-dpmpp2m-18x22-batch2"),
 }
 
 
@@ -59,13 +63,16 @@ def sample(model_patcher, case: SamplingCase) -> torch.Tensor:
     """The latent SamplerCustomAdvanced returns for `case`, built with ComfyUI's stock nodes."""
     import comfy.model_base
     from comfy_extras import nodes_custom_sampler as custom
-    from comfy_extras.nodes_model_advanced import ModelSamplingFlux
+    from comfy_extras.nodes_model_advanced import ModelSamplingAuraFlow, ModelSamplingFlux
 
     base_model = model_patcher.model
     unet_config = base_model.model_config.unet_config
-    context_dim = unet_config.get("context_in_dim", unet_config.get("context_dim"))
+    # Qwen-Image's text width is its class default (not in the detected config): read it off the text input layer.
+    context_dim = unet_config.get("context_in_dim", unet_config.get("context_dim")) or base_model.diffusion_model.txt_in.in_features
     model = model_patcher
-    if base_model.model_type == comfy.model_base.ModelType.FLUX:
+    if isinstance(base_model, comfy.model_base.QwenImage):  # ComfyUI's Qwen-Image workflows shift with this node
+        model = ModelSamplingAuraFlow().patch_aura(model_patcher, 3.1)[0]
+    elif base_model.model_type == comfy.model_base.ModelType.FLUX:
         model = ModelSamplingFlux().patch(model_patcher, 1.15, 0.5, case.width * 8, case.height * 8)[0]
     positive = _conditioning(100, context_dim)
     if case.guider == "cfg":
@@ -132,6 +139,10 @@ CONFIGS: dict[str, dict[int, list[dict]]] = {
         4: [{"ulysses_degree": 2, "ring_degree": 2}, {"ulysses_degree": 2, "cfg_degree": 2}],
     },
     "sd15": {2: [{"cfg_degree": 2}, {"data_degree": 2}]},
+    "qwen_image": {
+        2: [{"ulysses_degree": 2}, {"ring_degree": 2}, {"cfg_degree": 2}, {"data_degree": 2}],
+        4: [{"ulysses_degree": 2, "ring_degree": 2}, {"ring_degree": 2, "cfg_degree": 2}],
+    },
 }
 FP32_TOL = 1e-5
 # CFG multiplies the difference of two predictions by the guidance scale, and EPS models' latents reach ~15: there

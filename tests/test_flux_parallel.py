@@ -1,8 +1,8 @@
 """Every family inside real ComfyUI on gloo ranks: the parallel model's latents equal stock sampling to fp32 rounding.
 
 One suite, parametrised over families (flux_cases.CONFIGS): Flux.1 (every exact method), Flux.2 (same adapter
-code, its own token grid) and an SD1.5 U-Net, which has no sequence-parallel adapter and runs on the generic CFG
-and data parallel wrappers. test_gpu_parallel.py runs the same cases on CUDA ranks over NCCL.
+code, its own token grid), Qwen-Image (its own hooks, 5-D latents) and an SD1.5 U-Net, which has no
+sequence-parallel adapter and runs on the generic CFG and data parallel wrappers. test_gpu_parallel.py runs the same cases on CUDA ranks over NCCL.
 """
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ TRAFFIC: dict[str, list[tuple[str, str]]] = {
     "flux2": [("ulysses2/cfg-dpmpp2m-18x22", "all_to_all/ulysses"), ("ring2/cfg-dpmpp2m-18x22", "ring_send/ring"),
               ("cfg2/cfg-dpmpp2m-18x22", "broadcast/cfg")],
     "sd15": [("cfg2/cfg-euler-10x12-batch2", "broadcast/cfg"), ("data2/cfg-euler-10x12-batch2", "all_gather/data")],
+    "qwen_image": [("ulysses2/basic-euler", "all_to_all/ulysses"), ("ring2/cfg-dpmpp2m-18x22", "ring_send/ring"),
+                   ("cfg2/cfg-dpmpp2m-18x22", "broadcast/cfg"), ("data2/basic-dpmpp2m-18x22-batch2", "all_gather/data")],
 }
 
 
