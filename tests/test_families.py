@@ -154,3 +154,21 @@ def test_loader_inputs_and_validation_come_from_one_list(comfy_root):
     assert XDiTUNetLoader.VALIDATE_INPUTS(world_size=2, data_degree=2) is True
     assert "data_degree must be 0 (auto)" in XDiTUNetLoader.VALIDATE_INPUTS(data_degree=-1)
     assert "does not divide world_size 2" in XDiTUNetLoader.VALIDATE_INPUTS(world_size=2, data_degree=4)
+
+
+@pytest.mark.fast  # needs ComfyUI's classes, no model file
+def test_qwen_image_refuses_the_inputs_its_sequence_parallel_path_does_not_shard(comfy_root):
+    import torch
+
+    from comfyui_xdit.families.qwen_image import refuse_unsupported
+
+    refuse_unsupported(None, None, {}, {})
+    refuse_unsupported("index", None, {}, {})  # Qwen-Image-Edit's reference tokens are split with the image's
+    with pytest.raises(UnsupportedByXDiT, match="'index_timestep_zero' .* set ulysses_degree and ring_degree to 1"):
+        refuse_unsupported("index_timestep_zero", None, {}, {})
+    with pytest.raises(UnsupportedByXDiT, match="text attention mask on Qwen-Image"):
+        refuse_unsupported(None, torch.ones(1, 7), {}, {})
+    with pytest.raises(UnsupportedByXDiT, match="ControlNet on Qwen-Image"):
+        refuse_unsupported(None, None, {"control": {"input": []}}, {})
+    with pytest.raises(UnsupportedByXDiT, match="already overrides attention"):
+        refuse_unsupported(None, None, {}, {"optimized_attention_override": print})

@@ -1,7 +1,8 @@
 """Every family inside real ComfyUI on gloo ranks: the parallel model's latents equal stock sampling to fp32 rounding.
 
 One suite, parametrised over families (flux_cases.CONFIGS): Flux.1 (every exact method), Flux.2 (same adapter
-code, its own token grid), Qwen-Image (its own hooks, 5-D latents) and an SD1.5 U-Net, which has no
+code, its own token grid), Qwen-Image (its own hooks, 5-D latents; with reference images as Qwen-Image-Edit) and
+an SD1.5 U-Net, which has no
 sequence-parallel adapter and runs on the generic CFG and data parallel wrappers. test_gpu_parallel.py runs the same cases on CUDA ranks over NCCL.
 """
 from __future__ import annotations
@@ -24,12 +25,14 @@ TRAFFIC: dict[str, list[tuple[str, str]]] = {
     "sd15": [("cfg2/cfg-euler-10x12-batch2", "broadcast/cfg"), ("data2/cfg-euler-10x12-batch2", "all_gather/data")],
     "qwen_image": [("ulysses2/basic-euler", "all_to_all/ulysses"), ("ring2/cfg-dpmpp2m-18x22", "ring_send/ring"),
                    ("cfg2/cfg-dpmpp2m-18x22", "broadcast/cfg"), ("data2/basic-dpmpp2m-18x22-batch2", "all_gather/data")],
+    "qwen_image_edit": [("ulysses2/edit-cfg-euler-18x22-ref12x14", "all_to_all/ulysses"),
+                        ("ring2/edit-cfg-euler-18x22-ref12x14", "ring_send/ring")],
 }
 
 
 @pytest.fixture(scope="module")
 def model_path(tiny_flux_paths, tiny_model_path):
-    return lambda family: str(tiny_flux_paths["dev"] if family == "flux" else tiny_model_path(family))
+    return lambda family: str(tiny_flux_paths["dev"] if family == "flux" else tiny_model_path(flux_cases.MODEL_FILE.get(family, family)))
 
 
 @functools.lru_cache(maxsize=None)

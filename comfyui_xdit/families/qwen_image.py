@@ -5,7 +5,8 @@ no token-level forward to patch as on Flux. Its own extension points are used in
 DIFFUSION_MODEL wrapper on a clone of the ModelPatcher:
 - a "post_input" patch (after the image/text embeddings, before RoPE) splits image tokens and text tokens, with
   their RoPE positions, over the sequence-parallel group, so each rank's rows are [its text shard, its image shard]
-  and RoPE is computed for exactly those rows;
+  and RoPE is computed for exactly those rows (Qwen-Image-Edit's reference-image tokens, appended to the image
+  tokens by then, are split with them);
 - the `optimized_attention_override` transformer option runs the joint [text, image] attention with usp_attention,
   the text's q/k/v gathered as joint tokens in front (the attention Flux's adapter uses: the layout is the same);
 - a "double_block" patch after the last block gathers the image tokens back, so the final layer and the unpatchify
@@ -49,13 +50,16 @@ def _with_patch(patches: dict[str, list], name: str, patch: Callable[[dict], dic
     return {**patches, name: [*patches.get(name, []), patch]}
 
 
-def refuse_unsupported(attention_mask, ref_latents, kwargs: dict[str, Any], transformer_options: dict) -> None:
-    """Raise for the inputs of Qwen-Image's forward that the sequence-parallel path does not handle."""
+def refuse_unsupported(ref_method: str | None, attention_mask, kwargs: dict[str, Any], transformer_options: dict) -> None:
+    """Raise for the inputs of Qwen-Image's forward that the sequence-parallel path does not handle.
+    `ref_method`: how reference images (Qwen-Image-Edit) join the tokens; None without reference images."""
     if kwargs.get("control") is not None:
         raise UnsupportedByXDiT("ControlNet on Qwen-Image is not supported in parallel yet; remove the ControlNet apply node or use UNETLoader")
-    if ref_latents is not None:
-        raise UnsupportedByXDiT("reference images (Qwen-Image-Edit) are not supported with sequence parallel yet; "
-                                "set ulysses_degree and ring_degree to 1 or use UNETLoader")
+    # Reference tokens are appended to the image tokens and sharded with them; only this method treats token
+    # ranges differently inside the blocks (timestep-zero modulation from a token index).
+    if ref_method == "index_timestep_zero":
+        raise UnsupportedByXDiT("reference images with ref_latents_method 'index_timestep_zero' (Qwen-Image-Edit-2511) are not "
+                                "supported with sequence parallel yet; set ulysses_degree and ring_degree to 1 or use UNETLoader")
     if attention_mask is not None:
         raise UnsupportedByXDiT("a text attention mask on Qwen-Image is not supported with sequence parallel; "
                                 "set ulysses_degree and ring_degree to 1 or use UNETLoader")
@@ -63,12 +67,13 @@ def refuse_unsupported(attention_mask, ref_latents, kwargs: dict[str, Any], tran
         raise UnsupportedByXDiT("another node pack already overrides attention on this model; remove that patch to sample with XDiT")
 
 
-def _sequence_parallel_forward(state: ParallelState, executor, x: torch.Tensor, timestep, context: torch.Tensor,
-                               attention_mask=None, ref_latents=None, additional_t_cond=None, transformer_options=None,
-                               **kwargs):
+def _sequence_parallel_forward(state: ParallelState, default_ref_method: str, executor, x: torch.Tensor, timestep,
+                               context: torch.Tensor, attention_mask=None, ref_latents=None, additional_t_cond=None,
+                               transformer_options=None, **kwargs):
     """DIFFUSION_MODEL wrapper: the stock forward with this call's sharding patches and attention override."""
     transformer_options = transformer_options or {}
-    refuse_unsupported(attention_mask, ref_latents, kwargs, transformer_options)
+    ref_method = None if ref_latents is None else kwargs.get("ref_latents_method", default_ref_method)
+    refuse_unsupported(ref_method, attention_mask, kwargs, transformer_options)
     options = dict(transformer_options)
     patches = _with_patch(options.get("patches", {}), "post_input", functools.partial(_shard_tokens, state))
     options["patches"] = _with_patch(patches, "double_block", functools.partial(_gather_after_last_block, state))
@@ -85,6 +90,7 @@ def parallelize(model_patcher, state: ParallelState, adapter):
         raise ValueError(f"{adapter.name}: PipeFusion and patch parallel have no Qwen-Image hooks")
     patched = model_patcher.clone()
     if state.sequence.size > 1:
+        default_ref_method = model_patcher.model.diffusion_model.default_ref_method
         patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY,
-                                     functools.partial(_sequence_parallel_forward, state))
+                                     functools.partial(_sequence_parallel_forward, state, default_ref_method))
     return patched
