@@ -172,3 +172,6 @@ def test_qwen_image_refuses_the_inputs_its_sequence_parallel_path_does_not_shard
         refuse_unsupported(None, None, {"control": {"input": []}}, {})
     with pytest.raises(UnsupportedByXDiT, match="already overrides attention"):
         refuse_unsupported(None, None, {}, {"optimized_attention_override": print})
+    refuse_unsupported(None, None, {}, {"patches": {"attn1_patch": [print], "double_block": []}})
+    with pytest.raises(UnsupportedByXDiT, match=r"a model patch on Qwen-Image's double_block \(e.g. a DiffSynth"):
+        refuse_unsupported(None, None, {}, {"patches": {"double_block": [print]}})

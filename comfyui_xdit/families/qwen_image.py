@@ -16,7 +16,7 @@ CFG and data parallel are family-independent wrappers (cfg_parallel.py, parallel
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Any
 
 import comfy.patcher_extension
 import torch
@@ -28,6 +28,7 @@ from ..errors import UnsupportedByXDiT
 from .flux import _usp_attention_override
 
 WRAPPER_KEY = "comfyui_xdit.qwen_image_sequence_parallel"
+TOKEN_PATCH_POINTS = ("post_input", "double_block")  # the forward's patch lists this module takes over
 
 
 def _shard_tokens(state: ParallelState, args: dict) -> dict:
@@ -45,11 +46,6 @@ def _gather_after_last_block(state: ParallelState, args: dict) -> dict:
     return {**args, "img": gather_sequence(args["img"], state, 1)}
 
 
-def _with_patch(patches: dict[str, list], name: str, patch: Callable[[dict], dict]) -> dict[str, list]:
-    # Appended last: other nodes' patches of the same kind see the tokens as stock does (whole before the split).
-    return {**patches, name: [*patches.get(name, []), patch]}
-
-
 def refuse_unsupported(ref_method: str | None, attention_mask, kwargs: dict[str, Any], transformer_options: dict) -> None:
     """Raise for the inputs of Qwen-Image's forward that the sequence-parallel path does not handle.
     `ref_method`: how reference images (Qwen-Image-Edit) join the tokens; None without reference images."""
@@ -63,6 +59,12 @@ def refuse_unsupported(ref_method: str | None, attention_mask, kwargs: dict[str,
     if attention_mask is not None:
         raise UnsupportedByXDiT("a text attention mask on Qwen-Image is not supported with sequence parallel; "
                                 "set ulysses_degree and ring_degree to 1 or use UNETLoader")
+    # Other nodes' patches at these points (e.g. Qwen-Image's DiffSynth and blockwise ControlNets) index the
+    # whole image's tokens, which no rank holds between the two.
+    patched = [name for name in TOKEN_PATCH_POINTS if transformer_options.get("patches", {}).get(name)]
+    if patched:
+        raise UnsupportedByXDiT(f"a model patch on Qwen-Image's {' and '.join(patched)} (e.g. a DiffSynth or blockwise ControlNet) "
+                                "is not supported with sequence parallel; remove it, or set ulysses_degree and ring_degree to 1")
     if "optimized_attention_override" in transformer_options:
         raise UnsupportedByXDiT("another node pack already overrides attention on this model; remove that patch to sample with XDiT")
 
@@ -75,8 +77,8 @@ def _sequence_parallel_forward(state: ParallelState, default_ref_method: str, ex
     ref_method = None if ref_latents is None else kwargs.get("ref_latents_method", default_ref_method)
     refuse_unsupported(ref_method, attention_mask, kwargs, transformer_options)
     options = dict(transformer_options)
-    patches = _with_patch(options.get("patches", {}), "post_input", functools.partial(_shard_tokens, state))
-    options["patches"] = _with_patch(patches, "double_block", functools.partial(_gather_after_last_block, state))
+    options["patches"] = {**options.get("patches", {}), "post_input": [functools.partial(_shard_tokens, state)],
+                          "double_block": [functools.partial(_gather_after_last_block, state)]}
     options["optimized_attention_override"] = functools.partial(_usp_attention_override, state, context.shape[1])
     return executor(x, timestep, context, attention_mask, ref_latents, additional_t_cond, options, **kwargs)
 
