@@ -1,9 +1,11 @@
 """Rank-side sampling for the exactness tests of every family: stock ComfyUI nodes, stock vs parallel model.
 
 Every rank imports the real ComfyUI, loads a tiny model with ComfyUI's own loader, and drives the sampling path
-SamplerCustomAdvanced takes ([ModelSamplingFlux for Flux-type models, ModelSamplingSD3 for SD3] ->
-BasicGuider/CFGGuider -> BasicScheduler, KSamplerSelect, RandomNoise -> SamplerCustomAdvanced) through the stock
-node classes. Rank 0 also runs the unpatched model. Latent channels and the text width come from the loaded model, so one case fits every family.
+SamplerCustomAdvanced takes ([ModelSamplingFlux for Flux-type models, ModelSamplingSD3 for SD3, ModelSamplingAuraFlow
+for Qwen-Image] -> BasicGuider/CFGGuider -> BasicScheduler, KSamplerSelect, RandomNoise -> SamplerCustomAdvanced)
+through the stock node classes. Rank 0 also runs the unpatched model. Latent channels and the text width come from
+the loaded model, so one case fits every family (Qwen-Image's 4-D empty latent becomes its 5-D (B, C, 1, H, W) one
+inside ComfyUI's sampler, as in its workflows).
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ class SamplingCase:
     width: int = 16
     batch: int = 1
     seed: int = 0
+    reference: tuple[int, int] | None = None  # rows, cols of a seeded reference latent given to every cond (ReferenceLatent)
 
 
 CASES: tuple[SamplingCase, ...] = (
@@ -36,6 +39,7 @@ CASES: tuple[SamplingCase, ...] = (
     SamplingCase("cfg-dpmpp2m-18x22", guider="cfg", sampler="dpmpp_2m", height=18, width=22, seed=1),
     SamplingCase("basic-dpmpp2m-18x22-batch2", sampler="dpmpp_2m", height=18, width=22, batch=2, seed=2),
     SamplingCase("cfg-euler-10x12-batch2", guider="cfg", cfg=5.0, height=10, width=12, batch=2, seed=3),
+    SamplingCase("edit-cfg-euler-18x22-ref12x14", guider="cfg", height=18, width=22, seed=4, reference=(12, 14)),
 )
 CASE_BY_NAME = {case.name: case for case in CASES}
 # Which cases each tiny family runs: Flux all but the U-Net-sized one; Flux.2 (512 padded text tokens, slower) its
@@ -47,18 +51,43 @@ FAMILY_CASES: dict[str, tuple[str, ...]] = {
     # SD3 (MMDiT) and SD3.5's dual-attention blocks: even and uneven grids, both guiders, both samplers, a batch.
     "sd3": ("basic-euler", "cfg-dpmpp2m-18x22", "basic-dpmpp2m-18x22-batch2"),
     "sd35": ("cfg-euler", "cfg-dpmpp2m-18x22", "basic-dpmpp2m-18x22-batch2"),
+    # Qwen-Image (hidden 3072 fixed by detection, ~0.4 s a forward here): euler and dpmpp_2m, basic and CFG, one
+    # even and two uneven token grids (9x11 rows), batch 2 for data parallel.
+    "qwen_image": ("basic-euler", "cfg-dpmpp2m-18x22", "basic-dpmpp2m-18x22-batch2"),
+    # Qwen-Image-Edit is Qwen-Image's model class given reference images: 99 image + 42 reference tokens.
+    "qwen_image_edit": ("edit-cfg-euler-18x22-ref12x14",),
 }
+# The tiny file each entry runs (default: the one of its own name).
+MODEL_FILE: dict[str, str] = {"qwen_image_edit": "qwen_image"}
 
 
-def _conditioning(seed: int, context_dim: int = 64):
-    return stand_in_conditioning(seed, TEXT_TOKENS, context_dim=context_dim)
+def _conditioning(seed: int, context_dim: int = 64, reference: torch.Tensor | None = None):
+    from comfy_extras.nodes_edit_model import ReferenceLatent
+
+    conditioning = stand_in_conditioning(seed, TEXT_TOKENS, context_dim=context_dim)
+    if reference is None:
+        return conditioning
+    return _first(ReferenceLatent.execute(conditioning, {"samples": reference}))
 
 
-def _text_width(unet_config: dict) -> int:
-    # Flux names it context_in_dim and U-Nets context_dim; MMDiT records the input of its context embedder.
+def _reference_latent(base_model, case: SamplingCase) -> torch.Tensor | None:
+    """A seeded stand-in for a VAE-encoded reference image, shaped like the model's latents (5-D for image models
+    with video-style latents)."""
+    if case.reference is None:
+        return None
+    latent_format = base_model.latent_format
+    frames = (1,) if latent_format.latent_dimensions == 3 else ()
+    shape = (1, latent_format.latent_channels, *frames, *case.reference)
+    return torch.randn(shape, generator=torch.Generator().manual_seed(300 + case.seed))
+
+
+def _text_width(base_model) -> int:
+    # Flux names it context_in_dim and U-Nets context_dim; MMDiT records the input of its context embedder; Qwen-Image's
+    # is its class default (not in the detected config): read it off the text input layer.
+    unet_config = base_model.model_config.unet_config
     if "context_embedder_config" in unet_config:
         return unet_config["context_embedder_config"]["params"]["in_features"]
-    return unet_config.get("context_in_dim", unet_config.get("context_dim"))
+    return unet_config.get("context_in_dim", unet_config.get("context_dim")) or base_model.diffusion_model.txt_in.in_features
 
 
 def _first(node_output):
@@ -69,18 +98,21 @@ def sample(model_patcher, case: SamplingCase) -> torch.Tensor:
     """The latent SamplerCustomAdvanced returns for `case`, built with ComfyUI's stock nodes."""
     import comfy.model_base
     from comfy_extras import nodes_custom_sampler as custom
-    from comfy_extras.nodes_model_advanced import ModelSamplingFlux, ModelSamplingSD3
+    from comfy_extras.nodes_model_advanced import ModelSamplingAuraFlow, ModelSamplingFlux, ModelSamplingSD3
 
     base_model = model_patcher.model
-    context_dim = _text_width(base_model.model_config.unet_config)
+    context_dim = _text_width(base_model)
     model = model_patcher
-    if base_model.model_type == comfy.model_base.ModelType.FLUX:
+    if isinstance(base_model, comfy.model_base.QwenImage):  # ComfyUI's Qwen-Image workflows shift with this node
+        model = ModelSamplingAuraFlow().patch_aura(model_patcher, 3.1)[0]
+    elif base_model.model_type == comfy.model_base.ModelType.FLUX:
         model = ModelSamplingFlux().patch(model_patcher, 1.15, 0.5, case.width * 8, case.height * 8)[0]
     elif isinstance(base_model, comfy.model_base.SD3):  # a shift other than the config's 3.0, as SD3.5 graphs set it
         model = ModelSamplingSD3().patch(model_patcher, 2.5)[0]
-    positive = _conditioning(100, context_dim)
+    reference = _reference_latent(base_model, case)
+    positive = _conditioning(100, context_dim, reference)
     if case.guider == "cfg":
-        guider = _first(custom.CFGGuider.execute(model, positive, _conditioning(200, context_dim), case.cfg))
+        guider = _first(custom.CFGGuider.execute(model, positive, _conditioning(200, context_dim, reference), case.cfg))
     else:
         guider = _first(custom.BasicGuider.execute(model, positive))
     sigmas = _first(custom.BasicScheduler.execute(model, "simple", case.steps, 1.0))
@@ -146,6 +178,15 @@ CONFIGS: dict[str, dict[int, list[dict]]] = {
     "sd3": {
         2: [{"ulysses_degree": 2}, {"ring_degree": 2}, {"cfg_degree": 2}, {"data_degree": 2}],
         4: [{"ulysses_degree": 2, "ring_degree": 2}, {"ulysses_degree": 2, "cfg_degree": 2}],
+    },
+    "qwen_image": {
+        2: [{"ulysses_degree": 2}, {"ring_degree": 2}, {"cfg_degree": 2}, {"data_degree": 2}],
+        4: [{"ulysses_degree": 2, "ring_degree": 2}, {"ring_degree": 2, "cfg_degree": 2}],
+    },
+    # Data parallel refuses per-sample reference lists (parallel_glue), so it is not among these.
+    "qwen_image_edit": {
+        2: [{"ulysses_degree": 2}, {"ring_degree": 2}, {"cfg_degree": 2}],
+        4: [{"ulysses_degree": 2, "ring_degree": 2}],
     },
 }
 CONFIGS["sd35"] = CONFIGS["sd3"]

@@ -1,5 +1,5 @@
 """API-format graphs for the server tests: stock graphs and their XDiT twins (loader and sampler swapped), for the
-tiny Flux and the tiny SD1.5 U-Net."""
+tiny Flux, the tiny SD1.5 U-Net and the tiny Qwen-Image."""
 from __future__ import annotations
 
 import torch
@@ -76,3 +76,28 @@ def sd15_graph(xdit: bool, seed: int = 5, steps: int = 3, prefix: str = "latent"
 def saved_latent(server, result) -> torch.Tensor:
     (file,) = [f for f in result.files if f.kind == "latents"]
     return load_file(str(server.output_dir / file.subfolder / file.filename))["latent_tensor"]
+
+
+# test_server_qwen_image.py links the tiny Qwen-Image (testing/tiny_models.py) into the server under this name.
+TINY_QWEN_IMAGE_NAME = "tiny-qwen-image.safetensors"
+
+
+def qwen_image_graph(xdit: bool, seed: int = 5, steps: int = 3, prefix: str = "latent", width: int = 176, height: int = 144,
+                     **loader_inputs) -> dict:
+    """The shipped Qwen-Image workflow's sampling path (ModelSamplingAuraFlow, CFGGuider) on the tiny model, with seeded
+    stand-in conditioning 3584 wide (Qwen2.5-VL's); the default size gives an uneven 9 x 11 token grid."""
+    return {
+        "1": {"class_type": "XDiTUNetLoader" if xdit else "UNETLoader",
+              "inputs": {"unet_name": TINY_QWEN_IMAGE_NAME, "weight_dtype": "default", **(loader_inputs if xdit else {})}},
+        "2": {"class_type": "ModelSamplingAuraFlow", "inputs": {"model": ["1", 0], "shift": 3.1}},
+        "3": {"class_type": "XDiTTestConditioning", "inputs": {"seed": 100, "text_tokens": 7, "context_dim": 3584, "pooled_dim": 32}},
+        "5": {"class_type": "XDiTTestConditioning", "inputs": {"seed": 200, "text_tokens": 7, "context_dim": 3584, "pooled_dim": 32}},
+        "6": {"class_type": "CFGGuider", "inputs": {"model": ["2", 0], "positive": ["3", 0], "negative": ["5", 0], "cfg": 2.5}},
+        "7": {"class_type": "BasicScheduler", "inputs": {"model": ["2", 0], "scheduler": "simple", "steps": steps, "denoise": 1.0}},
+        "8": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
+        "9": {"class_type": "RandomNoise", "inputs": {"noise_seed": seed}},
+        "10": {"class_type": "EmptySD3LatentImage", "inputs": {"width": width, "height": height, "batch_size": 1}},
+        "11": {"class_type": "XDiTSamplerCustomAdvanced" if xdit else "SamplerCustomAdvanced",
+               "inputs": {"noise": ["9", 0], "guider": ["6", 0], "sampler": ["8", 0], "sigmas": ["7", 0], "latent_image": ["10", 0]}},
+        "12": {"class_type": "SaveLatent", "inputs": {"samples": ["11", 0], "filename_prefix": prefix}},
+    }

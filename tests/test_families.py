@@ -19,7 +19,7 @@ def shells(comfy_root, tiny_flux_paths, tiny_model_path):
     """Meta-weight models (as XDiTUNetLoader builds them) of every tiny family, by family."""
     from comfyui_xdit.shell_model import build_shell
 
-    paths = {"flux": tiny_flux_paths["dev"], **{family: tiny_model_path(family) for family in ("flux2", "sd15", "sd3", "sd35")}}
+    paths = {"flux": tiny_flux_paths["dev"], **{family: tiny_model_path(family) for family in ("flux2", "sd15", "sd3", "sd35", "qwen_image")}}
     return {family: build_shell(path, "default") for family, path in paths.items()}
 
 
@@ -31,7 +31,8 @@ def _bare(class_name: str):
 
 
 @pytest.mark.parametrize(("family", "name", "heads", "rows_of_18"), [
-    ("flux", "Flux", 2, 9), ("flux2", "Flux.2", 2, 18), ("sd15", "SD15", None, 18), ("sd3", "SD3", 2, 9), ("sd35", "SD3", 2, 9)])
+    ("flux", "Flux", 2, 9), ("flux2", "Flux.2", 2, 18), ("sd15", "SD15", None, 18), ("sd3", "SD3", 2, 9), ("sd35", "SD3", 2, 9),
+    ("qwen_image", "Qwen-Image", 24, 9)])
 def test_adapter_reads_heads_and_token_grid_from_the_model(shells, family, name, heads, rows_of_18):
     from comfyui_xdit.families import adapter_for
 
@@ -54,6 +55,18 @@ def test_heads_come_from_the_model_not_a_default(shells, family):
         model.diffusion_model.num_heads = 2
 
 
+def test_qwen_image_heads_come_from_its_blocks_attention(shells):
+    from comfyui_xdit.families import adapter_for
+
+    model = shells["qwen_image"].model
+    attention = model.diffusion_model.transformer_blocks[0].attn
+    attention.heads = 3
+    try:
+        assert adapter_for(model).num_heads(model.diffusion_model) == 3
+    finally:
+        attention.heads = 24
+
+
 def test_refusals_name_the_family_and_what_it_supports(shells):
     from comfyui_xdit.parallel_model import validate_for_model
 
@@ -65,6 +78,11 @@ def test_refusals_name_the_family_and_what_it_supports(shells):
     validate_for_model(ParallelConfig(ulysses_degree=2, ring_degree=2), 4, shells["flux2"])
     with pytest.raises(UnsupportedByXDiT, match=r"Flux.2 supports ulysses, ring, cfg and data parallel only \(PipeFusion and patch .*set patch_degree to 1"):
         validate_for_model(ParallelConfig(patch_degree=2), 2, shells["flux2"])
+    validate_for_model(ParallelConfig(ulysses_degree=2, ring_degree=2), 4, shells["qwen_image"])
+    for degree in ("pipefusion", "patch"):
+        with pytest.raises(UnsupportedByXDiT, match=r"^Qwen-Image supports ulysses, ring, cfg and data parallel only "
+                                                    rf"\(PipeFusion and patch parallel have no Qwen-Image hooks yet\); set {degree}_degree to 1$"):
+            validate_for_model(ParallelConfig(**{f"{degree}_degree": 2}), 2, shells["qwen_image"])
 
 
 @pytest.mark.parametrize("family", ["sd3", "sd35"])
@@ -102,6 +120,8 @@ def test_matching_is_on_comfyui_own_classes_most_derived_first(comfy_root):
     assert adapter_for(_bare("Flux")).name == "Flux"
     assert adapter_for(_bare("SD3")).name == "SD3"
     assert adapter_for(_bare("ChromaRadiance")).name is None  # the generic fallback
+    assert adapter_for(_bare("QwenImage")).name == "Qwen-Image"
+    assert adapter_for(_bare("MageFlow")).name is None  # a QwenImage subclass with its own model class
     # A class that only shares a registered name (as a node pack's own "Flux" might) is not taken for ComfyUI's.
     impostor = type("Flux", (comfy.model_base.BaseModel,), {})
     assert adapter_for(object.__new__(impostor)).name is None
@@ -148,3 +168,24 @@ def test_loader_inputs_and_validation_come_from_one_list(comfy_root):
     assert XDiTUNetLoader.VALIDATE_INPUTS(world_size=2, data_degree=2) is True
     assert "data_degree must be 0 (auto)" in XDiTUNetLoader.VALIDATE_INPUTS(data_degree=-1)
     assert "does not divide world_size 2" in XDiTUNetLoader.VALIDATE_INPUTS(world_size=2, data_degree=4)
+
+
+@pytest.mark.fast  # needs ComfyUI's classes, no model file
+def test_qwen_image_refuses_the_inputs_its_sequence_parallel_path_does_not_shard(comfy_root):
+    import torch
+
+    from comfyui_xdit.families.qwen_image import refuse_unsupported
+
+    refuse_unsupported(None, None, {}, {})
+    refuse_unsupported("index", None, {}, {})  # Qwen-Image-Edit's reference tokens are split with the image's
+    with pytest.raises(UnsupportedByXDiT, match="'index_timestep_zero' .* set ulysses_degree and ring_degree to 1"):
+        refuse_unsupported("index_timestep_zero", None, {}, {})
+    with pytest.raises(UnsupportedByXDiT, match="text attention mask on Qwen-Image"):
+        refuse_unsupported(None, torch.ones(1, 7), {}, {})
+    with pytest.raises(UnsupportedByXDiT, match="ControlNet on Qwen-Image"):
+        refuse_unsupported(None, None, {"control": {"input": []}}, {})
+    with pytest.raises(UnsupportedByXDiT, match="already overrides attention"):
+        refuse_unsupported(None, None, {}, {"optimized_attention_override": print})
+    refuse_unsupported(None, None, {}, {"patches": {"attn1_patch": [print], "double_block": []}})
+    with pytest.raises(UnsupportedByXDiT, match=r"a model patch on Qwen-Image's double_block \(e.g. a DiffSynth"):
+        refuse_unsupported(None, None, {}, {"patches": {"double_block": [print]}})

@@ -1,8 +1,10 @@
 """Every family inside real ComfyUI on gloo ranks: the parallel model's latents equal stock sampling to fp32 rounding.
 
 One suite, parametrised over families (flux_cases.CONFIGS): Flux.1 (every exact method), Flux.2 (same adapter
-code, its own token grid), SD3 and SD3.5 (MMDiT, with and without dual-attention blocks) and an SD1.5 U-Net,
-which has no sequence-parallel adapter and runs on the generic CFG and data parallel wrappers. test_gpu_parallel.py runs the same cases on CUDA ranks over NCCL.
+code, its own token grid), SD3 and SD3.5 (MMDiT, with and without dual-attention blocks), Qwen-Image (its own hooks,
+5-D latents; with reference images as Qwen-Image-Edit) and an SD1.5 U-Net, which has no sequence-parallel adapter
+and runs on the generic CFG and data parallel wrappers. test_gpu_parallel.py runs the same cases on CUDA ranks over
+NCCL.
 """
 from __future__ import annotations
 
@@ -26,12 +28,16 @@ TRAFFIC: dict[str, list[tuple[str, str]]] = {
             ("cfg2/cfg-dpmpp2m-18x22", "broadcast/cfg"), ("data2/basic-dpmpp2m-18x22-batch2", "all_gather/data")],
     "sd35": [("ulysses2/cfg-euler", "all_to_all/ulysses"), ("ring2/cfg-euler", "ring_send/ring"),
              ("cfg2/cfg-euler", "broadcast/cfg"), ("data2/basic-dpmpp2m-18x22-batch2", "all_gather/data")],
+    "qwen_image": [("ulysses2/basic-euler", "all_to_all/ulysses"), ("ring2/cfg-dpmpp2m-18x22", "ring_send/ring"),
+                   ("cfg2/cfg-dpmpp2m-18x22", "broadcast/cfg"), ("data2/basic-dpmpp2m-18x22-batch2", "all_gather/data")],
+    "qwen_image_edit": [("ulysses2/edit-cfg-euler-18x22-ref12x14", "all_to_all/ulysses"),
+                        ("ring2/edit-cfg-euler-18x22-ref12x14", "ring_send/ring")],
 }
 
 
 @pytest.fixture(scope="module")
 def model_path(tiny_flux_paths, tiny_model_path):
-    return lambda family: str(tiny_flux_paths["dev"] if family == "flux" else tiny_model_path(family))
+    return lambda family: str(tiny_flux_paths["dev"] if family == "flux" else tiny_model_path(flux_cases.MODEL_FILE.get(family, family)))
 
 
 @functools.lru_cache(maxsize=None)

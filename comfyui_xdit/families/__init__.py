@@ -12,6 +12,7 @@ CFG and data parallel, which need nothing from the model's internals.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 from dataclasses import dataclass, fields
 from typing import Any, Literal
@@ -61,7 +62,7 @@ class FamilyAdapter:
     name: str | None  # None: the name of the model's ComfyUI config class, e.g. SDXL (the generic fallback)
     capabilities: Capabilities
     hooks: str | None = None  # module with parallelize(model_patcher, state, adapter); None: nothing to patch
-    heads_attribute: str | None = None  # the diffusion model's attribute holding its attention head count
+    heads_attribute: str | None = None  # the diffusion model's attribute (a dotted path) holding its attention head count
     patch_attribute: str | None = None  # ... and its patch size (latent pixels per token, each way)
     joint_attention: JointLayout = "none"  # where text tokens sit in the image's attention
     block_containers: tuple[str, ...] = ()  # module lists holding the blocks, in execution order
@@ -75,7 +76,7 @@ class FamilyAdapter:
         """Attention heads as the model was built with them; None if the family shards no attention."""
         if self.heads_attribute is None:
             return None
-        heads = getattr(diffusion_model, self.heads_attribute)
+        heads = functools.reduce(getattr, self.heads_attribute.split("."), diffusion_model)
         if not isinstance(heads, int) or heads < 1:
             raise UnsupportedByXDiT(f"{type(diffusion_model).__name__}.{self.heads_attribute} is {heads!r}, not a head count")
         return heads
@@ -141,6 +142,11 @@ register("Flux", FamilyAdapter("Flux", EVERY_METHOD, **_FLUX_LAYOUT))
 # Only the exact methods are tested on it so far; the stale-activation ones stay off until they are.
 register("Flux2", FamilyAdapter("Flux.2", Capabilities(ulysses=True, ring=True, cfg=True, data=True),
                                 limits="PipeFusion and patch parallel are not tested on it yet", **_FLUX_LAYOUT))
+# Qwen-Image keeps its head count on each block's attention; its joint attention puts text in front, as Flux's does.
+register("QwenImage", FamilyAdapter(
+    "Qwen-Image", Capabilities(ulysses=True, ring=True, cfg=True, data=True), hooks="comfyui_xdit.families.qwen_image",
+    heads_attribute="transformer_blocks.0.attn.heads", patch_attribute="patch_size", joint_attention="front",
+    block_containers=("transformer_blocks",), limits="PipeFusion and patch parallel have no Qwen-Image hooks yet"))
 register("LongCatImage", FamilyAdapter(
     "LongCat-Image", CFG_AND_DATA, limits="its shifted RoPE positions are not tested with sequence parallel yet"))
 # SD3 and SD3.5 share one class (ComfyUI's MMDiT); SD3.5's dual-attention blocks run through the same hooks.

@@ -101,6 +101,10 @@ SD3_VARIANTS: dict[str, dict[str, Any]] = {
     "sd3": {},
     "sd35": {"qk_norm": "rms", "x_block_self_attn_layers": [0]},
 }
+# Qwen-Image detection reads only the input width (16 latent channels x 2x2 patches) and the block count from the
+# weights; width 3072 (24 heads of 128) and the 3584-wide text input are ComfyUI's defaults for the class. One
+# block is the smallest model that loads as it: ~380 M parameters, 1.5 GB in fp32.
+QWEN_IMAGE_UNET_CONFIG: dict[str, Any] = {"image_model": "qwen_image", "in_channels": 64, "num_layers": 1}
 
 # Normalisation scales are drawn around 1 rather than set to exactly 1 so that a wrong mapping of them (e.g. in a
 # sharded model) changes the output; biases are small but non-zero for the same reason.
@@ -184,7 +188,7 @@ def smooth_in_time_(layer: torch.nn.Linear) -> None:
         layer.weight.mul_(damping * math.sqrt(len(damping) / float((damping**2).sum())))
 
 
-def init_weights_(model: torch.nn.Module, seed: int) -> None:
+def init_weights_(model: torch.nn.Module, seed: int, output_layer: str = _OUTPUT_LAYER) -> None:
     """Overwrite every parameter with seeded values (disable_weight_init leaves them as uninitialised memory).
 
     Linear weights are fan-in scaled so activations stay O(1) through the blocks; nothing is zero, so the output
@@ -199,7 +203,7 @@ def init_weights_(model: torch.nn.Module, seed: int) -> None:
                     value = _BIAS_STD * noise
                 elif isinstance(module, torch.nn.Linear):
                     value = noise / math.sqrt(module.in_features)
-                    if module_name == _OUTPUT_LAYER:
+                    if module_name == output_layer:
                         value = value * _OUTPUT_SCALE
                 elif isinstance(module, torch.nn.Conv2d):
                     value = noise / math.sqrt(parameter[0].numel())
@@ -267,6 +271,22 @@ def write_tiny_sd3(path: str | Path, variant: str = "sd3", size: str = "tiny", s
     return _save(model, path, {"family": "sd3", "variant": variant, "size": size, "seed": seed, "config": config})
 
 
+def write_tiny_qwen_image(path: str | Path, variant: str = "default", size: str = "tiny", seed: int = 0,
+                          **overrides: Any) -> Path:
+    """Write a seeded checkpoint that ``comfy.sd.load_diffusion_model`` loads and detects as Qwen-Image."""
+    import_comfy()
+    import comfy.model_detection
+
+    path = _checked_path(path)
+    config = {**QWEN_IMAGE_UNET_CONFIG, **overrides}
+    model_config = comfy.model_detection.model_config_from_unet_config(config)
+    if type(model_config).__name__ != "QwenImage":
+        raise ValueError(f"this config is detected as {type(model_config).__name__}, not QwenImage")
+    model = model_config.get_model({}).diffusion_model
+    init_weights_(model, seed, output_layer="proj_out")
+    return _save(model, path, {"family": "qwen_image", "variant": variant, "size": size, "seed": seed, "config": config})
+
+
 def stand_in_conditioning(seed: int, text_tokens: int = 7, guidance: float | None = 3.5,
                           context_dim: int = FLUX_BASE["context_in_dim"], pooled_dim: int = FLUX_BASE["vec_in_dim"]) -> list:
     """Seeded CONDITIONING shaped like Flux's text encoders' output for these models ([[context, {pooled, guidance}]]),
@@ -293,6 +313,7 @@ FAMILIES: dict[str, TinyFamily] = {
     "sd3": TinyFamily(tuple(SD3_VARIANTS), ("tiny",), write_tiny_sd3),
     # SD3.5 Medium's layout under its own name, so tests and the CLI ask for it as a family.
     "sd35": TinyFamily(("sd35",), ("tiny",), write_tiny_sd3),
+    "qwen_image": TinyFamily(("default",), ("tiny",), write_tiny_qwen_image),
     # Two files (encoder, decoder) written into the given vae_approx folder; VAELoader offers them as "taef1".
     "taef1": TinyFamily(TAEF1_VARIANTS, TAEF1_SIZES, write_tiny_taef1),
 }

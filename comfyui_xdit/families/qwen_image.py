@@ -1,0 +1,98 @@
+"""Qwen-Image (ComfyUI's comfy.ldm.qwen_image.model.QwenImageTransformer2DModel) computed across ranks.
+
+Qwen-Image's forward patchifies the 5-D latent, embeds image and text and runs its blocks in one method, so there is
+no token-level forward to patch as on Flux. Its own extension points are used instead, all set per call by a
+DIFFUSION_MODEL wrapper on a clone of the ModelPatcher:
+- a "post_input" patch (after the image/text embeddings, before RoPE) splits image tokens and text tokens, with
+  their RoPE positions, over the sequence-parallel group, so each rank's rows are [its text shard, its image shard]
+  and RoPE is computed for exactly those rows (Qwen-Image-Edit's reference-image tokens, appended to the image
+  tokens by then, are split with them);
+- the `optimized_attention_override` transformer option runs the joint [text, image] attention with usp_attention,
+  the text's q/k/v gathered as joint tokens in front (the attention Flux's adapter uses: the layout is the same);
+- a "double_block" patch after the last block gathers the image tokens back, so the final layer and the unpatchify
+  see the whole image.
+CFG and data parallel are family-independent wrappers (cfg_parallel.py, parallel_glue.py).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import comfy.patcher_extension
+import torch
+
+from parallel_core import ParallelState, gather_sequence, split_sequence
+from parallel_core.sharding import padded_piece
+
+from ..errors import UnsupportedByXDiT
+from .flux import _usp_attention_override
+
+WRAPPER_KEY = "comfyui_xdit.qwen_image_sequence_parallel"
+TOKEN_PATCH_POINTS = ("post_input", "double_block")  # the forward's patch lists this module takes over
+
+
+def _shard_tokens(state: ParallelState, args: dict) -> dict:
+    """post_input patch: this rank's rows of the image and text streams and of their RoPE positions."""
+    sp = state.sequence
+    return {**args,
+            "img": split_sequence(args["img"], state, 1), "img_ids": split_sequence(args["img_ids"], state, 1),
+            "txt": padded_piece(args["txt"], 1, sp.size, sp.rank), "txt_ids": padded_piece(args["txt_ids"], 1, sp.size, sp.rank)}
+
+
+def _gather_after_last_block(state: ParallelState, args: dict) -> dict:
+    """double_block patch: the whole image stream again once the last block has run (text is not used after it)."""
+    if args["block_index"] != args["transformer_options"]["total_blocks"] - 1:
+        return args
+    return {**args, "img": gather_sequence(args["img"], state, 1)}
+
+
+def refuse_unsupported(ref_method: str | None, attention_mask, kwargs: dict[str, Any], transformer_options: dict) -> None:
+    """Raise for the inputs of Qwen-Image's forward that the sequence-parallel path does not handle.
+    `ref_method`: how reference images (Qwen-Image-Edit) join the tokens; None without reference images."""
+    if kwargs.get("control") is not None:
+        raise UnsupportedByXDiT("ControlNet on Qwen-Image is not supported in parallel yet; remove the ControlNet apply node or use UNETLoader")
+    # Reference tokens are appended to the image tokens and sharded with them; only this method treats token
+    # ranges differently inside the blocks (timestep-zero modulation from a token index).
+    if ref_method == "index_timestep_zero":
+        raise UnsupportedByXDiT("reference images with ref_latents_method 'index_timestep_zero' (Qwen-Image-Edit-2511) are not "
+                                "supported with sequence parallel yet; set ulysses_degree and ring_degree to 1 or use UNETLoader")
+    if attention_mask is not None:
+        raise UnsupportedByXDiT("a text attention mask on Qwen-Image is not supported with sequence parallel; "
+                                "set ulysses_degree and ring_degree to 1 or use UNETLoader")
+    # Other nodes' patches at these points (e.g. Qwen-Image's DiffSynth and blockwise ControlNets) index the
+    # whole image's tokens, which no rank holds between the two.
+    patched = [name for name in TOKEN_PATCH_POINTS if transformer_options.get("patches", {}).get(name)]
+    if patched:
+        raise UnsupportedByXDiT(f"a model patch on Qwen-Image's {' and '.join(patched)} (e.g. a DiffSynth or blockwise ControlNet) "
+                                "is not supported with sequence parallel; remove it, or set ulysses_degree and ring_degree to 1")
+    if "optimized_attention_override" in transformer_options:
+        raise UnsupportedByXDiT("another node pack already overrides attention on this model; remove that patch to sample with XDiT")
+
+
+def _sequence_parallel_forward(state: ParallelState, default_ref_method: str, executor, x: torch.Tensor, timestep,
+                               context: torch.Tensor, attention_mask=None, ref_latents=None, additional_t_cond=None,
+                               transformer_options=None, **kwargs):
+    """DIFFUSION_MODEL wrapper: the stock forward with this call's sharding patches and attention override."""
+    transformer_options = transformer_options or {}
+    ref_method = None if ref_latents is None else kwargs.get("ref_latents_method", default_ref_method)
+    refuse_unsupported(ref_method, attention_mask, kwargs, transformer_options)
+    options = dict(transformer_options)
+    options["patches"] = {**options.get("patches", {}), "post_input": [functools.partial(_shard_tokens, state)],
+                          "double_block": [functools.partial(_gather_after_last_block, state)]}
+    options["optimized_attention_override"] = functools.partial(_usp_attention_override, state, context.shape[1])
+    return executor(x, timestep, context, attention_mask, ref_latents, additional_t_cond, options, **kwargs)
+
+
+def parallelize(model_patcher, state: ParallelState, adapter):
+    """A clone of `model_patcher` whose Qwen-Image shards its tokens over `state`'s sequence group;
+    `adapter` is its registry entry (families/__init__.py)."""
+    if adapter.joint_attention != "front":  # the attention override puts text in front, as this model's forward does
+        raise ValueError(f"the Qwen-Image hooks run text-in-front joint attention, not {adapter.joint_attention!r} ({adapter.name})")
+    if state.pipefusion.size > 1 or state.patch.size > 1:  # refused by capabilities before this; a wrong entry is a bug
+        raise ValueError(f"{adapter.name}: PipeFusion and patch parallel have no Qwen-Image hooks")
+    patched = model_patcher.clone()
+    if state.sequence.size > 1:
+        default_ref_method = model_patcher.model.diffusion_model.default_ref_method
+        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY,
+                                     functools.partial(_sequence_parallel_forward, state, default_ref_method))
+    return patched

@@ -1,0 +1,39 @@
+"""Qwen-Image through the whole product on a real ComfyUI server: XDiT loader and sampler on a local Ray pool give
+the stock graph's latent (the shipped workflow's sampling path, server_graphs.qwen_image_graph), and what the
+family does not take is refused by name."""
+from __future__ import annotations
+
+import pytest
+
+from server_graphs import TINY_QWEN_IMAGE_NAME, qwen_image_graph, saved_latent
+
+from comfyui_xdit.api_client import ComfyClient, ExecutionFailed
+
+pytestmark = pytest.mark.server
+
+FP32_TOL = 1e-5
+RELATIVE_TOL = 2e-6  # CFG amplifies rounding: relative to the latent's size where that is larger
+
+
+@pytest.fixture(scope="module")
+def client(comfy_server, tiny_model_path) -> ComfyClient:
+    # Linked here, not in the shared server fixture: only this module pays for writing the 1.5 GB file.
+    link = comfy_server.models_dir("diffusion_models") / TINY_QWEN_IMAGE_NAME
+    if not link.exists():
+        link.symlink_to(tiny_model_path("qwen_image"))
+    return ComfyClient(comfy_server.url)
+
+
+def test_xdit_nodes_match_the_stock_graph_with_ring_attention(comfy_server, client):
+    stock = saved_latent(comfy_server, client.run(qwen_image_graph(False, prefix="qwen_stock"), timeout=600))
+    xdit = saved_latent(comfy_server, client.run(qwen_image_graph(True, prefix="qwen_xdit_usp", world_size=2, ulysses_degree=1,
+                                                                  ring_degree=2, cfg_degree=1), timeout=900))
+    assert xdit.shape == stock.shape == (1, 16, 1, 18, 22)
+    assert stock.abs().max() > 0.1
+    assert (xdit - stock).abs().max().item() <= max(FP32_TOL, RELATIVE_TOL * stock.abs().max().item())
+    assert comfy_server.get_json("/xdit/status")["pool"]["world_size"] == 2
+
+
+def test_pipefusion_is_refused_by_name(client):
+    with pytest.raises(ExecutionFailed, match=r"Qwen-Image supports ulysses, ring, cfg and data parallel only .*set pipefusion_degree to 1"):
+        client.run(qwen_image_graph(True, prefix="qwen_refused", world_size=2, pipefusion_degree=2), timeout=600)
