@@ -10,7 +10,8 @@ from typing import Any, Callable
 
 import torch
 
-from parallel_core import ParallelState, gather_batch, split_batch
+from parallel_core import ParallelState, all_gather, gather_batch, split_batch, usp_attention
+from parallel_core.sharding import chunk_length, padded_piece
 
 from .errors import UnsupportedByXDiT
 
@@ -30,6 +31,32 @@ def from_bshd(out: torch.Tensor, skip_output_reshape: bool) -> torch.Tensor:
     if skip_output_reshape:
         return out.transpose(1, 2)
     return out.reshape(out.shape[0], out.shape[1], -1)
+
+
+def text_front_attention(state: ParallelState, text_len: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         scale: float | None = None) -> torch.Tensor:
+    """Joint [text, image] attention (B, S, H, D) where each rank's rows are [its text shard, its image shard].
+
+    The text shards' q/k/v are gathered (text is short), attention runs over the whole sequence, and each rank
+    keeps the output rows of its own shards.
+    """
+    sp = state.sequence
+    text_local = chunk_length(text_len, sp.size)
+    text_qkv = all_gather(torch.stack([q[:, :text_local], k[:, :text_local], v[:, :text_local]]), 2, sp, state.comm)
+    text_q, text_k, text_v = text_qkv[:, :, :text_len].unbind(0)
+    out = usp_attention(q[:, text_local:], k[:, text_local:], v[:, text_local:], state,
+                        joint_q=text_q, joint_k=text_k, joint_v=text_v, joint_strategy="front", scale=scale)
+    return torch.cat([padded_piece(out[:, :text_len], 1, sp.size, sp.rank), out[:, text_len:]], dim=1)
+
+
+def text_front_attention_override(family: str, state: ParallelState, text_len: int, func, q, k, v, heads, mask=None,
+                                  skip_reshape=False, skip_output_reshape=False, transformer_options=None, **kwargs):
+    """ComfyUI's optimized_attention replaced by text_front_attention (bind family, state and text_len first)."""
+    if mask is not None:
+        raise UnsupportedByXDiT(f"an attention mask on {family} (e.g. from an attention-mask node) is not supported in "
+                                f"parallel; remove it or use UNETLoader")
+    q, k, v = to_bshd(q, k, v, heads, skip_reshape)
+    return from_bshd(text_front_attention(state, text_len, q, k, v, kwargs.get("scale")), skip_output_reshape)
 
 
 def _batch_piece(value: Any, batch: int, state: ParallelState) -> Any:

@@ -19,12 +19,12 @@ import functools
 
 import torch
 
-from parallel_core import KVCache, ParallelState, all_gather, displaced_attention, gather_sequence, split_sequence, usp_attention
-from parallel_core.sharding import chunk_length, gather_over, padded_piece, shard_positions, split_over
+from parallel_core import KVCache, ParallelState, displaced_attention, gather_sequence, split_sequence
+from parallel_core.sharding import gather_over, padded_piece, shard_positions, split_over
 
 from .. import stale_steps
 from ..errors import UnsupportedByXDiT
-from ..parallel_glue import from_bshd, to_bshd
+from ..parallel_glue import from_bshd, text_front_attention_override, to_bshd
 
 OBJECT_PATCH_KEY = "diffusion_model.forward_orig"
 
@@ -32,27 +32,6 @@ OBJECT_PATCH_KEY = "diffusion_model.forward_orig"
 def layer_of(transformer_options: dict) -> tuple[str, int]:
     """Which block is calling attention, as ComfyUI's forward_orig records it."""
     return transformer_options["block_type"], transformer_options["block_index"]
-
-
-def _usp_attention_override(state: ParallelState, text_len: int, func, q, k, v, heads, mask=None, skip_reshape=False,
-                            skip_output_reshape=False, transformer_options=None, **kwargs):
-    """Replaces ComfyUI's optimized_attention for Flux's joint [text, image] attention.
-
-    Each rank's rows are [its text shard, its image shard]. The text shards' q/k/v are gathered (text is short),
-    attention runs over the whole sequence, and each rank keeps the output rows of its own shards.
-    """
-    refuse_mask(mask)
-    q, k, v = to_bshd(q, k, v, heads, skip_reshape)
-    sp = state.sequence
-    text_local = chunk_length(text_len, sp.size)
-    text_qkv = all_gather(torch.stack([q[:, :text_local], k[:, :text_local], v[:, :text_local]]), 2, sp, state.comm)
-    text_q, text_k, text_v = text_qkv[:, :, :text_len].unbind(0)
-    out = usp_attention(
-        q[:, text_local:], k[:, text_local:], v[:, text_local:], state,
-        joint_q=text_q, joint_k=text_k, joint_v=text_v, joint_strategy="front", scale=kwargs.get("scale"),
-    )
-    out = torch.cat([padded_piece(out[:, :text_len], 1, sp.size, sp.rank), out[:, text_len:]], dim=1)
-    return from_bshd(out, skip_output_reshape)
 
 
 def refuse_mask(mask) -> None:
@@ -83,7 +62,7 @@ def _parallel_forward_orig(original, state: ParallelState, img, img_ids, txt, tx
     img = split_sequence(img, state, 1)
     img_ids = split_sequence(img_ids, state, 1)
     options = dict(transformer_options)
-    options["optimized_attention_override"] = functools.partial(_usp_attention_override, state, text_len)
+    options["optimized_attention_override"] = functools.partial(text_front_attention_override, "Flux", state, text_len)
     out = original(img, img_ids, txt, txt_ids, timesteps, y, guidance, None, transformer_options=options)
     return gather_sequence(out, state, 1)
 

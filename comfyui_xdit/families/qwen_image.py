@@ -25,7 +25,7 @@ from parallel_core import ParallelState, gather_sequence, split_sequence
 from parallel_core.sharding import padded_piece
 
 from ..errors import UnsupportedByXDiT
-from .flux import _usp_attention_override
+from ..parallel_glue import text_front_attention_override
 
 WRAPPER_KEY = "comfyui_xdit.qwen_image_sequence_parallel"
 TOKEN_PATCH_POINTS = ("post_input", "double_block")  # the forward's patch lists this module takes over
@@ -79,7 +79,7 @@ def _sequence_parallel_forward(state: ParallelState, default_ref_method: str, ex
     options = dict(transformer_options)
     options["patches"] = {**options.get("patches", {}), "post_input": [functools.partial(_shard_tokens, state)],
                           "double_block": [functools.partial(_gather_after_last_block, state)]}
-    options["optimized_attention_override"] = functools.partial(_usp_attention_override, state, context.shape[1])
+    options["optimized_attention_override"] = functools.partial(text_front_attention_override, "Qwen-Image", state, context.shape[1])
     return executor(x, timestep, context, attention_mask, ref_latents, additional_t_cond, options, **kwargs)
 
 

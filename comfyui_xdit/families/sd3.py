@@ -19,11 +19,11 @@ import functools
 
 import torch
 
-from parallel_core import ParallelState, all_gather, gather_sequence, split_sequence, usp_attention
+from parallel_core import ParallelState, gather_sequence, split_sequence, usp_attention
 from parallel_core.sharding import chunk_length, padded_piece
 
 from ..errors import UnsupportedByXDiT
-from ..parallel_glue import from_bshd, to_bshd
+from ..parallel_glue import from_bshd, text_front_attention, to_bshd
 
 OBJECT_PATCH_KEY = "diffusion_model.forward_core_with_concat"
 
@@ -39,16 +39,10 @@ def _attention_override(state: ParallelState, text_len: int, image_local: int, f
     text_local = q.shape[1] - image_local
     if text_local == 0:
         return from_bshd(usp_attention(q, k, v, state, scale=scale), skip_output_reshape)
-    sp = state.sequence
-    if text_local != chunk_length(text_len, sp.size):
+    if text_local != chunk_length(text_len, state.sequence.size):
         raise ValueError(f"MMDiT attention got {q.shape[1]} rows; expected {image_local} image rows and "
-                         f"{chunk_length(text_len, sp.size)} text rows")
-    text_qkv = all_gather(torch.stack([q[:, :text_local], k[:, :text_local], v[:, :text_local]]), 2, sp, state.comm)
-    text_q, text_k, text_v = text_qkv[:, :, :text_len].unbind(0)
-    out = usp_attention(q[:, text_local:], k[:, text_local:], v[:, text_local:], state,
-                        joint_q=text_q, joint_k=text_k, joint_v=text_v, joint_strategy="front", scale=scale)
-    out = torch.cat([padded_piece(out[:, :text_len], 1, sp.size, sp.rank), out[:, text_len:]], dim=1)
-    return from_bshd(out, skip_output_reshape)
+                         f"{chunk_length(text_len, state.sequence.size)} text rows")
+    return from_bshd(text_front_attention(state, text_len, q, k, v, scale), skip_output_reshape)
 
 
 def _parallel_forward_core(original, state: ParallelState, x: torch.Tensor, c_mod: torch.Tensor, context: torch.Tensor,
