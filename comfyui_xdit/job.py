@@ -1,7 +1,7 @@
 """The sampling job: what SamplerCustomAdvanced's inputs mean, as plain data, and back again on a worker.
 
 `carry_*` runs in the ComfyUI process and turns live objects (guider, sampler, the model's patches) into names,
-numbers and tensors, refusing anything it cannot rebuild faithfully; the LoRA stack XDiTFluxLoraLoader recorded
+numbers and tensors, refusing anything it cannot rebuild faithfully; the LoRA stack XDiTLoraLoader recorded
 travels as (path, strength) data (lora.py) and is merged on the workers (lora_merge.py). `rebuild_*` runs on each
 worker and makes the same objects around the worker's resident model, so the worker runs ComfyUI's own sampling code.
 """
@@ -54,7 +54,7 @@ def carry_model_patches(model_patcher) -> tuple[dict | None, dict]:
     if foreign_objects:
         raise UnsupportedByXDiT(f"the MODEL carries object patches {foreign_objects} from another node that XDiT cannot rebuild on its workers; remove that node")
     if any(model_patcher.patches.values()):
-        raise UnsupportedByXDiT("the MODEL carries weight patches (e.g. a stock LoRA loader); use XDiTFluxLoraLoader, or remove the LoRA")
+        raise UnsupportedByXDiT("the MODEL carries weight patches (e.g. a stock LoRA loader); use XDiTLoraLoader, or remove the LoRA")
     for kind, by_key in model_patcher.wrappers.items():
         foreign = [k for k, fns in by_key.items() if fns and k != SHELL_GUARD_KEY]
         if foreign:

@@ -22,7 +22,7 @@ class PoolModelRef:
 
 @dataclass(frozen=True)
 class LoraRef:
-    """One LoRA of a MODEL's stack, as XDiTFluxLoraLoader recorded it; workers merge the stack in this order."""
+    """One LoRA of a MODEL's stack, as XDiTLoraLoader recorded it; workers merge the stack in this order."""
 
     path: str
     strength: float

@@ -1,6 +1,6 @@
 """LoRA files read and mapped by ComfyUI's own code (comfy.lora_convert, comfy.lora), checked before any work.
 
-Both sides use it: XDiTFluxLoraLoader checks a file against the shell MODEL (meta weights, so keys and shapes
+Both sides use it: XDiTLoraLoader checks a file against the shell MODEL (meta weights, so keys and shapes
 are the real ones and nothing is computed), and each worker maps the same file onto its resident model with the
 same `map_lora`. The MODEL carries its LoRA stack as plain data (LoraRef tuples) in an attachment, which stock
 nodes copy along when they clone the model.
@@ -161,7 +161,7 @@ def checked_lora(model_patcher, path: str, strength: float) -> LoraRef:
     stat = os.stat(path)
     mapped = map_lora(model_patcher, read_shapes(path), name)
     if mapped.unmatched:  # stock LoraLoader merges what matches and logs the rest: so does the pool
-        logging.warning("XDiTFluxLoraLoader: LoRA %s: %d of %d keys match %s; not applied, e.g. %r",
+        logging.warning("XDiTLoraLoader: LoRA %s: %d of %d keys match %s; not applied, e.g. %r",
                         name, mapped.keys - len(mapped.unmatched), mapped.keys, _this_model(model_patcher), mapped.unmatched[0])
     check_fits(model_patcher, mapped, name)
     return LoraRef(path=path, strength=float(strength), stamp=(stat.st_size, stat.st_mtime_ns))

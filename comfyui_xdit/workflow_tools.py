@@ -18,6 +18,7 @@ Workflow = dict[str, dict[str, Any]]
 STOCK_TWINS: dict[str, tuple[str, tuple[str, ...]]] = {
     "XDiTUNetLoader": ("UNETLoader", ("unet_name", "weight_dtype")),
     "XDiTSamplerCustomAdvanced": ("SamplerCustomAdvanced", ("noise", "guider", "sampler", "sigmas", "latent_image")),
+    "XDiTLoraLoader": ("LoraLoaderModelOnly", ("model", "lora_name", "strength_model")),
     "XDiTFluxLoraLoader": ("LoraLoaderModelOnly", ("model", "lora_name", "strength_model")),
     "XDiTKSampler": ("KSampler", ("model", "seed", "steps", "cfg", "sampler_name", "scheduler", "positive", "negative",
                                   "latent_image", "denoise")),

@@ -2,7 +2,7 @@
 from comfyui_xdit.pool_client import install_exit_hooks
 
 from .ksampler import XDiTKSampler, XDiTKSamplerAdvanced
-from .lora_loader import XDiTFluxLoraLoader
+from .lora_loader import XDiTFluxLoraLoader, XDiTLoraLoader
 from .sampler import XDiTSamplerCustomAdvanced
 from .status_route import register_status_route
 from .unet_loader import XDiTUNetLoader
@@ -10,6 +10,7 @@ from .unet_loader import XDiTUNetLoader
 NODE_CLASS_MAPPINGS = {
     "XDiTUNetLoader": XDiTUNetLoader,
     "XDiTSamplerCustomAdvanced": XDiTSamplerCustomAdvanced,
+    "XDiTLoraLoader": XDiTLoraLoader,
     "XDiTFluxLoraLoader": XDiTFluxLoraLoader,
     "XDiTKSampler": XDiTKSampler,
     "XDiTKSamplerAdvanced": XDiTKSamplerAdvanced,
@@ -17,7 +18,8 @@ NODE_CLASS_MAPPINGS = {
 NODE_DISPLAY_NAME_MAPPINGS = {
     "XDiTUNetLoader": "Load Diffusion Model (XDiT pool)",
     "XDiTSamplerCustomAdvanced": "SamplerCustomAdvanced (XDiT pool)",
-    "XDiTFluxLoraLoader": "LoraLoaderModelOnly (XDiT pool)",
+    "XDiTLoraLoader": "LoraLoaderModelOnly (XDiT pool)",
+    "XDiTFluxLoraLoader": "LoraLoaderModelOnly (XDiT pool, old name)",
     "XDiTKSampler": "KSampler (XDiT pool)",
     "XDiTKSamplerAdvanced": "KSampler (Advanced) (XDiT pool)",
 }

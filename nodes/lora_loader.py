@@ -1,4 +1,5 @@
-"""XDiTFluxLoraLoader: LoraLoaderModelOnly's inputs and output, with the LoRA merged on the pool's workers."""
+"""XDiTLoraLoader: LoraLoaderModelOnly's inputs and output, with the LoRA merged on the pool's workers (any family
+whose LoRA keys ComfyUI maps). XDiTFluxLoraLoader is its old name, kept so saved workflows keep loading."""
 from __future__ import annotations
 
 import os
@@ -10,12 +11,12 @@ from comfyui_xdit.lora import checked_lora, with_lora
 from comfyui_xdit.shell_model import POOL_ATTACHMENT
 
 
-class XDiTFluxLoraLoader:
+class XDiTLoraLoader:
     @classmethod
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "A MODEL from XDiTUNetLoader (or another XDiTFluxLoraLoader)."}),
+                "model": ("MODEL", {"tooltip": "A MODEL from XDiTUNetLoader (or another XDiTLoraLoader)."}),
                 "lora_name": (folder_paths.get_filename_list("loras"), {"tooltip": "The name of the LoRA."}),
                 "strength_model": ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01,
                                              "tooltip": "How strongly to modify the diffusion model. This value can be negative."}),
@@ -38,6 +39,12 @@ class XDiTFluxLoraLoader:
         if strength_model == 0:  # as stock: strength 0 is the model itself, the file is not even opened
             return (model,)
         if model.attachments.get(POOL_ATTACHMENT) is None:
-            raise UnsupportedByXDiT("XDiTFluxLoraLoader needs a MODEL from XDiTUNetLoader; for a model from UNETLoader use LoraLoaderModelOnly")
+            raise UnsupportedByXDiT(f"{type(self).__name__} needs a MODEL from XDiTUNetLoader; for a model from UNETLoader use LoraLoaderModelOnly")
         path = folder_paths.get_full_path_or_raise("loras", lora_name)
         return (with_lora(model, checked_lora(model, path, strength_model)),)
+
+
+class XDiTFluxLoraLoader(XDiTLoraLoader):
+    """The node's name before it served every family: saved workflows use it; new ones get XDiTLoraLoader."""
+
+    DEPRECATED = True  # hidden from the node search, still loads and runs

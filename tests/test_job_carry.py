@@ -95,7 +95,7 @@ def test_refuses_weight_patches_with_a_pointer_to_the_xdit_lora_loader(models):
     patched = models["shell"].clone()
     key = next(iter(patched.model.diffusion_model.state_dict()))
     patched.add_patches({f"diffusion_model.{key}": (torch.zeros(1),)}, 1.0)
-    with pytest.raises(UnsupportedByXDiT, match="weight patches .* use XDiTFluxLoraLoader"):
+    with pytest.raises(UnsupportedByXDiT, match="weight patches .* use XDiTLoraLoader"):
         _job_of(*_inputs(patched))
 
 

@@ -1,4 +1,4 @@
-"""LoRA through a real ComfyUI server: XDiTFluxLoraLoader on the Ray pool vs stock LoraLoaderModelOnly, over HTTP + ws.
+"""LoRA through a real ComfyUI server: XDiTLoraLoader on the Ray pool vs stock LoraLoaderModelOnly, over HTTP + ws.
 
 The graphs are test_server_pool's flux_graph with LoRA nodes between the loader and ModelSamplingFlux; the LoRA
 files are written by comfyui_xdit.testing.tiny_loras into the server's models/loras in the trainers' key formats.
@@ -55,7 +55,7 @@ def lora_graph(xdit: bool, stack: list[tuple[str, float]], **kwargs) -> dict:
     source = ["1", 0]
     for i, (name, strength) in enumerate(stack):
         node = str(20 + i)
-        graph[node] = {"class_type": "XDiTFluxLoraLoader" if xdit else "LoraLoaderModelOnly",
+        graph[node] = {"class_type": "XDiTLoraLoader" if xdit else "LoraLoaderModelOnly",
                        "inputs": {"model": source, "lora_name": name, "strength_model": strength}}
         source = [node, 0]
     graph["2"]["inputs"]["model"] = source
@@ -138,7 +138,7 @@ def test_bad_loras_fail_clearly_before_any_work_and_the_pool_keeps_serving(comfy
     with pytest.raises(ExecutionFailed, match=r"none of its 4 keys match this Flux model \(0 of 4 matched; e.g. "
                                               r"'lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_k.lora_down.weight'\)") as nomatch:
         client.run(lora_graph(True, [(loras["nomatch"], 1.0)], prefix="bad_nomatch", **ULYSSES2), timeout=300)
-    assert nomatch.value.node_type == "XDiTFluxLoraLoader"
+    assert nomatch.value.node_type == "XDiTLoraLoader"
     with pytest.raises(ExecutionFailed, match=r"1 of its \d+ weight patches do not fit this Flux model, e.g. "
                                               r"diffusion_model.double_blocks.0.img_attn.proj.weight of shape \(256, 256\)"):
         client.run(lora_graph(True, [(loras["a"], 0.5), (loras["misfit"], 1.0)], prefix="bad_misfit", **ULYSSES2), timeout=300)
@@ -152,19 +152,30 @@ def test_bad_loras_fail_clearly_before_any_work_and_the_pool_keeps_serving(comfy
 def test_stock_lora_loader_and_xdit_lora_loader_refuse_the_other_loaders_model(comfy_server, client, loras):
     stock_on_xdit = lora_graph(True, [(loras["a"], 0.8)], prefix="mix_stock_lora", **ULYSSES2)
     stock_on_xdit["20"]["class_type"] = "LoraLoaderModelOnly"
-    with pytest.raises(ExecutionFailed, match="weight patches .* use XDiTFluxLoraLoader"):
+    with pytest.raises(ExecutionFailed, match="weight patches .* use XDiTLoraLoader"):
         client.run(stock_on_xdit, timeout=300)
     xdit_on_stock = lora_graph(False, [(loras["a"], 0.8)], prefix="mix_xdit_lora")
-    xdit_on_stock["20"]["class_type"] = "XDiTFluxLoraLoader"
-    with pytest.raises(ExecutionFailed, match="XDiTFluxLoraLoader needs a MODEL from XDiTUNetLoader; .* use LoraLoaderModelOnly"):
+    xdit_on_stock["20"]["class_type"] = "XDiTLoraLoader"
+    with pytest.raises(ExecutionFailed, match="XDiTLoraLoader needs a MODEL from XDiTUNetLoader; .* use LoraLoaderModelOnly"):
         client.run(xdit_on_stock, timeout=300)
+
+
+def test_the_old_flux_lora_node_name_still_runs_saved_workflows(comfy_server, client, loras):
+    files = [(loras["a"], 0.8)]
+    stock = saved_latent(comfy_server, client.run(lora_graph(False, files, prefix="alias_stock"), timeout=300))
+    saved = lora_graph(True, files, prefix="alias_xdit", **ULYSSES2)
+    saved["20"]["class_type"] = "XDiTFluxLoraLoader"
+    assert (saved_latent(comfy_server, client.run(saved, timeout=600)) - stock).abs().max().item() <= FP32_TOL
+    info = client.object_info()
+    assert info["XDiTFluxLoraLoader"].get("deprecated") is True and "deprecated" not in info["XDiTLoraLoader"]
+    assert info["XDiTFluxLoraLoader"]["input"] == info["XDiTLoraLoader"]["input"]
 
 
 def test_the_shipped_lora_workflow_runs_on_the_pool_like_its_stock_twin(comfy_server, client, loras):
     """workflows/api/flux_dev_lora_xdit_api.json as shipped (pool size and degrees auto), offline on tiny weights."""
     workflow = make_offline(load_api_workflow(REPO_ROOT / "workflows" / "api" / "flux_dev_lora_xdit_api.json"),
                             TINY_UNET_NAMES["dev"], size=128, steps=3)
-    lora_node = set_input(workflow, "XDiTFluxLoraLoader", "lora_name", loras["b"])
+    lora_node = set_input(workflow, "XDiTLoraLoader", "lora_name", loras["b"])
     workflow["99"] = {"class_type": "SaveLatent", "inputs": {"samples": ["11", 0], "filename_prefix": "shipped_lora_xdit"}}
     stock = stock_twin(workflow)
     assert stock[lora_node]["class_type"] == "LoraLoaderModelOnly"
