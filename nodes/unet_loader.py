@@ -17,6 +17,7 @@ from comfyui_xdit.stage_loading import check_stage_loadable
 from ray_backend.capacity import check_world_fits
 from ray_backend.cluster import ClusterConnectCancelled, ClusterUnreachable, cluster_gpus, cluster_memory_bytes, ensure_ray
 from ray_backend.clusters import LOCAL, ClusterNotConfigured
+from ray_backend.errors import PoolFailure
 
 _TOOLTIPS = {
     "ulysses_degree": "Ulysses sequence parallel (exact); 0 = auto",
@@ -92,7 +93,11 @@ class XDiTUNetLoader:
         validate_for_model(config, world, shell)
         if config.pipefusion_degree > 1:
             check_stage_loadable(path)
-        pool_for(ref, comfy.model_management.processing_interrupted).warm(ref, dict(degrees))
+        try:
+            pool_for(ref, comfy.model_management.processing_interrupted).warm(ref, dict(degrees))
+        except PoolFailure as error:  # a worker died or hung while the pool started or loaded the model
+            raise RuntimeError(f"XDiTUNetLoader: XDiT worker pool failed: {error}. The pool was stopped; "
+                               f"queue the prompt again to start a fresh one.") from error
         return (shell,)
 
 

@@ -70,7 +70,7 @@ def test_private_cluster_never_adopts_another_and_refuses_processes_without_its_
         line = driver.stdout.readline()
         assert line, driver.stderr.read()[-4000:]
         report = json.loads(line)
-        assert report["output"] == {"sum": 2 * 1 + 2 * 2, "world": 2}
+        assert report["output"] == {"sum": 2 * 1 + 2 * 2, "world": 2, "overlapped": False}
         assert report["token_mode"] == 0o600 and report["dir_mode"] == 0o700
         gcs = report["info"]["gcs_address"]
         assert gcs.startswith("127.0.0.1:") and gcs != "127.0.0.1:1", "the pool must run on a cluster it started"
