@@ -10,7 +10,7 @@ import folder_paths
 from comfyui_xdit import cluster_config
 from comfyui_xdit.degrees import resolve_degrees, resolve_world_size
 from comfyui_xdit.parallel_model import validate_for_model
-from comfyui_xdit.pool_client import pool_for
+from comfyui_xdit.pool_client import keep_sigterm_hook, pool_for
 from comfyui_xdit.job_spec import PoolModelRef
 from comfyui_xdit.shell_model import WEIGHT_DTYPES, build_shell, detect
 from comfyui_xdit.stage_loading import check_stage_loadable
@@ -105,6 +105,7 @@ def connect(target) -> None:
     """Connect to the chosen cluster in bounded time; ComfyUI's Cancel stops the attempt."""
     try:
         ensure_ray(target, comfy.model_management.processing_interrupted)
+        keep_sigterm_hook()
     except ClusterConnectCancelled:
         comfy.model_management.throw_exception_if_processing_interrupted()
         raise
