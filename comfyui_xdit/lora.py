@@ -33,6 +33,21 @@ _FORMATS = ("ComfyUI maps kohya (lora_unet_*), diffusers/PEFT (transformer.*), C
             "XLabs (processor.*) and LyCORIS LoHa/LoKr keys onto the diffusion model")
 
 
+# LoraLoaderModelOnly's widget range: ComfyUI refuses values outside it when they are typed in a workflow.
+STRENGTH_RANGE = (-100.0, 100.0)
+
+
+def strength_problem(strength: float) -> str | None:
+    """Why `strength` cannot be merged (None if it can). NaN and inf pass ComfyUI's own range check (every
+    comparison with NaN is false) and would turn every weight they touch into NaN on every worker."""
+    low, high = STRENGTH_RANGE
+    if not isinstance(strength, (int, float)) or not math.isfinite(strength):
+        return f"strength_model must be a finite number from {low:g} to {high:g}, got {strength!r}"
+    if not low <= strength <= high:
+        return f"strength_model {strength:g} is outside {low:g} to {high:g}; use a strength in that range"
+    return None
+
+
 def lora_stack(model_patcher) -> tuple[LoraRef, ...]:
     return model_patcher.attachments.get(LORA_ATTACHMENT, ())
 

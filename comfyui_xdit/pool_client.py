@@ -15,6 +15,8 @@ from .job_spec import PoolModelRef
 from .worker_service import SERVICE_PATH
 
 REGISTRY = PoolRegistry(SERVICE_PATH)
+# Our SIGTERM handler, and the main thread's event loop (ComfyUI's server) that can put it back (see keep_sigterm_hook).
+_sigterm_hook: dict[str, object] = {}
 
 
 def install_exit_hooks() -> None:
@@ -34,12 +36,35 @@ def install_exit_hooks() -> None:
         os.kill(os.getpid(), signal.SIGTERM)  # whatever SIGTERM did before (terminate, by default)
 
     signal.signal(signal.SIGTERM, on_sigterm)
+    _sigterm_hook["handler"] = on_sigterm
+    try:
+        from server import PromptServer
+
+        _sigterm_hook["loop"] = PromptServer.instance.loop
+    except (ImportError, AttributeError):  # not inside a ComfyUI server: nothing starts Ray off the main thread
+        pass
+
+
+def keep_sigterm_hook() -> None:
+    """Put our SIGTERM handler back after Ray started or joined a cluster: every ray.init installs Ray's own C-level
+    handler, which prints a stack trace and exits at once, so ours (stop the pool, then every process of the
+    private cluster) would never run. Python sets handlers only from the main thread: ComfyUI's event loop runs there."""
+    handler, loop = _sigterm_hook.get("handler"), _sigterm_hook.get("loop")
+    if handler is None:
+        return
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
+    elif loop is not None:
+        loop.call_soon_threadsafe(signal.signal, signal.SIGTERM, handler)
 
 
 def pool_for(ref: PoolModelRef, should_interrupt: Callable[[], bool] | None = None) -> WorkerPool:
     """The pool for `ref`'s world and cluster (connecting to the cluster first, cancellably, if needed)."""
     import_comfy(prepare=False)  # inside ComfyUI: exports COMFYUI_PATH, so workers import this same ComfyUI
-    return REGISTRY.get(ref.world_size, target_for(ref.cluster), should_interrupt)
+    try:
+        return REGISTRY.get(ref.world_size, target_for(ref.cluster), should_interrupt)
+    finally:
+        keep_sigterm_hook()
 
 
 def degrees_of(ref: PoolModelRef) -> dict[str, int]:

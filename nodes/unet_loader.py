@@ -12,12 +12,13 @@ from comfyui_xdit.degrees import DEGREE_INPUTS, DEGREE_TOOLTIPS, resolve_degrees
 from comfyui_xdit.families import adapter_for
 from comfyui_xdit.job_spec import PoolModelRef
 from comfyui_xdit.parallel_model import validate_for_model
-from comfyui_xdit.pool_client import pool_for
+from comfyui_xdit.pool_client import keep_sigterm_hook, pool_for
 from comfyui_xdit.shell_model import POOL_ATTACHMENT, WEIGHT_DTYPES, build_shell
 from comfyui_xdit.stage_loading import check_stage_loadable
 from ray_backend.capacity import check_world_fits
 from ray_backend.cluster import ClusterConnectCancelled, ClusterUnreachable, cluster_gpus, cluster_memory_bytes, ensure_ray
 from ray_backend.clusters import LOCAL, ClusterNotConfigured
+from ray_backend.errors import PoolFailure
 
 # ray_address came after the first four degrees before patch_degree existed; it keeps its widget place.
 _RAY_ADDRESS_AFTER = "pipefusion_degree"
@@ -92,7 +93,11 @@ class XDiTUNetLoader:
         shell.set_attachments(POOL_ATTACHMENT, ref)
         if config.pipefusion_degree > 1:
             check_stage_loadable(path)
-        pool_for(ref, comfy.model_management.processing_interrupted).warm(ref, dict(degrees))
+        try:
+            pool_for(ref, comfy.model_management.processing_interrupted).warm(ref, dict(degrees))
+        except PoolFailure as error:  # a worker died or hung while the pool started or loaded the model
+            raise RuntimeError(f"XDiTUNetLoader: XDiT worker pool failed: {error}. The pool was stopped; "
+                               f"queue the prompt again to start a fresh one.") from error
         return (shell,)
 
 
@@ -100,6 +105,7 @@ def connect(target) -> None:
     """Connect to the chosen cluster in bounded time; ComfyUI's Cancel stops the attempt."""
     try:
         ensure_ray(target, comfy.model_management.processing_interrupted)
+        keep_sigterm_hook()
     except ClusterConnectCancelled:
         comfy.model_management.throw_exception_if_processing_interrupted()
         raise

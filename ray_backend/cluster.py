@@ -246,13 +246,47 @@ def connected_target() -> ClusterTarget | None:
     return _connection.get("target")  # type: ignore[return-value]
 
 
+def _private_cluster_tree() -> list:
+    """The private cluster's processes: those Ray started for its node (GCS, raylet, log monitor) and everything they
+    started (dashboard and runtime-env agents, workers). Read before ray.shutdown(), which stops the first kind; the
+    others notice their raylet's end only by polling it, so _reap kills what still runs after a grace period."""
+    import psutil
+    from ray._private import worker as ray_worker
+
+    node = getattr(ray_worker, "_global_node", None)
+    tree = []
+    for infos in (node.all_processes.values() if node is not None else ()):
+        for info in infos:
+            try:
+                root = psutil.Process(info.process.pid)
+                tree += [root, *root.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                pass
+    return tree
+
+
+def _reap(processes: list, grace_s: float = 5.0) -> None:
+    """SIGKILL whatever of `processes` is still running after `grace_s`."""
+    import psutil
+
+    _, alive = psutil.wait_procs(processes, timeout=grace_s)
+    for process in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    psutil.wait_procs(alive, timeout=grace_s)
+
+
 def shutdown_ray() -> None:
-    """Leave the current cluster (stopping it if it is our private one) and forget its token and temp dir."""
+    """Leave the current cluster (stopping it, every process of it, if it is our private one) and forget its token
+    and temp dir."""
     if "ray" in sys.modules:
         import ray
 
         if ray.is_initialized():
+            target = _connection.get("target")
+            tree = _private_cluster_tree() if target is not None and target.is_local else []
             ray.shutdown()
+            _reap(tree)
     temp_dir = _connection.pop("temp_dir", None)
     _connection.pop("target", None)
     if temp_dir is not None:

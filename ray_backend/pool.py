@@ -27,6 +27,8 @@ STALL_TIMEOUT_S = float(os.environ.get("XDIT_STALL_TIMEOUT_S", "600"))
 COLLECTIVE_TIMEOUT_S = float(os.environ.get("XDIT_COLLECTIVE_TIMEOUT_S", "900"))
 # After one rank fails, the others get this long to fail the same way (a consistent, input-caused error).
 FAILURE_GRACE_S = 10.0
+# A job abandoned by its caller: how long its ranks get to stop at their next step before the pool is taken down.
+STOP_JOB_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -118,6 +120,8 @@ class WorkerPool:
             self.last_stats = ray.get([a.prepare.remote(model_ref, degrees) for a in self.actors], timeout=STARTUP_TIMEOUT_S)
             return self.last_stats
         except Exception as error:
+            # A rank that died or failed here leaves the others waiting in a collective: no later job can run on it.
+            self.shutdown()
             raise PoolFailure(f"loading the model in the worker pool failed: {_cause(error)}") from error
 
     def run(self, job: Any, degrees: dict[str, int], on_progress: Callable[[int, int, Any], None] | None = None,
@@ -127,10 +131,26 @@ class WorkerPool:
         `on_progress(step, total, preview)` sees rank 0's progress; with `previews`, `preview` is the payload rank 0
         attached to a step it has not delivered before (else None), so a preview crosses at most once per step.
         """
-        import ray
-
         dispatched = time.perf_counter()
         refs = [a.run.remote(job, degrees) for a in self.actors]
+        try:
+            results = self._collect(refs, on_progress, should_interrupt, poll_s, previews)
+        except (PoolFailure, JobInterrupted):
+            raise
+        except BaseException:
+            # The caller's callback raised (ComfyUI's progress hook raises when the user cancels): the ranks must stop
+            # before any next job starts, or two jobs' collectives interleave and the process group desyncs.
+            self._stop_job(refs)
+            raise
+        self.last_stats = [results[r]["stats"] for r in sorted(results)]
+        # What the pool adds around the ranks' own work: dispatch, polling, result transfer (benches read it).
+        self.last_job = {"seconds_total": time.perf_counter() - dispatched, "seconds_in_workers": max(r["seconds"] for r in results.values())}
+        return results[0]
+
+    def _collect(self, refs: list, on_progress, should_interrupt, poll_s: float, previews: bool) -> dict[int, Any]:
+        """Every rank's result of the job `refs`, following rank 0's progress; raises as run() documents."""
+        import ray
+
         results: dict[int, Any] = {}
         errors: dict[int, BaseException] = {}
         last_step, last_change, first_error_at, interrupting = -1, time.monotonic(), None, False
@@ -171,10 +191,26 @@ class WorkerPool:
             raise PoolFailure(f"{self._where(rank)} failed while others finished: {error!r}") from error
         if errors:
             return self._consistent_error(errors)
-        self.last_stats = [results[r]["stats"] for r in sorted(results)]
-        # What the pool adds around the ranks' own work: dispatch, polling, result transfer (benches read it).
-        self.last_job = {"seconds_total": time.perf_counter() - dispatched, "seconds_in_workers": max(r["seconds"] for r in results.values())}
-        return results[0]
+        return results
+
+    def _stop_job(self, refs: list) -> None:
+        """Interrupt the job `refs` on every rank and wait until each rank has left it; a pool whose ranks do not
+        all stop in time (or died) is taken down, so the next job never meets a rank still inside this one."""
+        import ray
+
+        for a in self.actors:
+            a.request_interrupt.remote()
+        done, pending = ray.wait(refs, num_returns=len(refs), timeout=STOP_JOB_TIMEOUT_S)
+        healthy = not pending
+        for ref in done:
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayTaskError as error:
+                healthy = healthy and isinstance(_cause(error), JobInterrupted)
+            except Exception:  # the rank died
+                healthy = False
+        if not healthy:
+            self.shutdown()
 
     def _where(self, rank: int) -> str:
         """A rank and its node, for failures: on a cluster, which machine to look at."""

@@ -6,6 +6,7 @@ so that progress() and request_interrupt() answer while run() is busy.
 """
 from __future__ import annotations
 
+import ctypes
 import importlib
 import os
 import time
@@ -65,6 +66,15 @@ def pin_gloo_interface(node_address: str) -> None:
                            f"cannot tell the other nodes where to reach it; set {GLOO_IFNAME_ENV} to the interface "
                            f"of the pool's network in the environment of `ray start` on this node")
     os.environ[GLOO_IFNAME_ENV] = interface
+
+
+def _return_free_memory() -> None:
+    """Give the heap pages a job freed back to the system (glibc keeps them otherwise): a worker lives for thousands
+    of jobs, and without this its RSS crept up by ~0.4 MB a job (about 5 % per 100 tiny prompts) without live growth."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim this way
+        pass
 
 
 class PoolWorker:
@@ -130,7 +140,10 @@ class PoolWorker:
         service = self._service
         state = self._state_for(degrees)
         started = time.perf_counter()
-        result = service.run(job, state, self.control)
+        try:
+            result = service.run(job, state, self.control)
+        finally:
+            _return_free_memory()
         self.jobs_run += 1
         return {"rank": self.rank, "output": result if self.rank == 0 else None, "seconds": time.perf_counter() - started, "stats": service.stats(), "comm_bytes": state.comm.snapshot()}
 

@@ -72,7 +72,7 @@ def tiny_model_path(comfy_root: Path, tmp_path_factory: pytest.TempPathFactory) 
 
 @pytest.fixture(scope="session")
 def comfy_server(request: pytest.FixtureRequest, comfy_root: Path, tmp_path_factory: pytest.TempPathFactory):
-    """One real headless ComfyUI server for the whole session (comfyui_xdit/server_launcher.py), on a free 127.0.0.1 port.
+    """One real headless ComfyUI server for the whole session (comfyui_xdit/testing/server_launcher.py), on a free 127.0.0.1 port.
 
     Its custom_nodes/ holds this repo (as comfyui-xdit) and tests/xdit_test_nodes; models/diffusion_models the
     tiny Flux dev and schnell (names in server_launcher.TINY_UNET_NAMES) and the tiny SD1.5 U-Net

@@ -1,7 +1,10 @@
 """A pool service without ComfyUI, for ray_backend's own tests: each job all-reduces a number over the ranks;
-a job with "hang_rank" leaves that rank asleep (a stuck worker)."""
+a job with "hang_rank" leaves that rank asleep (a stuck worker); one with "steps" runs that many steps of
+"step_s" seconds (something to interrupt); a model ref {"die_rank": r} makes rank r's process exit in prepare."""
 from __future__ import annotations
 
+import os
+import threading
 import time
 
 import torch
@@ -11,19 +14,32 @@ import torch.distributed as dist
 class EchoService:
     def __init__(self, device: str):
         self.jobs = 0
+        self._active = 0  # jobs inside run() right now: more than one means two jobs' collectives interleave
+        self._lock = threading.Lock()
 
     def prepare(self, model_ref, state) -> None:
-        pass
+        if isinstance(model_ref, dict) and model_ref.get("die_rank") == state.rank:
+            os._exit(1)  # the worker process dies while it loads the model
 
     def run(self, job: dict, state, control) -> dict:
-        if job.get("hang_rank") == state.rank:
-            time.sleep(3600)
-        value = torch.tensor([float(job["value"]) * (state.rank + 1)])
-        dist.all_reduce(value)
-        control.start(1)
-        control.after_step(1)
-        self.jobs += 1
-        return {"sum": value.item(), "world": state.world_size}
+        with self._lock:
+            self._active += 1
+            overlapped = self._active > 1
+        try:
+            if job.get("hang_rank") == state.rank:
+                time.sleep(3600)
+            value = torch.tensor([float(job["value"]) * (state.rank + 1)])
+            dist.all_reduce(value)
+            steps = job.get("steps", 1)
+            control.start(steps)
+            for step in range(1, steps + 1):
+                time.sleep(job.get("step_s", 0))
+                control.after_step(step)
+            self.jobs += 1
+            return {"sum": value.item(), "world": state.world_size, "overlapped": overlapped}
+        finally:
+            with self._lock:
+                self._active -= 1
 
     def stats(self) -> dict:
         return {"jobs": self.jobs}

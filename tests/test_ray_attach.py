@@ -33,7 +33,7 @@ def test_pool_runs_on_an_existing_cluster_given_its_address_and_ends_a_stuck_job
         driver = subprocess.run([sys.executable, "-c", DRIVER], env=env, capture_output=True, text=True, timeout=300)
         assert driver.returncode == 0, driver.stdout[-2000:] + driver.stderr[-4000:]
         report = json.loads(driver.stdout.strip().splitlines()[-1])
-        assert report["output"] == {"sum": 3 * 1 + 3 * 2, "world": 2}
+        assert report["output"] == {"sum": 3 * 1 + 3 * 2, "world": 2, "overlapped": False}
         assert report["status"]["cluster"] == "testhead" and report["status"]["ray_address"] == address
         assert report["status"]["backend"] == "gloo" and report["status"]["rendezvous"] == "tcp"
         assert report["stuck"].startswith("PoolFailure: the worker pool made no progress for 5 s")

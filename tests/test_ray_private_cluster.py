@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 import subprocess
 import sys
 import time
@@ -70,7 +69,7 @@ def test_private_cluster_never_adopts_another_and_refuses_processes_without_its_
         line = driver.stdout.readline()
         assert line, driver.stderr.read()[-4000:]
         report = json.loads(line)
-        assert report["output"] == {"sum": 2 * 1 + 2 * 2, "world": 2}
+        assert report["output"] == {"sum": 2 * 1 + 2 * 2, "world": 2, "overlapped": False}
         assert report["token_mode"] == 0o600 and report["dir_mode"] == 0o700
         assert report["rendezvous"] == "file", "ranks on one machine meet at a file in the 0700 folder: no port to reach"
         gcs = report["info"]["gcs_address"]

@@ -1,37 +1,79 @@
-"""Stopping ComfyUI stops the pool: no Ray process or worker outlives a SIGTERM to the server."""
+"""Stopping ComfyUI stops the pool: no Ray process or worker outlives a SIGTERM to the server, whether it ran one
+pool, changed world size, went to an operator's cluster and back (a second private cluster), or was still starting
+its pool."""
 from __future__ import annotations
 
+import json
 import signal
 import time
 
 import psutil
 import pytest
 
-from comfyui_xdit.testing.server_launcher import TINY_UNET_NAMES, launch_server, prepare_base
+from ray_head import ray_head
 from server_graphs import flux_graph
+from server_jobs import descendants, own_server, pool_worker_processes, run_in_background, survivors
 
 from comfyui_xdit.api_client import ComfyClient
+from comfyui_xdit.cluster_config import CLUSTERS_FILE, SYSTEM_USER
 
 pytestmark = pytest.mark.server
 
+ULYSSES2 = {"world_size": 2, "ulysses_degree": 2}
+SIZE = 64
+
+
+def _sigterm_leaves_nothing(server, seen: list[psutil.Process]) -> None:
+    server.process.send_signal(signal.SIGTERM)  # the server only, as a service manager would
+    server.process.wait(timeout=60)
+    left = survivors(seen)
+    assert not left, f"left running after ComfyUI exited: {left}\n{server.log_tail()}"
+
+
+def _names(processes: list[psutil.Process]) -> set[str]:
+    names = set()
+    for p in processes:
+        try:
+            names.add(p.name())
+        except psutil.NoSuchProcess:
+            pass
+    return names
+
 
 def test_sigterm_to_comfyui_stops_every_pool_and_ray_process(comfy_root, tiny_flux_paths, tmp_path):
-    base = prepare_base(tmp_path / "base")
-    (base / "models" / "diffusion_models" / TINY_UNET_NAMES["dev"]).symlink_to(tiny_flux_paths["dev"])
-    server = launch_server(comfy_root, base, tmp_path / "comfyui.log")
-    try:
-        server.wait_ready()
-        ComfyClient(server.url).run(flux_graph(True, world_size=2, ulysses_degree=2), timeout=600)
-        descendants = psutil.Process(server.process.pid).children(recursive=True)
-        names = {p.name() for p in descendants}
-        assert any("raylet" in n for n in names), f"expected a local Ray cluster under ComfyUI, found {names}"
-        server.process.send_signal(signal.SIGTERM)  # the server only, as a service manager would
-        server.process.wait(timeout=60)
-        deadline = time.monotonic() + 30
-        alive = descendants
-        while alive and time.monotonic() < deadline:
-            alive = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-            time.sleep(0.5)
-        assert not alive, f"left running after ComfyUI exited: {[(p.pid, p.name()) for p in alive]}\n{server.log_tail()}"
-    finally:
-        server.stop()
+    with own_server(comfy_root, tiny_flux_paths, tmp_path) as server:
+        ComfyClient(server.url).run(flux_graph(True, size=SIZE, **ULYSSES2), timeout=600)
+        seen = descendants(server)
+        assert any("raylet" in n for n in _names(seen)), f"expected a local Ray cluster under ComfyUI, found {_names(seen)}"
+        _sigterm_leaves_nothing(server, seen)
+
+
+def test_sigterm_after_a_world_change_and_a_cluster_round_trip(comfy_root, tiny_flux_paths, tmp_path):
+    with ray_head() as head, own_server(comfy_root, tiny_flux_paths, tmp_path) as server:
+        client = ComfyClient(server.url)
+        client.run(flux_graph(True, seed=1, size=SIZE, **ULYSSES2), timeout=600)
+        client.run(flux_graph(True, seed=2, size=SIZE, world_size=4, ulysses_degree=2, ring_degree=2), timeout=600)
+        assert len(pool_worker_processes(server)) == 4, "the world-2 pool was replaced, not joined"
+        first_cluster = descendants(server)
+        clusters = server.base / "user" / f"__{SYSTEM_USER}" / CLUSTERS_FILE
+        clusters.parent.mkdir(parents=True, exist_ok=True)
+        clusters.write_text(json.dumps({"testhead": head}))
+        client.run(flux_graph(True, seed=3, size=SIZE, ray_address="testhead", **ULYSSES2), timeout=600)
+        assert server.get_json("/xdit/status")["pool"]["cluster"] == "testhead"
+        left = survivors(first_cluster)
+        assert not left, f"the first private cluster outlived the switch to another cluster: {left}"
+        client.run(flux_graph(True, seed=4, size=SIZE, **ULYSSES2), timeout=600)
+        assert server.get_json("/xdit/status")["pool"]["cluster"] == "local"
+        second_cluster = descendants(server)
+        assert any("raylet" in n for n in _names(second_cluster)), "back on a new private cluster"
+        _sigterm_leaves_nothing(server, second_cluster)
+
+
+def test_sigterm_while_the_pool_starts(comfy_root, tiny_flux_paths, tmp_path):
+    with own_server(comfy_root, tiny_flux_paths, tmp_path) as server:
+        _, outcome = run_in_background(ComfyClient(server.url), flux_graph(True, size=SIZE, **ULYSSES2))
+        deadline = time.monotonic() + 300
+        while not pool_worker_processes(server):
+            assert time.monotonic() < deadline and "result" not in outcome, f"no pool worker appeared: {outcome}"
+            time.sleep(0.05)
+        _sigterm_leaves_nothing(server, descendants(server))

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 
 import pytest
 
 from server_graphs import flux_graph, saved_latent, sd15_graph
+from server_jobs import post_interrupt, run_in_background, wait_for_progress
 
 from comfyui_xdit.api_client import ComfyClient, ExecutionFailed, ExecutionInterrupted, PromptRejected
 
@@ -101,45 +101,13 @@ def test_a_stock_sampler_on_an_xdit_model_fails_clearly_and_the_server_stays_up(
     assert comfy_server.get_json("/object_info/XDiTUNetLoader")
 
 
-def _run_in_background(client: ComfyClient, graph: dict) -> tuple[threading.Thread, dict]:
-    outcome: dict = {}
-
-    def target():
-        try:
-            outcome["result"] = client.run(graph, on_event=lambda kind, data: outcome.setdefault("events", []).append((kind, data)), timeout=600)
-        except Exception as error:  # the test inspects it
-            outcome["error"] = error
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    return thread, outcome
-
-
-def _wait_for_progress(outcome: dict, at_least: int, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        steps = [d["value"] for k, d in outcome.get("events", []) if k == "progress" and d.get("node") == "11"]
-        if steps and steps[-1] >= at_least:
-            return
-        if "error" in outcome or "result" in outcome:
-            raise AssertionError(f"the prompt ended before step {at_least}: {outcome}")
-        time.sleep(0.05)
-    raise AssertionError(f"no progress to step {at_least} within {timeout} s")
-
-
-def _post(url: str) -> None:
-    import urllib.request
-
-    urllib.request.urlopen(urllib.request.Request(url, data=b"{}", method="POST", headers={"Content-Type": "application/json"}), timeout=30).read()
-
-
 def test_interrupt_stops_every_rank_and_the_next_prompt_works(comfy_server, client):
     degrees = {"world_size": 2, "ulysses_degree": 1, "ring_degree": 2, "cfg_degree": 1}
     client.run(flux_graph(True, seed=1, prefix="pre_interrupt", **degrees), timeout=600)  # pool and model warm
-    thread, outcome = _run_in_background(ComfyClient(comfy_server.url), flux_graph(True, seed=2, steps=400, prefix="interrupted", **degrees))
-    _wait_for_progress(outcome, 3)
+    thread, outcome = run_in_background(ComfyClient(comfy_server.url), flux_graph(True, seed=2, steps=400, prefix="interrupted", **degrees))
+    wait_for_progress(outcome, 3)
     interrupted_at = time.monotonic()
-    _post(f"{comfy_server.url}/interrupt")
+    post_interrupt(comfy_server.url)
     thread.join(timeout=120)
     assert isinstance(outcome.get("error"), ExecutionInterrupted), outcome
     assert time.monotonic() - interrupted_at < 20
@@ -154,8 +122,8 @@ def test_a_killed_worker_fails_the_prompt_clearly_and_the_next_prompt_rebuilds_t
     degrees = {"world_size": 2, "ulysses_degree": 2, "ring_degree": 1, "cfg_degree": 1}
     client.run(flux_graph(True, seed=21, prefix="pre_kill", **degrees), timeout=600)
     victim = comfy_server.get_json("/xdit/status")["pool"]["workers"][1]["pid"]
-    thread, outcome = _run_in_background(ComfyClient(comfy_server.url), flux_graph(True, seed=22, steps=400, prefix="killed", **degrees))
-    _wait_for_progress(outcome, 3)
+    thread, outcome = run_in_background(ComfyClient(comfy_server.url), flux_graph(True, seed=22, steps=400, prefix="killed", **degrees))
+    wait_for_progress(outcome, 3)
     os.kill(victim, signal.SIGKILL)
     thread.join(timeout=300)
     error = outcome.get("error")

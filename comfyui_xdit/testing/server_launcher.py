@@ -56,8 +56,9 @@ def prepare_base(base: Path) -> Path:
     return base
 
 
-def server_env(comfy_dir: Path) -> dict[str, str]:
-    """Environment for the server (and the workers it may start): ComfyUI's folder first on PYTHONPATH.
+def server_env(comfy_dir: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for the server (and the workers it may start): ComfyUI's folder first on PYTHONPATH, then
+    `extra` (e.g. a shorter XDIT_STALL_TIMEOUT_S for a test server of its own).
 
     ComfyUI has a top-level module ``nodes`` and this repo a top-level folder ``nodes/``: an inherited PYTHONPATH
     holding the repo root must come after ComfyUI. The pack's __init__.py appends the repo root itself.
@@ -68,6 +69,7 @@ def server_env(comfy_dir: Path) -> dict[str, str]:
     env["COMFYUI_PATH"] = str(comfy_dir)
     env["RAY_USAGE_STATS_ENABLED"] = "0"
     env["PYTHONUNBUFFERED"] = "1"  # the log file shows what happened up to a crash
+    env.update(extra or {})
     return env
 
 
@@ -131,8 +133,10 @@ class ComfyServer:
             pass  # nothing left
 
 
-def launch_server(comfy_dir: Path, base: Path, log_path: Path, port: int | None = None) -> ComfyServer:
-    """Start ``main.py`` from ``comfy_dir`` on a free loopback port without waiting for it (see wait_ready)."""
+def launch_server(comfy_dir: Path, base: Path, log_path: Path, port: int | None = None,
+                  env: dict[str, str] | None = None) -> ComfyServer:
+    """Start ``main.py`` from ``comfy_dir`` on a free loopback port without waiting for it (see wait_ready);
+    `env` adds to (or overrides) the server's environment."""
     port = port or free_port()
     command = [
         sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
@@ -140,6 +144,6 @@ def launch_server(comfy_dir: Path, base: Path, log_path: Path, port: int | None 
     ]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, cwd=comfy_dir, env=server_env(comfy_dir), stdout=log,
+        process = subprocess.Popen(command, cwd=comfy_dir, env=server_env(comfy_dir, env), stdout=log,
                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     return ComfyServer(url=f"http://127.0.0.1:{port}", base=base, log_path=log_path, process=process)

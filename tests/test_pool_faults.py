@@ -1,0 +1,65 @@
+"""ray_backend on its own (no ComfyUI): a job its caller abandons is stopped on every rank before the next job
+starts, and a worker that dies while the model loads takes the pool down so the next request starts a fresh one."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from comfyui_xdit.testing.server_launcher import REPO_ROOT
+
+TESTS = Path(__file__).resolve().parent
+
+DRIVER = """
+import json
+from ray_backend.clusters import LOCAL_TARGET
+from ray_backend.errors import PoolFailure
+from ray_backend.pool import PoolRegistry
+
+class Cancelled(Exception):
+    pass
+
+def cancel_at_step_2(step, total, preview):
+    if step >= 2:  # as ComfyUI's progress hook raises when the user cancels
+        raise Cancelled()
+
+registry = PoolRegistry("pool_echo_service:EchoService")
+degrees = {"ulysses_degree": 2}
+pool = registry.get(2, LOCAL_TARGET)
+report = {}
+try:
+    pool.run({"value": 1, "steps": 1000, "step_s": 0.01}, degrees, on_progress=cancel_at_step_2)
+except Cancelled:
+    report["cancelled"] = True
+report["after_cancel"] = pool.run({"value": 5}, degrees)["output"]
+report["jobs_after_cancel"] = [s["jobs"] for s in pool.last_stats]
+report["alive_after_cancel"] = pool.alive
+try:
+    pool.warm({"die_rank": 1}, degrees)
+except PoolFailure as error:
+    report["warm_error"] = str(error)
+report["alive_after_warm"] = pool.alive
+fresh = registry.get(2, LOCAL_TARGET)
+report["fresh_is_new"] = fresh is not pool
+report["fresh"] = fresh.run({"value": 2}, degrees)["output"]
+print(json.dumps(report))
+registry.shutdown()
+"""
+
+
+def test_an_abandoned_job_stops_on_every_rank_and_a_death_in_prepare_takes_the_pool_down():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    env.update({"RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO_ROOT)])})
+    driver = subprocess.run([sys.executable, "-c", DRIVER], env=env, capture_output=True, text=True, timeout=300)
+    assert driver.returncode == 0, driver.stdout[-2000:] + driver.stderr[-4000:]
+    report = json.loads(driver.stdout.strip().splitlines()[-1])
+    assert report["cancelled"]
+    # Without the stop, the 1000-step job (10 s) still ran on the ranks when the next job arrived.
+    assert report["after_cancel"] == {"sum": 5 * 1 + 5 * 2, "world": 2, "overlapped": False}
+    assert report["jobs_after_cancel"] == [1, 1], "the abandoned job ended at an interrupt, not at its last step"
+    assert report["alive_after_cancel"]
+    assert report["warm_error"].startswith("loading the model in the worker pool failed:"), report
+    assert report["alive_after_warm"] is False
+    assert report["fresh_is_new"] and report["fresh"] == {"sum": 2 * 1 + 2 * 2, "world": 2, "overlapped": False}
