@@ -160,7 +160,7 @@ def test_losing_the_second_node_mid_prompt_fails_clearly_and_what_is_left_keeps_
 
     # Ray still lists the node alive (its health checks, slowed above): the pool sees its raylet not answering.
     with pytest.raises(ExecutionFailed, match=r"world_size 4 needs 4 CPU worker slots, but the Ray cluster 'two' now has 2 on "
-                                              rf"1 node: 127.0.0.2 \(2 CPU worker slots\); set world_size to 2 or less"):
+                                              r"1 node: 127.0.0.2 \(2 CPU worker slots\); set world_size to 2 or less"):
         client.run(flux_graph(True, seed=33, prefix="mn_four_left", **U2R2), timeout=300)
     assert _pool(comfy_server) is None, "nothing was started"
     TIMINGS["killed node -> world 4 refused (s)"] = time.monotonic() - killed_at
