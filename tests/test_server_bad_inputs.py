@@ -97,7 +97,7 @@ def test_a_missing_or_misfit_lora_fails_clearly_and_the_next_prompt_runs(comfy_s
     with pytest.raises(PromptRejected, match=r"lora_name: 'gone.safetensors' not in"):  # ComfyUI's own check
         client.queue_prompt(lora_graph(True, [("gone.safetensors", 0.8)], prefix="bad_missing", **DEGREES))
     with pytest.raises(ExecutionFailed, match=r"LoRA bad-inputs-wider.safetensors: (\d+) of its \1 weight patches do not fit "
-                                              r"this Flux model, e.g. .*is it a LoRA for another Flux variant or size\?"):
+                                              r"this Flux model, e.g. .*is it a LoRA for another variant or size of it\?"):
         client.run(lora_graph(True, [(lora_files["wider"], 0.8)], prefix="bad_wider", **DEGREES), timeout=300)
     stock = saved_latent(comfy_server, client.run(lora_graph(False, [(lora_files["fits"], 0.8)], prefix="fits_stock"), timeout=300))
     xdit = saved_latent(comfy_server, client.run(lora_graph(True, [(lora_files["fits"], 0.8)], prefix="fits_xdit", **DEGREES), timeout=600))
