@@ -142,8 +142,13 @@ def _loha(shapes, rank, amplitude, gen):
 
 
 def _lokr(shapes, rank, amplitude, gen):
+    return lokr_for_modules(diffusers_modules(shapes), rank, amplitude, gen)
+
+
+def lokr_for_modules(modules: dict[str, tuple[int, int]], rank: int, amplitude: float, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """LyCORIS LoKr tensors for {module name: (out, in)}, in the diffusers naming LyCORIS uses."""
     tensors = {}
-    for module, (out_dim, in_dim) in diffusers_modules(shapes).items():
+    for module, (out_dim, in_dim) in modules.items():
         f_out, f_in = _factor(out_dim), _factor(in_dim)
         w2a, w2b = _low_rank(out_dim // f_out, in_dim // f_in, rank, amplitude, gen)
         name = "lycoris_" + module.replace(".", "_")

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .tiny_loras import Shapes, _factor, _low_rank, flux_shapes as checkpoint_shapes
+from .tiny_loras import Shapes, _low_rank, flux_shapes as checkpoint_shapes, lokr_for_modules
 
 Modules = dict[str, tuple[int, int]]
 
@@ -52,24 +52,13 @@ def _loha(modules: Modules, rank: int, amplitude: float, gen: torch.Generator) -
     return tensors
 
 
-def _lokr(modules: Modules, rank: int, amplitude: float, gen: torch.Generator) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for module, (out_dim, in_dim) in modules.items():
-        f_out, f_in = _factor(out_dim), _factor(in_dim)
-        w2a, w2b = _low_rank(out_dim // f_out, in_dim // f_in, rank, amplitude, gen)
-        name = "lycoris_" + module.replace(".", "_")
-        tensors.update({f"{name}.lokr_w1": torch.randn(f_out, f_in, generator=gen) / math.sqrt(f_in),
-                        f"{name}.lokr_w2_a": w2a, f"{name}.lokr_w2_b": w2b, f"{name}.alpha": torch.tensor(float(rank))})
-    return tensors
-
-
 FORMATS: dict[str, Callable[[Modules, int, float, torch.Generator], dict[str, torch.Tensor]]] = {
     "kohya": _up_down("lora_unet_", "lora_up.weight", "lora_down.weight", alpha=True),
     "comfy": _up_down("diffusion_model.", "lora_up.weight", "lora_down.weight", alpha=True),
     "diffusers": _up_down("transformer.", "lora_B.weight", "lora_A.weight", alpha=False),
     "diffusers_bare": _up_down("", "lora_B.weight", "lora_A.weight", alpha=False),
     "loha": _loha,
-    "lokr": _lokr,
+    "lokr": lokr_for_modules,
 }
 
 
