@@ -34,7 +34,7 @@ def interface_of(address: str) -> str | None:
     import psutil
 
     try:
-        wanted = ipaddress.ip_address(address)
+        target = ipaddress.ip_address(address)
     except ValueError:
         return None
     containing = None
@@ -43,10 +43,10 @@ def interface_of(address: str) -> str | None:
             if entry.family not in (socket.AF_INET, socket.AF_INET6) or not entry.netmask:
                 continue
             own = entry.address.split("%")[0]
-            if ipaddress.ip_address(own) == wanted:
+            if ipaddress.ip_address(own) == target:
                 return name
             prefix = bin(int(ipaddress.ip_address(entry.netmask))).count("1")  # psutil gives IPv6 masks as addresses
-            if containing is None and wanted in ipaddress.ip_network(f"{own}/{prefix}", strict=False):
+            if containing is None and target in ipaddress.ip_network(f"{own}/{prefix}", strict=False):
                 containing = name
     return containing
 

@@ -233,17 +233,22 @@ def write_tiny_flux2(path: str | Path, variant: str = "dev", size: str = "tiny",
                  {"family": "flux2", "variant": variant, "size": size, "seed": seed, "config": config})
 
 
-def write_tiny_sd15(path: str | Path, variant: str = "default", size: str = "tiny", seed: int = 0, **overrides: Any) -> Path:
-    """Write a seeded U-Net checkpoint that ``comfy.sd.load_diffusion_model`` loads and detects as SD1.5."""
+def _detected_model(config: dict[str, Any], expected: str) -> torch.nn.Module:
+    """ComfyUI's diffusion model for `config`, built through stock detection, which must name it `expected`."""
     import_comfy()
     import comfy.model_detection
 
+    model_config = comfy.model_detection.model_config_from_unet_config(config)
+    if type(model_config).__name__ != expected:
+        raise ValueError(f"this config is detected as {type(model_config).__name__}, not {expected}")
+    return model_config.get_model({}).diffusion_model
+
+
+def write_tiny_sd15(path: str | Path, variant: str = "default", size: str = "tiny", seed: int = 0, **overrides: Any) -> Path:
+    """Write a seeded U-Net checkpoint that ``comfy.sd.load_diffusion_model`` loads and detects as SD1.5."""
     path = _checked_path(path)
     config = {**SD15_UNET_CONFIG, **overrides}
-    model_config = comfy.model_detection.model_config_from_unet_config(config)
-    if type(model_config).__name__ != "SD15":
-        raise ValueError(f"this U-Net config is detected as {type(model_config).__name__}, not SD15")
-    model = model_config.get_model({}).diffusion_model
+    model = _detected_model(config, "SD15")
     init_weights_(model, seed)
     return _save(model, path, {"family": "sd15", "variant": variant, "size": size, "seed": seed, "config": config})
 
@@ -253,16 +258,12 @@ def write_tiny_sd3(path: str | Path, variant: str = "sd3", size: str = "tiny", s
     or with SD3.5 Medium's blocks ("sd35")."""
     import_comfy()
     import comfy.ldm.modules.diffusionmodules.mmdit as mmdit
-    import comfy.model_detection
 
     path = _checked_path(path)
     if variant not in SD3_VARIANTS or size != "tiny":
         raise ValueError(f"unknown sd3 variant/size {variant!r}/{size!r}; choose from {sorted(SD3_VARIANTS)} / ['tiny']")
     config = copy.deepcopy({**SD3_CONFIG, **SD3_VARIANTS[variant], **overrides})
-    model_config = comfy.model_detection.model_config_from_unet_config(config)
-    if type(model_config).__name__ != "SD3":
-        raise ValueError(f"this MMDiT config is detected as {type(model_config).__name__}, not SD3")
-    model = model_config.get_model({}).diffusion_model
+    model = _detected_model(config, "SD3")
     init_weights_(model, seed)
     smooth_in_time_(model.t_embedder.mlp[0])
     side = config["pos_embed_max_size"]
@@ -274,15 +275,9 @@ def write_tiny_sd3(path: str | Path, variant: str = "sd3", size: str = "tiny", s
 def write_tiny_qwen_image(path: str | Path, variant: str = "default", size: str = "tiny", seed: int = 0,
                           **overrides: Any) -> Path:
     """Write a seeded checkpoint that ``comfy.sd.load_diffusion_model`` loads and detects as Qwen-Image."""
-    import_comfy()
-    import comfy.model_detection
-
     path = _checked_path(path)
     config = {**QWEN_IMAGE_UNET_CONFIG, **overrides}
-    model_config = comfy.model_detection.model_config_from_unet_config(config)
-    if type(model_config).__name__ != "QwenImage":
-        raise ValueError(f"this config is detected as {type(model_config).__name__}, not QwenImage")
-    model = model_config.get_model({}).diffusion_model
+    model = _detected_model(config, "QwenImage")
     init_weights_(model, seed, output_layer="proj_out")
     return _save(model, path, {"family": "qwen_image", "variant": variant, "size": size, "seed": seed, "config": config})
 
