@@ -54,23 +54,41 @@ def ksampler_graph(xdit: bool, cfg: float = 1.0, seed: int = 5, steps: int = 3, 
 TINY_SD15_NAME = "tiny-sd15.safetensors"
 
 
-def sd15_graph(xdit: bool, seed: int = 5, steps: int = 3, prefix: str = "latent", size: int = 80, batch: int = 2,
-               **loader_inputs) -> dict:
-    """A CFG graph on the SD1.5 U-Net (no sequence-parallel adapter: CFG and data parallel only)."""
-    return {
+def _cfg_graph(xdit: bool, unet_name: str, context_dim: int, cfg: float, scheduler: str, latent: dict, seed: int, steps: int,
+               prefix: str, loader_inputs: dict, model_sampling: dict | None = None) -> dict:
+    """Loader -> [model sampling] -> CFGGuider with seeded stand-in conds -> XDiT/stock SamplerCustomAdvanced -> SaveLatent."""
+    model = ["2", 0] if model_sampling else ["1", 0]
+    graph = {
         "1": {"class_type": "XDiTUNetLoader" if xdit else "UNETLoader",
-              "inputs": {"unet_name": TINY_SD15_NAME, "weight_dtype": "default", **(loader_inputs if xdit else {})}},
-        "3": {"class_type": "XDiTTestConditioning", "inputs": {"seed": 100, "text_tokens": 7, "context_dim": 768, "pooled_dim": 32}},
-        "5": {"class_type": "XDiTTestConditioning", "inputs": {"seed": 200, "text_tokens": 7, "context_dim": 768, "pooled_dim": 32}},
-        "6": {"class_type": "CFGGuider", "inputs": {"model": ["1", 0], "positive": ["3", 0], "negative": ["5", 0], "cfg": 5.0}},
-        "7": {"class_type": "BasicScheduler", "inputs": {"model": ["1", 0], "scheduler": "normal", "steps": steps, "denoise": 1.0}},
+              "inputs": {"unet_name": unet_name, "weight_dtype": "default", **(loader_inputs if xdit else {})}},
+        "3": {"class_type": "XDiTTestConditioning", "inputs": {"seed": 100, "text_tokens": 7, "context_dim": context_dim, "pooled_dim": 32}},
+        "5": {"class_type": "XDiTTestConditioning", "inputs": {"seed": 200, "text_tokens": 7, "context_dim": context_dim, "pooled_dim": 32}},
+        "6": {"class_type": "CFGGuider", "inputs": {"model": model, "positive": ["3", 0], "negative": ["5", 0], "cfg": cfg}},
+        "7": {"class_type": "BasicScheduler", "inputs": {"model": model, "scheduler": scheduler, "steps": steps, "denoise": 1.0}},
         "8": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
         "9": {"class_type": "RandomNoise", "inputs": {"noise_seed": seed}},
-        "10": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": batch}},
+        "10": latent,
         "11": {"class_type": "XDiTSamplerCustomAdvanced" if xdit else "SamplerCustomAdvanced",
                "inputs": {"noise": ["9", 0], "guider": ["6", 0], "sampler": ["8", 0], "sigmas": ["7", 0], "latent_image": ["10", 0]}},
         "12": {"class_type": "SaveLatent", "inputs": {"samples": ["11", 0], "filename_prefix": prefix}},
     }
+    if model_sampling:
+        graph["2"] = {**model_sampling, "inputs": {"model": ["1", 0], **model_sampling["inputs"]}}
+    return graph
+
+
+def sd15_graph(xdit: bool, seed: int = 5, steps: int = 3, prefix: str = "latent", size: int = 80, batch: int = 2,
+               **loader_inputs) -> dict:
+    """A CFG graph on the SD1.5 U-Net (no sequence-parallel adapter: CFG and data parallel only)."""
+    latent = {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": batch}}
+    return _cfg_graph(xdit, TINY_SD15_NAME, 768, 5.0, "normal", latent, seed, steps, prefix, loader_inputs)
+
+
+def link_tiny_model(server, path, name: str) -> None:
+    """Offer the tiny checkpoint `path` to the server as diffusion_models/`name` (once per session)."""
+    link = server.models_dir("diffusion_models") / name
+    if not link.exists():
+        link.symlink_to(path)
 
 
 def saved_latent(server, result) -> torch.Tensor:
@@ -86,18 +104,6 @@ def qwen_image_graph(xdit: bool, seed: int = 5, steps: int = 3, prefix: str = "l
                      **loader_inputs) -> dict:
     """The shipped Qwen-Image workflow's sampling path (ModelSamplingAuraFlow, CFGGuider) on the tiny model, with seeded
     stand-in conditioning 3584 wide (Qwen2.5-VL's); the default size gives an uneven 9 x 11 token grid."""
-    return {
-        "1": {"class_type": "XDiTUNetLoader" if xdit else "UNETLoader",
-              "inputs": {"unet_name": TINY_QWEN_IMAGE_NAME, "weight_dtype": "default", **(loader_inputs if xdit else {})}},
-        "2": {"class_type": "ModelSamplingAuraFlow", "inputs": {"model": ["1", 0], "shift": 3.1}},
-        "3": {"class_type": "XDiTTestConditioning", "inputs": {"seed": 100, "text_tokens": 7, "context_dim": 3584, "pooled_dim": 32}},
-        "5": {"class_type": "XDiTTestConditioning", "inputs": {"seed": 200, "text_tokens": 7, "context_dim": 3584, "pooled_dim": 32}},
-        "6": {"class_type": "CFGGuider", "inputs": {"model": ["2", 0], "positive": ["3", 0], "negative": ["5", 0], "cfg": 2.5}},
-        "7": {"class_type": "BasicScheduler", "inputs": {"model": ["2", 0], "scheduler": "simple", "steps": steps, "denoise": 1.0}},
-        "8": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
-        "9": {"class_type": "RandomNoise", "inputs": {"noise_seed": seed}},
-        "10": {"class_type": "EmptySD3LatentImage", "inputs": {"width": width, "height": height, "batch_size": 1}},
-        "11": {"class_type": "XDiTSamplerCustomAdvanced" if xdit else "SamplerCustomAdvanced",
-               "inputs": {"noise": ["9", 0], "guider": ["6", 0], "sampler": ["8", 0], "sigmas": ["7", 0], "latent_image": ["10", 0]}},
-        "12": {"class_type": "SaveLatent", "inputs": {"samples": ["11", 0], "filename_prefix": prefix}},
-    }
+    latent = {"class_type": "EmptySD3LatentImage", "inputs": {"width": width, "height": height, "batch_size": 1}}
+    return _cfg_graph(xdit, TINY_QWEN_IMAGE_NAME, 3584, 2.5, "simple", latent, seed, steps, prefix, loader_inputs,
+                      model_sampling={"class_type": "ModelSamplingAuraFlow", "inputs": {"shift": 3.1}})

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from server_graphs import TINY_QWEN_IMAGE_NAME, qwen_image_graph, saved_latent
+from server_graphs import TINY_QWEN_IMAGE_NAME, link_tiny_model, qwen_image_graph, saved_latent
 
 from comfyui_xdit.api_client import ComfyClient, ExecutionFailed
 
@@ -18,9 +18,7 @@ RELATIVE_TOL = 2e-6  # CFG amplifies rounding: relative to the latent's size whe
 @pytest.fixture(scope="module")
 def client(comfy_server, tiny_model_path) -> ComfyClient:
     # Linked here, not in the shared server fixture: only this module pays for writing the 1.5 GB file.
-    link = comfy_server.models_dir("diffusion_models") / TINY_QWEN_IMAGE_NAME
-    if not link.exists():
-        link.symlink_to(tiny_model_path("qwen_image"))
+    link_tiny_model(comfy_server, tiny_model_path("qwen_image"), TINY_QWEN_IMAGE_NAME)
     return ComfyClient(comfy_server.url)
 
 

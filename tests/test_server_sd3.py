@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from server_graphs import saved_latent
+from server_graphs import link_tiny_model, saved_latent
 
 from comfyui_xdit.api_client import ComfyClient, ExecutionFailed
 from comfyui_xdit.testing.server_launcher import REPO_ROOT
@@ -20,9 +20,7 @@ FP32_TOL = 1e-5
 
 @pytest.fixture(scope="module")
 def client(comfy_server, tiny_model_path) -> ComfyClient:
-    link = comfy_server.models_dir("diffusion_models") / TINY_NAME
-    if not link.exists():
-        link.symlink_to(tiny_model_path("sd35"))
+    link_tiny_model(comfy_server, tiny_model_path("sd35"), TINY_NAME)
     return ComfyClient(comfy_server.url)
 
 
