@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from comfyui_xdit.comfy_runtime import init_worker
-from comfyui_xdit.testing.tiny_models import stand_in_conditioning
+from comfyui_xdit.testing.tiny_models import IN_PROCESS_PREFIX, load_tiny_model, stand_in_conditioning
 
 TEXT_TOKENS = 7
 
@@ -57,9 +57,18 @@ FAMILY_CASES: dict[str, tuple[str, ...]] = {
     # Qwen-Image-Edit is Qwen-Image's model class given reference images: 99 image + 42 reference tokens.
     "qwen_image_edit": ("edit-cfg-euler-18x22-ref12x14",),
 }
-# The tiny file each entry runs (default: the one of its own name).
+# The tiny file each entry runs (default: the one of its own name), or tiny_models.IN_PROCESS_PREFIX + a name for
+# families built in-process (their detection fixes billions of parameters).
 MODEL_FILE: dict[str, str] = {"qwen_image_edit": "qwen_image"}
 
+
+
+def model_spec(family: str, tiny_flux_paths: dict, tiny_model_path) -> str:
+    """What family_rank loads for `family`: its tiny file (written by the session fixtures) or its in-process name."""
+    name = MODEL_FILE.get(family, family)
+    if name.startswith(IN_PROCESS_PREFIX):
+        return name
+    return str(tiny_flux_paths["dev"] if family == "flux" else tiny_model_path(name))
 
 def _conditioning(seed: int, context_dim: int = 64, reference: torch.Tensor | None = None):
     from comfy_extras.nodes_edit_model import ReferenceLatent
@@ -122,18 +131,16 @@ def sample(model_patcher, case: SamplingCase) -> torch.Tensor:
     return _first(custom.SamplerCustomAdvanced.execute(noise, guider, sampler, sigmas, latent))["samples"]
 
 
-def family_rank(rank: int, world_size: int, model_path: str, configs: list[dict], case_dicts: list[dict],
+def family_rank(rank: int, world_size: int, model_spec: str, configs: list[dict], case_dicts: list[dict],
                 device: str = "cpu") -> dict:
     """Parallel latents of every (config, case) on this rank; rank 0 adds the stock latents and re-checks them.
     device "cuda": ComfyUI runs on this rank's CUDA device (local_launch sets it), for NCCL ranks."""
     init_worker(cpu=(device == "cpu"))
-    import comfy.sd
-
     from comfyui_xdit.parallel_model import parallelize
     from parallel_core import ParallelConfig, init_parallel
 
     cases = [SamplingCase(**c) for c in case_dicts]
-    base = comfy.sd.load_diffusion_model(model_path)
+    base = load_tiny_model(model_spec)
     result: dict = {"parallel": {}, "bytes": {}}
     if rank == 0:
         result["stock"] = {case.name: sample(base, case) for case in cases}

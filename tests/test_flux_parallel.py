@@ -37,7 +37,7 @@ TRAFFIC: dict[str, list[tuple[str, str]]] = {
 
 @pytest.fixture(scope="module")
 def model_path(tiny_flux_paths, tiny_model_path):
-    return lambda family: str(tiny_flux_paths["dev"] if family == "flux" else tiny_model_path(flux_cases.MODEL_FILE.get(family, family)))
+    return lambda family: flux_cases.model_spec(family, tiny_flux_paths, tiny_model_path)
 
 
 @functools.lru_cache(maxsize=None)

@@ -23,7 +23,7 @@ RUNS = [(family, world) for family, by_world in flux_cases.CONFIGS.items() for w
 def test_parallel_model_matches_stock_sampling_on_cuda(family, world_size, tiny_flux_paths, tiny_model_path):
     if torch.cuda.device_count() < world_size:
         pytest.skip(f"{world_size} ranks need {world_size} CUDA devices; {torch.cuda.device_count()} visible")
-    path = str(tiny_flux_paths["dev"] if family == "flux" else tiny_model_path(flux_cases.MODEL_FILE.get(family, family)))
+    path = flux_cases.model_spec(family, tiny_flux_paths, tiny_model_path)
     per_rank = run_on_ranks(flux_cases.family_rank, world_size, path, flux_cases.CONFIGS[family][world_size],
                             flux_cases.case_dicts(family), "cuda", timeout_s=900, backend="nccl")
     failures = flux_cases.differences_from_stock(per_rank, family, world_size)

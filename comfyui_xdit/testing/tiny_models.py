@@ -314,6 +314,41 @@ FAMILIES: dict[str, TinyFamily] = {
 }
 
 
+# Families whose stock detection fixes billions of parameters (HiDream, Z-Image) cannot be tiny files: tests build
+# ComfyUI's own model class for them in-process from a tiny config instead. Name -> builder(seed) -> ModelPatcher.
+IN_PROCESS_PREFIX = "in-process:"
+IN_PROCESS: dict[str, Callable[[int], Any]] = {}
+
+
+def in_process_patcher(config_class: str, unet_config: dict[str, Any], seed: int, output_layer: str = _OUTPUT_LAYER) -> Any:
+    """A ModelPatcher around the model ComfyUI builds for comfy.supported_models.<config_class> given `unet_config`
+    (tiny), seeded like the tiny files: the stock model class and forward, with only detection bypassed."""
+    import_comfy()
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    model_config = getattr(comfy.supported_models, config_class)(copy.deepcopy(unet_config))
+    model_config.set_inference_dtype(torch.float32, None)
+    model = model_config.get_model({})
+    init_weights_(model.diffusion_model, seed, output_layer)
+    return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
+                                            offload_device=comfy.model_management.unet_offload_device())
+
+
+def load_tiny_model(spec: str) -> Any:
+    """The ModelPatcher of a tiny model: a file path (loaded as UNETLoader does) or IN_PROCESS_PREFIX + a name in IN_PROCESS."""
+    if spec.startswith(IN_PROCESS_PREFIX):
+        name = spec[len(IN_PROCESS_PREFIX):]
+        if name not in IN_PROCESS:
+            raise ValueError(f"no in-process tiny model {name!r}; choose from {sorted(IN_PROCESS)}")
+        return IN_PROCESS[name](0)
+    import_comfy()
+    import comfy.sd
+
+    return comfy.sd.load_diffusion_model(spec)
+
+
 def write_tiny_model(family: str, path: str | Path, variant: str | None = None, size: str = "tiny", seed: int = 0,
                      **overrides: Any) -> Path:
     """Write a tiny model of a registered family (see FAMILIES)."""
