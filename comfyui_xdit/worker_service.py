@@ -53,6 +53,11 @@ class SamplingService:
             self.parallel_builds += 1
         return self._parallel[state.config]
 
+    def regroup(self) -> None:
+        """The worker joins a process group of another world: parallel models built on the old groups go, the
+        resident model (and its merged LoRAs) stays."""
+        self._parallel = {}
+
     def prepare(self, ref, state: ParallelState) -> None:
         """Make the model of `ref` (a PoolModelRef) resident."""
         self._model(ref, state)

@@ -57,33 +57,54 @@ class WorkerPool:
     """`key.world_size` actors, one per GPU when the cluster has enough GPUs, else CPU workers over gloo."""
 
     def __init__(self, key: PoolKey, service_path: str, should_interrupt: Callable[[], bool] | None = None):
-        import ray
-
         ensure_ray(key.cluster, should_interrupt)
         self.key = key
+        self._service_path = service_path
+        self.actors: list = []
+        self.placement: list[NodeSlots] = []
+        self.jobs_run = 0
+        self.last_stats: list[dict] = []
+        self.last_job: dict[str, float] = {}
+        self._preview_seen: int | None = None  # the last step whose preview was delivered; None: the job asked for none
+        self._assemble(key.world_size)
+
+    def resize(self, world_size: int) -> None:
+        """Serve `world_size` ranks, keeping the workers (processes, imports, resident models) that can serve the new
+        world: rank r < both sizes stays where the new plan puts rank r on the same node. Only the other workers stop
+        or start, so a world change pays the model load on new workers alone. Raises ValueError (nothing changed)
+        when the cluster lacks the slots, PoolFailure (the pool is then down) when the new group does not form."""
+        self._assemble(world_size)
+
+    def _assemble(self, world_size: int) -> None:
+        import ray
+
         started = time.perf_counter()
-        use_gpus = cluster_gpus() >= key.world_size
-        threads = 1 if use_gpus else max(1, (os.cpu_count() or 1) // key.world_size)
+        use_gpus = cluster_gpus() >= world_size
+        threads = 1 if use_gpus else max(1, (os.cpu_count() or 1) // world_size)
         nodes = live_nodes()
-        # Refused here, before any worker starts, when the live nodes lack the slots (ValueError names them).
-        self.placement = spread(key.world_size, node_slots(nodes, use_gpus, key.world_size),
-                                ray.get_runtime_context().get_node_id(), use_gpus, key.cluster.name)
+        # Refused here, before any worker starts or stops, when the live nodes lack the slots (ValueError names them).
+        plan = spread(world_size, node_slots(nodes, use_gpus, world_size), ray.get_runtime_context().get_node_id(), use_gpus,
+                      self.key.cluster.name)
         by_slots = not use_gpus and uses_worker_slots(nodes)  # then each worker also holds one slot, as Ray counts them
-        self.actors = [self._actor(ray, node, use_gpus, by_slots).remote(rank, key.world_size, service_path, threads)
-                       for rank, node in enumerate(self.placement)]
+        kept = {rank: actor for rank, actor in enumerate(self.actors[:world_size])
+                if self.placement[rank].node_id == plan[rank].node_id and self.workers[rank]["cuda"] == use_gpus}
+        for rank, actor in enumerate(self.actors):
+            if rank not in kept:
+                ray.kill(actor)  # before new workers start: its GPU or worker slot is free for them
         try:
+            ray.get([actor.regroup.remote(rank, world_size, threads) for rank, actor in kept.items()], timeout=STARTUP_TIMEOUT_S)
+            self.actors = [kept.get(rank) or self._actor(ray, node, use_gpus, by_slots).remote(rank, world_size, self._service_path, threads)
+                           for rank, node in enumerate(plan)]
+            self.placement, self.key = plan, PoolKey(world_size, self.key.cluster)
             described = ray.get([a.describe.remote() for a in self.actors], timeout=STARTUP_TIMEOUT_S)
             self.workers = [{**w, "node_address": node.address} for w, node in zip(described, self.placement)]
             backends = ray.get(self._join_calls(), timeout=STARTUP_TIMEOUT_S)
         except Exception as error:
             self.shutdown()
-            raise PoolFailure(f"the worker pool of {key.world_size} did not start: {_cause(error)}") from error
+            raise PoolFailure(f"the worker pool of {world_size} did not start: {_cause(error)}") from error
         self.backend = backends[0]
+        self.kept_workers = len(kept)
         self.startup_s = time.perf_counter() - started
-        self.jobs_run = 0
-        self.last_stats: list[dict] = []
-        self.last_job: dict[str, float] = {}
-        self._preview_seen: int | None = None  # the last step whose preview was delivered; None: the job asked for none
 
     def _join_calls(self) -> list:
         """Every rank joins the group: at a store file in the private cluster's own folder (no port at all), or at
@@ -260,7 +281,7 @@ class WorkerPool:
 
     def status(self) -> dict[str, Any]:
         return {"world_size": self.key.world_size, "cluster": self.key.cluster.name, "ray_address": self.key.cluster.address or "local", "backend": self.backend, "rendezvous": self.rendezvous,
-                "workers": self.workers, "startup_s": round(self.startup_s, 3), "jobs_run": self.jobs_run, "ranks": self.last_stats,
+                "workers": self.workers, "startup_s": round(self.startup_s, 3), "kept_workers": self.kept_workers, "jobs_run": self.jobs_run, "ranks": self.last_stats,
                 "last_job": self.last_job}
 
 
@@ -274,9 +295,14 @@ class PoolRegistry:
     def get(self, world_size: int, cluster: ClusterTarget, should_interrupt: Callable[[], bool] | None = None) -> WorkerPool:
         """The live pool for this world size and cluster, started (after connecting, cancellably) if needed."""
         key = PoolKey(world_size, cluster)
-        if self._pool is not None and (self._pool.key != key or not self._pool.alive):
+        if self._pool is not None and (self._pool.key.cluster != cluster or not self._pool.alive):
             self._pool.shutdown()
             self._pool = None
+        if self._pool is not None and self._pool.key != key:
+            try:
+                self._pool.resize(world_size)  # a world change keeps the workers that can serve the new world
+            except PoolFailure:
+                self._pool = None  # it took the pool down: start afresh below
         if self._pool is None:
             self._pool = WorkerPool(key, self._service_path, should_interrupt)
         return self._pool

@@ -119,10 +119,23 @@ class PoolWorker:
             torch.cuda.set_device(0)  # Ray shows each actor only its own GPU
         dist.init_process_group(backend, store=store, rank=self.rank, world_size=self.world_size, timeout=timedelta(seconds=timeout_s))
         self.control = StepControl(self.world_size > 1, self._device)
-        # Created now, before any job arrives: a job's arguments may only unpickle once the service's imports ran.
-        module, name = self._service_path.split(":")
-        self._service = getattr(importlib.import_module(module), name)(self._device)
+        if self._service is None:  # a regrouped worker keeps its service, and with it its resident model
+            # Created now, before any job arrives: a job's arguments may only unpickle once the service's imports ran.
+            module, name = self._service_path.split(":")
+            self._service = getattr(importlib.import_module(module), name)(self._device)
         return backend
+
+    def regroup(self, rank: int, world_size: int, threads: int) -> None:
+        """Leave this process group to join one of another world size as `rank` (then join/join_file): the groups
+        and everything the service built on them go; the service and its resident model stay."""
+        if dist.is_initialized():
+            dist.destroy_process_group()  # every subgroup init_parallel made goes with it
+        self._states.clear()
+        self._store = None
+        self.rank, self.world_size = rank, world_size
+        torch.set_num_threads(threads)
+        if self._service is not None:
+            self._service.regroup()
 
     def _state_for(self, degrees: dict[str, int]) -> ParallelState:
         config = ParallelConfig(**degrees)

@@ -14,6 +14,7 @@ import torch.distributed as dist
 class EchoService:
     def __init__(self, device: str):
         self.jobs = 0
+        self.regroups = 0  # process groups of another world this service was carried into
         self._active = 0  # jobs inside run() right now: more than one means two jobs' collectives interleave
         self._lock = threading.Lock()
 
@@ -41,5 +42,8 @@ class EchoService:
             with self._lock:
                 self._active -= 1
 
+    def regroup(self) -> None:
+        self.regroups += 1
+
     def stats(self) -> dict:
-        return {"jobs": self.jobs}
+        return {"jobs": self.jobs, "regroups": self.regroups, "pid": os.getpid()}

@@ -88,6 +88,23 @@ def test_a_second_prompt_on_the_same_model_loads_nothing(comfy_server, client):
     assert seconds < 30, f"a warm prompt took {seconds:.1f} s"
 
 
+def test_a_world_change_loads_the_model_only_on_new_workers(comfy_server, client):
+    """2 -> 4 -> 2 workers: ranks 0 and 1 keep their processes and resident model throughout (the pool is resized,
+    not rebuilt), and each world's result is stock's."""
+    two = {"world_size": 2, "ulysses_degree": 2, "ring_degree": 1, "cfg_degree": 1}
+    four = {"world_size": 4, "ulysses_degree": 2, "ring_degree": 2, "cfg_degree": 1}
+    client.run(flux_graph(True, seed=31, prefix="world2_first", **two), timeout=600)
+    first = comfy_server.get_json("/xdit/status")["pool"]
+    stock = saved_latent(comfy_server, client.run(flux_graph(False, seed=32, prefix="world_stock"), timeout=300))
+    for degrees in (four, two):
+        xdit = saved_latent(comfy_server, client.run(flux_graph(True, seed=32, prefix=f"world{degrees['world_size']}", **degrees), timeout=600))
+        assert (xdit - stock).abs().max().item() <= FP32_TOL
+        pool = comfy_server.get_json("/xdit/status")["pool"]
+        assert pool["world_size"] == degrees["world_size"] and pool["kept_workers"] == 2
+        assert [w["pid"] for w in pool["workers"][:2]] == [w["pid"] for w in first["workers"]]
+        assert [r["model_loads"] for r in pool["ranks"][:2]] == [r["model_loads"] for r in first["ranks"]]
+
+
 def test_bad_degrees_are_refused_before_the_prompt_runs(client):
     with pytest.raises(PromptRejected, match="does not divide world_size 2"):
         client.queue_prompt(flux_graph(True, world_size=2, ulysses_degree=4))

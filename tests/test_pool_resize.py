@@ -1,0 +1,52 @@
+"""ray_backend on its own (no ComfyUI): a world change keeps the workers that can serve the new world.
+
+Growing 2 -> 3 keeps ranks 0 and 1 (same processes, same service and so the same resident model) and starts one;
+shrinking 3 -> 1 keeps rank 0 and stops the others; every world's group computes over exactly its own ranks."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+
+from comfyui_xdit.testing.server_launcher import REPO_ROOT
+
+TESTS = Path(__file__).resolve().parent
+
+DRIVER = """
+import json
+from ray_backend.clusters import LOCAL_TARGET
+from ray_backend.pool import PoolRegistry
+
+registry = PoolRegistry("pool_echo_service:EchoService")
+report = []
+for world in (2, 3, 1, 2):
+    pool = registry.get(world, LOCAL_TARGET)
+    output = pool.run({"value": 1}, {"ulysses_degree": world})["output"]
+    report.append({"world": world, "pool": id(pool), "sum": output["sum"], "kept": pool.kept_workers,
+                   "stats": pool.last_stats, "pids": [w["pid"] for w in pool.workers]})
+print(json.dumps(report))
+registry.shutdown()
+"""
+
+
+def test_a_world_change_keeps_the_workers_that_fit_and_forms_a_group_of_the_new_size():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    env.update({"RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO_ROOT)])})
+    driver = subprocess.run([sys.executable, "-c", DRIVER], env=env, capture_output=True, text=True, timeout=300)
+    assert driver.returncode == 0, driver.stdout[-2000:] + driver.stderr[-4000:]
+    two, three, one, two_again = json.loads(driver.stdout.strip().splitlines()[-1])
+    # The all-reduce of value * (rank + 1) sums over exactly the new world's ranks.
+    assert [r["sum"] for r in (two, three, one, two_again)] == [3.0, 6.0, 1.0, 3.0]
+    assert len({r["pool"] for r in (two, three, one, two_again)}) == 1, "the pool object was replaced, not resized"
+    assert three["pids"][:2] == two["pids"] and three["pids"][2] not in two["pids"] and three["kept"] == 2
+    assert [s["regroups"] for s in three["stats"]] == [1, 1, 0]
+    assert [s["jobs"] for s in three["stats"]] == [2, 2, 1], "kept workers keep their service (and resident model)"
+    assert one["pids"] == two["pids"][:1] and one["kept"] == 1
+    assert two_again["pids"][0] == two["pids"][0] and two_again["kept"] == 1
+    # The stopped workers are gone, not idling.
+    for pid in set(three["pids"]) - set(two_again["pids"]):
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
