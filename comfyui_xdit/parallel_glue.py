@@ -59,6 +59,29 @@ def text_front_attention_override(family: str, state: ParallelState, text_len: i
     return from_bshd(text_front_attention(state, text_len, q, k, v, kwargs.get("scale")), skip_output_reshape)
 
 
+def replicated_text_rear_attention(state: ParallelState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                   scale: float | None = None) -> torch.Tensor:
+    """Joint [image, text] attention (B, S, H, D) where each rank's rows are [its image shard, the whole text].
+
+    The image rows are the shard split_sequence made (its recorded length fixes how many); the text, held whole on
+    every rank, joins usp_attention as replicated joint tokens behind them, so its output rows come out identical
+    on every rank and the text stream stays whole.
+    """
+    n = chunk_length(state.lengths["sequence"], state.sequence.size)
+    return usp_attention(q[:, :n], k[:, :n], v[:, :n], state, joint_q=q[:, n:], joint_k=k[:, n:], joint_v=v[:, n:],
+                         joint_strategy="rear", scale=scale)
+
+
+def replicated_text_rear_attention_override(family: str, state: ParallelState, func, q, k, v, heads, mask=None,
+                                            skip_reshape=False, skip_output_reshape=False, transformer_options=None, **kwargs):
+    """ComfyUI's optimized_attention replaced by replicated_text_rear_attention (bind family and state first)."""
+    if mask is not None:
+        raise UnsupportedByXDiT(f"an attention mask on {family} (e.g. from an attention-mask node) is not supported in "
+                                f"parallel; remove it or use UNETLoader")
+    q, k, v = to_bshd(q, k, v, heads, skip_reshape)
+    return from_bshd(replicated_text_rear_attention(state, q, k, v, kwargs.get("scale")), skip_output_reshape)
+
+
 def _batch_piece(value: Any, batch: int, state: ParallelState) -> Any:
     # Per-sample inputs (latents, sigmas, conds, pooled vectors, guidance) lead with the call's batch; anything
     # else (constants, shared tensors) is the same for every row and goes to every rank whole.

@@ -1,0 +1,87 @@
+"""HiDream I1 (ComfyUI's comfy.ldm.hidream.model.HiDreamImageTransformer2DModel) computed across ranks.
+
+HiDream's forward patchifies the latent into image tokens, computes RoPE for [image, text] rows, then runs
+double-stream blocks (image and text streams, joint attention over [image, text]: text at the rear) and
+single-stream blocks over the concatenated [image, text] sequence; each block appends its own projected Llama
+layer to the text it reads and drops it again after the block. All text rows have RoPE position zero.
+
+Each rank holds 1/P of the image tokens (zero-padded at the end of the last shard) and the whole text stream, so
+the forward's per-block text concatenation and truncation work on local tensors unchanged. Three object patches on
+a clone of the ModelPatcher do the sharding:
+- `patchify` returns this rank's image tokens (split_sequence records the whole image's length);
+- the RoPE embedder returns the rows of those tokens followed by every text row;
+- `unpatchify` gathers the image tokens back (padding dropped) before folding them into the latent.
+Attention runs through the `optimized_attention_override` transformer option, set per call by a DIFFUSION_MODEL
+wrapper: usp_attention over the image shards with the replicated text as joint tokens behind them
+(parallel_glue.replicated_text_rear_attention). Padded tokens never act as keys (usp_attention trims them) and
+every other layer is per token (the MoE router included), so they change nothing. The text stream is computed
+whole on every rank: ~384 text rows beside 4096 image rows at 1024x1024, a cost that grows with the degree.
+CFG and data parallel are the family-independent wrappers (cfg_parallel.py, parallel_glue.py).
+"""
+from __future__ import annotations
+
+import functools
+
+import comfy.patcher_extension
+import torch
+
+from parallel_core import ParallelState, gather_sequence, split_sequence
+from parallel_core.sharding import padded_piece
+
+from ..errors import UnsupportedByXDiT
+from ..parallel_glue import replicated_text_rear_attention_override
+
+WRAPPER_KEY = "comfyui_xdit.hidream_sequence_parallel"
+PATCHIFY_KEY = "diffusion_model.patchify"
+ROPE_KEY = "diffusion_model.pe_embedder.forward"
+UNPATCHIFY_KEY = "diffusion_model.unpatchify"
+
+
+def _patchify(original, state: ParallelState, x, max_seq, img_sizes=None):
+    tokens, masks, img_sizes = original(x, max_seq, img_sizes)
+    if masks is not None:  # only for lists of differently sized latents, which ComfyUI's model calls never pass
+        raise UnsupportedByXDiT("HiDream's masked (list) latent input is not supported with sequence parallel; "
+                                "set ulysses_degree and ring_degree to 1")
+    return split_sequence(tokens, state, 1), masks, img_sizes
+
+
+def _rope_rows(original, state: ParallelState, ids: torch.Tensor) -> torch.Tensor:
+    """RoPE of this rank's image rows (zero rows for its padding) followed by all text rows."""
+    rope = original(ids)
+    image = state.lengths["sequence"]
+    return torch.cat([padded_piece(rope[:, :image], 1, state.sequence.size, state.sequence.rank), rope[:, image:]], dim=1)
+
+
+def _unpatchify(original, state: ParallelState, x: torch.Tensor, img_sizes):
+    return original(gather_sequence(x, state, 1), img_sizes)
+
+
+def _sequence_parallel_forward(state: ParallelState, executor, x, t, y=None, context=None, encoder_hidden_states_llama3=None,
+                               image_cond=None, control=None, transformer_options=None):
+    """DIFFUSION_MODEL wrapper: the stock forward with this call's attention override."""
+    transformer_options = transformer_options or {}
+    if "optimized_attention_override" in transformer_options:
+        raise UnsupportedByXDiT("another node pack already overrides attention on this model; remove that patch to sample with XDiT")
+    options = {**transformer_options,
+               "optimized_attention_override": functools.partial(replicated_text_rear_attention_override, "HiDream", state)}
+    return executor(x, t, y, context, encoder_hidden_states_llama3, image_cond, control, options)
+
+
+def parallelize(model_patcher, state: ParallelState, adapter):
+    """A clone of `model_patcher` whose HiDream shards its image tokens over `state`'s sequence group;
+    `adapter` is its registry entry (families/__init__.py)."""
+    if adapter.joint_attention != "rear":  # the attention override puts text behind the image, as this model's forward does
+        raise ValueError(f"the HiDream hooks run text-at-the-rear joint attention, not {adapter.joint_attention!r} ({adapter.name})")
+    if state.pipefusion.size > 1 or state.patch.size > 1:  # refused by capabilities before this; a wrong entry is a bug
+        raise ValueError(f"{adapter.name}: PipeFusion and patch parallel have no HiDream hooks")
+    patched = model_patcher.clone()
+    if state.sequence.size == 1:
+        return patched
+    diffusion_model = model_patcher.model.diffusion_model
+    model_class, rope = type(diffusion_model), diffusion_model.pe_embedder
+    patched.add_object_patch(PATCHIFY_KEY, functools.partial(_patchify, functools.partial(model_class.patchify, diffusion_model), state))
+    patched.add_object_patch(ROPE_KEY, functools.partial(_rope_rows, functools.partial(type(rope).forward, rope), state))
+    patched.add_object_patch(UNPATCHIFY_KEY, functools.partial(_unpatchify, functools.partial(model_class.unpatchify, diffusion_model), state))
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY,
+                                 functools.partial(_sequence_parallel_forward, state))
+    return patched
