@@ -56,6 +56,11 @@ def _unpatchify(original, state: ParallelState, x: torch.Tensor, img_sizes):
     return original(gather_sequence(x, state, 1), img_sizes)
 
 
+def _stock(obj, method: str):
+    # The class's method bound to `obj`: ComfyUI restores an object patch by setting the old value on the instance.
+    return functools.partial(getattr(type(obj), method), obj)
+
+
 def _sequence_parallel_forward(state: ParallelState, executor, x, t, y=None, context=None, encoder_hidden_states_llama3=None,
                                image_cond=None, control=None, transformer_options=None):
     """DIFFUSION_MODEL wrapper: the stock forward with this call's attention override."""
@@ -78,10 +83,9 @@ def parallelize(model_patcher, state: ParallelState, adapter):
     if state.sequence.size == 1:
         return patched
     diffusion_model = model_patcher.model.diffusion_model
-    model_class, rope = type(diffusion_model), diffusion_model.pe_embedder
-    patched.add_object_patch(PATCHIFY_KEY, functools.partial(_patchify, functools.partial(model_class.patchify, diffusion_model), state))
-    patched.add_object_patch(ROPE_KEY, functools.partial(_rope_rows, functools.partial(type(rope).forward, rope), state))
-    patched.add_object_patch(UNPATCHIFY_KEY, functools.partial(_unpatchify, functools.partial(model_class.unpatchify, diffusion_model), state))
+    patched.add_object_patch(PATCHIFY_KEY, functools.partial(_patchify, _stock(diffusion_model, "patchify"), state))
+    patched.add_object_patch(ROPE_KEY, functools.partial(_rope_rows, _stock(diffusion_model.pe_embedder, "forward"), state))
+    patched.add_object_patch(UNPATCHIFY_KEY, functools.partial(_unpatchify, _stock(diffusion_model, "unpatchify"), state))
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY,
                                  functools.partial(_sequence_parallel_forward, state))
     return patched
