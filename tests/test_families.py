@@ -192,8 +192,12 @@ def test_qwen_image_refuses_the_inputs_its_sequence_parallel_path_does_not_shard
 
 
 @pytest.mark.fast  # the tiny HiDream is built in-process (~0.3 M parameters); no model file
-def test_hidream_reads_its_layout_from_the_model_and_refuses_the_stale_methods_by_name(comfy_root):
+def test_hidream_reads_its_layout_from_the_model_and_refuses_what_it_does_not_shard(comfy_root):
+    import torch
+
     from comfyui_xdit.families import adapter_for
+    from comfyui_xdit.families.hidream import _sequence_parallel_forward
+    from comfyui_xdit.parallel_glue import replicated_text_rear_attention_override
     from comfyui_xdit.parallel_model import validate_for_model
     from comfyui_xdit.testing.tiny_models import IN_PROCESS
 
@@ -208,7 +212,8 @@ def test_hidream_reads_its_layout_from_the_model_and_refuses_the_stale_methods_b
         with pytest.raises(UnsupportedByXDiT, match=r"^HiDream supports ulysses, ring, cfg and data parallel only "
                                                     rf"\(PipeFusion and patch parallel have no HiDream hooks yet\); set {degree}_degree to 1$"):
             validate_for_model(ParallelConfig(**{f"{degree}_degree": 2}), 2, patcher)
-    from comfyui_xdit.families.hidream import _sequence_parallel_forward
-
     with pytest.raises(UnsupportedByXDiT, match="another node pack already overrides attention"):
         _sequence_parallel_forward(None, None, None, None, transformer_options={"optimized_attention_override": print})
+    q = torch.zeros(1, 4, 32)
+    with pytest.raises(UnsupportedByXDiT, match="an attention mask on HiDream .* remove it or use UNETLoader"):
+        replicated_text_rear_attention_override("HiDream", None, None, q, q, q, 2, mask=torch.ones(1, 4, 4))
