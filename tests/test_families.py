@@ -197,7 +197,7 @@ def test_hidream_reads_its_layout_from_the_model_and_refuses_what_it_does_not_sh
 
     from comfyui_xdit.families import adapter_for
     from comfyui_xdit.families.hidream import _sequence_parallel_forward
-    from comfyui_xdit.parallel_glue import replicated_text_rear_attention_override
+    from comfyui_xdit.parallel_glue import text_rear_attention_override
     from comfyui_xdit.parallel_model import validate_for_model
     from comfyui_xdit.testing.tiny_models import IN_PROCESS
 
@@ -216,4 +216,4 @@ def test_hidream_reads_its_layout_from_the_model_and_refuses_what_it_does_not_sh
         _sequence_parallel_forward(None, None, None, None, transformer_options={"optimized_attention_override": print})
     q = torch.zeros(1, 4, 32)
     with pytest.raises(UnsupportedByXDiT, match="an attention mask on HiDream .* remove it or use UNETLoader"):
-        replicated_text_rear_attention_override("HiDream", None, None, q, q, q, 2, mask=torch.ones(1, 4, 4))
+        text_rear_attention_override("HiDream", None, (2,), None, q, q, q, 2, mask=torch.ones(1, 4, 4))
