@@ -6,7 +6,7 @@ the data group and gathers the denoised outputs, so the model itself never sees 
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -57,6 +57,38 @@ def text_front_attention_override(family: str, state: ParallelState, text_len: i
                                 f"parallel; remove it or use UNETLoader")
     q, k, v = to_bshd(q, k, v, heads, skip_reshape)
     return from_bshd(text_front_attention(state, text_len, q, k, v, kwargs.get("scale")), skip_output_reshape)
+
+
+def text_rear_attention(state: ParallelState, text_lengths: Sequence[int], q: torch.Tensor, k: torch.Tensor,
+                        v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Joint [image, text] attention (B, S, H, D) over text made of pieces (e.g. one per text encoder) of these
+    lengths, each split over the sequence group as padded_piece splits it: each rank's rows are [its image shard
+    (as split_sequence made it), its shard of piece 1, ..., its shard of the last piece].
+
+    The text shards' q/k/v are gathered and trimmed into the whole pieces, which join usp_attention as joint tokens
+    behind the image; each rank keeps the output rows of its own shards.
+    """
+    sp = state.sequence
+    image_local = chunk_length(state.lengths["sequence"], sp.size)
+    local = [chunk_length(n, sp.size) for n in text_lengths]
+    shards = torch.stack([q[:, image_local:], k[:, image_local:], v[:, image_local:]])  # (3, B, sum(local), H, D)
+    gathered = all_gather(shards, 2, sp, state.comm).unflatten(2, (sp.size, sum(local)))
+    pieces = [rows.flatten(2, 3)[:, :, :n] for rows, n in zip(gathered.split(local, dim=3), text_lengths)]
+    text_q, text_k, text_v = torch.cat(pieces, dim=2).unbind(0)
+    out = usp_attention(q[:, :image_local], k[:, :image_local], v[:, :image_local], state, joint_q=text_q, joint_k=text_k,
+                        joint_v=text_v, joint_strategy="rear", scale=scale)
+    text_out = out[:, image_local:].split(list(text_lengths), dim=1)
+    return torch.cat([out[:, :image_local], *(padded_piece(piece, 1, sp.size, sp.rank) for piece in text_out)], dim=1)
+
+
+def text_rear_attention_override(family: str, state: ParallelState, text_lengths: Sequence[int], func, q, k, v, heads,
+                                 mask=None, skip_reshape=False, skip_output_reshape=False, transformer_options=None, **kwargs):
+    """ComfyUI's optimized_attention replaced by text_rear_attention (bind family, state and text_lengths first)."""
+    if mask is not None:
+        raise UnsupportedByXDiT(f"an attention mask on {family} (e.g. from an attention-mask node) is not supported in "
+                                f"parallel; remove it or use UNETLoader")
+    q, k, v = to_bshd(q, k, v, heads, skip_reshape)
+    return from_bshd(text_rear_attention(state, text_lengths, q, k, v, kwargs.get("scale")), skip_output_reshape)
 
 
 def _batch_piece(value: Any, batch: int, state: ParallelState) -> Any:

@@ -1,7 +1,7 @@
 """Rank-side sampling for the exactness tests of every family: stock ComfyUI nodes, stock vs parallel model.
 
 Every rank imports the real ComfyUI, loads a tiny model with ComfyUI's own loader, and drives the sampling path
-SamplerCustomAdvanced takes ([ModelSamplingFlux for Flux-type models, ModelSamplingSD3 for SD3, ModelSamplingAuraFlow
+SamplerCustomAdvanced takes ([ModelSamplingFlux for Flux-type models, ModelSamplingSD3 for SD3 and HiDream, ModelSamplingAuraFlow
 for Qwen-Image] -> BasicGuider/CFGGuider -> BasicScheduler, KSamplerSelect, RandomNoise -> SamplerCustomAdvanced)
 through the stock node classes. Rank 0 also runs the unpatched model. Latent channels and the text width come from
 the loaded model, so one case fits every family (Qwen-Image's 4-D empty latent becomes its 5-D (B, C, 1, H, W) one
@@ -17,6 +17,7 @@ from comfyui_xdit.comfy_runtime import init_worker
 from comfyui_xdit.testing.tiny_models import IN_PROCESS_PREFIX, load_tiny_model, stand_in_conditioning
 
 TEXT_TOKENS = 7
+LLAMA_TOKENS = 5  # HiDream's Llama stand-in: a length other than the T5 text's, so a mix-up changes shapes
 
 
 @dataclass(frozen=True)
@@ -56,10 +57,13 @@ FAMILY_CASES: dict[str, tuple[str, ...]] = {
     "qwen_image": ("basic-euler", "cfg-dpmpp2m-18x22", "basic-dpmpp2m-18x22-batch2"),
     # Qwen-Image-Edit is Qwen-Image's model class given reference images: 99 image + 42 reference tokens.
     "qwen_image_edit": ("edit-cfg-euler-18x22-ref12x14",),
+    # HiDream I1 (built in-process): basic and CFG, euler and dpmpp_2m, an even and an uneven grid (9x11 tokens), batch 2.
+    "hidream": ("basic-euler", "cfg-dpmpp2m-18x22", "basic-dpmpp2m-18x22-batch2"),
 }
 # The tiny file each entry runs (default: the one of its own name), or tiny_models.IN_PROCESS_PREFIX + a name for
 # families built in-process (their detection fixes billions of parameters).
 MODEL_FILE: dict[str, str] = {"qwen_image_edit": "qwen_image"}
+MODEL_FILE["hidream"] = IN_PROCESS_PREFIX + "hidream"
 
 
 
@@ -70,10 +74,11 @@ def model_spec(family: str, tiny_flux_paths: dict, tiny_model_path) -> str:
         return name
     return str(tiny_flux_paths["dev"] if family == "flux" else tiny_model_path(name))
 
-def _conditioning(seed: int, context_dim: int = 64, reference: torch.Tensor | None = None):
+def _conditioning(seed: int, context_dim: int = 64, reference: torch.Tensor | None = None, extra: dict | None = None):
     from comfy_extras.nodes_edit_model import ReferenceLatent
 
     conditioning = stand_in_conditioning(seed, TEXT_TOKENS, context_dim=context_dim)
+    conditioning[0][1].update(extra or {})
     if reference is None:
         return conditioning
     return _first(ReferenceLatent.execute(conditioning, {"samples": reference}))
@@ -90,10 +95,24 @@ def _reference_latent(base_model, case: SamplingCase) -> torch.Tensor | None:
     return torch.randn(shape, generator=torch.Generator().manual_seed(300 + case.seed))
 
 
+def _extra_conditioning(base_model, seed: int) -> dict:
+    """Conditioning keys a family's text encoders add beyond text and pooled vector: HiDream's per-layer Llama
+    hidden states (batch, layers, tokens, width), as many layers as its llama_layers reads."""
+    import comfy.model_base
+
+    if not isinstance(base_model, comfy.model_base.HiDream):
+        return {}
+    unet_config = base_model.model_config.unet_config
+    shape = (1, max(unet_config["llama_layers"]) + 1, LLAMA_TOKENS, unet_config["caption_channels"][1])
+    return {"conditioning_llama3": torch.randn(shape, generator=torch.Generator().manual_seed(seed + 1))}
+
+
 def _text_width(base_model) -> int:
     # Flux names it context_in_dim and U-Nets context_dim; MMDiT records the input of its context embedder; Qwen-Image's
     # is its class default (not in the detected config): read it off the text input layer.
     unet_config = base_model.model_config.unet_config
+    if "caption_channels" in unet_config:  # HiDream: T5's width first, then Llama's
+        return unet_config["caption_channels"][0]
     if "context_embedder_config" in unet_config:
         return unet_config["context_embedder_config"]["params"]["in_features"]
     return unet_config.get("context_in_dim", unet_config.get("context_dim")) or base_model.diffusion_model.txt_in.in_features
@@ -118,10 +137,13 @@ def sample(model_patcher, case: SamplingCase) -> torch.Tensor:
         model = ModelSamplingFlux().patch(model_patcher, 1.15, 0.5, case.width * 8, case.height * 8)[0]
     elif isinstance(base_model, comfy.model_base.SD3):  # a shift other than the config's 3.0, as SD3.5 graphs set it
         model = ModelSamplingSD3().patch(model_patcher, 2.5)[0]
+    elif isinstance(base_model, comfy.model_base.HiDream):  # ComfyUI's HiDream I1 workflows (Full, Fast) shift by 3.0
+        model = ModelSamplingSD3().patch(model_patcher, 3.0)[0]
     reference = _reference_latent(base_model, case)
-    positive = _conditioning(100, context_dim, reference)
+    positive = _conditioning(100, context_dim, reference, _extra_conditioning(base_model, 100))
     if case.guider == "cfg":
-        guider = _first(custom.CFGGuider.execute(model, positive, _conditioning(200, context_dim, reference), case.cfg))
+        negative = _conditioning(200, context_dim, reference, _extra_conditioning(base_model, 200))
+        guider = _first(custom.CFGGuider.execute(model, positive, negative, case.cfg))
     else:
         guider = _first(custom.BasicGuider.execute(model, positive))
     sigmas = _first(custom.BasicScheduler.execute(model, "simple", case.steps, 1.0))
@@ -197,6 +219,10 @@ CONFIGS: dict[str, dict[int, list[dict]]] = {
     },
 }
 CONFIGS["sd35"] = CONFIGS["sd3"]
+CONFIGS["hidream"] = {
+    2: [{"ulysses_degree": 2}, {"ring_degree": 2}, {"cfg_degree": 2}, {"data_degree": 2}],
+    4: [{"ulysses_degree": 2, "ring_degree": 2}, {"ulysses_degree": 2, "cfg_degree": 2}],
+}
 FP32_TOL = 1e-5
 # CFG multiplies the difference of two predictions by the guidance scale, and EPS models' latents reach ~15: there
 # the bound is relative to the latent's size.

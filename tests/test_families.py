@@ -189,3 +189,31 @@ def test_qwen_image_refuses_the_inputs_its_sequence_parallel_path_does_not_shard
     refuse_unsupported(None, None, {}, {"patches": {"attn1_patch": [print], "double_block": []}})
     with pytest.raises(UnsupportedByXDiT, match=r"a model patch on Qwen-Image's double_block \(e.g. a DiffSynth"):
         refuse_unsupported(None, None, {}, {"patches": {"double_block": [print]}})
+
+
+@pytest.mark.fast  # the tiny HiDream is built in-process (~0.3 M parameters); no model file
+def test_hidream_reads_its_layout_from_the_model_and_refuses_what_it_does_not_shard(comfy_root):
+    import torch
+
+    from comfyui_xdit.families import adapter_for
+    from comfyui_xdit.families.hidream import _sequence_parallel_forward
+    from comfyui_xdit.parallel_glue import text_rear_attention_override
+    from comfyui_xdit.parallel_model import validate_for_model
+    from comfyui_xdit.testing.tiny_models import IN_PROCESS
+
+    patcher = IN_PROCESS["hidream"](0)
+    adapter = adapter_for(patcher.model)
+    assert (adapter.family_name(patcher.model), adapter.joint_attention) == ("HiDream", "rear")
+    assert adapter.num_heads(patcher.model.diffusion_model) == 2
+    assert adapter.token_rows(patcher.model.diffusion_model, 18) == 9
+    validate_for_model(ParallelConfig(ulysses_degree=2, ring_degree=2), 4, patcher)
+    validate_for_model(ParallelConfig(ulysses_degree=2, cfg_degree=2, data_degree=2), 8, patcher)
+    for degree in ("pipefusion", "patch"):
+        with pytest.raises(UnsupportedByXDiT, match=r"^HiDream supports ulysses, ring, cfg and data parallel only "
+                                                    rf"\(PipeFusion and patch parallel have no HiDream hooks yet\); set {degree}_degree to 1$"):
+            validate_for_model(ParallelConfig(**{f"{degree}_degree": 2}), 2, patcher)
+    with pytest.raises(UnsupportedByXDiT, match="another node pack already overrides attention"):
+        _sequence_parallel_forward(None, None, None, None, transformer_options={"optimized_attention_override": print})
+    q = torch.zeros(1, 4, 32)
+    with pytest.raises(UnsupportedByXDiT, match="an attention mask on HiDream .* remove it or use UNETLoader"):
+        text_rear_attention_override("HiDream", None, (2,), None, q, q, q, 2, mask=torch.ones(1, 4, 4))

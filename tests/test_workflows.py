@@ -28,7 +28,7 @@ WIDGET_TYPES = frozenset({"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"})
 STOCK_E2E_TYPES = {"UNETLoader", "ModelSamplingFlux", "XDiTTestConditioning", "FluxGuidance", "BasicGuider",
                    "KSamplerSelect", "BasicScheduler", "RandomNoise", "EmptySD3LatentImage", "SamplerCustomAdvanced",
                    "VAELoader", "VAEDecode", "SaveImage", "SaveLatent"}
-MODEL_FILE_INPUTS = frozenset({"unet_name", "clip_name", "clip_name1", "clip_name2", "clip_name3", "vae_name", "lora_name"})
+MODEL_FILE_INPUTS = frozenset({"unet_name", "clip_name", "clip_name1", "clip_name2", "clip_name3", "clip_name4", "vae_name", "lora_name"})
 
 
 def api_twin(ui_path: Path) -> Path:

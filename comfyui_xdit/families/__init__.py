@@ -154,3 +154,9 @@ register("SD3", FamilyAdapter(
     "SD3", Capabilities(ulysses=True, ring=True, cfg=True, data=True), hooks="comfyui_xdit.families.sd3",
     heads_attribute="num_heads", patch_attribute="patch_size", joint_attention="front", block_containers=("joint_blocks",),
     limits="PipeFusion and patch parallel are not implemented for its joint blocks yet"))
+# HiDream I1 puts text (T5 and Llama pieces) behind the image in its joint attention; its hooks shard both.
+register("HiDream", FamilyAdapter(
+    "HiDream", Capabilities(ulysses=True, ring=True, cfg=True, data=True), hooks="comfyui_xdit.families.hidream",
+    heads_attribute="num_attention_heads", patch_attribute="patch_size", joint_attention="rear",
+    block_containers=("double_stream_blocks", "single_stream_blocks"),
+    limits="PipeFusion and patch parallel have no HiDream hooks yet"))

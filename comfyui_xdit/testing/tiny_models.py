@@ -210,6 +210,8 @@ def init_weights_(model: torch.nn.Module, seed: int, output_layer: str = _OUTPUT
                 # ComfyUI's own RMSNorm classes (MMDiT's q/k norms) are not torch's.
                 elif isinstance(module, (torch.nn.LayerNorm, torch.nn.RMSNorm, torch.nn.GroupNorm)) or type(module).__name__ == "RMSNorm":
                     value = 1.0 + _NORM_SCALE_STD * noise
+                elif type(module).__name__ == "MoEGate":  # HiDream's expert router: a bare (experts, width) matrix
+                    value = noise / math.sqrt(parameter.shape[1])
                 else:
                     raise TypeError(f"no initialiser for parameter {name!r} of {type(module).__name__}")
                 parameter.copy_(value)
@@ -334,6 +336,19 @@ def in_process_patcher(config_class: str, unet_config: dict[str, Any], seed: int
     init_weights_(model.diffusion_model, seed, output_layer)
     return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
                                             offload_device=comfy.model_management.unet_offload_device())
+
+
+# HiDream I1 (comfy.model_base.HiDream): detection fixes 20 heads of 128, 16 + 32 blocks and 4096-wide T5 and Llama
+# inputs. Tiny: 2 heads of 16 (RoPE on all 16 channels, as the real model), one block of each kind, MoE
+# feed-forwards with 3 experts (2 active), a 64-wide T5 and a 24-wide 3-layer Llama stand-in (the layers each block
+# reads, as llama_layers picks them), pooled width as Flux's tiny files.
+HIDREAM_UNET_CONFIG: dict[str, Any] = {
+    "image_model": "hidream", "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 1, "num_single_layers": 1,
+    "attention_head_dim": 16, "num_attention_heads": 2, "axes_dims_rope": [8, 4, 4], "caption_channels": [64, 24],
+    "text_emb_dim": FLUX_BASE["vec_in_dim"], "num_routed_experts": 3, "num_activated_experts": 2, "max_resolution": [128, 128],
+    "llama_layers": [2, 0],
+}
+IN_PROCESS["hidream"] = lambda seed: in_process_patcher("HiDream", HIDREAM_UNET_CONFIG, seed, "final_layer.linear")
 
 
 def load_tiny_model(spec: str) -> Any:
