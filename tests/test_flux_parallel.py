@@ -2,7 +2,7 @@
 
 One suite, parametrised over families (flux_cases.CONFIGS): Flux.1 (every exact method), Flux.2 (same adapter
 code, its own token grid), SD3 and SD3.5 (MMDiT, with and without dual-attention blocks), Qwen-Image (its own hooks,
-5-D latents; with reference images as Qwen-Image-Edit) and an SD1.5 U-Net, which has no sequence-parallel adapter
+5-D latents; with reference images as Qwen-Image-Edit), Wan 2.1 (T2V, I2V) and Wan 2.2's TI2V 5B on video latents, and an SD1.5 U-Net, which has no sequence-parallel adapter
 and runs on the generic CFG and data parallel wrappers. test_gpu_parallel.py runs the same cases on CUDA ranks over
 NCCL.
 """
@@ -32,6 +32,12 @@ TRAFFIC: dict[str, list[tuple[str, str]]] = {
                    ("cfg2/cfg-dpmpp2m-18x22", "broadcast/cfg"), ("data2/basic-dpmpp2m-18x22-batch2", "all_gather/data")],
     "qwen_image_edit": [("ulysses2/edit-cfg-euler-18x22-ref12x14", "all_to_all/ulysses"),
                         ("ring2/edit-cfg-euler-18x22-ref12x14", "ring_send/ring")],
+    "wan21": [("ulysses2/video-basic-euler-3x10x14", "all_to_all/ulysses"), ("ring2/video-cfg-dpmpp2m-3x10x14", "ring_send/ring"),
+              ("cfg2/video-cfg-dpmpp2m-3x10x14", "broadcast/cfg"), ("data2/video-basic-euler-3x10x14-batch2", "all_gather/data")],
+    "wan21_i2v": [("ulysses2/video-image-cfg-euler-3x10x14", "all_to_all/ulysses"), ("ring2/video-image-cfg-euler-3x10x14", "ring_send/ring"),
+                  ("cfg2/video-image-cfg-euler-3x10x14", "broadcast/cfg")],
+    "wan22_5b": [("ulysses2/video-image-cfg-euler-3x10x14", "all_to_all/ulysses"), ("ring2/video-image-cfg-euler-3x10x14", "ring_send/ring"),
+                 ("cfg2/video-image-cfg-euler-3x10x14", "broadcast/cfg"), ("data2/video-basic-euler-3x10x14-batch2", "all_gather/data")],
 }
 
 
