@@ -72,3 +72,15 @@ def test_parallel_runs_actually_communicate(family, model_path):
     for key, counter in TRAFFIC[family]:
         sent = [r["bytes"][key].get(counter, 0) for r in per_rank]
         assert all(b > 0 for b in sent), f"{key}: {counter} bytes per rank {sent}"
+
+
+def test_wan_gathers_its_hidden_states_once_per_model_call(model_path):
+    """Inside the block loop each rank holds only its rows: the sequence group gathers the hidden states once per model
+    call, after the last block (a gather per block would multiply these bytes by the block count)."""
+    from comfyui_xdit.testing.tiny_models import WAN_BASE
+
+    case = flux_cases.CASE_BY_NAME["video-basic-euler-3x10x14"]  # euler, BasicGuider, batch 1: one model call a step
+    tokens = case.frames * (case.height // 2) * (case.width // 2)
+    one_gather = -(-tokens // 2) * WAN_BASE["dim"] * 4  # this rank's fp32 rows
+    for result in _run("wan21", 2, model_path("wan21")):
+        assert result["bytes"][f"ulysses2/{case.name}"]["all_gather/sequence"] == case.steps * one_gather
