@@ -1,11 +1,11 @@
 """Rank-side sampling for the exactness tests of every family: stock ComfyUI nodes, stock vs parallel model.
 
 Every rank imports the real ComfyUI, loads a tiny model with ComfyUI's own loader, and drives the sampling path
-SamplerCustomAdvanced takes ([ModelSamplingFlux for Flux-type models, ModelSamplingSD3 for SD3, ModelSamplingAuraFlow
+SamplerCustomAdvanced takes ([ModelSamplingFlux for Flux-type models, ModelSamplingSD3 for SD3 and Wan, ModelSamplingAuraFlow
 for Qwen-Image] -> BasicGuider/CFGGuider -> BasicScheduler, KSamplerSelect, RandomNoise -> SamplerCustomAdvanced)
 through the stock node classes. Rank 0 also runs the unpatched model. Latent channels and the text width come from
 the loaded model, so one case fits every family (Qwen-Image's 4-D empty latent becomes its 5-D (B, C, 1, H, W) one
-inside ComfyUI's sampler, as in its workflows).
+inside ComfyUI's sampler, as in its workflows); video cases give the latent a frame axis (B, C, T, H, W).
 """
 from __future__ import annotations
 
