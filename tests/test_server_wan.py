@@ -1,6 +1,7 @@
 """The shipped Wan 2.1 text-to-video workflow through a real ComfyUI server on tiny Wan 2.1 weights: XDiT loader and
 KSampler on a local Ray pool vs the same graph with the stock nodes, on a video latent of odd frames whose token
-count (3 frames x 5 x 7) divides neither degree; bad input refused by name with the server staying up."""
+count (3 frames x 5 x 7) divides neither degree; bad input refused by name with the server staying up; and the
+shipped Wan 2.2 A14B graph, whose two experts stay resident on the pool across prompts."""
 from __future__ import annotations
 
 import pytest
