@@ -47,6 +47,7 @@ CASES: tuple[SamplingCase, ...] = (
     SamplingCase("video-cfg-dpmpp2m-3x10x14", guider="cfg", cfg=5.0, sampler="dpmpp_2m", frames=3, height=10, width=14, seed=6),
     SamplingCase("video-basic-euler-3x10x14-batch2", frames=3, height=10, width=14, batch=2, seed=7),
     SamplingCase("video-image-cfg-euler-3x10x14", guider="cfg", cfg=5.0, frames=3, height=10, width=14, seed=8, start_image=True),
+    SamplingCase("video-basic-dpmpp2m-3x10x14-batch2", sampler="dpmpp_2m", frames=3, height=10, width=14, batch=2, seed=9),
 )
 CASE_BY_NAME = {case.name: case for case in CASES}
 # Which cases each tiny family runs: Flux all but the U-Net-sized one; Flux.2 (512 padded text tokens, slower) its
@@ -67,7 +68,7 @@ FAMILY_CASES: dict[str, tuple[str, ...]] = {
     # 2.2 TI2V 5B (per-frame timesteps) with their start image.
     "wan21": ("video-basic-euler-3x10x14", "video-cfg-dpmpp2m-3x10x14", "video-basic-euler-3x10x14-batch2"),
     "wan21_i2v": ("video-image-cfg-euler-3x10x14",),
-    "wan22_5b": ("video-image-cfg-euler-3x10x14", "video-basic-euler-3x10x14-batch2"),
+    "wan22_5b": ("video-image-cfg-euler-3x10x14", "video-basic-dpmpp2m-3x10x14-batch2"),
 }
 # The tiny file each entry runs (default: the one of its own name), or tiny_models.IN_PROCESS_PREFIX + a name for
 # families built in-process (their detection fixes billions of parameters).

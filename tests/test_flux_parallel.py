@@ -37,7 +37,7 @@ TRAFFIC: dict[str, list[tuple[str, str]]] = {
     "wan21_i2v": [("ulysses2/video-image-cfg-euler-3x10x14", "all_to_all/ulysses"), ("ring2/video-image-cfg-euler-3x10x14", "ring_send/ring"),
                   ("cfg2/video-image-cfg-euler-3x10x14", "broadcast/cfg")],
     "wan22_5b": [("ulysses2/video-image-cfg-euler-3x10x14", "all_to_all/ulysses"), ("ring2/video-image-cfg-euler-3x10x14", "ring_send/ring"),
-                 ("cfg2/video-image-cfg-euler-3x10x14", "broadcast/cfg"), ("data2/video-basic-euler-3x10x14-batch2", "all_gather/data")],
+                 ("cfg2/video-image-cfg-euler-3x10x14", "broadcast/cfg"), ("data2/video-basic-dpmpp2m-3x10x14-batch2", "all_gather/data")],
 }
 
 
