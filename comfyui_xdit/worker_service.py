@@ -1,13 +1,17 @@
 """What a pool worker does with a sampling job: keep the model resident, run ComfyUI's sampling on it.
 
-Runs inside a Ray actor (ray_backend.worker.PoolWorker names it by import path). One model is resident per worker
-at a time, keyed by file, dtype and PipeFusion stage (a stage loads only its own blocks, stage_loading.py); the
-parallel clone is cached per parallel config, so a second prompt on the same model and degrees loads and builds
-nothing. A job's LoRA stack is merged into the resident model before it
+Runs inside a Ray actor (ray_backend.worker.PoolWorker names it by import path). Up to RESIDENT_MODELS models stay
+resident per worker (two by default: a Wan 2.2 A14B graph alternates a high-noise and a low-noise expert within every
+prompt), keyed by file, dtype and PipeFusion stage (a stage loads only its own blocks, stage_loading.py); loading one
+more drops the least recently used. Each one's parallel clone is cached per parallel config, so a second prompt on
+the same models and degrees loads and builds nothing. A job's LoRA stack is merged into its model before it
 runs (lora_merge.py): switching LoRAs changes the weights they touch and loads nothing.
 """
 from __future__ import annotations
 
+import os
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from typing import Any
 
 from parallel_core import ParallelConfig, ParallelState
@@ -15,15 +19,22 @@ from parallel_core import ParallelConfig, ParallelState
 from .comfy_runtime import init_worker
 
 SERVICE_PATH = "comfyui_xdit.worker_service:SamplingService"
+# How many models a worker keeps loaded at once (an operator with little memory per worker sets 1).
+RESIDENT_MODELS = int(os.environ.get("XDIT_RESIDENT_MODELS", "2"))
+
+
+@dataclass
+class _Resident:
+    base: Any  # the stock ModelPatcher as loaded
+    loras: Any  # its MergedLoras
+    parallel: dict[ParallelConfig, Any] = field(default_factory=dict)  # its parallel clones
 
 
 class SamplingService:
     def __init__(self, device: str):
         init_worker(cpu=(device == "cpu"))
-        self._key: tuple[str, str, int, int] | None = None
-        self._base = None
-        self._parallel: dict[ParallelConfig, Any] = {}
-        self._loras = None  # MergedLoras of the resident model
+        self._resident: OrderedDict[tuple[str, str, int, int], _Resident] = OrderedDict()  # least recently used first
+        self._loras = None  # MergedLoras of the model of the last job
         self.model_loads = 0
         self.parallel_builds = 0
 
@@ -38,20 +49,24 @@ class SamplingService:
 
         stages, stage = state.pipefusion.size, state.pipefusion.rank
         key = (ref.path, ref.weight_dtype, stages, stage)
-        if key != self._key:
-            self._base, self._parallel, self._loras, self._key = None, {}, None, None
-            comfy.model_management.unload_all_models()  # the previous model's memory goes before the next loads
+        if key not in self._resident:
+            if len(self._resident) >= max(1, RESIDENT_MODELS):
+                self._resident.popitem(last=False)
+                self._loras = None
+                comfy.model_management.unload_all_models()  # the dropped model's memory goes before the next loads
             if stages > 1:
-                self._base = load_stage(ref.path, ref.weight_dtype, stages, stage)
+                base = load_stage(ref.path, ref.weight_dtype, stages, stage)
             else:
-                self._base = comfy.sd.load_diffusion_model(ref.path, model_options=model_options_for(ref.weight_dtype))
-            self._loras = MergedLoras(self._base)
-            self._key = key
+                base = comfy.sd.load_diffusion_model(ref.path, model_options=model_options_for(ref.weight_dtype))
+            self._resident[key] = _Resident(base, MergedLoras(base))
             self.model_loads += 1
-        if state.config not in self._parallel:
-            self._parallel[state.config] = parallelize(self._base, state)
+        resident = self._resident[key]
+        self._resident.move_to_end(key)
+        self._loras = resident.loras
+        if state.config not in resident.parallel:
+            resident.parallel[state.config] = parallelize(resident.base, state)
             self.parallel_builds += 1
-        return self._parallel[state.config]
+        return resident.parallel[state.config]
 
     def regroup(self) -> None:
         """The worker joins a process group of another world: parallel models built on the old groups go, the
@@ -84,8 +99,10 @@ class SamplingService:
         from .stage_loading import held_block_parameters
 
         loras = self._loras
-        held, total = held_block_parameters(self._base.model) if self._base is not None else (0, 0)
-        return {"model_loads": self.model_loads, "parallel_builds": self.parallel_builds, "resident": list(self._key) if self._key else None,
+        last = next(reversed(self._resident.values()), None)  # the model of the last job
+        held, total = held_block_parameters(last.base.model) if last is not None else (0, 0)
+        return {"model_loads": self.model_loads, "parallel_builds": self.parallel_builds,
+                "resident": [list(key) for key in self._resident] or None,  # least recently used first
                 "block_parameters_held": held, "block_parameters_total": total,
                 "loras": loras.describe() if loras else [], "lora_switches": loras.switches if loras else 0,
                 "lora_keys_changed": loras.last_keys_changed if loras else 0}

@@ -1,11 +1,11 @@
 """Rank-side sampling for the exactness tests of every family: stock ComfyUI nodes, stock vs parallel model.
 
 Every rank imports the real ComfyUI, loads a tiny model with ComfyUI's own loader, and drives the sampling path
-SamplerCustomAdvanced takes ([ModelSamplingFlux for Flux-type models, ModelSamplingSD3 for SD3 and HiDream, ModelSamplingAuraFlow
+SamplerCustomAdvanced takes ([ModelSamplingFlux for Flux-type models, ModelSamplingSD3 for SD3, HiDream and Wan, ModelSamplingAuraFlow
 for Qwen-Image] -> BasicGuider/CFGGuider -> BasicScheduler, KSamplerSelect, RandomNoise -> SamplerCustomAdvanced)
 through the stock node classes. Rank 0 also runs the unpatched model. Latent channels and the text width come from
 the loaded model, so one case fits every family (Qwen-Image's 4-D empty latent becomes its 5-D (B, C, 1, H, W) one
-inside ComfyUI's sampler, as in its workflows).
+inside ComfyUI's sampler, as in its workflows); video cases give the latent a frame axis (B, C, T, H, W).
 """
 from __future__ import annotations
 
@@ -32,6 +32,8 @@ class SamplingCase:
     batch: int = 1
     seed: int = 0
     reference: tuple[int, int] | None = None  # rows, cols of a seeded reference latent given to every cond (ReferenceLatent)
+    frames: int | None = None  # latent frames of a video latent (B, C, frames, rows, cols); None: an image latent
+    start_image: bool = False  # a seeded stand-in start image, given the way the family's image-to-video node gives it
 
 
 CASES: tuple[SamplingCase, ...] = (
@@ -41,6 +43,12 @@ CASES: tuple[SamplingCase, ...] = (
     SamplingCase("basic-dpmpp2m-18x22-batch2", sampler="dpmpp_2m", height=18, width=22, batch=2, seed=2),
     SamplingCase("cfg-euler-10x12-batch2", guider="cfg", cfg=5.0, height=10, width=12, batch=2, seed=3),
     SamplingCase("edit-cfg-euler-18x22-ref12x14", guider="cfg", height=18, width=22, seed=4, reference=(12, 14)),
+    # Video: 3 frames of 5x7 tokens (105, divisible by neither 2 nor 4).
+    SamplingCase("video-basic-euler-3x10x14", frames=3, height=10, width=14, seed=5),
+    SamplingCase("video-cfg-dpmpp2m-3x10x14", guider="cfg", cfg=5.0, sampler="dpmpp_2m", frames=3, height=10, width=14, seed=6),
+    SamplingCase("video-basic-euler-3x10x14-batch2", frames=3, height=10, width=14, batch=2, seed=7),
+    SamplingCase("video-image-cfg-euler-3x10x14", guider="cfg", cfg=5.0, frames=3, height=10, width=14, seed=8, start_image=True),
+    SamplingCase("video-basic-dpmpp2m-3x10x14-batch2", sampler="dpmpp_2m", frames=3, height=10, width=14, batch=2, seed=9),
 )
 CASE_BY_NAME = {case.name: case for case in CASES}
 # Which cases each tiny family runs: Flux all but the U-Net-sized one; Flux.2 (512 padded text tokens, slower) its
@@ -59,6 +67,11 @@ FAMILY_CASES: dict[str, tuple[str, ...]] = {
     "qwen_image_edit": ("edit-cfg-euler-18x22-ref12x14",),
     # HiDream I1 (built in-process): basic and CFG, euler and dpmpp_2m, an even and an uneven grid (9x11 tokens), batch 2.
     "hidream": ("basic-euler", "cfg-dpmpp2m-18x22", "basic-dpmpp2m-18x22-batch2"),
+    # Wan: odd frames and uneven token counts, both guiders, both samplers, a batch for data parallel; I2V and the
+    # 2.2 TI2V 5B (per-frame timesteps) with their start image.
+    "wan21": ("video-basic-euler-3x10x14", "video-cfg-dpmpp2m-3x10x14", "video-basic-euler-3x10x14-batch2"),
+    "wan21_i2v": ("video-image-cfg-euler-3x10x14",),
+    "wan22_5b": ("video-image-cfg-euler-3x10x14", "video-basic-dpmpp2m-3x10x14-batch2"),
 }
 # The tiny file each entry runs (default: the one of its own name), or tiny_models.IN_PROCESS_PREFIX + a name for
 # families built in-process (their detection fixes billions of parameters).
@@ -115,7 +128,40 @@ def _text_width(base_model) -> int:
         return unet_config["caption_channels"][0]
     if "context_embedder_config" in unet_config:
         return unet_config["context_embedder_config"]["params"]["in_features"]
-    return unet_config.get("context_in_dim", unet_config.get("context_dim")) or base_model.diffusion_model.txt_in.in_features
+    # Wan's (umT5's 4096) likewise, off its text embedding.
+    width = unet_config.get("context_in_dim", unet_config.get("context_dim"))
+    if width:
+        return width
+    diffusion_model = base_model.diffusion_model
+    text_in = diffusion_model.text_embedding[0] if hasattr(diffusion_model, "text_embedding") else diffusion_model.txt_in
+    return text_in.in_features
+
+
+def _with_start_image(base_model, case: SamplingCase, latent: dict, positive, negative):
+    """Latent and conds as the family's image-to-video node leaves them for a start image (seeded stand-ins of its
+    VAE-encoded first frame and CLIP-vision output): Wan 2.2's Wan22ImageToVideoLatent puts the frame into the latent
+    and masks it from denoising; Wan 2.1's WanImageToVideo gives it to every cond as a concat latent with a mask."""
+    import comfy.clip_vision
+    import comfy.model_base
+    import node_helpers
+
+    generator = torch.Generator().manual_seed(400 + case.seed)
+    samples = latent["samples"]
+    first = torch.randn(1, samples.shape[1], 1, *samples.shape[-2:], generator=generator)
+    mask = torch.ones(samples.shape[0], 1, *samples.shape[2:])
+    mask[:, :, :1] = 0.0
+    if isinstance(base_model, comfy.model_base.WAN22):
+        image = samples.clone()
+        image[:, :, :1] = first
+        image = base_model.latent_format.process_out(image) * mask + image * (1.0 - mask)
+        return {"samples": image, "noise_mask": mask}, positive, negative
+    concat = torch.cat([first, torch.randn(1, samples.shape[1], samples.shape[2] - 1, *samples.shape[-2:], generator=generator)], dim=2)
+    values = {"concat_latent_image": concat, "concat_mask": mask[:1]}
+    if base_model.diffusion_model.img_emb is not None:
+        clip_vision_output = comfy.clip_vision.Output()
+        clip_vision_output.penultimate_hidden_states = torch.randn(1, 257, 1280, generator=generator)
+        values["clip_vision_output"] = clip_vision_output
+    return latent, *(node_helpers.conditioning_set_values(c, values) if c is not None else None for c in (positive, negative))
 
 
 def _first(node_output):
@@ -139,17 +185,22 @@ def sample(model_patcher, case: SamplingCase) -> torch.Tensor:
         model = ModelSamplingSD3().patch(model_patcher, 2.5)[0]
     elif isinstance(base_model, comfy.model_base.HiDream):  # ComfyUI's HiDream I1 workflows (Full, Fast) shift by 3.0
         model = ModelSamplingSD3().patch(model_patcher, 3.0)[0]
+    elif isinstance(base_model, comfy.model_base.WAN21):  # ComfyUI's Wan templates: shift 8 (2.1), 5 (2.2 5B)
+        model = ModelSamplingSD3().patch(model_patcher, 5.0 if isinstance(base_model, comfy.model_base.WAN22) else 8.0)[0]
     reference = _reference_latent(base_model, case)
     positive = _conditioning(100, context_dim, reference, _extra_conditioning(base_model, 100))
+    negative = _conditioning(200, context_dim, reference, _extra_conditioning(base_model, 200)) if case.guider == "cfg" else None
+    frames = () if case.frames is None else (case.frames,)
+    latent = {"samples": torch.zeros(case.batch, base_model.latent_format.latent_channels, *frames, case.height, case.width)}
+    if case.start_image:
+        latent, positive, negative = _with_start_image(base_model, case, latent, positive, negative)
     if case.guider == "cfg":
-        negative = _conditioning(200, context_dim, reference, _extra_conditioning(base_model, 200))
         guider = _first(custom.CFGGuider.execute(model, positive, negative, case.cfg))
     else:
         guider = _first(custom.BasicGuider.execute(model, positive))
     sigmas = _first(custom.BasicScheduler.execute(model, "simple", case.steps, 1.0))
     sampler = _first(custom.KSamplerSelect.execute(case.sampler))
     noise = _first(custom.RandomNoise.execute(case.seed))
-    latent = {"samples": torch.zeros(case.batch, base_model.latent_format.latent_channels, case.height, case.width)}
     return _first(custom.SamplerCustomAdvanced.execute(noise, guider, sampler, sigmas, latent))["samples"]
 
 
@@ -218,6 +269,11 @@ CONFIGS: dict[str, dict[int, list[dict]]] = {
         4: [{"ulysses_degree": 2, "ring_degree": 2}],
     },
 }
+_VIDEO_CONFIGS: dict[int, list[dict]] = {
+    2: [{"ulysses_degree": 2}, {"ring_degree": 2}, {"cfg_degree": 2}, {"data_degree": 2}],
+    4: [{"ulysses_degree": 2, "ring_degree": 2}, {"ulysses_degree": 2, "cfg_degree": 2}],
+}
+CONFIGS.update({"wan21": _VIDEO_CONFIGS, "wan21_i2v": _VIDEO_CONFIGS, "wan22_5b": _VIDEO_CONFIGS})
 CONFIGS["sd35"] = CONFIGS["sd3"]
 CONFIGS["hidream"] = {
     2: [{"ulysses_degree": 2}, {"ring_degree": 2}, {"cfg_degree": 2}, {"data_degree": 2}],

@@ -111,6 +111,21 @@ def test_flux_subclasses_without_a_tested_adapter_are_refused_sequence_parallel(
 
 
 @pytest.mark.fast  # needs ComfyUI's classes, no model file
+def test_wan_variants_with_extra_inputs_are_refused_sequence_parallel_by_name(comfy_root):
+    from comfyui_xdit.families import adapter_for
+    from comfyui_xdit.parallel_model import validate_for_model
+
+    assert adapter_for(_bare("WAN21")).name == "Wan 2.1"
+    assert adapter_for(_bare("WAN22")).name == "Wan 2.2"  # a WAN21 subclass, registered itself
+    assert adapter_for(_bare("WAN21_FlowRVS")).name is None  # other subclasses are not covered by WAN21's entry
+    for class_name, name in (("WAN21_Vace", "Wan 2.1 VACE"), ("WAN22_S2V", "Wan 2.2 S2V"), ("WAN22_Animate", "Wan 2.2 Animate")):
+        with pytest.raises(UnsupportedByXDiT, match=f"^{name} supports cfg and data parallel only .*set ring_degree to 1"):
+            validate_for_model(ParallelConfig(ring_degree=2), 2, SimpleNamespace(model=_bare(class_name)))
+    with pytest.raises(UnsupportedByXDiT, match=r"^Wan 2\.2 supports ulysses, ring, cfg and data parallel only \(PipeFusion .*set patch_degree to 1"):
+        adapter_for(_bare("WAN22")).refuse_unsupported(ParallelConfig(patch_degree=2), _bare("WAN22"))
+
+
+@pytest.mark.fast  # needs ComfyUI's classes, no model file
 def test_matching_is_on_comfyui_own_classes_most_derived_first(comfy_root):
     import comfy.model_base
 

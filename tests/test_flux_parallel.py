@@ -3,7 +3,7 @@
 One suite, parametrised over families (flux_cases.CONFIGS): Flux.1 (every exact method), Flux.2 (same adapter
 code, its own token grid), SD3 and SD3.5 (MMDiT, with and without dual-attention blocks), Qwen-Image (its own hooks,
 5-D latents; with reference images as Qwen-Image-Edit), HiDream I1 (built in-process; text at the
-rear of its joint attention) and an SD1.5 U-Net, which has no sequence-parallel adapter
+rear of its joint attention), Wan 2.1 (T2V, I2V) and Wan 2.2's TI2V 5B on video latents, and an SD1.5 U-Net, which has no sequence-parallel adapter
 and runs on the generic CFG and data parallel wrappers. test_gpu_parallel.py runs the same cases on CUDA ranks over
 NCCL.
 """
@@ -35,6 +35,12 @@ TRAFFIC: dict[str, list[tuple[str, str]]] = {
                         ("ring2/edit-cfg-euler-18x22-ref12x14", "ring_send/ring")],
     "hidream": [("ulysses2/basic-euler", "all_to_all/ulysses"), ("ring2/cfg-dpmpp2m-18x22", "ring_send/ring"),
                 ("cfg2/cfg-dpmpp2m-18x22", "broadcast/cfg"), ("data2/basic-dpmpp2m-18x22-batch2", "all_gather/data")],
+    "wan21": [("ulysses2/video-basic-euler-3x10x14", "all_to_all/ulysses"), ("ring2/video-cfg-dpmpp2m-3x10x14", "ring_send/ring"),
+              ("cfg2/video-cfg-dpmpp2m-3x10x14", "broadcast/cfg"), ("data2/video-basic-euler-3x10x14-batch2", "all_gather/data")],
+    "wan21_i2v": [("ulysses2/video-image-cfg-euler-3x10x14", "all_to_all/ulysses"), ("ring2/video-image-cfg-euler-3x10x14", "ring_send/ring"),
+                  ("cfg2/video-image-cfg-euler-3x10x14", "broadcast/cfg")],
+    "wan22_5b": [("ulysses2/video-image-cfg-euler-3x10x14", "all_to_all/ulysses"), ("ring2/video-image-cfg-euler-3x10x14", "ring_send/ring"),
+                 ("cfg2/video-image-cfg-euler-3x10x14", "broadcast/cfg"), ("data2/video-basic-dpmpp2m-3x10x14-batch2", "all_gather/data")],
 }
 
 
@@ -69,3 +75,15 @@ def test_parallel_runs_actually_communicate(family, model_path):
     for key, counter in TRAFFIC[family]:
         sent = [r["bytes"][key].get(counter, 0) for r in per_rank]
         assert all(b > 0 for b in sent), f"{key}: {counter} bytes per rank {sent}"
+
+
+def test_wan_gathers_its_hidden_states_once_per_model_call(model_path):
+    """Inside the block loop each rank holds only its rows: the sequence group gathers the hidden states once per model
+    call, after the last block (a gather per block would multiply these bytes by the block count)."""
+    from comfyui_xdit.testing.tiny_models import WAN_BASE
+
+    case = flux_cases.CASE_BY_NAME["video-basic-euler-3x10x14"]  # euler, BasicGuider, batch 1: one model call a step
+    tokens = case.frames * (case.height // 2) * (case.width // 2)
+    one_gather = -(-tokens // 2) * WAN_BASE["dim"] * 4  # this rank's fp32 rows
+    for result in _run("wan21", 2, model_path("wan21")):
+        assert result["bytes"][f"ulysses2/{case.name}"]["all_gather/sequence"] == case.steps * one_gather

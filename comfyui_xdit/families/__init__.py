@@ -160,3 +160,14 @@ register("HiDream", FamilyAdapter(
     heads_attribute="num_attention_heads", patch_attribute="patch_size", joint_attention="rear",
     block_containers=("double_stream_blocks", "single_stream_blocks"),
     limits="PipeFusion and patch parallel have no HiDream hooks yet"))
+# Wan 2.1 (T2V, I2V) and Wan 2.2 (TI2V 5B; the A14B experts load as Wan 2.1's class): tokens over frames x rows x cols,
+# self-attention sequence parallel, cross-attention to text/image tokens local. Its variants with extra inputs
+# (VACE, Camera, HuMo, S2V, Animate, causal AR) run their own forwards: CFG and data parallel only, named here.
+_WAN_LAYOUT: dict[str, Any] = dict(
+    hooks="comfyui_xdit.families.wan", heads_attribute="num_heads", joint_attention="cross", block_containers=("blocks",),
+    limits="PipeFusion and patch parallel are not implemented for video yet")
+register("WAN21", FamilyAdapter("Wan 2.1", Capabilities(ulysses=True, ring=True, cfg=True, data=True), **_WAN_LAYOUT))
+register("WAN22", FamilyAdapter("Wan 2.2", Capabilities(ulysses=True, ring=True, cfg=True, data=True), **_WAN_LAYOUT))
+for _class, _name in (("WAN21_Vace", "Wan 2.1 VACE"), ("WAN21_Camera", "Wan Camera"), ("WAN21_HuMo", "Wan HuMo"),
+                      ("WAN22_S2V", "Wan 2.2 S2V"), ("WAN22_Animate", "Wan 2.2 Animate"), ("WAN21_CausalAR", "Wan 2.1 causal AR")):
+    register(_class, FamilyAdapter(_name, CFG_AND_DATA, limits="its extra inputs are not sharded by the Wan sequence-parallel hooks yet"))

@@ -105,6 +105,19 @@ SD3_VARIANTS: dict[str, dict[str, Any]] = {
 # weights; width 3072 (24 heads of 128) and the 3584-wide text input are ComfyUI's defaults for the class. One
 # block is the smallest model that loads as it: ~380 M parameters, 1.5 GB in fp32.
 QWEN_IMAGE_UNET_CONFIG: dict[str, Any] = {"image_model": "qwen_image", "in_channels": 64, "num_layers": 1}
+# Wan 2.1/2.2 (comfy.ldm.wan.model.WanModel). Detection reads width, FFN width, depth and channels from the weights and
+# fixes heads of 128 channels (heads = dim / 128), patch (1, 2, 2), the 256 timestep frequencies and the umT5 text
+# width 4096 (the class default). Width 512 gives 4 heads; two blocks, FFN as wide as the model: ~10 M parameters.
+# The variants are what detection tells apart: T2V, I2V (36 input channels = 16 latent + 4 mask + 16 image, and CLIP
+# image tokens through img_emb) and Wan 2.2's TI2V 5B (48 latent channels in and out).
+WAN_BASE: dict[str, Any] = {"image_model": "wan2.1", "dim": 512, "ffn_dim": 512, "num_heads": 4, "num_layers": 2,
+                            "patch_size": (1, 2, 2), "freq_dim": 256, "window_size": (-1, -1), "qk_norm": True,
+                            "cross_attn_norm": True, "eps": 1e-6}
+WAN_VARIANTS: dict[str, tuple[dict[str, Any], str]] = {  # variant -> (config, the supported_models class detecting it)
+    "t2v": ({"model_type": "t2v", "in_dim": 16, "out_dim": 16}, "WAN21_T2V"),
+    "i2v": ({"model_type": "i2v", "in_dim": 36, "out_dim": 16}, "WAN21_I2V"),
+    "ti2v_5b": ({"model_type": "t2v", "in_dim": 48, "out_dim": 48}, "WAN22_T2V"),
+}
 
 # Normalisation scales are drawn around 1 rather than set to exactly 1 so that a wrong mapping of them (e.g. in a
 # sharded model) changes the output; biases are small but non-zero for the same reason.
@@ -114,6 +127,7 @@ _BIAS_STD = 0.02
 # fan-in scale they reach ~10 and sampled latents ~25, where fp32 rounding alone is ~2e-6 per value.
 _OUTPUT_LAYER = "final_layer.linear"
 _OUTPUT_SCALE = 0.15
+_MODULATION_STD = 0.1
 
 
 def flux_config(variant: str = "dev", size: str = "tiny", **overrides: Any) -> dict[str, Any]:
@@ -205,13 +219,15 @@ def init_weights_(model: torch.nn.Module, seed: int, output_layer: str = _OUTPUT
                     value = noise / math.sqrt(module.in_features)
                     if module_name == output_layer:
                         value = value * _OUTPUT_SCALE
-                elif isinstance(module, torch.nn.Conv2d):
+                elif isinstance(module, (torch.nn.Conv2d, torch.nn.Conv3d)):
                     value = noise / math.sqrt(parameter[0].numel())
                 # ComfyUI's own RMSNorm classes (MMDiT's q/k norms) are not torch's.
                 elif isinstance(module, (torch.nn.LayerNorm, torch.nn.RMSNorm, torch.nn.GroupNorm)) or type(module).__name__ == "RMSNorm":
                     value = 1.0 + _NORM_SCALE_STD * noise
                 elif type(module).__name__ == "MoEGate":  # HiDream's expert router: a bare (experts, width) matrix
                     value = noise / math.sqrt(parameter.shape[1])
+                elif name == "modulation":  # adaLN tables held as bare parameters (Wan), added to the timestep's
+                    value = _MODULATION_STD * noise
                 else:
                     raise TypeError(f"no initialiser for parameter {name!r} of {type(module).__name__}")
                 parameter.copy_(value)
@@ -284,6 +300,20 @@ def write_tiny_qwen_image(path: str | Path, variant: str = "default", size: str 
     return _save(model, path, {"family": "qwen_image", "variant": variant, "size": size, "seed": seed, "config": config})
 
 
+def write_tiny_wan(path: str | Path, variant: str = "t2v", size: str = "tiny", seed: int = 0, **overrides: Any) -> Path:
+    """Write a seeded checkpoint that ``comfy.sd.load_diffusion_model`` loads and detects as Wan 2.1 T2V or I2V, or as
+    Wan 2.2's TI2V 5B (variants in WAN_VARIANTS)."""
+    path = _checked_path(path)
+    if variant not in WAN_VARIANTS or size != "tiny":
+        raise ValueError(f"unknown wan variant/size {variant!r}/{size!r}; choose from {sorted(WAN_VARIANTS)} / ['tiny']")
+    variant_config, config_class = WAN_VARIANTS[variant]
+    config = copy.deepcopy({**WAN_BASE, **variant_config, **overrides})
+    model = _detected_model(config, config_class)
+    init_weights_(model, seed, output_layer="head.head")
+    smooth_in_time_(model.time_embedding[0])
+    return _save(model, path, {"family": "wan", "variant": variant, "size": size, "seed": seed, "config": config})
+
+
 def stand_in_conditioning(seed: int, text_tokens: int = 7, guidance: float | None = 3.5,
                           context_dim: int = FLUX_BASE["context_in_dim"], pooled_dim: int = FLUX_BASE["vec_in_dim"]) -> list:
     """Seeded CONDITIONING shaped like Flux's text encoders' output for these models ([[context, {pooled, guidance}]]),
@@ -311,6 +341,10 @@ FAMILIES: dict[str, TinyFamily] = {
     # SD3.5 Medium's layout under its own name, so tests and the CLI ask for it as a family.
     "sd35": TinyFamily(("sd35",), ("tiny",), write_tiny_sd3),
     "qwen_image": TinyFamily(("default",), ("tiny",), write_tiny_qwen_image),
+    # Wan 2.1 T2V (and I2V as a variant); the I2V and Wan 2.2 5B layouts under their own names too, for tests and the CLI.
+    "wan21": TinyFamily(tuple(WAN_VARIANTS), ("tiny",), write_tiny_wan),
+    "wan21_i2v": TinyFamily(("i2v",), ("tiny",), write_tiny_wan),
+    "wan22_5b": TinyFamily(("ti2v_5b",), ("tiny",), write_tiny_wan),
     # Two files (encoder, decoder) written into the given vae_approx folder; VAELoader offers them as "taef1".
     "taef1": TinyFamily(TAEF1_VARIANTS, TAEF1_SIZES, write_tiny_taef1),
 }

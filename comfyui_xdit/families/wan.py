@@ -1,0 +1,112 @@
+"""Wan 2.1 and Wan 2.2 (ComfyUI's comfy.ldm.wan.model.WanModel) computed across ranks.
+
+WanModel's forward_orig embeds the 5-D latent with a 3D convolution into (frames x rows x cols) tokens, which carry
+their positions as rows of the 3D RoPE table (`freqs`, built for the whole grid), then runs its blocks and the head.
+Each block is self-attention over all tokens, cross-attention from the tokens to the text (and, for I2V, the
+CLIP image tokens), and an FFN; Wan 2.2's TI2V model modulates each frame with its own timestep (the conditioning
+frame has timestep 0), so its modulation table has one row per frame, spread over that frame's tokens.
+
+Object patches on a ModelPatcher clone shard that loop:
+- every block's `forward` takes this rank's rows of the tokens (block 0 splits them), of the RoPE table and, where
+  the modulation is per frame, of the modulation rows expanded to tokens exactly as the block itself expands them;
+  the last block gathers the tokens again, so the head and unpatchify see the whole grid (hidden states are only
+  ever whole outside the block loop);
+- every block's `self_attn.forward` runs with the `optimized_attention_override` transformer option set to
+  usp_attention over the sequence-parallel group (padded rows of an uneven split are dropped from the keys there).
+Cross-attention needs no communication: its queries are this rank's tokens, its keys and values the whole context.
+CFG and data parallel are the family-independent wrappers (cfg_parallel.py, parallel_glue.py).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from parallel_core import ParallelState, gather_sequence, split_sequence, usp_attention
+from parallel_core.sharding import padded_piece
+
+from ..errors import UnsupportedByXDiT
+from ..parallel_glue import from_bshd, to_bshd
+
+# transformer_options entries of other nodes that would see (or replace) this rank's rows instead of the whole grid.
+_ROW_PATCHES = ("double_block", "attn1_patch", "attn2_patch")
+
+
+def _refuse_unsupported(family: str, state: ParallelState, tokens: int, transformer_options: dict) -> None:
+    patches = [name for name in _ROW_PATCHES if transformer_options.get("patches", {}).get(name)]
+    if transformer_options.get("patches_replace", {}).get("dit"):
+        patches.append("dit block replacement")
+    if patches:
+        raise UnsupportedByXDiT(f"a model patch on {family}'s {' and '.join(patches)} is not supported with sequence "
+                                "parallel; remove the node that adds it, or set ulysses_degree and ring_degree to 1")
+    if "optimized_attention_override" in transformer_options:
+        raise UnsupportedByXDiT("another node pack already overrides attention on this model; remove that patch to sample with XDiT")
+    if tokens < state.sequence.size:
+        raise UnsupportedByXDiT(f"{family}: this latent makes {tokens} tokens (frames x rows/2 x cols/2), fewer than the "
+                                f"{state.sequence.size} sequence-parallel ranks (ulysses_degree x ring_degree); use a "
+                                "larger latent or lower those degrees")
+
+
+def _local_modulation(e: torch.Tensor, tokens: int, state: ParallelState) -> torch.Tensor:
+    """This rank's rows of the block modulation `e` (B, rows, 6, dim): unchanged when one row serves every token;
+    with one row per frame, the rows of this rank's tokens, mapped as the block's repeat_e maps them."""
+    from comfy.ldm.wan.model import repeat_e
+
+    if e.ndim < 4 or e.shape[1] == 1:
+        return e
+    row_of_token = repeat_e(torch.arange(e.shape[1], device=e.device).unsqueeze(0), torch.empty(1, tokens, 0))[0]
+    if row_of_token.shape[0] != tokens:
+        raise UnsupportedByXDiT(f"{e.shape[1]} modulation rows do not spread over {tokens} tokens")
+    local = padded_piece(row_of_token, 0, state.sequence.size, state.sequence.rank)  # padding rows read row 0
+    return e.index_select(1, local)
+
+
+def _sharded_block(original, family: str, state: ParallelState, index: int, last: bool, x: torch.Tensor,
+                   e: torch.Tensor, freqs: torch.Tensor, context: torch.Tensor, context_img_len=257,
+                   transformer_options={}):
+    """A block's forward on this rank's tokens; block 0 shards them, the last block gathers them back."""
+    tokens = freqs.shape[1]  # the RoPE table has one row per token of the whole grid
+    if index == 0:
+        _refuse_unsupported(family, state, tokens, transformer_options)
+        if x.shape[1] != tokens:
+            raise UnsupportedByXDiT(f"{family}: {x.shape[1]} tokens but {tokens} RoPE positions; this input is not supported in parallel")
+        x = split_sequence(x, state, 1)
+    sp = state.sequence
+    out = original(x, e=_local_modulation(e, tokens, state), freqs=padded_piece(freqs, 1, sp.size, sp.rank),
+                   context=context, context_img_len=context_img_len, transformer_options=transformer_options)
+    return gather_sequence(out, state, 1, length=tokens) if last else out
+
+
+def _usp_override(state: ParallelState, func, q, k, v, heads, mask=None, skip_reshape=False, skip_output_reshape=False,
+                  transformer_options=None, **kwargs):
+    """ComfyUI's optimized_attention replaced, inside self-attention only, by attention over every rank's tokens."""
+    if mask is not None:
+        raise UnsupportedByXDiT("an attention mask on Wan's self-attention is not supported in parallel; remove it or use UNETLoader")
+    q, k, v = to_bshd(q, k, v, heads, skip_reshape)
+    return from_bshd(usp_attention(q, k, v, state, scale=kwargs.get("scale")), skip_output_reshape)
+
+
+def _sharded_self_attention(original, state: ParallelState, x: torch.Tensor, freqs: torch.Tensor, transformer_options={}):
+    options = {**transformer_options, "optimized_attention_override": functools.partial(_usp_override, state)}
+    return original(x, freqs, transformer_options=options)
+
+
+def parallelize(model_patcher, state: ParallelState, adapter):
+    """A clone of `model_patcher` whose WanModel shards its tokens over `state`'s sequence group;
+    `adapter` is its registry entry (families/__init__.py)."""
+    if adapter.joint_attention != "cross":  # these hooks leave text out of self-attention
+        raise ValueError(f"the Wan hooks run cross-attention to text, not {adapter.joint_attention!r} ({adapter.name})")
+    if state.pipefusion.size > 1 or state.patch.size > 1:  # refused by capabilities before this; a wrong entry is a bug
+        raise ValueError(f"{adapter.name}: PipeFusion and patch parallel have no Wan hooks")
+    patched = model_patcher.clone()
+    if state.sequence.size == 1:
+        return patched
+    blocks = model_patcher.model.diffusion_model.blocks
+    for index, block in enumerate(blocks):
+        prefix = f"diffusion_model.blocks.{index}"
+        patched.add_object_patch(f"{prefix}.forward", functools.partial(
+            _sharded_block, functools.partial(type(block).forward, block), adapter.name, state, index, index == len(blocks) - 1))
+        attention = block.self_attn
+        patched.add_object_patch(f"{prefix}.self_attn.forward", functools.partial(
+            _sharded_self_attention, functools.partial(type(attention).forward, attention), state))
+    return patched

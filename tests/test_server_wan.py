@@ -1,0 +1,110 @@
+"""The shipped Wan 2.1 text-to-video workflow through a real ComfyUI server on tiny Wan 2.1 weights: XDiT loader and
+KSampler on a local Ray pool vs the same graph with the stock nodes, on a video latent of odd frames whose token
+count (3 frames x 5 x 7) divides neither degree; bad input refused by name with the server staying up; and the
+shipped Wan 2.2 A14B graph, whose two experts stay resident on the pool across prompts."""
+from __future__ import annotations
+
+import pytest
+
+from server_graphs import link_tiny_model, saved_latent
+
+from comfyui_xdit.api_client import ComfyClient, ExecutionFailed
+from comfyui_xdit.testing.server_launcher import REPO_ROOT
+from comfyui_xdit.workflow_tools import load_api_workflow, make_offline, stock_twin
+
+pytestmark = pytest.mark.server
+
+WORKFLOW = REPO_ROOT / "workflows" / "api" / "wan21_t2v_xdit_api.json"
+TINY_NAME = "tiny-wan21.safetensors"
+UMT5_WIDTH = 4096  # Wan's text embedding takes umT5-XXL's width
+FP32_TOL = 1e-5
+RELATIVE_TOL = 2e-6  # CFG amplifies rounding: relative to the latent's size where that is larger
+
+
+@pytest.fixture(scope="module")
+def client(comfy_server, tiny_model_path) -> ComfyClient:
+    link_tiny_model(comfy_server, tiny_model_path("wan21"), TINY_NAME)
+    return ComfyClient(comfy_server.url)
+
+
+def _graph(prefix: str, xdit: bool, width: int = 112, height: int = 80, length: int = 9, **loader_inputs) -> dict:
+    """The shipped graph offline (seeded stand-in text, tiny weights, 3 steps), saving the sampled latent: there is no
+    tiny Wan VAE, so the decode and video save are left out. 9 frames of 112 x 80 px are a 3 x 10 x 14 latent."""
+    workflow = make_offline(load_api_workflow(WORKFLOW), TINY_NAME, steps=3, context_dim=UMT5_WIDTH)
+    for node_id in ("8", "9", "10"):  # VAELoader, VAEDecode, SaveAnimatedWEBP
+        del workflow[node_id]
+    workflow["6"]["inputs"].update(width=width, height=height, length=length)
+    workflow["15"] = {"class_type": "SaveLatent", "inputs": {"samples": ["7", 0], "filename_prefix": prefix}}
+    if not xdit:
+        return stock_twin(workflow)
+    workflow["1"]["inputs"].update(loader_inputs)
+    return workflow
+
+
+@pytest.mark.parametrize("degrees", [{"world_size": 2}, {"world_size": 4, "ulysses_degree": 2, "ring_degree": 2, "cfg_degree": 1}],
+                         ids=["shipped-auto-2", "ulysses2-ring2"])
+def test_shipped_wan21_workflow_matches_the_stock_graph(comfy_server, client, degrees):
+    name = "-".join(f"{k}{v}" for k, v in degrees.items())
+    stock = saved_latent(comfy_server, client.run(_graph(f"wan21_stock_{name}", False), timeout=300))
+    xdit = saved_latent(comfy_server, client.run(_graph(f"wan21_xdit_{name}", True, **degrees), timeout=600))
+    assert xdit.shape == stock.shape == (1, 16, 3, 10, 14)
+    assert stock.abs().max() > 0.1
+    assert (xdit - stock).abs().max().item() <= max(FP32_TOL, RELATIVE_TOL * stock.abs().max().item())
+    assert comfy_server.get_json("/xdit/status")["pool"]["world_size"] == degrees["world_size"]
+
+
+def test_wan21_refuses_more_ranks_than_tokens_and_pipefusion_by_name(comfy_server, client):
+    # One frame of 2 x 2 latent pixels is a single token: two sequence-parallel ranks cannot share it.
+    with pytest.raises(ExecutionFailed, match=r"Wan 2\.1: this latent makes 1 tokens .* fewer than the 2 sequence-parallel ranks"):
+        client.run(_graph("wan21_too_few_tokens", True, width=16, height=16, length=1, world_size=2, ulysses_degree=2, cfg_degree=1),
+                   timeout=600)
+    with pytest.raises(ExecutionFailed, match=r"Wan 2\.1 supports ulysses, ring, cfg and data parallel only .*set pipefusion_degree to 1"):
+        client.run(_graph("wan21_refused", True, world_size=2, pipefusion_degree=2), timeout=300)
+    # The server and the pool are still up: the next prompt runs.
+    latent = saved_latent(comfy_server, client.run(_graph("wan21_after_refusals", True, world_size=2, ulysses_degree=2, cfg_degree=1),
+                                                   timeout=600))
+    assert latent.shape == (1, 16, 3, 10, 14)
+
+
+A14B_WORKFLOW = REPO_ROOT / "workflows" / "api" / "wan22_a14b_t2v_xdit_api.json"
+TINY_LOW_NOISE_NAME = "tiny-wan21-low-noise.safetensors"  # a second tiny Wan (seed 1) as the low-noise expert
+
+
+def _a14b_graph(prefix: str, xdit: bool, seed: int, **loader_inputs) -> dict:
+    """The shipped Wan 2.2 A14B graph offline: the high-noise expert (tiny seed 0) takes steps 0-2 of 4 and hands its
+    leftover noise to the low-noise expert (tiny seed 1) for steps 2-4, as ComfyUI's template chains them."""
+    workflow = make_offline(load_api_workflow(A14B_WORKFLOW), TINY_NAME, steps=4, context_dim=UMT5_WIDTH)
+    workflow["11"]["inputs"]["unet_name"] = TINY_LOW_NOISE_NAME
+    for node_id in ("8", "9", "10"):  # VAELoader, VAEDecode, SaveAnimatedWEBP
+        del workflow[node_id]
+    workflow["6"]["inputs"].update(width=112, height=80, length=9)
+    workflow["7"]["inputs"].update(end_at_step=2, noise_seed=seed)
+    workflow["13"]["inputs"].update(start_at_step=2)
+    workflow["15"] = {"class_type": "SaveLatent", "inputs": {"samples": ["13", 0], "filename_prefix": prefix}}
+    if not xdit:
+        return stock_twin(workflow)
+    for loader in ("1", "11"):
+        workflow[loader]["inputs"].update(loader_inputs)
+    return workflow
+
+
+def test_wan22_a14b_experts_stay_resident_and_match_the_stock_graph(comfy_server, client, run_cli, tmp_path_factory):
+    low_noise = tmp_path_factory.mktemp("wan_experts") / "low_noise.safetensors"
+    made = run_cli("make-tiny-model", "--family", "wan21", "--seed", "1", "--out", str(low_noise))
+    assert made.returncode == 0, made.stderr
+    link_tiny_model(comfy_server, low_noise, TINY_LOW_NOISE_NAME)
+    degrees = {"world_size": 2, "ulysses_degree": 2, "cfg_degree": 1}
+    loads = None
+    for seed in (42, 43):  # a second prompt runs both experts again, in the same order
+        stock = saved_latent(comfy_server, client.run(_a14b_graph(f"a14b_stock_{seed}", False, seed), timeout=300))
+        xdit = saved_latent(comfy_server, client.run(_a14b_graph(f"a14b_xdit_{seed}", True, seed, **degrees), timeout=600))
+        assert xdit.shape == stock.shape == (1, 16, 3, 10, 14)
+        assert stock.abs().max() > 0.1
+        assert (xdit - stock).abs().max().item() <= max(FP32_TOL, RELATIVE_TOL * stock.abs().max().item())
+        ranks = comfy_server.get_json("/xdit/status")["pool"]["ranks"]
+        for rank in ranks:
+            assert sorted(key[0].rsplit("/", 1)[-1] for key in rank["resident"]) == sorted([TINY_NAME, TINY_LOW_NOISE_NAME])
+        if loads is None:
+            loads = [(rank["model_loads"], rank["parallel_builds"]) for rank in ranks]
+        else:
+            assert [(rank["model_loads"], rank["parallel_builds"]) for rank in ranks] == loads, "a second prompt reloaded an expert"
