@@ -70,8 +70,9 @@ class SamplingService:
 
     def regroup(self) -> None:
         """The worker joins a process group of another world: parallel models built on the old groups go, the
-        resident model (and its merged LoRAs) stays."""
-        self._parallel = {}
+        resident models (and their merged LoRAs) stay."""
+        for resident in self._resident.values():
+            resident.parallel.clear()
 
     def prepare(self, ref, state: ParallelState) -> None:
         """Make the model of `ref` (a PoolModelRef) resident."""
