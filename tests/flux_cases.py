@@ -56,10 +56,15 @@ FAMILY_CASES: dict[str, tuple[str, ...]] = {
     "qwen_image": ("basic-euler", "cfg-dpmpp2m-18x22", "basic-dpmpp2m-18x22-batch2"),
     # Qwen-Image-Edit is Qwen-Image's model class given reference images: 99 image + 42 reference tokens.
     "qwen_image_edit": ("edit-cfg-euler-18x22-ref12x14",),
+    # Lumina 2 (width 2304 fixed by detection) and Z-Image (built in-process; caption and image padded to multiples of
+    # 32 tokens): even and uneven grids (9x11 rows), both guiders, both samplers, batch 2 for data parallel.
+    "lumina2": ("basic-euler", "cfg-dpmpp2m-18x22", "basic-dpmpp2m-18x22-batch2"),
+    "zimage": ("basic-euler", "cfg-dpmpp2m-18x22", "basic-dpmpp2m-18x22-batch2"),
 }
 # The tiny file each entry runs (default: the one of its own name), or tiny_models.IN_PROCESS_PREFIX + a name for
 # families built in-process (their detection fixes billions of parameters).
 MODEL_FILE: dict[str, str] = {"qwen_image_edit": "qwen_image"}
+MODEL_FILE["zimage"] = IN_PROCESS_PREFIX + "zimage"
 
 
 
@@ -94,6 +99,8 @@ def _text_width(base_model) -> int:
     # Flux names it context_in_dim and U-Nets context_dim; MMDiT records the input of its context embedder; Qwen-Image's
     # is its class default (not in the detected config): read it off the text input layer.
     unet_config = base_model.model_config.unet_config
+    if "cap_feat_dim" in unet_config:  # Lumina 2 (Gemma 2, 2304) and Z-Image (Qwen3-4B, 2560)
+        return unet_config["cap_feat_dim"]
     if "context_embedder_config" in unet_config:
         return unet_config["context_embedder_config"]["params"]["in_features"]
     return unet_config.get("context_in_dim", unet_config.get("context_dim")) or base_model.diffusion_model.txt_in.in_features
@@ -114,6 +121,8 @@ def sample(model_patcher, case: SamplingCase) -> torch.Tensor:
     model = model_patcher
     if isinstance(base_model, comfy.model_base.QwenImage):  # ComfyUI's Qwen-Image workflows shift with this node
         model = ModelSamplingAuraFlow().patch_aura(model_patcher, 3.1)[0]
+    elif isinstance(base_model, comfy.model_base.Lumina2):  # as ComfyUI's Z-Image Turbo template (Lumina 2's config says 6)
+        model = ModelSamplingAuraFlow().patch_aura(model_patcher, 3.0)[0]
     elif base_model.model_type == comfy.model_base.ModelType.FLUX:
         model = ModelSamplingFlux().patch(model_patcher, 1.15, 0.5, case.width * 8, case.height * 8)[0]
     elif isinstance(base_model, comfy.model_base.SD3):  # a shift other than the config's 3.0, as SD3.5 graphs set it
@@ -197,6 +206,10 @@ CONFIGS: dict[str, dict[int, list[dict]]] = {
     },
 }
 CONFIGS["sd35"] = CONFIGS["sd3"]
+CONFIGS["lumina2"] = CONFIGS["zimage"] = {
+    2: [{"ulysses_degree": 2}, {"ring_degree": 2}, {"cfg_degree": 2}, {"data_degree": 2}],
+    4: [{"ulysses_degree": 2, "ring_degree": 2}, {"ulysses_degree": 2, "cfg_degree": 2}],
+}
 FP32_TOL = 1e-5
 # CFG multiplies the difference of two predictions by the guidance scale, and EPS models' latents reach ~15: there
 # the bound is relative to the latent's size.

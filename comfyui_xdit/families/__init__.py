@@ -67,10 +67,12 @@ class FamilyAdapter:
     joint_attention: JointLayout = "none"  # where text tokens sit in the image's attention
     block_containers: tuple[str, ...] = ()  # module lists holding the blocks, in execution order
     limits: str = ""  # why capabilities are narrower than the architecture would allow, for the refusal
+    config_names: tuple[tuple[str, str], ...] = ()  # (supported_models config class, name): families sharing a model class
 
     def family_name(self, model: torch.nn.Module) -> str:
         # SD1.5 and many others share comfy.model_base.BaseModel; their supported_models config class names them.
-        return self.name or type(getattr(model, "model_config", model)).__name__
+        config = type(getattr(model, "model_config", model)).__name__
+        return dict(self.config_names).get(config) or self.name or config
 
     def num_heads(self, diffusion_model: torch.nn.Module) -> int | None:
         """Attention heads as the model was built with them; None if the family shards no attention."""
@@ -154,3 +156,11 @@ register("SD3", FamilyAdapter(
     "SD3", Capabilities(ulysses=True, ring=True, cfg=True, data=True), hooks="comfyui_xdit.families.sd3",
     heads_attribute="num_heads", patch_attribute="patch_size", joint_attention="front", block_containers=("joint_blocks",),
     limits="PipeFusion and patch parallel are not implemented for its joint blocks yet"))
+# Lumina 2 and Z-Image share one class (ComfyUI's NextDiT); the config class tells them apart in messages.
+register("Lumina2", FamilyAdapter(
+    "Lumina 2", Capabilities(ulysses=True, ring=True, cfg=True, data=True), hooks="comfyui_xdit.families.lumina2",
+    heads_attribute="n_heads", patch_attribute="patch_size", joint_attention="front",
+    block_containers=("context_refiner", "noise_refiner", "layers"), config_names=(("ZImage", "Z-Image"),),
+    limits="PipeFusion and patch parallel are not implemented for its refiners and joint blocks yet"))
+register("ZImagePixelSpace", FamilyAdapter(
+    "Z-Image pixel space", CFG_AND_DATA, limits="its pixel decoder reads every image token; no sequence-parallel hooks for it yet"))

@@ -105,6 +105,23 @@ SD3_VARIANTS: dict[str, dict[str, Any]] = {
 # weights; width 3072 (24 heads of 128) and the 3584-wide text input are ComfyUI's defaults for the class. One
 # block is the smallest model that loads as it: ~380 M parameters, 1.5 GB in fp32.
 QWEN_IMAGE_UNET_CONFIG: dict[str, Any] = {"image_model": "qwen_image", "in_channels": 64, "num_layers": 1}
+# Lumina 2 (comfy.model_base.Lumina2, ComfyUI's NextDiT): detection takes it for Lumina 2 only at width 2304 (24 query
+# heads, 8 key/value heads, FFN x4) and reads the caption width (Gemma 2's 2304) and the main layer count from the
+# weights; the two refiners of each kind are the class default. One main layer: ~435 M parameters, 1.7 GB in fp32.
+LUMINA2_UNET_CONFIG: dict[str, Any] = {
+    "image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 2304, "cap_feat_dim": 2304, "n_layers": 1,
+    "qk_norm": True, "n_heads": 24, "n_kv_heads": 8, "axes_dims": [32, 32, 32], "axes_lens": [300, 512, 512],
+    "rope_theta": 10000.0, "ffn_dim_multiplier": 4.0,
+}
+# Z-Image is NextDiT at width 3840 (detection fixes it, ~6 B parameters), so its tiny model is built in-process,
+# bypassing detection: Z-Image's layout (head dim 128 on RoPE axes 32/48/48, theta 256, its modulation and time
+# scale, caption and image padded to multiples of 32 tokens, Qwen3-4B's 2560-wide caption) at 4 heads, one block each.
+ZIMAGE_UNET_CONFIG: dict[str, Any] = {
+    "image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 512, "cap_feat_dim": 2560, "n_layers": 1,
+    "n_refiner_layers": 1, "qk_norm": True, "n_heads": 4, "n_kv_heads": 4, "axes_dims": [32, 48, 48],
+    "axes_lens": [1536, 512, 512], "rope_theta": 256.0, "ffn_dim_multiplier": 8.0 / 3.0, "z_image_modulation": True,
+    "time_scale": 1000.0, "pad_tokens_multiple": 32,
+}
 
 # Normalisation scales are drawn around 1 rather than set to exactly 1 so that a wrong mapping of them (e.g. in a
 # sharded model) changes the output; biases are small but non-zero for the same reason.
@@ -210,6 +227,8 @@ def init_weights_(model: torch.nn.Module, seed: int, output_layer: str = _OUTPUT
                 # ComfyUI's own RMSNorm classes (MMDiT's q/k norms) are not torch's.
                 elif isinstance(module, (torch.nn.LayerNorm, torch.nn.RMSNorm, torch.nn.GroupNorm)) or type(module).__name__ == "RMSNorm":
                     value = 1.0 + _NORM_SCALE_STD * noise
+                elif name.endswith("pad_token"):  # Z-Image's learned padding tokens, embeddings in the model's width
+                    value = noise
                 else:
                     raise TypeError(f"no initialiser for parameter {name!r} of {type(module).__name__}")
                 parameter.copy_(value)
@@ -282,6 +301,15 @@ def write_tiny_qwen_image(path: str | Path, variant: str = "default", size: str 
     return _save(model, path, {"family": "qwen_image", "variant": variant, "size": size, "seed": seed, "config": config})
 
 
+def write_tiny_lumina2(path: str | Path, variant: str = "default", size: str = "tiny", seed: int = 0, **overrides: Any) -> Path:
+    """Write a seeded checkpoint that ``comfy.sd.load_diffusion_model`` loads and detects as Lumina 2."""
+    path = _checked_path(path)
+    config = {**LUMINA2_UNET_CONFIG, **overrides}
+    model = _detected_model(config, "Lumina2")
+    init_weights_(model, seed)
+    return _save(model, path, {"family": "lumina2", "variant": variant, "size": size, "seed": seed, "config": config})
+
+
 def stand_in_conditioning(seed: int, text_tokens: int = 7, guidance: float | None = 3.5,
                           context_dim: int = FLUX_BASE["context_in_dim"], pooled_dim: int = FLUX_BASE["vec_in_dim"]) -> list:
     """Seeded CONDITIONING shaped like Flux's text encoders' output for these models ([[context, {pooled, guidance}]]),
@@ -309,6 +337,7 @@ FAMILIES: dict[str, TinyFamily] = {
     # SD3.5 Medium's layout under its own name, so tests and the CLI ask for it as a family.
     "sd35": TinyFamily(("sd35",), ("tiny",), write_tiny_sd3),
     "qwen_image": TinyFamily(("default",), ("tiny",), write_tiny_qwen_image),
+    "lumina2": TinyFamily(("default",), ("tiny",), write_tiny_lumina2),
     # Two files (encoder, decoder) written into the given vae_approx folder; VAELoader offers them as "taef1".
     "taef1": TinyFamily(TAEF1_VARIANTS, TAEF1_SIZES, write_tiny_taef1),
 }
@@ -334,6 +363,10 @@ def in_process_patcher(config_class: str, unet_config: dict[str, Any], seed: int
     init_weights_(model.diffusion_model, seed, output_layer)
     return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
                                             offload_device=comfy.model_management.unet_offload_device())
+
+
+# Z-Image bypasses detection: ComfyUI's ZImage config and NextDiT built from ZIMAGE_UNET_CONFIG.
+IN_PROCESS["zimage"] = lambda seed: in_process_patcher("ZImage", ZIMAGE_UNET_CONFIG, seed)
 
 
 def load_tiny_model(spec: str) -> Any:
