@@ -56,10 +56,11 @@ FAMILY_CASES: dict[str, tuple[str, ...]] = {
     "qwen_image": ("basic-euler", "cfg-dpmpp2m-18x22", "basic-dpmpp2m-18x22-batch2"),
     # Qwen-Image-Edit is Qwen-Image's model class given reference images: 99 image + 42 reference tokens.
     "qwen_image_edit": ("edit-cfg-euler-18x22-ref12x14",),
-    # Lumina 2 (width 2304 fixed by detection) and Z-Image (built in-process; caption and image padded to multiples of
-    # 32 tokens): even and uneven grids (9x11 rows), both guiders, both samplers, batch 2 for data parallel.
-    "lumina2": ("basic-euler", "cfg-dpmpp2m-18x22", "basic-dpmpp2m-18x22-batch2"),
+    # Z-Image (built in-process; caption and image padded to multiples of 32 tokens): even and uneven grids (9x11
+    # rows), both guiders, both samplers, batch 2 for data parallel. Lumina 2 (same class and hooks, width 2304 fixed
+    # by detection, ~1 s a forward here): the uneven grid with both guiders.
     "zimage": ("basic-euler", "cfg-dpmpp2m-18x22", "basic-dpmpp2m-18x22-batch2"),
+    "lumina2": ("cfg-dpmpp2m-18x22", "basic-dpmpp2m-18x22-batch2"),
 }
 # The tiny file each entry runs (default: the one of its own name), or tiny_models.IN_PROCESS_PREFIX + a name for
 # families built in-process (their detection fixes billions of parameters).

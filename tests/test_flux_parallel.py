@@ -2,7 +2,8 @@
 
 One suite, parametrised over families (flux_cases.CONFIGS): Flux.1 (every exact method), Flux.2 (same adapter
 code, its own token grid), SD3 and SD3.5 (MMDiT, with and without dual-attention blocks), Qwen-Image (its own hooks,
-5-D latents; with reference images as Qwen-Image-Edit) and an SD1.5 U-Net, which has no sequence-parallel adapter
+5-D latents; with reference images as Qwen-Image-Edit), Lumina 2 and Z-Image (NextDiT, caption and image refiners
+before the joint layers) and an SD1.5 U-Net, which has no sequence-parallel adapter
 and runs on the generic CFG and data parallel wrappers. test_gpu_parallel.py runs the same cases on CUDA ranks over
 NCCL.
 """
@@ -34,7 +35,7 @@ TRAFFIC: dict[str, list[tuple[str, str]]] = {
                         ("ring2/edit-cfg-euler-18x22-ref12x14", "ring_send/ring")],
 }
 for _family in ("lumina2", "zimage"):
-    TRAFFIC[_family] = [("ulysses2/basic-euler", "all_to_all/ulysses"), ("ring2/cfg-dpmpp2m-18x22", "ring_send/ring"),
+    TRAFFIC[_family] = [("ulysses2/cfg-dpmpp2m-18x22", "all_to_all/ulysses"), ("ring2/cfg-dpmpp2m-18x22", "ring_send/ring"),
                         ("cfg2/cfg-dpmpp2m-18x22", "broadcast/cfg"), ("data2/basic-dpmpp2m-18x22-batch2", "all_gather/data")]
 
 
