@@ -57,10 +57,11 @@ FAMILY_CASES: dict[str, tuple[str, ...]] = {
     # Qwen-Image-Edit is Qwen-Image's model class given reference images: 99 image + 42 reference tokens.
     "qwen_image_edit": ("edit-cfg-euler-18x22-ref12x14",),
     # Z-Image (built in-process; caption and image padded to multiples of 32 tokens): even and uneven grids (9x11
-    # rows), both guiders, both samplers, batch 2 for data parallel. Lumina 2 (same class and hooks, width 2304 fixed
-    # by detection, ~1 s a forward here): the uneven grid with both guiders.
+    # rows), both guiders, both samplers, batch 2 for data parallel. Lumina 2 (same class and hooks; width 2304 fixed
+    # by detection, ~1 s a forward here; no padding, 8 key/value heads for 24 query heads): its uneven CFG case, whose
+    # batched cond/uncond call data parallel splits too.
     "zimage": ("basic-euler", "cfg-dpmpp2m-18x22", "basic-dpmpp2m-18x22-batch2"),
-    "lumina2": ("cfg-dpmpp2m-18x22", "basic-dpmpp2m-18x22-batch2"),
+    "lumina2": ("cfg-dpmpp2m-18x22",),
 }
 # The tiny file each entry runs (default: the one of its own name), or tiny_models.IN_PROCESS_PREFIX + a name for
 # families built in-process (their detection fixes billions of parameters).
