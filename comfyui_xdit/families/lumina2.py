@@ -62,9 +62,10 @@ def _own_rows_rope(rope, state: ParallelState, ids: torch.Tensor) -> torch.Tenso
     return rope(padded_piece(ids, 1, state.sequence.size, state.sequence.rank))
 
 
-def _embed_own_rows(embed_all, state: ParallelState, x, cap_feats=None, siglip_feats=None, offset=0, omni=False,
-                    transformer_options={}):
-    """embed_all, keeping this rank's caption and image rows (their positions come from _own_rows_rope)."""
+def _embed_own_rows(embed_all, state: ParallelState, x, cap_feats=None, siglip_feats=None, offset=0, omni=False, *,
+                    transformer_options: dict):
+    """embed_all, keeping this rank's caption and image rows (their positions come from _own_rows_rope); the
+    caption's length is recorded in the call's transformer_options for the attention override."""
     (caption, siglip, image), freqs_cis, next_position = embed_all(x, cap_feats, siglip_feats, offset, omni, transformer_options)
     transformer_options[TEXT_LEN_KEY] = caption.shape[1]
     sp = state.sequence
