@@ -72,11 +72,18 @@ FAMILY_CASES: dict[str, tuple[str, ...]] = {
     "wan21": ("video-basic-euler-3x10x14", "video-cfg-dpmpp2m-3x10x14", "video-basic-euler-3x10x14-batch2"),
     "wan21_i2v": ("video-image-cfg-euler-3x10x14",),
     "wan22_5b": ("video-image-cfg-euler-3x10x14", "video-basic-dpmpp2m-3x10x14-batch2"),
+    # Z-Image (built in-process; caption and image padded to multiples of 32 tokens): even and uneven grids (9x11
+    # rows), both guiders, both samplers, batch 2 for data parallel. Lumina 2 (same class and hooks; width 2304 fixed
+    # by detection, ~1 s a forward here; no padding, 8 key/value heads for 24 query heads): its uneven CFG case, whose
+    # batched cond/uncond call data parallel splits too.
+    "zimage": ("basic-euler", "cfg-dpmpp2m-18x22", "basic-dpmpp2m-18x22-batch2"),
+    "lumina2": ("cfg-dpmpp2m-18x22",),
 }
 # The tiny file each entry runs (default: the one of its own name), or tiny_models.IN_PROCESS_PREFIX + a name for
 # families built in-process (their detection fixes billions of parameters).
 MODEL_FILE: dict[str, str] = {"qwen_image_edit": "qwen_image"}
 MODEL_FILE["hidream"] = IN_PROCESS_PREFIX + "hidream"
+MODEL_FILE["zimage"] = IN_PROCESS_PREFIX + "zimage"
 
 
 
@@ -126,6 +133,8 @@ def _text_width(base_model) -> int:
     unet_config = base_model.model_config.unet_config
     if "caption_channels" in unet_config:  # HiDream: T5's width first, then Llama's
         return unet_config["caption_channels"][0]
+    if "cap_feat_dim" in unet_config:  # Lumina 2 (Gemma 2, 2304) and Z-Image (Qwen3-4B, 2560)
+        return unet_config["cap_feat_dim"]
     if "context_embedder_config" in unet_config:
         return unet_config["context_embedder_config"]["params"]["in_features"]
     # Wan's (umT5's 4096) likewise, off its text embedding.
@@ -179,6 +188,8 @@ def sample(model_patcher, case: SamplingCase) -> torch.Tensor:
     model = model_patcher
     if isinstance(base_model, comfy.model_base.QwenImage):  # ComfyUI's Qwen-Image workflows shift with this node
         model = ModelSamplingAuraFlow().patch_aura(model_patcher, 3.1)[0]
+    elif isinstance(base_model, comfy.model_base.Lumina2):  # as ComfyUI's Z-Image Turbo template (Lumina 2's config says 6)
+        model = ModelSamplingAuraFlow().patch_aura(model_patcher, 3.0)[0]
     elif base_model.model_type == comfy.model_base.ModelType.FLUX:
         model = ModelSamplingFlux().patch(model_patcher, 1.15, 0.5, case.width * 8, case.height * 8)[0]
     elif isinstance(base_model, comfy.model_base.SD3):  # a shift other than the config's 3.0, as SD3.5 graphs set it
@@ -275,10 +286,13 @@ _VIDEO_CONFIGS: dict[int, list[dict]] = {
 }
 CONFIGS.update({"wan21": _VIDEO_CONFIGS, "wan21_i2v": _VIDEO_CONFIGS, "wan22_5b": _VIDEO_CONFIGS})
 CONFIGS["sd35"] = CONFIGS["sd3"]
-CONFIGS["hidream"] = {
+CONFIGS["hidream"] = CONFIGS["zimage"] = {
     2: [{"ulysses_degree": 2}, {"ring_degree": 2}, {"cfg_degree": 2}, {"data_degree": 2}],
     4: [{"ulysses_degree": 2, "ring_degree": 2}, {"ulysses_degree": 2, "cfg_degree": 2}],
 }
+# Lumina 2 runs Z-Image's hooks (one class) at the width detection fixes (1.7 GB, ~1 s a forward here): world 2 only;
+# Z-Image covers the world-4 combinations of the same code.
+CONFIGS["lumina2"] = {2: CONFIGS["zimage"][2]}
 FP32_TOL = 1e-5
 # CFG multiplies the difference of two predictions by the guidance scale, and EPS models' latents reach ~15: there
 # the bound is relative to the latent's size.

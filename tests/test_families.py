@@ -232,3 +232,53 @@ def test_hidream_reads_its_layout_from_the_model_and_refuses_what_it_does_not_sh
     q = torch.zeros(1, 4, 32)
     with pytest.raises(UnsupportedByXDiT, match="an attention mask on HiDream .* remove it or use UNETLoader"):
         text_rear_attention_override("HiDream", None, (2,), None, q, q, q, 2, mask=torch.ones(1, 4, 4))
+
+
+@pytest.mark.fast  # needs ComfyUI's classes and the in-process tiny Z-Image (13 M parameters), no model file
+def test_lumina2_and_zimage_share_an_adapter_named_by_their_config(comfy_root):
+    from comfyui_xdit.families import adapter_for
+    from comfyui_xdit.parallel_model import validate_for_model
+    from comfyui_xdit.testing.tiny_models import IN_PROCESS_PREFIX, load_tiny_model
+
+    zimage = load_tiny_model(IN_PROCESS_PREFIX + "zimage")
+    adapter = adapter_for(zimage.model)
+    assert adapter is adapter_for(_bare("Lumina2"))  # one model class (NextDiT) for both
+    assert (adapter.family_name(zimage.model), adapter.family_name(_bare("Lumina2"))) == ("Z-Image", "Lumina 2")
+    assert adapter.num_heads(zimage.model.diffusion_model) == 4
+    assert adapter.token_rows(zimage.model.diffusion_model, 18) == 9
+    validate_for_model(ParallelConfig(ulysses_degree=2, ring_degree=2), 4, zimage)
+    for degree in ("pipefusion", "patch"):
+        with pytest.raises(UnsupportedByXDiT, match=rf"^Z-Image supports ulysses, ring, cfg and data parallel only "
+                                                    rf"\(PipeFusion and patch parallel are not implemented .*\); set {degree}_degree to 1$"):
+            validate_for_model(ParallelConfig(**{f"{degree}_degree": 2}), 2, zimage)
+
+
+@pytest.mark.fast  # needs ComfyUI's classes, no model file
+def test_zimage_pixel_space_takes_cfg_and_data_only(comfy_root):
+    from comfyui_xdit.families import adapter_for
+    from comfyui_xdit.parallel_model import validate_for_model
+
+    patcher = SimpleNamespace(model=_bare("ZImagePixelSpace"))
+    with pytest.raises(UnsupportedByXDiT, match=r"^Z-Image pixel space supports cfg and data parallel only "
+                                                r"\(its pixel decoder reads every image token.*\); set ulysses_degree/ring_degree to 1$"):
+        validate_for_model(ParallelConfig(ulysses_degree=2, ring_degree=2), 4, patcher)
+    assert adapter_for(patcher.model).capabilities.supported() == ("cfg", "data")
+
+
+@pytest.mark.fast  # needs ComfyUI's classes, no model file
+def test_lumina2_refuses_the_inputs_its_sequence_parallel_path_does_not_shard(comfy_root):
+    import torch
+
+    from comfyui_xdit.families.lumina2 import _attention, refuse_unsupported
+
+    refuse_unsupported("Lumina 2", {"ref_latents": [], "clip_text_pooled": torch.ones(1, 4)}, {"patches": {"double_block": []}})
+    with pytest.raises(UnsupportedByXDiT, match=r"reference images \(Z-Image omni\) on Z-Image .* set ulysses_degree and ring_degree to 1"):
+        refuse_unsupported("Z-Image", {"ref_latents": [torch.zeros(1, 16, 4, 4)]}, {})
+    with pytest.raises(UnsupportedByXDiT, match=r"a model patch on Lumina 2's noise_refiner and double_block"):
+        refuse_unsupported("Lumina 2", {}, {"patches": {"noise_refiner": [print], "double_block": [print]}})
+    with pytest.raises(UnsupportedByXDiT, match="already overrides attention"):
+        refuse_unsupported("Lumina 2", {}, {"optimized_attention_override": print})
+    # ComfyUI's NextDiT drops the caption mask before attention; one that reached attention would be refused.
+    q = torch.zeros(1, 2, 5, 8)
+    with pytest.raises(UnsupportedByXDiT, match="an attention mask on Z-Image is not supported with sequence parallel"):
+        _attention("Z-Image", None, None, q, q, q, 2, torch.ones(1, 5, 5), skip_reshape=True, transformer_options={})

@@ -3,7 +3,8 @@
 One suite, parametrised over families (flux_cases.CONFIGS): Flux.1 (every exact method), Flux.2 (same adapter
 code, its own token grid), SD3 and SD3.5 (MMDiT, with and without dual-attention blocks), Qwen-Image (its own hooks,
 5-D latents; with reference images as Qwen-Image-Edit), HiDream I1 (built in-process; text at the
-rear of its joint attention), Wan 2.1 (T2V, I2V) and Wan 2.2's TI2V 5B on video latents, and an SD1.5 U-Net, which has no sequence-parallel adapter
+rear of its joint attention), Lumina 2 and Z-Image (NextDiT, caption and image refiners before the joint layers),
+Wan 2.1 (T2V, I2V) and Wan 2.2's TI2V 5B on video latents, and an SD1.5 U-Net, which has no sequence-parallel adapter
 and runs on the generic CFG and data parallel wrappers. test_gpu_parallel.py runs the same cases on CUDA ranks over
 NCCL.
 """
@@ -42,6 +43,10 @@ TRAFFIC: dict[str, list[tuple[str, str]]] = {
     "wan22_5b": [("ulysses2/video-image-cfg-euler-3x10x14", "all_to_all/ulysses"), ("ring2/video-image-cfg-euler-3x10x14", "ring_send/ring"),
                  ("cfg2/video-image-cfg-euler-3x10x14", "broadcast/cfg"), ("data2/video-basic-dpmpp2m-3x10x14-batch2", "all_gather/data")],
 }
+TRAFFIC["zimage"] = [("ulysses2/basic-euler", "all_to_all/ulysses"), ("ring2/cfg-dpmpp2m-18x22", "ring_send/ring"),
+                     ("cfg2/cfg-dpmpp2m-18x22", "broadcast/cfg"), ("data2/basic-dpmpp2m-18x22-batch2", "all_gather/data")]
+TRAFFIC["lumina2"] = [("ulysses2/cfg-dpmpp2m-18x22", "all_to_all/ulysses"), ("ring2/cfg-dpmpp2m-18x22", "ring_send/ring"),
+                      ("cfg2/cfg-dpmpp2m-18x22", "broadcast/cfg"), ("data2/cfg-dpmpp2m-18x22", "all_gather/data")]
 
 
 @pytest.fixture(scope="module")

@@ -67,10 +67,12 @@ class FamilyAdapter:
     joint_attention: JointLayout = "none"  # where text tokens sit in the image's attention
     block_containers: tuple[str, ...] = ()  # module lists holding the blocks, in execution order
     limits: str = ""  # why capabilities are narrower than the architecture would allow, for the refusal
+    config_names: tuple[tuple[str, str], ...] = ()  # (supported_models config class, name): families sharing a model class
 
     def family_name(self, model: torch.nn.Module) -> str:
         # SD1.5 and many others share comfy.model_base.BaseModel; their supported_models config class names them.
-        return self.name or type(getattr(model, "model_config", model)).__name__
+        config = type(getattr(model, "model_config", model)).__name__
+        return dict(self.config_names).get(config) or self.name or config
 
     def num_heads(self, diffusion_model: torch.nn.Module) -> int | None:
         """Attention heads as the model was built with them; None if the family shards no attention."""
@@ -171,3 +173,11 @@ register("WAN22", FamilyAdapter("Wan 2.2", Capabilities(ulysses=True, ring=True,
 for _class, _name in (("WAN21_Vace", "Wan 2.1 VACE"), ("WAN21_Camera", "Wan Camera"), ("WAN21_HuMo", "Wan HuMo"),
                       ("WAN22_S2V", "Wan 2.2 S2V"), ("WAN22_Animate", "Wan 2.2 Animate"), ("WAN21_CausalAR", "Wan 2.1 causal AR")):
     register(_class, FamilyAdapter(_name, CFG_AND_DATA, limits="its extra inputs are not sharded by the Wan sequence-parallel hooks yet"))
+# Lumina 2 and Z-Image share one class (ComfyUI's NextDiT); the config class tells them apart in messages.
+register("Lumina2", FamilyAdapter(
+    "Lumina 2", Capabilities(ulysses=True, ring=True, cfg=True, data=True), hooks="comfyui_xdit.families.lumina2",
+    heads_attribute="n_heads", patch_attribute="patch_size", joint_attention="front",
+    block_containers=("context_refiner", "noise_refiner", "layers"), config_names=(("ZImage", "Z-Image"),),
+    limits="PipeFusion and patch parallel are not implemented for its refiners and joint blocks yet"))
+register("ZImagePixelSpace", FamilyAdapter(
+    "Z-Image pixel space", CFG_AND_DATA, limits="its pixel decoder reads every image token; no sequence-parallel hooks for it yet"))

@@ -118,6 +118,23 @@ WAN_VARIANTS: dict[str, tuple[dict[str, Any], str]] = {  # variant -> (config, t
     "i2v": ({"model_type": "i2v", "in_dim": 36, "out_dim": 16}, "WAN21_I2V"),
     "ti2v_5b": ({"model_type": "t2v", "in_dim": 48, "out_dim": 48}, "WAN22_T2V"),
 }
+# Lumina 2 (comfy.model_base.Lumina2, ComfyUI's NextDiT): detection takes it for Lumina 2 only at width 2304 (24 query
+# heads, 8 key/value heads, FFN x4) and reads the caption width (Gemma 2's 2304) and the main layer count from the
+# weights; the two refiners of each kind are the class default. One main layer: ~435 M parameters, 1.7 GB in fp32.
+LUMINA2_UNET_CONFIG: dict[str, Any] = {
+    "image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 2304, "cap_feat_dim": 2304, "n_layers": 1,
+    "qk_norm": True, "n_heads": 24, "n_kv_heads": 8, "axes_dims": [32, 32, 32], "axes_lens": [300, 512, 512],
+    "rope_theta": 10000.0, "ffn_dim_multiplier": 4.0,
+}
+# Z-Image is NextDiT at width 3840 (detection fixes it, ~6 B parameters), so its tiny model is built in-process,
+# bypassing detection: Z-Image's layout (head dim 128 on RoPE axes 32/48/48, theta 256, its modulation and time
+# scale, caption and image padded to multiples of 32 tokens, Qwen3-4B's 2560-wide caption) at 4 heads, one block each.
+ZIMAGE_UNET_CONFIG: dict[str, Any] = {
+    "image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 512, "cap_feat_dim": 2560, "n_layers": 1,
+    "n_refiner_layers": 1, "qk_norm": True, "n_heads": 4, "n_kv_heads": 4, "axes_dims": [32, 48, 48],
+    "axes_lens": [1536, 512, 512], "rope_theta": 256.0, "ffn_dim_multiplier": 8.0 / 3.0, "z_image_modulation": True,
+    "time_scale": 1000.0, "pad_tokens_multiple": 32,
+}
 
 # Normalisation scales are drawn around 1 rather than set to exactly 1 so that a wrong mapping of them (e.g. in a
 # sharded model) changes the output; biases are small but non-zero for the same reason.
@@ -228,6 +245,8 @@ def init_weights_(model: torch.nn.Module, seed: int, output_layer: str = _OUTPUT
                     value = noise / math.sqrt(parameter.shape[1])
                 elif name == "modulation":  # adaLN tables held as bare parameters (Wan), added to the timestep's
                     value = _MODULATION_STD * noise
+                elif name.endswith("pad_token"):  # Z-Image's learned padding tokens, embeddings in the model's width
+                    value = noise
                 else:
                     raise TypeError(f"no initialiser for parameter {name!r} of {type(module).__name__}")
                 parameter.copy_(value)
@@ -312,6 +331,13 @@ def write_tiny_wan(path: str | Path, variant: str = "t2v", size: str = "tiny", s
     init_weights_(model, seed, output_layer="head.head")
     smooth_in_time_(model.time_embedding[0])
     return _save(model, path, {"family": "wan", "variant": variant, "size": size, "seed": seed, "config": config})
+def write_tiny_lumina2(path: str | Path, variant: str = "default", size: str = "tiny", seed: int = 0, **overrides: Any) -> Path:
+    """Write a seeded checkpoint that ``comfy.sd.load_diffusion_model`` loads and detects as Lumina 2."""
+    path = _checked_path(path)
+    config = {**LUMINA2_UNET_CONFIG, **overrides}
+    model = _detected_model(config, "Lumina2")
+    init_weights_(model, seed)
+    return _save(model, path, {"family": "lumina2", "variant": variant, "size": size, "seed": seed, "config": config})
 
 
 def stand_in_conditioning(seed: int, text_tokens: int = 7, guidance: float | None = 3.5,
@@ -345,6 +371,7 @@ FAMILIES: dict[str, TinyFamily] = {
     "wan21": TinyFamily(tuple(WAN_VARIANTS), ("tiny",), write_tiny_wan),
     "wan21_i2v": TinyFamily(("i2v",), ("tiny",), write_tiny_wan),
     "wan22_5b": TinyFamily(("ti2v_5b",), ("tiny",), write_tiny_wan),
+    "lumina2": TinyFamily(("default",), ("tiny",), write_tiny_lumina2),
     # Two files (encoder, decoder) written into the given vae_approx folder; VAELoader offers them as "taef1".
     "taef1": TinyFamily(TAEF1_VARIANTS, TAEF1_SIZES, write_tiny_taef1),
 }
@@ -383,6 +410,8 @@ HIDREAM_UNET_CONFIG: dict[str, Any] = {
     "llama_layers": [2, 0],
 }
 IN_PROCESS["hidream"] = lambda seed: in_process_patcher("HiDream", HIDREAM_UNET_CONFIG, seed, "final_layer.linear")
+# Z-Image bypasses detection: ComfyUI's ZImage config and NextDiT built from ZIMAGE_UNET_CONFIG.
+IN_PROCESS["zimage"] = lambda seed: in_process_patcher("ZImage", ZIMAGE_UNET_CONFIG, seed)
 
 
 def load_tiny_model(spec: str) -> Any:
