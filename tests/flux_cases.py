@@ -56,11 +56,15 @@ FAMILY_CASES: dict[str, tuple[str, ...]] = {
     "qwen_image": ("basic-euler", "cfg-dpmpp2m-18x22", "basic-dpmpp2m-18x22-batch2"),
     # Qwen-Image-Edit is Qwen-Image's model class given reference images: 99 image + 42 reference tokens.
     "qwen_image_edit": ("edit-cfg-euler-18x22-ref12x14",),
+    # Flux.1 Kontext: the Flux dev model given a reference latent (ReferenceLatent), appended to the image tokens
+    # with its own positions: 99 image + 42 reference tokens.
+    "flux_kontext": ("edit-cfg-euler-18x22-ref12x14",),
 }
 # The tiny file each entry runs (default: the one of its own name), or tiny_models.IN_PROCESS_PREFIX + a name for
 # families built in-process (their detection fixes billions of parameters).
-MODEL_FILE: dict[str, str] = {"qwen_image_edit": "qwen_image"}
-
+MODEL_FILE: dict[str, str] = {"qwen_image_edit": "qwen_image", "flux_kontext": "flux"}
+# The stale-activation methods run every step synchronously in these tests: that is where they are exact.
+FULL_WARMUP = {"warmup_steps": 10_000}
 
 
 def model_spec(family: str, tiny_flux_paths: dict, tiny_model_path) -> str:
@@ -68,7 +72,17 @@ def model_spec(family: str, tiny_flux_paths: dict, tiny_model_path) -> str:
     name = MODEL_FILE.get(family, family)
     if name.startswith(IN_PROCESS_PREFIX):
         return name
-    return str(tiny_flux_paths["dev"] if family == "flux" else tiny_model_path(name))
+    # The session's tiny Flux dev file (tiny_flux_paths) serves every entry that runs Flux.1.
+    return str(tiny_flux_paths["dev"] if name == "flux" else tiny_model_path(name))
+
+
+def with_stale_options(model_patcher, options: dict):
+    """A clone of `model_patcher` carrying the sampler node's stale options (stale_steps.OPTIONS_KEY), as a worker's does."""
+    from comfyui_xdit.stale_steps import OPTIONS_KEY
+
+    model = model_patcher.clone()
+    model.model_options["transformer_options"] = {**model.model_options.get("transformer_options", {}), OPTIONS_KEY: dict(options)}
+    return model
 
 def _conditioning(seed: int, context_dim: int = 64, reference: torch.Tensor | None = None):
     from comfy_extras.nodes_edit_model import ReferenceLatent
@@ -147,6 +161,8 @@ def family_rank(rank: int, world_size: int, model_spec: str, configs: list[dict]
     for degrees in configs:
         state = init_parallel(ParallelConfig(**degrees))
         model = parallelize(base, state)
+        if state.config.patch_degree > 1 or state.config.pipefusion_degree > 1:
+            model = with_stale_options(model, FULL_WARMUP)
         for case in cases:
             state.comm.reset()
             result["parallel"][f"{tag(degrees)}/{case.name}"] = sample(model, case)
@@ -194,6 +210,12 @@ CONFIGS: dict[str, dict[int, list[dict]]] = {
     "qwen_image_edit": {
         2: [{"ulysses_degree": 2}, {"ring_degree": 2}, {"cfg_degree": 2}],
         4: [{"ulysses_degree": 2, "ring_degree": 2}],
+    },
+    # Displaced patch parallel shares the reference tokens out with the image rows (exact at full warmup);
+    # PipeFusion refuses reference latents (test_flux_parallel).
+    "flux_kontext": {
+        2: [{"ulysses_degree": 2}, {"ring_degree": 2}, {"cfg_degree": 2}, {"patch_degree": 2}],
+        4: [{"ulysses_degree": 2, "ring_degree": 2}, {"patch_degree": 2, "cfg_degree": 2}],
     },
 }
 CONFIGS["sd35"] = CONFIGS["sd3"]

@@ -2,7 +2,8 @@
 
 One suite, parametrised over families (flux_cases.CONFIGS): Flux.1 (every exact method), Flux.2 (same adapter
 code, its own token grid), SD3 and SD3.5 (MMDiT, with and without dual-attention blocks), Qwen-Image (its own hooks,
-5-D latents; with reference images as Qwen-Image-Edit) and an SD1.5 U-Net, which has no sequence-parallel adapter
+5-D latents; with reference images as Qwen-Image-Edit), Flux.1 Kontext (reference latents, also under displaced
+patch parallel) and an SD1.5 U-Net, which has no sequence-parallel adapter
 and runs on the generic CFG and data parallel wrappers. test_gpu_parallel.py runs the same cases on CUDA ranks over
 NCCL.
 """
@@ -32,6 +33,10 @@ TRAFFIC: dict[str, list[tuple[str, str]]] = {
                    ("cfg2/cfg-dpmpp2m-18x22", "broadcast/cfg"), ("data2/basic-dpmpp2m-18x22-batch2", "all_gather/data")],
     "qwen_image_edit": [("ulysses2/edit-cfg-euler-18x22-ref12x14", "all_to_all/ulysses"),
                         ("ring2/edit-cfg-euler-18x22-ref12x14", "ring_send/ring")],
+    "flux_kontext": [("ulysses2/edit-cfg-euler-18x22-ref12x14", "all_to_all/ulysses"),
+                     ("ring2/edit-cfg-euler-18x22-ref12x14", "ring_send/ring"),
+                     ("cfg2/edit-cfg-euler-18x22-ref12x14", "broadcast/cfg"),
+                     ("patch2/edit-cfg-euler-18x22-ref12x14", "all_gather/patch")],
 }
 
 
@@ -66,3 +71,11 @@ def test_parallel_runs_actually_communicate(family, model_path):
     for key, counter in TRAFFIC[family]:
         sent = [r["bytes"][key].get(counter, 0) for r in per_rank]
         assert all(b > 0 for b in sent), f"{key}: {counter} bytes per rank {sent}"
+
+
+def test_pipefusion_refuses_flux_kontext_reference_latents(model_path):
+    from parallel_core.local_launch import RankFailed
+
+    with pytest.raises(RankFailed, match="PipeFusion on Flux does not take reference latents .*set pipefusion_degree to 1"):
+        run_on_ranks(flux_cases.family_rank, 2, model_path("flux_kontext"), [{"pipefusion_degree": 2}],
+                     flux_cases.case_dicts("flux_kontext"), timeout_s=600)
