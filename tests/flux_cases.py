@@ -48,6 +48,8 @@ FAMILY_CASES: dict[str, tuple[str, ...]] = {
     "flux": tuple(c.name for c in CASES[:4]),
     "flux2": ("cfg-dpmpp2m-18x22",),
     "sd15": ("cfg-euler-10x12-batch2",),
+    # SDXL's U-Net (cfg and data parallel only): the same case, its conds carrying a pooled vector and size conds.
+    "sdxl": ("cfg-euler-10x12-batch2",),
     # SD3 (MMDiT) and SD3.5's dual-attention blocks: even and uneven grids, both guiders, both samplers, a batch.
     "sd3": ("basic-euler", "cfg-dpmpp2m-18x22", "basic-dpmpp2m-18x22-batch2"),
     "sd35": ("cfg-euler", "cfg-dpmpp2m-18x22", "basic-dpmpp2m-18x22-batch2"),
@@ -84,10 +86,11 @@ def with_stale_options(model_patcher, options: dict):
     model.model_options["transformer_options"] = {**model.model_options.get("transformer_options", {}), OPTIONS_KEY: dict(options)}
     return model
 
-def _conditioning(seed: int, context_dim: int = 64, reference: torch.Tensor | None = None):
+def _conditioning(seed: int, widths: tuple[int, int], reference: torch.Tensor | None = None):
     from comfy_extras.nodes_edit_model import ReferenceLatent
 
-    conditioning = stand_in_conditioning(seed, TEXT_TOKENS, context_dim=context_dim)
+    context_dim, pooled_dim = widths
+    conditioning = stand_in_conditioning(seed, TEXT_TOKENS, context_dim=context_dim, pooled_dim=pooled_dim)
     if reference is None:
         return conditioning
     return _first(ReferenceLatent.execute(conditioning, {"samples": reference}))
@@ -113,6 +116,17 @@ def _text_width(base_model) -> int:
     return unet_config.get("context_in_dim", unet_config.get("context_dim")) or base_model.diffusion_model.txt_in.in_features
 
 
+def _pooled_width(base_model) -> int:
+    # U-Nets and MMDiT take the pooled text vector inside their adm input, beside what ComfyUI's encode_adm adds itself
+    # (SDXL's six size embeddings): the width left for it is the adm width less encode_adm's output for an empty one.
+    # Flux names it vec_in_dim; models without a pooled input ignore it.
+    unet_config = base_model.model_config.unet_config
+    if unet_config.get("adm_in_channels"):
+        own = base_model.encode_adm(pooled_output=torch.zeros(1, 0), width=8, height=8, device="cpu")
+        return unet_config["adm_in_channels"] - own.shape[1]
+    return unet_config.get("vec_in_dim") or 32
+
+
 def _first(node_output):
     return node_output.result[0] if hasattr(node_output, "result") else node_output[0]
 
@@ -124,7 +138,7 @@ def sample(model_patcher, case: SamplingCase) -> torch.Tensor:
     from comfy_extras.nodes_model_advanced import ModelSamplingAuraFlow, ModelSamplingFlux, ModelSamplingSD3
 
     base_model = model_patcher.model
-    context_dim = _text_width(base_model)
+    widths = (_text_width(base_model), _pooled_width(base_model))
     model = model_patcher
     if isinstance(base_model, comfy.model_base.QwenImage):  # ComfyUI's Qwen-Image workflows shift with this node
         model = ModelSamplingAuraFlow().patch_aura(model_patcher, 3.1)[0]
@@ -133,9 +147,9 @@ def sample(model_patcher, case: SamplingCase) -> torch.Tensor:
     elif isinstance(base_model, comfy.model_base.SD3):  # a shift other than the config's 3.0, as SD3.5 graphs set it
         model = ModelSamplingSD3().patch(model_patcher, 2.5)[0]
     reference = _reference_latent(base_model, case)
-    positive = _conditioning(100, context_dim, reference)
+    positive = _conditioning(100, widths, reference)
     if case.guider == "cfg":
-        guider = _first(custom.CFGGuider.execute(model, positive, _conditioning(200, context_dim, reference), case.cfg))
+        guider = _first(custom.CFGGuider.execute(model, positive, _conditioning(200, widths, reference), case.cfg))
     else:
         guider = _first(custom.BasicGuider.execute(model, positive))
     sigmas = _first(custom.BasicScheduler.execute(model, "simple", case.steps, 1.0))
@@ -198,6 +212,7 @@ CONFIGS: dict[str, dict[int, list[dict]]] = {
         4: [{"ulysses_degree": 2, "ring_degree": 2}, {"ulysses_degree": 2, "cfg_degree": 2}],
     },
     "sd15": {2: [{"cfg_degree": 2}, {"data_degree": 2}]},
+    "sdxl": {2: [{"cfg_degree": 2}, {"data_degree": 2}], 4: [{"cfg_degree": 2, "data_degree": 2}]},
     "sd3": {
         2: [{"ulysses_degree": 2}, {"ring_degree": 2}, {"cfg_degree": 2}, {"data_degree": 2}],
         4: [{"ulysses_degree": 2, "ring_degree": 2}, {"ulysses_degree": 2, "cfg_degree": 2}],

@@ -3,8 +3,8 @@
 One suite, parametrised over families (flux_cases.CONFIGS): Flux.1 (every exact method), Flux.2 (same adapter
 code, its own token grid), SD3 and SD3.5 (MMDiT, with and without dual-attention blocks), Qwen-Image (its own hooks,
 5-D latents; with reference images as Qwen-Image-Edit), Flux.1 Kontext (reference latents, also under displaced
-patch parallel) and an SD1.5 U-Net, which has no sequence-parallel adapter
-and runs on the generic CFG and data parallel wrappers. test_gpu_parallel.py runs the same cases on CUDA ranks over
+patch parallel) and SD1.5 and SDXL U-Nets, which have no sequence-parallel adapter
+and run on the generic CFG and data parallel wrappers. test_gpu_parallel.py runs the same cases on CUDA ranks over
 NCCL.
 """
 from __future__ import annotations
@@ -25,6 +25,7 @@ TRAFFIC: dict[str, list[tuple[str, str]]] = {
     "flux2": [("ulysses2/cfg-dpmpp2m-18x22", "all_to_all/ulysses"), ("ring2/cfg-dpmpp2m-18x22", "ring_send/ring"),
               ("cfg2/cfg-dpmpp2m-18x22", "broadcast/cfg")],
     "sd15": [("cfg2/cfg-euler-10x12-batch2", "broadcast/cfg"), ("data2/cfg-euler-10x12-batch2", "all_gather/data")],
+    "sdxl": [("cfg2/cfg-euler-10x12-batch2", "broadcast/cfg"), ("data2/cfg-euler-10x12-batch2", "all_gather/data")],
     "sd3": [("ulysses2/basic-euler", "all_to_all/ulysses"), ("ring2/basic-euler", "ring_send/ring"),
             ("cfg2/cfg-dpmpp2m-18x22", "broadcast/cfg"), ("data2/basic-dpmpp2m-18x22-batch2", "all_gather/data")],
     "sd35": [("ulysses2/cfg-euler", "all_to_all/ulysses"), ("ring2/cfg-euler", "ring_send/ring"),
