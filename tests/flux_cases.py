@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from comfyui_xdit.comfy_runtime import init_worker
-from comfyui_xdit.testing.tiny_models import IN_PROCESS_PREFIX, load_tiny_model, stand_in_conditioning
+from comfyui_xdit.testing.tiny_models import IN_PROCESS_PREFIX, conditioning_widths, load_tiny_model, stand_in_conditioning
 
 TEXT_TOKENS = 7
 
@@ -107,26 +107,6 @@ def _reference_latent(base_model, case: SamplingCase) -> torch.Tensor | None:
     return torch.randn(shape, generator=torch.Generator().manual_seed(300 + case.seed))
 
 
-def _text_width(base_model) -> int:
-    # Flux names it context_in_dim and U-Nets context_dim; MMDiT records the input of its context embedder; Qwen-Image's
-    # is its class default (not in the detected config): read it off the text input layer.
-    unet_config = base_model.model_config.unet_config
-    if "context_embedder_config" in unet_config:
-        return unet_config["context_embedder_config"]["params"]["in_features"]
-    return unet_config.get("context_in_dim", unet_config.get("context_dim")) or base_model.diffusion_model.txt_in.in_features
-
-
-def _pooled_width(base_model) -> int:
-    # U-Nets and MMDiT take the pooled text vector inside their adm input, beside what ComfyUI's encode_adm adds itself
-    # (SDXL's six size embeddings): the width left for it is the adm width less encode_adm's output for an empty one.
-    # Flux names it vec_in_dim; models without a pooled input ignore it.
-    unet_config = base_model.model_config.unet_config
-    if unet_config.get("adm_in_channels"):
-        own = base_model.encode_adm(pooled_output=torch.zeros(1, 0), width=8, height=8, device="cpu")
-        return unet_config["adm_in_channels"] - own.shape[1]
-    return unet_config.get("vec_in_dim") or 32
-
-
 def _first(node_output):
     return node_output.result[0] if hasattr(node_output, "result") else node_output[0]
 
@@ -138,7 +118,7 @@ def sample(model_patcher, case: SamplingCase) -> torch.Tensor:
     from comfy_extras.nodes_model_advanced import ModelSamplingAuraFlow, ModelSamplingFlux, ModelSamplingSD3
 
     base_model = model_patcher.model
-    widths = (_text_width(base_model), _pooled_width(base_model))
+    widths = conditioning_widths(base_model)
     model = model_patcher
     if isinstance(base_model, comfy.model_base.QwenImage):  # ComfyUI's Qwen-Image workflows shift with this node
         model = ModelSamplingAuraFlow().patch_aura(model_patcher, 3.1)[0]

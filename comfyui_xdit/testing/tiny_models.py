@@ -276,12 +276,18 @@ def write_tiny_sdxl(path: str | Path, variant: str = "default", size: str = "tin
     return _write_tiny_unet("sdxl", "SDXL", SDXL_UNET_CONFIG, path, variant, size, seed, overrides, output_layer="out.2")
 
 
+def fill_sd3_pos_embed_(model: torch.nn.Module, side: int) -> None:
+    """Set MMDiT's position table, a buffer (not a parameter, so init_weights_ leaves it uninitialised), to SD3's fixed
+    sin/cos table: absolute positions must matter, and every rank must hold the same values."""
+    import comfy.ldm.modules.diffusionmodules.mmdit as mmdit
+
+    with torch.no_grad():
+        model.pos_embed.copy_(mmdit.get_2d_sincos_pos_embed_torch(model.hidden_size, side, side).unsqueeze(0))
+
+
 def write_tiny_sd3(path: str | Path, variant: str = "sd3", size: str = "tiny", seed: int = 0, **overrides: Any) -> Path:
     """Write a seeded MMDiT checkpoint that ``comfy.sd.load_diffusion_model`` loads and detects as SD3 (variant "sd3")
     or with SD3.5 Medium's blocks ("sd35")."""
-    import_comfy()
-    import comfy.ldm.modules.diffusionmodules.mmdit as mmdit
-
     path = _checked_path(path)
     if variant not in SD3_VARIANTS or size != "tiny":
         raise ValueError(f"unknown sd3 variant/size {variant!r}/{size!r}; choose from {sorted(SD3_VARIANTS)} / ['tiny']")
@@ -289,9 +295,7 @@ def write_tiny_sd3(path: str | Path, variant: str = "sd3", size: str = "tiny", s
     model = _detected_model(config, "SD3")
     init_weights_(model, seed)
     smooth_in_time_(model.t_embedder.mlp[0])
-    side = config["pos_embed_max_size"]
-    with torch.no_grad():  # a buffer, not a parameter: SD3's fixed sin/cos table (absolute positions must matter)
-        model.pos_embed.copy_(mmdit.get_2d_sincos_pos_embed_torch(model.hidden_size, side, side).unsqueeze(0))
+    fill_sd3_pos_embed_(model, config["pos_embed_max_size"])
     return _save(model, path, {"family": "sd3", "variant": variant, "size": size, "seed": seed, "config": config})
 
 
@@ -315,6 +319,24 @@ def stand_in_conditioning(seed: int, text_tokens: int = 7, guidance: float | Non
     if guidance is not None:
         options["guidance"] = guidance
     return [[context, options]]
+
+
+def conditioning_widths(base_model: Any) -> tuple[int, int]:
+    """(text width, pooled width) a ComfyUI model's conditioning needs (for stand_in_conditioning)."""
+    unet_config = base_model.model_config.unet_config
+    # Flux names the text width context_in_dim and U-Nets context_dim; MMDiT records the input of its context embedder;
+    # Qwen-Image's is its class default (not in the detected config): read it off the text input layer.
+    if "context_embedder_config" in unet_config:
+        text = unet_config["context_embedder_config"]["params"]["in_features"]
+    else:
+        text = unet_config.get("context_in_dim", unet_config.get("context_dim")) or base_model.diffusion_model.txt_in.in_features
+    # U-Nets and MMDiT take the pooled text vector inside their adm input, beside what ComfyUI's encode_adm adds itself
+    # (SDXL's six size embeddings): the width left for it is the adm width less encode_adm's output for an empty one.
+    # Flux names it vec_in_dim; models without a pooled input ignore it.
+    if unet_config.get("adm_in_channels"):
+        own = base_model.encode_adm(pooled_output=torch.zeros(1, 0), width=8, height=8, device="cpu")
+        return text, unet_config["adm_in_channels"] - own.shape[1]
+    return text, unet_config.get("vec_in_dim") or FLUX_BASE["vec_in_dim"]
 
 
 @dataclass(frozen=True)
