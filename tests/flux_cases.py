@@ -86,7 +86,8 @@ def with_stale_options(model_patcher, options: dict):
     model.model_options["transformer_options"] = {**model.model_options.get("transformer_options", {}), OPTIONS_KEY: dict(options)}
     return model
 
-def _conditioning(seed: int, widths: tuple[int, int], reference: torch.Tensor | None = None):
+def _conditioning(seed: int, widths: tuple[int, int] = (64, 32), reference: torch.Tensor | None = None):
+    """Seeded stand-in conditioning of these (text, pooled) widths (the tiny Flux's by default)."""
     from comfy_extras.nodes_edit_model import ReferenceLatent
 
     context_dim, pooled_dim = widths
