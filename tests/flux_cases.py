@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from comfyui_xdit.comfy_runtime import init_worker
-from comfyui_xdit.testing.tiny_models import IN_PROCESS_PREFIX, load_tiny_model, stand_in_conditioning
+from comfyui_xdit.testing.tiny_models import IN_PROCESS_PREFIX, conditioning_widths, load_tiny_model, stand_in_conditioning
 
 TEXT_TOKENS = 7
 LLAMA_TOKENS = 5  # HiDream's Llama stand-in: a length other than the T5 text's, so a mix-up changes shapes
@@ -57,6 +57,8 @@ FAMILY_CASES: dict[str, tuple[str, ...]] = {
     "flux": tuple(c.name for c in CASES[:4]),
     "flux2": ("cfg-dpmpp2m-18x22",),
     "sd15": ("cfg-euler-10x12-batch2",),
+    # SDXL's U-Net (cfg and data parallel only): the same case, its conds carrying a pooled vector and size conds.
+    "sdxl": ("cfg-euler-10x12-batch2",),
     # SD3 (MMDiT) and SD3.5's dual-attention blocks: even and uneven grids, both guiders, both samplers, a batch.
     "sd3": ("basic-euler", "cfg-dpmpp2m-18x22", "basic-dpmpp2m-18x22-batch2"),
     "sd35": ("cfg-euler", "cfg-dpmpp2m-18x22", "basic-dpmpp2m-18x22-batch2"),
@@ -78,13 +80,17 @@ FAMILY_CASES: dict[str, tuple[str, ...]] = {
     # batched cond/uncond call data parallel splits too.
     "zimage": ("basic-euler", "cfg-dpmpp2m-18x22", "basic-dpmpp2m-18x22-batch2"),
     "lumina2": ("cfg-dpmpp2m-18x22",),
+    # Flux.1 Kontext: the Flux dev model given a reference latent (ReferenceLatent), appended to the image tokens
+    # with its own positions: 99 image + 42 reference tokens.
+    "flux_kontext": ("edit-cfg-euler-18x22-ref12x14",),
 }
 # The tiny file each entry runs (default: the one of its own name), or tiny_models.IN_PROCESS_PREFIX + a name for
 # families built in-process (their detection fixes billions of parameters).
-MODEL_FILE: dict[str, str] = {"qwen_image_edit": "qwen_image"}
+MODEL_FILE: dict[str, str] = {"qwen_image_edit": "qwen_image", "flux_kontext": "flux"}
 MODEL_FILE["hidream"] = IN_PROCESS_PREFIX + "hidream"
 MODEL_FILE["zimage"] = IN_PROCESS_PREFIX + "zimage"
-
+# The stale-activation methods run every step synchronously in these tests: that is where they are exact.
+FULL_WARMUP = {"warmup_steps": 10_000}
 
 
 def model_spec(family: str, tiny_flux_paths: dict, tiny_model_path) -> str:
@@ -92,12 +98,25 @@ def model_spec(family: str, tiny_flux_paths: dict, tiny_model_path) -> str:
     name = MODEL_FILE.get(family, family)
     if name.startswith(IN_PROCESS_PREFIX):
         return name
-    return str(tiny_flux_paths["dev"] if family == "flux" else tiny_model_path(name))
+    # The session's tiny Flux dev file (tiny_flux_paths) serves every entry that runs Flux.1.
+    return str(tiny_flux_paths["dev"] if name == "flux" else tiny_model_path(name))
 
-def _conditioning(seed: int, context_dim: int = 64, reference: torch.Tensor | None = None, extra: dict | None = None):
+
+def with_stale_options(model_patcher, options: dict):
+    """A clone of `model_patcher` carrying the sampler node's stale options (stale_steps.OPTIONS_KEY), as a worker's does."""
+    from comfyui_xdit.stale_steps import OPTIONS_KEY
+
+    model = model_patcher.clone()
+    model.model_options["transformer_options"] = {**model.model_options.get("transformer_options", {}), OPTIONS_KEY: dict(options)}
+    return model
+
+
+def _conditioning(seed: int, widths: tuple[int, int] = (64, 32), reference: torch.Tensor | None = None, extra: dict | None = None):
+    """Seeded stand-in conditioning of these (text, pooled) widths (the tiny Flux's by default), with `extra` keys."""
     from comfy_extras.nodes_edit_model import ReferenceLatent
 
-    conditioning = stand_in_conditioning(seed, TEXT_TOKENS, context_dim=context_dim)
+    context_dim, pooled_dim = widths
+    conditioning = stand_in_conditioning(seed, TEXT_TOKENS, context_dim=context_dim, pooled_dim=pooled_dim)
     conditioning[0][1].update(extra or {})
     if reference is None:
         return conditioning
@@ -125,25 +144,6 @@ def _extra_conditioning(base_model, seed: int) -> dict:
     unet_config = base_model.model_config.unet_config
     shape = (1, max(unet_config["llama_layers"]) + 1, LLAMA_TOKENS, unet_config["caption_channels"][1])
     return {"conditioning_llama3": torch.randn(shape, generator=torch.Generator().manual_seed(seed + 1))}
-
-
-def _text_width(base_model) -> int:
-    # Flux names it context_in_dim and U-Nets context_dim; MMDiT records the input of its context embedder; Qwen-Image's
-    # is its class default (not in the detected config): read it off the text input layer.
-    unet_config = base_model.model_config.unet_config
-    if "caption_channels" in unet_config:  # HiDream: T5's width first, then Llama's
-        return unet_config["caption_channels"][0]
-    if "cap_feat_dim" in unet_config:  # Lumina 2 (Gemma 2, 2304) and Z-Image (Qwen3-4B, 2560)
-        return unet_config["cap_feat_dim"]
-    if "context_embedder_config" in unet_config:
-        return unet_config["context_embedder_config"]["params"]["in_features"]
-    # Wan's (umT5's 4096) likewise, off its text embedding.
-    width = unet_config.get("context_in_dim", unet_config.get("context_dim"))
-    if width:
-        return width
-    diffusion_model = base_model.diffusion_model
-    text_in = diffusion_model.text_embedding[0] if hasattr(diffusion_model, "text_embedding") else diffusion_model.txt_in
-    return text_in.in_features
 
 
 def _with_start_image(base_model, case: SamplingCase, latent: dict, positive, negative):
@@ -184,7 +184,7 @@ def sample(model_patcher, case: SamplingCase) -> torch.Tensor:
     from comfy_extras.nodes_model_advanced import ModelSamplingAuraFlow, ModelSamplingFlux, ModelSamplingSD3
 
     base_model = model_patcher.model
-    context_dim = _text_width(base_model)
+    widths = conditioning_widths(base_model)
     model = model_patcher
     if isinstance(base_model, comfy.model_base.QwenImage):  # ComfyUI's Qwen-Image workflows shift with this node
         model = ModelSamplingAuraFlow().patch_aura(model_patcher, 3.1)[0]
@@ -199,8 +199,8 @@ def sample(model_patcher, case: SamplingCase) -> torch.Tensor:
     elif isinstance(base_model, comfy.model_base.WAN21):  # ComfyUI's Wan templates: shift 8 (2.1), 5 (2.2 5B)
         model = ModelSamplingSD3().patch(model_patcher, 5.0 if isinstance(base_model, comfy.model_base.WAN22) else 8.0)[0]
     reference = _reference_latent(base_model, case)
-    positive = _conditioning(100, context_dim, reference, _extra_conditioning(base_model, 100))
-    negative = _conditioning(200, context_dim, reference, _extra_conditioning(base_model, 200)) if case.guider == "cfg" else None
+    positive = _conditioning(100, widths, reference, _extra_conditioning(base_model, 100))
+    negative = _conditioning(200, widths, reference, _extra_conditioning(base_model, 200)) if case.guider == "cfg" else None
     frames = () if case.frames is None else (case.frames,)
     latent = {"samples": torch.zeros(case.batch, base_model.latent_format.latent_channels, *frames, case.height, case.width)}
     if case.start_image:
@@ -231,6 +231,8 @@ def family_rank(rank: int, world_size: int, model_spec: str, configs: list[dict]
     for degrees in configs:
         state = init_parallel(ParallelConfig(**degrees))
         model = parallelize(base, state)
+        if state.config.patch_degree > 1 or state.config.pipefusion_degree > 1:
+            model = with_stale_options(model, FULL_WARMUP)
         for case in cases:
             state.comm.reset()
             result["parallel"][f"{tag(degrees)}/{case.name}"] = sample(model, case)
@@ -266,6 +268,7 @@ CONFIGS: dict[str, dict[int, list[dict]]] = {
         4: [{"ulysses_degree": 2, "ring_degree": 2}, {"ulysses_degree": 2, "cfg_degree": 2}],
     },
     "sd15": {2: [{"cfg_degree": 2}, {"data_degree": 2}]},
+    "sdxl": {2: [{"cfg_degree": 2}, {"data_degree": 2}], 4: [{"cfg_degree": 2, "data_degree": 2}]},
     "sd3": {
         2: [{"ulysses_degree": 2}, {"ring_degree": 2}, {"cfg_degree": 2}, {"data_degree": 2}],
         4: [{"ulysses_degree": 2, "ring_degree": 2}, {"ulysses_degree": 2, "cfg_degree": 2}],
@@ -278,6 +281,12 @@ CONFIGS: dict[str, dict[int, list[dict]]] = {
     "qwen_image_edit": {
         2: [{"ulysses_degree": 2}, {"ring_degree": 2}, {"cfg_degree": 2}],
         4: [{"ulysses_degree": 2, "ring_degree": 2}],
+    },
+    # Displaced patch parallel shares the reference tokens out with the image rows (exact at full warmup);
+    # PipeFusion refuses reference latents (test_flux_parallel).
+    "flux_kontext": {
+        2: [{"ulysses_degree": 2}, {"ring_degree": 2}, {"cfg_degree": 2}, {"patch_degree": 2}],
+        4: [{"ulysses_degree": 2, "ring_degree": 2}, {"patch_degree": 2, "cfg_degree": 2}],
     },
 }
 _VIDEO_CONFIGS: dict[int, list[dict]] = {

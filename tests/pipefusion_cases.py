@@ -7,16 +7,8 @@ from pathlib import Path
 import flux_cases
 from comfyui_xdit.comfy_runtime import init_worker
 
-EXACT = {"warmup_steps": 10_000}  # every step synchronous
+EXACT = flux_cases.FULL_WARMUP  # every step synchronous
 DEFAULTS: dict = {}  # the sampler node's defaults: warmup 1, patches auto
-
-
-def with_options(model_patcher, options: dict):
-    from comfyui_xdit.stale_steps import OPTIONS_KEY
-
-    model = model_patcher.clone()
-    model.model_options["transformer_options"] = {**model.model_options.get("transformer_options", {}), OPTIONS_KEY: dict(options)}
-    return model
 
 
 def _lora_refs(paths: list[str]):
@@ -63,7 +55,7 @@ def pipefusion_rank(rank: int, world_size: int, model_path: str, runs: list[dict
             states[config] = (state, parallelize(model, state), held_block_parameters(model.model))
         state, model, held = states[config]
         state.comm.reset()
-        result["latents"][index] = flux_cases.sample(with_options(model, run["options"]), cases[str(run["case"])])
+        result["latents"][index] = flux_cases.sample(flux_cases.with_stale_options(model, run["options"]), cases[str(run["case"])])
         result["bytes"][index] = state.comm.snapshot()
         result["held"][index] = held
     return result

@@ -2,10 +2,11 @@
 
 One suite, parametrised over families (flux_cases.CONFIGS): Flux.1 (every exact method), Flux.2 (same adapter
 code, its own token grid), SD3 and SD3.5 (MMDiT, with and without dual-attention blocks), Qwen-Image (its own hooks,
-5-D latents; with reference images as Qwen-Image-Edit), HiDream I1 (built in-process; text at the
+5-D latents; with reference images as Qwen-Image-Edit), Flux.1 Kontext (reference latents, also under displaced
+patch parallel), HiDream I1 (built in-process; text at the
 rear of its joint attention), Lumina 2 and Z-Image (NextDiT, caption and image refiners before the joint layers),
-Wan 2.1 (T2V, I2V) and Wan 2.2's TI2V 5B on video latents, and an SD1.5 U-Net, which has no sequence-parallel adapter
-and runs on the generic CFG and data parallel wrappers. test_gpu_parallel.py runs the same cases on CUDA ranks over
+Wan 2.1 (T2V, I2V) and Wan 2.2's TI2V 5B on video latents, and SD1.5 and SDXL U-Nets, which have no sequence-parallel adapter
+and run on the generic CFG and data parallel wrappers. test_gpu_parallel.py runs the same cases on CUDA ranks over
 NCCL.
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ TRAFFIC: dict[str, list[tuple[str, str]]] = {
     "flux2": [("ulysses2/cfg-dpmpp2m-18x22", "all_to_all/ulysses"), ("ring2/cfg-dpmpp2m-18x22", "ring_send/ring"),
               ("cfg2/cfg-dpmpp2m-18x22", "broadcast/cfg")],
     "sd15": [("cfg2/cfg-euler-10x12-batch2", "broadcast/cfg"), ("data2/cfg-euler-10x12-batch2", "all_gather/data")],
+    "sdxl": [("cfg2/cfg-euler-10x12-batch2", "broadcast/cfg"), ("data2/cfg-euler-10x12-batch2", "all_gather/data")],
     "sd3": [("ulysses2/basic-euler", "all_to_all/ulysses"), ("ring2/basic-euler", "ring_send/ring"),
             ("cfg2/cfg-dpmpp2m-18x22", "broadcast/cfg"), ("data2/basic-dpmpp2m-18x22-batch2", "all_gather/data")],
     "sd35": [("ulysses2/cfg-euler", "all_to_all/ulysses"), ("ring2/cfg-euler", "ring_send/ring"),
@@ -42,6 +44,10 @@ TRAFFIC: dict[str, list[tuple[str, str]]] = {
                   ("cfg2/video-image-cfg-euler-3x10x14", "broadcast/cfg")],
     "wan22_5b": [("ulysses2/video-image-cfg-euler-3x10x14", "all_to_all/ulysses"), ("ring2/video-image-cfg-euler-3x10x14", "ring_send/ring"),
                  ("cfg2/video-image-cfg-euler-3x10x14", "broadcast/cfg"), ("data2/video-basic-dpmpp2m-3x10x14-batch2", "all_gather/data")],
+    "flux_kontext": [("ulysses2/edit-cfg-euler-18x22-ref12x14", "all_to_all/ulysses"),
+                     ("ring2/edit-cfg-euler-18x22-ref12x14", "ring_send/ring"),
+                     ("cfg2/edit-cfg-euler-18x22-ref12x14", "broadcast/cfg"),
+                     ("patch2/edit-cfg-euler-18x22-ref12x14", "all_gather/patch")],
 }
 TRAFFIC["zimage"] = [("ulysses2/basic-euler", "all_to_all/ulysses"), ("ring2/cfg-dpmpp2m-18x22", "ring_send/ring"),
                      ("cfg2/cfg-dpmpp2m-18x22", "broadcast/cfg"), ("data2/basic-dpmpp2m-18x22-batch2", "all_gather/data")]
@@ -92,3 +98,11 @@ def test_wan_gathers_its_hidden_states_once_per_model_call(model_path):
     one_gather = -(-tokens // 2) * WAN_BASE["dim"] * 4  # this rank's fp32 rows
     for result in _run("wan21", 2, model_path("wan21")):
         assert result["bytes"][f"ulysses2/{case.name}"]["all_gather/sequence"] == case.steps * one_gather
+
+
+def test_pipefusion_refuses_flux_kontext_reference_latents(model_path):
+    from parallel_core.local_launch import RankFailed
+
+    with pytest.raises(RankFailed, match="PipeFusion on Flux does not take reference latents .*set pipefusion_degree to 1"):
+        run_on_ranks(flux_cases.family_rank, 2, model_path("flux_kontext"), [{"pipefusion_degree": 2}],
+                     flux_cases.case_dicts("flux_kontext"), timeout_s=600)

@@ -79,6 +79,9 @@ def _pipefusion_forward_orig(original, state: ParallelState, cache: KVCache, pla
                              transformer_options=None, attn_mask=None):
     transformer_options = transformer_options or {}
     refuse_unsupported(control, timestep_zero_index, attn_mask, transformer_options)
+    if transformer_options.get("reference_image_num_tokens"):  # set by Flux's forward when it appends reference latents
+        raise UnsupportedByXDiT("PipeFusion on Flux does not take reference latents (ReferenceLatent, e.g. Flux Kontext): their tokens "
+                                "do not form image rows to pipeline; set pipefusion_degree to 1 (ulysses, ring, cfg or patch parallel take them)")
     if transformer_options.get("patches_replace", {}).get("dit"):
         raise UnsupportedByXDiT("another node replaces Flux blocks on this model, which PipeFusion cannot combine with; remove it or set pipefusion_degree to 1")
     pf, sp = state.pipefusion, state.sequence

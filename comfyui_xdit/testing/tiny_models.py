@@ -85,6 +85,15 @@ SD15_UNET_CONFIG: dict[str, Any] = {
     "transformer_depth_middle": -2, "use_spatial_transformer": True, "legacy": False, "adm_in_channels": None,
     "use_linear_in_transformer": False, "context_dim": 768, "use_temporal_resblock": False, "use_temporal_attention": False,
 }
+# SDXL's U-Net as detection names it: width 320, linear transformer projections, 2048-wide text, a 2816-wide adm
+# vector (1280 pooled + six 256-wide size embeddings) and 2, 2 and 10, 10 transformer blocks on the second and third
+# levels' res blocks are all fixed there. The rest is read back from the weights, so channels stay 320 on every
+# level, the output side has no transformers and there is no middle block: ~132 M parameters, 0.5 GB in fp32.
+SDXL_UNET_CONFIG: dict[str, Any] = {
+    **SD15_UNET_CONFIG, "num_res_blocks": [2, 2, 2], "channel_mult": [1, 1, 1], "transformer_depth": [0, 0, 2, 2, 10, 10],
+    "transformer_depth_output": [0] * 9, "use_linear_in_transformer": True, "context_dim": 2048, "adm_in_channels": 2816,
+    "num_classes": "sequential",
+}
 
 # SD3 / SD3.5 (comfy.model_base.SD3, ComfyUI's MMDiT). Detection reads every size back from weight shapes with one
 # fixed rule: heads of 64 channels, so hidden = 64 * depth, heads = depth and there are `depth` joint blocks (the last
@@ -238,6 +247,8 @@ def init_weights_(model: torch.nn.Module, seed: int, output_layer: str = _OUTPUT
                         value = value * _OUTPUT_SCALE
                 elif isinstance(module, (torch.nn.Conv2d, torch.nn.Conv3d)):
                     value = noise / math.sqrt(parameter[0].numel())
+                    if module_name == output_layer:  # U-Nets end in a convolution
+                        value = value * _OUTPUT_SCALE
                 # ComfyUI's own RMSNorm classes (MMDiT's q/k norms) are not torch's.
                 elif isinstance(module, (torch.nn.LayerNorm, torch.nn.RMSNorm, torch.nn.GroupNorm)) or type(module).__name__ == "RMSNorm":
                     value = 1.0 + _NORM_SCALE_STD * noise
@@ -281,21 +292,39 @@ def _detected_model(config: dict[str, Any], expected: str) -> torch.nn.Module:
     return model_config.get_model({}).diffusion_model
 
 
+def _write_tiny_unet(family: str, detected_as: str, base_config: dict[str, Any], path: str | Path, variant: str, size: str,
+                     seed: int, overrides: dict[str, Any], output_layer: str = _OUTPUT_LAYER) -> Path:
+    path = _checked_path(path)
+    config = {**base_config, **overrides}
+    model = _detected_model(config, detected_as)
+    init_weights_(model, seed, output_layer)
+    return _save(model, path, {"family": family, "variant": variant, "size": size, "seed": seed, "config": config})
+
+
 def write_tiny_sd15(path: str | Path, variant: str = "default", size: str = "tiny", seed: int = 0, **overrides: Any) -> Path:
     """Write a seeded U-Net checkpoint that ``comfy.sd.load_diffusion_model`` loads and detects as SD1.5."""
-    path = _checked_path(path)
-    config = {**SD15_UNET_CONFIG, **overrides}
-    model = _detected_model(config, "SD15")
-    init_weights_(model, seed)
-    return _save(model, path, {"family": "sd15", "variant": variant, "size": size, "seed": seed, "config": config})
+    return _write_tiny_unet("sd15", "SD15", SD15_UNET_CONFIG, path, variant, size, seed, overrides)
+
+
+def write_tiny_sdxl(path: str | Path, variant: str = "default", size: str = "tiny", seed: int = 0, **overrides: Any) -> Path:
+    """Write a seeded U-Net checkpoint that ``comfy.sd.load_diffusion_model`` loads and detects as SDXL."""
+    # Its output convolution is scaled down like the DiTs' output layers: at fan-in scale, 40 layers of fp32 rounding
+    # amplified by CFG 5 and the latent format's 1/0.13 reach 2.3e-6 of the latent's max (~700 after 3 steps).
+    return _write_tiny_unet("sdxl", "SDXL", SDXL_UNET_CONFIG, path, variant, size, seed, overrides, output_layer="out.2")
+
+
+def fill_sd3_pos_embed_(model: torch.nn.Module, side: int) -> None:
+    """Set MMDiT's position table, a buffer (not a parameter, so init_weights_ leaves it uninitialised), to SD3's fixed
+    sin/cos table: absolute positions must matter, and every rank must hold the same values."""
+    import comfy.ldm.modules.diffusionmodules.mmdit as mmdit
+
+    with torch.no_grad():
+        model.pos_embed.copy_(mmdit.get_2d_sincos_pos_embed_torch(model.hidden_size, side, side).unsqueeze(0))
 
 
 def write_tiny_sd3(path: str | Path, variant: str = "sd3", size: str = "tiny", seed: int = 0, **overrides: Any) -> Path:
     """Write a seeded MMDiT checkpoint that ``comfy.sd.load_diffusion_model`` loads and detects as SD3 (variant "sd3")
     or with SD3.5 Medium's blocks ("sd35")."""
-    import_comfy()
-    import comfy.ldm.modules.diffusionmodules.mmdit as mmdit
-
     path = _checked_path(path)
     if variant not in SD3_VARIANTS or size != "tiny":
         raise ValueError(f"unknown sd3 variant/size {variant!r}/{size!r}; choose from {sorted(SD3_VARIANTS)} / ['tiny']")
@@ -303,9 +332,7 @@ def write_tiny_sd3(path: str | Path, variant: str = "sd3", size: str = "tiny", s
     model = _detected_model(config, "SD3")
     init_weights_(model, seed)
     smooth_in_time_(model.t_embedder.mlp[0])
-    side = config["pos_embed_max_size"]
-    with torch.no_grad():  # a buffer, not a parameter: SD3's fixed sin/cos table (absolute positions must matter)
-        model.pos_embed.copy_(mmdit.get_2d_sincos_pos_embed_torch(model.hidden_size, side, side).unsqueeze(0))
+    fill_sd3_pos_embed_(model, config["pos_embed_max_size"])
     return _save(model, path, {"family": "sd3", "variant": variant, "size": size, "seed": seed, "config": config})
 
 
@@ -352,6 +379,31 @@ def stand_in_conditioning(seed: int, text_tokens: int = 7, guidance: float | Non
     return [[context, options]]
 
 
+def conditioning_widths(base_model: Any) -> tuple[int, int]:
+    """(text width, pooled width) a ComfyUI model's conditioning needs (for stand_in_conditioning)."""
+    unet_config = base_model.model_config.unet_config
+    diffusion_model = base_model.diffusion_model
+    # Flux names the text width context_in_dim and U-Nets context_dim; MMDiT records the input of its context embedder;
+    # HiDream lists T5's width first (then Llama's), NextDiT (Lumina 2, Z-Image) names it cap_feat_dim; Qwen-Image's
+    # and Wan's are class defaults (not in the detected config): read them off the text input layer.
+    if "context_embedder_config" in unet_config:
+        text = unet_config["context_embedder_config"]["params"]["in_features"]
+    elif "caption_channels" in unet_config:
+        text = unet_config["caption_channels"][0]
+    elif "cap_feat_dim" in unet_config:
+        text = unet_config["cap_feat_dim"]
+    else:
+        text_in = diffusion_model.text_embedding[0] if hasattr(diffusion_model, "text_embedding") else getattr(diffusion_model, "txt_in", None)
+        text = unet_config.get("context_in_dim", unet_config.get("context_dim")) or text_in.in_features
+    # U-Nets and MMDiT take the pooled text vector inside their adm input, beside what ComfyUI's encode_adm adds itself
+    # (SDXL's six size embeddings): the width left for it is the adm width less encode_adm's output for an empty one.
+    # Flux names it vec_in_dim; models without a pooled input ignore it.
+    if unet_config.get("adm_in_channels"):
+        own = base_model.encode_adm(pooled_output=torch.zeros(1, 0), width=8, height=8, device="cpu")
+        return text, unet_config["adm_in_channels"] - own.shape[1]
+    return text, unet_config.get("vec_in_dim") or FLUX_BASE["vec_in_dim"]
+
+
 @dataclass(frozen=True)
 class TinyFamily:
     variants: tuple[str, ...]  # the first is the default
@@ -363,6 +415,7 @@ FAMILIES: dict[str, TinyFamily] = {
     "flux": TinyFamily(tuple(FLUX_VARIANTS), tuple(FLUX_SIZES), write_tiny_flux),
     "flux2": TinyFamily(tuple(FLUX2_VARIANTS), tuple(FLUX2_SIZES), write_tiny_flux2),
     "sd15": TinyFamily(("default",), ("tiny",), write_tiny_sd15),
+    "sdxl": TinyFamily(("default",), ("tiny",), write_tiny_sdxl),
     "sd3": TinyFamily(tuple(SD3_VARIANTS), ("tiny",), write_tiny_sd3),
     # SD3.5 Medium's layout under its own name, so tests and the CLI ask for it as a family.
     "sd35": TinyFamily(("sd35",), ("tiny",), write_tiny_sd3),

@@ -1,0 +1,146 @@
+"""Seeded LoRA files for the DiT families beside Flux (tiny_loras.py), in every key format ComfyUI 0.30.0 maps for each
+(comfy/lora.py, model_lora_keys_unet), under the names the trainers write.
+
+A family's LoRA modules have two namings: ComfyUI's own (what kohya `lora_unet_...`, ComfyUI `diffusion_model....` and
+LyCORIS LoHa keys name) and diffusers' (what diffusers/PEFT `transformer....`, OneTrainer and SimpleTuner LoKr
+`lycoris_...` keys name).
+- Qwen-Image: both namings are diffusers' (`transformer_blocks.0.attn.to_q`). Only the attention projections are
+  trained: at Qwen-Image's fixed width they are ~75 M of its ~380 M parameters, enough to test the mapping and the
+  merge without holding several copies of the whole model.
+- SD3 / SD3.5 (MMDiT): ComfyUI's `joint_blocks.0.x_block.attn.qkv` is diffusers' `transformer_blocks.0.attn.to_q`,
+  `to_k`, `to_v` (slices of the fused weight); the last block's text stream stops after attention and its
+  modulation's halves are swapped between the namings. Every 2-D weight of the joint blocks is trained.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .tiny_loras import Shapes, _low_rank, flux_shapes as checkpoint_shapes, lokr_for_modules
+
+Modules = dict[str, tuple[int, int]]
+Writer = Callable[[Modules, int, float, torch.Generator], dict[str, torch.Tensor]]
+
+
+def _up_down(prefix: str, up_name: str, down_name: str, alpha: bool, underscores: bool = False) -> Writer:
+    def write(modules: Modules, rank: int, amplitude: float, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        tensors = {}
+        for module, (out_dim, in_dim) in modules.items():
+            up, down = _low_rank(out_dim, in_dim, rank, amplitude, gen)
+            name = prefix + (module.replace(".", "_") if underscores else module)
+            tensors.update({f"{name}.{up_name}": up, f"{name}.{down_name}": down})
+            if alpha:  # alpha = rank / 2 halves the product: scaling by alpha / rank is part of what is tested
+                tensors[f"{name}.alpha"] = torch.tensor(rank / 2)
+        return tensors
+
+    return write
+
+
+def _loha(modules: Modules, rank: int, amplitude: float, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for module, (out_dim, in_dim) in modules.items():
+        w1a, w1b = _low_rank(out_dim, in_dim, rank, 1.0, gen)
+        w2a, w2b = _low_rank(out_dim, in_dim, rank, amplitude, gen)
+        name = "lora_unet_" + module.replace(".", "_")
+        tensors.update({f"{name}.hada_w1_a": w1a, f"{name}.hada_w1_b": w1b * math.sqrt(in_dim), f"{name}.hada_w2_a": w2a,
+                        f"{name}.hada_w2_b": w2b, f"{name}.alpha": torch.tensor(float(rank))})
+    return tensors
+
+
+@dataclass(frozen=True)
+class KeyFormat:
+    naming: str  # "comfy" or "diffusers": which module names its keys are built on
+    write: Writer
+
+
+KOHYA = KeyFormat("comfy", _up_down("lora_unet_", "lora_up.weight", "lora_down.weight", alpha=True, underscores=True))
+COMFY = KeyFormat("comfy", _up_down("diffusion_model.", "lora_up.weight", "lora_down.weight", alpha=True))
+LOHA = KeyFormat("comfy", _loha)
+DIFFUSERS = KeyFormat("diffusers", _up_down("transformer.", "lora_B.weight", "lora_A.weight", alpha=False))
+LOKR = KeyFormat("diffusers", lokr_for_modules)
+
+
+def qwen_image_attention(shapes: Shapes) -> Modules:
+    """(out, in) of every attention projection of Qwen-Image's blocks, by ComfyUI (= diffusers) module name."""
+    return {k[:-len(".weight")]: tuple(v) for k, v in shapes.items()
+            if k.startswith("transformer_blocks.") and ".attn." in k and k.endswith(".weight") and len(v) == 2}
+
+
+def mmdit_comfy(shapes: Shapes) -> Modules:
+    """(out, in) of every 2-D weight of MMDiT's joint blocks, by ComfyUI module name."""
+    return {k[:-len(".weight")]: tuple(v) for k, v in shapes.items()
+            if k.startswith("joint_blocks.") and k.endswith(".weight") and len(v) == 2}
+
+
+# ComfyUI's MMDiT module (after "joint_blocks.N.") -> diffusers' (after "transformer_blocks.N."); fused q/k/v split.
+_MMDIT_DIFFUSERS: dict[str, tuple[str, ...]] = {
+    "x_block.attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+    "x_block.attn.proj": ("attn.to_out.0",),
+    "x_block.attn2.qkv": ("attn2.to_q", "attn2.to_k", "attn2.to_v"),
+    "x_block.attn2.proj": ("attn2.to_out.0",),
+    "x_block.mlp.fc1": ("ff.net.0.proj",),
+    "x_block.mlp.fc2": ("ff.net.2",),
+    "x_block.adaLN_modulation.1": ("norm1.linear",),
+    "context_block.attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    "context_block.attn.proj": ("attn.to_add_out",),
+    "context_block.mlp.fc1": ("ff_context.net.0.proj",),
+    "context_block.mlp.fc2": ("ff_context.net.2",),
+    "context_block.adaLN_modulation.1": ("norm1_context.linear",),
+}
+
+
+def mmdit_diffusers(shapes: Shapes) -> Modules:
+    """The same weights under diffusers' SD3Transformer2DModel names."""
+    modules = {}
+    for name, (out_dim, in_dim) in mmdit_comfy(shapes).items():
+        _, block, inner = name.split(".", 2)
+        parts = _MMDIT_DIFFUSERS[inner]
+        for part in parts:
+            modules[f"transformer_blocks.{block}.{part}"] = (out_dim // len(parts), in_dim)
+    return modules
+
+
+@dataclass(frozen=True)
+class FamilyLoras:
+    modules: dict[str, Callable[[Shapes], Modules]]  # by naming
+    formats: dict[str, KeyFormat]
+
+
+_QWEN_IMAGE = FamilyLoras({"comfy": qwen_image_attention, "diffusers": qwen_image_attention}, {
+    "kohya": KOHYA, "comfy": COMFY, "diffusers": DIFFUSERS, "loha": LOHA, "lokr": LOKR,
+    "diffusers_bare": KeyFormat("diffusers", _up_down("", "lora_B.weight", "lora_A.weight", alpha=False)),
+})
+_MMDIT = FamilyLoras({"comfy": mmdit_comfy, "diffusers": mmdit_diffusers}, {
+    "kohya": KOHYA, "comfy": COMFY, "diffusers": DIFFUSERS, "loha": LOHA, "lokr": LOKR,
+    "peft": KeyFormat("diffusers", _up_down("base_model.model.", "lora_B.weight", "lora_A.weight", alpha=False)),
+    "onetrainer": KeyFormat("diffusers", _up_down("lora_transformer_", "lora_up.weight", "lora_down.weight", alpha=True, underscores=True)),
+})
+# By tiny_models family name.
+FAMILIES: dict[str, FamilyLoras] = {"qwen_image": _QWEN_IMAGE, "sd3": _MMDIT, "sd35": _MMDIT}
+
+
+def trained_modules(family: str, shapes: Shapes) -> Modules:
+    """The ComfyUI modules every format's file for `family` trains (what a merge must change)."""
+    return FAMILIES[family].modules["comfy"](shapes)
+
+
+def write_dit_lora(path: str | Path, family: str, model_path: str | Path, fmt: str, rank: int = 4, seed: int = 0,
+                   amplitude: float = 0.3) -> Path:
+    """A seeded LoRA in format `fmt` for the `family` checkpoint at `model_path` (shapes from its header)."""
+    if family not in FAMILIES:
+        raise ValueError(f"no tiny LoRAs for family {family!r}; choose from {sorted(FAMILIES)}")
+    formats = FAMILIES[family].formats
+    if fmt not in formats:
+        raise ValueError(f"unknown {family} LoRA format {fmt!r}; choose from {sorted(formats)}")
+    key_format = formats[fmt]
+    modules = FAMILIES[family].modules[key_format.naming](checkpoint_shapes(model_path))
+    tensors = key_format.write(modules, rank, amplitude, torch.Generator().manual_seed(seed))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"comfyui_xdit.tiny_lora": f"{family} {fmt} rank {rank} seed {seed}"})
+    return path
