@@ -56,10 +56,14 @@ FAMILY_CASES: dict[str, tuple[str, ...]] = {
     "qwen_image": ("basic-euler", "cfg-dpmpp2m-18x22", "basic-dpmpp2m-18x22-batch2"),
     # Qwen-Image-Edit is Qwen-Image's model class given reference images: 99 image + 42 reference tokens.
     "qwen_image_edit": ("edit-cfg-euler-18x22-ref12x14",),
+    # Chroma (in-process, Flux-tiny width) and Chroma Radiance (pixels, 2 x 2 patches: 9 x 11 tokens at 18 x 22).
+    "chroma": ("basic-euler", "cfg-dpmpp2m-18x22", "basic-dpmpp2m-18x22-batch2"),
+    "chroma_radiance": ("cfg-dpmpp2m-18x22", "basic-dpmpp2m-18x22-batch2"),
 }
 # The tiny file each entry runs (default: the one of its own name), or tiny_models.IN_PROCESS_PREFIX + a name for
 # families built in-process (their detection fixes billions of parameters).
-MODEL_FILE: dict[str, str] = {"qwen_image_edit": "qwen_image"}
+MODEL_FILE: dict[str, str] = {"qwen_image_edit": "qwen_image", "chroma": IN_PROCESS_PREFIX + "chroma",
+                              "chroma_radiance": IN_PROCESS_PREFIX + "chroma_radiance"}
 
 
 
@@ -114,6 +118,8 @@ def sample(model_patcher, case: SamplingCase) -> torch.Tensor:
     model = model_patcher
     if isinstance(base_model, comfy.model_base.QwenImage):  # ComfyUI's Qwen-Image workflows shift with this node
         model = ModelSamplingAuraFlow().patch_aura(model_patcher, 3.1)[0]
+    elif isinstance(base_model, comfy.model_base.Chroma):  # ComfyUI's Chroma graphs sample with the model's own shift
+        pass
     elif base_model.model_type == comfy.model_base.ModelType.FLUX:
         model = ModelSamplingFlux().patch(model_patcher, 1.15, 0.5, case.width * 8, case.height * 8)[0]
     elif isinstance(base_model, comfy.model_base.SD3):  # a shift other than the config's 3.0, as SD3.5 graphs set it
@@ -197,6 +203,7 @@ CONFIGS: dict[str, dict[int, list[dict]]] = {
     },
 }
 CONFIGS["sd35"] = CONFIGS["sd3"]
+CONFIGS["chroma"] = CONFIGS["chroma_radiance"] = CONFIGS["qwen_image"]
 FP32_TOL = 1e-5
 # CFG multiplies the difference of two predictions by the guidance scale, and EPS models' latents reach ~15: there
 # the bound is relative to the latent's size.

@@ -32,6 +32,10 @@ TRAFFIC: dict[str, list[tuple[str, str]]] = {
                    ("cfg2/cfg-dpmpp2m-18x22", "broadcast/cfg"), ("data2/basic-dpmpp2m-18x22-batch2", "all_gather/data")],
     "qwen_image_edit": [("ulysses2/edit-cfg-euler-18x22-ref12x14", "all_to_all/ulysses"),
                         ("ring2/edit-cfg-euler-18x22-ref12x14", "ring_send/ring")],
+    "chroma": [("ulysses2/basic-euler", "all_to_all/ulysses"), ("ring2/cfg-dpmpp2m-18x22", "ring_send/ring"),
+               ("cfg2/cfg-dpmpp2m-18x22", "broadcast/cfg"), ("data2/basic-dpmpp2m-18x22-batch2", "all_gather/data")],
+    "chroma_radiance": [("ulysses2/cfg-dpmpp2m-18x22", "all_to_all/ulysses"), ("ring2/cfg-dpmpp2m-18x22", "ring_send/ring"),
+                        ("cfg2/cfg-dpmpp2m-18x22", "broadcast/cfg"), ("data2/basic-dpmpp2m-18x22-batch2", "all_gather/data")],
 }
 
 
