@@ -95,7 +95,7 @@ FORMAT_CASES = [("full", fmt, 100) for fmt in sorted(FORMATS)] + \
 
 
 @pytest.mark.parametrize(("model", "fmt", "min_changed"), FORMAT_CASES)
-def test_every_format_is_mapped_and_merged_exactly_like_stock(request, tmp_path, model, fmt, min_changed):
+def test_every_format_is_mapped_and_merged_exactly_like_stock(comfy_root, request, tmp_path, model, fmt, min_changed):
     from comfyui_xdit.lora import checked_lora, map_lora, read_shapes
 
     full = request.getfixturevalue(model)
