@@ -145,7 +145,8 @@ def test_cli_rejects_bad_arguments(run_cli, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("family", "model_class", "config_class"), [("flux2", "Flux2", "Flux2"), ("sd15", "BaseModel", "SD15"),
                                                                   ("sd3", "SD3", "SD3"), ("sd35", "SD3", "SD3"),
-                                                                  ("qwen_image", "QwenImage", "QwenImage")])
+                                                                  ("qwen_image", "QwenImage", "QwenImage"),
+                                                                  ("chroma", "Chroma", "Chroma")])
 def test_other_families_are_detected_as_themselves_and_round_trip(tiny_model_path, family: str, model_class: str,
                                                                   config_class: str) -> None:
     path = tiny_model_path(family)
