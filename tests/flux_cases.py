@@ -2,7 +2,7 @@
 
 Every rank imports the real ComfyUI, loads a tiny model with ComfyUI's own loader, and drives the sampling path
 SamplerCustomAdvanced takes ([ModelSamplingFlux for Flux-type models, ModelSamplingSD3 for SD3, ModelSamplingAuraFlow
-for Qwen-Image] -> BasicGuider/CFGGuider -> BasicScheduler, KSamplerSelect, RandomNoise -> SamplerCustomAdvanced)
+for Qwen-Image, none for Chroma] -> BasicGuider/CFGGuider -> BasicScheduler, KSamplerSelect, RandomNoise -> SamplerCustomAdvanced)
 through the stock node classes. Rank 0 also runs the unpatched model. Latent channels and the text width come from
 the loaded model, so one case fits every family (Qwen-Image's 4-D empty latent becomes its 5-D (B, C, 1, H, W) one
 inside ComfyUI's sampler, as in its workflows).

@@ -2,7 +2,8 @@
 
 One suite, parametrised over families (flux_cases.CONFIGS): Flux.1 (every exact method), Flux.2 (same adapter
 code, its own token grid), SD3 and SD3.5 (MMDiT, with and without dual-attention blocks), Qwen-Image (its own hooks,
-5-D latents; with reference images as Qwen-Image-Edit) and an SD1.5 U-Net, which has no sequence-parallel adapter
+5-D latents; with reference images as Qwen-Image-Edit), Chroma and Chroma Radiance (in-process at tiny width;
+Radiance in pixel space) and an SD1.5 U-Net, which has no sequence-parallel adapter
 and runs on the generic CFG and data parallel wrappers. test_gpu_parallel.py runs the same cases on CUDA ranks over
 NCCL.
 """
