@@ -122,8 +122,10 @@ CHROMA_TINY_CONFIG: dict[str, Any] = {
     **CHROMA_UNET_CONFIG, "out_dim": 256, "hidden_dim": 128, "n_layers": 2, "hidden_size": 256, "num_heads": 2,
     "depth_single_blocks": 1,
 }
-# Chroma Radiance, in-process: pixels in (3 channels), patchified by a 2 x 2 conv so a small image has an uneven
-# token grid; a small NeRF head with the conv output layer and sequential text positions (the newer checkpoints').
+# Chroma Radiance, in-process only: detection also fixes its NeRF head, whose four parameter generators (3072 x 49152
+# each) make the smallest detected file 1.1 B parameters (4.4 GB). Here pixels in (3 channels) are patchified by a
+# 2 x 2 conv so a small image has an uneven token grid; a small NeRF head with the conv output layer and sequential
+# text positions (the newer checkpoints').
 CHROMA_RADIANCE_TINY_CONFIG: dict[str, Any] = {
     **CHROMA_TINY_CONFIG, "image_model": "chroma_radiance", "in_channels": 3, "out_channels": 3, "nerf_hidden_size": 16,
     "nerf_mlp_ratio": 2, "nerf_depth": 2, "nerf_max_freqs": 4, "nerf_tile_size": 16, "nerf_final_head_type": "conv",
