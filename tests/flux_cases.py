@@ -2,7 +2,7 @@
 
 Every rank imports the real ComfyUI, loads a tiny model with ComfyUI's own loader, and drives the sampling path
 SamplerCustomAdvanced takes ([ModelSamplingFlux for Flux-type models, ModelSamplingSD3 for SD3, HiDream and Wan, ModelSamplingAuraFlow
-for Qwen-Image] -> BasicGuider/CFGGuider -> BasicScheduler, KSamplerSelect, RandomNoise -> SamplerCustomAdvanced)
+for Qwen-Image and Lumina 2, none for Chroma] -> BasicGuider/CFGGuider -> BasicScheduler, KSamplerSelect, RandomNoise -> SamplerCustomAdvanced)
 through the stock node classes. Rank 0 also runs the unpatched model. Latent channels and the text width come from
 the loaded model, so one case fits every family (Qwen-Image's 4-D empty latent becomes its 5-D (B, C, 1, H, W) one
 inside ComfyUI's sampler, as in its workflows); video cases give the latent a frame axis (B, C, T, H, W).
@@ -83,12 +83,17 @@ FAMILY_CASES: dict[str, tuple[str, ...]] = {
     # Flux.1 Kontext: the Flux dev model given a reference latent (ReferenceLatent), appended to the image tokens
     # with its own positions: 99 image + 42 reference tokens.
     "flux_kontext": ("edit-cfg-euler-18x22-ref12x14",),
+    # Chroma (in-process, Flux-tiny width) and Chroma Radiance (pixels, 2 x 2 patches: 9 x 11 tokens at 18 x 22).
+    "chroma": ("basic-euler", "cfg-dpmpp2m-18x22", "basic-dpmpp2m-18x22-batch2"),
+    "chroma_radiance": ("cfg-dpmpp2m-18x22", "basic-dpmpp2m-18x22-batch2"),
 }
 # The tiny file each entry runs (default: the one of its own name), or tiny_models.IN_PROCESS_PREFIX + a name for
 # families built in-process (their detection fixes billions of parameters).
 MODEL_FILE: dict[str, str] = {"qwen_image_edit": "qwen_image", "flux_kontext": "flux"}
 MODEL_FILE["hidream"] = IN_PROCESS_PREFIX + "hidream"
 MODEL_FILE["zimage"] = IN_PROCESS_PREFIX + "zimage"
+MODEL_FILE["chroma"] = IN_PROCESS_PREFIX + "chroma"
+MODEL_FILE["chroma_radiance"] = IN_PROCESS_PREFIX + "chroma_radiance"
 # The stale-activation methods run every step synchronously in these tests: that is where they are exact.
 FULL_WARMUP = {"warmup_steps": 10_000}
 
@@ -190,6 +195,8 @@ def sample(model_patcher, case: SamplingCase) -> torch.Tensor:
         model = ModelSamplingAuraFlow().patch_aura(model_patcher, 3.1)[0]
     elif isinstance(base_model, comfy.model_base.Lumina2):  # as ComfyUI's Z-Image Turbo template (Lumina 2's config says 6)
         model = ModelSamplingAuraFlow().patch_aura(model_patcher, 3.0)[0]
+    elif isinstance(base_model, comfy.model_base.Chroma):  # ComfyUI's Chroma graphs sample with the model's own shift
+        pass
     elif base_model.model_type == comfy.model_base.ModelType.FLUX:
         model = ModelSamplingFlux().patch(model_patcher, 1.15, 0.5, case.width * 8, case.height * 8)[0]
     elif isinstance(base_model, comfy.model_base.SD3):  # a shift other than the config's 3.0, as SD3.5 graphs set it
@@ -302,6 +309,7 @@ CONFIGS["hidream"] = CONFIGS["zimage"] = {
 # Lumina 2 runs Z-Image's hooks (one class) at the width detection fixes (1.7 GB, ~1 s a forward here): world 2 only;
 # Z-Image covers the world-4 combinations of the same code.
 CONFIGS["lumina2"] = {2: CONFIGS["zimage"][2]}
+CONFIGS["chroma"] = CONFIGS["chroma_radiance"] = CONFIGS["qwen_image"]
 FP32_TOL = 1e-5
 # CFG multiplies the difference of two predictions by the guidance scale, and EPS models' latents reach ~15: there
 # the bound is relative to the latent's size.

@@ -100,7 +100,6 @@ def test_sd3_takes_the_exact_methods_and_refuses_the_stale_ones_by_name(shells, 
 @pytest.mark.fast  # needs ComfyUI's classes, no model file
 @pytest.mark.parametrize(("class_name", "message"), [
     ("LongCatImage", r"LongCat-Image supports cfg and data parallel only \(its shifted RoPE positions are not tested"),
-    ("Chroma", "Chroma supports cfg and data parallel only"),  # a Flux subclass: Flux's adapter does not cover it
 ])
 def test_flux_subclasses_without_a_tested_adapter_are_refused_sequence_parallel(class_name, message, comfy_root):
     from comfyui_xdit.parallel_model import validate_for_model
@@ -125,6 +124,23 @@ def test_wan_variants_with_extra_inputs_are_refused_sequence_parallel_by_name(co
         adapter_for(_bare("WAN22")).refuse_unsupported(ParallelConfig(patch_degree=2), _bare("WAN22"))
 
 
+@pytest.mark.parametrize(("class_name", "name"), [("Chroma", "Chroma"), ("ChromaRadiance", "Chroma Radiance")])
+def test_chroma_refuses_the_stale_methods_by_name(class_name, name, comfy_root):
+    import torch
+
+    from comfyui_xdit.families.flux import refuse_unsupported
+    from comfyui_xdit.parallel_model import validate_for_model
+
+    patcher = SimpleNamespace(model=_bare(class_name))
+    for degree in ("pipefusion", "patch"):
+        with pytest.raises(UnsupportedByXDiT, match=rf"^{name} supports ulysses, ring, cfg and data parallel only "
+                                                    rf"\(PipeFusion and patch parallel have no Chroma hooks yet\); set {degree}_degree to 1$"):
+            validate_for_model(ParallelConfig(**{f"{degree}_degree": 2}), 2, patcher)
+    # A style model's attention bias is the one way stock hands Chroma an attention mask: refused by name.
+    with pytest.raises(UnsupportedByXDiT, match=f"an attention mask on {name} .*remove it or use UNETLoader"):
+        refuse_unsupported(None, None, torch.ones(1, 1, 8, 8), {}, name)
+
+
 @pytest.mark.fast  # needs ComfyUI's classes, no model file
 def test_matching_is_on_comfyui_own_classes_most_derived_first(comfy_root):
     import comfy.model_base
@@ -134,7 +150,9 @@ def test_matching_is_on_comfyui_own_classes_most_derived_first(comfy_root):
     assert adapter_for(_bare("Flux2")).name == "Flux.2"
     assert adapter_for(_bare("Flux")).name == "Flux"
     assert adapter_for(_bare("SD3")).name == "SD3"
-    assert adapter_for(_bare("ChromaRadiance")).name is None  # the generic fallback
+    assert adapter_for(_bare("Chroma")).name == "Chroma"  # a Flux subclass: Flux's entry does not cover it
+    assert adapter_for(_bare("ChromaRadiance")).name == "Chroma Radiance"
+    assert adapter_for(_bare("LongCatImage")).name == "LongCat-Image"
     assert adapter_for(_bare("QwenImage")).name == "Qwen-Image"
     assert adapter_for(_bare("MageFlow")).name is None  # a QwenImage subclass with its own model class
     # A class that only shares a registered name (as a node pack's own "Flux" might) is not taken for ComfyUI's.

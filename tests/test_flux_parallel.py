@@ -2,7 +2,8 @@
 
 One suite, parametrised over families (flux_cases.CONFIGS): Flux.1 (every exact method), Flux.2 (same adapter
 code, its own token grid), SD3 and SD3.5 (MMDiT, with and without dual-attention blocks), Qwen-Image (its own hooks,
-5-D latents; with reference images as Qwen-Image-Edit), Flux.1 Kontext (reference latents, also under displaced
+5-D latents; with reference images as Qwen-Image-Edit), Chroma and Chroma Radiance (in-process at tiny width;
+Radiance in pixel space), Flux.1 Kontext (reference latents, also under displaced
 patch parallel), HiDream I1 (built in-process; text at the
 rear of its joint attention), Lumina 2 and Z-Image (NextDiT, caption and image refiners before the joint layers),
 Wan 2.1 (T2V, I2V) and Wan 2.2's TI2V 5B on video latents, and SD1.5 and SDXL U-Nets, which have no sequence-parallel adapter
@@ -48,6 +49,10 @@ TRAFFIC: dict[str, list[tuple[str, str]]] = {
                      ("ring2/edit-cfg-euler-18x22-ref12x14", "ring_send/ring"),
                      ("cfg2/edit-cfg-euler-18x22-ref12x14", "broadcast/cfg"),
                      ("patch2/edit-cfg-euler-18x22-ref12x14", "all_gather/patch")],
+    "chroma": [("ulysses2/basic-euler", "all_to_all/ulysses"), ("ring2/cfg-dpmpp2m-18x22", "ring_send/ring"),
+               ("cfg2/cfg-dpmpp2m-18x22", "broadcast/cfg"), ("data2/basic-dpmpp2m-18x22-batch2", "all_gather/data")],
+    "chroma_radiance": [("ulysses2/cfg-dpmpp2m-18x22", "all_to_all/ulysses"), ("ring2/cfg-dpmpp2m-18x22", "ring_send/ring"),
+                        ("cfg2/cfg-dpmpp2m-18x22", "broadcast/cfg"), ("data2/basic-dpmpp2m-18x22-batch2", "all_gather/data")],
 }
 TRAFFIC["zimage"] = [("ulysses2/basic-euler", "all_to_all/ulysses"), ("ring2/cfg-dpmpp2m-18x22", "ring_send/ring"),
                      ("cfg2/cfg-dpmpp2m-18x22", "broadcast/cfg"), ("data2/basic-dpmpp2m-18x22-batch2", "all_gather/data")]

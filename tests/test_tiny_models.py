@@ -147,7 +147,8 @@ def test_cli_rejects_bad_arguments(run_cli, tmp_path: Path) -> None:
                                                                   ("sdxl", "SDXL", "SDXL"), ("sd3", "SD3", "SD3"), ("sd35", "SD3", "SD3"),
                                                                   ("qwen_image", "QwenImage", "QwenImage"),
                                                                   ("wan21", "WAN21", "WAN21_T2V"), ("wan21_i2v", "WAN21", "WAN21_I2V"),
-                                                                  ("wan22_5b", "WAN22", "WAN22_T2V"), ("lumina2", "Lumina2", "Lumina2")])
+                                                                  ("wan22_5b", "WAN22", "WAN22_T2V"), ("lumina2", "Lumina2", "Lumina2"),
+                                                                  ("chroma", "Chroma", "Chroma")])
 def test_other_families_are_detected_as_themselves_and_round_trip(tiny_model_path, family: str, model_class: str,
                                                                   config_class: str) -> None:
     path = tiny_model_path(family)

@@ -181,3 +181,12 @@ register("Lumina2", FamilyAdapter(
     limits="PipeFusion and patch parallel are not implemented for its refiners and joint blocks yet"))
 register("ZImagePixelSpace", FamilyAdapter(
     "Z-Image pixel space", CFG_AND_DATA, limits="its pixel decoder reads every image token; no sequence-parallel hooks for it yet"))
+# Chroma is Flux's transformer with a distilled modulation approximator and no pooled vector; Chroma Radiance is its
+# pixel-space subclass (patchified in forward_orig, a NeRF head after it). One hooks module serves both.
+_CHROMA_LAYOUT: dict[str, Any] = dict(
+    capabilities=Capabilities(ulysses=True, ring=True, cfg=True, data=True), hooks="comfyui_xdit.families.chroma",
+    heads_attribute="num_heads", patch_attribute="patch_size", joint_attention="front", block_containers=("double_blocks", "single_blocks"),
+    limits="PipeFusion and patch parallel have no Chroma hooks yet",
+)
+register("Chroma", FamilyAdapter("Chroma", **_CHROMA_LAYOUT))
+register("ChromaRadiance", FamilyAdapter("Chroma Radiance", **_CHROMA_LAYOUT))

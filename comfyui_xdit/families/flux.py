@@ -34,36 +34,48 @@ def layer_of(transformer_options: dict) -> tuple[str, int]:
     return transformer_options["block_type"], transformer_options["block_index"]
 
 
-def refuse_mask(mask) -> None:
+def refuse_mask(mask, family: str = "Flux") -> None:
     if mask is not None:
-        raise UnsupportedByXDiT("an attention mask on Flux (e.g. from an attention-mask node) is not supported in parallel; remove it or use UNETLoader")
+        raise UnsupportedByXDiT(f"an attention mask on {family} (e.g. from an attention-mask node) is not supported in parallel; remove it or use UNETLoader")
 
 
-def refuse_unsupported(control, timestep_zero_index, attn_mask, transformer_options: dict) -> None:
-    """Raise for the inputs of Flux's forward that the parallel paths do not handle."""
+def refuse_unsupported(control, timestep_zero_index, attn_mask, transformer_options: dict, family: str = "Flux") -> None:
+    """Raise for the inputs of Flux's forward (and of the forwards built on it, e.g. Chroma's) that the parallel
+    paths do not handle."""
     if control is not None:
-        raise UnsupportedByXDiT("ControlNet on Flux is not supported in parallel yet; remove the ControlNet apply node or use UNETLoader")
+        raise UnsupportedByXDiT(f"ControlNet on {family} is not supported in parallel yet; remove the ControlNet apply node or use UNETLoader")
     if timestep_zero_index is not None:
         raise UnsupportedByXDiT("reference latents with ref_latents_method 'index_timestep_zero' are not supported in parallel; use another method")
-    refuse_mask(attn_mask)
+    refuse_mask(attn_mask, family)
     if "optimized_attention_override" in transformer_options:
         raise UnsupportedByXDiT("another node pack already overrides attention on this model; remove that patch to sample with XDiT")
+
+
+def shard_tokens(state: ParallelState, txt: torch.Tensor, txt_ids: torch.Tensor, *image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """This rank's rows of the text stream and its RoPE positions, then of each image-token tensor in `image`.
+
+    Text rows are sharded too: every linear layer of the text stream then does 1/P of the text work instead of
+    repeating all of it on every rank (at 8 ranks, 512 T5 tokens would otherwise equal each rank's image share)."""
+    sp = state.sequence
+    return (padded_piece(txt, 1, sp.size, sp.rank), padded_piece(txt_ids, 1, sp.size, sp.rank),
+            *(split_sequence(t, state, 1) for t in image))
+
+
+def joint_attention_options(family: str, state: ParallelState, text_len: int, transformer_options: dict) -> dict:
+    """A copy of `transformer_options` whose attention runs [text, image] over the sequence group (shard_tokens' rows)."""
+    options = dict(transformer_options)
+    options["optimized_attention_override"] = functools.partial(text_front_attention_override, family, state, text_len)
+    return options
 
 
 def _parallel_forward_orig(original, state: ParallelState, img, img_ids, txt, txt_ids, timesteps, y, guidance=None,
                            control=None, timestep_zero_index=None, transformer_options=None, attn_mask=None):
     transformer_options = transformer_options or {}
     refuse_unsupported(control, timestep_zero_index, attn_mask, transformer_options)
-    # Text rows are sharded too: every linear layer of the text stream then does 1/P of the text work instead of
-    # repeating all of it on every rank (at 8 ranks, 512 T5 tokens would otherwise equal each rank's image share).
     text_len = txt.shape[1]
-    txt = padded_piece(txt, 1, state.sequence.size, state.sequence.rank)
-    txt_ids = padded_piece(txt_ids, 1, state.sequence.size, state.sequence.rank)
-    img = split_sequence(img, state, 1)
-    img_ids = split_sequence(img_ids, state, 1)
-    options = dict(transformer_options)
-    options["optimized_attention_override"] = functools.partial(text_front_attention_override, "Flux", state, text_len)
-    out = original(img, img_ids, txt, txt_ids, timesteps, y, guidance, None, transformer_options=options)
+    txt, txt_ids, img, img_ids = shard_tokens(state, txt, txt_ids, img, img_ids)
+    out = original(img, img_ids, txt, txt_ids, timesteps, y, guidance, None,
+                   transformer_options=joint_attention_options("Flux", state, text_len, transformer_options))
     return gather_sequence(out, state, 1)
 
 

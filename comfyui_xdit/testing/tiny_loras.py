@@ -5,7 +5,8 @@ kohya sd-scripts / ai-toolkit (`lora_unet_double_blocks_0_img_attn_qkv.lora_down
 (`diffusion_model.double_blocks.0.img_attn.qkv.lora_up.weight`), diffusers/PEFT
 (`transformer.transformer_blocks.0.attn.to_q.lora_A.weight`), XLabs (`double_blocks.0.processor.qkv_lora1.down.weight`)
 and LyCORIS LoHa (kohya names, `hada_w1_a`...) and LoKr (SimpleTuner's `lycoris_` + diffusers names, `lokr_w1`...).
-Shapes come from the model file's header, so a LoRA fits whatever Flux size it is written for.
+Shapes come from the model file's header, so a LoRA fits whatever Flux size it is written for; Chroma (Flux's blocks
+without their modulation layers) takes every format but XLabs'.
 """
 from __future__ import annotations
 
@@ -41,11 +42,14 @@ def native_modules(shapes: Shapes) -> dict[str, tuple[int, int]]:
 
 
 def diffusers_modules(shapes: Shapes) -> dict[str, tuple[int, int]]:
-    """(out, in) of the same layers under diffusers' FluxTransformer2DModel names (q, k, v split)."""
+    """(out, in) of the same layers under diffusers' FluxTransformer2DModel names (q, k, v split); for Chroma (no
+    per-block modulation layers: its approximator makes the modulations) ChromaTransformer2DModel's, the same less those."""
     h = shapes["img_in.weight"][0]
     mlp = shapes["double_blocks.0.img_mlp.0.weight"][0]
-    modules = {"x_embedder": shapes["img_in.weight"], "proj_out": shapes["final_layer.linear.weight"],
-               "norm_out.linear": shapes["final_layer.adaLN_modulation.1.weight"]}
+    modulated = "final_layer.adaLN_modulation.1.weight" in shapes
+    modules = {"x_embedder": shapes["img_in.weight"], "proj_out": shapes["final_layer.linear.weight"]}
+    if modulated:
+        modules["norm_out.linear"] = shapes["final_layer.adaLN_modulation.1.weight"]
     for i in range(_blocks(shapes, "double_blocks.")):
         block = f"transformer_blocks.{i}"
         for name in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_out.0", "to_add_out"):
@@ -53,15 +57,17 @@ def diffusers_modules(shapes: Shapes) -> dict[str, tuple[int, int]]:
         for ff in ("ff", "ff_context"):
             modules[f"{block}.{ff}.net.0.proj"] = (mlp, h)
             modules[f"{block}.{ff}.net.2"] = (h, mlp)
-        modules[f"{block}.norm1.linear"] = (6 * h, h)
-        modules[f"{block}.norm1_context.linear"] = (6 * h, h)
+        if modulated:
+            modules[f"{block}.norm1.linear"] = (6 * h, h)
+            modules[f"{block}.norm1_context.linear"] = (6 * h, h)
     for i in range(_blocks(shapes, "single_blocks.")):
         block = f"single_transformer_blocks.{i}"
         for name in ("to_q", "to_k", "to_v"):
             modules[f"{block}.attn.{name}"] = (h, h)
         modules[f"{block}.proj_mlp"] = (mlp, h)
         modules[f"{block}.proj_out"] = (h, h + mlp)
-        modules[f"{block}.norm.linear"] = (3 * h, h)
+        if modulated:
+            modules[f"{block}.norm.linear"] = (3 * h, h)
     return {k: tuple(v) for k, v in modules.items()}
 
 

@@ -8,6 +8,7 @@ Files are safetensors only (nothing is ever unpickled).
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 from collections.abc import Callable
@@ -143,6 +144,31 @@ ZIMAGE_UNET_CONFIG: dict[str, Any] = {
     "n_refiner_layers": 1, "qk_norm": True, "n_heads": 4, "n_kv_heads": 4, "axes_dims": [32, 48, 48],
     "axes_lens": [1536, 512, 512], "rope_theta": 256.0, "ffn_dim_multiplier": 8.0 / 3.0, "z_image_modulation": True,
     "time_scale": 1000.0, "pad_tokens_multiple": 32,
+}
+
+# Chroma detection (model_detection.py, "chroma") reads the text width and the block counts from the weights and fixes
+# the rest: width 3072 (the modulation approximator's output, 5 layers of 5120), 24 heads of 128, 64 patch features
+# in and out. One double block and no single block is the smallest file that loads as it: ~505 M parameters, 2 GB fp32.
+CHROMA_UNET_CONFIG: dict[str, Any] = {
+    "image_model": "chroma", "in_channels": 64, "out_channels": 64, "in_dim": 64, "out_dim": 3072, "hidden_dim": 5120,
+    "n_layers": 5, "context_in_dim": 64, "hidden_size": 3072, "num_heads": 24, "mlp_ratio": 4.0, "axes_dim": [16, 56, 56],
+    "theta": 10000, "patch_size": 2, "qkv_bias": True, "txt_ids_dims": [], "vec_in_dim": None, "depth": 1,
+    "depth_single_blocks": 0,
+}
+# In-process (detection bypassed): ComfyUI's Chroma class at Flux-tiny width, the approximator as wide as the blocks
+# (its output is their modulation) and two layers deep; the approximator's input is fixed at 64 by the forward.
+CHROMA_TINY_CONFIG: dict[str, Any] = {
+    **CHROMA_UNET_CONFIG, "out_dim": 256, "hidden_dim": 128, "n_layers": 2, "hidden_size": 256, "num_heads": 2,
+    "depth_single_blocks": 1,
+}
+# Chroma Radiance, in-process only: detection also fixes its NeRF head, whose four parameter generators (3072 x 49152
+# each) make the smallest detected file 1.1 B parameters (4.4 GB). Here pixels in (3 channels) are patchified by a
+# 2 x 2 conv so a small image has an uneven token grid; a small NeRF head with the conv output layer and sequential
+# text positions (the newer checkpoints').
+CHROMA_RADIANCE_TINY_CONFIG: dict[str, Any] = {
+    **CHROMA_TINY_CONFIG, "image_model": "chroma_radiance", "in_channels": 3, "out_channels": 3, "nerf_hidden_size": 16,
+    "nerf_mlp_ratio": 2, "nerf_depth": 2, "nerf_max_freqs": 4, "nerf_tile_size": 16, "nerf_final_head_type": "conv",
+    "nerf_embedder_dtype": torch.float32, "use_x0": False, "use_sequential_txt_ids": True,
 }
 
 # Normalisation scales are drawn around 1 rather than set to exactly 1 so that a wrong mapping of them (e.g. in a
@@ -367,6 +393,17 @@ def write_tiny_lumina2(path: str | Path, variant: str = "default", size: str = "
     return _save(model, path, {"family": "lumina2", "variant": variant, "size": size, "seed": seed, "config": config})
 
 
+def write_tiny_chroma(path: str | Path, variant: str = "default", size: str = "tiny", seed: int = 0, **overrides: Any) -> Path:
+    """Write a seeded checkpoint that ``comfy.sd.load_diffusion_model`` loads and detects as Chroma."""
+    path = _checked_path(path)
+    if variant != "default" or size != "tiny":
+        raise ValueError(f"unknown chroma variant/size {variant!r}/{size!r}; choose from ['default'] / ['tiny']")
+    config = {**CHROMA_UNET_CONFIG, **overrides}
+    model = _detected_model(config, "Chroma")
+    init_weights_(model, seed)
+    return _save(model, path, {"family": "chroma", "variant": variant, "size": size, "seed": seed, "config": config})
+
+
 def stand_in_conditioning(seed: int, text_tokens: int = 7, guidance: float | None = 3.5,
                           context_dim: int = FLUX_BASE["context_in_dim"], pooled_dim: int = FLUX_BASE["vec_in_dim"]) -> list:
     """Seeded CONDITIONING shaped like Flux's text encoders' output for these models ([[context, {pooled, guidance}]]),
@@ -425,6 +462,7 @@ FAMILIES: dict[str, TinyFamily] = {
     "wan21_i2v": TinyFamily(("i2v",), ("tiny",), write_tiny_wan),
     "wan22_5b": TinyFamily(("ti2v_5b",), ("tiny",), write_tiny_wan),
     "lumina2": TinyFamily(("default",), ("tiny",), write_tiny_lumina2),
+    "chroma": TinyFamily(("default",), ("tiny",), write_tiny_chroma),
     # Two files (encoder, decoder) written into the given vae_approx folder; VAELoader offers them as "taef1".
     "taef1": TinyFamily(TAEF1_VARIANTS, TAEF1_SIZES, write_tiny_taef1),
 }
@@ -465,6 +503,10 @@ HIDREAM_UNET_CONFIG: dict[str, Any] = {
 IN_PROCESS["hidream"] = lambda seed: in_process_patcher("HiDream", HIDREAM_UNET_CONFIG, seed, "final_layer.linear")
 # Z-Image bypasses detection: ComfyUI's ZImage config and NextDiT built from ZIMAGE_UNET_CONFIG.
 IN_PROCESS["zimage"] = lambda seed: in_process_patcher("ZImage", ZIMAGE_UNET_CONFIG, seed)
+# Chroma's file is 2 GB (its width is fixed): the exactness suite runs its class in-process at Flux-tiny width.
+IN_PROCESS["chroma"] = functools.partial(in_process_patcher, "Chroma", CHROMA_TINY_CONFIG)
+IN_PROCESS["chroma_radiance"] = functools.partial(in_process_patcher, "ChromaRadiance", CHROMA_RADIANCE_TINY_CONFIG,
+                                                  output_layer="nerf_final_layer_conv.conv")
 
 
 def load_tiny_model(spec: str) -> Any:
