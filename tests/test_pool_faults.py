@@ -2,15 +2,7 @@
 starts, and a worker that dies while the model loads takes the pool down so the next request starts a fresh one."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-from comfyui_xdit.testing.server_launcher import REPO_ROOT
-
-TESTS = Path(__file__).resolve().parent
+from echo_driver import run_echo_driver
 
 DRIVER = """
 import json
@@ -50,11 +42,7 @@ registry.shutdown()
 
 
 def test_an_abandoned_job_stops_on_every_rank_and_a_death_in_prepare_takes_the_pool_down():
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
-    env.update({"RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO_ROOT)])})
-    driver = subprocess.run([sys.executable, "-c", DRIVER], env=env, capture_output=True, text=True, timeout=300)
-    assert driver.returncode == 0, driver.stdout[-2000:] + driver.stderr[-4000:]
-    report = json.loads(driver.stdout.strip().splitlines()[-1])
+    report = run_echo_driver(DRIVER)
     assert report["cancelled"]
     # Without the stop, the 1000-step job (10 s) still ran on the ranks when the next job arrived.
     assert report["after_cancel"] == {"sum": 5 * 1 + 5 * 2, "world": 2, "overlapped": False}

@@ -4,17 +4,9 @@ Growing 2 -> 3 keeps ranks 0 and 1 (same processes, same service and so the same
 shrinking 3 -> 1 keeps rank 0 and stops the others; every world's group computes over exactly its own ranks."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import psutil
 
-from comfyui_xdit.testing.server_launcher import REPO_ROOT
-
-TESTS = Path(__file__).resolve().parent
+from echo_driver import run_echo_driver
 
 DRIVER = """
 import json
@@ -34,11 +26,7 @@ registry.shutdown()
 
 
 def test_a_world_change_keeps_the_workers_that_fit_and_forms_a_group_of_the_new_size():
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
-    env.update({"RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO_ROOT)])})
-    driver = subprocess.run([sys.executable, "-c", DRIVER], env=env, capture_output=True, text=True, timeout=300)
-    assert driver.returncode == 0, driver.stdout[-2000:] + driver.stderr[-4000:]
-    two, three, one, two_again = json.loads(driver.stdout.strip().splitlines()[-1])
+    two, three, one, two_again = run_echo_driver(DRIVER)
     # The all-reduce of value * (rank + 1) sums over exactly the new world's ranks.
     assert [r["sum"] for r in (two, three, one, two_again)] == [3.0, 6.0, 1.0, 3.0]
     assert len({r["pool"] for r in (two, three, one, two_again)}) == 1, "the pool object was replaced, not resized"
