@@ -18,6 +18,17 @@ from .errors import UnsupportedByXDiT
 DATA_WRAPPER_KEY = "comfyui_xdit.data_parallel"
 
 
+def refuse_foreign_attention_override(transformer_options: dict) -> None:
+    """Our sequence parallel owns `optimized_attention_override`; a second one (another node pack's) would be lost."""
+    if "optimized_attention_override" in transformer_options:
+        raise UnsupportedByXDiT("another node pack already overrides attention on this model; remove that patch to sample with XDiT")
+
+
+def patches_at(transformer_options: dict, points: tuple[str, ...]) -> list[str]:
+    """Which of a forward's patch lists (`points`) other nodes filled: such patches would see one rank's token shard."""
+    return [name for name in points if transformer_options.get("patches", {}).get(name)]
+
+
 def to_bshd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, skip_reshape: bool):
     """ComfyUI's attention inputs as (B, S, H, D), the layout parallel_core's attention takes."""
     if not skip_reshape:  # (B, S, H*D) -> (B, H, S, D), the layout ComfyUI's DiTs pass

@@ -24,7 +24,7 @@ from parallel_core.sharding import gather_over, padded_piece, shard_positions, s
 
 from .. import stale_steps
 from ..errors import UnsupportedByXDiT
-from ..parallel_glue import from_bshd, text_front_attention_override, to_bshd
+from ..parallel_glue import from_bshd, refuse_foreign_attention_override, text_front_attention_override, to_bshd
 
 OBJECT_PATCH_KEY = "diffusion_model.forward_orig"
 
@@ -47,8 +47,7 @@ def refuse_unsupported(control, timestep_zero_index, attn_mask, transformer_opti
     if timestep_zero_index is not None:
         raise UnsupportedByXDiT("reference latents with ref_latents_method 'index_timestep_zero' are not supported in parallel; use another method")
     refuse_mask(attn_mask, family)
-    if "optimized_attention_override" in transformer_options:
-        raise UnsupportedByXDiT("another node pack already overrides attention on this model; remove that patch to sample with XDiT")
+    refuse_foreign_attention_override(transformer_options)
 
 
 def shard_tokens(state: ParallelState, txt: torch.Tensor, txt_ids: torch.Tensor, *image: torch.Tensor) -> tuple[torch.Tensor, ...]:

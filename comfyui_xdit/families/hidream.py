@@ -29,7 +29,7 @@ from parallel_core import ParallelState, gather_sequence, split_sequence
 from parallel_core.sharding import padded_piece
 
 from ..errors import UnsupportedByXDiT
-from ..parallel_glue import text_rear_attention_override
+from ..parallel_glue import refuse_foreign_attention_override, text_rear_attention_override
 
 WRAPPER_KEY = "comfyui_xdit.hidream_sequence_parallel"
 PATCHIFY_KEY = "diffusion_model.patchify"
@@ -67,8 +67,7 @@ def _sequence_parallel_forward(state: ParallelState, executor, x, t, y=None, con
     """DIFFUSION_MODEL wrapper: the stock forward on this rank's shards of the T5 and Llama tokens, with this call's
     attention override."""
     transformer_options = transformer_options or {}
-    if "optimized_attention_override" in transformer_options:
-        raise UnsupportedByXDiT("another node pack already overrides attention on this model; remove that patch to sample with XDiT")
+    refuse_foreign_attention_override(transformer_options)
     sp = state.sequence
     llama_tokens = encoder_hidden_states_llama3.shape[2]  # (batch, layers, tokens, width)
     # Every block's text is [T5, the last Llama layer, this block's Llama layer], each of them sharded.

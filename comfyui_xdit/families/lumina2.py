@@ -26,7 +26,7 @@ from parallel_core import ParallelState, gather_sequence, split_sequence, usp_at
 from parallel_core.sharding import padded_piece
 
 from ..errors import UnsupportedByXDiT
-from ..parallel_glue import from_bshd, text_front_attention, to_bshd
+from ..parallel_glue import from_bshd, patches_at, refuse_foreign_attention_override, text_front_attention, to_bshd
 
 WRAPPER_KEY = "comfyui_xdit.lumina2_sequence_parallel"
 # transformer_options keys this module sets: the caption's token count (embed_all records it for the call) and
@@ -88,12 +88,11 @@ def refuse_unsupported(family: str, kwargs: dict[str, Any], transformer_options:
     if kwargs.get("ref_latents") or kwargs.get("siglip_feats") or kwargs.get("ref_contexts"):
         raise UnsupportedByXDiT(f"reference images (Z-Image omni) on {family} are not supported with sequence parallel yet; "
                                 "set ulysses_degree and ring_degree to 1 or use UNETLoader")
-    patched = [name for name in TOKEN_PATCH_POINTS if transformer_options.get("patches", {}).get(name)]
+    patched = patches_at(transformer_options, TOKEN_PATCH_POINTS)
     if patched:
         raise UnsupportedByXDiT(f"a model patch on {family}'s {' and '.join(patched)} (e.g. a blockwise ControlNet) is not "
                                 "supported with sequence parallel; remove it, or set ulysses_degree and ring_degree to 1")
-    if "optimized_attention_override" in transformer_options:
-        raise UnsupportedByXDiT("another node pack already overrides attention on this model; remove that patch to sample with XDiT")
+    refuse_foreign_attention_override(transformer_options)
 
 
 def _sequence_parallel_forward(family: str, state: ParallelState, executor, x, timesteps, context, num_tokens,

@@ -25,7 +25,7 @@ from parallel_core import ParallelState, gather_sequence, split_sequence
 from parallel_core.sharding import padded_piece
 
 from ..errors import UnsupportedByXDiT
-from ..parallel_glue import text_front_attention_override
+from ..parallel_glue import patches_at, refuse_foreign_attention_override, text_front_attention_override
 
 WRAPPER_KEY = "comfyui_xdit.qwen_image_sequence_parallel"
 TOKEN_PATCH_POINTS = ("post_input", "double_block")  # the forward's patch lists this module takes over
@@ -61,12 +61,11 @@ def refuse_unsupported(ref_method: str | None, attention_mask, kwargs: dict[str,
                                 "set ulysses_degree and ring_degree to 1 or use UNETLoader")
     # Other nodes' patches at these points (e.g. Qwen-Image's DiffSynth and blockwise ControlNets) index the
     # whole image's tokens, which no rank holds between the two.
-    patched = [name for name in TOKEN_PATCH_POINTS if transformer_options.get("patches", {}).get(name)]
+    patched = patches_at(transformer_options, TOKEN_PATCH_POINTS)
     if patched:
         raise UnsupportedByXDiT(f"a model patch on Qwen-Image's {' and '.join(patched)} (e.g. a DiffSynth or blockwise ControlNet) "
                                 "is not supported with sequence parallel; remove it, or set ulysses_degree and ring_degree to 1")
-    if "optimized_attention_override" in transformer_options:
-        raise UnsupportedByXDiT("another node pack already overrides attention on this model; remove that patch to sample with XDiT")
+    refuse_foreign_attention_override(transformer_options)
 
 
 def _sequence_parallel_forward(state: ParallelState, default_ref_method: str, executor, x: torch.Tensor, timestep,

@@ -23,7 +23,7 @@ from parallel_core import ParallelState, gather_sequence, split_sequence, usp_at
 from parallel_core.sharding import chunk_length, padded_piece
 
 from ..errors import UnsupportedByXDiT
-from ..parallel_glue import from_bshd, text_front_attention, to_bshd
+from ..parallel_glue import from_bshd, refuse_foreign_attention_override, text_front_attention, to_bshd
 
 OBJECT_PATCH_KEY = "diffusion_model.forward_core_with_concat"
 
@@ -50,8 +50,7 @@ def _parallel_forward_core(original, state: ParallelState, x: torch.Tensor, c_mo
     transformer_options = transformer_options or {}
     if control is not None:  # ControlNet adds full-image residuals after each block
         raise UnsupportedByXDiT("ControlNet on SD3 is not supported in parallel yet; remove the ControlNet apply node or use UNETLoader")
-    if "optimized_attention_override" in transformer_options:
-        raise UnsupportedByXDiT("another node pack already overrides attention on this model; remove that patch to sample with XDiT")
+    refuse_foreign_attention_override(transformer_options)
     sp = state.sequence
     text_len = context.shape[1]
     context = padded_piece(context, 1, sp.size, sp.rank)
