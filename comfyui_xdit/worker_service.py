@@ -4,7 +4,8 @@ Runs inside a Ray actor (ray_backend.worker.PoolWorker names it by import path).
 at a time, keyed by file, dtype and PipeFusion stage (a stage loads only its own blocks, stage_loading.py); the
 parallel clone is cached per parallel config, so a second prompt on the same model and degrees loads and builds
 nothing. A job's LoRA stack is merged into the resident model before it
-runs (lora_merge.py): switching LoRAs changes the weights they touch and loads nothing.
+runs (lora_merge.py): switching LoRAs changes the weights they touch and loads nothing. A VAE (vae_service.py) stays
+resident beside the model and serves VaeJobs.
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from typing import Any
 from parallel_core import ParallelConfig, ParallelState
 
 from .comfy_runtime import init_worker
+from .job_spec import PoolVaeRef, VaeJob
+from .vae_service import ResidentVae
 
 SERVICE_PATH = "comfyui_xdit.worker_service:SamplingService"
 
@@ -26,6 +29,7 @@ class SamplingService:
         self._loras = None  # MergedLoras of the resident model
         self.model_loads = 0
         self.parallel_builds = 0
+        self._vae = ResidentVae()
 
     def _model(self, ref, state: ParallelState):
         import comfy.model_management
@@ -54,12 +58,17 @@ class SamplingService:
         return self._parallel[state.config]
 
     def prepare(self, ref, state: ParallelState) -> None:
-        """Make the model of `ref` (a PoolModelRef) resident."""
+        """Make the model of `ref` (a PoolModelRef, or a PoolVaeRef) resident."""
+        if isinstance(ref, PoolVaeRef):
+            self._vae.get(ref)
+            return
         self._model(ref, state)
 
     def run(self, job, state: ParallelState, control) -> dict[str, Any]:
         from .job import run_job
 
+        if isinstance(job, VaeJob):
+            return {"tensor": self._vae.run(job)}
         model = self._model(job.model, state)
         self._loras.apply(job.loras)
         control.start(len(job.sigmas) - 1)
@@ -83,4 +92,4 @@ class SamplingService:
         return {"model_loads": self.model_loads, "parallel_builds": self.parallel_builds, "resident": list(self._key) if self._key else None,
                 "block_parameters_held": held, "block_parameters_total": total,
                 "loras": loras.describe() if loras else [], "lora_switches": loras.switches if loras else 0,
-                "lora_keys_changed": loras.last_keys_changed if loras else 0}
+                "lora_keys_changed": loras.last_keys_changed if loras else 0, "vae_loads": self._vae.loads}
