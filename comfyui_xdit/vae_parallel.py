@@ -4,8 +4,8 @@ Works on ComfyUI's image autoencoders built from comfy.ldm.modules.diffusionmodu
 (the SD1.x/SDXL 4-channel and Flux/SD3 16-channel VAEs). Each call walks a shallow copy of the VAE's module tree
 that shares every weight with it and swaps in row-parallel twins of the layers that mix rows: 3x3 convolutions
 exchange halo rows (parallel_core.spatial_conv), group norms reduce their statistics over all ranks, the strided
-downsampling convolution takes one row from below, and the mid-block attention (lowest resolution) runs on the
-gathered rows. Everything else (1x1 convolutions, activations, nearest upsampling, the latent scale) acts on each
+downsampling convolution takes one row from below, and the mid-block attention (lowest resolution) takes each
+rank's rows as queries against the gathered keys and values. Everything else (1x1 convolutions, activations, nearest upsampling, the latent scale) acts on each
 row alone, so the stock forward code runs unchanged on each rank's band and the result is the stock one to fp32
 rounding. The VAE itself is never modified.
 """
@@ -15,7 +15,8 @@ import copy
 
 import torch
 
-from parallel_core.spatial_conv import RowGroup, all_gather_rows, gather_rows, group_norm, halo_exchange, split_rows
+from parallel_core.spatial_conv import (RowGroup, all_gather_rows, edge_rows, gather_rows, group_norm, halo_exchange,
+                                        split_rows)
 
 
 def _model_classes():
@@ -41,17 +42,29 @@ def unsupported_reason(vae) -> str | None:
 
 
 class _HaloConv2d(torch.nn.Module):
-    """A stride-1 convolution fed its neighbours' halo rows; the copy it runs pads only the width."""
+    """A stride-1 convolution fed its neighbours' halo rows. The stock convolution runs on the band as it is (zero
+    rows stand in for the halos) and only the `halo` output rows at each inner edge are computed again from the
+    received rows: no copy of the whole band."""
 
     def __init__(self, conv: torch.nn.Conv2d, rows: RowGroup):
         super().__init__()
         self.halo = conv.padding[0]
-        self.conv = copy.copy(conv)  # shares the weights; only its padding differs
-        self.conv.padding = (0, conv.padding[1])
+        self.conv = conv
+        self.valid_rows = copy.copy(conv)  # shares the weights; pads only the width
+        self.valid_rows.padding = (0, conv.padding[1])
         self.rows = rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(halo_exchange(x, self.halo, self.halo, self.rows))
+        halo, rows = self.halo, self.rows
+        if x.shape[-2] < 2 * halo:
+            return self.valid_rows(halo_exchange(x, halo, halo, rows))
+        above, below = edge_rows(x, halo, halo, rows)
+        out = self.conv(x)
+        if rows.rank > 0:
+            out[..., :halo, :] = self.valid_rows(torch.cat([above, x[..., :2 * halo, :]], dim=-2))
+        if rows.rank < rows.size - 1:
+            out[..., -halo:, :] = self.valid_rows(torch.cat([x[..., -2 * halo:, :], below], dim=-2))
+        return out
 
 
 class _RowDownsample(torch.nn.Module):
@@ -86,24 +99,41 @@ class _RowGroupNorm(torch.nn.Module):
         return group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps, self.rows)
 
 
-class _GatheredAttention(torch.nn.Module):
-    """The stock attention block on the whole (lowest-resolution) image; each rank keeps its own rows."""
+class _RowAttention(torch.nn.Module):
+    """AttnBlock's forward with this rank's rows as queries against every rank's keys and values (gathered at the
+    lowest resolution), so each rank holds 1/P of the attention matrix."""
 
     def __init__(self, attn: torch.nn.Module, rows: RowGroup):
         super().__init__()
         self.attn = attn
+        self.norm = _RowGroupNorm(attn.norm, rows)
         self.rows = rows
 
-    def forward(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
-        whole, start = all_gather_rows(x, self.rows)
-        return self.attn(whole, **kwargs)[..., start:start + x.shape[-2], :]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        attn = self.attn
+        h = self.norm(x)
+        q, k, v = attn.q(h), attn.k(h), attn.v(h)
+        k = all_gather_rows(k, self.rows)
+        v = all_gather_rows(v, self.rows)
+        return x + attn.proj_out(_local_query_attention(attn.optimized_attention, q, k, v))
+
+
+def _local_query_attention(attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The VAE's own attention function with fewer queries than keys; output shaped like `q`."""
+    _, model = _model_classes()
+    if attention is model.normal_attention:
+        # Its output buffer takes the keys' shape; slice_attention itself handles any number of queries.
+        b, c = q.shape[:2]
+        out = model.slice_attention(q.reshape(b, c, -1).permute(0, 2, 1), k.reshape(b, c, -1), v.reshape(b, c, -1))
+        return out[:, :, :q[0, 0].numel()].reshape(q.shape)
+    return attention(q, k, v)  # pytorch_attention and xformers_attention take any key length
 
 
 def row_parallel_copy(module: torch.nn.Module, rows: RowGroup) -> torch.nn.Module:
     """A copy of `module`'s tree sharing all its weights, with row-mixing layers replaced by row-parallel twins."""
     _, model = _model_classes()
     if isinstance(module, model.AttnBlock):
-        return _GatheredAttention(module, rows)
+        return _RowAttention(module, rows)
     if isinstance(module, model.Downsample) and module.with_conv:
         return _RowDownsample(module, rows)
     if isinstance(module, torch.nn.Conv2d):

@@ -2,8 +2,8 @@
 
 A convolution whose kernel spans k > 1 rows needs k // 2 rows of each neighbour's band (the halo); the first and
 last ranks fill theirs with zeros, as the convolution's own zero padding does at the image's true edges. A group
-norm reduces its statistics over all bands (sum first, then the sum of squared deviations from the global mean,
-in float64), then normalises like torch's kernel: x * (rstd * gamma) + (beta - mean * rstd * gamma).
+norm gathers each band's mean and variance and combines them in float64 (Chan et al.'s pairwise formula, which
+stays exact when the mean is far from zero), then normalises in one pass as torch's kernel does.
 """
 from __future__ import annotations
 
@@ -43,11 +43,9 @@ def split_rows(rows: int, parts: int, multiple: int = 1) -> list[tuple[int, int]
     return bounds
 
 
-def halo_exchange(x: torch.Tensor, top: int, bottom: int, rows: RowGroup) -> torch.Tensor:
-    """`x` with `top` rows of the previous rank's band above it and `bottom` rows of the next rank's below it
-    (zeros beyond the first and last bands). Every band must hold at least max(top, bottom) rows."""
-    if top == 0 and bottom == 0:
-        return x
+def edge_rows(x: torch.Tensor, top: int, bottom: int, rows: RowGroup) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `top` rows of the previous rank's band that lie above `x` and the `bottom` rows of the next rank's that
+    lie below it (zeros beyond the first and last bands). Every band must hold at least max(top, bottom) rows."""
     if x.shape[-2] < max(top, bottom):
         raise ValueError(f"a band of {x.shape[-2]} rows cannot supply a halo of {max(top, bottom)} rows")
     edge_shape = x.shape[:-2]
@@ -69,6 +67,14 @@ def halo_exchange(x: torch.Tensor, top: int, bottom: int, rows: RowGroup) -> tor
     if ops:
         for request in dist.batch_isend_irecv(ops):
             request.wait()
+    return above, below
+
+
+def halo_exchange(x: torch.Tensor, top: int, bottom: int, rows: RowGroup) -> torch.Tensor:
+    """`x` with edge_rows' halos joined above and below it."""
+    if top == 0 and bottom == 0:
+        return x
+    above, below = edge_rows(x, top, bottom, rows)
     return torch.cat([above, x, below], dim=-2)
 
 
@@ -86,14 +92,13 @@ def _padded_bands(x: torch.Tensor, counts: list[int]) -> torch.Tensor:
     return torch.cat([x, x.new_zeros(*x.shape[:-2], missing, x.shape[-1])], dim=-2)
 
 
-def all_gather_rows(x: torch.Tensor, rows: RowGroup) -> tuple[torch.Tensor, int]:
-    """Every band joined in rank order, and the first row of this rank's band in it."""
+def all_gather_rows(x: torch.Tensor, rows: RowGroup) -> torch.Tensor:
+    """Every band joined in rank order, on every rank."""
     counts = _row_counts(x, rows)
     padded = _padded_bands(x, counts)
     bands = [torch.empty_like(padded) for _ in range(rows.size)]
     dist.all_gather(bands, padded, group=rows.group)
-    whole = torch.cat([band[..., :count, :] for band, count in zip(bands, counts)], dim=-2)
-    return whole, sum(counts[:rows.rank])
+    return torch.cat([band[..., :count, :] for band, count in zip(bands, counts)], dim=-2)
 
 
 def gather_rows(x: torch.Tensor, rows: RowGroup, dst: int = 0) -> torch.Tensor | None:
@@ -111,24 +116,26 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bi
                eps: float, rows: RowGroup) -> torch.Tensor:
     """torch.nn.functional.group_norm of the whole image, computed on this rank's band of `x` (N, C, rows, W)."""
     batch, channels = x.shape[:2]
-    grouped = x.reshape(batch, num_groups, -1)
-    # [sum, count] per (sample, group), reduced over the bands.
-    moments = torch.stack([grouped.sum(-1, dtype=torch.float64),
-                           torch.full((batch, num_groups), grouped.shape[-1], dtype=torch.float64, device=x.device)])
-    dist.all_reduce(moments, group=rows.group)
-    count = moments[1]
-    mean = moments[0] / count
-    deviation = grouped - mean.to(x.dtype).unsqueeze(-1)
-    squares = (deviation * deviation).sum(-1, dtype=torch.float64)
-    del deviation
-    dist.all_reduce(squares, group=rows.group)
-    rstd = torch.rsqrt(squares / count + eps)
+    per_sample = x[0].numel() if batch else 0
+    # Each band's own mean and variance from torch's group-norm kernel itself (fast and as accurate as the stock
+    # statistics; its normalised output is dropped): eps 0 makes rstd exactly 1 / std.
+    _, mean, rstd = torch.native_group_norm(x, None, None, batch, channels, per_sample // channels, num_groups, 0.0)
+    var = rstd.to(torch.float64).pow(-2)
+    count = torch.full(mean.shape, per_sample // num_groups, dtype=torch.float64, device=x.device)
+    mine = torch.stack([count, mean.to(torch.float64), var])
+    bands = [torch.empty_like(mine) for _ in range(rows.size)]
+    dist.all_gather(bands, mine, group=rows.group)
+    counts, means, variances = torch.stack(bands).unbind(1)  # each (bands, N, groups)
+    total = counts.sum(0)
+    mean64 = (counts * means).sum(0) / total
+    var64 = (counts * (variances + (means - mean64) ** 2)).sum(0) / total
+    # Normalise in one pass with those statistics per channel: batch norm's inference kernel applies
+    # x * (rstd * gamma) + (beta - mean * rstd * gamma), as torch's group norm does (samples become channels).
     per_group = channels // num_groups
-    scale = rstd.repeat_interleave(per_group, dim=1)
-    if weight is not None:
-        scale = scale * weight.to(torch.float64)
-    shift = -mean.repeat_interleave(per_group, dim=1) * scale
-    if bias is not None:
-        shift = shift + bias.to(torch.float64)
-    view = (batch, channels) + (1,) * (x.ndim - 2)
-    return x * scale.to(x.dtype).view(view) + shift.to(x.dtype).view(view)
+    mean_c = mean64.repeat_interleave(per_group, dim=1).reshape(-1).to(x.dtype)
+    var_c = var64.repeat_interleave(per_group, dim=1).reshape(-1).to(x.dtype)
+    weight_c = None if weight is None else weight.to(x.dtype).repeat(batch)
+    bias_c = None if bias is None else bias.to(x.dtype).repeat(batch)
+    out = torch.nn.functional.batch_norm(x.reshape(1, batch * channels, *x.shape[2:]), mean_c, var_c, weight_c, bias_c,
+                                         training=False, momentum=0.0, eps=eps)
+    return out.reshape(x.shape)

@@ -85,6 +85,16 @@ def test_xdit_vae_nodes_match_stock(comfy_server, client) -> None:
     assert all(rank["vae_loads"] == 1 for rank in status["ranks"])
 
 
+def test_xdit_vae_nodes_take_the_stock_inputs(client) -> None:
+    info = client.object_info()
+    assert info["XDiTVAEDecode"]["input"]["required"] == info["VAEDecode"]["input"]["required"]
+    assert info["XDiTVAEEncode"]["input"]["required"] == info["VAEEncode"]["input"]["required"]
+    assert list(info["XDiTVAELoader"]["input"]["required"]) == ["vae_name"]
+    assert VAE_NAME in info["XDiTVAELoader"]["input"]["required"]["vae_name"][0]
+    assert list(info["XDiTVAELoader"]["input"]["optional"]) == ["world_size", "ray_address"]
+    assert info["XDiTVAELoader"]["output"] == info["VAELoader"]["output"] == ["VAE"]
+
+
 def test_xdit_vae_loader_refuses_a_pickle(comfy_server, client) -> None:
     pickled = comfy_server.models_dir("vae") / "pickled.pt"
     pickled.write_bytes(b"not read")
