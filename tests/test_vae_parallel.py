@@ -1,5 +1,5 @@
 """Row-parallel VAE decode/encode on real gloo ranks equals stock VAE.decode/VAE.encode (tiny seeded VAEs that the
-stock loader detects: the Flux 16-channel and the SDXL 4-channel AutoencoderKL).
+stock loader detects: the Flux 16-channel, the SDXL 4-channel and the Flux.2 128-channel AutoencoderKL).
 
 Cases cover rows that do not divide by the ranks, a single latent row per rank, batch 2, pixels cropped to the
 downscale factor, and a latent too short to split (decoded by rank 0 alone).
@@ -27,6 +27,8 @@ def _cases(world: int) -> list[tuple[str, str, tuple[int, ...], int]]:
         ("flux", "encode", (1, 8 * 5 + 3, 8 * 6 + 5, 3), 5),  # cropped to 40 x 48 by the stock code
         ("sdxl", "encode", (2, 8 * world, 40, 3), 6),  # one latent row per rank, batch 2
         ("sdxl", "encode", (1, 8 * (world - 1) + 3, 24, 3), 7),  # too short to split: rank 0 alone
+        ("flux2", "decode", (1, 128, 5, 4), 8),  # Flux.2: 2x2-packed latent rows
+        ("flux2", "encode", (1, 16 * 5, 32, 3), 9),  # bands of whole 16-pixel latent rows
     ]
 
 
@@ -63,15 +65,16 @@ def vae_paths(comfy_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
 
     folder = tmp_path_factory.mktemp("kl_vae")
     return {variant: str(write_tiny_model("kl_vae", folder / f"{variant}.safetensors", variant=variant))
-            for variant in ("flux", "sdxl")}
+            for variant in ("flux", "sdxl", "flux2")}
 
 
 def test_stock_loader_detects_the_tiny_vaes(vae_paths: dict[str, str]) -> None:
     import comfy.ldm.models.autoencoder as autoencoder
 
-    flux, sdxl = _load_vae(vae_paths["flux"]), _load_vae(vae_paths["sdxl"])
+    flux, sdxl, flux2 = (_load_vae(vae_paths[variant]) for variant in ("flux", "sdxl", "flux2"))
     assert type(flux.first_stage_model) is autoencoder.AutoencodingEngine and flux.latent_channels == 16
     assert type(sdxl.first_stage_model) is autoencoder.AutoencoderKL and sdxl.latent_channels == 4
+    assert flux2.first_stage_model.bn is not None and flux2.latent_channels == 128 and flux2.downscale_ratio == 16
     image = flux.decode(torch.randn((1, 16, 4, 4), generator=torch.Generator().manual_seed(0)))
     clamped = ((image == 0) | (image == 1)).float().mean().item()
     assert image.shape == (1, 32, 32, 3) and image.std() > 0.05 and clamped < 0.1

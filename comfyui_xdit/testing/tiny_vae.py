@@ -106,15 +106,15 @@ def _calibrate_output_(decoder: torch.nn.Sequential, generator: torch.Generator)
 
 
 # The AutoencoderKL image VAEs: "flux" is the 16-channel Flux/SD3 layout (no quant convolutions), "sdxl" the 4-channel
-# SD1.x/SDXL one (with them). Stock detection fixes the encoder (128 wide, ~34 M parameters) and reads the decoder's
+# SD1.x/SDXL one (with them), "flux2" Flux.2's (32 channels packed 2x2 into 128, with a batch-norm latent scale). Stock detection fixes the encoder (128 wide, ~34 M parameters) and reads the decoder's
 # width from its first convolution, so only the decoder is narrow.
-KL_VAE_VARIANTS = ("flux", "sdxl")
-_KL_LATENT_CHANNELS = {"flux": 16, "sdxl": 4}
+KL_VAE_VARIANTS = ("flux", "sdxl", "flux2")
+_KL_LATENT_CHANNELS = {"flux": 16, "sdxl": 4, "flux2": 32}
 _KL_DECODER_CH = 32  # the narrowest width with 32 group-norm groups
 
 
 def build_kl_vae(variant: str, seed: int) -> torch.nn.Module:
-    """ComfyUI's AutoencodingEngine ("flux") or AutoencoderKL ("sdxl") as stock detection builds it, seeded."""
+    """ComfyUI's AutoencodingEngine ("flux") or AutoencoderKL ("sdxl", "flux2") as stock detection builds it, seeded."""
     if variant not in KL_VAE_VARIANTS:
         raise ValueError(f"unknown AutoencoderKL variant {variant!r}; choose from {list(KL_VAE_VARIANTS)}")
     import_comfy()
@@ -123,8 +123,10 @@ def build_kl_vae(variant: str, seed: int) -> torch.nn.Module:
     ddconfig = {"double_z": True, "z_channels": _KL_LATENT_CHANNELS[variant], "resolution": 256, "in_channels": 3,
                 "out_ch": 3, "ch": 128, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [],
                 "dropout": 0.0}
+    if variant == "flux2":
+        ddconfig["batch_norm_latent"] = True
     decoder_config = {**ddconfig, "ch": _KL_DECODER_CH}
-    if variant == "sdxl":
+    if variant in ("sdxl", "flux2"):
         model = autoencoder.AutoencoderKL(ddconfig=ddconfig, embed_dim=ddconfig["z_channels"],
                                           decoder_ddconfig=decoder_config)
     else:
@@ -143,8 +145,12 @@ def build_kl_vae(variant: str, seed: int) -> torch.nn.Module:
             elif isinstance(layer, torch.nn.GroupNorm):
                 layer.weight.copy_(1.0 + 0.1 * torch.randn(layer.weight.shape, generator=generator))
                 layer.bias.copy_(0.1 * torch.randn(layer.bias.shape, generator=generator))
+            elif isinstance(layer, torch.nn.BatchNorm2d):  # Flux.2's latent statistics
+                layer.running_mean.copy_(0.1 * torch.randn(layer.running_mean.shape, generator=generator))
+                layer.running_var.copy_(0.5 + torch.rand(layer.running_var.shape, generator=generator))
         # Decoded pixels are (out + 1) / 2 clamped to [0, 1]: scale the last convolution so few of them clamp.
-        out = model.decode(torch.randn((1, ddconfig["z_channels"], 4, 4), generator=generator))
+        packed = 4 if variant == "flux2" else 1
+        out = model.decode(torch.randn((1, ddconfig["z_channels"] * packed, 4, 4), generator=generator))
         model.decoder.conv_out.weight.mul_(2 * _PIXEL_STD / out.std())
         model.decoder.conv_out.bias.zero_()
     return model
