@@ -119,7 +119,8 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bi
     per_sample = x[0].numel() if batch else 0
     # Each band's own mean and variance from torch's group-norm kernel itself (fast and as accurate as the stock
     # statistics; its normalised output is dropped): eps 0 makes rstd exactly 1 / std.
-    _, mean, rstd = torch.native_group_norm(x, None, None, batch, channels, per_sample // channels, num_groups, 0.0)
+    normed, mean, rstd = torch.native_group_norm(x, None, None, batch, channels, per_sample // channels, num_groups, 0.0)
+    del normed  # freed before the output is allocated: peak memory as the stock norm's
     var = rstd.to(torch.float64).pow(-2)
     count = torch.full(mean.shape, per_sample // num_groups, dtype=torch.float64, device=x.device)
     mine = torch.stack([count, mean.to(torch.float64), var])
