@@ -77,8 +77,12 @@ class _RowDownsample(torch.nn.Module):
         self.rows = rows
 
     def forward(self, x: torch.Tensor, conv_carry_in=None, conv_carry_out=None) -> torch.Tensor:
-        x = halo_exchange(x, 0, 1, self.rows)
-        return self.conv(torch.nn.functional.pad(x, (0, 1, 0, 0), mode="constant", value=0))
+        _, below = edge_rows(x, 0, 1, self.rows)
+        # One padded copy, as the stock pad makes: the band, the row from below, a zero column on the right.
+        padded = x.new_zeros(*x.shape[:-2], x.shape[-2] + 1, x.shape[-1] + 1)
+        padded[..., :-1, :-1] = x
+        padded[..., -1:, :-1] = below
+        return self.conv(padded)
 
 
 class _RowGroupNorm(torch.nn.Module):
@@ -205,7 +209,7 @@ def encode(vae, pixels: torch.Tensor, rows: RowGroup) -> torch.Tensor | None:
                        force_full_load=vae.disable_offload)
     model = row_parallel_copy(vae.first_stage_model, rows)
     with torch.inference_mode():
-        out = model.encode(vae.process_input(band).to(vae.vae_dtype).to(vae.device))
+        out = model.encode(vae.process_input(band).to(vae.vae_dtype).to(vae.device).contiguous())
         out = out.to(vae.output_device).to(dtype=vae.vae_output_dtype())
         whole = gather_rows(out, rows)
     if whole is not None and vae.format_encoded is not None:
