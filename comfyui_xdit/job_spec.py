@@ -50,3 +50,21 @@ class SamplingJob:
     loras: tuple[LoraRef, ...] = ()
     stale_options: dict = field(default_factory=dict)  # stale_steps.StaleOptions fields, for PipeFusion / patch parallel
     previews: bool = False  # rank 0 hands each step's x0 (first batch item) to the caller for ComfyUI's live preview
+
+
+@dataclass(frozen=True)
+class PoolVaeRef:
+    """What the pool needs to serve one VAE from XDiTVAELoader: the file every rank loads (safetensors)."""
+
+    path: str
+    world_size: int
+    cluster: str
+
+
+@dataclass
+class VaeJob:
+    """One VAEDecode ("decode": a latent) or VAEEncode ("encode": pixels) split by rows over the pool."""
+
+    vae: PoolVaeRef
+    kind: str
+    tensor: torch.Tensor

@@ -5,7 +5,8 @@ resident per worker (two by default: a Wan 2.2 A14B graph alternates a high-nois
 prompt), keyed by file, dtype and PipeFusion stage (a stage loads only its own blocks, stage_loading.py); loading one
 more drops the least recently used. Each one's parallel clone is cached per parallel config, so a second prompt on
 the same models and degrees loads and builds nothing. A job's LoRA stack is merged into its model before it
-runs (lora_merge.py): switching LoRAs changes the weights they touch and loads nothing.
+runs (lora_merge.py): switching LoRAs changes the weights they touch and loads nothing. A VAE (vae_service.py) stays
+resident beside the models and serves VaeJobs.
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from typing import Any
 from parallel_core import ParallelConfig, ParallelState
 
 from .comfy_runtime import init_worker
+from .job_spec import PoolVaeRef, VaeJob
+from .vae_service import ResidentVae
 
 SERVICE_PATH = "comfyui_xdit.worker_service:SamplingService"
 # How many models a worker keeps loaded at once (an operator with little memory per worker sets 1).
@@ -37,6 +40,7 @@ class SamplingService:
         self._loras = None  # MergedLoras of the model of the last job
         self.model_loads = 0
         self.parallel_builds = 0
+        self._vae = ResidentVae()
 
     def _model(self, ref, state: ParallelState):
         import comfy.model_management
@@ -75,12 +79,17 @@ class SamplingService:
             resident.parallel.clear()
 
     def prepare(self, ref, state: ParallelState) -> None:
-        """Make the model of `ref` (a PoolModelRef) resident."""
+        """Make the model of `ref` (a PoolModelRef, or a PoolVaeRef) resident."""
+        if isinstance(ref, PoolVaeRef):
+            self._vae.get(ref)
+            return
         self._model(ref, state)
 
     def run(self, job, state: ParallelState, control) -> dict[str, Any]:
         from .job import run_job
 
+        if isinstance(job, VaeJob):
+            return {"tensor": self._vae.run(job)}
         model = self._model(job.model, state)
         self._loras.apply(job.loras)
         control.start(len(job.sigmas) - 1)
@@ -106,4 +115,4 @@ class SamplingService:
                 "resident": [list(key) for key in self._resident] or None,  # least recently used first
                 "block_parameters_held": held, "block_parameters_total": total,
                 "loras": loras.describe() if loras else [], "lora_switches": loras.switches if loras else 0,
-                "lora_keys_changed": loras.last_keys_changed if loras else 0}
+                "lora_keys_changed": loras.last_keys_changed if loras else 0, "vae_loads": self._vae.loads}

@@ -6,6 +6,7 @@ from .lora_loader import XDiTFluxLoraLoader, XDiTLoraLoader
 from .sampler import XDiTSamplerCustomAdvanced
 from .status_route import register_status_route
 from .unet_loader import XDiTUNetLoader
+from .vae import XDiTVAEDecode, XDiTVAEEncode, XDiTVAELoader
 
 NODE_CLASS_MAPPINGS = {
     "XDiTUNetLoader": XDiTUNetLoader,
@@ -14,6 +15,9 @@ NODE_CLASS_MAPPINGS = {
     "XDiTFluxLoraLoader": XDiTFluxLoraLoader,
     "XDiTKSampler": XDiTKSampler,
     "XDiTKSamplerAdvanced": XDiTKSamplerAdvanced,
+    "XDiTVAELoader": XDiTVAELoader,
+    "XDiTVAEDecode": XDiTVAEDecode,
+    "XDiTVAEEncode": XDiTVAEEncode,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "XDiTUNetLoader": "Load Diffusion Model (XDiT pool)",
@@ -22,6 +26,9 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "XDiTFluxLoraLoader": "LoraLoaderModelOnly (XDiT pool, old name)",
     "XDiTKSampler": "KSampler (XDiT pool)",
     "XDiTKSamplerAdvanced": "KSampler (Advanced) (XDiT pool)",
+    "XDiTVAELoader": "Load VAE (XDiT pool)",
+    "XDiTVAEDecode": "VAE Decode (XDiT pool)",
+    "XDiTVAEEncode": "VAE Encode (XDiT pool)",
 }
 
 register_status_route()

@@ -2,7 +2,8 @@
 
 Exact: usp_attention (Ulysses x Ring), split/gather over sequence, cfg and data. Approximate, with one-step-stale
 keys/values: PipeFusion (partition_stages, patch_bands, pipefusion_attention) and displaced patch parallel
-(displaced_attention), both exact on synchronous steps. Also ParallelConfig, ParallelState, init_parallel,
+(displaced_attention), both exact on synchronous steps. Exact row-split image networks (spatial_conv: halo
+exchange, group norm over bands, row gathers) for the parallel VAE. Also ParallelConfig, ParallelState, init_parallel,
 attention_with_lse, CommStats, DimensionGroup, KVCache.
 """
 from .attention_kernels import BACKENDS, attention, attention_with_lse, merge_partials
@@ -10,6 +11,7 @@ from .comm import CommStats, DimensionGroup, all_gather, all_to_all, broadcast
 from .config import DIMENSIONS, ParallelConfig
 from .pipefusion import partition_stages, patch_bands, pipeline_bubble
 from .sharding import gather_batch, gather_sequence, split_batch, split_sequence
+from .spatial_conv import RowGroup, all_gather_rows, edge_rows, gather_rows, group_norm, halo_exchange, split_rows
 from .state import ParallelState, init_parallel, rank_groups
 from .stale_kv import KVCache, displaced_attention, pipefusion_attention
 from .usp import usp_attention
@@ -22,22 +24,29 @@ __all__ = [
     "DimensionGroup",
     "ParallelConfig",
     "ParallelState",
+    "RowGroup",
     "all_gather",
+    "all_gather_rows",
     "all_to_all",
     "attention",
     "broadcast",
     "displaced_attention",
+    "edge_rows",
     "partition_stages",
     "patch_bands",
     "pipefusion_attention",
     "pipeline_bubble",
     "attention_with_lse",
     "gather_batch",
+    "gather_rows",
     "gather_sequence",
+    "group_norm",
+    "halo_exchange",
     "init_parallel",
     "merge_partials",
     "rank_groups",
     "split_batch",
     "split_sequence",
+    "split_rows",
     "usp_attention",
 ]

@@ -1,4 +1,6 @@
-"""Seeded TAEF1 weights (TAESD for Flux's 16-channel latents) that ComfyUI's stock VAELoader loads as "taef1".
+"""Tiny seeded VAEs that ComfyUI's stock VAELoader loads: TAEF1 and the AutoencoderKL image VAEs.
+
+Seeded TAEF1 weights (TAESD for Flux's 16-channel latents) that ComfyUI's stock VAELoader loads as "taef1".
 
 TAESD's architecture is fixed (64 channels wide, about 1.2 M parameters per half), so only the weights are synthetic:
 the files go through ComfyUI's own loader and decoder, and decoding a latent gives a real (if abstract) picture.
@@ -101,3 +103,75 @@ def _calibrate_output_(decoder: torch.nn.Sequential, generator: torch.Generator)
         gain = _PIXEL_STD / out.std(dim=(0, 2, 3))
         last.weight.mul_(gain.view(-1, 1, 1, 1))
         last.bias.copy_(_PIXEL_MEAN + (last.bias - mean) * gain)
+
+
+# The AutoencoderKL image VAEs: "flux" is the 16-channel Flux/SD3 layout (no quant convolutions), "sdxl" the 4-channel
+# SD1.x/SDXL one (with them), "flux2" Flux.2's (32 channels packed 2x2 into 128, with a batch-norm latent scale). Stock detection fixes the encoder (128 wide, ~34 M parameters) and reads the decoder's
+# width from its first convolution, so only the decoder is narrow.
+KL_VAE_VARIANTS = ("flux", "sdxl", "flux2")
+_KL_LATENT_CHANNELS = {"flux": 16, "sdxl": 4, "flux2": 32}
+_KL_DECODER_CH = 32  # the narrowest width with 32 group-norm groups
+
+
+def build_kl_vae(variant: str, seed: int) -> torch.nn.Module:
+    """ComfyUI's AutoencodingEngine ("flux") or AutoencoderKL ("sdxl", "flux2") as stock detection builds it, seeded."""
+    if variant not in KL_VAE_VARIANTS:
+        raise ValueError(f"unknown AutoencoderKL variant {variant!r}; choose from {list(KL_VAE_VARIANTS)}")
+    import_comfy()
+    import comfy.ldm.models.autoencoder as autoencoder
+
+    ddconfig = {"double_z": True, "z_channels": _KL_LATENT_CHANNELS[variant], "resolution": 256, "in_channels": 3,
+                "out_ch": 3, "ch": 128, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [],
+                "dropout": 0.0}
+    if variant == "flux2":
+        ddconfig["batch_norm_latent"] = True
+    decoder_config = {**ddconfig, "ch": _KL_DECODER_CH}
+    if variant in ("sdxl", "flux2"):
+        model = autoencoder.AutoencoderKL(ddconfig=ddconfig, embed_dim=ddconfig["z_channels"],
+                                          decoder_ddconfig=decoder_config)
+    else:
+        module = "comfy.ldm.modules.diffusionmodules.model"
+        model = autoencoder.AutoencodingEngine(
+            regularizer_config={"target": "comfy.ldm.models.autoencoder.DiagonalGaussianRegularizer"},
+            encoder_config={"target": f"{module}.Encoder", "params": ddconfig},
+            decoder_config={"target": f"{module}.Decoder", "params": decoder_config})
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, torch.nn.Conv2d):
+                fan_in = layer.in_channels * layer.kernel_size[0] * layer.kernel_size[1]
+                layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator) * math.sqrt(2.0 / fan_in))
+                layer.bias.copy_(_BIAS_STD * torch.randn(layer.bias.shape, generator=generator))
+            elif isinstance(layer, torch.nn.GroupNorm):
+                layer.weight.copy_(1.0 + 0.1 * torch.randn(layer.weight.shape, generator=generator))
+                layer.bias.copy_(0.1 * torch.randn(layer.bias.shape, generator=generator))
+            elif isinstance(layer, torch.nn.BatchNorm2d):  # Flux.2's latent statistics
+                layer.running_mean.copy_(0.1 * torch.randn(layer.running_mean.shape, generator=generator))
+                layer.running_var.copy_(0.5 + torch.rand(layer.running_var.shape, generator=generator))
+        # Decoded pixels are (out + 1) / 2 clamped to [0, 1]: scale the last convolution so few of them clamp.
+        packed = 4 if variant == "flux2" else 1
+        out = model.decode(torch.randn((1, ddconfig["z_channels"] * packed, 4, 4), generator=generator))
+        model.decoder.conv_out.weight.mul_(2 * _PIXEL_STD / out.std())
+        model.decoder.conv_out.bias.zero_()
+    return model
+
+
+def write_tiny_kl_vae(path: str | Path, variant: str = "flux", size: str = "tiny", seed: int = 0,
+                      **overrides: Any) -> Path:
+    """Write a seeded AutoencoderKL VAE file (see KL_VAE_VARIANTS) that stock VAELoader detects.
+
+    Matches tiny_models.TinyFamily's writer signature; returns the path.
+    """
+    if overrides:
+        raise ValueError(f"the AutoencoderKL layout is fixed by detection; it takes no config overrides (got {sorted(overrides)})")
+    if size != "tiny":
+        raise ValueError(f"unknown AutoencoderKL size {size!r}; choose from ['tiny']")
+    path = Path(path)
+    if path.suffix not in (".safetensors", ".sft"):
+        raise ValueError(f"{path}: a tiny VAE file must end in .safetensors")
+    model = build_kl_vae(variant, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {key: tensor.contiguous() for key, tensor in model.state_dict().items()}
+    description = {"family": "kl_vae", "variant": variant, "seed": seed}
+    save_file(tensors, str(path), metadata={"comfyui_xdit.tiny_model": json.dumps(description, sort_keys=True)})
+    return path

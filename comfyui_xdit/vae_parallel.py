@@ -1,0 +1,217 @@
+"""Exact VAE decode and encode over a group of ranks, split by image rows.
+
+Works on ComfyUI's image autoencoders built from comfy.ldm.modules.diffusionmodules.model's Encoder and Decoder
+(the SD1.x/SDXL 4-channel and Flux/SD3 16-channel VAEs). Each call walks a shallow copy of the VAE's module tree
+that shares every weight with it and swaps in row-parallel twins of the layers that mix rows: 3x3 convolutions
+exchange halo rows (parallel_core.spatial_conv), group norms reduce their statistics over all ranks, the strided
+downsampling convolution takes one row from below, and the mid-block attention (lowest resolution) takes each
+rank's rows as queries against the gathered keys and values. Everything else (1x1 convolutions, activations, nearest upsampling, the latent scale) acts on each
+row alone, so the stock forward code runs unchanged on each rank's band and the result is the stock one to fp32
+rounding. The VAE itself is never modified.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from parallel_core.spatial_conv import (RowGroup, all_gather_rows, edge_rows, gather_rows, group_norm, halo_exchange,
+                                        split_rows)
+
+
+def _model_classes():
+    import comfy.ldm.models.autoencoder as autoencoder
+    import comfy.ldm.modules.diffusionmodules.model as model
+
+    return autoencoder, model
+
+
+def unsupported_reason(vae) -> str | None:
+    """Why this VAE cannot be split by rows (None when it can)."""
+    autoencoder, model = _model_classes()
+    stage = getattr(vae, "first_stage_model", None)
+    if not isinstance(stage, autoencoder.AutoencodingEngine):
+        return f"its model is {type(stage).__name__}; row-parallel VAE supports ComfyUI's 2-D AutoencoderKL VAEs (SD1.x, SDXL, SD3, Flux)"
+    for part in (stage.encoder, stage.decoder):
+        if not isinstance(part, (model.Encoder, model.Decoder)) or getattr(part, "carried", False):
+            return f"its {type(part).__name__} is not the 2-D image Encoder/Decoder"
+        for module in part.modules():
+            if isinstance(module, (torch.nn.Conv3d, torch.nn.ConvTranspose2d)):
+                return f"its {type(part).__name__} has {type(module).__name__} layers (a video VAE)"
+    return None
+
+
+class _HaloConv2d(torch.nn.Module):
+    """A stride-1 convolution fed its neighbours' halo rows. The stock convolution runs on the band as it is (zero
+    rows stand in for the halos) and only the `halo` output rows at each inner edge are computed again from the
+    received rows: no copy of the whole band."""
+
+    def __init__(self, conv: torch.nn.Conv2d, rows: RowGroup):
+        super().__init__()
+        self.halo = conv.padding[0]
+        self.conv = conv
+        self.valid_rows = copy.copy(conv)  # shares the weights; pads only the width
+        self.valid_rows.padding = (0, conv.padding[1])
+        self.rows = rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        halo, rows = self.halo, self.rows
+        if x.shape[-2] < 2 * halo:
+            return self.valid_rows(halo_exchange(x, halo, halo, rows))
+        above, below = edge_rows(x, halo, halo, rows)
+        out = self.conv(x)
+        if rows.rank > 0:
+            out[..., :halo, :] = self.valid_rows(torch.cat([above, x[..., :2 * halo, :]], dim=-2))
+        if rows.rank < rows.size - 1:
+            out[..., -halo:, :] = self.valid_rows(torch.cat([x[..., -2 * halo:, :], below], dim=-2))
+        return out
+
+
+class _RowDownsample(torch.nn.Module):
+    """Downsample's pad-right-and-bottom then 3x3 stride-2 convolution, on a band that starts on an even row:
+    the band's outputs need one row below it (the zero pad row on the last rank)."""
+
+    def __init__(self, down: torch.nn.Module, rows: RowGroup):
+        super().__init__()
+        self.conv = down.conv
+        self.rows = rows
+
+    def forward(self, x: torch.Tensor, conv_carry_in=None, conv_carry_out=None) -> torch.Tensor:
+        _, below = edge_rows(x, 0, 1, self.rows)
+        # One padded copy, as the stock pad makes: the band, the row from below, a zero column on the right.
+        padded = x.new_zeros(*x.shape[:-2], x.shape[-2] + 1, x.shape[-1] + 1)
+        padded[..., :-1, :-1] = x
+        padded[..., -1:, :-1] = below
+        return self.conv(padded)
+
+
+class _RowGroupNorm(torch.nn.Module):
+    def __init__(self, norm: torch.nn.GroupNorm, rows: RowGroup):
+        super().__init__()
+        self.norm = norm
+        self.rows = rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import comfy.ops
+
+        norm = self.norm
+        if getattr(norm, "comfy_cast_weights", False) or getattr(norm, "weight_function", None) or getattr(norm, "bias_function", None):
+            weight, bias, offload_stream = comfy.ops.cast_bias_weight(norm, x, offloadable=True)
+            out = group_norm(x, norm.num_groups, weight, bias, norm.eps, self.rows)
+            comfy.ops.uncast_bias_weight(norm, weight, bias, offload_stream)
+            return out
+        return group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps, self.rows)
+
+
+class _RowAttention(torch.nn.Module):
+    """AttnBlock's forward with this rank's rows as queries against every rank's keys and values (gathered at the
+    lowest resolution), so each rank holds 1/P of the attention matrix."""
+
+    def __init__(self, attn: torch.nn.Module, rows: RowGroup):
+        super().__init__()
+        self.attn = attn
+        self.norm = _RowGroupNorm(attn.norm, rows)
+        self.rows = rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        attn = self.attn
+        h = self.norm(x)
+        q, k, v = attn.q(h), attn.k(h), attn.v(h)
+        k = all_gather_rows(k, self.rows)
+        v = all_gather_rows(v, self.rows)
+        return x + attn.proj_out(_local_query_attention(attn.optimized_attention, q, k, v))
+
+
+def _local_query_attention(attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The VAE's own attention function with fewer queries than keys; output shaped like `q`."""
+    _, model = _model_classes()
+    if attention is model.normal_attention:
+        # Its output buffer takes the keys' shape; slice_attention itself handles any number of queries.
+        b, c = q.shape[:2]
+        out = model.slice_attention(q.reshape(b, c, -1).permute(0, 2, 1), k.reshape(b, c, -1), v.reshape(b, c, -1))
+        return out[:, :, :q[0, 0].numel()].reshape(q.shape)
+    return attention(q, k, v)  # pytorch_attention and xformers_attention take any key length
+
+
+def row_parallel_copy(module: torch.nn.Module, rows: RowGroup) -> torch.nn.Module:
+    """A copy of `module`'s tree sharing all its weights, with row-mixing layers replaced by row-parallel twins."""
+    _, model = _model_classes()
+    if isinstance(module, model.AttnBlock):
+        return _RowAttention(module, rows)
+    if isinstance(module, model.Downsample) and module.with_conv:
+        return _RowDownsample(module, rows)
+    if isinstance(module, torch.nn.Conv2d):
+        if module.kernel_size[0] == 1 and module.padding[0] == 0:
+            return module
+        if (module.stride[0] != 1 or module.dilation[0] != 1 or module.padding_mode != "zeros"
+                or module.padding[0] != module.kernel_size[0] // 2 or module.kernel_size[0] % 2 == 0):
+            raise ValueError(f"no row-parallel twin for this convolution: {module}")
+        return _HaloConv2d(module, rows)
+    if isinstance(module, torch.nn.GroupNorm):
+        return _RowGroupNorm(module, rows)
+    twin = copy.copy(module)
+    object.__setattr__(twin, "_modules", {name: None if child is None else row_parallel_copy(child, rows)
+                                          for name, child in module._modules.items()})
+    return twin
+
+
+def _encoder_factor(vae) -> int:
+    """Rows of pixels per latent row: each rank's band of pixels is a whole number of these, so every strided
+    convolution's band starts on an even row."""
+    return int(vae.spacial_compression_encode())
+
+
+def decode(vae, samples: torch.Tensor, rows: RowGroup) -> torch.Tensor | None:
+    """What `vae.decode(samples)` returns, on group rank 0 (None on the others), computed by all ranks of `rows`.
+
+    A latent with fewer rows than ranks is decoded by rank 0 alone.
+    """
+    import comfy.model_management as mm
+
+    reason = unsupported_reason(vae)
+    if reason is not None:
+        raise ValueError(f"this VAE cannot be decoded in parallel: {reason}")
+    if vae.latent_dim == 2 and samples.ndim == 5:
+        samples = samples[:, :, 0]
+    if samples.shape[-2] < rows.size:
+        return vae.decode(samples) if rows.rank == 0 else None
+    start, stop = split_rows(samples.shape[-2], rows.size)[rows.rank]
+    band = samples[..., start:stop, :]
+    mm.load_models_gpu([vae.patcher], memory_required=vae.memory_used_decode(band.shape, vae.vae_dtype),
+                       force_full_load=vae.disable_offload)
+    model = row_parallel_copy(vae.first_stage_model, rows)
+    with torch.inference_mode():
+        out = model.decode(band.to(device=vae.device, dtype=vae.vae_dtype))
+        out = out.to(device=vae.output_device, dtype=vae.vae_output_dtype())
+        vae.process_output(out)
+        whole = gather_rows(out, rows)
+    return None if whole is None else whole.movedim(1, -1)
+
+
+def encode(vae, pixels: torch.Tensor, rows: RowGroup) -> torch.Tensor | None:
+    """What `vae.encode(pixels)` returns, on group rank 0 (None on the others), computed by all ranks of `rows`.
+
+    Pixels with fewer latent rows than ranks are encoded by rank 0 alone.
+    """
+    import comfy.model_management as mm
+
+    reason = unsupported_reason(vae)
+    if reason is not None:
+        raise ValueError(f"this VAE cannot encode in parallel: {reason}")
+    factor = _encoder_factor(vae)
+    pixels = vae.vae_encode_crop_pixels(pixels)
+    if pixels.shape[1] // factor < rows.size:
+        return vae.encode(pixels) if rows.rank == 0 else None
+    pixels = pixels.movedim(-1, 1)
+    start, stop = split_rows(pixels.shape[-2], rows.size, multiple=factor)[rows.rank]
+    band = pixels[..., start:stop, :]
+    mm.load_models_gpu([vae.patcher], memory_required=vae.memory_used_encode(band.shape, vae.vae_dtype),
+                       force_full_load=vae.disable_offload)
+    model = row_parallel_copy(vae.first_stage_model, rows)
+    with torch.inference_mode():
+        out = model.encode(vae.process_input(band).to(vae.vae_dtype).to(vae.device).contiguous())
+        out = out.to(vae.output_device).to(dtype=vae.vae_output_dtype())
+        whole = gather_rows(out, rows)
+    if whole is not None and vae.format_encoded is not None:
+        whole = vae.format_encoded(whole)
+    return whole

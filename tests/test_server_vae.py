@@ -1,0 +1,129 @@
+"""XDiT VAE nodes through a real ComfyUI server: XDiTVAELoader + XDiTVAEDecode + XDiTVAEEncode on a local Ray pool
+vs VAELoader + VAEDecode + VAEEncode in one prompt, on the tiny Flux 16-channel VAE and a latent whose rows do not
+divide the pool (5 rows over 2 workers).
+
+The decoded image is compared before quantisation through its encoding (decode -> encode -> SaveLatent, floats),
+and after it as the saved 8-bit PNGs."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from server_graphs import flux_graph
+
+from comfyui_xdit.api_client import ComfyClient, ExecutionFailed
+
+pytestmark = pytest.mark.server
+
+VAE_NAME = "tiny-flux-vae.safetensors"
+LATENT_NAME = "xdit_vae_test.latent"
+FP32_TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def client(comfy_server, tmp_path_factory) -> ComfyClient:
+    from comfyui_xdit.testing.tiny_models import write_tiny_model
+
+    link = comfy_server.models_dir("vae") / VAE_NAME
+    if not link.exists():
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(write_tiny_model("kl_vae", tmp_path_factory.mktemp("vae") / VAE_NAME, variant="flux"))
+    latent = torch.randn((2, 16, 5, 6), generator=torch.Generator().manual_seed(7))
+    inputs = comfy_server.base / "input"
+    inputs.mkdir(exist_ok=True)
+    save_file({"latent_tensor": latent, "latent_format_version_0": torch.tensor([])}, str(inputs / LATENT_NAME))
+    return ComfyClient(comfy_server.url)
+
+
+def _chain(graph: dict, first: int, loader: dict, decode: str, encode: str, prefix: str) -> None:
+    ids = [str(first + i) for i in range(5)]
+    graph[ids[0]] = loader
+    graph[ids[1]] = {"class_type": decode, "inputs": {"samples": ["1", 0], "vae": [ids[0], 0]}}
+    graph[ids[2]] = {"class_type": encode, "inputs": {"pixels": [ids[1], 0], "vae": [ids[0], 0]}}
+    graph[ids[3]] = {"class_type": "SaveLatent", "inputs": {"samples": [ids[2], 0], "filename_prefix": f"{prefix}_latent"}}
+    graph[ids[4]] = {"class_type": "SaveImage", "inputs": {"images": [ids[1], 0], "filename_prefix": f"{prefix}_image"}}
+
+
+def _graph(world_size: int) -> dict:
+    graph = {"1": {"class_type": "LoadLatent", "inputs": {"latent": LATENT_NAME}}}
+    _chain(graph, 10, {"class_type": "VAELoader", "inputs": {"vae_name": VAE_NAME}}, "VAEDecode", "VAEEncode", "vae_stock")
+    _chain(graph, 20, {"class_type": "XDiTVAELoader", "inputs": {"vae_name": VAE_NAME, "world_size": world_size, "ray_address": "local"}},
+           "XDiTVAEDecode", "XDiTVAEEncode", "vae_xdit")
+    # The XDiT decode node given a stock VAE runs the stock code.
+    graph["30"] = {"class_type": "XDiTVAEDecode", "inputs": {"samples": ["1", 0], "vae": ["10", 0]}}
+    graph["31"] = {"class_type": "SaveImage", "inputs": {"images": ["30", 0], "filename_prefix": "vae_fallback_image"}}
+    return graph
+
+
+def test_xdit_vae_nodes_match_stock(comfy_server, client) -> None:
+    result = client.run(_graph(2), timeout=600)
+
+    def latent(node_id: str) -> torch.Tensor:
+        (file,) = [f for f in result.files if f.node_id == node_id]
+        return load_file(str(comfy_server.output_dir / file.subfolder / file.filename))["latent_tensor"]
+
+    def images(node_id: str) -> list[np.ndarray]:
+        files = sorted((f for f in result.files if f.node_id == node_id), key=lambda f: f.filename)
+        return [np.asarray(Image.open(comfy_server.output_dir / f.subfolder / f.filename)).astype(np.int16) for f in files]
+
+    stock, xdit = latent("13"), latent("23")
+    assert xdit.shape == stock.shape == (2, 16, 5, 6)
+    assert stock.abs().max() > 0.1
+    error = (xdit - stock).abs().max().item()
+    print(f"decode->encode roundtrip max abs error {error:.3g} (latent max {stock.abs().max().item():.3g})")
+    assert error <= FP32_TOL * max(1.0, stock.abs().max().item())
+    stock_images, xdit_images, fallback = images("14"), images("24"), images("31")
+    assert len(stock_images) == len(xdit_images) == len(fallback) == 2
+    for ours, theirs, plain in zip(xdit_images, stock_images, fallback):
+        assert ours.shape == theirs.shape == (40, 48, 3)
+        # fp32 rounding may move a pixel sitting on a rounding boundary by one level, never more.
+        assert np.abs(ours - theirs).max() <= 1
+        assert np.array_equal(plain, theirs)
+    status = comfy_server.get_json("/xdit/status")["pool"]
+    assert status["world_size"] == 2
+    assert all(rank["vae_loads"] == 1 for rank in status["ranks"])
+
+
+def test_the_model_and_the_vae_share_the_pool(comfy_server, client) -> None:
+    """Sampling on the pool, then its latent decoded (and encoded back) on the same pool and in ComfyUI."""
+    graph = flux_graph(True, size=80, steps=2, prefix="vae_flux_sampled", world_size=2)
+    _chain(graph, 40, {"class_type": "VAELoader", "inputs": {"vae_name": VAE_NAME}}, "VAEDecode", "VAEEncode", "vae_flux_stock")
+    _chain(graph, 50, {"class_type": "XDiTVAELoader", "inputs": {"vae_name": VAE_NAME, "world_size": 2}},
+           "XDiTVAEDecode", "XDiTVAEEncode", "vae_flux_xdit")
+    for first in (40, 50):
+        graph[str(first + 1)]["inputs"]["samples"] = ["11", 0]
+    result = client.run(graph, timeout=600)
+
+    def latent(node_id: str) -> torch.Tensor:
+        (file,) = [f for f in result.files if f.node_id == node_id]
+        return load_file(str(comfy_server.output_dir / file.subfolder / file.filename))["latent_tensor"]
+
+    stock, xdit = latent("43"), latent("53")
+    assert xdit.shape == stock.shape == (1, 16, 10, 10)
+    assert (xdit - stock).abs().max().item() <= FP32_TOL * max(1.0, stock.abs().max().item())
+    ranks = comfy_server.get_json("/xdit/status")["pool"]["ranks"]
+    assert all(rank["resident"] and rank["vae_loads"] >= 1 for rank in ranks), ranks
+
+
+def test_xdit_vae_nodes_take_the_stock_inputs(client) -> None:
+    info = client.object_info()
+    assert info["XDiTVAEDecode"]["input"]["required"] == info["VAEDecode"]["input"]["required"]
+    assert info["XDiTVAEEncode"]["input"]["required"] == info["VAEEncode"]["input"]["required"]
+    assert list(info["XDiTVAELoader"]["input"]["required"]) == ["vae_name"]
+    assert VAE_NAME in info["XDiTVAELoader"]["input"]["required"]["vae_name"][0]
+    assert list(info["XDiTVAELoader"]["input"]["optional"]) == ["world_size", "ray_address"]
+    assert info["XDiTVAELoader"]["output"] == info["VAELoader"]["output"] == ["VAE"]
+
+
+def test_xdit_vae_loader_refuses_a_pickle(comfy_server, client) -> None:
+    pickled = comfy_server.models_dir("vae") / "pickled.pt"
+    pickled.write_bytes(b"not read")
+    graph = {"1": {"class_type": "XDiTVAELoader", "inputs": {"vae_name": pickled.name, "world_size": 2}},
+             "2": {"class_type": "XDiTVAEDecode", "inputs": {"samples": ["3", 0], "vae": ["1", 0]}},
+             "3": {"class_type": "LoadLatent", "inputs": {"latent": LATENT_NAME}},
+             "4": {"class_type": "PreviewImage", "inputs": {"images": ["2", 0]}}}
+    with pytest.raises(ExecutionFailed, match=r"vae_name 'pickled.pt' is not a .safetensors file"):
+        client.run(graph, timeout=300)
