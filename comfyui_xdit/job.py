@@ -178,12 +178,12 @@ def run_job(model_patcher, job: SamplingJob, callback: Callable[[int, torch.Tens
     """guider.sample on `model_patcher` (the worker's parallel model, computing over ParallelState `state`; None in
     one process), exactly as SamplerCustomAdvanced calls it."""
     model = model_patcher.clone()
-    stock_patches.apply(model, job.stock_patches, state)
     if job.model_sampling is not None:
         model.add_object_patch("model_sampling", rebuild_model_sampling(job.model_sampling, model.model.model_config))
     model.model_options.update(job.model_option_flags)
     if job.stale_options:
         model.model_options["transformer_options"] = {**model.model_options.get("transformer_options", {}), OPTIONS_KEY: dict(job.stale_options)}
+    stock_patches.apply(model, job.stock_patches, state, resident=model_patcher)
     guider = GUIDERS[job.guider](model)
     guider.inner_set_conds(job.conds)
     guider.set_cfg(job.cfg)

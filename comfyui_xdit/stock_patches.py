@@ -22,7 +22,9 @@ import inspect
 import os
 from typing import Any
 
+import comfy.model_management
 import comfy.patcher_extension
+import torch
 
 from .cfg_parallel import WRAPPER_KEY as CFG_WRAPPER_KEY
 from .errors import UnsupportedByXDiT
@@ -42,6 +44,7 @@ GUARD_FILTERS: dict[str, tuple[str, str]] = {"skip_torch_compile_dict": ("comfy_
 HOLDERS: dict[str, tuple[str, str]] = {"EasyCacheHolder": (_EASYCACHE, "EasyCacheHolder"), "LazyCacheHolder": (_EASYCACHE, "LazyCacheHolder")}
 HOLDER_PARAMETERS = ("reuse_threshold", "start_percent", "end_percent", "subsample_factor", "offload_cache_diff", "verbose", "output_channels")
 HOLDER_OPTION = "easycache"  # the transformer_options entry both cache nodes store their holder in
+COMPILED_ATTACHMENT = "comfyui_xdit.compiled_modules"
 COMPILE_OPTION = "torch_compile_kwargs"  # the model_options entry set_torch_compile_wrapper records its arguments in
 _COMPILE_ARGUMENTS = ("backend", "mode", "fullgraph", "dynamic")
 # Degrees these patches are not tested with: cached or compiled steps and the stale activations of PipeFusion /
@@ -90,17 +93,16 @@ def _holder_of(model_patcher) -> dict | None:
 
 
 def _compile_of(model_patcher, function) -> dict:
-    """set_torch_compile_wrapper's arguments, from its wrapper's closure and the options it recorded."""
+    """set_torch_compile_wrapper's arguments, from its wrapper's closure and the arguments it recorded. torch.compile
+    pops `guard_filter_fn` out of the recorded options, so the workers always use TorchCompileModel's own filter
+    (it drops guards on transformer_options only: fewer recompiles, the same results)."""
     compiled = inspect.getclosurevars(function).nonlocals.get("compiled_module_dict", {})
     recorded = model_patcher.model_options.get(COMPILE_OPTION) or {}
-    options = dict(recorded.get("options") or {})
-    guard = options.pop("guard_filter_fn", None)
-    guard_name = None if guard is None else _name_in(GUARD_FILTERS, guard)
-    if guard is not None and guard_name is None:
-        raise UnsupportedByXDiT("TorchCompileModel: the compile options carry a guard filter that is not ComfyUI's; XDiT cannot run it on its workers")
-    if options or not all(isinstance(recorded.get(a), (str, bool, type(None))) for a in _COMPILE_ARGUMENTS):
-        raise UnsupportedByXDiT(f"TorchCompileModel: compile options {sorted(options) or recorded} are not ones XDiT can send to its workers")
-    return {"keys": sorted(compiled), "guard_filter": guard_name, **{a: recorded.get(a) for a in _COMPILE_ARGUMENTS}}
+    options = {k: v for k, v in (recorded.get("options") or {}).items() if k != "guard_filter_fn"}
+    plain = (str, bool, int, float, type(None))
+    if not all(isinstance(v, plain) for v in options.values()) or not all(isinstance(recorded.get(a), plain) for a in _COMPILE_ARGUMENTS):
+        raise UnsupportedByXDiT(f"TorchCompileModel: compile options {sorted(options) or recorded} are not plain data XDiT can send to its workers")
+    return {"keys": sorted(compiled), "options": options, **{a: recorded.get(a) for a in _COMPILE_ARGUMENTS}}
 
 
 def carry(model_patcher, degrees: dict[str, int]) -> dict:
@@ -139,9 +141,10 @@ def _put_outermost(model_patcher, kind: str, entries: list[tuple[str, Any]]) -> 
     model_patcher.wrappers[kind] = ordered
 
 
-def apply(model_patcher, carried: dict, state=None) -> None:
-    """Re-apply `carried` (from `carry`) to `model_patcher`, a clone of the worker's parallel model; `state` is its
-    ParallelState (None in one process)."""
+def apply(model_patcher, carried: dict, state=None, resident=None) -> None:
+    """Re-apply `carried` (from `carry`) to `model_patcher`, a clone of `resident` (the worker's parallel model,
+    which keeps compiled modules from job to job) that has the job's other patches; `state` is its ParallelState
+    (None in one process)."""
     if not carried:
         return
     wrappers_mp = comfy.patcher_extension.WrappersMP
@@ -161,12 +164,29 @@ def apply(model_patcher, carried: dict, state=None) -> None:
         by_kind[wrappers_mp.DIFFUSION_MODEL].append((BATCH_ROWS_WRAPPER_KEY, batch_rows_wrapper(state)))
     for kind, entries in by_kind.items():
         _put_outermost(model_patcher, kind, entries)
-    compile_options = carried["compile"]
-    if compile_options is not None:
-        from comfy_api.torch_helpers import set_torch_compile_wrapper
+    if carried["compile"] is not None:
+        _compile(model_patcher, carried["compile"], resident or model_patcher)
+    if holder is not None:
+        # The caches' OUTER_SAMPLE wrapper reads start/end sigmas off the model's model_sampling before sampling
+        # loads the model: in one process that is the graph's ModelSampling* patch on every run after the first
+        # (the first run after a load reads the unpatched one). Loading first makes every job read the patched one.
+        comfy.model_management.load_models_gpu([model_patcher])
 
-        guard = compile_options["guard_filter"]
-        set_torch_compile_wrapper(model=model_patcher, backend=compile_options["backend"], mode=compile_options["mode"],
-                                  fullgraph=compile_options["fullgraph"], dynamic=compile_options["dynamic"],
-                                  options=None if guard is None else {"guard_filter_fn": _lookup(GUARD_FILTERS, guard)},
-                                  keys=compile_options["keys"])
+
+def _compile(model_patcher, carried: dict, resident) -> None:
+    """set_torch_compile_wrapper's work, with the compiled modules kept on the worker's resident model: a new
+    torch.compile object per job would make dynamo compile its frames again on every job."""
+    from comfy_api.torch_helpers import torch_compile
+
+    arguments = {a: carried[a] for a in _COMPILE_ARGUMENTS}
+    arguments["options"] = {**carried["options"], "guard_filter_fn": _lookup(GUARD_FILTERS, "skip_torch_compile_dict")}
+    compiled = resident.attachments.setdefault(COMPILED_ATTACHMENT, {})
+    key = (tuple(carried["keys"]), tuple(sorted(carried["options"].items())), *(carried[a] for a in _COMPILE_ARGUMENTS))
+    if key not in compiled:
+        # torch.compile pops the filter out of the options it is given: each module gets its own copy.
+        compiled[key] = {k: torch.compile(resident.get_model_object(k), **{**arguments, "options": dict(arguments["options"])})
+                         for k in carried["keys"]}
+    model_patcher.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, torch_compile.COMPILE_KEY)
+    model_patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, torch_compile.COMPILE_KEY,
+                                       torch_compile.apply_torch_compile_factory(compiled[key]))
+    model_patcher.model_options[torch_compile.TORCH_COMPILE_KWARGS] = arguments
