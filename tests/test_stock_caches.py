@@ -40,7 +40,10 @@ def test_pool_skips_the_steps_stock_skips_and_matches_its_latent(world_size, flu
         for degrees in cache_cases.CONFIGS[world_size]:
             key = f"{flux_cases.tag(degrees)}/{case.name}"
             for rank, result in enumerate(per_rank):
-                if result["steps"][key] != ran:
+                # Under cfg_degree 4 the regular cfg wrapper (LazyCache) leaves two ranks without a cond: they run
+                # no model call at all, yet must end on the same latent.
+                idle = degrees.get("cfg_degree", 1) > 2 and case.node == "LazyCache" and not any(result["steps"][key])
+                if result["steps"][key] != ran and not idle:
                     failures.append(f"{key} rank {rank}: ran steps {result['steps'][key]}, stock {ran}")
                 err = (result["parallel"][key] - stock[case.name]).abs().max().item()
                 if not err <= tolerance:
