@@ -81,11 +81,11 @@ def graph(model, case: CacheCase):
 class StepRecorder:
     """Which sampling steps ran the diffusion model (a forward hook on its last layer, read at each step's callback)."""
 
-    def __init__(self, diffusion_model: torch.nn.Module):
+    def __init__(self, diffusion_model: torch.nn.Module, last_layer: str = "final_layer"):
         self.calls = 0
         self.steps: list[bool] = []
         self._seen = 0
-        self._hook = diffusion_model.final_layer.register_forward_hook(self._count)
+        self._hook = getattr(diffusion_model, last_layer).register_forward_hook(self._count)
 
     def _count(self, *args) -> None:
         self.calls += 1
@@ -166,3 +166,55 @@ def cache_rank(rank: int, world_size: int, path: str, configs: list[dict], case_
 
 def case_dicts() -> list[dict]:
     return [asdict(case) for case in CASES]
+
+
+QWEN_CONFIGS = [{"ulysses_degree": 2}, {"cfg_degree": 2}]
+
+
+def qwen_image_rank(rank: int, world_size: int, path: str, configs: list[dict]) -> dict:
+    """EasyCache on Qwen-Image, whose sequence parallelism is a DIFFUSION_MODEL wrapper of its own (stock_patches
+    puts EasyCache's outside it): rank 0's stock CFG graph vs the carried job on every rank, step by step."""
+    init_worker(cpu=True)
+    import comfy.sd
+    from comfy_extras import nodes_custom_sampler as custom
+    from comfy_extras.nodes_easycache import EasyCacheNode
+    from comfy_extras.nodes_model_advanced import ModelSamplingAuraFlow
+
+    from comfyui_xdit.job import build_job, run_job
+    from comfyui_xdit.job_spec import PoolModelRef
+    from comfyui_xdit.parallel_model import parallelize
+    from comfyui_xdit.shell_model import build_shell
+    from comfyui_xdit.testing.tiny_models import stand_in_conditioning
+    from parallel_core import ParallelConfig, init_parallel
+
+    def graph(model, steps: int, cache: bool = True):
+        if cache:  # a threshold at which the tiny Qwen-Image skips some of 8 steps
+            model = EasyCacheNode.execute(model, 0.6, 0.15, 0.95, False).result[0]
+        model = ModelSamplingAuraFlow().patch_aura(model, 3.1)[0]
+        conds = [stand_in_conditioning(seed, 7, context_dim=3584) for seed in (100, 200)]
+        guider = flux_cases._first(custom.CFGGuider.execute(model, *conds, 2.5))
+        sigmas = flux_cases._first(custom.BasicScheduler.execute(model, "simple", steps, 1.0))
+        noise = flux_cases._first(custom.RandomNoise.execute(3))
+        latent = torch.zeros(1, 16, 1, 18, 22)  # 9 x 11 tokens
+        return guider, flux_cases._first(custom.KSamplerSelect.execute("euler")), sigmas, noise.generate_noise({"samples": latent}), latent, noise.seed
+
+    base = comfy.sd.load_diffusion_model(path)
+    recorder = StepRecorder(base.model.diffusion_model, "proj_out")
+    result: dict = {"parallel": {}, "steps": {}}
+    if rank == 0:
+        guider, sampler, sigmas, noise, latent, seed = graph(base, 1, cache=False)  # warm-up (see cache_rank)
+        guider.sample(noise, latent, sampler, sigmas, disable_pbar=True, seed=seed)
+        guider, sampler, sigmas, noise, latent, seed = graph(base, 8)
+        recorder.start()
+        result["stock"] = guider.sample(noise, latent, sampler, sigmas, callback=recorder.callback, disable_pbar=True, seed=seed)
+        result["stock_steps"] = recorder.steps
+    for degrees in configs:
+        state = init_parallel(ParallelConfig(**degrees))
+        model = parallelize(base, state)
+        shell = build_shell(path, "default", PoolModelRef(path, "default", tuple(degrees.items()), world_size, "", 24))
+        guider, sampler, sigmas, noise, latent, seed = graph(shell, 8)
+        job = build_job(guider, sampler, sigmas, noise, latent, None, seed)
+        recorder.start()
+        result["parallel"][flux_cases.tag(degrees)] = run_job(model, job, recorder.callback, state)
+        result["steps"][flux_cases.tag(degrees)] = recorder.steps
+    return result

@@ -2,7 +2,8 @@
 
 The pool skips the same steps as the stock graph in one process and ends on its latent to fp32 rounding, at world
 2 and 4 with ulysses, ring, cfg and data parallel (cache_cases.CONFIGS) on an uneven token grid; compiled sampling
-stays within fp32 tolerance of eager pool sampling and compiles nothing new on a second job.
+stays within fp32 tolerance of eager pool sampling and compiles nothing new on a second job. On Qwen-Image, whose
+sequence parallelism is a DIFFUSION_MODEL wrapper like EasyCache's, the pool skips the same steps too.
 """
 from __future__ import annotations
 
@@ -71,3 +72,15 @@ def test_compiled_pool_matches_eager_and_compiles_once(flux_path):
         assert frames[f"{tag}/compiled"] > frames[f"{tag}/eager"], f"rank {rank}: nothing was compiled"
         assert frames[f"{tag}/compiled-again"] == frames[f"{tag}/compiled"], f"rank {rank}: the second job compiled again: {frames}"
     assert (per_rank[0]["parallel"][f"{tag}/eager"] - per_rank[0]["stock"]["eager"]).abs().max().item() <= flux_cases.FP32_TOL
+
+
+def test_easycache_on_qwen_image_sits_outside_its_sequence_parallel_wrapper(tiny_model_path):
+    per_rank = run_on_ranks(cache_cases.qwen_image_rank, 2, str(tiny_model_path("qwen_image")), cache_cases.QWEN_CONFIGS, timeout_s=900)
+    stock, ran = per_rank[0]["stock"], per_rank[0]["stock_steps"]
+    assert 0 < ran.count(False) < len(ran), f"stock skipped {ran.count(False)} of {len(ran)} steps; the threshold proves nothing"
+    tolerance = max(flux_cases.FP32_TOL, flux_cases.RELATIVE_TOL * stock.abs().max().item())
+    for degrees in cache_cases.QWEN_CONFIGS:
+        for rank, result in enumerate(per_rank):
+            key = flux_cases.tag(degrees)
+            assert result["steps"][key] == ran, f"{key} rank {rank}: ran steps {result['steps'][key]}, stock {ran}"
+            assert (result["parallel"][key] - stock).abs().max().item() <= tolerance, key
