@@ -17,6 +17,7 @@ import comfy.model_sampling
 import comfy.samplers
 from comfy_extras.nodes_custom_sampler import Guider_Basic
 
+from . import stock_patches
 from .errors import UnsupportedByXDiT
 from .job_spec import PoolModelRef, SamplingJob
 from .lora import lora_stack
@@ -48,15 +49,16 @@ def pool_model_of(model_patcher, node: str = "XDiTSamplerCustomAdvanced") -> Poo
     return ref
 
 
-def carry_model_patches(model_patcher) -> tuple[dict | None, dict]:
-    """(model_sampling state, plain model options), or a clear refusal of what cannot be carried."""
+def carry_model_patches(model_patcher, degrees: dict[str, int] | None = None) -> tuple[dict | None, dict, dict]:
+    """(model_sampling state, plain model options, stock patches (stock_patches.carry)), or a clear refusal of
+    what cannot be carried; `degrees` are the pool's (refusals of a stock patch with a degree name it)."""
     foreign_objects = sorted(set(model_patcher.object_patches) - {"model_sampling"})
     if foreign_objects:
         raise UnsupportedByXDiT(f"the MODEL carries object patches {foreign_objects} from another node that XDiT cannot rebuild on its workers; remove that node")
     if any(model_patcher.patches.values()):
         raise UnsupportedByXDiT("the MODEL carries weight patches (e.g. a stock LoRA loader); use XDiTLoraLoader, or remove the LoRA")
     for kind, by_key in model_patcher.wrappers.items():
-        foreign = [k for k, fns in by_key.items() if fns and k != SHELL_GUARD_KEY]
+        foreign = [k for k, fns in by_key.items() if k != SHELL_GUARD_KEY and not all(stock_patches.recognised_wrapper(f) for f in fns)]
         if foreign:
             raise UnsupportedByXDiT(f"the MODEL carries {kind} wrappers {foreign} from another node pack that XDiT cannot run on its workers; remove that node")
     for kind, by_key in model_patcher.callbacks.items():
@@ -64,16 +66,18 @@ def carry_model_patches(model_patcher) -> tuple[dict | None, dict]:
             raise UnsupportedByXDiT(f"the MODEL carries {kind} callbacks from another node pack that XDiT cannot run on its workers; remove that node")
     if model_patcher.additional_models or model_patcher.hook_patches or model_patcher.injections:
         raise UnsupportedByXDiT("the MODEL carries additional models, hooks or injections from another node; XDiT cannot rebuild them on its workers")
+    stock = stock_patches.carry(model_patcher, degrees or {})
     options = model_patcher.model_options
-    foreign_options = sorted(set(options) - _PLAIN_MODEL_OPTIONS)
+    foreign_options = sorted(set(options) - _PLAIN_MODEL_OPTIONS - ({stock_patches.COMPILE_OPTION} if stock.get("compile") else set()))
     if foreign_options:
         raise UnsupportedByXDiT(f"the MODEL carries sampler patches {foreign_options} from another node; XDiT cannot run them on its workers; remove that node")
-    transformer_options = {k: v for k, v in options.get("transformer_options", {}).items() if v}
+    carried_options = {stock_patches.HOLDER_OPTION} if stock.get("holder") else set()
+    transformer_options = {k: v for k, v in options.get("transformer_options", {}).items() if v and k not in carried_options}
     if transformer_options:
         raise UnsupportedByXDiT(f"the MODEL carries transformer patches {sorted(transformer_options)} from another node; XDiT cannot run them on its workers; remove that node")
-    flags = {k: v for k, v in options.items() if k != "transformer_options"}
+    flags = {k: v for k, v in options.items() if k not in ("transformer_options", stock_patches.COMPILE_OPTION)}
     sampling = model_patcher.object_patches.get("model_sampling")
-    return (carry_model_sampling(sampling) if sampling is not None else None), flags
+    return (carry_model_sampling(sampling) if sampling is not None else None), flags, stock
 
 
 def carry_model_sampling(sampling: torch.nn.Module) -> dict:
@@ -147,14 +151,14 @@ def build_job(guider, sampler, sigmas: torch.Tensor, noise: torch.Tensor, latent
     model_patcher = guider.model_patcher
     ref = pool_model_of(model_patcher)
     guider_name, cfg = carry_guider(guider)
-    model_sampling, flags = carry_model_patches(model_patcher)
+    model_sampling, flags, stock = carry_model_patches(model_patcher, dict(ref.degrees))
     sampler_name, extra, inpaint = carry_sampler(sampler)
     return SamplingJob(
         model=ref, guider=guider_name, cfg=cfg, conds=carry_conds(guider), sampler_name=sampler_name,
         sampler_extra_options=extra, sampler_inpaint_options=inpaint, sigmas=sigmas.cpu(), noise=noise.cpu(),
         latent=latent.cpu(), denoise_mask=None if denoise_mask is None else denoise_mask.cpu(), seed=int(seed),
         model_sampling=model_sampling, model_option_flags=flags, loras=lora_stack(model_patcher),
-        stale_options=dict(stale_options or {}), previews=previews,
+        stale_options=dict(stale_options or {}), previews=previews, stock_patches=stock,
     )
 
 
@@ -169,14 +173,17 @@ def rebuild_model_sampling(carried: dict, model_config) -> torch.nn.Module:
     return sampling
 
 
-def run_job(model_patcher, job: SamplingJob, callback: Callable[[int, torch.Tensor, torch.Tensor, int], None]) -> torch.Tensor:
-    """guider.sample on `model_patcher` (the worker's parallel model), exactly as SamplerCustomAdvanced calls it."""
+def run_job(model_patcher, job: SamplingJob, callback: Callable[[int, torch.Tensor, torch.Tensor, int], None],
+            state=None) -> torch.Tensor:
+    """guider.sample on `model_patcher` (the worker's parallel model, computing over ParallelState `state`; None in
+    one process), exactly as SamplerCustomAdvanced calls it."""
     model = model_patcher.clone()
     if job.model_sampling is not None:
         model.add_object_patch("model_sampling", rebuild_model_sampling(job.model_sampling, model.model.model_config))
     model.model_options.update(job.model_option_flags)
     if job.stale_options:
         model.model_options["transformer_options"] = {**model.model_options.get("transformer_options", {}), OPTIONS_KEY: dict(job.stale_options)}
+    stock_patches.apply(model, job.stock_patches, state, resident=model_patcher)
     guider = GUIDERS[job.guider](model)
     guider.inner_set_conds(job.conds)
     guider.set_cfg(job.cfg)

@@ -49,6 +49,7 @@ class SamplingJob:
     model_option_flags: dict = field(default_factory=dict)
     loras: tuple[LoraRef, ...] = ()
     stale_options: dict = field(default_factory=dict)  # stale_steps.StaleOptions fields, for PipeFusion / patch parallel
+    stock_patches: dict = field(default_factory=dict)  # EasyCache/LazyCache/TorchCompileModel as plain data (stock_patches.py)
     previews: bool = False  # rank 0 hands each step's x0 (first batch item) to the caller for ComfyUI's live preview
 
 

@@ -16,6 +16,7 @@ from parallel_core.sharding import chunk_length, padded_piece
 from .errors import UnsupportedByXDiT
 
 DATA_WRAPPER_KEY = "comfyui_xdit.data_parallel"
+BATCH_ROWS_WRAPPER_KEY = "comfyui_xdit.batch_rows"
 
 
 def refuse_foreign_attention_override(transformer_options: dict) -> None:
@@ -127,3 +128,42 @@ def data_parallel_wrapper(state: ParallelState) -> Callable[..., Any]:
         return gather_batch(out, state, 0, "data", length=batch)
 
     return apply_model
+
+
+def _holds_rows(value: Any, rows: int) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.dim() > 0 and value.shape[0] == rows
+    if isinstance(value, (list, tuple)):
+        return any(_holds_rows(v, rows) for v in value)
+    if isinstance(value, dict):
+        return any(_holds_rows(v, rows) for v in value.values())
+    return False
+
+
+def _rows_piece(value: Any, rows: int, state: ParallelState) -> Any:
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == rows:
+        return split_batch(split_batch(value, state, 0, "cfg"), state, 0, "data")
+    if _holds_rows(value, rows):
+        raise UnsupportedByXDiT("a nested per-row model input (e.g. ControlNet or reference latents) cannot be shared out over "
+                                "cfg/data ranks inside a whole-call cache (EasyCache); set cfg_degree and data_degree to 1, or remove EasyCache")
+    return value
+
+
+def batch_rows_wrapper(state: ParallelState) -> Callable[..., Any]:
+    """A DIFFUSION_MODEL wrapper doing cfg and data parallelism on one diffusion-model call: its rows (conds x batch,
+    as calc_cond_batch stacked them) are shared out over the cfg group, then the data group, and the outputs gathered
+    back in order. Used instead of the CALC_COND_BATCH/APPLY_MODEL wrappers under a wrapper (EasyCache) that must
+    see the whole call. The call's transformer_options (the last positional dict, or the keyword) pass unchanged."""
+
+    def diffusion_model(executor, x, *args, **kwargs):
+        rows = x.shape[0]
+        options = kwargs.get("transformer_options")
+        if options is None:
+            options = next((a for a in reversed(args) if isinstance(a, dict)), None)
+        local_args = [a if a is options else _rows_piece(a, rows, state) for a in args]
+        local_kwargs = {k: v if v is options else _rows_piece(v, rows, state) for k, v in kwargs.items()}
+        out = executor(_rows_piece(x, rows, state), *local_args, **local_kwargs)
+        per_cfg_rank = -(-rows // state.cfg.size)
+        return gather_batch(gather_batch(out, state, 0, "data", length=per_cfg_rank), state, 0, "cfg", length=rows)
+
+    return diffusion_model

@@ -39,10 +39,14 @@ class CommStats:
     calls_by_key: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
     wait_s_by_key: dict[tuple[str, str], float] = field(default_factory=lambda: defaultdict(float))
 
+    # Not traced by torch.compile (TorchCompileModel on the pool): dynamo would guard on the running totals and
+    # recompile the model on every call.
+    @torch.compiler.disable
     def record(self, op: str, dimension: str, nbytes: int) -> None:
         self.bytes_by_key[(op, dimension)] += int(nbytes)
         self.calls_by_key[(op, dimension)] += 1
 
+    @torch.compiler.disable
     def record_wait(self, op: str, dimension: str, seconds: float) -> None:
         """Time spent blocked waiting for another rank (a pipeline's bubbles)."""
         self.wait_s_by_key[(op, dimension)] += seconds

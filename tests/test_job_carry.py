@@ -156,3 +156,87 @@ def test_model_level_refusals_name_the_fix(models):
         validate_for_model(ParallelConfig(ulysses_degree=2), 4, models["shell"])
     with pytest.raises(UnsupportedByXDiT, match="Linear is not a ComfyUI diffusion model .* load it with UNETLoader"):
         adapter_for(torch.nn.Linear(1, 1))
+
+
+def _cached(model, node_name: str, threshold: float = 0.1):
+    from comfy_extras.nodes_easycache import EasyCacheNode, LazyCacheNode
+
+    node = {"EasyCache": EasyCacheNode, "LazyCache": LazyCacheNode}[node_name]
+    return node.execute(model, threshold, 0.15, 0.95, False).result[0]
+
+
+@pytest.mark.parametrize("node_name", ["EasyCache", "LazyCache"])
+def test_stock_caches_travel_as_plain_data_and_skip_as_stock_does(models, node_name):
+    import pickle
+
+    from comfy_extras import nodes_custom_sampler as custom
+
+    from comfyui_xdit.job import _is_plain, run_job
+
+    # One plain step first: stock caches read the patched model_sampling only once the model is loaded with it (see
+    # cache_cases.cache_rank), as the workers always do.
+    g, smp, sigmas, noise, latent = _inputs(models["stock"], steps=1)
+    custom.SamplerCustomAdvanced.execute(noise, g, smp, sigmas, latent)
+    calls = []
+    hook = models["stock"].model.diffusion_model.final_layer.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        g, smp, sigmas, noise, latent = _inputs(_cached(models["stock"], node_name), steps=10)
+        stock = custom.SamplerCustomAdvanced.execute(noise, g, smp, sigmas, latent).result[0]["samples"]
+        stock_calls = len(calls)
+        job = _job_of(*_inputs(_cached(models["shell"], node_name), steps=10))
+        assert _is_plain(job.stock_patches) and pickle.loads(pickle.dumps(job.stock_patches)) == job.stock_patches
+        assert job.stock_patches["holder"]["class"] == f"{node_name}Holder"
+        assert job.stock_patches["holder"]["parameters"]["reuse_threshold"] == 0.1
+        carried = run_job(models["stock"], job, lambda *args: None)
+    finally:
+        hook.remove()
+    assert 0 < stock_calls < 10, f"stock {node_name} ran the model {stock_calls} times in 10 steps; the case proves nothing"
+    assert len(calls) == 2 * stock_calls and torch.equal(carried, stock)
+
+
+def test_torch_compile_travels_as_its_options(models):
+    from comfy_extras.nodes_torch_compile import TorchCompileModel
+
+    job = _job_of(*_inputs(TorchCompileModel.execute(models["shell"], "inductor").result[0]))
+    assert job.stock_patches["compile"] == {"keys": ["diffusion_model"], "options": {}, "backend": "inductor",
+                                            "mode": None, "fullgraph": False, "dynamic": None}
+    assert job.model_option_flags == {}
+
+
+def test_refuses_caches_and_compile_with_stale_activation_degrees(tiny_flux_paths):
+    from comfy_extras.nodes_torch_compile import TorchCompileModel
+
+    from comfyui_xdit.job_spec import PoolModelRef
+    from comfyui_xdit.shell_model import build_shell
+
+    path = str(tiny_flux_paths["dev"])
+    shell = build_shell(path, "default", PoolModelRef(path, "default", (("pipefusion_degree", 2),), 2, "", 2))
+    with pytest.raises(UnsupportedByXDiT, match="EasyCache cannot run with pipefusion_degree 2 .* set pipefusion_degree to 1 or remove EasyCache"):
+        _job_of(*_inputs(_cached(shell, "EasyCache")))
+    with pytest.raises(UnsupportedByXDiT, match="LazyCache and TorchCompileModel cannot run with pipefusion_degree 2"):
+        _job_of(*_inputs(TorchCompileModel.execute(_cached(shell, "LazyCache"), "inductor").result[0]))
+
+
+def test_refuses_lookalike_caches_and_compile_options(models):
+    import comfy.patcher_extension
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
+
+    class EasyCacheHolder:  # another pack's holder under the stock option name
+        pass
+
+    foreign_holder = _cached(models["shell"], "EasyCache")
+    foreign_holder.model_options["transformer_options"]["easycache"] = EasyCacheHolder()
+    with pytest.raises(UnsupportedByXDiT, match="'easycache' holds a EasyCacheHolder from another node pack"):
+        _job_of(*_inputs(foreign_holder))
+
+    def easycache_forward_wrapper(executor, *args, **kwargs):  # same name, not ComfyUI's code
+        return executor(*args, **kwargs)
+
+    mixed = _cached(models["shell"], "EasyCache")
+    mixed.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "easycache", easycache_forward_wrapper)
+    with pytest.raises(UnsupportedByXDiT, match=r"diffusion_model wrappers \['easycache'\] from another node pack"):
+        _job_of(*_inputs(mixed))
+    guarded = models["shell"].clone()
+    set_torch_compile_wrapper(model=guarded, backend="inductor", options={"post_grad_custom_pre_pass": lambda graph: graph})
+    with pytest.raises(UnsupportedByXDiT, match=r"TorchCompileModel: compile options \['post_grad_custom_pre_pass'\] are not plain data"):
+        _job_of(*_inputs(guarded))
