@@ -27,8 +27,8 @@ STOCK_TWINS: dict[str, tuple[str, tuple[str, ...]]] = {
                                                   "return_with_leftover_noise")),
 }
 UNET_LOADERS = frozenset({"XDiTUNetLoader", "UNETLoader"})
-LATENT_SIZED = frozenset({"EmptySD3LatentImage", "EmptyLatentImage", "ModelSamplingFlux"})
-STEPPED = frozenset({"BasicScheduler", "KSampler", "KSamplerAdvanced", "XDiTKSampler", "XDiTKSamplerAdvanced"})
+LATENT_SIZED = frozenset({"EmptySD3LatentImage", "EmptyLatentImage", "EmptyFlux2LatentImage", "ModelSamplingFlux", "Flux2Scheduler"})
+STEPPED = frozenset({"BasicScheduler", "Flux2Scheduler", "KSampler", "KSamplerAdvanced", "XDiTKSampler", "XDiTKSamplerAdvanced"})
 TEST_CONDITIONING = "XDiTTestConditioning"  # tests/xdit_test_nodes: seeded random CONDITIONING
 
 
@@ -119,7 +119,7 @@ def make_offline(workflow: Workflow, unet_name: str, vae_name: str = "taef1", si
 
     Every CLIPTextEncode becomes XDiTTestConditioning (seeds ``seed``, ``seed + 1``, ... in node-id order, so a
     positive and a negative prompt differ) and the CLIP loaders feeding them are dropped; UNet loaders load
-    ``unet_name``, VAELoader loads ``vae_name``; latents and ModelSamplingFlux use ``size`` pixels square;
+    ``unet_name``, VAELoader loads ``vae_name``; latents, ModelSamplingFlux and Flux2Scheduler use ``size`` pixels square;
     ``steps`` overrides the steps of BasicScheduler and the KSamplers. The tiny-model defaults match testing/tiny_models'
     default family.
     """

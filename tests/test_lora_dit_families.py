@@ -1,7 +1,7 @@
 """LoRAs of the DiT families beside Flux (test_lora.py) in one process: every key format ComfyUI maps for the family
 is matched by the node's check and merged by the workers' MergedLoras exactly as stock LoraLoaderModelOnly patches
 the weights. Parametrised over tiny_dit_loras.FAMILIES: Qwen-Image, SD3 and SD3.5 (MMDiT, whose diffusers names
-are slices of ComfyUI's fused weights)."""
+are slices of ComfyUI's fused weights), Flux.2 and Wan 2.1."""
 from __future__ import annotations
 
 import functools

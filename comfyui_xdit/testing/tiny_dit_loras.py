@@ -10,6 +10,12 @@ LyCORIS LoHa keys name) and diffusers' (what diffusers/PEFT `transformer....`, O
 - SD3 / SD3.5 (MMDiT): ComfyUI's `joint_blocks.0.x_block.attn.qkv` is diffusers' `transformer_blocks.0.attn.to_q`,
   `to_k`, `to_v` (slices of the fused weight); the last block's text stream stops after attention and its
   modulation's halves are swapped between the namings. Every 2-D weight of the joint blocks is trained.
+- Flux.2: Flux.1's naming and key map (comfy/utils.py flux_to_diffusers) less the per-block modulations (Flux.2
+  modulates globally); a single block's fused `linear1` and `linear2` are diffusers' `attn.to_qkv_mlp_proj` and
+  `attn.to_out`. Every 2-D weight of the double and single blocks is trained.
+- Wan 2.1: ComfyUI maps only its own naming for Wan (kohya, `diffusion_model.` with lora_up/down or, as
+  diffusion-pipe writes them, lora_A/B, LoHa and LoKr on kohya names) plus Wan Fun's `lora_unet__` keys
+  (comfy/lora_convert.py). Every 2-D weight of the blocks (self- and cross-attention, feed-forward) is trained.
 """
 from __future__ import annotations
 
@@ -21,7 +27,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .tiny_loras import Shapes, _low_rank, flux_shapes as checkpoint_shapes, lokr_for_modules
+from .tiny_loras import Shapes, _low_rank, flux_shapes as checkpoint_shapes, lokr_for_modules, native_modules as flux_comfy
 
 Modules = dict[str, tuple[int, int]]
 Writer = Callable[[Modules, int, float, torch.Generator], dict[str, torch.Tensor]]
@@ -105,6 +111,38 @@ def mmdit_diffusers(shapes: Shapes) -> Modules:
     return modules
 
 
+def flux2_diffusers(shapes: Shapes) -> Modules:
+    """Flux.2's block weights under diffusers' Flux2Transformer2DModel names (double-block q, k, v split)."""
+    h = shapes["img_in.weight"][0]
+    modules: Modules = {}
+    for name, (out_dim, in_dim) in flux_comfy(shapes).items():
+        kind, block, inner = name.split(".", 2)
+        if kind == "single_blocks":
+            part = {"linear1": "attn.to_qkv_mlp_proj", "linear2": "attn.to_out"}[inner]
+            modules[f"single_transformer_blocks.{block}.{part}"] = (out_dim, in_dim)
+            continue
+        prefix = f"transformer_blocks.{block}."
+        if inner in ("img_attn.qkv", "txt_attn.qkv"):
+            names = ("to_q", "to_k", "to_v") if inner == "img_attn.qkv" else ("add_q_proj", "add_k_proj", "add_v_proj")
+            modules.update({f"{prefix}attn.{part}": (h, in_dim) for part in names})
+            continue
+        part = {"img_attn.proj": "attn.to_out.0", "txt_attn.proj": "attn.to_add_out", "img_mlp.0": "ff.net.0.proj",
+                "img_mlp.2": "ff.net.2", "txt_mlp.0": "ff_context.net.0.proj", "txt_mlp.2": "ff_context.net.2"}[inner]
+        modules[prefix + part] = (out_dim, in_dim)
+    return modules
+
+
+def wan_comfy(shapes: Shapes) -> Modules:
+    """(out, in) of every 2-D weight of Wan's blocks, by ComfyUI module name."""
+    return {k[:-len(".weight")]: tuple(v) for k, v in shapes.items()
+            if k.startswith("blocks.") and k.endswith(".weight") and len(v) == 2}
+
+
+def _lokr_kohya(modules: Modules, rank: int, amplitude: float, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """LoKr on kohya names (`lora_unet_...`), as LyCORIS writes it for a model without a diffusers naming in ComfyUI."""
+    return {"lora_unet_" + k[len("lycoris_"):]: v for k, v in lokr_for_modules(modules, rank, amplitude, gen).items()}
+
+
 @dataclass(frozen=True)
 class FamilyLoras:
     modules: dict[str, Callable[[Shapes], Modules]]  # by naming
@@ -120,8 +158,18 @@ _MMDIT = FamilyLoras({"comfy": mmdit_comfy, "diffusers": mmdit_diffusers}, {
     "peft": KeyFormat("diffusers", _up_down("base_model.model.", "lora_B.weight", "lora_A.weight", alpha=False)),
     "onetrainer": KeyFormat("diffusers", _up_down("lora_transformer_", "lora_up.weight", "lora_down.weight", alpha=True, underscores=True)),
 })
+_FLUX2 = FamilyLoras({"comfy": flux_comfy, "diffusers": flux2_diffusers}, {
+    "kohya": KOHYA, "comfy": COMFY, "diffusers": DIFFUSERS, "loha": LOHA, "lokr": LOKR,
+    "onetrainer": KeyFormat("diffusers", _up_down("lora_transformer_", "lora_up.weight", "lora_down.weight", alpha=True, underscores=True)),
+    "diffsynth": KeyFormat("diffusers", _up_down("", "lora_B.weight", "lora_A.weight", alpha=False)),
+})
+_WAN = FamilyLoras({"comfy": wan_comfy}, {
+    "kohya": KOHYA, "comfy": COMFY, "loha": LOHA, "lokr": KeyFormat("comfy", _lokr_kohya),
+    "diffusion_pipe": KeyFormat("comfy", _up_down("diffusion_model.", "lora_B.weight", "lora_A.weight", alpha=False)),
+    "wan_fun": KeyFormat("comfy", _up_down("lora_unet__", "lora_up.weight", "lora_down.weight", alpha=True, underscores=True)),
+})
 # By tiny_models family name.
-FAMILIES: dict[str, FamilyLoras] = {"qwen_image": _QWEN_IMAGE, "sd3": _MMDIT, "sd35": _MMDIT}
+FAMILIES: dict[str, FamilyLoras] = {"qwen_image": _QWEN_IMAGE, "sd3": _MMDIT, "sd35": _MMDIT, "flux2": _FLUX2, "wan21": _WAN}
 
 
 def trained_modules(family: str, shapes: Shapes) -> Modules:

@@ -1,0 +1,118 @@
+"""The shipped workflow of each DiT family through a real ComfyUI server on that family's tiny weights: XDiT loader and
+sampler on a local Ray pool vs the same graph with the stock nodes, on a latent whose token rows do not divide the
+degrees; and what a family does not take is refused by the family's name. Qwen-Image and Wan have their own modules
+(a KSampler workflow, video latents)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+from server_graphs import link_tiny_model, saved_latent
+
+from comfyui_xdit.api_client import ComfyClient, ExecutionFailed
+from comfyui_xdit.testing.server_launcher import REPO_ROOT
+from comfyui_xdit.workflow_tools import load_api_workflow, make_offline, stock_twin
+
+pytestmark = pytest.mark.server
+
+FP32_TOL = 1e-5
+DECODE_NODES = ("12", "13", "14")  # VAELoader, VAEDecode, SaveImage in every shipped single-image workflow
+
+
+@dataclass(frozen=True)
+class ShippedFamily:
+    workflow: str  # in workflows/api
+    tiny_family: str  # tiny_models family of the weights it runs on
+    size: int  # image pixels each way
+    steps: int
+    text_width: int  # the stand-in conditioning's width: what the tiny model's text input takes
+    latent_shape: tuple[int, ...]
+    degrees: tuple[tuple[str, dict], ...]  # (test id, loader inputs) of each pool run
+    refusal: str  # regex of the error a PipeFusion degree gets
+    relative_tol: float = 0.0  # CFG amplifies rounding: relative to the latent's size where that is larger
+    decoded: bool = True  # False: the tiny VAE (taef1, Flux.1's 16 channels) cannot decode it; latents are compared
+
+    @property
+    def tiny_name(self) -> str:
+        return f"tiny-{self.tiny_family}.safetensors"
+
+
+AUTO_2 = ("shipped-auto-2", {"world_size": 2})
+FAMILIES = {
+    # An 18 x 18 latent: 81 tokens of 2 x 2 patches.
+    "sd35": ShippedFamily("sd35_xdit_api.json", "sd35", 144, 3, 64, (1, 16, 18, 18),
+                          (AUTO_2, ("ulysses2-ring2", {"world_size": 4, "ulysses_degree": 2, "ring_degree": 2, "cfg_degree": 1})),
+                          r"SD3 supports ulysses, ring, cfg and data parallel only .*set pipefusion_degree to 1"),
+    # The smallest Chroma stock detection takes (width 3072, one double block; 2 GB): world 2 only, 2 steps (~10 s each).
+    "chroma": ShippedFamily("chroma_xdit_api.json", "chroma", 144, 2, 64, (1, 16, 18, 18),
+                            (AUTO_2, ("ring2", {"world_size": 2, "ring_degree": 2, "cfg_degree": 1})),
+                            r"Chroma supports ulysses, ring, cfg and data parallel only \(PipeFusion and patch parallel have no "
+                            r"Chroma hooks yet\); set pipefusion_degree to 1", relative_tol=2e-6),
+    # Captions 2304 wide (Gemma 2 2B). One prompt pair: auto degrees at world 2 give Lumina 2 ulysses 2 (its 24 heads
+    # split); the 1.7 GB tiny file makes each prompt slow here, and the exactness suite covers ring, cfg and data.
+    "lumina2": ShippedFamily("lumina2_xdit_api.json", "lumina2", 144, 3, 2304, (1, 16, 18, 18), (AUTO_2,),
+                             r"Lumina 2 supports ulysses, ring, cfg and data parallel only .*set pipefusion_degree to 1"),
+    # A 9 x 9 latent of 128 channels: 81 tokens of 1 x 1 patches.
+    "flux2": ShippedFamily("flux2_dev_xdit_api.json", "flux2", 144, 3, 64, (1, 128, 9, 9),
+                           (AUTO_2, ("ulysses2-ring2", {"world_size": 4, "ulysses_degree": 2, "ring_degree": 2, "cfg_degree": 1})),
+                           r"Flux\.2 supports ulysses, ring, cfg and data parallel only .*set pipefusion_degree to 1", decoded=False),
+}
+RUNS = [pytest.param(key, degrees, id=f"{key}-{run_id}") for key, spec in FAMILIES.items() for run_id, degrees in spec.degrees]
+
+
+@pytest.fixture(scope="module")
+def client(comfy_server, tiny_model_path):
+    """client(key): a client of the server once the family's tiny file is linked into it (written on first use, so a
+    -k selection pays only for its families' files; Chroma's and Lumina 2's are 2 and 1.7 GB)."""
+    def for_family(key: str) -> ComfyClient:
+        spec = FAMILIES[key]
+        link_tiny_model(comfy_server, tiny_model_path(spec.tiny_family), spec.tiny_name)
+        return ComfyClient(comfy_server.url)
+
+    return for_family
+
+
+def _graph(spec: ShippedFamily, prefix: str, xdit: bool, **loader_inputs) -> dict:
+    workflow = make_offline(load_api_workflow(REPO_ROOT / "workflows" / "api" / spec.workflow), spec.tiny_name,
+                            size=spec.size, steps=spec.steps, context_dim=spec.text_width)
+    if not spec.decoded:
+        for node_id in DECODE_NODES:
+            del workflow[node_id]
+    workflow["15"] = {"class_type": "SaveLatent", "inputs": {"samples": ["11", 0], "filename_prefix": prefix}}
+    if not xdit:
+        return stock_twin(workflow)
+    workflow["1"]["inputs"].update(loader_inputs)
+    return workflow
+
+
+@pytest.fixture(scope="module")
+def stock(comfy_server, client):
+    """stock(key): the stock graph's latent, computed once per family."""
+    latents = {}
+
+    def for_family(key: str):
+        if key not in latents:
+            result = client(key).run(_graph(FAMILIES[key], f"{key}_stock", False), timeout=600)
+            latents[key] = saved_latent(comfy_server, result)
+        return latents[key]
+
+    return for_family
+
+
+@pytest.mark.parametrize(("key", "degrees"), RUNS)
+def test_shipped_workflow_matches_the_stock_graph(comfy_server, client, stock, key, degrees):
+    spec = FAMILIES[key]
+    name = "-".join(f"{k}{v}" for k, v in degrees.items())
+    expected = stock(key)
+    xdit = saved_latent(comfy_server, client(key).run(_graph(spec, f"{key}_xdit_{name}", True, **degrees), timeout=900))
+    assert xdit.shape == expected.shape == spec.latent_shape
+    assert expected.abs().max() > 0.1
+    assert (xdit - expected).abs().max().item() <= max(FP32_TOL, spec.relative_tol * expected.abs().max().item())
+    assert comfy_server.get_json("/xdit/status")["pool"]["world_size"] == degrees["world_size"]
+
+
+@pytest.mark.parametrize("key", list(FAMILIES))
+def test_pipefusion_is_refused_by_the_family_name(client, key):
+    with pytest.raises(ExecutionFailed, match=FAMILIES[key].refusal):
+        client(key).run(_graph(FAMILIES[key], f"{key}_refused", True, world_size=2, pipefusion_degree=2), timeout=300)
