@@ -13,9 +13,20 @@ LyCORIS LoHa keys name) and diffusers' (what diffusers/PEFT `transformer....`, O
 - Flux.2: Flux.1's naming and key map (comfy/utils.py flux_to_diffusers) less the per-block modulations (Flux.2
   modulates globally); a single block's fused `linear1` and `linear2` are diffusers' `attn.to_qkv_mlp_proj` and
   `attn.to_out`. Every 2-D weight of the double and single blocks is trained.
-- Wan 2.1: ComfyUI maps only its own naming for Wan (kohya, `diffusion_model.` with lora_up/down or, as
+  ComfyUI also maps `single_blocks.N.linear1_qkv` onto the first 3 x hidden rows of the fused `linear1` (the q/k/v
+  part; its MLP rows stay as they are): a format of its own, which trains only those weights.
+- Wan 2.1 and Wan 2.2: ComfyUI maps only its own naming for Wan (kohya, `diffusion_model.` with lora_up/down or, as
   diffusion-pipe writes them, lora_A/B, LoHa and LoKr on kohya names) plus Wan Fun's `lora_unet__` keys
   (comfy/lora_convert.py). Every 2-D weight of the blocks (self- and cross-attention, feed-forward) is trained.
+- HiDream: ComfyUI's own naming (kohya, `diffusion_model.`, LoHa) and SimpleTuner's, on the same names
+  (`transformer.` with lora_A/B, LoKr as `lycoris_`). Every 2-D weight of the double and single stream blocks is
+  trained, the mixture-of-experts' experts and gate included.
+- Lumina 2 / Z-Image (one class, NextDiT): ComfyUI's own naming, and diffusers' (comfy/utils.py z_image_to_diffusers:
+  `attention.to_q/to_k/to_v` are slices of the fused `attention.qkv`, `attention.to_out.0` is `attention.out`) under
+  `diffusion_model.`, `transformer.`, `lycoris_` and no prefix. Every 2-D weight of the joint layers and both
+  refiners is trained. ComfyUI slices to_k/to_v as if there were as many key/value heads as query heads, which holds
+  for Z-Image but not Lumina 2 (24 heads, 8 key/value heads): Lumina 2's diffusers-named files here leave to_k/to_v
+  out, and tests check that such a LoRA is refused before any work.
 """
 from __future__ import annotations
 
@@ -60,8 +71,9 @@ def _loha(modules: Modules, rank: int, amplitude: float, gen: torch.Generator) -
 
 @dataclass(frozen=True)
 class KeyFormat:
-    naming: str  # "comfy" or "diffusers": which module names its keys are built on
+    naming: str  # "comfy", "diffusers" or "linear1_qkv": which module names its keys are built on
     write: Writer
+    trains: Callable[[Shapes], Modules] | None = None  # the ComfyUI modules it changes, where fewer than the family's
 
 
 KOHYA = KeyFormat("comfy", _up_down("lora_unet_", "lora_up.weight", "lora_down.weight", alpha=True, underscores=True))
@@ -132,10 +144,50 @@ def flux2_diffusers(shapes: Shapes) -> Modules:
     return modules
 
 
-def wan_comfy(shapes: Shapes) -> Modules:
-    """(out, in) of every 2-D weight of Wan's blocks, by ComfyUI module name."""
-    return {k[:-len(".weight")]: tuple(v) for k, v in shapes.items()
-            if k.startswith("blocks.") and k.endswith(".weight") and len(v) == 2}
+def _block_weights(*prefixes: str) -> Callable[[Shapes], Modules]:
+    """(out, in) of every 2-D weight under `prefixes` (the block containers), by ComfyUI module name."""
+    def modules(shapes: Shapes) -> Modules:
+        return {k[:-len(".weight")]: tuple(v) for k, v in shapes.items()
+                if k.startswith(prefixes) and k.endswith(".weight") and len(v) == 2}
+
+    return modules
+
+
+wan_comfy = _block_weights("blocks.")
+hidream_comfy = _block_weights("double_stream_blocks.", "single_stream_blocks.")
+nextdit_comfy = _block_weights("layers.", "context_refiner.", "noise_refiner.")
+
+
+def flux_single_linear1(shapes: Shapes) -> Modules:
+    """The fused first linear of Flux's single blocks, whose q/k/v rows a `linear1_qkv` LoRA trains."""
+    return {k: v for k, v in flux_comfy(shapes).items() if k.startswith("single_blocks.") and k.endswith(".linear1")}
+
+
+def flux_linear1_qkv(shapes: Shapes) -> Modules:
+    """`single_blocks.N.linear1_qkv`: 3 x hidden rows of each single block's linear1 (comfy/lora.py maps the slice)."""
+    h = shapes["img_in.weight"][0]
+    return {f"{k}_qkv": (3 * h, in_dim) for k, (_, in_dim) in flux_single_linear1(shapes).items()}
+
+
+def nextdit_diffusers_trained(shapes: Shapes) -> Modules:
+    """The NextDiT block weights ComfyUI's diffusers map reaches: all but Lumina 2's modulation, which sits at index 1
+    of its adaLN Sequential where the map names index 0 (Z-Image's place)."""
+    return {k: v for k, v in nextdit_comfy(shapes).items() if not k.endswith(".adaLN_modulation.1")}
+
+
+def nextdit_diffusers(shapes: Shapes) -> Modules:
+    """NextDiT's block weights under the diffusers names ComfyUI maps (fused q/k/v split in three equal slices);
+    to_k/to_v only where they fit, i.e. as many key/value heads as query heads (Z-Image; not Lumina 2)."""
+    modules: Modules = {}
+    for name, (out_dim, in_dim) in nextdit_diffusers_trained(shapes).items():
+        block, inner = name.rsplit(".", 2)[0], ".".join(name.rsplit(".", 2)[1:])
+        if inner == "attention.qkv":
+            hidden = shapes[f"{block}.attention.out.weight"][0]
+            parts = ("to_q", "to_k", "to_v") if out_dim == 3 * hidden else ("to_q",)
+            modules.update({f"{block}.attention.{part}": (hidden, in_dim) for part in parts})
+        else:
+            modules[f"{block}.attention.to_out.0" if inner == "attention.out" else name] = (out_dim, in_dim)
+    return modules
 
 
 def _lokr_kohya(modules: Modules, rank: int, amplitude: float, gen: torch.Generator) -> dict[str, torch.Tensor]:
@@ -158,8 +210,9 @@ _MMDIT = FamilyLoras({"comfy": mmdit_comfy, "diffusers": mmdit_diffusers}, {
     "peft": KeyFormat("diffusers", _up_down("base_model.model.", "lora_B.weight", "lora_A.weight", alpha=False)),
     "onetrainer": KeyFormat("diffusers", _up_down("lora_transformer_", "lora_up.weight", "lora_down.weight", alpha=True, underscores=True)),
 })
-_FLUX2 = FamilyLoras({"comfy": flux_comfy, "diffusers": flux2_diffusers}, {
+_FLUX2 = FamilyLoras({"comfy": flux_comfy, "diffusers": flux2_diffusers, "linear1_qkv": flux_linear1_qkv}, {
     "kohya": KOHYA, "comfy": COMFY, "diffusers": DIFFUSERS, "loha": LOHA, "lokr": LOKR,
+    "linear1_qkv": KeyFormat("linear1_qkv", COMFY.write, trains=flux_single_linear1),
     "onetrainer": KeyFormat("diffusers", _up_down("lora_transformer_", "lora_up.weight", "lora_down.weight", alpha=True, underscores=True)),
     "diffsynth": KeyFormat("diffusers", _up_down("", "lora_B.weight", "lora_A.weight", alpha=False)),
 })
@@ -168,25 +221,44 @@ _WAN = FamilyLoras({"comfy": wan_comfy}, {
     "diffusion_pipe": KeyFormat("comfy", _up_down("diffusion_model.", "lora_B.weight", "lora_A.weight", alpha=False)),
     "wan_fun": KeyFormat("comfy", _up_down("lora_unet__", "lora_up.weight", "lora_down.weight", alpha=True, underscores=True)),
 })
-# By tiny_models family name.
-FAMILIES: dict[str, FamilyLoras] = {"qwen_image": _QWEN_IMAGE, "sd3": _MMDIT, "sd35": _MMDIT, "flux2": _FLUX2, "wan21": _WAN}
+_HIDREAM = FamilyLoras({"comfy": hidream_comfy}, {
+    "kohya": KOHYA, "comfy": COMFY, "loha": LOHA, "lokr": KeyFormat("comfy", lokr_for_modules),
+    "simpletuner": KeyFormat("comfy", _up_down("transformer.", "lora_B.weight", "lora_A.weight", alpha=False)),
+})
+_NEXTDIT = FamilyLoras({"comfy": nextdit_comfy, "diffusers": nextdit_diffusers}, {
+    "kohya": KOHYA, "comfy": COMFY, "loha": LOHA,
+    **{name: KeyFormat("diffusers", writer, trains=nextdit_diffusers_trained) for name, writer in (
+        ("diffusers", DIFFUSERS.write), ("lokr", LOKR.write),
+        ("diffusers_comfy_prefix", _up_down("diffusion_model.", "lora_B.weight", "lora_A.weight", alpha=False)),
+        ("diffusers_bare", _up_down("", "lora_B.weight", "lora_A.weight", alpha=False)))},
+})
+# Lumina 2 shares Z-Image's class and key map: Z-Image's tiny model (in-process, small) takes every format; Lumina 2's
+# (a 1.7 GB file, its width fixed by detection) takes one format per naming, where its layout differs (grouped
+# key/value heads, modulation at index 1).
+_LUMINA2 = FamilyLoras(_NEXTDIT.modules, {name: _NEXTDIT.formats[name] for name in ("comfy", "diffusers")})
+# By tiny_models family name (FAMILIES there, or IN_PROCESS for the models built in-process).
+FAMILIES: dict[str, FamilyLoras] = {"qwen_image": _QWEN_IMAGE, "sd3": _MMDIT, "sd35": _MMDIT, "flux2": _FLUX2, "wan21": _WAN,
+                                    "wan22_5b": _WAN, "hidream": _HIDREAM, "zimage": _NEXTDIT, "lumina2": _LUMINA2}
 
 
-def trained_modules(family: str, shapes: Shapes) -> Modules:
-    """The ComfyUI modules every format's file for `family` trains (what a merge must change)."""
-    return FAMILIES[family].modules["comfy"](shapes)
+def trained_modules(family: str, shapes: Shapes, fmt: str) -> Modules:
+    """The ComfyUI modules the `fmt` file for `family` trains (what a merge must change)."""
+    trains = FAMILIES[family].formats[fmt].trains or FAMILIES[family].modules["comfy"]
+    return trains(shapes)
 
 
-def write_dit_lora(path: str | Path, family: str, model_path: str | Path, fmt: str, rank: int = 4, seed: int = 0,
+def write_dit_lora(path: str | Path, family: str, model: str | Path | Shapes, fmt: str, rank: int = 4, seed: int = 0,
                    amplitude: float = 0.3) -> Path:
-    """A seeded LoRA in format `fmt` for the `family` checkpoint at `model_path` (shapes from its header)."""
+    """A seeded LoRA in format `fmt` for the `family` model: its checkpoint's path (shapes from its header), or
+    its weight shapes by ComfyUI name (a model built in-process)."""
     if family not in FAMILIES:
         raise ValueError(f"no tiny LoRAs for family {family!r}; choose from {sorted(FAMILIES)}")
     formats = FAMILIES[family].formats
     if fmt not in formats:
         raise ValueError(f"unknown {family} LoRA format {fmt!r}; choose from {sorted(formats)}")
     key_format = formats[fmt]
-    modules = FAMILIES[family].modules[key_format.naming](checkpoint_shapes(model_path))
+    shapes = model if isinstance(model, dict) else checkpoint_shapes(model)
+    modules = FAMILIES[family].modules[key_format.naming](shapes)
     tensors = key_format.write(modules, rank, amplitude, torch.Generator().manual_seed(seed))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
