@@ -89,9 +89,10 @@ def chroma(comfy_root):
 
 
 # (model fixture, format, how many weights the LoRA must change at least): Flux's full layout takes every format;
-# Chroma (1 double, 1 single block) all but XLabs', whose keys ComfyUI maps for Flux's full layout only.
-FORMAT_CASES = [("full", fmt, 100) for fmt in sorted(FORMATS)] + \
-               [("chroma", fmt, 10) for fmt in sorted(FORMATS) if fmt != "xlabs"]
+# Chroma (1 double, 1 single block) all but XLabs', whose keys ComfyUI maps for Flux's full layout only. A linear1_qkv
+# file changes one weight per single block (38 and 1).
+FORMAT_CASES = [("full", fmt, 38 if fmt == "linear1_qkv" else 100) for fmt in sorted(FORMATS)] + \
+               [("chroma", fmt, 1 if fmt == "linear1_qkv" else 10) for fmt in sorted(FORMATS) if fmt != "xlabs"]
 
 
 @pytest.mark.parametrize(("model", "fmt", "min_changed"), FORMAT_CASES)

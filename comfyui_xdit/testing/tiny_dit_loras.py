@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .tiny_loras import Shapes, _low_rank, flux_shapes as checkpoint_shapes, lokr_for_modules, native_modules as flux_comfy
+from .tiny_loras import Shapes, _low_rank, flux_shapes as checkpoint_shapes, linear1_qkv_modules, lokr_for_modules, native_modules as flux_comfy
 
 Modules = dict[str, tuple[int, int]]
 Writer = Callable[[Modules, int, float, torch.Generator], dict[str, torch.Tensor]]
@@ -163,12 +163,6 @@ def flux_single_linear1(shapes: Shapes) -> Modules:
     return {k: v for k, v in flux_comfy(shapes).items() if k.startswith("single_blocks.") and k.endswith(".linear1")}
 
 
-def flux_linear1_qkv(shapes: Shapes) -> Modules:
-    """`single_blocks.N.linear1_qkv`: 3 x hidden rows of each single block's linear1 (comfy/lora.py maps the slice)."""
-    h = shapes["img_in.weight"][0]
-    return {f"{k}_qkv": (3 * h, in_dim) for k, (_, in_dim) in flux_single_linear1(shapes).items()}
-
-
 def nextdit_diffusers_trained(shapes: Shapes) -> Modules:
     """The NextDiT block weights ComfyUI's diffusers map reaches: all but Lumina 2's modulation, which sits at index 1
     of its adaLN Sequential where the map names index 0 (Z-Image's place)."""
@@ -210,7 +204,7 @@ _MMDIT = FamilyLoras({"comfy": mmdit_comfy, "diffusers": mmdit_diffusers}, {
     "peft": KeyFormat("diffusers", _up_down("base_model.model.", "lora_B.weight", "lora_A.weight", alpha=False)),
     "onetrainer": KeyFormat("diffusers", _up_down("lora_transformer_", "lora_up.weight", "lora_down.weight", alpha=True, underscores=True)),
 })
-_FLUX2 = FamilyLoras({"comfy": flux_comfy, "diffusers": flux2_diffusers, "linear1_qkv": flux_linear1_qkv}, {
+_FLUX2 = FamilyLoras({"comfy": flux_comfy, "diffusers": flux2_diffusers, "linear1_qkv": linear1_qkv_modules}, {
     "kohya": KOHYA, "comfy": COMFY, "diffusers": DIFFUSERS, "loha": LOHA, "lokr": LOKR,
     "linear1_qkv": KeyFormat("linear1_qkv", COMFY.write, trains=flux_single_linear1),
     "onetrainer": KeyFormat("diffusers", _up_down("lora_transformer_", "lora_up.weight", "lora_down.weight", alpha=True, underscores=True)),

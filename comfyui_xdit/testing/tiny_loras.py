@@ -10,6 +10,7 @@ without their modulation layers) takes every format but XLabs'.
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Callable, Mapping
@@ -71,6 +72,14 @@ def diffusers_modules(shapes: Shapes) -> dict[str, tuple[int, int]]:
     return {k: tuple(v) for k, v in modules.items()}
 
 
+def linear1_qkv_modules(shapes: Shapes) -> dict[str, tuple[int, int]]:
+    """`single_blocks.N.linear1_qkv`: the first 3 x hidden rows (q, k, v) of each single block's fused linear1, which
+    comfy/lora.py maps for Flux and the families built on its class (Flux.2, Chroma)."""
+    h = shapes["img_in.weight"][0]
+    return {f"single_blocks.{i}.linear1_qkv": (3 * h, shapes[f"single_blocks.{i}.linear1.weight"][1])
+            for i in range(_blocks(shapes, "single_blocks."))}
+
+
 def xlabs_modules(shapes: Shapes) -> dict[str, tuple[int, int]]:
     """(out, in) of XLabs' processor LoRAs: fused q/k/v and the output projections of every block."""
     double, single = _blocks(shapes, "double_blocks."), _blocks(shapes, "single_blocks.")
@@ -110,9 +119,9 @@ def _kohya(shapes, rank, amplitude, gen):
     return tensors
 
 
-def _comfy(shapes, rank, amplitude, gen):
+def _comfy(shapes, rank, amplitude, gen, modules=native_modules):
     tensors = {}
-    for module, (out_dim, in_dim) in native_modules(shapes).items():
+    for module, (out_dim, in_dim) in modules(shapes).items():
         up, down = _low_rank(out_dim, in_dim, rank, amplitude, gen)
         tensors.update({f"diffusion_model.{module}.lora_up.weight": up, f"diffusion_model.{module}.lora_down.weight": down,
                         f"diffusion_model.{module}.alpha": torch.tensor(float(rank))})
@@ -165,6 +174,7 @@ def lokr_for_modules(modules: dict[str, tuple[int, int]], rank: int, amplitude: 
 
 FORMATS: dict[str, Callable[[Shapes, int, float, torch.Generator], dict[str, torch.Tensor]]] = {
     "kohya": _kohya, "comfy": _comfy, "diffusers": _diffusers, "xlabs": _xlabs, "loha": _loha, "lokr": _lokr,
+    "linear1_qkv": functools.partial(_comfy, modules=linear1_qkv_modules),
 }
 
 
