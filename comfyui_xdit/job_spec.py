@@ -60,6 +60,7 @@ class PoolVaeRef:
     path: str
     world_size: int
     cluster: str
+    follows_pool: bool = False  # world_size was auto: jobs run on the pool that is up then (the model's), whatever its world
 
 
 @dataclass

@@ -67,5 +67,11 @@ def pool_for(ref: PoolModelRef, should_interrupt: Callable[[], bool] | None = No
         keep_sigterm_hook()
 
 
+def live_world(cluster: str) -> int | None:
+    """The world size of the pool that is up on `cluster` (a configured cluster name), or None."""
+    pool = REGISTRY.current
+    return pool.key.world_size if pool is not None and pool.key.cluster.name == cluster else None
+
+
 def degrees_of(ref: PoolModelRef) -> dict[str, int]:
     return dict(ref.degrees)

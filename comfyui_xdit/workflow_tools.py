@@ -25,8 +25,14 @@ STOCK_TWINS: dict[str, tuple[str, tuple[str, ...]]] = {
     "XDiTKSamplerAdvanced": ("KSamplerAdvanced", ("model", "add_noise", "noise_seed", "steps", "cfg", "sampler_name", "scheduler",
                                                   "positive", "negative", "latent_image", "start_at_step", "end_at_step",
                                                   "return_with_leftover_noise")),
+    "XDiTVAELoader": ("VAELoader", ("vae_name",)),
+    "XDiTVAEDecode": ("VAEDecode", ("samples", "vae")),
+    "XDiTVAEEncode": ("VAEEncode", ("pixels", "vae")),
 }
 UNET_LOADERS = frozenset({"XDiTUNetLoader", "UNETLoader"})
+VAE_LOADERS = frozenset({"XDiTVAELoader", "VAELoader"})
+# The tiny Flux 16-channel VAE the test server and the demo put in models/vae (testing/server_launcher.py).
+OFFLINE_VAE_NAME = "tiny-flux-vae.safetensors"
 LATENT_SIZED = frozenset({"EmptySD3LatentImage", "EmptyLatentImage", "EmptyFlux2LatentImage", "ModelSamplingFlux", "Flux2Scheduler"})
 STEPPED = frozenset({"BasicScheduler", "Flux2Scheduler", "KSampler", "KSamplerAdvanced", "XDiTKSampler", "XDiTKSamplerAdvanced"})
 TEST_CONDITIONING = "XDiTTestConditioning"  # tests/xdit_test_nodes: seeded random CONDITIONING
@@ -113,13 +119,13 @@ def stock_twin(workflow: Workflow) -> Workflow:
     return twin
 
 
-def make_offline(workflow: Workflow, unet_name: str, vae_name: str = "taef1", size: int = 128,
+def make_offline(workflow: Workflow, unet_name: str, vae_name: str = OFFLINE_VAE_NAME, size: int = 128,
                  steps: int | None = None, seed: int = 0, context_dim: int = 64, pooled_dim: int = 32) -> Workflow:
     """A copy that runs with tiny weights and no text encoders: for tests and demos on machines without the models.
 
     Every CLIPTextEncode becomes XDiTTestConditioning (seeds ``seed``, ``seed + 1``, ... in node-id order, so a
     positive and a negative prompt differ) and the CLIP loaders feeding them are dropped; UNet loaders load
-    ``unet_name``, VAELoader loads ``vae_name``; latents, ModelSamplingFlux and Flux2Scheduler use ``size`` pixels square;
+    ``unet_name``, VAE loaders ``vae_name``; latents, ModelSamplingFlux and Flux2Scheduler use ``size`` pixels square;
     ``steps`` overrides the steps of BasicScheduler and the KSamplers. The tiny-model defaults match testing/tiny_models'
     default family.
     """
@@ -140,7 +146,7 @@ def make_offline(workflow: Workflow, unet_name: str, vae_name: str = "taef1", si
         inputs = node["inputs"]
         if node["class_type"] in UNET_LOADERS:
             inputs["unet_name"] = unet_name
-        elif node["class_type"] == "VAELoader":
+        elif node["class_type"] in VAE_LOADERS:
             inputs["vae_name"] = vae_name
         elif node["class_type"] in STEPPED and steps is not None:
             inputs["steps"] = steps

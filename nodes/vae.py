@@ -6,6 +6,7 @@ pool's handle (POOL_VAE_ATTRIBUTE), which only the XDiT VAE nodes read. Given an
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import comfy.model_management
@@ -17,7 +18,7 @@ import nodes as comfy_nodes  # ComfyUI's nodes.py (the pack's own folder is not 
 from comfyui_xdit import cluster_config
 from comfyui_xdit.degrees import resolve_world_size
 from comfyui_xdit.job_spec import PoolVaeRef, VaeJob
-from comfyui_xdit.pool_client import pool_for
+from comfyui_xdit.pool_client import live_world, pool_for
 from comfyui_xdit.safetensors_files import SAFETENSORS_SUFFIXES
 from comfyui_xdit.vae_parallel import unsupported_reason
 from comfyui_xdit.vae_service import vae_degrees
@@ -36,7 +37,7 @@ class XDiTVAELoader:
         return {
             "required": {"vae_name": (folder_paths.get_filename_list("vae"),)},
             "optional": {
-                "world_size": ("INT", {"default": 0, "min": 0, "max": 1024, "tooltip": "workers in the pool; 0 = every visible GPU, or 2 CPU workers when there is none (the same pool as the model's when this matches)"}),
+                "world_size": ("INT", {"default": 0, "min": 0, "max": 1024, "tooltip": "workers in the pool; 0 = the pool that is up when decoding (the model's, whatever its world), else every visible GPU or 2 CPU workers"}),
                 "ray_address": (cluster_config.choices(), {"default": LOCAL, "tooltip": "Ray cluster: 'local' = a private cluster on this machine; other names are the clusters the operator configured"}),
             },
         }
@@ -68,7 +69,8 @@ class XDiTVAELoader:
         if reason is not None:
             raise ValueError(f"XDiTVAELoader: vae_name {vae_name!r} cannot be split over the pool: {reason}; use the stock Load VAE for it")
         connect(target)
-        ref = PoolVaeRef(path=path, world_size=resolve_world_size(world_size, cluster_gpus()), cluster=target.name)
+        ref = _on_live_pool(PoolVaeRef(path=path, world_size=world_size or resolve_world_size(0, cluster_gpus()), cluster=target.name,
+                                       follows_pool=not world_size))
         pool = pool_for(ref, comfy.model_management.processing_interrupted)
         try:
             pool.warm(ref, vae_degrees(ref.world_size))
@@ -78,7 +80,15 @@ class XDiTVAELoader:
         return (vae,)
 
 
+def _on_live_pool(ref: PoolVaeRef) -> PoolVaeRef:
+    """`ref` with the world of the pool that is up, when its world was auto: a workflow whose VAE loader says 0 decodes
+    on the pool its model runs on (no resize between sampling and decoding), whatever world the model loader set."""
+    world = live_world(ref.cluster) if ref.follows_pool else None
+    return dataclasses.replace(ref, world_size=world) if world else ref
+
+
 def _on_pool(node: str, ref: PoolVaeRef, kind: str, tensor):
+    ref = _on_live_pool(ref)
     job = VaeJob(vae=ref, kind=kind, tensor=tensor.cpu())
     pool = pool_for(ref, comfy.model_management.processing_interrupted)
     try:

@@ -76,12 +76,13 @@ def comfy_server(request: pytest.FixtureRequest, comfy_root: Path, tmp_path_fact
 
     Its custom_nodes/ holds this repo (as comfyui-xdit) and tests/xdit_test_nodes; models/diffusion_models the
     tiny Flux dev and schnell (names in server_launcher.TINY_UNET_NAMES) and the tiny SD1.5 U-Net
-    (server_graphs.TINY_SD15_NAME); models/vae_approx a tiny taef1. A failing
+    (server_graphs.TINY_SD15_NAME); models/vae_approx a tiny taef1, models/vae the tiny Flux VAE the XDiT VAE nodes
+    of the shipped workflows load offline (workflow_tools.OFFLINE_VAE_NAME). A failing
     test that uses it gets the server log's tail in its report.
     """
     from comfyui_xdit.testing.server_launcher import TINY_UNET_NAMES, launch_server, prepare_base
 
-    from comfyui_xdit.testing.tiny_vae import write_tiny_taef1
+    from comfyui_xdit.testing.tiny_vae import write_server_vaes
 
     base = prepare_base(tmp_path_factory.mktemp("comfy_base"))
     server = launch_server(comfy_root, base, base / "comfyui.log")
@@ -90,7 +91,7 @@ def comfy_server(request: pytest.FixtureRequest, comfy_root: Path, tmp_path_fact
         for variant, path in request.getfixturevalue("tiny_flux_paths").items():
             (server.models_dir("diffusion_models") / TINY_UNET_NAMES[variant]).symlink_to(path)
         (server.models_dir("diffusion_models") / "tiny-sd15.safetensors").symlink_to(request.getfixturevalue("tiny_model_path")("sd15"))
-        write_tiny_taef1(server.models_dir("vae_approx"))
+        write_server_vaes(server.base / "models")
         server.wait_ready()
         yield server
     finally:

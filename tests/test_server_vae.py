@@ -15,22 +15,18 @@ from safetensors.torch import load_file, save_file
 from server_graphs import flux_graph
 
 from comfyui_xdit.api_client import ComfyClient, ExecutionFailed
+from comfyui_xdit.testing.server_launcher import REPO_ROOT, TINY_UNET_NAMES
+from comfyui_xdit.workflow_tools import load_api_workflow, make_offline, set_input, stock_twin
+from comfyui_xdit.workflow_tools import OFFLINE_VAE_NAME as VAE_NAME  # the session server writes it (conftest.py)
 
 pytestmark = pytest.mark.server
 
-VAE_NAME = "tiny-flux-vae.safetensors"
 LATENT_NAME = "xdit_vae_test.latent"
 FP32_TOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def client(comfy_server, tmp_path_factory) -> ComfyClient:
-    from comfyui_xdit.testing.tiny_models import write_tiny_model
-
-    link = comfy_server.models_dir("vae") / VAE_NAME
-    if not link.exists():
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(write_tiny_model("kl_vae", tmp_path_factory.mktemp("vae") / VAE_NAME, variant="flux"))
+def client(comfy_server) -> ComfyClient:
     latent = torch.randn((2, 16, 5, 6), generator=torch.Generator().manual_seed(7))
     inputs = comfy_server.base / "input"
     inputs.mkdir(exist_ok=True)
@@ -106,6 +102,26 @@ def test_the_model_and_the_vae_share_the_pool(comfy_server, client) -> None:
     assert (xdit - stock).abs().max().item() <= FP32_TOL * max(1.0, stock.abs().max().item())
     ranks = comfy_server.get_json("/xdit/status")["pool"]["ranks"]
     assert all(rank["resident"] and rank["vae_loads"] >= 1 for rank in ranks), ranks
+
+
+def test_a_shipped_workflow_decodes_on_the_pool_its_model_runs_on(comfy_server, client) -> None:
+    """The shipped Flux dev workflow (XDiT VAE nodes, world_size 0 on the VAE loader) with its model loader at world 4:
+    the decode follows the model's pool instead of resizing it to the auto world, and equals the stock twin."""
+    workflow = make_offline(load_api_workflow(REPO_ROOT / "workflows" / "api" / "flux_dev_xdit_api.json"), TINY_UNET_NAMES["dev"],
+                            size=64, steps=2)
+    assert workflow["12"]["class_type"] == "XDiTVAELoader" and workflow["12"]["inputs"]["world_size"] == 0
+    set_input(workflow, "1", "world_size", 4)
+    ours, stock = (client.run(graph, timeout=900) for graph in (workflow, stock_twin(workflow)))
+
+    def image(result) -> np.ndarray:
+        (file,) = [f for f in result.files if f.node_id == "14"]
+        return np.asarray(Image.open(comfy_server.output_dir / file.subfolder / file.filename)).astype(np.int16)
+
+    assert image(ours).shape == (64, 64, 3)
+    assert np.abs(image(ours) - image(stock)).max() <= 1
+    status = comfy_server.get_json("/xdit/status")["pool"]
+    assert status["world_size"] == 4
+    assert all(rank["vae_loads"] >= 1 for rank in status["ranks"]), status["ranks"]
 
 
 def test_xdit_vae_nodes_take_the_stock_inputs(client) -> None:

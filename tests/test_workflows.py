@@ -17,7 +17,7 @@ from comfyui_xdit.testing.server_launcher import REPO_ROOT, TINY_UNET_NAMES, Com
 from PIL import Image
 
 from comfyui_xdit.api_client import ComfyClient, ExecutionFailed, PromptRejected
-from comfyui_xdit.workflow_tools import TEST_CONDITIONING, is_link, load_api_workflow, make_offline, stock_twin
+from comfyui_xdit.workflow_tools import OFFLINE_VAE_NAME, TEST_CONDITIONING, is_link, load_api_workflow, make_offline, stock_twin
 
 WORKFLOWS = REPO_ROOT / "workflows"
 # API files live in workflows/api/: ComfyUI lists every JSON at the top of a pack's workflows/ folder as a
@@ -144,7 +144,7 @@ def test_make_offline_swaps_text_encoders_for_seeded_conditioning() -> None:
     assert [(offline[node_id]["class_type"], offline[node_id]["inputs"]["seed"]) for node_id in ("4", "20")] == \
         [(TEST_CONDITIONING, 5), (TEST_CONDITIONING, 6)]
     assert offline["1"]["inputs"]["unet_name"] == "tiny.safetensors"
-    assert offline["12"]["inputs"]["vae_name"] == "taef1"
+    assert offline["12"]["inputs"]["vae_name"] == OFFLINE_VAE_NAME
     assert offline["8"]["inputs"]["steps"] == 2
     assert offline["10"]["inputs"]["width"] == offline["2"]["inputs"]["height"] == 64
     assert workflow["3"]["class_type"] == "DualCLIPLoader"  # the input is left as it was

@@ -47,6 +47,7 @@ import torch
 import torch.distributed as dist
 
 from comfyui_xdit.bench.attention import theoretical_bytes
+from comfyui_xdit.bench.flux_step import import_comfy_on_rank
 from parallel_core.local_launch import run_on_ranks
 
 ELT = 4  # fp32
@@ -200,20 +201,8 @@ def _flop_counts(model_patcher, shape: BenchShape) -> dict[str, float]:
     return {"attention": float(sum(counts)), "other": float(counter.get_total_flops())}
 
 
-def _import_comfy() -> None:
-    from comfyui_xdit.comfy_runtime import comfyui_path, init_worker
-
-    root = str(comfyui_path(prepare=False))
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    import comfy.cli_args
-
-    comfy.cli_args.args.use_pytorch_cross_attention = True  # read when comfy.model_management is imported
-    init_worker(cpu=True)
-
-
 def _bench_rank(rank: int, world_size: int, spec: dict) -> dict:
-    _import_comfy()
+    import_comfy_on_rank("pytorch")
     import comfy.utils
 
     from comfyui_xdit.parallel_model import parallelize

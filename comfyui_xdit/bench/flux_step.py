@@ -227,7 +227,7 @@ def _cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _import_comfy(attention: str) -> str:
+def import_comfy_on_rank(attention: str) -> str:
     """Import ComfyUI in this rank (CPU); "pytorch" sets --use-pytorch-cross-attention first. Returns the kernel."""
     from comfyui_xdit.comfy_runtime import comfyui_path, init_worker
 
@@ -246,7 +246,7 @@ def _import_comfy(attention: str) -> str:
 
 def _bench_rank(rank: int, world_size: int, spec: dict) -> list[dict]:
     """Every job's interleaved rounds on this rank (one spawn for the whole bench)."""
-    comfy_kernel = _import_comfy(spec["comfy_attention"])
+    comfy_kernel = import_comfy_on_rank(spec["comfy_attention"])
     import comfy.sd
     import comfy.utils
 

@@ -49,10 +49,10 @@ FLUX_DEV = {"hidden_size": 3072, "num_heads": 24, "depth": 19, "depth_single_blo
 
 
 def _rank(rank: int, world_size: int, model_path: str, method: dict, spec: dict) -> dict:
-    from .flux_step import _import_comfy, _sample
+    from .flux_step import _sample, import_comfy_on_rank
 
     torch.set_num_threads(1)
-    _import_comfy("pytorch")
+    import_comfy_on_rank("pytorch")
     import comfy.sd
 
     from comfyui_xdit.bench.naive_patches import naive_patch_model

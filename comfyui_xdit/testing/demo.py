@@ -1,9 +1,9 @@
 """The main job, end to end on this machine: a real headless ComfyUI with this pack, a local Ray pool, the shipped
 Flux dev API workflow, an image written, and the time against the stock single-process run of the same graph.
 
-No model can be downloaded here, so the demo writes a seeded Flux-architecture model and a tiny TAEF1 VAE, and the
-workflow's text encoders are replaced by the stand-in conditioning node (tests/xdit_test_nodes). Everything else in
-the graph is the shipped workflow, run by ComfyUI's own nodes.
+No model can be downloaded here, so the demo writes a seeded Flux-architecture model and a tiny Flux VAE (decoded on
+the pool by the workflow's XDiT VAE nodes), and the workflow's text encoders are replaced by the stand-in conditioning
+node (tests/xdit_test_nodes). Everything else in the graph is the shipped workflow, run by ComfyUI's own nodes.
 """
 from __future__ import annotations
 
@@ -31,12 +31,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def _prepare_models(base: Path, size: str) -> None:
     from .tiny_models import write_tiny_flux
-    from .tiny_vae import write_tiny_taef1
+    from .tiny_vae import write_server_vaes
 
     unet = base / "models" / "diffusion_models" / UNET_NAME
     if not unet.exists():
         write_tiny_flux(unet, "dev", size, seed=0)
-    write_tiny_taef1(base / "models" / "vae_approx")
+    write_server_vaes(base / "models")
 
 
 def _timed_run(client: ComfyClient, workflow: dict) -> tuple[float, object]:

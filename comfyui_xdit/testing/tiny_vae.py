@@ -175,3 +175,15 @@ def write_tiny_kl_vae(path: str | Path, variant: str = "flux", size: str = "tiny
     description = {"family": "kl_vae", "variant": variant, "seed": seed}
     save_file(tensors, str(path), metadata={"comfyui_xdit.tiny_model": json.dumps(description, sort_keys=True)})
     return path
+
+
+def write_server_vaes(models: str | Path) -> None:
+    """The tiny VAEs a test server or the demo offers, under a ComfyUI models/ folder: taef1 (vae_approx) and the
+    Flux 16-channel KL VAE under the name offline workflows load (workflow_tools.OFFLINE_VAE_NAME), which the XDiT
+    VAE nodes split over the pool."""
+    from ..workflow_tools import OFFLINE_VAE_NAME
+
+    models = Path(models)
+    write_tiny_taef1(models / "vae_approx")
+    if not (models / "vae" / OFFLINE_VAE_NAME).exists():
+        write_tiny_kl_vae(models / "vae" / OFFLINE_VAE_NAME, "flux")
