@@ -93,14 +93,15 @@ def test_parallel_runs_actually_communicate(family, model_path):
         assert all(b > 0 for b in sent), f"{key}: {counter} bytes per rank {sent}"
 
 
-def test_wan_gathers_its_hidden_states_once_per_model_call(model_path):
-    """Inside the block loop each rank holds only its rows: the sequence group gathers the hidden states once per model
-    call, after the last block (a gather per block would multiply these bytes by the block count)."""
-    from comfyui_xdit.testing.tiny_models import WAN_BASE
+def test_wan_gathers_only_the_heads_output_once_per_model_call(model_path):
+    """Each rank holds only its rows from block 0 through the head: the sequence group gathers once per model call,
+    the head's output (16 channels x 2 x 2 patch pixels a token), not the hidden states (the model's width, 512 here;
+    a gather per block would multiply the bytes by the block count)."""
+    from comfyui_xdit.testing.tiny_models import WAN_VARIANTS
 
     case = flux_cases.CASE_BY_NAME["video-basic-euler-3x10x14"]  # euler, BasicGuider, batch 1: one model call a step
     tokens = case.frames * (case.height // 2) * (case.width // 2)
-    one_gather = -(-tokens // 2) * WAN_BASE["dim"] * 4  # this rank's fp32 rows
+    one_gather = -(-tokens // 2) * WAN_VARIANTS["t2v"][0]["out_dim"] * 4 * 4  # this rank's fp32 rows of patch pixels
     for result in _run("wan21", 2, model_path("wan21")):
         assert result["bytes"][f"ulysses2/{case.name}"]["all_gather/sequence"] == case.steps * one_gather
 

@@ -9,8 +9,9 @@ frame has timestep 0), so its modulation table has one row per frame, spread ove
 Object patches on a ModelPatcher clone shard that loop:
 - every block's `forward` takes this rank's rows of the tokens (block 0 splits them), of the RoPE table and, where
   the modulation is per frame, of the modulation rows expanded to tokens exactly as the block itself expands them;
-  the last block gathers the tokens again, so the head and unpatchify see the whole grid (hidden states are only
-  ever whole outside the block loop);
+- the head (norm, modulation, projection to patch pixels: per token) runs on this rank's rows too, and only its
+  output, 4 x 16 values a token instead of the model's width, is gathered for unpatchify: no rank holds a whole
+  block's hidden states after the embedding;
 - every block's `self_attn.forward` runs with the `optimized_attention_override` transformer option set to
   usp_attention over the sequence-parallel group (padded rows of an uneven split are dropped from the keys there).
 Cross-attention needs no communication: its queries are this rank's tokens, its keys and values the whole context.
@@ -46,12 +47,13 @@ def _refuse_unsupported(family: str, state: ParallelState, tokens: int, transfor
                                 "larger latent or lower those degrees")
 
 
-def _local_modulation(e: torch.Tensor, tokens: int, state: ParallelState) -> torch.Tensor:
-    """This rank's rows of the block modulation `e` (B, rows, 6, dim): unchanged when one row serves every token;
-    with one row per frame, the rows of this rank's tokens, mapped as the block's repeat_e maps them."""
+def _local_modulation(e: torch.Tensor, tokens: int, state: ParallelState, per_row_ndim: int = 4) -> torch.Tensor:
+    """This rank's rows of a modulation `e` whose axis 1 counts rows when it has `per_row_ndim` axes (a block's
+    (B, rows, 6, dim), the head's (B, rows, dim)): unchanged when one row serves every token; with one row per frame,
+    the rows of this rank's tokens, mapped as the model's repeat_e maps them (then repeat_e leaves them as they are)."""
     from comfy.ldm.wan.model import repeat_e
 
-    if e.ndim < 4 or e.shape[1] == 1:
+    if e.ndim < per_row_ndim or e.shape[1] == 1:
         return e
     row_of_token = repeat_e(torch.arange(e.shape[1], device=e.device).unsqueeze(0), torch.empty(1, tokens, 0))[0]
     if row_of_token.shape[0] != tokens:
@@ -60,20 +62,26 @@ def _local_modulation(e: torch.Tensor, tokens: int, state: ParallelState) -> tor
     return e.index_select(1, local)
 
 
-def _sharded_block(original, family: str, state: ParallelState, index: int, last: bool, x: torch.Tensor,
+def _sharded_block(original, family: str, state: ParallelState, grid: dict, index: int, x: torch.Tensor,
                    e: torch.Tensor, freqs: torch.Tensor, context: torch.Tensor, context_img_len=257,
                    transformer_options={}):
-    """A block's forward on this rank's tokens; block 0 shards them, the last block gathers them back."""
+    """A block's forward on this rank's tokens; block 0 shards them and notes the grid's token count for the head."""
     tokens = freqs.shape[1]  # the RoPE table has one row per token of the whole grid
     if index == 0:
+        grid["tokens"] = tokens
         _refuse_unsupported(family, state, tokens, transformer_options)
         if x.shape[1] != tokens:
             raise UnsupportedByXDiT(f"{family}: {x.shape[1]} tokens but {tokens} RoPE positions; this input is not supported in parallel")
         x = split_sequence(x, state, 1)
     sp = state.sequence
-    out = original(x, e=_local_modulation(e, tokens, state), freqs=padded_piece(freqs, 1, sp.size, sp.rank),
-                   context=context, context_img_len=context_img_len, transformer_options=transformer_options)
-    return gather_sequence(out, state, 1, length=tokens) if last else out
+    return original(x, e=_local_modulation(e, tokens, state), freqs=padded_piece(freqs, 1, sp.size, sp.rank),
+                    context=context, context_img_len=context_img_len, transformer_options=transformer_options)
+
+
+def _sharded_head(original, state: ParallelState, grid: dict, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """The head on this rank's tokens, then its (narrow) output gathered whole for unpatchify."""
+    tokens = grid["tokens"]
+    return gather_sequence(original(x, _local_modulation(e, tokens, state, per_row_ndim=3)), state, 1, length=tokens)
 
 
 def _usp_override(state: ParallelState, func, q, k, v, heads, mask=None, skip_reshape=False, skip_output_reshape=False,
@@ -100,12 +108,16 @@ def parallelize(model_patcher, state: ParallelState, adapter):
     patched = model_patcher.clone()
     if state.sequence.size == 1:
         return patched
-    blocks = model_patcher.model.diffusion_model.blocks
-    for index, block in enumerate(blocks):
+    diffusion_model = model_patcher.model.diffusion_model
+    grid: dict = {}  # the token count of the grid being sampled, from block 0 to the head of the same forward
+    for index, block in enumerate(diffusion_model.blocks):
         prefix = f"diffusion_model.blocks.{index}"
         patched.add_object_patch(f"{prefix}.forward", functools.partial(
-            _sharded_block, functools.partial(type(block).forward, block), adapter.name, state, index, index == len(blocks) - 1))
+            _sharded_block, functools.partial(type(block).forward, block), adapter.name, state, grid, index))
         attention = block.self_attn
         patched.add_object_patch(f"{prefix}.self_attn.forward", functools.partial(
             _sharded_self_attention, functools.partial(type(attention).forward, attention), state))
+    head = diffusion_model.head
+    patched.add_object_patch("diffusion_model.head.forward", functools.partial(
+        _sharded_head, functools.partial(type(head).forward, head), state, grid))
     return patched
