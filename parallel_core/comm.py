@@ -91,6 +91,33 @@ def all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, dim_group: Di
     return torch.cat(recv.unbind(0), dim=gather_dim)
 
 
+def sequence_to_heads(tensors: list[torch.Tensor], padded_heads: int, dim_group: DimensionGroup, stats: CommStats) -> torch.Tensor:
+    """Ulysses' forward exchange for several (batch, seq_local, heads, head_dim) tensors in one collective: every rank
+    gets all ranks' rows for its `padded_heads / size` heads (heads past the real ones are zero), as one
+    (n, batch, size * seq_local, padded_heads / size, head_dim) tensor, rows in group-rank order.
+
+    Memory: the inputs are copied once, straight into the send buffer (head-chunk outermost), and the send buffer is
+    released before the received blocks are laid out: two copies of the inputs at most besides them, where stacking,
+    chunking and concatenating would hold four."""
+    size, n = dim_group.size, len(tensors)
+    batch, rows, heads, head_dim = tensors[0].shape
+    per_rank = padded_heads // size
+    allocate = torch.empty if padded_heads == heads else torch.zeros
+    send = allocate(size, n, batch, rows, per_rank, head_dim, dtype=tensors[0].dtype, device=tensors[0].device)
+    for index, tensor in enumerate(tensors):
+        for rank in range(size):
+            first, last = rank * per_rank, min((rank + 1) * per_rank, heads)
+            if last > first:
+                send[rank, index, :, :, :last - first].copy_(tensor[:, :, first:last])
+    if size == 1:
+        return send[0]
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=dim_group.group)
+    stats.record("all_to_all", dim_group.name, _nbytes(send) * (size - 1) // size)
+    del send
+    return recv.permute(1, 2, 0, 3, 4, 5).reshape(n, batch, size * rows, per_rank, head_dim)
+
+
 def all_gather(x: torch.Tensor, dim: int, dim_group: DimensionGroup, stats: CommStats) -> torch.Tensor:
     """Concatenate every rank's `x` (all the same shape) along `dim`, in group-rank order."""
     size = dim_group.size

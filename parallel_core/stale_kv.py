@@ -16,10 +16,9 @@ from collections.abc import Hashable
 import torch
 
 from .attention_kernels import attention
-from .comm import DimensionGroup, PendingGather, all_gather, all_to_all
+from .comm import DimensionGroup, PendingGather, all_gather, all_to_all, sequence_to_heads
 from .sharding import chunk_length
 from .state import ParallelState
-from .usp import pad_heads
 
 
 class KVCache:
@@ -83,7 +82,7 @@ def pipefusion_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, posi
     ulysses, ring = state.ulysses, state.ring
     heads = q.shape[2]
     padded_heads = chunk_length(heads, ulysses.size) * ulysses.size
-    qkv = all_to_all(pad_heads(torch.stack([q, k, v]), padded_heads), scatter_dim=3, gather_dim=2, dim_group=ulysses, stats=state.comm)
+    qkv = sequence_to_heads([q, k, v], padded_heads, ulysses, state.comm)
     kv = all_gather(qkv[1:], 2, ring, state.comm)  # every row of the patch, this rank's heads
     table = cache.table(stream, layer, kv, total)
     _write(table, kv, positions_by_rank.reshape(-1))

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention_kernels import attention, attention_with_lse, merge_partials
-from .comm import RingShift, all_gather, all_to_all
+from .comm import RingShift, all_gather, all_to_all, sequence_to_heads
 from .sharding import chunk_length
 from .state import ParallelState
 
@@ -85,9 +85,7 @@ def usp_attention(
     heads_here = padded_heads // ulysses.size
 
     # Ulysses: sequence shard -> head shard (one collective for q, k and v together).
-    qkv = pad_heads(torch.stack([q, k, v]), padded_heads)
-    qkv = all_to_all(qkv, scatter_dim=3, gather_dim=2, dim_group=ulysses, stats=state.comm)
-    bq, bk, bv = qkv.unbind(0)  # (B, U*local_len, heads_here, D): ring block `ring.rank`
+    bq, bk, bv = sequence_to_heads([q, k, v], padded_heads, ulysses, state.comm).unbind(0)  # (B, U*local_len, heads_here, D): ring block `ring.rank`
     block_len = bq.shape[1]
 
     text_len = 0
