@@ -271,7 +271,7 @@ CONFIGS: dict[str, dict[int, list[dict]]] = {
         ],
     },
     "flux2": {
-        2: [{"ulysses_degree": 2}, {"ring_degree": 2}, {"cfg_degree": 2}],
+        2: [{"ulysses_degree": 2}, {"ring_degree": 2}, {"cfg_degree": 2}, {"pipefusion_degree": 2}, {"patch_degree": 2}],
         4: [{"ulysses_degree": 2, "ring_degree": 2}, {"ulysses_degree": 2, "cfg_degree": 2}],
     },
     "sd15": {2: [{"cfg_degree": 2}, {"data_degree": 2}]},

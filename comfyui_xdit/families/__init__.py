@@ -140,10 +140,9 @@ _FLUX_LAYOUT: dict[str, Any] = dict(
 )
 register("BaseModel", FamilyAdapter(None, CFG_AND_DATA, limits="no sequence-parallel adapter for this model yet"), covers_subclasses=True)
 register("Flux", FamilyAdapter("Flux", EVERY_METHOD, **_FLUX_LAYOUT))
-# Flux.2 runs Flux.1's model class with patch 1, 128 latent channels and global modulation: the same hooks apply.
-# Only the exact methods are tested on it so far; the stale-activation ones stay off until they are.
-register("Flux2", FamilyAdapter("Flux.2", Capabilities(ulysses=True, ring=True, cfg=True, data=True),
-                                limits="PipeFusion and patch parallel are not tested on it yet", **_FLUX_LAYOUT))
+# Flux.2 runs Flux.1's model class with patch 1, 128 latent channels and global modulation: the same hooks apply
+# (its positions have a fourth axis; rows are still axis 1, as PipeFusion's bands need).
+register("Flux2", FamilyAdapter("Flux.2", EVERY_METHOD, **_FLUX_LAYOUT))
 # Qwen-Image keeps its head count on each block's attention; its joint attention puts text in front, as Flux's does.
 register("QwenImage", FamilyAdapter(
     "Qwen-Image", Capabilities(ulysses=True, ring=True, cfg=True, data=True), hooks="comfyui_xdit.families.qwen_image",
