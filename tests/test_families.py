@@ -76,8 +76,8 @@ def test_refusals_name_the_family_and_what_it_supports(shells):
         validate_for_model(ParallelConfig(pipefusion_degree=2), 2, shells["sd15"])
     validate_for_model(ParallelConfig(cfg_degree=2, data_degree=2), 4, shells["sd15"])
     validate_for_model(ParallelConfig(ulysses_degree=2, ring_degree=2), 4, shells["flux2"])
-    with pytest.raises(UnsupportedByXDiT, match=r"Flux.2 supports ulysses, ring, cfg and data parallel only \(PipeFusion and patch .*set patch_degree to 1"):
-        validate_for_model(ParallelConfig(patch_degree=2), 2, shells["flux2"])
+    validate_for_model(ParallelConfig(pipefusion_degree=2, ulysses_degree=2), 4, shells["flux2"])
+    validate_for_model(ParallelConfig(patch_degree=2, cfg_degree=2), 4, shells["flux2"])
     validate_for_model(ParallelConfig(ulysses_degree=2, ring_degree=2), 4, shells["qwen_image"])
     for degree in ("pipefusion", "patch"):
         with pytest.raises(UnsupportedByXDiT, match=r"^Qwen-Image supports ulysses, ring, cfg and data parallel only "
@@ -124,18 +124,24 @@ def test_wan_variants_with_extra_inputs_are_refused_sequence_parallel_by_name(co
         adapter_for(_bare("WAN22")).refuse_unsupported(ParallelConfig(patch_degree=2), _bare("WAN22"))
 
 
+@pytest.mark.fast  # needs ComfyUI's classes, no model file
 @pytest.mark.parametrize(("class_name", "name"), [("Chroma", "Chroma"), ("ChromaRadiance", "Chroma Radiance")])
-def test_chroma_refuses_the_stale_methods_by_name(class_name, name, comfy_root):
+def test_chroma_takes_the_stale_methods_and_radiance_refuses_them_by_name(class_name, name, comfy_root):
     import torch
 
+    from comfyui_xdit.families import adapter_for
     from comfyui_xdit.families.flux import refuse_unsupported
-    from comfyui_xdit.parallel_model import validate_for_model
 
-    patcher = SimpleNamespace(model=_bare(class_name))
+    model = _bare(class_name)
+    adapter = adapter_for(model)
     for degree in ("pipefusion", "patch"):
-        with pytest.raises(UnsupportedByXDiT, match=rf"^{name} supports ulysses, ring, cfg and data parallel only "
-                                                    rf"\(PipeFusion and patch parallel have no Chroma hooks yet\); set {degree}_degree to 1$"):
-            validate_for_model(ParallelConfig(**{f"{degree}_degree": 2}), 2, patcher)
+        config = ParallelConfig(**{f"{degree}_degree": 2})
+        if class_name == "Chroma":
+            adapter.refuse_unsupported(config, model)
+            continue
+        with pytest.raises(UnsupportedByXDiT, match=rf"^Chroma Radiance supports ulysses, ring, cfg and data parallel only "
+                                                    rf"\(PipeFusion and patch parallel cut .* receives pixels, .*\); set {degree}_degree to 1$"):
+            adapter.refuse_unsupported(config, model)
     # A style model's attention bias is the one way stock hands Chroma an attention mask: refused by name.
     with pytest.raises(UnsupportedByXDiT, match=f"an attention mask on {name} .*remove it or use UNETLoader"):
         refuse_unsupported(None, None, torch.ones(1, 1, 8, 8), {}, name)

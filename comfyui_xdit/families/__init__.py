@@ -183,9 +183,11 @@ register("ZImagePixelSpace", FamilyAdapter(
 # Chroma is Flux's transformer with a distilled modulation approximator and no pooled vector; Chroma Radiance is its
 # pixel-space subclass (patchified in forward_orig, a NeRF head after it). One hooks module serves both.
 _CHROMA_LAYOUT: dict[str, Any] = dict(
-    capabilities=Capabilities(ulysses=True, ring=True, cfg=True, data=True), hooks="comfyui_xdit.families.chroma",
-    heads_attribute="num_heads", patch_attribute="patch_size", joint_attention="front", block_containers=("double_blocks", "single_blocks"),
-    limits="PipeFusion and patch parallel have no Chroma hooks yet",
+    hooks="comfyui_xdit.families.chroma", heads_attribute="num_heads", patch_attribute="patch_size", joint_attention="front",
+    block_containers=("double_blocks", "single_blocks"),
 )
-register("Chroma", FamilyAdapter("Chroma", **_CHROMA_LAYOUT))
-register("ChromaRadiance", FamilyAdapter("Chroma Radiance", **_CHROMA_LAYOUT))
+register("Chroma", FamilyAdapter("Chroma", EVERY_METHOD, **_CHROMA_LAYOUT))
+register("ChromaRadiance", FamilyAdapter(
+    "Chroma Radiance", Capabilities(ulysses=True, ring=True, cfg=True, data=True), **_CHROMA_LAYOUT,
+    limits="PipeFusion and patch parallel cut the image into bands of tokens before the model runs, and Chroma Radiance's "
+           "forward receives pixels, patchified inside it"))
