@@ -81,7 +81,8 @@ def test_refusals_name_the_family_and_what_it_supports(shells):
     validate_for_model(ParallelConfig(ulysses_degree=2, ring_degree=2), 4, shells["qwen_image"])
     for degree in ("pipefusion", "patch"):
         with pytest.raises(UnsupportedByXDiT, match=r"^Qwen-Image supports ulysses, ring, cfg and data parallel only "
-                                                    rf"\(PipeFusion and patch parallel have no Qwen-Image hooks yet\); set {degree}_degree to 1$"):
+                                                    rf"\(PipeFusion and patch parallel run the model on bands .* no token-level "
+                                                    rf"forward to give them bands\); set {degree}_degree to 1$"):
             validate_for_model(ParallelConfig(**{f"{degree}_degree": 2}), 2, shells["qwen_image"])
 
 
@@ -93,7 +94,8 @@ def test_sd3_takes_the_exact_methods_and_refuses_the_stale_ones_by_name(shells, 
     validate_for_model(ParallelConfig(ulysses_degree=2, cfg_degree=2, data_degree=2), 8, shells[family])
     for degree in ("pipefusion", "patch"):
         with pytest.raises(UnsupportedByXDiT, match=rf"^SD3 supports ulysses, ring, cfg and data parallel only "
-                                                    rf"\(PipeFusion and patch parallel are not implemented .*\); set {degree}_degree to 1$"):
+                                                    rf"\(PipeFusion and patch parallel keep key/value tables per block .* "
+                                                    rf"not implemented for it yet\); set {degree}_degree to 1$"):
             validate_for_model(ParallelConfig(**{f"{degree}_degree": 2}), 2, shells[family])
 
 

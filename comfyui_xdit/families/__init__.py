@@ -147,14 +147,18 @@ register("Flux2", FamilyAdapter("Flux.2", EVERY_METHOD, **_FLUX_LAYOUT))
 register("QwenImage", FamilyAdapter(
     "Qwen-Image", Capabilities(ulysses=True, ring=True, cfg=True, data=True), hooks="comfyui_xdit.families.qwen_image",
     heads_attribute="transformer_blocks.0.attn.heads", patch_attribute="patch_size", joint_attention="front",
-    block_containers=("transformer_blocks",), limits="PipeFusion and patch parallel have no Qwen-Image hooks yet"))
+    block_containers=("transformer_blocks",),
+    limits="PipeFusion and patch parallel run the model on bands of image tokens, and Qwen-Image's forward embeds, runs its "
+           "blocks and unpatchifies the whole latent in one method, with no token-level forward to give them bands"))
 register("LongCatImage", FamilyAdapter(
     "LongCat-Image", CFG_AND_DATA, limits="its shifted RoPE positions are not tested with sequence parallel yet"))
 # SD3 and SD3.5 share one class (ComfyUI's MMDiT); SD3.5's dual-attention blocks run through the same hooks.
 register("SD3", FamilyAdapter(
     "SD3", Capabilities(ulysses=True, ring=True, cfg=True, data=True), hooks="comfyui_xdit.families.sd3",
     heads_attribute="num_heads", patch_attribute="patch_size", joint_attention="front", block_containers=("joint_blocks",),
-    limits="PipeFusion and patch parallel are not implemented for its joint blocks yet"))
+    limits="PipeFusion and patch parallel keep key/value tables per block and cut the image into bands of rows, and its "
+           "joint blocks record no block index, its tokens carry no row positions and SD3.5's dual-attention blocks add "
+           "an image-only attention; not implemented for it yet"))
 # HiDream I1 puts text (T5 and Llama pieces) behind the image in its joint attention; its hooks shard both.
 register("HiDream", FamilyAdapter(
     "HiDream", Capabilities(ulysses=True, ring=True, cfg=True, data=True), hooks="comfyui_xdit.families.hidream",
