@@ -18,11 +18,16 @@ A patch's queries see the whole sequence: fresh keys/values for the rows already
 call's for the rest (pipefusion_attention, sequence-parallel over the stage's Ulysses x Ring ranks). The last
 stage's output is broadcast so every rank continues the sampler loop with the same prediction.
 
+Each attention call's key/value table is named by its place in the call's sequence of attention calls (the
+blocks run in the same order every call, and a stage runs the same blocks for every patch), so a family's blocks
+need not record which block is running.
+
 Warmup calls (stale_steps.py) are synchronous: every row fresh, exact against stock, and they fill the tables.
 """
 from __future__ import annotations
 
 import functools
+import itertools
 import time
 from typing import Callable
 
@@ -49,11 +54,6 @@ def dit_block_keys(double_count: int, single_count: int = 0) -> list[BlockKey]:
             + [(("single_block", i), False) for i in range(single_count)])
 
 
-def layer_of(transformer_options: dict) -> tuple[str, int]:
-    """Which block is calling attention, as ComfyUI's forwards record it (a key/value table per layer)."""
-    return transformer_options["block_type"], transformer_options["block_index"]
-
-
 def refuse_mask(mask, family: str) -> None:
     if mask is not None:
         raise UnsupportedByXDiT(f"an attention mask on {family} (e.g. from an attention-mask node) is not supported in parallel; remove it or use UNETLoader")
@@ -71,12 +71,12 @@ def image_grid(img_ids: torch.Tensor) -> tuple[int, int]:
 
 
 def _displaced_attention_override(family: str, state: ParallelState, cache: KVCache, stream, synchronous: bool,
-                                  positions: torch.Tensor, total: int, func, q, k, v, heads, mask=None, skip_reshape=False,
+                                  positions: torch.Tensor, total: int, layers, func, q, k, v, heads, mask=None, skip_reshape=False,
                                   skip_output_reshape=False, transformer_options=None, **kwargs):
     """Joint attention with this rank's rows fresh and the other patches' keys/values one step old."""
     refuse_mask(mask, family)
     q, k, v = to_bshd(q, k, v, heads, skip_reshape)
-    out = displaced_attention(q, k, v, positions, total, cache, stream, layer_of(transformer_options), state.patch, state,
+    out = displaced_attention(q, k, v, positions, total, cache, stream, next(layers), state.patch, state,
                               synchronous, scale=kwargs.get("scale"))
     return from_bshd(out, skip_output_reshape)
 
@@ -94,7 +94,7 @@ def displaced_forward(family: str, state: ParallelState, cache: KVCache, call: T
                            shard_positions([range(text_len, text_len + image_len)], patch.size)], dim=1)
     options = dict(transformer_options)
     options["optimized_attention_override"] = functools.partial(
-        _displaced_attention_override, family, state, cache, stream, synchronous, positions, text_len + image_len)
+        _displaced_attention_override, family, state, cache, stream, synchronous, positions, text_len + image_len, itertools.count())
     out = call(split_over(img, 1, patch), split_over(img_ids, 1, patch), txt, txt_ids, options)
     if synchronous:
         cache.mark_filled(stream)
@@ -124,11 +124,11 @@ def _block_replacements(blocks: list[BlockKey], stage: range, state: ParallelSta
 
 
 def _pipefusion_attention_override(family: str, state: ParallelState, cache: KVCache, stream, positions: torch.Tensor,
-                                   total: int, func, q, k, v, heads, mask=None, skip_reshape=False, skip_output_reshape=False,
+                                   total: int, layers, func, q, k, v, heads, mask=None, skip_reshape=False, skip_output_reshape=False,
                                    transformer_options=None, **kwargs):
     refuse_mask(mask, family)
     q, k, v = to_bshd(q, k, v, heads, skip_reshape)
-    out = pipefusion_attention(q, k, v, positions, total, cache, stream, layer_of(transformer_options), state, scale=kwargs.get("scale"))
+    out = pipefusion_attention(q, k, v, positions, total, cache, stream, next(layers), state, scale=kwargs.get("scale"))
     return from_bshd(out, skip_output_reshape)
 
 
@@ -162,7 +162,7 @@ def pipefusion_forward(family: str, state: ParallelState, cache: KVCache, plan: 
         positions = shard_positions([text_positions, range(text_len + image.start, text_len + image.stop)], sp.size)
         call_options = dict(transformer_options)
         call_options["optimized_attention_override"] = functools.partial(
-            _pipefusion_attention_override, family, state, cache, stream, positions, text_len + image_len)
+            _pipefusion_attention_override, family, state, cache, stream, positions, text_len + image_len, itertools.count())
         call_options["patches_replace"] = replacements
         out = call(*(split_over(t, 1, sp) for t in (img[:, image], img_ids[:, image], txt[:, text], txt_ids[:, text])), call_options)
         outputs.append(gather_over(out, 1, sp, state, image.stop - image.start) if pf.rank == pf.size - 1 else None)

@@ -87,16 +87,21 @@ def test_refusals_name_the_family_and_what_it_supports(shells):
 
 
 @pytest.mark.parametrize("family", ["sd3", "sd35"])
-def test_sd3_takes_the_exact_methods_and_refuses_the_stale_ones_by_name(shells, family):
+def test_sd3_takes_every_method_and_sd35_dual_attention_refuses_the_stale_ones_by_name(shells, family):
+    from comfyui_xdit.families.sd3 import refuse_stale_methods_on
     from comfyui_xdit.parallel_model import validate_for_model
 
     validate_for_model(ParallelConfig(ulysses_degree=2, ring_degree=2), 4, shells[family])
     validate_for_model(ParallelConfig(ulysses_degree=2, cfg_degree=2, data_degree=2), 8, shells[family])
-    for degree in ("pipefusion", "patch"):
-        with pytest.raises(UnsupportedByXDiT, match=rf"^SD3 supports ulysses, ring, cfg and data parallel only "
-                                                    rf"\(PipeFusion and patch parallel keep key/value tables per block .* "
-                                                    rf"not implemented for it yet\); set {degree}_degree to 1$"):
-            validate_for_model(ParallelConfig(**{f"{degree}_degree": 2}), 2, shells[family])
+    validate_for_model(ParallelConfig(pipefusion_degree=2, ulysses_degree=2), 4, shells[family])
+    validate_for_model(ParallelConfig(patch_degree=2, cfg_degree=2), 4, shells[family])
+    diffusion_model = shells[family].model.diffusion_model
+    if family == "sd3":
+        refuse_stale_methods_on(diffusion_model, "SD3")
+        return
+    with pytest.raises(UnsupportedByXDiT, match=r"^PipeFusion and patch parallel do not take SD3 models with dual-attention blocks "
+                                                r"\(SD3.5 Medium's image-only second attention\); set pipefusion_degree and patch_degree to 1"):
+        refuse_stale_methods_on(diffusion_model, "SD3")
 
 
 @pytest.mark.fast  # needs ComfyUI's classes, no model file

@@ -153,12 +153,10 @@ register("QwenImage", FamilyAdapter(
 register("LongCatImage", FamilyAdapter(
     "LongCat-Image", CFG_AND_DATA, limits="its shifted RoPE positions are not tested with sequence parallel yet"))
 # SD3 and SD3.5 share one class (ComfyUI's MMDiT); SD3.5's dual-attention blocks run through the same hooks.
+# PipeFusion and patch parallel: SD3 and SD3.5 Large; SD3.5 Medium's dual-attention blocks are refused by its hooks.
 register("SD3", FamilyAdapter(
-    "SD3", Capabilities(ulysses=True, ring=True, cfg=True, data=True), hooks="comfyui_xdit.families.sd3",
-    heads_attribute="num_heads", patch_attribute="patch_size", joint_attention="front", block_containers=("joint_blocks",),
-    limits="PipeFusion and patch parallel keep key/value tables per block and cut the image into bands of rows, and its "
-           "joint blocks record no block index, its tokens carry no row positions and SD3.5's dual-attention blocks add "
-           "an image-only attention; not implemented for it yet"))
+    "SD3", EVERY_METHOD, hooks="comfyui_xdit.families.sd3",
+    heads_attribute="num_heads", patch_attribute="patch_size", joint_attention="front", block_containers=("joint_blocks",)))
 # HiDream I1 puts text (T5 and Llama pieces) behind the image in its joint attention; its hooks shard both.
 register("HiDream", FamilyAdapter(
     "HiDream", Capabilities(ulysses=True, ring=True, cfg=True, data=True), hooks="comfyui_xdit.families.hidream",
