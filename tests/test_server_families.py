@@ -44,7 +44,9 @@ FAMILIES = {
     # An 18 x 18 latent: 81 tokens of 2 x 2 patches.
     "sd35": ShippedFamily("sd35_xdit_api.json", "sd35", 144, 3, 64, (1, 16, 18, 18),
                           (AUTO_2, ("ulysses2-ring2", {"world_size": 4, "ulysses_degree": 2, "ring_degree": 2, "cfg_degree": 1})),
-                          r"SD3 supports ulysses, ring, cfg and data parallel only .*set pipefusion_degree to 1"),
+                          # SD3 takes PipeFusion; this tiny SD3.5 has SD3.5 Medium's dual-attention blocks, which it refuses.
+                          r"PipeFusion and patch parallel do not take SD3 models with dual-attention blocks .*"
+                          r"set pipefusion_degree and patch_degree to 1"),
     # The smallest Chroma stock detection takes (width 3072, one double block; 2 GB): world 2 only, 2 steps (~10 s each).
     # Chroma takes PipeFusion and patch parallel (the exactness suite runs them in-process); this file's one block
     # cannot make two stages.
