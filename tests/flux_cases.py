@@ -280,10 +280,11 @@ CONFIGS: dict[str, dict[int, list[dict]]] = {
     },
     "sd15": {2: [{"cfg_degree": 2}, {"data_degree": 2}]},
     "sdxl": {2: [{"cfg_degree": 2}, {"data_degree": 2}], 4: [{"cfg_degree": 2, "data_degree": 2}]},
-    # SD3 at world 2 (also PipeFusion and patch parallel, which SD3.5's dual-attention blocks refuse); SD3.5 (the
-    # same hooks plus its dual-attention blocks) also at world 4.
+    # SD3 at world 2 (also PipeFusion and patch parallel, which SD3.5's dual-attention blocks refuse; PipeFusion x
+    # Ring at world 4); SD3.5 (the same hooks plus its dual-attention blocks) also at world 4.
     "sd3": {2: [{"ulysses_degree": 2}, {"ring_degree": 2}, {"cfg_degree": 2}, {"data_degree": 2}, {"pipefusion_degree": 2},
-                {"patch_degree": 2}]},
+                {"patch_degree": 2}],
+            4: [{"pipefusion_degree": 2, "ring_degree": 2}]},
     "sd35": {
         2: [{"ulysses_degree": 2}, {"ring_degree": 2}, {"cfg_degree": 2}, {"data_degree": 2}],
         4: [{"ulysses_degree": 2, "ring_degree": 2}, {"ulysses_degree": 2, "cfg_degree": 2}],
