@@ -66,7 +66,7 @@ def image_grid(img_ids: torch.Tensor) -> tuple[int, int]:
     width = int((row_ids == row_ids[0]).sum())
     rows = img_ids.shape[1] // max(width, 1)
     if rows * width != img_ids.shape[1] or not bool((row_ids[::width].diff() > 0).all()):
-        raise UnsupportedByXDiT("PipeFusion needs the image tokens in whole rows; extra image tokens (reference latents, e.g. Kontext) are not supported; use pipefusion_degree 1")
+        raise UnsupportedByXDiT("PipeFusion needs the image tokens in whole rows; extra image tokens (reference latents) are not supported; use pipefusion_degree 1")
     return rows, width
 
 
@@ -138,7 +138,7 @@ def pipefusion_forward(family: str, state: ParallelState, cache: KVCache, plan: 
     """The image tokens' output of `call` run as a pipeline of `plan`'s stages (block indices into `blocks`) over
     the pipefusion group; every rank returns the whole output."""
     if transformer_options.get("reference_image_num_tokens"):  # set by forwards that append reference latents
-        raise UnsupportedByXDiT(f"PipeFusion on {family} does not take reference latents (ReferenceLatent, e.g. Flux Kontext): their tokens "
+        raise UnsupportedByXDiT(f"PipeFusion on {family} does not take reference latents (ReferenceLatent): their tokens "
                                 "do not form image rows to pipeline; set pipefusion_degree to 1 (ulysses, ring, cfg or patch parallel take them)")
     if transformer_options.get("patches_replace", {}).get("dit"):
         raise UnsupportedByXDiT(f"another node replaces {family} blocks on this model, which PipeFusion cannot combine with; remove it or set pipefusion_degree to 1")
