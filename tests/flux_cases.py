@@ -94,8 +94,11 @@ MODEL_FILE["hidream"] = IN_PROCESS_PREFIX + "hidream"
 MODEL_FILE["zimage"] = IN_PROCESS_PREFIX + "zimage"
 MODEL_FILE["chroma"] = IN_PROCESS_PREFIX + "chroma"
 MODEL_FILE["chroma_radiance"] = IN_PROCESS_PREFIX + "chroma_radiance"
-# The stale-activation methods run every step synchronously in these tests: that is where they are exact.
+# The stale-activation methods run every step synchronously in these tests: that is where they are exact. Each
+# also samples its family's first case at the sampler's defaults (one warmup step, then stale keys/values) once:
+# approximate, its error against stock is reported.
 FULL_WARMUP = {"warmup_steps": 10_000}
+DEFAULT_STALE_OPTIONS: dict = {}
 
 
 def model_spec(family: str, tiny_flux_paths: dict, tiny_model_path) -> str:
@@ -232,13 +235,14 @@ def family_rank(rank: int, world_size: int, model_spec: str, configs: list[dict]
 
     cases = [SamplingCase(**c) for c in case_dicts]
     base = load_tiny_model(model_spec)
-    result: dict = {"parallel": {}, "bytes": {}}
+    result: dict = {"parallel": {}, "bytes": {}, "after_warmup": {}}
     if rank == 0:
         result["stock"] = {case.name: sample(base, case) for case in cases}
     for degrees in configs:
         state = init_parallel(ParallelConfig(**degrees))
         model = parallelize(base, state)
         if state.config.patch_degree > 1 or state.config.pipefusion_degree > 1:
+            result["after_warmup"][f"{tag(degrees)}/{cases[0].name}"] = sample(with_stale_options(model, DEFAULT_STALE_OPTIONS), cases[0])
             model = with_stale_options(model, FULL_WARMUP)
         for case in cases:
             state.comm.reset()
@@ -271,13 +275,16 @@ CONFIGS: dict[str, dict[int, list[dict]]] = {
         ],
     },
     "flux2": {
-        2: [{"ulysses_degree": 2}, {"ring_degree": 2}, {"cfg_degree": 2}],
-        4: [{"ulysses_degree": 2, "ring_degree": 2}, {"ulysses_degree": 2, "cfg_degree": 2}],
+        2: [{"ulysses_degree": 2}, {"ring_degree": 2}, {"cfg_degree": 2}, {"pipefusion_degree": 2}, {"patch_degree": 2}],
+        4: [{"ulysses_degree": 2, "ring_degree": 2}, {"ulysses_degree": 2, "cfg_degree": 2}, {"patch_degree": 2, "cfg_degree": 2}],
     },
     "sd15": {2: [{"cfg_degree": 2}, {"data_degree": 2}]},
     "sdxl": {2: [{"cfg_degree": 2}, {"data_degree": 2}], 4: [{"cfg_degree": 2, "data_degree": 2}]},
-    # SD3 at world 2; SD3.5 (the same hooks plus its dual-attention blocks) also at world 4.
-    "sd3": {2: [{"ulysses_degree": 2}, {"ring_degree": 2}, {"cfg_degree": 2}, {"data_degree": 2}]},
+    # SD3 at world 2 (also PipeFusion and patch parallel, which SD3.5's dual-attention blocks refuse; PipeFusion x
+    # Ring at world 4); SD3.5 (the same hooks plus its dual-attention blocks) also at world 4.
+    "sd3": {2: [{"ulysses_degree": 2}, {"ring_degree": 2}, {"cfg_degree": 2}, {"data_degree": 2}, {"pipefusion_degree": 2},
+                {"patch_degree": 2}],
+            4: [{"pipefusion_degree": 2, "ring_degree": 2}]},
     "sd35": {
         2: [{"ulysses_degree": 2}, {"ring_degree": 2}, {"cfg_degree": 2}, {"data_degree": 2}],
         4: [{"ulysses_degree": 2, "ring_degree": 2}, {"ulysses_degree": 2, "cfg_degree": 2}],
@@ -313,7 +320,9 @@ CONFIGS["hidream"] = CONFIGS["zimage"] = {
 # Z-Image covers the world-4 combinations of the same code.
 CONFIGS["lumina2"] = {2: CONFIGS["zimage"][2]}
 # Chroma Radiance runs Chroma's hooks plus its pixel patchifier: world 2 (Chroma covers world 4).
-CONFIGS["chroma"] = CONFIGS["qwen_image"]
+# Chroma also takes PipeFusion and displaced patch parallel (Flux's stale_forwards code on its own forward).
+CONFIGS["chroma"] = {2: [*CONFIGS["qwen_image"][2], {"pipefusion_degree": 2}, {"patch_degree": 2}],
+                     4: [*CONFIGS["qwen_image"][4], {"pipefusion_degree": 2, "ulysses_degree": 2}]}
 CONFIGS["chroma_radiance"] = {2: CONFIGS["qwen_image"][2]}
 FP32_TOL = 1e-5
 # CFG multiplies the difference of two predictions by the guidance scale, and EPS models' latents reach ~15: there

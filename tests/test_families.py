@@ -76,25 +76,32 @@ def test_refusals_name_the_family_and_what_it_supports(shells):
         validate_for_model(ParallelConfig(pipefusion_degree=2), 2, shells["sd15"])
     validate_for_model(ParallelConfig(cfg_degree=2, data_degree=2), 4, shells["sd15"])
     validate_for_model(ParallelConfig(ulysses_degree=2, ring_degree=2), 4, shells["flux2"])
-    with pytest.raises(UnsupportedByXDiT, match=r"Flux.2 supports ulysses, ring, cfg and data parallel only \(PipeFusion and patch .*set patch_degree to 1"):
-        validate_for_model(ParallelConfig(patch_degree=2), 2, shells["flux2"])
+    validate_for_model(ParallelConfig(pipefusion_degree=2, ulysses_degree=2), 4, shells["flux2"])
+    validate_for_model(ParallelConfig(patch_degree=2, cfg_degree=2), 4, shells["flux2"])
     validate_for_model(ParallelConfig(ulysses_degree=2, ring_degree=2), 4, shells["qwen_image"])
     for degree in ("pipefusion", "patch"):
         with pytest.raises(UnsupportedByXDiT, match=r"^Qwen-Image supports ulysses, ring, cfg and data parallel only "
-                                                    rf"\(PipeFusion and patch parallel have no Qwen-Image hooks yet\); set {degree}_degree to 1$"):
+                                                    rf"\(PipeFusion and patch parallel run the model on bands .* no token-level "
+                                                    rf"forward to give them bands\); set {degree}_degree to 1$"):
             validate_for_model(ParallelConfig(**{f"{degree}_degree": 2}), 2, shells["qwen_image"])
 
 
 @pytest.mark.parametrize("family", ["sd3", "sd35"])
-def test_sd3_takes_the_exact_methods_and_refuses_the_stale_ones_by_name(shells, family):
+def test_sd3_takes_every_method_and_sd35_dual_attention_refuses_the_stale_ones_by_name(shells, family):
+    from comfyui_xdit.families.sd3 import refuse_stale_methods_on
     from comfyui_xdit.parallel_model import validate_for_model
 
     validate_for_model(ParallelConfig(ulysses_degree=2, ring_degree=2), 4, shells[family])
     validate_for_model(ParallelConfig(ulysses_degree=2, cfg_degree=2, data_degree=2), 8, shells[family])
-    for degree in ("pipefusion", "patch"):
-        with pytest.raises(UnsupportedByXDiT, match=rf"^SD3 supports ulysses, ring, cfg and data parallel only "
-                                                    rf"\(PipeFusion and patch parallel are not implemented .*\); set {degree}_degree to 1$"):
-            validate_for_model(ParallelConfig(**{f"{degree}_degree": 2}), 2, shells[family])
+    validate_for_model(ParallelConfig(pipefusion_degree=2, ulysses_degree=2), 4, shells[family])
+    validate_for_model(ParallelConfig(patch_degree=2, cfg_degree=2), 4, shells[family])
+    diffusion_model = shells[family].model.diffusion_model
+    if family == "sd3":
+        refuse_stale_methods_on(diffusion_model, "SD3")
+        return
+    with pytest.raises(UnsupportedByXDiT, match=r"^PipeFusion and patch parallel do not take SD3 models with dual-attention blocks "
+                                                r"\(SD3.5 Medium's image-only second attention\); set pipefusion_degree and patch_degree to 1"):
+        refuse_stale_methods_on(diffusion_model, "SD3")
 
 
 @pytest.mark.fast  # needs ComfyUI's classes, no model file
@@ -124,18 +131,24 @@ def test_wan_variants_with_extra_inputs_are_refused_sequence_parallel_by_name(co
         adapter_for(_bare("WAN22")).refuse_unsupported(ParallelConfig(patch_degree=2), _bare("WAN22"))
 
 
+@pytest.mark.fast  # needs ComfyUI's classes, no model file
 @pytest.mark.parametrize(("class_name", "name"), [("Chroma", "Chroma"), ("ChromaRadiance", "Chroma Radiance")])
-def test_chroma_refuses_the_stale_methods_by_name(class_name, name, comfy_root):
+def test_chroma_takes_the_stale_methods_and_radiance_refuses_them_by_name(class_name, name, comfy_root):
     import torch
 
+    from comfyui_xdit.families import adapter_for
     from comfyui_xdit.families.flux import refuse_unsupported
-    from comfyui_xdit.parallel_model import validate_for_model
 
-    patcher = SimpleNamespace(model=_bare(class_name))
+    model = _bare(class_name)
+    adapter = adapter_for(model)
     for degree in ("pipefusion", "patch"):
-        with pytest.raises(UnsupportedByXDiT, match=rf"^{name} supports ulysses, ring, cfg and data parallel only "
-                                                    rf"\(PipeFusion and patch parallel have no Chroma hooks yet\); set {degree}_degree to 1$"):
-            validate_for_model(ParallelConfig(**{f"{degree}_degree": 2}), 2, patcher)
+        config = ParallelConfig(**{f"{degree}_degree": 2})
+        if class_name == "Chroma":
+            adapter.refuse_unsupported(config, model)
+            continue
+        with pytest.raises(UnsupportedByXDiT, match=rf"^Chroma Radiance supports ulysses, ring, cfg and data parallel only "
+                                                    rf"\(PipeFusion and patch parallel cut .* receives pixels, .*\); set {degree}_degree to 1$"):
+            adapter.refuse_unsupported(config, model)
     # A style model's attention bias is the one way stock hands Chroma an attention mask: refused by name.
     with pytest.raises(UnsupportedByXDiT, match=f"an attention mask on {name} .*remove it or use UNETLoader"):
         refuse_unsupported(None, None, torch.ones(1, 1, 8, 8), {}, name)

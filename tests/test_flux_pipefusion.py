@@ -158,3 +158,17 @@ def test_quantized_checkpoints_are_refused_for_stage_loading(comfy_root, pipelin
     save_file(tensors, str(tmp_path / "scaled.safetensors"))
     with pytest.raises(UnsupportedByXDiT, match="quantized \\(scaled fp8\\) checkpoint, .* set pipefusion_degree to 1"):
         check_stage_loadable(tmp_path / "scaled.safetensors")
+
+
+@pytest.mark.parametrize("family", ["flux2", "sd3"])
+def test_other_families_stage_models_are_exact_and_hold_their_share(family, tiny_model_path):
+    """Flux.2 (Flux.1's hooks, 4-axis positions) and SD3 (joint blocks) on stage-loaded models: each rank reads only
+    its stage's blocks from the tiny file and PipeFusion at full warmup matches stock sampling."""
+    case = {"name": f"{family}-basic-18x22", "height": 18, "width": 22, "seed": 4, "steps": 2}
+    runs = [{"degrees": {"pipefusion_degree": 2}, "case": case, "options": pipefusion_cases.EXACT}]
+    per_rank = run_on_ranks(pipefusion_cases.pipefusion_rank, 2, str(tiny_model_path(family)), runs, timeout_s=600)
+    reference = per_rank[0]["stock"][str(case)]
+    held = [result["held"][0] for result in per_rank]
+    assert all(0 < mine < total for mine, total in held) and sum(mine for mine, _ in held) == held[0][1], held
+    for result in per_rank:
+        assert (result["latents"][0] - reference).abs().max().item() <= FP32_TOL

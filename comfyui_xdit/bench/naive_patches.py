@@ -8,7 +8,7 @@ import torch
 
 from parallel_core import patch_bands
 
-from ..families.flux_pipefusion import image_grid
+from ..stale_forwards import image_grid
 
 
 def naive_patch_forward(original, patches: int, img, img_ids, txt, txt_ids, timesteps, y, guidance=None, control=None,

@@ -140,22 +140,23 @@ _FLUX_LAYOUT: dict[str, Any] = dict(
 )
 register("BaseModel", FamilyAdapter(None, CFG_AND_DATA, limits="no sequence-parallel adapter for this model yet"), covers_subclasses=True)
 register("Flux", FamilyAdapter("Flux", EVERY_METHOD, **_FLUX_LAYOUT))
-# Flux.2 runs Flux.1's model class with patch 1, 128 latent channels and global modulation: the same hooks apply.
-# Only the exact methods are tested on it so far; the stale-activation ones stay off until they are.
-register("Flux2", FamilyAdapter("Flux.2", Capabilities(ulysses=True, ring=True, cfg=True, data=True),
-                                limits="PipeFusion and patch parallel are not tested on it yet", **_FLUX_LAYOUT))
+# Flux.2 runs Flux.1's model class with patch 1, 128 latent channels and global modulation: the same hooks apply
+# (its positions have a fourth axis; rows are still axis 1, as PipeFusion's bands need).
+register("Flux2", FamilyAdapter("Flux.2", EVERY_METHOD, **_FLUX_LAYOUT))
 # Qwen-Image keeps its head count on each block's attention; its joint attention puts text in front, as Flux's does.
 register("QwenImage", FamilyAdapter(
     "Qwen-Image", Capabilities(ulysses=True, ring=True, cfg=True, data=True), hooks="comfyui_xdit.families.qwen_image",
     heads_attribute="transformer_blocks.0.attn.heads", patch_attribute="patch_size", joint_attention="front",
-    block_containers=("transformer_blocks",), limits="PipeFusion and patch parallel have no Qwen-Image hooks yet"))
+    block_containers=("transformer_blocks",),
+    limits="PipeFusion and patch parallel run the model on bands of image tokens, and Qwen-Image's forward embeds, runs its "
+           "blocks and unpatchifies the whole latent in one method, with no token-level forward to give them bands"))
 register("LongCatImage", FamilyAdapter(
     "LongCat-Image", CFG_AND_DATA, limits="its shifted RoPE positions are not tested with sequence parallel yet"))
 # SD3 and SD3.5 share one class (ComfyUI's MMDiT); SD3.5's dual-attention blocks run through the same hooks.
+# PipeFusion and patch parallel: SD3 and SD3.5 Large; SD3.5 Medium's dual-attention blocks are refused by its hooks.
 register("SD3", FamilyAdapter(
-    "SD3", Capabilities(ulysses=True, ring=True, cfg=True, data=True), hooks="comfyui_xdit.families.sd3",
-    heads_attribute="num_heads", patch_attribute="patch_size", joint_attention="front", block_containers=("joint_blocks",),
-    limits="PipeFusion and patch parallel are not implemented for its joint blocks yet"))
+    "SD3", EVERY_METHOD, hooks="comfyui_xdit.families.sd3",
+    heads_attribute="num_heads", patch_attribute="patch_size", joint_attention="front", block_containers=("joint_blocks",)))
 # HiDream I1 puts text (T5 and Llama pieces) behind the image in its joint attention; its hooks shard both.
 register("HiDream", FamilyAdapter(
     "HiDream", Capabilities(ulysses=True, ring=True, cfg=True, data=True), hooks="comfyui_xdit.families.hidream",
@@ -184,9 +185,11 @@ register("ZImagePixelSpace", FamilyAdapter(
 # Chroma is Flux's transformer with a distilled modulation approximator and no pooled vector; Chroma Radiance is its
 # pixel-space subclass (patchified in forward_orig, a NeRF head after it). One hooks module serves both.
 _CHROMA_LAYOUT: dict[str, Any] = dict(
-    capabilities=Capabilities(ulysses=True, ring=True, cfg=True, data=True), hooks="comfyui_xdit.families.chroma",
-    heads_attribute="num_heads", patch_attribute="patch_size", joint_attention="front", block_containers=("double_blocks", "single_blocks"),
-    limits="PipeFusion and patch parallel have no Chroma hooks yet",
+    hooks="comfyui_xdit.families.chroma", heads_attribute="num_heads", patch_attribute="patch_size", joint_attention="front",
+    block_containers=("double_blocks", "single_blocks"),
 )
-register("Chroma", FamilyAdapter("Chroma", **_CHROMA_LAYOUT))
-register("ChromaRadiance", FamilyAdapter("Chroma Radiance", **_CHROMA_LAYOUT))
+register("Chroma", FamilyAdapter("Chroma", EVERY_METHOD, **_CHROMA_LAYOUT))
+register("ChromaRadiance", FamilyAdapter(
+    "Chroma Radiance", Capabilities(ulysses=True, ring=True, cfg=True, data=True), **_CHROMA_LAYOUT,
+    limits="PipeFusion and patch parallel cut the image into bands of tokens before the model runs, and Chroma Radiance's "
+           "forward receives pixels, patchified inside it"))

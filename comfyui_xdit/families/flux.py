@@ -7,7 +7,8 @@ wrappers (parallel_glue.py, cfg_parallel.py).
 
 With patch_degree > 1 (displaced patch parallel, DistriFusion-style) the same rows are shared out over the patch
 group instead, and attention uses last step's keys/values of the other ranks' rows (displaced_attention) after
-the synchronous warmup steps (stale_steps.py). PipeFusion is flux_pipefusion.py.
+the synchronous warmup steps (stale_steps.py); with pipefusion_degree > 1 the blocks run as a PipeFusion pipeline.
+Both are family-independent (stale_forwards.py); this module only runs Flux's forward_orig on the tokens they pick.
 
 All of it is attached to a clone of the ModelPatcher through ComfyUI's extension points: an object patch of the
 diffusion model's `forward_orig` (active only while that clone is the one patched in) and, inside it, the
@@ -19,24 +20,14 @@ import functools
 
 import torch
 
-from parallel_core import KVCache, ParallelState, displaced_attention, gather_sequence, split_sequence
-from parallel_core.sharding import gather_over, padded_piece, shard_positions, split_over
+from parallel_core import ParallelState, gather_sequence, split_sequence
+from parallel_core.sharding import padded_piece
 
-from .. import stale_steps
 from ..errors import UnsupportedByXDiT
-from ..parallel_glue import from_bshd, refuse_foreign_attention_override, text_front_attention_override, to_bshd
+from ..parallel_glue import refuse_foreign_attention_override, text_front_attention_override
+from ..stale_forwards import dit_block_keys, refuse_mask, stale_method
 
 OBJECT_PATCH_KEY = "diffusion_model.forward_orig"
-
-
-def layer_of(transformer_options: dict) -> tuple[str, int]:
-    """Which block is calling attention, as ComfyUI's forward_orig records it."""
-    return transformer_options["block_type"], transformer_options["block_index"]
-
-
-def refuse_mask(mask, family: str = "Flux") -> None:
-    if mask is not None:
-        raise UnsupportedByXDiT(f"an attention mask on {family} (e.g. from an attention-mask node) is not supported in parallel; remove it or use UNETLoader")
 
 
 def refuse_unsupported(control, timestep_zero_index, attn_mask, transformer_options: dict, family: str = "Flux") -> None:
@@ -78,54 +69,30 @@ def _parallel_forward_orig(original, state: ParallelState, img, img_ids, txt, tx
     return gather_sequence(out, state, 1)
 
 
-def _displaced_attention_override(state: ParallelState, cache: KVCache, stream, synchronous: bool, positions: torch.Tensor,
-                                  total: int, func, q, k, v, heads, mask=None, skip_reshape=False, skip_output_reshape=False,
-                                  transformer_options=None, **kwargs):
-    """Flux's joint attention with this rank's rows fresh and the other patches' keys/values one step old."""
-    refuse_mask(mask)
-    q, k, v = to_bshd(q, k, v, heads, skip_reshape)
-    out = displaced_attention(q, k, v, positions, total, cache, stream, layer_of(transformer_options), state.patch, state,
-                              synchronous, scale=kwargs.get("scale"))
-    return from_bshd(out, skip_output_reshape)
-
-
-def _displaced_forward_orig(original, state: ParallelState, cache: KVCache, img, img_ids, txt, txt_ids, timesteps, y,
-                            guidance=None, control=None, timestep_zero_index=None, transformer_options=None, attn_mask=None):
+def _stale_forward_orig(original, method, family: str, img, img_ids, txt, txt_ids, timesteps, y, guidance=None,
+                       control=None, timestep_zero_index=None, transformer_options=None, attn_mask=None):
+    """Flux's forward_orig run by a stale-activation method (stale_forwards.stale_method) on token subsets."""
     transformer_options = transformer_options or {}
-    refuse_unsupported(control, timestep_zero_index, attn_mask, transformer_options)
-    patch = state.patch
-    text_len, image_len = txt.shape[1], img.shape[1]
-    stream = stale_steps.stream_of(transformer_options, img, txt)
-    synchronous = stale_steps.is_synchronous(cache, stream, transformer_options, stale_steps.options_from(transformer_options).warmup_steps)
-    # Each rank's patch is its band of image rows plus the whole text: text rows are few, and computing them on
-    # every rank keeps their keys/values fresh everywhere (only other patches' image rows are a step old).
-    positions = torch.cat([torch.arange(text_len).expand(patch.size, -1),
-                           shard_positions([range(text_len, text_len + image_len)], patch.size)], dim=1)
-    options = dict(transformer_options)
-    options["optimized_attention_override"] = functools.partial(
-        _displaced_attention_override, state, cache, stream, synchronous, positions, text_len + image_len)
-    out = original(split_over(img, 1, patch), split_over(img_ids, 1, patch), txt, txt_ids, timesteps, y, guidance, None,
-                   transformer_options=options)
-    if synchronous:
-        cache.mark_filled(stream)
-    return gather_over(out, 1, patch, state, image_len)
+    refuse_unsupported(control, timestep_zero_index, attn_mask, transformer_options, family)
+
+    def call(img, img_ids, txt, txt_ids, options):
+        return original(img, img_ids, txt, txt_ids, timesteps, y, guidance, None, transformer_options=options)
+
+    return method(call, img, img_ids, txt, txt_ids, transformer_options)
 
 
 def parallelize(model_patcher, state: ParallelState, adapter):
-    """A clone of `model_patcher` whose Flux runs over `state`'s groups: sequence or patch, and PipeFusion stages
-    (flux_pipefusion.py); `adapter` is its registry entry (families/__init__.py)."""
+    """A clone of `model_patcher` whose Flux runs over `state`'s groups: sequence or patch, and PipeFusion stages;
+    `adapter` is its registry entry (families/__init__.py)."""
     if adapter.joint_attention != "front":  # a registry entry pointing these hooks at another layout is a bug
         raise ValueError(f"the Flux hooks run text-in-front joint attention, not {adapter.joint_attention!r} ({adapter.name})")
-    if state.pipefusion.size > 1:
-        from . import flux_pipefusion  # it builds on this module
-
-        return flux_pipefusion.parallelize(model_patcher, state, adapter.block_containers)
     diffusion_model = model_patcher.model.diffusion_model
     original = functools.partial(type(diffusion_model).forward_orig, diffusion_model)
+    if state.pipefusion.size > 1 or state.patch.size > 1:
+        blocks = dit_block_keys(len(diffusion_model.double_blocks), len(diffusion_model.single_blocks))
+        patched, method = stale_method(model_patcher, state, adapter.name, adapter.block_containers, blocks)
+        patched.add_object_patch(OBJECT_PATCH_KEY, functools.partial(_stale_forward_orig, original, method, adapter.name))
+        return patched
     patched = model_patcher.clone()
-    if state.patch.size > 1:
-        cache = stale_steps.attach_cache(patched)
-        patched.add_object_patch(OBJECT_PATCH_KEY, functools.partial(_displaced_forward_orig, original, state, cache))
-    else:
-        patched.add_object_patch(OBJECT_PATCH_KEY, functools.partial(_parallel_forward_orig, original, state))
+    patched.add_object_patch(OBJECT_PATCH_KEY, functools.partial(_parallel_forward_orig, original, state))
     return patched

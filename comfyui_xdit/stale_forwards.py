@@ -1,0 +1,195 @@
+"""PipeFusion and displaced patch parallel for every family whose forward is one plain sequence of replaceable blocks
+over joint [text, image] attention: the family-independent half of both methods.
+
+A family's hooks (families/) supply two things. `call(img, img_ids, txt, txt_ids, transformer_options)` runs its
+forward on just these tokens (image tokens in whole rows, their positions in ComfyUI's (index, row, column, ...)
+layout: the row is axis 1) and returns the image tokens' output. `blocks` names the blocks in execution order by
+their ComfyUI replacement keys (transformer_options patches_replace "dit", e.g. ("double_block", i)) and says
+whether each keeps text apart (returns "img" and "txt") or runs one joint [text, image] stream (returns "img").
+
+Displaced patch parallel (DistriFusion-style): each rank of the patch group computes its band of image rows plus
+the whole text; attention uses the other bands' keys/values from the previous step (displaced_attention).
+
+PipeFusion: within one model call (ComfyUI's sampler owns the loop, so the pipeline fills and drains once per
+call) the image is cut into patches (bands of rows; the text travels with the first) and each runs through the
+family's forward on every stage. Block replacements make each stage run only its own blocks: the first receives
+the patch's rows from the previous stage, the last sends them on without waiting, the others' blocks pass through.
+A patch's queries see the whole sequence: fresh keys/values for the rows already computed in this call, last
+call's for the rest (pipefusion_attention, sequence-parallel over the stage's Ulysses x Ring ranks). The last
+stage's output is broadcast so every rank continues the sampler loop with the same prediction.
+
+Each attention call's key/value table is named by its place in the call's sequence of attention calls (the
+blocks run in the same order every call, and a stage runs the same blocks for every patch), so a family's blocks
+need not record which block is running.
+
+Warmup calls (stale_steps.py) are synchronous: every row fresh, exact against stock, and they fill the tables.
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+import time
+from typing import Callable
+
+import torch
+
+from parallel_core import KVCache, ParallelState, broadcast, displaced_attention, pipefusion_attention
+from parallel_core.comm import recv, send_async
+from parallel_core.sharding import gather_over, shard_positions, split_over
+
+from . import stale_steps
+from .block_stages import stage_plan
+from .errors import UnsupportedByXDiT
+from .parallel_glue import from_bshd, to_bshd
+
+# forward_orig of a family on (img, img_ids, txt, txt_ids) with these transformer_options: the image tokens' output.
+TokenCall = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict], torch.Tensor]
+# A block's replacement key and whether it keeps text apart (double) or runs one joint stream (single).
+BlockKey = tuple[tuple[str, int], bool]
+
+
+def dit_block_keys(double_count: int, single_count: int = 0) -> list[BlockKey]:
+    """ComfyUI's "dit" replacement keys: double blocks ("double_block", i), then single blocks ("single_block", i)."""
+    return ([(("double_block", i), True) for i in range(double_count)]
+            + [(("single_block", i), False) for i in range(single_count)])
+
+
+def refuse_mask(mask, family: str) -> None:
+    if mask is not None:
+        raise UnsupportedByXDiT(f"an attention mask on {family} (e.g. from an attention-mask node) is not supported in parallel; remove it or use UNETLoader")
+
+
+def image_grid(img_ids: torch.Tensor) -> tuple[int, int]:
+    """(rows, tokens per row) of the image tokens, which PipeFusion cuts into bands of whole rows (row positions on
+    axis 1 of ComfyUI's position ids, whatever the number of axes)."""
+    row_ids = img_ids[0, :, 1]
+    width = int((row_ids == row_ids[0]).sum())
+    rows = img_ids.shape[1] // max(width, 1)
+    if rows * width != img_ids.shape[1] or not bool((row_ids[::width].diff() > 0).all()):
+        raise UnsupportedByXDiT("PipeFusion needs the image tokens in whole rows; extra image tokens (reference latents) are not supported; use pipefusion_degree 1")
+    return rows, width
+
+
+def _displaced_attention_override(family: str, state: ParallelState, cache: KVCache, stream, synchronous: bool,
+                                  positions: torch.Tensor, total: int, layers, func, q, k, v, heads, mask=None, skip_reshape=False,
+                                  skip_output_reshape=False, transformer_options=None, **kwargs):
+    """Joint attention with this rank's rows fresh and the other patches' keys/values one step old."""
+    refuse_mask(mask, family)
+    q, k, v = to_bshd(q, k, v, heads, skip_reshape)
+    out = displaced_attention(q, k, v, positions, total, cache, stream, next(layers), state.patch, state,
+                              synchronous, scale=kwargs.get("scale"))
+    return from_bshd(out, skip_output_reshape)
+
+
+def displaced_forward(family: str, state: ParallelState, cache: KVCache, call: TokenCall, img: torch.Tensor,
+                      img_ids: torch.Tensor, txt: torch.Tensor, txt_ids: torch.Tensor, transformer_options: dict) -> torch.Tensor:
+    """The image tokens' output of `call` with this rank computing its band of rows (patch group), all rows gathered."""
+    patch = state.patch
+    text_len, image_len = txt.shape[1], img.shape[1]
+    stream = stale_steps.stream_of(transformer_options, img, txt)
+    synchronous = stale_steps.is_synchronous(cache, stream, transformer_options, stale_steps.options_from(transformer_options).warmup_steps)
+    # Each rank's patch is its band of image rows plus the whole text: text rows are few, and computing them on
+    # every rank keeps their keys/values fresh everywhere (only other patches' image rows are a step old).
+    positions = torch.cat([torch.arange(text_len).expand(patch.size, -1),
+                           shard_positions([range(text_len, text_len + image_len)], patch.size)], dim=1)
+    options = dict(transformer_options)
+    options["optimized_attention_override"] = functools.partial(
+        _displaced_attention_override, family, state, cache, stream, synchronous, positions, text_len + image_len, itertools.count())
+    out = call(split_over(img, 1, patch), split_over(img_ids, 1, patch), txt, txt_ids, options)
+    if synchronous:
+        cache.mark_filled(stream)
+    return gather_over(out, 1, patch, state, image_len)
+
+
+def _run_block(index: int, double: bool, stage: range, state: ParallelState, sends: list, args: dict, extra: dict) -> dict:
+    """One block of the family's loop on this stage: pass through, or receive / compute / send the patch's rows."""
+    pf = state.pipefusion
+    if index not in stage:
+        return {"img": args["img"], "txt": args["txt"]} if double else {"img": args["img"]}
+    if index == stage.start and pf.rank > 0:
+        # Rows arrive as one [text, image] tensor whatever the block kind; its shape is this rank's own rows'.
+        like = torch.cat([args["txt"], args["img"]], 1) if double else args["img"]
+        joint = recv(like, pf.rank - 1, pf, state.comm)
+        text_rows = args["txt"].shape[1] if double else 0
+        args = {**args, "txt": joint[:, :text_rows], "img": joint[:, text_rows:]} if double else {**args, "img": joint}
+    out = extra["original_block"](args)
+    if index == stage.stop - 1 and pf.rank < pf.size - 1:
+        joint = torch.cat([out["txt"], out["img"]], 1) if double else out["img"]
+        sends.append((send_async(joint, pf.rank + 1, pf, state.comm), joint))
+    return out
+
+
+def _block_replacements(blocks: list[BlockKey], stage: range, state: ParallelState, sends: list) -> dict:
+    return {key: functools.partial(_run_block, index, double, stage, state, sends) for index, (key, double) in enumerate(blocks)}
+
+
+def _pipefusion_attention_override(family: str, state: ParallelState, cache: KVCache, stream, positions: torch.Tensor,
+                                   total: int, layers, func, q, k, v, heads, mask=None, skip_reshape=False, skip_output_reshape=False,
+                                   transformer_options=None, **kwargs):
+    refuse_mask(mask, family)
+    q, k, v = to_bshd(q, k, v, heads, skip_reshape)
+    out = pipefusion_attention(q, k, v, positions, total, cache, stream, next(layers), state, scale=kwargs.get("scale"))
+    return from_bshd(out, skip_output_reshape)
+
+
+def pipefusion_forward(family: str, state: ParallelState, cache: KVCache, plan: list[range], blocks: list[BlockKey],
+                       call: TokenCall, img: torch.Tensor, img_ids: torch.Tensor, txt: torch.Tensor, txt_ids: torch.Tensor,
+                       transformer_options: dict) -> torch.Tensor:
+    """The image tokens' output of `call` run as a pipeline of `plan`'s stages (block indices into `blocks`) over
+    the pipefusion group; every rank returns the whole output."""
+    if transformer_options.get("reference_image_num_tokens"):  # set by forwards that append reference latents
+        raise UnsupportedByXDiT(f"PipeFusion on {family} does not take reference latents (ReferenceLatent): their tokens "
+                                "do not form image rows to pipeline; set pipefusion_degree to 1 (ulysses, ring, cfg or patch parallel take them)")
+    if transformer_options.get("patches_replace", {}).get("dit"):
+        raise UnsupportedByXDiT(f"another node replaces {family} blocks on this model, which PipeFusion cannot combine with; remove it or set pipefusion_degree to 1")
+    pf, sp = state.pipefusion, state.sequence
+    options = stale_steps.options_from(transformer_options)
+    stream = stale_steps.stream_of(transformer_options, img, txt)
+    synchronous = stale_steps.is_synchronous(cache, stream, transformer_options, options.warmup_steps)
+    rows, width = image_grid(img_ids)
+    bands = [(0, rows)] if synchronous else stale_steps.bands_for(rows, options.num_pipeline_patch, pf.size)
+    text_len, image_len = txt.shape[1], img.shape[1]
+    sends: list = []
+    outputs = []
+    # One set of block replacements serves every band: they differ only in the rows they receive.
+    replacements = {**transformer_options.get("patches_replace", {}), "dit": _block_replacements(blocks, plan[pf.rank], state, sends)}
+    for band, (top, bottom) in enumerate(bands):
+        image = slice(top * width, bottom * width)
+        # The text rows travel with the first patch. Joint blocks cannot take zero text rows, so later patches
+        # carry one throwaway text row: position -1, never written to the tables, its output dropped.
+        text = slice(0, text_len if band == 0 else 1)
+        text_positions = range(text_len) if band == 0 else range(-1, 0)
+        positions = shard_positions([text_positions, range(text_len + image.start, text_len + image.stop)], sp.size)
+        call_options = dict(transformer_options)
+        call_options["optimized_attention_override"] = functools.partial(
+            _pipefusion_attention_override, family, state, cache, stream, positions, text_len + image_len, itertools.count())
+        call_options["patches_replace"] = replacements
+        out = call(*(split_over(t, 1, sp) for t in (img[:, image], img_ids[:, image], txt[:, text], txt_ids[:, text])), call_options)
+        outputs.append(gather_over(out, 1, sp, state, image.stop - image.start) if pf.rank == pf.size - 1 else None)
+    for work, _ in sends:
+        work.wait()
+    if synchronous:
+        cache.mark_filled(stream)
+    if pf.rank == pf.size - 1:
+        result = torch.cat(outputs, dim=1)
+    else:
+        result = out.new_empty(out.shape[0], image_len, out.shape[2])
+    started = time.perf_counter()
+    result = broadcast(result, pf.size - 1, pf, state.comm)  # earlier stages wait here for the pipeline to drain
+    state.comm.record_wait("broadcast", pf.name, time.perf_counter() - started)
+    return result
+
+
+def stale_method(model_patcher, state: ParallelState, family: str, containers: tuple[str, ...],
+                 blocks: list[BlockKey]) -> tuple[object, Callable[..., torch.Tensor]]:
+    """A clone of `model_patcher` whose key/value tables are emptied around each sampling run, and the method
+    `state` asks for bound to them: method(call, img, img_ids, txt, txt_ids, transformer_options), PipeFusion over
+    the blocks of `containers` (keyed `blocks`, in the same order) or displaced patch parallel."""
+    patched = model_patcher.clone()
+    cache = stale_steps.attach_cache(patched)
+    if state.pipefusion.size == 1:
+        return patched, functools.partial(displaced_forward, family, state, cache)
+    plan = stage_plan(model_patcher.model.diffusion_model, containers, state.pipefusion.size)
+    if plan[-1].stop != len(blocks):  # the hooks' keys must cover the registry's containers: a mismatch is a bug
+        raise ValueError(f"{family}: {len(blocks)} block keys for {plan[-1].stop} blocks in {containers}")
+    return patched, functools.partial(pipefusion_forward, family, state, cache, plan, blocks)
