@@ -34,6 +34,7 @@ class SamplingCase:
     reference: tuple[int, int] | None = None  # rows, cols of a seeded reference latent given to every cond (ReferenceLatent)
     frames: int | None = None  # latent frames of a video latent (B, C, frames, rows, cols); None: an image latent
     start_image: bool = False  # a seeded stand-in start image, given the way the family's image-to-video node gives it
+    padded_text: bool = False  # the positive prompt's last text tokens are padding, masked (attention_mask) as a text encoder masks them
 
 
 CASES: tuple[SamplingCase, ...] = (
@@ -49,6 +50,11 @@ CASES: tuple[SamplingCase, ...] = (
     SamplingCase("video-basic-euler-3x10x14-batch2", frames=3, height=10, width=14, batch=2, seed=7),
     SamplingCase("video-image-cfg-euler-3x10x14", guider="cfg", cfg=5.0, frames=3, height=10, width=14, seed=8, start_image=True),
     SamplingCase("video-basic-dpmpp2m-3x10x14-batch2", sampler="dpmpp_2m", frames=3, height=10, width=14, batch=2, seed=9),
+    SamplingCase("video-cfg-dpmpp2m-3x10x14-padded-text", guider="cfg", cfg=5.0, sampler="dpmpp_2m", frames=3, height=10,
+                 width=14, seed=10, padded_text=True),
+    # Video models with 1x1 patches: 3 frames of 5x7 tokens.
+    SamplingCase("video-image-cfg-euler-3x5x7", guider="cfg", cfg=5.0, frames=3, height=5, width=7, seed=11, start_image=True),
+    SamplingCase("video-basic-dpmpp2m-3x5x7-batch2", sampler="dpmpp_2m", frames=3, height=5, width=7, batch=2, seed=12),
 )
 CASE_BY_NAME = {case.name: case for case in CASES}
 # Which cases each tiny family runs: Flux all but the U-Net-sized one; Flux.2 (512 padded text tokens, slower) its
@@ -86,6 +92,13 @@ FAMILY_CASES: dict[str, tuple[str, ...]] = {
     # Chroma (in-process, Flux-tiny width) and Chroma Radiance (pixels, 2 x 2 patches: 9 x 11 tokens at 18 x 22).
     "chroma": ("basic-euler", "cfg-dpmpp2m-18x22", "basic-dpmpp2m-18x22-batch2"),
     "chroma_radiance": ("cfg-dpmpp2m-18x22", "basic-dpmpp2m-18x22-batch2"),
+    # HunyuanVideo 1.0 T2V (105 image tokens): both guiders and samplers, a padded (masked) prompt, batch 2 for data
+    # parallel, and a start image the "v2 (replace)" way (guiding frame: per-token modulation of the first frame).
+    # HunyuanVideo 1.5 (105 tokens at 1x1 patches; double blocks only): a start image with CLIP-vision tokens and ByT5
+    # glyph tokens in front of the text, and batch 2 (stock 0.30.0 fails on a text mask beside glyph or vision tokens).
+    "hunyuan_video": ("video-basic-euler-3x10x14", "video-cfg-dpmpp2m-3x10x14-padded-text", "video-basic-euler-3x10x14-batch2",
+                      "video-image-cfg-euler-3x10x14"),
+    "hunyuan_video15": ("video-image-cfg-euler-3x5x7", "video-basic-dpmpp2m-3x5x7-batch2"),
 }
 # The tiny file each entry runs (default: the one of its own name), or tiny_models.IN_PROCESS_PREFIX + a name for
 # families built in-process (their detection fixes billions of parameters).
@@ -144,6 +157,8 @@ def _extra_conditioning(base_model, seed: int) -> dict:
     hidden states (batch, layers, tokens, width), as many layers as its llama_layers reads."""
     import comfy.model_base
 
+    if isinstance(base_model, comfy.model_base.HunyuanVideo15):  # ByT5 glyph tokens (a length of their own)
+        return {"conditioning_byt5small": torch.randn(1, 3, 1472, generator=torch.Generator().manual_seed(seed + 1))}
     if not isinstance(base_model, comfy.model_base.HiDream):
         return {}
     unet_config = base_model.model_config.unet_config
@@ -164,6 +179,17 @@ def _with_start_image(base_model, case: SamplingCase, latent: dict, positive, ne
     first = torch.randn(1, samples.shape[1], 1, *samples.shape[-2:], generator=generator)
     mask = torch.ones(samples.shape[0], 1, *samples.shape[2:])
     mask[:, :, :1] = 0.0
+    if isinstance(base_model, comfy.model_base.HunyuanVideo15):  # HunyuanVideo15ImageToVideo with a CLIP-vision output
+        clip_vision_output = comfy.clip_vision.Output()
+        clip_vision_output.last_hidden_state = torch.randn(1, 9, 1152, generator=generator)
+        concat = torch.zeros(samples.shape[0], samples.shape[1], *samples.shape[2:])
+        concat[:, :, :1] = first
+        values = {"concat_latent_image": concat, "concat_mask": mask[:1], "clip_vision_output": clip_vision_output}
+        return latent, *(node_helpers.conditioning_set_values(c, values) if c is not None else None for c in (positive, negative))
+    if isinstance(base_model, comfy.model_base.HunyuanVideo):  # HunyuanImageToVideo "v2 (replace)": a guiding frame
+        image = samples.clone()
+        image[:, :, :1] = first
+        return {"samples": image, "noise_mask": mask[:1]}, node_helpers.conditioning_set_values(positive, {"guiding_frame_index": 0}), negative
     if isinstance(base_model, comfy.model_base.WAN22):
         image = samples.clone()
         image[:, :, :1] = first
@@ -212,6 +238,12 @@ def sample(model_patcher, case: SamplingCase) -> torch.Tensor:
     latent = {"samples": torch.zeros(case.batch, base_model.latent_format.latent_channels, *frames, case.height, case.width)}
     if case.start_image:
         latent, positive, negative = _with_start_image(base_model, case, latent, positive, negative)
+    if case.padded_text:  # the text encoder's mask of a prompt whose last two tokens are padding
+        import node_helpers
+
+        mask = torch.ones(1, TEXT_TOKENS, dtype=torch.long)
+        mask[:, -2:] = 0
+        positive = node_helpers.conditioning_set_values(positive, {"attention_mask": mask})
     if case.guider == "cfg":
         guider = _first(custom.CFGGuider.execute(model, positive, negative, case.cfg))
     else:
@@ -305,6 +337,8 @@ _VIDEO_CONFIGS: dict[int, list[dict]] = {
 # One set of hooks serves every Wan: the world-4 combinations run on Wan 2.2's TI2V 5B (per-frame timesteps, start
 # image), Wan 2.1 T2V and I2V at world 2 (CI time on two cores).
 CONFIGS.update({"wan21": {2: _VIDEO_CONFIGS[2]}, "wan21_i2v": {2: _VIDEO_CONFIGS[2]}, "wan22_5b": _VIDEO_CONFIGS})
+# One set of hooks serves HunyuanVideo 1.0 and 1.5: the world-4 combination on 1.0, 1.5 at world 2.
+CONFIGS.update({"hunyuan_video": {2: _VIDEO_CONFIGS[2], 4: _VIDEO_CONFIGS[4][:1]}, "hunyuan_video15": {2: _VIDEO_CONFIGS[2]}})
 CONFIGS["hidream"] = CONFIGS["zimage"] = {
     2: [{"ulysses_degree": 2}, {"ring_degree": 2}, {"cfg_degree": 2}, {"data_degree": 2}],
     4: [{"ulysses_degree": 2, "ring_degree": 2}, {"ulysses_degree": 2, "cfg_degree": 2}],

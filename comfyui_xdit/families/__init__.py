@@ -190,3 +190,13 @@ _CHROMA_LAYOUT: dict[str, Any] = dict(
 )
 register("Chroma", FamilyAdapter("Chroma", **_CHROMA_LAYOUT))
 register("ChromaRadiance", FamilyAdapter("Chroma Radiance", **_CHROMA_LAYOUT))
+# HunyuanVideo 1.0 (T2V; its I2V and SkyReels I2V subclasses add latent channels) and 1.5 (ByT5 glyph and CLIP-vision
+# tokens in front of the text): Flux's double/single blocks over [text, image] tokens of (frames x rows x cols), text in
+# front, the text encoder's padding mask honoured; the text refiner and head run whole. HunyuanImage 2.1 (a 2-D model
+# of the same class) has its own model_base class and stays on the generic entry until it is tested.
+_HUNYUAN_VIDEO_LAYOUT: dict[str, Any] = dict(
+    capabilities=Capabilities(ulysses=True, ring=True, cfg=True, data=True), hooks="comfyui_xdit.families.hunyuan_video",
+    heads_attribute="num_heads", joint_attention="front", block_containers=("double_blocks", "single_blocks"),
+    limits="PipeFusion and patch parallel are not implemented for video yet")
+register("HunyuanVideo", FamilyAdapter("HunyuanVideo", **_HUNYUAN_VIDEO_LAYOUT), covers_subclasses=True)
+register("HunyuanVideo15", FamilyAdapter("HunyuanVideo 1.5", **_HUNYUAN_VIDEO_LAYOUT), covers_subclasses=True)

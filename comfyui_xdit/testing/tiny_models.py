@@ -128,6 +128,24 @@ WAN_VARIANTS: dict[str, tuple[dict[str, Any], str]] = {  # variant -> (config, t
     "i2v": ({"model_type": "i2v", "in_dim": 36, "out_dim": 16}, "WAN21_I2V"),
     "ti2v_5b": ({"model_type": "t2v", "in_dim": 48, "out_dim": 48}, "WAN22_T2V"),
 }
+# HunyuanVideo (comfy.ldm.hunyuan_video.model.HunyuanVideo). Detection reads width, channels, patch, text width and
+# block counts from the weights and fixes heads of 128 channels on RoPE axes 16/56/56, theta 256, MLP x4, CLIP-L's 768
+# pooled width (1.0), ByT5's 1472 input and 1.5's SigLIP width 1152 (which tells 1.5 apart). Width 256: 2 heads.
+# 1.0 T2V: 16 latent channels, patches 1x2x2, guidance embedding, two double blocks and one single block (~5 M
+# parameters). 1.5: 32 latent channels (+ 32 image + 1 mask in), patches 1x1x1, ByT5 glyph and vision inputs, the
+# cond-type embedding, and only double blocks as the real one (~14 M parameters, mostly the ByT5 mapper).
+HUNYUAN_VIDEO_BASE: dict[str, Any] = {
+    "image_model": "hunyuan_video", "in_channels": 16, "out_channels": 16, "vec_in_dim": 768, "context_in_dim": 64,
+    "hidden_size": 256, "mlp_ratio": 4.0, "num_heads": 2, "depth": 2, "depth_single_blocks": 1, "axes_dim": [16, 56, 56],
+    "theta": 256, "patch_size": [1, 2, 2], "qkv_bias": True, "guidance_embed": True, "byt5": False, "meanflow": False,
+    "use_cond_type_embedding": False, "vision_in_dim": None, "meanflow_sum": False,
+}
+HUNYUAN_VIDEO_VARIANTS: dict[str, tuple[dict[str, Any], str]] = {  # variant -> (config, the supported_models class)
+    "v1": ({}, "HunyuanVideo"),
+    "v15": ({"in_channels": 65, "out_channels": 32, "vec_in_dim": None, "patch_size": [1, 1, 1], "depth_single_blocks": 0,
+             "guidance_embed": False, "byt5": True, "use_cond_type_embedding": True, "vision_in_dim": 1152,
+             "meanflow_sum": True}, "HunyuanVideo15"),
+}
 # Lumina 2 (comfy.model_base.Lumina2, ComfyUI's NextDiT): detection takes it for Lumina 2 only at width 2304 (24 query
 # heads, 8 key/value heads, FFN x4) and reads the caption width (Gemma 2's 2304) and the main layer count from the
 # weights; the two refiners of each kind are the class default. One main layer: ~435 M parameters, 1.7 GB in fp32.
@@ -282,6 +300,8 @@ def init_weights_(model: torch.nn.Module, seed: int, output_layer: str = _OUTPUT
                     value = noise / math.sqrt(parameter.shape[1])
                 elif name == "modulation":  # adaLN tables held as bare parameters (Wan), added to the timestep's
                     value = _MODULATION_STD * noise
+                elif isinstance(module, torch.nn.Embedding):  # HunyuanVideo 1.5's cond-type embedding, added to text rows
+                    value = _MODULATION_STD * noise
                 elif name.endswith("pad_token"):  # Z-Image's learned padding tokens, embeddings in the model's width
                     value = noise
                 else:
@@ -384,6 +404,22 @@ def write_tiny_wan(path: str | Path, variant: str = "t2v", size: str = "tiny", s
     init_weights_(model, seed, output_layer="head.head")
     smooth_in_time_(model.time_embedding[0])
     return _save(model, path, {"family": "wan", "variant": variant, "size": size, "seed": seed, "config": config})
+
+
+def write_tiny_hunyuan_video(path: str | Path, variant: str = "v1", size: str = "tiny", seed: int = 0, **overrides: Any) -> Path:
+    """Write a seeded checkpoint that ``comfy.sd.load_diffusion_model`` loads and detects as HunyuanVideo 1.0 (T2V) or
+    1.5 (variants in HUNYUAN_VIDEO_VARIANTS)."""
+    path = _checked_path(path)
+    if variant not in HUNYUAN_VIDEO_VARIANTS or size != "tiny":
+        raise ValueError(f"unknown hunyuan_video variant/size {variant!r}/{size!r}; choose from {sorted(HUNYUAN_VIDEO_VARIANTS)} / ['tiny']")
+    variant_config, config_class = HUNYUAN_VIDEO_VARIANTS[variant]
+    config = copy.deepcopy({**HUNYUAN_VIDEO_BASE, **variant_config, **overrides})
+    model = _detected_model(config, config_class)
+    init_weights_(model, seed)
+    smooth_in_time_(model.time_in.in_layer)
+    return _save(model, path, {"family": "hunyuan_video", "variant": variant, "size": size, "seed": seed, "config": config})
+
+
 def write_tiny_lumina2(path: str | Path, variant: str = "default", size: str = "tiny", seed: int = 0, **overrides: Any) -> Path:
     """Write a seeded checkpoint that ``comfy.sd.load_diffusion_model`` loads and detects as Lumina 2."""
     path = _checked_path(path)
@@ -462,6 +498,9 @@ FAMILIES: dict[str, TinyFamily] = {
     "wan21_i2v": TinyFamily(("i2v",), ("tiny",), write_tiny_wan),
     "wan22_5b": TinyFamily(("ti2v_5b",), ("tiny",), write_tiny_wan),
     "lumina2": TinyFamily(("default",), ("tiny",), write_tiny_lumina2),
+    # HunyuanVideo 1.0 T2V (and 1.5 as a variant); 1.5 under its own name too, for tests and the CLI.
+    "hunyuan_video": TinyFamily(tuple(HUNYUAN_VIDEO_VARIANTS), ("tiny",), write_tiny_hunyuan_video),
+    "hunyuan_video15": TinyFamily(("v15",), ("tiny",), write_tiny_hunyuan_video),
     "chroma": TinyFamily(("default",), ("tiny",), write_tiny_chroma),
     # Two files (encoder, decoder) written into the given vae_approx folder; VAELoader offers them as "taef1".
     "taef1": TinyFamily(TAEF1_VARIANTS, TAEF1_SIZES, write_tiny_taef1),
