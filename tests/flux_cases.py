@@ -55,6 +55,8 @@ CASES: tuple[SamplingCase, ...] = (
     # Video models with 1x1 patches: 3 frames of 5x7 tokens.
     SamplingCase("video-image-cfg-euler-3x5x7", guider="cfg", cfg=5.0, frames=3, height=5, width=7, seed=11, start_image=True),
     SamplingCase("video-basic-dpmpp2m-3x5x7-batch2", sampler="dpmpp_2m", frames=3, height=5, width=7, batch=2, seed=12),
+    SamplingCase("video-cfg-dpmpp2m-3x5x7-padded-text", guider="cfg", cfg=5.0, sampler="dpmpp_2m", frames=3, height=5,
+                 width=7, seed=13, padded_text=True),
 )
 CASE_BY_NAME = {case.name: case for case in CASES}
 # Which cases each tiny family runs: Flux all but the U-Net-sized one; Flux.2 (512 padded text tokens, slower) its
@@ -99,6 +101,9 @@ FAMILY_CASES: dict[str, tuple[str, ...]] = {
     "hunyuan_video": ("video-basic-euler-3x10x14", "video-cfg-dpmpp2m-3x10x14-padded-text", "video-basic-euler-3x10x14-batch2",
                       "video-image-cfg-euler-3x10x14"),
     "hunyuan_video15": ("video-image-cfg-euler-3x5x7", "video-basic-dpmpp2m-3x5x7-batch2"),
+    # LTX-Video (105 tokens at 1x1x1 patches, 32 heads): a start image the LTXVImgToVideo way (per-token timesteps),
+    # a padded (masked) prompt in cross-attention, batch 2.
+    "ltxv": ("video-image-cfg-euler-3x5x7", "video-cfg-dpmpp2m-3x5x7-padded-text", "video-basic-dpmpp2m-3x5x7-batch2"),
 }
 # The tiny file each entry runs (default: the one of its own name), or tiny_models.IN_PROCESS_PREFIX + a name for
 # families built in-process (their detection fixes billions of parameters).
@@ -157,6 +162,8 @@ def _extra_conditioning(base_model, seed: int) -> dict:
     hidden states (batch, layers, tokens, width), as many layers as its llama_layers reads."""
     import comfy.model_base
 
+    if isinstance(base_model, comfy.model_base.LTXV):  # T5's padding mask (its forward needs one) and LTXVConditioning's
+        return {"attention_mask": torch.ones(1, TEXT_TOKENS, dtype=torch.long), "frame_rate": 24.0}  # frame rate
     if isinstance(base_model, comfy.model_base.HunyuanVideo15):  # ByT5 glyph tokens (a length of their own)
         return {"conditioning_byt5small": torch.randn(1, 3, 1472, generator=torch.Generator().manual_seed(seed + 1))}
     if not isinstance(base_model, comfy.model_base.HiDream):
@@ -179,6 +186,12 @@ def _with_start_image(base_model, case: SamplingCase, latent: dict, positive, ne
     first = torch.randn(1, samples.shape[1], 1, *samples.shape[-2:], generator=generator)
     mask = torch.ones(samples.shape[0], 1, *samples.shape[2:])
     mask[:, :, :1] = 0.0
+    if isinstance(base_model, comfy.model_base.LTXV):  # LTXVImgToVideo at strength 0.85: a per-frame denoise mask
+        image = samples.clone()
+        image[:, :, :1] = first
+        frames_mask = torch.ones(samples.shape[0], 1, samples.shape[2], 1, 1)
+        frames_mask[:, :, :1] = 1.0 - 0.85
+        return {"samples": image, "noise_mask": frames_mask}, positive, negative
     if isinstance(base_model, comfy.model_base.HunyuanVideo15):  # HunyuanVideo15ImageToVideo with a CLIP-vision output
         clip_vision_output = comfy.clip_vision.Output()
         clip_vision_output.last_hidden_state = torch.randn(1, 9, 1152, generator=generator)
@@ -212,6 +225,7 @@ def sample(model_patcher, case: SamplingCase) -> torch.Tensor:
     """The latent SamplerCustomAdvanced returns for `case`, built with ComfyUI's stock nodes."""
     import comfy.model_base
     from comfy_extras import nodes_custom_sampler as custom
+    from comfy_extras.nodes_lt import ModelSamplingLTXV
     from comfy_extras.nodes_model_advanced import ModelSamplingAuraFlow, ModelSamplingFlux, ModelSamplingSD3
 
     base_model = model_patcher.model
@@ -221,6 +235,8 @@ def sample(model_patcher, case: SamplingCase) -> torch.Tensor:
         model = ModelSamplingAuraFlow().patch_aura(model_patcher, 3.1)[0]
     elif isinstance(base_model, comfy.model_base.Lumina2):  # as ComfyUI's Z-Image Turbo template (Lumina 2's config says 6)
         model = ModelSamplingAuraFlow().patch_aura(model_patcher, 3.0)[0]
+    elif isinstance(base_model, comfy.model_base.LTXV):  # ComfyUI's LTXV templates shift by token count (default latent)
+        model = _first(ModelSamplingLTXV.execute(model_patcher, 2.05, 0.95))
     elif isinstance(base_model, comfy.model_base.Chroma):  # ComfyUI's Chroma graphs sample with the model's own shift
         pass
     elif base_model.model_type == comfy.model_base.ModelType.FLUX:
@@ -339,6 +355,7 @@ _VIDEO_CONFIGS: dict[int, list[dict]] = {
 CONFIGS.update({"wan21": {2: _VIDEO_CONFIGS[2]}, "wan21_i2v": {2: _VIDEO_CONFIGS[2]}, "wan22_5b": _VIDEO_CONFIGS})
 # One set of hooks serves HunyuanVideo 1.0 and 1.5: the world-4 combination on 1.0, 1.5 at world 2.
 CONFIGS.update({"hunyuan_video": {2: _VIDEO_CONFIGS[2], 4: _VIDEO_CONFIGS[4][:1]}, "hunyuan_video15": {2: _VIDEO_CONFIGS[2]}})
+CONFIGS["ltxv"] = {2: _VIDEO_CONFIGS[2], 4: [{"ring_degree": 2, "cfg_degree": 2}]}
 CONFIGS["hidream"] = CONFIGS["zimage"] = {
     2: [{"ulysses_degree": 2}, {"ring_degree": 2}, {"cfg_degree": 2}, {"data_degree": 2}],
     4: [{"ulysses_degree": 2, "ring_degree": 2}, {"ulysses_degree": 2, "cfg_degree": 2}],

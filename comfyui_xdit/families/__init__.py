@@ -200,3 +200,10 @@ _HUNYUAN_VIDEO_LAYOUT: dict[str, Any] = dict(
     limits="PipeFusion and patch parallel are not implemented for video yet")
 register("HunyuanVideo", FamilyAdapter("HunyuanVideo", **_HUNYUAN_VIDEO_LAYOUT), covers_subclasses=True)
 register("HunyuanVideo15", FamilyAdapter("HunyuanVideo 1.5", **_HUNYUAN_VIDEO_LAYOUT), covers_subclasses=True)
+# LTX-Video: self-attention sequence parallel over (frames x rows x cols) tokens, per-token timesteps (image-to-video,
+# keyframe guides) sharded with them, cross-attention to the (masked) text local. LTXAV (audio + video) runs its own
+# forward over two streams: the generic entry.
+register("LTXV", FamilyAdapter(
+    "LTXV", Capabilities(ulysses=True, ring=True, cfg=True, data=True), hooks="comfyui_xdit.families.ltxv",
+    heads_attribute="num_attention_heads", joint_attention="cross", block_containers=("transformer_blocks",),
+    limits="PipeFusion and patch parallel are not implemented for video yet"))

@@ -146,6 +146,10 @@ HUNYUAN_VIDEO_VARIANTS: dict[str, tuple[dict[str, Any], str]] = {  # variant -> 
              "guidance_embed": False, "byt5": True, "use_cond_type_embedding": True, "vision_in_dim": 1152,
              "meanflow_sum": True}, "HunyuanVideo15"),
 }
+# LTX-Video (comfy.ldm.lightricks.model.LTXVModel). Detection reads the block count and the cross-attention width from
+# the weights and fixes 32 heads (head width = attention width / 32); 128 latent channels in 1x1x1 patches and T5's
+# 4096-wide text are class defaults. Heads of 8 channels (width 256), two blocks: ~3 M parameters.
+LTXV_UNET_CONFIG: dict[str, Any] = {"image_model": "ltxv", "num_layers": 2, "attention_head_dim": 8, "cross_attention_dim": 256}
 # Lumina 2 (comfy.model_base.Lumina2, ComfyUI's NextDiT): detection takes it for Lumina 2 only at width 2304 (24 query
 # heads, 8 key/value heads, FFN x4) and reads the caption width (Gemma 2's 2304) and the main layer count from the
 # weights; the two refiners of each kind are the class default. One main layer: ~435 M parameters, 1.7 GB in fp32.
@@ -298,7 +302,7 @@ def init_weights_(model: torch.nn.Module, seed: int, output_layer: str = _OUTPUT
                     value = 1.0 + _NORM_SCALE_STD * noise
                 elif type(module).__name__ == "MoEGate":  # HiDream's expert router: a bare (experts, width) matrix
                     value = noise / math.sqrt(parameter.shape[1])
-                elif name == "modulation":  # adaLN tables held as bare parameters (Wan), added to the timestep's
+                elif name in ("modulation", "scale_shift_table"):  # adaLN tables held as bare parameters (Wan, LTXV), added to the timestep's
                     value = _MODULATION_STD * noise
                 elif isinstance(module, torch.nn.Embedding):  # HunyuanVideo 1.5's cond-type embedding, added to text rows
                     value = _MODULATION_STD * noise
@@ -420,6 +424,18 @@ def write_tiny_hunyuan_video(path: str | Path, variant: str = "v1", size: str = 
     return _save(model, path, {"family": "hunyuan_video", "variant": variant, "size": size, "seed": seed, "config": config})
 
 
+def write_tiny_ltxv(path: str | Path, variant: str = "default", size: str = "tiny", seed: int = 0, **overrides: Any) -> Path:
+    """Write a seeded checkpoint that ``comfy.sd.load_diffusion_model`` loads and detects as LTX-Video."""
+    path = _checked_path(path)
+    if variant != "default" or size != "tiny":
+        raise ValueError(f"unknown ltxv variant/size {variant!r}/{size!r}; choose from ['default'] / ['tiny']")
+    config = {**LTXV_UNET_CONFIG, **overrides}
+    model = _detected_model(config, "LTXV")
+    init_weights_(model, seed, output_layer="proj_out")
+    smooth_in_time_(model.adaln_single.emb.timestep_embedder.linear_1)
+    return _save(model, path, {"family": "ltxv", "variant": variant, "size": size, "seed": seed, "config": config})
+
+
 def write_tiny_lumina2(path: str | Path, variant: str = "default", size: str = "tiny", seed: int = 0, **overrides: Any) -> Path:
     """Write a seeded checkpoint that ``comfy.sd.load_diffusion_model`` loads and detects as Lumina 2."""
     path = _checked_path(path)
@@ -465,6 +481,8 @@ def conditioning_widths(base_model: Any) -> tuple[int, int]:
         text = unet_config["caption_channels"][0]
     elif "cap_feat_dim" in unet_config:
         text = unet_config["cap_feat_dim"]
+    elif hasattr(diffusion_model, "caption_channels"):  # LTXV: T5's width, a class default
+        text = diffusion_model.caption_channels
     else:
         text_in = diffusion_model.text_embedding[0] if hasattr(diffusion_model, "text_embedding") else getattr(diffusion_model, "txt_in", None)
         text = unet_config.get("context_in_dim", unet_config.get("context_dim")) or text_in.in_features
@@ -501,6 +519,7 @@ FAMILIES: dict[str, TinyFamily] = {
     # HunyuanVideo 1.0 T2V (and 1.5 as a variant); 1.5 under its own name too, for tests and the CLI.
     "hunyuan_video": TinyFamily(tuple(HUNYUAN_VIDEO_VARIANTS), ("tiny",), write_tiny_hunyuan_video),
     "hunyuan_video15": TinyFamily(("v15",), ("tiny",), write_tiny_hunyuan_video),
+    "ltxv": TinyFamily(("default",), ("tiny",), write_tiny_ltxv),
     "chroma": TinyFamily(("default",), ("tiny",), write_tiny_chroma),
     # Two files (encoder, decoder) written into the given vae_approx folder; VAELoader offers them as "taef1".
     "taef1": TinyFamily(TAEF1_VARIANTS, TAEF1_SIZES, write_tiny_taef1),
