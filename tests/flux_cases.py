@@ -104,6 +104,9 @@ FAMILY_CASES: dict[str, tuple[str, ...]] = {
     # LTX-Video (105 tokens at 1x1x1 patches, 32 heads): a start image the LTXVImgToVideo way (per-token timesteps),
     # a padded (masked) prompt in cross-attention, batch 2.
     "ltxv": ("video-image-cfg-euler-3x5x7", "video-cfg-dpmpp2m-3x5x7-padded-text", "video-basic-dpmpp2m-3x5x7-batch2"),
+    # Mochi (built in-process; 105 tokens at 2x2 patches): a padded prompt (its text cropped to the unpadded tokens),
+    # both guiders and samplers, batch 2.
+    "mochi": ("video-basic-euler-3x10x14", "video-cfg-dpmpp2m-3x10x14-padded-text", "video-basic-euler-3x10x14-batch2"),
 }
 # The tiny file each entry runs (default: the one of its own name), or tiny_models.IN_PROCESS_PREFIX + a name for
 # families built in-process (their detection fixes billions of parameters).
@@ -112,6 +115,7 @@ MODEL_FILE["hidream"] = IN_PROCESS_PREFIX + "hidream"
 MODEL_FILE["zimage"] = IN_PROCESS_PREFIX + "zimage"
 MODEL_FILE["chroma"] = IN_PROCESS_PREFIX + "chroma"
 MODEL_FILE["chroma_radiance"] = IN_PROCESS_PREFIX + "chroma_radiance"
+MODEL_FILE["mochi"] = IN_PROCESS_PREFIX + "mochi"
 # The stale-activation methods run every step synchronously in these tests: that is where they are exact.
 FULL_WARMUP = {"warmup_steps": 10_000}
 
@@ -162,6 +166,8 @@ def _extra_conditioning(base_model, seed: int) -> dict:
     hidden states (batch, layers, tokens, width), as many layers as its llama_layers reads."""
     import comfy.model_base
 
+    if isinstance(base_model, comfy.model_base.GenmoMochi):  # T5's padding mask: its forward needs one
+        return {"attention_mask": torch.ones(1, TEXT_TOKENS, dtype=torch.long)}
     if isinstance(base_model, comfy.model_base.LTXV):  # T5's padding mask (its forward needs one) and LTXVConditioning's
         return {"attention_mask": torch.ones(1, TEXT_TOKENS, dtype=torch.long), "frame_rate": 24.0}  # frame rate
     if isinstance(base_model, comfy.model_base.HunyuanVideo15):  # ByT5 glyph tokens (a length of their own)
@@ -356,6 +362,7 @@ CONFIGS.update({"wan21": {2: _VIDEO_CONFIGS[2]}, "wan21_i2v": {2: _VIDEO_CONFIGS
 # One set of hooks serves HunyuanVideo 1.0 and 1.5: the world-4 combination on 1.0, 1.5 at world 2.
 CONFIGS.update({"hunyuan_video": {2: _VIDEO_CONFIGS[2], 4: _VIDEO_CONFIGS[4][:1]}, "hunyuan_video15": {2: _VIDEO_CONFIGS[2]}})
 CONFIGS["ltxv"] = {2: _VIDEO_CONFIGS[2], 4: [{"ring_degree": 2, "cfg_degree": 2}]}
+CONFIGS["mochi"] = {2: _VIDEO_CONFIGS[2], 4: [{"ulysses_degree": 2, "ring_degree": 2}]}
 CONFIGS["hidream"] = CONFIGS["zimage"] = {
     2: [{"ulysses_degree": 2}, {"ring_degree": 2}, {"cfg_degree": 2}, {"data_degree": 2}],
     4: [{"ulysses_degree": 2, "ring_degree": 2}, {"ulysses_degree": 2, "cfg_degree": 2}],

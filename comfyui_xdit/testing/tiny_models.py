@@ -306,6 +306,8 @@ def init_weights_(model: torch.nn.Module, seed: int, output_layer: str = _OUTPUT
                     value = _MODULATION_STD * noise
                 elif isinstance(module, torch.nn.Embedding):  # HunyuanVideo 1.5's cond-type embedding, added to text rows
                     value = _MODULATION_STD * noise
+                elif name == "pos_frequencies":  # Mochi's learned RoPE frequencies (3 axes x heads x head_dim / 2)
+                    value = noise
                 elif name.endswith("pad_token"):  # Z-Image's learned padding tokens, embeddings in the model's width
                     value = noise
                 else:
@@ -483,6 +485,8 @@ def conditioning_widths(base_model: Any) -> tuple[int, int]:
         text = unet_config["cap_feat_dim"]
     elif hasattr(diffusion_model, "caption_channels"):  # LTXV: T5's width, a class default
         text = diffusion_model.caption_channels
+    elif "t5_feat_dim" in unet_config:  # Mochi
+        text = unet_config["t5_feat_dim"]
     else:
         text_in = diffusion_model.text_embedding[0] if hasattr(diffusion_model, "text_embedding") else getattr(diffusion_model, "txt_in", None)
         text = unet_config.get("context_in_dim", unet_config.get("context_dim")) or text_in.in_features
@@ -567,6 +571,19 @@ IN_PROCESS["zimage"] = lambda seed: in_process_patcher("ZImage", ZIMAGE_UNET_CON
 IN_PROCESS["chroma"] = functools.partial(in_process_patcher, "Chroma", CHROMA_TINY_CONFIG)
 IN_PROCESS["chroma_radiance"] = functools.partial(in_process_patcher, "ChromaRadiance", CHROMA_RADIANCE_TINY_CONFIG,
                                                   output_layer="nerf_final_layer_conv.conv")
+
+# Mochi (comfy.model_base.GenmoMochi): detection fixes ~10 B parameters (48 blocks at width 3072), so it is built
+# in-process. Its blocks assert a visual FFN 12288 wide (1536 x 8): width 256 (4 heads of 64) takes mlp_ratio_x 48 to
+# keep it (SwiGLU, 8192 hidden). A 128-wide text stream, a 64-wide T5 stand-in, two blocks (the last does not update
+# the text, as in the real model): ~15 M parameters.
+MOCHI_UNET_CONFIG: dict[str, Any] = {
+    "image_model": "mochi_preview", "depth": 2, "patch_size": 2, "num_heads": 4, "hidden_size_x": 256, "hidden_size_y": 128,
+    "mlp_ratio_x": 48.0, "mlp_ratio_y": 4.0, "learn_sigma": False, "in_channels": 12, "qk_norm": True, "qkv_bias": False,
+    "out_bias": True, "attn_drop": 0.0, "patch_embed_bias": True, "posenc_preserve_area": True, "timestep_mlp_bias": True,
+    "attend_to_padding": False, "timestep_scale": 1000.0, "use_t5": True, "t5_feat_dim": 64, "t5_token_length": 256,
+    "rope_theta": 10000.0,
+}
+IN_PROCESS["mochi"] = functools.partial(in_process_patcher, "GenmoMochi", MOCHI_UNET_CONFIG, output_layer="final_layer.linear")
 
 
 def load_tiny_model(spec: str) -> Any:
