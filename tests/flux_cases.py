@@ -98,15 +98,16 @@ FAMILY_CASES: dict[str, tuple[str, ...]] = {
     # parallel, and a start image the "v2 (replace)" way (guiding frame: per-token modulation of the first frame).
     # HunyuanVideo 1.5 (105 tokens at 1x1 patches; double blocks only): a start image with CLIP-vision tokens and ByT5
     # glyph tokens in front of the text, and batch 2 (stock 0.30.0 fails on a text mask beside glyph or vision tokens).
-    "hunyuan_video": ("video-basic-euler-3x10x14", "video-cfg-dpmpp2m-3x10x14-padded-text", "video-basic-euler-3x10x14-batch2",
-                      "video-image-cfg-euler-3x10x14"),
+    "hunyuan_video": ("video-cfg-dpmpp2m-3x10x14-padded-text", "video-basic-euler-3x10x14-batch2", "video-image-cfg-euler-3x10x14"),
     "hunyuan_video15": ("video-image-cfg-euler-3x5x7", "video-basic-dpmpp2m-3x5x7-batch2"),
     # LTX-Video (105 tokens at 1x1x1 patches, 32 heads): a start image the LTXVImgToVideo way (per-token timesteps),
-    # a padded (masked) prompt in cross-attention, batch 2.
-    "ltxv": ("video-image-cfg-euler-3x5x7", "video-cfg-dpmpp2m-3x5x7-padded-text", "video-basic-dpmpp2m-3x5x7-batch2"),
+    # a padded (masked) prompt in cross-attention; cond and uncond share each call, which data parallel splits.
+    "ltxv": ("video-image-cfg-euler-3x5x7", "video-cfg-dpmpp2m-3x5x7-padded-text"),
     # Mochi (built in-process; 105 tokens at 2x2 patches): a padded prompt (its text cropped to the unpadded tokens),
     # both guiders and samplers, batch 2.
-    "mochi": ("video-basic-euler-3x10x14", "video-cfg-dpmpp2m-3x10x14-padded-text", "video-basic-euler-3x10x14-batch2"),
+    "mochi": ("video-cfg-dpmpp2m-3x10x14-padded-text", "video-basic-euler-3x10x14-batch2"),
+    # CogVideoX 1.0 with RoPE (105 tokens at 2x2 patches; a v-prediction model): both guiders and samplers, batch 2.
+    "cogvideox": ("video-cfg-dpmpp2m-3x10x14", "video-basic-euler-3x10x14-batch2"),
 }
 # The tiny file each entry runs (default: the one of its own name), or tiny_models.IN_PROCESS_PREFIX + a name for
 # families built in-process (their detection fixes billions of parameters).
@@ -363,6 +364,7 @@ CONFIGS.update({"wan21": {2: _VIDEO_CONFIGS[2]}, "wan21_i2v": {2: _VIDEO_CONFIGS
 CONFIGS.update({"hunyuan_video": {2: _VIDEO_CONFIGS[2], 4: _VIDEO_CONFIGS[4][:1]}, "hunyuan_video15": {2: _VIDEO_CONFIGS[2]}})
 CONFIGS["ltxv"] = {2: _VIDEO_CONFIGS[2], 4: [{"ring_degree": 2, "cfg_degree": 2}]}
 CONFIGS["mochi"] = {2: _VIDEO_CONFIGS[2], 4: [{"ulysses_degree": 2, "ring_degree": 2}]}
+CONFIGS["cogvideox"] = {2: _VIDEO_CONFIGS[2], 4: [{"ulysses_degree": 2, "cfg_degree": 2}]}
 CONFIGS["hidream"] = CONFIGS["zimage"] = {
     2: [{"ulysses_degree": 2}, {"ring_degree": 2}, {"cfg_degree": 2}, {"data_degree": 2}],
     4: [{"ulysses_degree": 2, "ring_degree": 2}, {"ulysses_degree": 2, "cfg_degree": 2}],

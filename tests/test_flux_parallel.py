@@ -6,7 +6,7 @@ code, its own token grid), SD3 and SD3.5 (MMDiT, with and without dual-attention
 Radiance in pixel space), Flux.1 Kontext (reference latents, also under displaced
 patch parallel), HiDream I1 (built in-process; text at the
 rear of its joint attention), Lumina 2 and Z-Image (NextDiT, caption and image refiners before the joint layers),
-Wan 2.1 (T2V, I2V), Wan 2.2's TI2V 5B and HunyuanVideo 1.0 and 1.5, LTX-Video and Mochi (in-process) on video latents, and SD1.5 and SDXL U-Nets, which have no sequence-parallel adapter
+Wan 2.1 (T2V, I2V), Wan 2.2's TI2V 5B and HunyuanVideo 1.0 and 1.5, LTX-Video, Mochi (in-process) and CogVideoX on video latents, and SD1.5 and SDXL U-Nets, which have no sequence-parallel adapter
 and run on the generic CFG and data parallel wrappers. test_gpu_parallel.py runs the same cases on CUDA ranks over
 NCCL.
 """
@@ -65,9 +65,11 @@ TRAFFIC["hunyuan_video15"] = [("ulysses2/video-image-cfg-euler-3x5x7", "all_to_a
                               ("cfg2/video-image-cfg-euler-3x5x7", "broadcast/cfg"),
                               ("data2/video-basic-dpmpp2m-3x5x7-batch2", "all_gather/data")]
 TRAFFIC["ltxv"] = [("ulysses2/video-image-cfg-euler-3x5x7", "all_to_all/ulysses"), ("ring2/video-cfg-dpmpp2m-3x5x7-padded-text", "ring_send/ring"),
-                   ("cfg2/video-image-cfg-euler-3x5x7", "broadcast/cfg"), ("data2/video-basic-dpmpp2m-3x5x7-batch2", "all_gather/data")]
-TRAFFIC["mochi"] = [("ulysses2/video-cfg-dpmpp2m-3x10x14-padded-text", "all_to_all/ulysses"), ("ring2/video-basic-euler-3x10x14", "ring_send/ring"),
+                   ("cfg2/video-image-cfg-euler-3x5x7", "broadcast/cfg"), ("data2/video-cfg-dpmpp2m-3x5x7-padded-text", "all_gather/data")]
+TRAFFIC["mochi"] = [("ulysses2/video-cfg-dpmpp2m-3x10x14-padded-text", "all_to_all/ulysses"), ("ring2/video-basic-euler-3x10x14-batch2", "ring_send/ring"),
                     ("cfg2/video-cfg-dpmpp2m-3x10x14-padded-text", "broadcast/cfg"), ("data2/video-basic-euler-3x10x14-batch2", "all_gather/data")]
+TRAFFIC["cogvideox"] = [("ulysses2/video-basic-euler-3x10x14-batch2", "all_to_all/ulysses"), ("ring2/video-cfg-dpmpp2m-3x10x14", "ring_send/ring"),
+                        ("cfg2/video-cfg-dpmpp2m-3x10x14", "broadcast/cfg"), ("data2/video-basic-euler-3x10x14-batch2", "all_gather/data")]
 TRAFFIC["lumina2"] = [("ulysses2/cfg-dpmpp2m-18x22", "all_to_all/ulysses"), ("ring2/cfg-dpmpp2m-18x22", "ring_send/ring"),
                       ("cfg2/cfg-dpmpp2m-18x22", "broadcast/cfg"), ("data2/cfg-dpmpp2m-18x22", "all_gather/data")]
 

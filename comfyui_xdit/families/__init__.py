@@ -213,3 +213,9 @@ register("GenmoMochi", FamilyAdapter(
     "Mochi", Capabilities(ulysses=True, ring=True, cfg=True, data=True), hooks="comfyui_xdit.families.mochi",
     heads_attribute="num_heads", joint_attention="rear", block_containers=("blocks",),
     limits="PipeFusion and patch parallel are not implemented for video yet"))
+# CogVideoX 1.0 and 1.5 (T2V, I2V, Fun inpainting: one model class): joint attention over [text, image], text in front;
+# text and image rows both sharded.
+register("CogVideoX", FamilyAdapter(
+    "CogVideoX", Capabilities(ulysses=True, ring=True, cfg=True, data=True), hooks="comfyui_xdit.families.cogvideox",
+    heads_attribute="num_attention_heads", joint_attention="front", block_containers=("blocks",),
+    limits="PipeFusion and patch parallel are not implemented for video yet"))

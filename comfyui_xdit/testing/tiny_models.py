@@ -150,6 +150,14 @@ HUNYUAN_VIDEO_VARIANTS: dict[str, tuple[dict[str, Any], str]] = {  # variant -> 
 # the weights and fixes 32 heads (head width = attention width / 32); 128 latent channels in 1x1x1 patches and T5's
 # 4096-wide text are class defaults. Heads of 8 channels (width 256), two blocks: ~3 M parameters.
 LTXV_UNET_CONFIG: dict[str, Any] = {"image_model": "ltxv", "num_layers": 2, "attention_head_dim": 8, "cross_attention_dim": 256}
+# CogVideoX (comfy.ldm.cogvideo.model.CogVideoXTransformer3DModel). Detection reads width (heads of 64 fixed), time
+# width, depth, channels, patches (a Conv2d: 1.0; a Linear over 2 frames: 1.5), text width and the position kind from
+# the weights. 1.0 with RoPE (as the 5B): 2 heads (width 128), two blocks, a 64-wide T5 stand-in: ~1 M parameters.
+COGVIDEOX_UNET_CONFIG: dict[str, Any] = {
+    "image_model": "cogvideox", "num_attention_heads": 2, "attention_head_dim": 64, "time_embed_dim": 64, "num_layers": 2,
+    "in_channels": 16, "patch_size": 2, "text_embed_dim": 64, "use_learned_positional_embeddings": False,
+    "use_rotary_positional_embeddings": True,
+}
 # Lumina 2 (comfy.model_base.Lumina2, ComfyUI's NextDiT): detection takes it for Lumina 2 only at width 2304 (24 query
 # heads, 8 key/value heads, FFN x4) and reads the caption width (Gemma 2's 2304) and the main layer count from the
 # weights; the two refiners of each kind are the class default. One main layer: ~435 M parameters, 1.7 GB in fp32.
@@ -438,6 +446,18 @@ def write_tiny_ltxv(path: str | Path, variant: str = "default", size: str = "tin
     return _save(model, path, {"family": "ltxv", "variant": variant, "size": size, "seed": seed, "config": config})
 
 
+def write_tiny_cogvideox(path: str | Path, variant: str = "default", size: str = "tiny", seed: int = 0, **overrides: Any) -> Path:
+    """Write a seeded checkpoint that ``comfy.sd.load_diffusion_model`` loads and detects as CogVideoX (T2V)."""
+    path = _checked_path(path)
+    if variant != "default" or size != "tiny":
+        raise ValueError(f"unknown cogvideox variant/size {variant!r}/{size!r}; choose from ['default'] / ['tiny']")
+    config = {**COGVIDEOX_UNET_CONFIG, **overrides}
+    model = _detected_model(config, "CogVideoX_T2V")
+    init_weights_(model, seed, output_layer="proj_out")
+    smooth_in_time_(model.time_embedding_linear_1)
+    return _save(model, path, {"family": "cogvideox", "variant": variant, "size": size, "seed": seed, "config": config})
+
+
 def write_tiny_lumina2(path: str | Path, variant: str = "default", size: str = "tiny", seed: int = 0, **overrides: Any) -> Path:
     """Write a seeded checkpoint that ``comfy.sd.load_diffusion_model`` loads and detects as Lumina 2."""
     path = _checked_path(path)
@@ -487,6 +507,8 @@ def conditioning_widths(base_model: Any) -> tuple[int, int]:
         text = diffusion_model.caption_channels
     elif "t5_feat_dim" in unet_config:  # Mochi
         text = unet_config["t5_feat_dim"]
+    elif "text_embed_dim" in unet_config:  # CogVideoX
+        text = unet_config["text_embed_dim"]
     else:
         text_in = diffusion_model.text_embedding[0] if hasattr(diffusion_model, "text_embedding") else getattr(diffusion_model, "txt_in", None)
         text = unet_config.get("context_in_dim", unet_config.get("context_dim")) or text_in.in_features
@@ -524,6 +546,7 @@ FAMILIES: dict[str, TinyFamily] = {
     "hunyuan_video": TinyFamily(tuple(HUNYUAN_VIDEO_VARIANTS), ("tiny",), write_tiny_hunyuan_video),
     "hunyuan_video15": TinyFamily(("v15",), ("tiny",), write_tiny_hunyuan_video),
     "ltxv": TinyFamily(("default",), ("tiny",), write_tiny_ltxv),
+    "cogvideox": TinyFamily(("default",), ("tiny",), write_tiny_cogvideox),
     "chroma": TinyFamily(("default",), ("tiny",), write_tiny_chroma),
     # Two files (encoder, decoder) written into the given vae_approx folder; VAELoader offers them as "taef1".
     "taef1": TinyFamily(TAEF1_VARIANTS, TAEF1_SIZES, write_tiny_taef1),
