@@ -37,6 +37,9 @@ def _sharded_block(original, family: str, state: ParallelState, call: dict, firs
             raise UnsupportedByXDiT(f"{family}: this latent makes {hidden_states.shape[1]} image tokens, fewer than the "
                                     f"{sp.size} sequence-parallel ranks (ulysses_degree x ring_degree); use a larger "
                                     "latent or lower those degrees")
+        if image_rotary_emb is not None and image_rotary_emb[0].shape[0] != hidden_states.shape[1]:
+            raise UnsupportedByXDiT(f"{family}: {hidden_states.shape[1]} image tokens but {image_rotary_emb[0].shape[0]} RoPE "
+                                    "positions; this input is not supported in parallel")
         call["text_len"] = encoder_hidden_states.shape[1]
         encoder_hidden_states = padded_piece(encoder_hidden_states, 1, sp.size, sp.rank)
         hidden_states = split_sequence(hidden_states, state, 1)
