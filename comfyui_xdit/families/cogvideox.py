@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import functools
 
-import torch
-
 from parallel_core import ParallelState, gather_sequence, split_sequence
 from parallel_core.sharding import padded_piece
 
