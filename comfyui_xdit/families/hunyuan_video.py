@@ -60,7 +60,8 @@ def _kept_text(family: str, attn_mask: torch.Tensor | None, text_len: int) -> to
         raise UnsupportedByXDiT(f"{family}: an attention mask of shape {tuple(attn_mask.shape)} is not supported in "
                                 "parallel (only the text encoder's padding mask is); remove it or use UNETLoader")
     text_bias = attn_mask[0, 0, :text_len]
-    masked = text_bias <= -1e30  # exp() of it is exactly 0 in any float type: such keys take no weight
+    # The forward writes -max of its dtype for a padded token: exp() of that is exactly 0, so such keys take no weight.
+    masked = text_bias <= -torch.finfo(text_bias.dtype).max / 2
     if not bool((masked | (text_bias == 0)).all()) or bool(attn_mask[0, 0, text_len:].any()):
         raise UnsupportedByXDiT(f"{family}: an attention mask with values other than the text padding mask's is not "
                                 "supported in parallel; remove the node that adds it, or use UNETLoader")
