@@ -167,3 +167,14 @@ def batch_rows_wrapper(state: ParallelState) -> Callable[..., Any]:
         return gather_batch(gather_batch(out, state, 0, "data", length=per_cfg_rank), state, 0, "cfg", length=rows)
 
     return diffusion_model
+
+
+def self_attention_override(family: str, state: ParallelState, func, q, k, v, heads, mask=None, skip_reshape=False,
+                            skip_output_reshape=False, transformer_options=None, **kwargs):
+    """ComfyUI's optimized_attention replaced by attention of this rank's tokens over every rank's (usp_attention; the
+    tokens split by split_sequence, text not among them). Bind family and state first."""
+    if mask is not None:
+        raise UnsupportedByXDiT(f"an attention mask on {family}'s self-attention is not supported in parallel; remove "
+                                "the node that adds it, or use UNETLoader")
+    q, k, v = to_bshd(q, k, v, heads, skip_reshape)
+    return from_bshd(usp_attention(q, k, v, state, scale=kwargs.get("scale")), skip_output_reshape)

@@ -34,6 +34,7 @@ class SamplingCase:
     reference: tuple[int, int] | None = None  # rows, cols of a seeded reference latent given to every cond (ReferenceLatent)
     frames: int | None = None  # latent frames of a video latent (B, C, frames, rows, cols); None: an image latent
     start_image: bool = False  # a seeded stand-in start image, given the way the family's image-to-video node gives it
+    padded_text: bool = False  # the positive prompt's last text tokens are padding, masked (attention_mask) as a text encoder masks them
 
 
 CASES: tuple[SamplingCase, ...] = (
@@ -49,6 +50,13 @@ CASES: tuple[SamplingCase, ...] = (
     SamplingCase("video-basic-euler-3x10x14-batch2", frames=3, height=10, width=14, batch=2, seed=7),
     SamplingCase("video-image-cfg-euler-3x10x14", guider="cfg", cfg=5.0, frames=3, height=10, width=14, seed=8, start_image=True),
     SamplingCase("video-basic-dpmpp2m-3x10x14-batch2", sampler="dpmpp_2m", frames=3, height=10, width=14, batch=2, seed=9),
+    SamplingCase("video-cfg-dpmpp2m-3x10x14-padded-text", guider="cfg", cfg=5.0, sampler="dpmpp_2m", frames=3, height=10,
+                 width=14, seed=10, padded_text=True),
+    # Video models with 1x1 patches: 3 frames of 5x7 tokens.
+    SamplingCase("video-image-cfg-euler-3x5x7", guider="cfg", cfg=5.0, frames=3, height=5, width=7, seed=11, start_image=True),
+    SamplingCase("video-basic-dpmpp2m-3x5x7-batch2", sampler="dpmpp_2m", frames=3, height=5, width=7, batch=2, seed=12),
+    SamplingCase("video-cfg-dpmpp2m-3x5x7-padded-text", guider="cfg", cfg=5.0, sampler="dpmpp_2m", frames=3, height=5,
+                 width=7, seed=13, padded_text=True),
 )
 CASE_BY_NAME = {case.name: case for case in CASES}
 # Which cases each tiny family runs: Flux all but the U-Net-sized one; Flux.2 (512 padded text tokens, slower) its
@@ -86,6 +94,20 @@ FAMILY_CASES: dict[str, tuple[str, ...]] = {
     # Chroma (in-process, Flux-tiny width) and Chroma Radiance (pixels, 2 x 2 patches: 9 x 11 tokens at 18 x 22).
     "chroma": ("basic-euler", "cfg-dpmpp2m-18x22", "basic-dpmpp2m-18x22-batch2"),
     "chroma_radiance": ("cfg-dpmpp2m-18x22", "basic-dpmpp2m-18x22-batch2"),
+    # HunyuanVideo 1.0 T2V (105 image tokens): both guiders and samplers, a padded (masked) prompt, batch 2 for data
+    # parallel, and a start image the "v2 (replace)" way (guiding frame: per-token modulation of the first frame).
+    # HunyuanVideo 1.5 (105 tokens at 1x1 patches; double blocks only): a start image with CLIP-vision tokens and ByT5
+    # glyph tokens in front of the text, and batch 2 (stock 0.30.0 fails on a text mask beside glyph or vision tokens).
+    "hunyuan_video": ("video-cfg-dpmpp2m-3x10x14-padded-text", "video-basic-euler-3x10x14-batch2", "video-image-cfg-euler-3x10x14"),
+    "hunyuan_video15": ("video-image-cfg-euler-3x5x7", "video-basic-dpmpp2m-3x5x7-batch2"),
+    # LTX-Video (105 tokens at 1x1x1 patches, 32 heads): a start image the LTXVImgToVideo way (per-token timesteps),
+    # a padded (masked) prompt in cross-attention; cond and uncond share each call, which data parallel splits.
+    "ltxv": ("video-image-cfg-euler-3x5x7", "video-cfg-dpmpp2m-3x5x7-padded-text"),
+    # Mochi (built in-process; 105 tokens at 2x2 patches): a padded prompt (its text cropped to the unpadded tokens),
+    # both guiders and samplers, batch 2.
+    "mochi": ("video-cfg-dpmpp2m-3x10x14-padded-text", "video-basic-euler-3x10x14-batch2"),
+    # CogVideoX 1.0 with RoPE (105 tokens at 2x2 patches; a v-prediction model): both guiders and samplers, batch 2.
+    "cogvideox": ("video-cfg-dpmpp2m-3x10x14", "video-basic-euler-3x10x14-batch2"),
 }
 # The tiny file each entry runs (default: the one of its own name), or tiny_models.IN_PROCESS_PREFIX + a name for
 # families built in-process (their detection fixes billions of parameters).
@@ -94,6 +116,7 @@ MODEL_FILE["hidream"] = IN_PROCESS_PREFIX + "hidream"
 MODEL_FILE["zimage"] = IN_PROCESS_PREFIX + "zimage"
 MODEL_FILE["chroma"] = IN_PROCESS_PREFIX + "chroma"
 MODEL_FILE["chroma_radiance"] = IN_PROCESS_PREFIX + "chroma_radiance"
+MODEL_FILE["mochi"] = IN_PROCESS_PREFIX + "mochi"
 # The stale-activation methods run every step synchronously in these tests: that is where they are exact. Each
 # also samples its family's first case at the sampler's defaults (one warmup step, then stale keys/values) once:
 # approximate, its error against stock is reported.
@@ -147,6 +170,12 @@ def _extra_conditioning(base_model, seed: int) -> dict:
     hidden states (batch, layers, tokens, width), as many layers as its llama_layers reads."""
     import comfy.model_base
 
+    if isinstance(base_model, comfy.model_base.GenmoMochi):  # T5's padding mask: its forward needs one
+        return {"attention_mask": torch.ones(1, TEXT_TOKENS, dtype=torch.long)}
+    if isinstance(base_model, comfy.model_base.LTXV):  # T5's padding mask (its forward needs one) and LTXVConditioning's
+        return {"attention_mask": torch.ones(1, TEXT_TOKENS, dtype=torch.long), "frame_rate": 24.0}  # frame rate
+    if isinstance(base_model, comfy.model_base.HunyuanVideo15):  # ByT5 glyph tokens (a length of their own)
+        return {"conditioning_byt5small": torch.randn(1, 3, 1472, generator=torch.Generator().manual_seed(seed + 1))}
     if not isinstance(base_model, comfy.model_base.HiDream):
         return {}
     unet_config = base_model.model_config.unet_config
@@ -167,6 +196,23 @@ def _with_start_image(base_model, case: SamplingCase, latent: dict, positive, ne
     first = torch.randn(1, samples.shape[1], 1, *samples.shape[-2:], generator=generator)
     mask = torch.ones(samples.shape[0], 1, *samples.shape[2:])
     mask[:, :, :1] = 0.0
+    if isinstance(base_model, comfy.model_base.LTXV):  # LTXVImgToVideo at strength 0.85: a per-frame denoise mask
+        image = samples.clone()
+        image[:, :, :1] = first
+        frames_mask = torch.ones(samples.shape[0], 1, samples.shape[2], 1, 1)
+        frames_mask[:, :, :1] = 1.0 - 0.85
+        return {"samples": image, "noise_mask": frames_mask}, positive, negative
+    if isinstance(base_model, comfy.model_base.HunyuanVideo15):  # HunyuanVideo15ImageToVideo with a CLIP-vision output
+        clip_vision_output = comfy.clip_vision.Output()
+        clip_vision_output.last_hidden_state = torch.randn(1, 9, 1152, generator=generator)
+        concat = torch.zeros(samples.shape[0], samples.shape[1], *samples.shape[2:])
+        concat[:, :, :1] = first
+        values = {"concat_latent_image": concat, "concat_mask": mask[:1], "clip_vision_output": clip_vision_output}
+        return latent, *(node_helpers.conditioning_set_values(c, values) if c is not None else None for c in (positive, negative))
+    if isinstance(base_model, comfy.model_base.HunyuanVideo):  # HunyuanImageToVideo "v2 (replace)": a guiding frame
+        image = samples.clone()
+        image[:, :, :1] = first
+        return {"samples": image, "noise_mask": mask[:1]}, node_helpers.conditioning_set_values(positive, {"guiding_frame_index": 0}), negative
     if isinstance(base_model, comfy.model_base.WAN22):
         image = samples.clone()
         image[:, :, :1] = first
@@ -189,6 +235,7 @@ def sample(model_patcher, case: SamplingCase) -> torch.Tensor:
     """The latent SamplerCustomAdvanced returns for `case`, built with ComfyUI's stock nodes."""
     import comfy.model_base
     from comfy_extras import nodes_custom_sampler as custom
+    from comfy_extras.nodes_lt import ModelSamplingLTXV
     from comfy_extras.nodes_model_advanced import ModelSamplingAuraFlow, ModelSamplingFlux, ModelSamplingSD3
 
     base_model = model_patcher.model
@@ -198,6 +245,8 @@ def sample(model_patcher, case: SamplingCase) -> torch.Tensor:
         model = ModelSamplingAuraFlow().patch_aura(model_patcher, 3.1)[0]
     elif isinstance(base_model, comfy.model_base.Lumina2):  # as ComfyUI's Z-Image Turbo template (Lumina 2's config says 6)
         model = ModelSamplingAuraFlow().patch_aura(model_patcher, 3.0)[0]
+    elif isinstance(base_model, comfy.model_base.LTXV):  # ComfyUI's LTXV templates shift by token count (default latent)
+        model = _first(ModelSamplingLTXV.execute(model_patcher, 2.05, 0.95))
     elif isinstance(base_model, comfy.model_base.Chroma):  # ComfyUI's Chroma graphs sample with the model's own shift
         pass
     elif base_model.model_type == comfy.model_base.ModelType.FLUX:
@@ -215,6 +264,12 @@ def sample(model_patcher, case: SamplingCase) -> torch.Tensor:
     latent = {"samples": torch.zeros(case.batch, base_model.latent_format.latent_channels, *frames, case.height, case.width)}
     if case.start_image:
         latent, positive, negative = _with_start_image(base_model, case, latent, positive, negative)
+    if case.padded_text:  # the text encoder's mask of a prompt whose last two tokens are padding
+        import node_helpers
+
+        mask = torch.ones(1, TEXT_TOKENS, dtype=torch.long)
+        mask[:, -2:] = 0
+        positive = node_helpers.conditioning_set_values(positive, {"attention_mask": mask})
     if case.guider == "cfg":
         guider = _first(custom.CFGGuider.execute(model, positive, negative, case.cfg))
     else:
@@ -312,6 +367,11 @@ _VIDEO_CONFIGS: dict[int, list[dict]] = {
 # One set of hooks serves every Wan: the world-4 combinations run on Wan 2.2's TI2V 5B (per-frame timesteps, start
 # image), Wan 2.1 T2V and I2V at world 2 (CI time on two cores).
 CONFIGS.update({"wan21": {2: _VIDEO_CONFIGS[2]}, "wan21_i2v": {2: _VIDEO_CONFIGS[2]}, "wan22_5b": _VIDEO_CONFIGS})
+# One set of hooks serves HunyuanVideo 1.0 and 1.5: the world-4 combination on 1.0, 1.5 at world 2.
+CONFIGS.update({"hunyuan_video": {2: _VIDEO_CONFIGS[2], 4: _VIDEO_CONFIGS[4][:1]}, "hunyuan_video15": {2: _VIDEO_CONFIGS[2]}})
+# LTXV, Mochi and CogVideoX at world 2 (CI time on two cores): their hooks shard rows the way the HunyuanVideo and Wan
+# hooks do, whose world-4 runs cover ulysses x ring and ulysses x cfg.
+CONFIGS.update({"ltxv": {2: _VIDEO_CONFIGS[2]}, "mochi": {2: _VIDEO_CONFIGS[2]}, "cogvideox": {2: _VIDEO_CONFIGS[2]}})
 CONFIGS["hidream"] = CONFIGS["zimage"] = {
     2: [{"ulysses_degree": 2}, {"ring_degree": 2}, {"cfg_degree": 2}, {"data_degree": 2}],
     4: [{"ulysses_degree": 2, "ring_degree": 2}, {"ulysses_degree": 2, "cfg_degree": 2}],

@@ -313,3 +313,64 @@ def test_lumina2_refuses_the_inputs_its_sequence_parallel_path_does_not_shard(co
     q = torch.zeros(1, 2, 5, 8)
     with pytest.raises(UnsupportedByXDiT, match="an attention mask on Z-Image is not supported with sequence parallel"):
         _attention("Z-Image", None, None, q, q, q, 2, torch.ones(1, 5, 5), skip_reshape=True, transformer_options={})
+
+
+@pytest.mark.fast  # needs ComfyUI's classes, no model file
+def test_video_families_take_the_exact_methods_and_refuse_the_stale_ones_by_name(comfy_root):
+    from comfyui_xdit.families import adapter_for
+    from comfyui_xdit.parallel_model import validate_for_model
+
+    names = {"HunyuanVideo": "HunyuanVideo", "HunyuanVideoI2V": "HunyuanVideo", "HunyuanVideoSkyreelsI2V": "HunyuanVideo",
+             "HunyuanVideo15": "HunyuanVideo 1.5", "HunyuanVideo15_SR_Distilled": "HunyuanVideo 1.5", "LTXV": "LTXV",
+             "GenmoMochi": "Mochi", "CogVideoX": "CogVideoX"}
+    for class_name, name in names.items():
+        patcher = SimpleNamespace(model=_bare(class_name))
+        assert adapter_for(patcher.model).capabilities.supported() == ("ulysses", "ring", "cfg", "data"), class_name
+        with pytest.raises(UnsupportedByXDiT, match=rf"^{name} supports ulysses, ring, cfg and data parallel only \(PipeFusion "
+                                                    r"and patch parallel are not implemented for video yet\); set pipefusion_degree to 1$"):
+            validate_for_model(ParallelConfig(pipefusion_degree=2), 2, patcher)
+    # Classes with other forwards over the same model code stay on the generic entry until tested.
+    for class_name in ("LTXAV", "HunyuanImage21"):
+        assert adapter_for(_bare(class_name)).capabilities.supported() == ("cfg", "data"), class_name
+
+
+@pytest.mark.fast  # pure logic on tensors
+def test_hunyuan_video_maps_masks_and_modulation_ranges_onto_a_ranks_rows():
+    import torch
+
+    from comfyui_xdit.families.hunyuan_video import _kept_text, _local_dims, _refuse_unsupported
+
+    big = -torch.finfo(torch.float32).max
+    mask = torch.zeros(1, 1, 9)  # 4 text tokens (the last padded), 5 image tokens
+    mask[0, 0, 3] = big
+    assert _kept_text("HunyuanVideo", mask, 4).tolist() == [0, 1, 2]
+    assert _kept_text("HunyuanVideo", None, 4) is None
+    mask[0, 0, 1] = -1.0  # a bias, not padding: dropping that key would change the result
+    with pytest.raises(UnsupportedByXDiT, match="HunyuanVideo: an attention mask with values other than the text padding mask's"):
+        _kept_text("HunyuanVideo", mask, 4)
+    with pytest.raises(UnsupportedByXDiT, match="HunyuanVideo: an attention mask of shape"):
+        _kept_text("HunyuanVideo", torch.zeros(2, 9, 9), 4)
+    # The guiding frame's ranges over the whole sequence, on a rank holding global rows 30..37 and two padding rows.
+    positions = torch.tensor([30, 31, 32, 33, 34, 35, 36, 37, -1, -1])
+    assert _local_dims([(0, 35, 0), (35, None, 1)], positions) == [(0, 5, 0), (5, 8, 1)]
+    assert _local_dims(None, positions) is None
+    with pytest.raises(UnsupportedByXDiT, match="ControlNet on HunyuanVideo is not supported in parallel; remove the ControlNet"):
+        _refuse_unsupported("HunyuanVideo", object(), {})
+    with pytest.raises(UnsupportedByXDiT, match="a model patch on HunyuanVideo's attn1_patch .*set ulysses_degree and ring_degree to 1"):
+        _refuse_unsupported("HunyuanVideo", None, {"patches": {"attn1_patch": [print]}})
+
+
+@pytest.mark.fast  # pure logic
+def test_ltxv_and_mochi_refuse_what_their_hooks_do_not_shard():
+    import torch
+
+    from comfyui_xdit.families import ltxv, mochi
+    from parallel_core import init_parallel
+
+    state = init_parallel(ParallelConfig())
+    with pytest.raises(UnsupportedByXDiT, match=r"LTXV: guide attention attenuation \(LTXVAddGuide strength other than 1.0"):
+        ltxv._refuse_unsupported("LTXV", state, 105, torch.zeros(1, 1, 1, 105), {})
+    with pytest.raises(UnsupportedByXDiT, match="a model patch on LTXV's attn2_patch"):
+        ltxv._refuse_unsupported("LTXV", state, 105, None, {"patches": {"attn2_patch": [print]}})
+    with pytest.raises(UnsupportedByXDiT, match="a dit block replacement on Mochi"):
+        mochi._refuse_unsupported("Mochi", state, 105, {"patches_replace": {"dit": {("double_block", 0): print}}})

@@ -6,7 +6,7 @@ code, its own token grid), SD3 and SD3.5 (MMDiT, with and without dual-attention
 Radiance in pixel space), Flux.1 Kontext (reference latents, also under displaced
 patch parallel), HiDream I1 (built in-process; text at the
 rear of its joint attention), Lumina 2 and Z-Image (NextDiT, caption and image refiners before the joint layers),
-Wan 2.1 (T2V, I2V) and Wan 2.2's TI2V 5B on video latents, and SD1.5 and SDXL U-Nets, which have no sequence-parallel adapter
+Wan 2.1 (T2V, I2V), Wan 2.2's TI2V 5B and HunyuanVideo 1.0 and 1.5, LTX-Video, Mochi (in-process) and CogVideoX on video latents, and SD1.5 and SDXL U-Nets, which have no sequence-parallel adapter
 and run on the generic CFG and data parallel wrappers. test_gpu_parallel.py runs the same cases on CUDA ranks over
 NCCL.
 """
@@ -59,6 +59,20 @@ TRAFFIC: dict[str, list[tuple[str, str]]] = {
 }
 TRAFFIC["zimage"] = [("ulysses2/basic-euler", "all_to_all/ulysses"), ("ring2/cfg-dpmpp2m-18x22", "ring_send/ring"),
                      ("cfg2/cfg-dpmpp2m-18x22", "broadcast/cfg"), ("data2/basic-dpmpp2m-18x22-batch2", "all_gather/data")]
+TRAFFIC["hunyuan_video"] = [("ulysses2/video-cfg-dpmpp2m-3x10x14-padded-text", "all_to_all/ulysses"),
+                            ("ring2/video-image-cfg-euler-3x10x14", "ring_send/ring"),
+                            ("cfg2/video-cfg-dpmpp2m-3x10x14-padded-text", "broadcast/cfg"),
+                            ("data2/video-basic-euler-3x10x14-batch2", "all_gather/data")]
+TRAFFIC["hunyuan_video15"] = [("ulysses2/video-image-cfg-euler-3x5x7", "all_to_all/ulysses"),
+                              ("ring2/video-image-cfg-euler-3x5x7", "ring_send/ring"),
+                              ("cfg2/video-image-cfg-euler-3x5x7", "broadcast/cfg"),
+                              ("data2/video-basic-dpmpp2m-3x5x7-batch2", "all_gather/data")]
+TRAFFIC["ltxv"] = [("ulysses2/video-image-cfg-euler-3x5x7", "all_to_all/ulysses"), ("ring2/video-cfg-dpmpp2m-3x5x7-padded-text", "ring_send/ring"),
+                   ("cfg2/video-image-cfg-euler-3x5x7", "broadcast/cfg"), ("data2/video-cfg-dpmpp2m-3x5x7-padded-text", "all_gather/data")]
+TRAFFIC["mochi"] = [("ulysses2/video-cfg-dpmpp2m-3x10x14-padded-text", "all_to_all/ulysses"), ("ring2/video-basic-euler-3x10x14-batch2", "ring_send/ring"),
+                    ("cfg2/video-cfg-dpmpp2m-3x10x14-padded-text", "broadcast/cfg"), ("data2/video-basic-euler-3x10x14-batch2", "all_gather/data")]
+TRAFFIC["cogvideox"] = [("ulysses2/video-basic-euler-3x10x14-batch2", "all_to_all/ulysses"), ("ring2/video-cfg-dpmpp2m-3x10x14", "ring_send/ring"),
+                        ("cfg2/video-cfg-dpmpp2m-3x10x14", "broadcast/cfg"), ("data2/video-basic-euler-3x10x14-batch2", "all_gather/data")]
 TRAFFIC["lumina2"] = [("ulysses2/cfg-dpmpp2m-18x22", "all_to_all/ulysses"), ("ring2/cfg-dpmpp2m-18x22", "ring_send/ring"),
                       ("cfg2/cfg-dpmpp2m-18x22", "broadcast/cfg"), ("data2/cfg-dpmpp2m-18x22", "all_gather/data")]
 
@@ -142,3 +156,17 @@ def test_pipefusion_refuses_flux_kontext_reference_latents(model_path):
     with pytest.raises(RankFailed, match="PipeFusion on Flux does not take reference latents .*set pipefusion_degree to 1"):
         run_on_ranks(flux_cases.family_rank, 2, model_path("flux_kontext"), [{"pipefusion_degree": 2}],
                      flux_cases.case_dicts("flux_kontext"), timeout_s=600)
+
+
+def test_hunyuan_video_gathers_its_image_rows_once_per_model_call(model_path):
+    """Inside the block loop each rank holds only its rows: besides each attention's (short) text q/k/v, the sequence
+    group gathers the image rows once per model call, after the last block."""
+    from comfyui_xdit.testing.tiny_models import HUNYUAN_VIDEO_BASE as config
+
+    case = flux_cases.CASE_BY_NAME["video-basic-euler-3x10x14-batch2"]  # euler, BasicGuider: one model call a step
+    tokens = case.frames * (case.height // 2) * (case.width // 2)
+    image_rows = case.batch * -(-tokens // 2) * config["hidden_size"] * 4  # this rank's fp32 rows
+    text_qkv = 3 * case.batch * -(-flux_cases.TEXT_TOKENS // 2) * config["hidden_size"] * 4
+    per_call = image_rows + (config["depth"] + config["depth_single_blocks"]) * text_qkv
+    for result in _run("hunyuan_video", 2, model_path("hunyuan_video")):
+        assert result["bytes"][f"ulysses2/{case.name}"]["all_gather/sequence"] == case.steps * per_call

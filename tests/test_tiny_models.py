@@ -148,7 +148,10 @@ def test_cli_rejects_bad_arguments(run_cli, tmp_path: Path) -> None:
                                                                   ("qwen_image", "QwenImage", "QwenImage"),
                                                                   ("wan21", "WAN21", "WAN21_T2V"), ("wan21_i2v", "WAN21", "WAN21_I2V"),
                                                                   ("wan22_5b", "WAN22", "WAN22_T2V"), ("lumina2", "Lumina2", "Lumina2"),
-                                                                  ("chroma", "Chroma", "Chroma")])
+                                                                  ("chroma", "Chroma", "Chroma"),
+                                                                  ("hunyuan_video", "HunyuanVideo", "HunyuanVideo"),
+                                                                  ("hunyuan_video15", "HunyuanVideo15", "HunyuanVideo15"),
+                                                                  ("ltxv", "LTXV", "LTXV"), ("cogvideox", "CogVideoX", "CogVideoX_T2V")])
 def test_other_families_are_detected_as_themselves_and_round_trip(tiny_model_path, family: str, model_class: str,
                                                                   config_class: str) -> None:
     path = tiny_model_path(family)

@@ -193,3 +193,32 @@ register("ChromaRadiance", FamilyAdapter(
     "Chroma Radiance", Capabilities(ulysses=True, ring=True, cfg=True, data=True), **_CHROMA_LAYOUT,
     limits="PipeFusion and patch parallel cut the image into bands of tokens before the model runs, and Chroma Radiance's "
            "forward receives pixels, patchified inside it"))
+# HunyuanVideo 1.0 (T2V; its I2V and SkyReels I2V subclasses add latent channels) and 1.5 (ByT5 glyph and CLIP-vision
+# tokens in front of the text): Flux's double/single blocks over [text, image] tokens of (frames x rows x cols), text in
+# front, the text encoder's padding mask honoured; the text refiner and head run whole. HunyuanImage 2.1 (a 2-D model
+# of the same class) has its own model_base class and stays on the generic entry until it is tested.
+_HUNYUAN_VIDEO_LAYOUT: dict[str, Any] = dict(
+    capabilities=Capabilities(ulysses=True, ring=True, cfg=True, data=True), hooks="comfyui_xdit.families.hunyuan_video",
+    heads_attribute="num_heads", joint_attention="front", block_containers=("double_blocks", "single_blocks"),
+    limits="PipeFusion and patch parallel are not implemented for video yet")
+register("HunyuanVideo", FamilyAdapter("HunyuanVideo", **_HUNYUAN_VIDEO_LAYOUT), covers_subclasses=True)
+register("HunyuanVideo15", FamilyAdapter("HunyuanVideo 1.5", **_HUNYUAN_VIDEO_LAYOUT), covers_subclasses=True)
+# LTX-Video: self-attention sequence parallel over (frames x rows x cols) tokens, per-token timesteps (image-to-video,
+# keyframe guides) sharded with them, cross-attention to the (masked) text local. LTXAV (audio + video) runs its own
+# forward over two streams: the generic entry.
+register("LTXV", FamilyAdapter(
+    "LTXV", Capabilities(ulysses=True, ring=True, cfg=True, data=True), hooks="comfyui_xdit.families.ltxv",
+    heads_attribute="num_attention_heads", joint_attention="cross", block_containers=("transformer_blocks",),
+    limits="PipeFusion and patch parallel are not implemented for video yet"))
+# Mochi: asymmetric joint attention over [visual tokens, the unpadded T5 tokens] (text at the rear); visual tokens
+# sequence parallel, the text stream whole on every rank.
+register("GenmoMochi", FamilyAdapter(
+    "Mochi", Capabilities(ulysses=True, ring=True, cfg=True, data=True), hooks="comfyui_xdit.families.mochi",
+    heads_attribute="num_heads", joint_attention="rear", block_containers=("blocks",),
+    limits="PipeFusion and patch parallel are not implemented for video yet"))
+# CogVideoX 1.0 and 1.5 (T2V, I2V, Fun inpainting: one model class): joint attention over [text, image], text in front;
+# text and image rows both sharded.
+register("CogVideoX", FamilyAdapter(
+    "CogVideoX", Capabilities(ulysses=True, ring=True, cfg=True, data=True), hooks="comfyui_xdit.families.cogvideox",
+    heads_attribute="num_attention_heads", joint_attention="front", block_containers=("blocks",),
+    limits="PipeFusion and patch parallel are not implemented for video yet"))

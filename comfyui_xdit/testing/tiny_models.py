@@ -128,6 +128,36 @@ WAN_VARIANTS: dict[str, tuple[dict[str, Any], str]] = {  # variant -> (config, t
     "i2v": ({"model_type": "i2v", "in_dim": 36, "out_dim": 16}, "WAN21_I2V"),
     "ti2v_5b": ({"model_type": "t2v", "in_dim": 48, "out_dim": 48}, "WAN22_T2V"),
 }
+# HunyuanVideo (comfy.ldm.hunyuan_video.model.HunyuanVideo). Detection reads width, channels, patch, text width and
+# block counts from the weights and fixes heads of 128 channels on RoPE axes 16/56/56, theta 256, MLP x4, CLIP-L's 768
+# pooled width (1.0), ByT5's 1472 input and 1.5's SigLIP width 1152 (which tells 1.5 apart). Width 256: 2 heads.
+# 1.0 T2V: 16 latent channels, patches 1x2x2, guidance embedding, two double blocks and one single block (~5 M
+# parameters). 1.5: 32 latent channels (+ 32 image + 1 mask in), patches 1x1x1, ByT5 glyph and vision inputs, the
+# cond-type embedding, and only double blocks as the real one (~14 M parameters, mostly the ByT5 mapper).
+HUNYUAN_VIDEO_BASE: dict[str, Any] = {
+    "image_model": "hunyuan_video", "in_channels": 16, "out_channels": 16, "vec_in_dim": 768, "context_in_dim": 64,
+    "hidden_size": 256, "mlp_ratio": 4.0, "num_heads": 2, "depth": 2, "depth_single_blocks": 1, "axes_dim": [16, 56, 56],
+    "theta": 256, "patch_size": [1, 2, 2], "qkv_bias": True, "guidance_embed": True, "byt5": False, "meanflow": False,
+    "use_cond_type_embedding": False, "vision_in_dim": None, "meanflow_sum": False,
+}
+HUNYUAN_VIDEO_VARIANTS: dict[str, tuple[dict[str, Any], str]] = {  # variant -> (config, the supported_models class)
+    "v1": ({}, "HunyuanVideo"),
+    "v15": ({"in_channels": 65, "out_channels": 32, "vec_in_dim": None, "patch_size": [1, 1, 1], "depth_single_blocks": 0,
+             "guidance_embed": False, "byt5": True, "use_cond_type_embedding": True, "vision_in_dim": 1152,
+             "meanflow_sum": True}, "HunyuanVideo15"),
+}
+# LTX-Video (comfy.ldm.lightricks.model.LTXVModel). Detection reads the block count and the cross-attention width from
+# the weights and fixes 32 heads (head width = attention width / 32); 128 latent channels in 1x1x1 patches and T5's
+# 4096-wide text are class defaults. Heads of 8 channels (width 256), two blocks: ~3 M parameters.
+LTXV_UNET_CONFIG: dict[str, Any] = {"image_model": "ltxv", "num_layers": 2, "attention_head_dim": 8, "cross_attention_dim": 256}
+# CogVideoX (comfy.ldm.cogvideo.model.CogVideoXTransformer3DModel). Detection reads width (heads of 64 fixed), time
+# width, depth, channels, patches (a Conv2d: 1.0; a Linear over 2 frames: 1.5), text width and the position kind from
+# the weights. 1.0 with RoPE (as the 5B): 2 heads (width 128), two blocks, a 64-wide T5 stand-in: ~1 M parameters.
+COGVIDEOX_UNET_CONFIG: dict[str, Any] = {
+    "image_model": "cogvideox", "num_attention_heads": 2, "attention_head_dim": 64, "time_embed_dim": 64, "num_layers": 2,
+    "in_channels": 16, "patch_size": 2, "text_embed_dim": 64, "use_learned_positional_embeddings": False,
+    "use_rotary_positional_embeddings": True,
+}
 # Lumina 2 (comfy.model_base.Lumina2, ComfyUI's NextDiT): detection takes it for Lumina 2 only at width 2304 (24 query
 # heads, 8 key/value heads, FFN x4) and reads the caption width (Gemma 2's 2304) and the main layer count from the
 # weights; the two refiners of each kind are the class default. One main layer: ~435 M parameters, 1.7 GB in fp32.
@@ -280,8 +310,12 @@ def init_weights_(model: torch.nn.Module, seed: int, output_layer: str = _OUTPUT
                     value = 1.0 + _NORM_SCALE_STD * noise
                 elif type(module).__name__ == "MoEGate":  # HiDream's expert router: a bare (experts, width) matrix
                     value = noise / math.sqrt(parameter.shape[1])
-                elif name == "modulation":  # adaLN tables held as bare parameters (Wan), added to the timestep's
+                elif name in ("modulation", "scale_shift_table"):  # adaLN tables held as bare parameters (Wan, LTXV), added to the timestep's
                     value = _MODULATION_STD * noise
+                elif isinstance(module, torch.nn.Embedding):  # HunyuanVideo 1.5's cond-type embedding, added to text rows
+                    value = _MODULATION_STD * noise
+                elif name == "pos_frequencies":  # Mochi's learned RoPE frequencies (3 axes x heads x head_dim / 2)
+                    value = noise
                 elif name.endswith("pad_token"):  # Z-Image's learned padding tokens, embeddings in the model's width
                     value = noise
                 else:
@@ -384,6 +418,46 @@ def write_tiny_wan(path: str | Path, variant: str = "t2v", size: str = "tiny", s
     init_weights_(model, seed, output_layer="head.head")
     smooth_in_time_(model.time_embedding[0])
     return _save(model, path, {"family": "wan", "variant": variant, "size": size, "seed": seed, "config": config})
+
+
+def write_tiny_hunyuan_video(path: str | Path, variant: str = "v1", size: str = "tiny", seed: int = 0, **overrides: Any) -> Path:
+    """Write a seeded checkpoint that ``comfy.sd.load_diffusion_model`` loads and detects as HunyuanVideo 1.0 (T2V) or
+    1.5 (variants in HUNYUAN_VIDEO_VARIANTS)."""
+    path = _checked_path(path)
+    if variant not in HUNYUAN_VIDEO_VARIANTS or size != "tiny":
+        raise ValueError(f"unknown hunyuan_video variant/size {variant!r}/{size!r}; choose from {sorted(HUNYUAN_VIDEO_VARIANTS)} / ['tiny']")
+    variant_config, config_class = HUNYUAN_VIDEO_VARIANTS[variant]
+    config = copy.deepcopy({**HUNYUAN_VIDEO_BASE, **variant_config, **overrides})
+    model = _detected_model(config, config_class)
+    init_weights_(model, seed)
+    smooth_in_time_(model.time_in.in_layer)
+    return _save(model, path, {"family": "hunyuan_video", "variant": variant, "size": size, "seed": seed, "config": config})
+
+
+def write_tiny_ltxv(path: str | Path, variant: str = "default", size: str = "tiny", seed: int = 0, **overrides: Any) -> Path:
+    """Write a seeded checkpoint that ``comfy.sd.load_diffusion_model`` loads and detects as LTX-Video."""
+    path = _checked_path(path)
+    if variant != "default" or size != "tiny":
+        raise ValueError(f"unknown ltxv variant/size {variant!r}/{size!r}; choose from ['default'] / ['tiny']")
+    config = {**LTXV_UNET_CONFIG, **overrides}
+    model = _detected_model(config, "LTXV")
+    init_weights_(model, seed, output_layer="proj_out")
+    smooth_in_time_(model.adaln_single.emb.timestep_embedder.linear_1)
+    return _save(model, path, {"family": "ltxv", "variant": variant, "size": size, "seed": seed, "config": config})
+
+
+def write_tiny_cogvideox(path: str | Path, variant: str = "default", size: str = "tiny", seed: int = 0, **overrides: Any) -> Path:
+    """Write a seeded checkpoint that ``comfy.sd.load_diffusion_model`` loads and detects as CogVideoX (T2V)."""
+    path = _checked_path(path)
+    if variant != "default" or size != "tiny":
+        raise ValueError(f"unknown cogvideox variant/size {variant!r}/{size!r}; choose from ['default'] / ['tiny']")
+    config = {**COGVIDEOX_UNET_CONFIG, **overrides}
+    model = _detected_model(config, "CogVideoX_T2V")
+    init_weights_(model, seed, output_layer="proj_out")
+    smooth_in_time_(model.time_embedding_linear_1)
+    return _save(model, path, {"family": "cogvideox", "variant": variant, "size": size, "seed": seed, "config": config})
+
+
 def write_tiny_lumina2(path: str | Path, variant: str = "default", size: str = "tiny", seed: int = 0, **overrides: Any) -> Path:
     """Write a seeded checkpoint that ``comfy.sd.load_diffusion_model`` loads and detects as Lumina 2."""
     path = _checked_path(path)
@@ -429,6 +503,12 @@ def conditioning_widths(base_model: Any) -> tuple[int, int]:
         text = unet_config["caption_channels"][0]
     elif "cap_feat_dim" in unet_config:
         text = unet_config["cap_feat_dim"]
+    elif hasattr(diffusion_model, "caption_channels"):  # LTXV: T5's width, a class default
+        text = diffusion_model.caption_channels
+    elif "t5_feat_dim" in unet_config:  # Mochi
+        text = unet_config["t5_feat_dim"]
+    elif "text_embed_dim" in unet_config:  # CogVideoX
+        text = unet_config["text_embed_dim"]
     else:
         text_in = diffusion_model.text_embedding[0] if hasattr(diffusion_model, "text_embedding") else getattr(diffusion_model, "txt_in", None)
         text = unet_config.get("context_in_dim", unet_config.get("context_dim")) or text_in.in_features
@@ -462,6 +542,11 @@ FAMILIES: dict[str, TinyFamily] = {
     "wan21_i2v": TinyFamily(("i2v",), ("tiny",), write_tiny_wan),
     "wan22_5b": TinyFamily(("ti2v_5b",), ("tiny",), write_tiny_wan),
     "lumina2": TinyFamily(("default",), ("tiny",), write_tiny_lumina2),
+    # HunyuanVideo 1.0 T2V (and 1.5 as a variant); 1.5 under its own name too, for tests and the CLI.
+    "hunyuan_video": TinyFamily(tuple(HUNYUAN_VIDEO_VARIANTS), ("tiny",), write_tiny_hunyuan_video),
+    "hunyuan_video15": TinyFamily(("v15",), ("tiny",), write_tiny_hunyuan_video),
+    "ltxv": TinyFamily(("default",), ("tiny",), write_tiny_ltxv),
+    "cogvideox": TinyFamily(("default",), ("tiny",), write_tiny_cogvideox),
     "chroma": TinyFamily(("default",), ("tiny",), write_tiny_chroma),
     # Two files (encoder, decoder) written into the given vae_approx folder; VAELoader offers them as "taef1".
     "taef1": TinyFamily(TAEF1_VARIANTS, TAEF1_SIZES, write_tiny_taef1),
@@ -509,6 +594,19 @@ IN_PROCESS["zimage"] = lambda seed: in_process_patcher("ZImage", ZIMAGE_UNET_CON
 IN_PROCESS["chroma"] = functools.partial(in_process_patcher, "Chroma", CHROMA_TINY_CONFIG)
 IN_PROCESS["chroma_radiance"] = functools.partial(in_process_patcher, "ChromaRadiance", CHROMA_RADIANCE_TINY_CONFIG,
                                                   output_layer="nerf_final_layer_conv.conv")
+
+# Mochi (comfy.model_base.GenmoMochi): detection fixes ~10 B parameters (48 blocks at width 3072), so it is built
+# in-process. Its blocks assert a visual FFN 12288 wide (1536 x 8): width 256 (4 heads of 64) takes mlp_ratio_x 48 to
+# keep it (SwiGLU, 8192 hidden). A 128-wide text stream, a 64-wide T5 stand-in, two blocks (the last does not update
+# the text, as in the real model): ~15 M parameters.
+MOCHI_UNET_CONFIG: dict[str, Any] = {
+    "image_model": "mochi_preview", "depth": 2, "patch_size": 2, "num_heads": 4, "hidden_size_x": 256, "hidden_size_y": 128,
+    "mlp_ratio_x": 48.0, "mlp_ratio_y": 4.0, "learn_sigma": False, "in_channels": 12, "qk_norm": True, "qkv_bias": False,
+    "out_bias": True, "attn_drop": 0.0, "patch_embed_bias": True, "posenc_preserve_area": True, "timestep_mlp_bias": True,
+    "attend_to_padding": False, "timestep_scale": 1000.0, "use_t5": True, "t5_feat_dim": 64, "t5_token_length": 256,
+    "rope_theta": 10000.0,
+}
+IN_PROCESS["mochi"] = functools.partial(in_process_patcher, "GenmoMochi", MOCHI_UNET_CONFIG, output_layer="final_layer.linear")
 
 
 def load_tiny_model(spec: str) -> Any:
