@@ -24,7 +24,8 @@ RUNS = [(family, world) for family, by_world in flux_cases.CONFIGS.items() for w
 # (config tag/case, counter) that must have moved bytes on every rank: guards against a silently unpatched model.
 TRAFFIC: dict[str, list[tuple[str, str]]] = {
     "flux": [("ulysses2/basic-euler", "all_to_all/ulysses"), ("ring2/basic-euler", "ring_send/ring"),
-             ("cfg2/cfg-euler", "broadcast/cfg"), ("data2/basic-dpmpp2m-18x22-batch2", "all_gather/data")],
+             ("cfg2/cfg-euler", "broadcast/cfg"), ("data2/basic-dpmpp2m-18x22-batch2", "all_gather/data"),
+             ("ulysses2-weightblocks/basic-euler", "all_gather/world"), ("data2-weightblocks/basic-euler", "all_gather/world")],
     "flux2": [("ulysses2/cfg-dpmpp2m-18x22", "all_to_all/ulysses"), ("ring2/cfg-dpmpp2m-18x22", "ring_send/ring"),
               ("cfg2/cfg-dpmpp2m-18x22", "broadcast/cfg")],
     "sd15": [("cfg2/cfg-euler-10x12-batch2", "broadcast/cfg"), ("data2/cfg-euler-10x12-batch2", "all_gather/data")],
@@ -111,3 +112,29 @@ def test_pipefusion_refuses_flux_kontext_reference_latents(model_path):
     with pytest.raises(RankFailed, match="PipeFusion on Flux does not take reference latents .*set pipefusion_degree to 1"):
         run_on_ranks(flux_cases.family_rank, 2, model_path("flux_kontext"), [{"pipefusion_degree": 2}],
                      flux_cases.case_dicts("flux_kontext"), timeout_s=600)
+
+
+SHARDED_RUNS = [(family, world) for family, world in RUNS
+                if any("weight_sharding" in degrees for degrees in flux_cases.CONFIGS[family][world])]
+
+
+@pytest.mark.parametrize(("family", "world_size"), SHARDED_RUNS)
+def test_sharded_weights_equal_the_unsharded_pool_and_hold_their_share(family, world_size, model_path):
+    """Gathering is a byte copy: a config on sharded weights gives the unsharded pool's latents bit for bit, each rank
+    keeps 1/P of the block weights (plus alignment padding), and every model call gathers each block once."""
+    per_rank = _run(family, world_size, model_path(family))
+    for degrees in flux_cases.CONFIGS[family][world_size]:
+        if "weight_sharding" not in degrees:
+            continue
+        twin = {k: v for k, v in degrees.items() if k != "weight_sharding"}
+        for name in flux_cases.FAMILY_CASES[family]:
+            for rank, result in enumerate(per_rank):
+                if twin in flux_cases.CONFIGS[family][world_size]:
+                    assert torch.equal(result["parallel"][f"{flux_cases.tag(degrees)}/{name}"],
+                                       result["parallel"][f"{flux_cases.tag(twin)}/{name}"]), f"{degrees} {name} rank {rank}"
+                sent = result["bytes"][f"{flux_cases.tag(degrees)}/{name}"]["all_gather/world"]
+                held = result["sharded"]["resident"]
+                assert sent > 0 and sent % (held * (world_size - 1)) == 0, f"{degrees} {name}: {sent} bytes is no whole number of block passes"
+    for result in per_rank:
+        held, whole = result["sharded"]["resident"], result["sharded"]["whole"]
+        assert whole / world_size <= held < whole / world_size * 1.01 + 4096, result["sharded"]
