@@ -70,7 +70,8 @@ class ShardedBlocks:
 
     def __init__(self, diffusion_model: torch.nn.Module, containers: tuple[str, ...], group: DimensionGroup,
                  pieces: list[torch.Tensor], layouts: list[BlockLayout]):
-        self.group = group
+        self.group, self.containers = group, containers
+        self.prefetch = True
         self.gatherer = BlockGatherer(layouts, pieces, group, CommStats())
         self._params: list[list[tuple[str, torch.nn.Parameter]]] = []
         self._where: dict[str, tuple[int, str]] = {}  # model key -> (block index, name in the block)
@@ -105,9 +106,10 @@ class ShardedBlocks:
             self._point(index, None)
 
     @contextlib.contextmanager
-    def counted_in(self, stats: CommStats, prefetch: bool = True) -> Iterator[None]:
-        """One model call: gathers counted in `stats`; nothing whole or in flight afterwards."""
-        self.gatherer.stats, self.gatherer.prefetch = stats, prefetch
+    def counted_in(self, stats: CommStats) -> Iterator[None]:
+        """One model call: gathers counted in `stats` (and prefetched unless `prefetch` was turned off, for
+        benchmarks); nothing whole or in flight afterwards."""
+        self.gatherer.stats, self.gatherer.prefetch = stats, self.prefetch
         try:
             yield
         finally:
@@ -142,7 +144,7 @@ class ShardedBlocks:
             yield
         finally:
             self._released(index)
-            self.gatherer.prefetch = True
+            self.gatherer.prefetch = self.prefetch
 
     def resident_bytes(self) -> int:
         return self.gatherer.resident_bytes()
@@ -184,37 +186,46 @@ def shard_loaded(model_patcher, group: DimensionGroup):
     return _attach(model_patcher, containers, group, pieces, layouts)
 
 
-def _refuse_converted_blocks(path: str | Path, config, header: dict[str, torch.Tensor], prefix: str, block_keys: list[str]) -> None:
-    """Block weights are read by name; a family whose loader renames or reshapes them cannot be read in pieces."""
+def _block_keys(diffusion_model: torch.nn.Module, containers: tuple[str, ...]) -> list[str]:
+    return [f"{c}.{i}.{name}" for c in containers for i, block in enumerate(getattr(diffusion_model, c)) for name, _ in block.named_parameters()]
+
+
+def check_shardable(path: str | Path, weight_dtype: str, shell=None) -> None:
+    """Refuse, from the file's header alone, a model whose blocks `load_sharded` cannot read in pieces: a quantized
+    file, a family without known blocks, or one whose loader converts block weights. `shell`: the file's model with
+    meta weights, if already built."""
+    header, metadata = meta_state_dict(path)
+    if any(key.endswith("scaled_fp8") for key in header) or "_quantization_metadata" in (metadata or {}):
+        raise UnsupportedByXDiT(f"{Path(path).name} is a quantized (scaled fp8) checkpoint, which weight_sharding 'blocks' "
+                                f"does not read in pieces yet; use the full-precision file or set weight_sharding to none")
+    config, meta_state, _ = detect(path, weight_dtype)
+    model = shell.model if shell is not None else config.get_model(meta_state, "", device=torch.device("meta"))
+    block_keys = _block_keys(model.diffusion_model, _block_containers(model))
+    prefix = unet_prefix(header)
     named = {k[len(prefix):]: v for k, v in header.items() if k.startswith(prefix)}
     processed = config.process_unet_state_dict(dict(named))
-    changed = [k for k in block_keys if processed.get(k) is not named.get(k)]
+    changed = [k for k in block_keys if k not in named or processed.get(k) is not named[k]]
     if changed:
-        raise UnsupportedByXDiT(f"{Path(path).name}: ComfyUI converts its block weights while loading (e.g. {changed[0]!r}), "
+        raise UnsupportedByXDiT(f"{Path(path).name}: ComfyUI renames or converts its block weights while loading (e.g. {changed[0]!r}), "
                                 f"so weight_sharding 'blocks' cannot read them in pieces; set weight_sharding to none")
 
 
 def load_sharded(path: str | Path, weight_dtype: str, group: DimensionGroup) -> comfy.model_patcher.ModelPatcher:
     """The file's model (as UNETLoader loads it) with its blocks sharded over `group`, reading from the file only
     this rank's part of each block tensor (the whole rows it falls in) and the other layers whole."""
+    check_shardable(path, weight_dtype)
     load_device = comfy.model_management.get_torch_device()
-    header, metadata = meta_state_dict(path)
-    if any(key.endswith("scaled_fp8") for key in header) or "_quantization_metadata" in (metadata or {}):
-        raise UnsupportedByXDiT(f"{Path(path).name} is a quantized (scaled fp8) checkpoint, which weight_sharding 'blocks' "
-                                f"does not read in pieces yet; use the full-precision file or set weight_sharding to none")
     config, meta_state, _ = detect(path, weight_dtype, load_device)
     model = config.get_model(meta_state, "", device=torch.device("meta"))
     diffusion_model = model.diffusion_model
     containers = _block_containers(model)
-    prefix = unet_prefix(header)
+    prefix = unet_prefix(meta_state_dict(path)[0])
     kept: dict[tuple[str, int], torch.nn.Module] = {}
     for container in containers:  # out of the model while the other layers are allocated and loaded
         modules = getattr(diffusion_model, container)
         for position in range(len(modules)):
             kept[(container, position)] = modules[position]
             modules[position] = torch.nn.Identity()
-    block_keys = [f"{c}.{i}.{name}" for (c, i), block in kept.items() for name, _ in block.named_parameters()]
-    _refuse_converted_blocks(path, config, header, prefix, block_keys)
     offload_device = comfy.model_management.unet_offload_device()
     diffusion_model.to_empty(device=offload_device)
     layouts, pieces = [], []
