@@ -10,7 +10,7 @@ it (weight_sharding.load_sharded reads each rank's part of the blocks from the f
 - "memory" (one line per world, per rank): this rank's pieces (`resident_block_bytes`), the blocks whole
   (`whole_block_bytes`), the goal 1/P of them + two whole blocks (`goal_bytes`), and the most block bytes this rank
   held during sampling (`peak_block_bytes` = pieces + the most blocks whole or in flight at once × the largest
-  block); `rss_*_mb` is the process's resident set (ComfyUI and torch included) after loading, and its peak.
+  block; on one rank a whole block is a view of its piece); `rss_*_mb` is the process's resident set (ComfyUI and torch included) after loading, and its peak.
 - "step" (world 2 only, one line per rank): sampling (BasicGuider, euler, Ulysses 2) with the unsharded pool,
   sharded with prefetch, sharded without; `--rounds` rounds interleave them (reversed every other round) and each
   cost is the median of per-round ratios to the unsharded time. Bytes gathered per step, measured on the job's
@@ -96,7 +96,8 @@ def _rank(rank: int, world_size: int, path: str, latent: int, steps: int, rounds
     _sample(sharded_model, latent, steps)
     result["gathered_bytes_per_step"] = state.comm.bytes_sent("all_gather", "world") / steps
     result["most_blocks_whole"] = most[0]
-    result["peak_block_bytes"] = sharded.resident_bytes() + most[0] * sharded.largest_block_bytes()
+    # One rank: a whole block is a view of its piece, nothing more is held.
+    result["peak_block_bytes"] = sharded.resident_bytes() + (most[0] * sharded.largest_block_bytes() if world_size > 1 else 0)
     if world_size == 2:
         pool = parallelize(comfy.sd.load_diffusion_model(path), state)
         runs = {"unsharded": [], "prefetch": [], "no_prefetch": []}
