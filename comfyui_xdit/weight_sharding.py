@@ -5,8 +5,10 @@ before it runs, one block ahead (parallel_core.weight_shards), dropping it after
 The blocks come from the family adapter (block_containers). Each block parameter stays the same nn.Parameter object,
 holding an empty tensor at rest; forward pre/post hooks on the block modules point it at the gathered bytes and back.
 An APPLY_MODEL wrapper on the parallel clone (`wrap`) counts the gathers in the job's CommStats and leaves no gather
-in flight when a call ends or fails. A LoRA is merged block by block into each rank's own piece (`rewrite`): the
-block is gathered whole, ComfyUI computes the merged weight as stock does, and each rank keeps its part.
+in flight when a call ends or fails. A LoRA is merged block by block into each rank's own piece (lora_merge.py,
+through `whole`, `read`, `restore` and `write`): the block is gathered whole, ComfyUI computes the merged weight as
+stock does, and each rank keeps its part. Under CFG parallel a rank that owns no cond runs one anyway
+(cfg_parallel.py), so every rank gathers the same blocks in the same order.
 
 `load_sharded` reads only this rank's part of each block tensor from the safetensors file (whole rows around it);
 the layers outside the blocks are read whole.
