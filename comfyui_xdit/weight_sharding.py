@@ -192,10 +192,11 @@ def _block_keys(diffusion_model: torch.nn.Module, containers: tuple[str, ...]) -
     return [f"{c}.{i}.{name}" for c in containers for i, block in enumerate(getattr(diffusion_model, c)) for name, _ in block.named_parameters()]
 
 
-def check_shardable(path: str | Path, weight_dtype: str, shell=None) -> None:
+def check_shardable(path: str | Path, weight_dtype: str, shell=None) -> dict[str, str]:
     """Refuse, from the file's header alone, a model whose blocks `load_sharded` cannot read in pieces: a quantized
-    file, a family without known blocks, or one whose loader converts block weights. `shell`: the file's model with
-    meta weights, if already built."""
+    file, a family without known blocks, or one whose loader converts block weights (a rename, as Flux's
+    `*_norm.scale` -> `*_norm.weight`, is followed). Returns each block weight's key in the file, by its name in the
+    model. `shell`: the file's model with meta weights, if already built."""
     header, metadata = meta_state_dict(path)
     if any(key.endswith("scaled_fp8") for key in header) or "_quantization_metadata" in (metadata or {}):
         raise UnsupportedByXDiT(f"{Path(path).name} is a quantized (scaled fp8) checkpoint, which weight_sharding 'blocks' "
@@ -205,23 +206,27 @@ def check_shardable(path: str | Path, weight_dtype: str, shell=None) -> None:
     block_keys = _block_keys(model.diffusion_model, _block_containers(model))
     prefix = unet_prefix(header)
     named = {k[len(prefix):]: v for k, v in header.items() if k.startswith(prefix)}
+    origin = {id(v): prefix + k for k, v in named.items()}  # ComfyUI's conversion passes untouched tensors through
     processed = config.process_unet_state_dict(dict(named))
-    changed = [k for k in block_keys if k not in named or processed.get(k) is not named[k]]
+    in_file = {k: origin.get(id(processed[k])) for k in block_keys if k in processed}
+    changed = [k for k in block_keys if in_file.get(k) is None]
     if changed:
-        raise UnsupportedByXDiT(f"{Path(path).name}: ComfyUI renames or converts its block weights while loading (e.g. {changed[0]!r}), "
+        raise UnsupportedByXDiT(f"{Path(path).name}: ComfyUI converts its block weights while loading (e.g. {changed[0]!r}), "
                                 f"so weight_sharding 'blocks' cannot read them in pieces; set weight_sharding to none")
+    return in_file
 
 
 def load_sharded(path: str | Path, weight_dtype: str, group: DimensionGroup) -> comfy.model_patcher.ModelPatcher:
     """The file's model (as UNETLoader loads it) with its blocks sharded over `group`, reading from the file only
     this rank's part of each block tensor (the whole rows it falls in) and the other layers whole."""
-    check_shardable(path, weight_dtype)
+    in_file = check_shardable(path, weight_dtype)
     load_device = comfy.model_management.get_torch_device()
     config, meta_state, _ = detect(path, weight_dtype, load_device)
     model = config.get_model(meta_state, "", device=torch.device("meta"))
     diffusion_model = model.diffusion_model
     containers = _block_containers(model)
     prefix = unet_prefix(meta_state_dict(path)[0])
+    block_file_keys = set(in_file.values())
     kept: dict[tuple[str, int], torch.nn.Module] = {}
     for container in containers:  # out of the model while the other layers are allocated and loaded
         modules = getattr(diffusion_model, container)
@@ -233,18 +238,18 @@ def load_sharded(path: str | Path, weight_dtype: str, group: DimensionGroup) -> 
     layouts, pieces = [], []
     with open_safetensors(path, "diffusion model") as f:
         needed = set(diffusion_model.state_dict())
-        weights = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix) and k[len(prefix):] in needed}
-        missing = sorted(needed - set(weights))
+        weights = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix) and k not in block_file_keys}
+        missing = sorted(needed - set(config.process_unet_state_dict(dict(weights))))
         if missing:
             raise RuntimeError(f"{Path(path).name}: no weights in the file for {missing[:3]}; it does not load as this model")
         model.load_model_weights(weights, "")
         for (container, position), block in kept.items():
             layout = _layout(block, group.size)
-            key_prefix = f"{prefix}{container}.{position}."
+            name_prefix = f"{container}.{position}."
             for name, buffer in block.named_buffers():
                 raise UnsupportedByXDiT(f"{Path(path).name}: block {container}.{position} keeps a buffer ({name}) that "
                                         f"weight_sharding 'blocks' does not load; set weight_sharding to none")
-            pieces.append(layout.piece(group.rank, _file_reader(f, key_prefix), load_device))
+            pieces.append(layout.piece(group.rank, _file_reader(f, lambda name, p=name_prefix: in_file[p + name]), load_device))
             layouts.append(layout)
             for module in block.modules():
                 for name, param in list(module._parameters.items()):
@@ -255,17 +260,17 @@ def load_sharded(path: str | Path, weight_dtype: str, group: DimensionGroup) -> 
     return _attach(patcher, containers, group, pieces, layouts)
 
 
-def _file_reader(f, key_prefix: str) -> Callable[[TensorSlot, int, int], torch.Tensor]:
-    """Elements [first, end) of a flattened tensor in the file, reading only the whole rows that hold them."""
+def _file_reader(f, file_key: Callable[[str], str]) -> Callable[[TensorSlot, int, int], torch.Tensor]:
+    """Elements [first, end) of a flattened block tensor in the file (`file_key` maps its name in the block to its
+    key in the file), reading only the whole rows that hold them."""
 
     def read(slot: TensorSlot, first: int, end: int) -> torch.Tensor:
-        piece = f.get_slice(key_prefix + slot.name)
+        key = file_key(slot.name)
         if len(slot.shape) == 0:
-            return f.get_tensor(key_prefix + slot.name).reshape(-1)[first:end]
+            return f.get_tensor(key).reshape(-1)[first:end]
         row = slot.numel // slot.shape[0]
         low, high = first // row, -(-end // row)
-        rows = piece[low:high]
-        return rows.reshape(-1)[first - low * row:end - low * row]
+        return f.get_slice(key)[low:high].reshape(-1)[first - low * row:end - low * row]
 
     return read
 

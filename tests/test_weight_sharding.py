@@ -27,18 +27,26 @@ def test_lora_merges_into_each_ranks_part_exactly_and_switches_back(tiny_flux_pa
 
 
 @pytest.mark.fast
-def test_one_rank_reads_the_blocks_whole_and_bit_exact(tiny_flux_paths):
+def test_one_rank_reads_the_blocks_whole_and_bit_exact(tiny_flux_paths, tmp_path):
+    """Also from a file in BFL's own key names (`*_norm.scale`, which ComfyUI renames while loading)."""
     import comfy.sd
+    from safetensors.torch import load_file, save_file
 
     from comfyui_xdit.weight_sharding import load_sharded, sharded_blocks, world_group
 
     path = str(tiny_flux_paths["dev"])
-    ours = sharding_cases.whole_weights(load_sharded(path, "default", world_group()))
+    bfl = tmp_path / "flux-bfl-names.safetensors"
+    tensors = load_file(path)
+    renamed = {k.removesuffix("_norm.weight") + "_norm.scale" if k.endswith("_norm.weight") else k: v for k, v in tensors.items()}
+    assert renamed.keys() != tensors.keys()
+    save_file(renamed, str(bfl))
     stock = comfy.sd.load_diffusion_model(path).model.diffusion_model.state_dict()
-    assert sorted(ours) == sorted(stock)
-    assert all(torch.equal(ours[k], stock[k]) for k in stock)
-    model = load_sharded(path, "default", world_group())
-    assert sharded_blocks(model).resident_bytes() >= sharded_blocks(model).block_bytes() > 0
+    for file in (path, str(bfl)):
+        model = load_sharded(file, "default", world_group())
+        ours = sharding_cases.whole_weights(model)
+        assert sorted(ours) == sorted(stock)
+        assert all(torch.equal(ours[k], stock[k]) for k in stock), file
+        assert sharded_blocks(model).resident_bytes() >= sharded_blocks(model).block_bytes() > 0
 
 
 @pytest.mark.fast
