@@ -7,8 +7,9 @@ Radiance in pixel space), Flux.1 Kontext (reference latents, also under displace
 patch parallel), HiDream I1 (built in-process; text at the
 rear of its joint attention), Lumina 2 and Z-Image (NextDiT, caption and image refiners before the joint layers),
 Wan 2.1 (T2V, I2V) and Wan 2.2's TI2V 5B on video latents, and SD1.5 and SDXL U-Nets, which have no sequence-parallel adapter
-and run on the generic CFG and data parallel wrappers. test_gpu_parallel.py runs the same cases on CUDA ranks over
-NCCL.
+and run on the generic CFG and data parallel wrappers. Configs with "weight_sharding": "blocks" (Flux, Wan 2.2 5B,
+Chroma) run on block weights sharded over every rank and must equal the unsharded pool bit for bit.
+test_gpu_parallel.py runs the same cases on CUDA ranks over NCCL.
 """
 from __future__ import annotations
 
