@@ -13,8 +13,9 @@ from parallel_core import ParallelState, broadcast
 WRAPPER_KEY = "comfyui_xdit.cfg_parallel"
 
 
-def cfg_parallel_wrapper(state: ParallelState) -> Callable[..., Any]:
-    """A CALC_COND_BATCH wrapper splitting the conds over `state.cfg`."""
+def cfg_parallel_wrapper(state: ParallelState, lockstep: bool = False) -> Callable[..., Any]:
+    """A CALC_COND_BATCH wrapper splitting the conds over `state.cfg`. With `lockstep` (weights sharded over every
+    rank, gathered by all of them together) a rank that owns no cond computes one anyway and drops it."""
 
     def calc_cond_batch(executor, model, conds, x_in, timestep, model_options):
         group = state.cfg
@@ -24,6 +25,9 @@ def cfg_parallel_wrapper(state: ParallelState) -> Callable[..., Any]:
             return executor(model, conds, x_in, timestep, model_options)
         owner = {index: n % group.size for n, index in enumerate(active)}
         mine = [cond if owner.get(i) == group.rank else None for i, cond in enumerate(conds)]
+        if lockstep and all(cond is None for cond in mine):
+            spare = active[group.rank % len(active)]
+            mine[spare] = conds[spare]  # its output is only the buffer its owner's broadcast overwrites
         outputs = executor(model, mine, x_in, timestep, model_options)
         return [broadcast(out, owner[i], group, state.comm) if i in owner else out for i, out in enumerate(outputs)]
 

@@ -152,6 +152,9 @@ def build_job(guider, sampler, sigmas: torch.Tensor, noise: torch.Tensor, latent
     ref = pool_model_of(model_patcher)
     guider_name, cfg = carry_guider(guider)
     model_sampling, flags, stock = carry_model_patches(model_patcher, dict(ref.degrees))
+    if stock.get("compile") and ref.weight_sharding != "none":  # compiled blocks would bake in the gathered weights
+        raise UnsupportedByXDiT("TorchCompileModel is not supported with weight_sharding 'blocks' yet; remove TorchCompileModel "
+                                "or set XDiTUNetLoader's weight_sharding to none")
     sampler_name, extra, inpaint = carry_sampler(sampler)
     return SamplingJob(
         model=ref, guider=guider_name, cfg=cfg, conds=carry_conds(guider), sampler_name=sampler_name,

@@ -18,6 +18,7 @@ class PoolModelRef:
     world_size: int
     cluster: str  # the operator-configured cluster's name ("local" = the private local cluster)
     num_heads: int | None  # None: the model's family shards no attention
+    weight_sharding: str = "none"  # "blocks": each rank holds 1/world of every block's weights (weight_sharding.py)
 
 
 @dataclass(frozen=True)

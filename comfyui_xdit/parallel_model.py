@@ -14,6 +14,7 @@ from .block_stages import stage_plan
 from .cfg_parallel import WRAPPER_KEY, cfg_parallel_wrapper
 from .families import FamilyAdapter, adapter_for
 from .parallel_glue import DATA_WRAPPER_KEY, data_parallel_wrapper
+from .weight_sharding import sharded_blocks, wrap
 
 
 def validate_for_model(config: ParallelConfig, world_size: int, model_patcher) -> FamilyAdapter:
@@ -28,9 +29,14 @@ def validate_for_model(config: ParallelConfig, world_size: int, model_patcher) -
 
 
 def parallelize(model_patcher, state: ParallelState):
-    """A clone of `model_patcher` computing across `state` (sequence or patch, PipeFusion, cfg and data parallel)."""
+    """A clone of `model_patcher` computing across `state` (sequence or patch, PipeFusion, cfg and data parallel;
+    blocks gathered around their forward when its weights are sharded, weight_sharding.py)."""
     adapter = validate_for_model(state.config, state.world_size, model_patcher)
+    lockstep = sharded_blocks(model_patcher) is not None
+    if lockstep:  # before the family's hooks: PipeFusion is refused here
+        wrap(model_patcher, state, check_only=True)
     patched = adapter.parallelize(model_patcher, state)
-    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, WRAPPER_KEY, cfg_parallel_wrapper(state))
+    wrap(patched, state)
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, WRAPPER_KEY, cfg_parallel_wrapper(state, lockstep))
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, DATA_WRAPPER_KEY, data_parallel_wrapper(state))
     return patched

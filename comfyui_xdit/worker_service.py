@@ -2,7 +2,8 @@
 
 Runs inside a Ray actor (ray_backend.worker.PoolWorker names it by import path). Up to RESIDENT_MODELS models stay
 resident per worker (two by default: a Wan 2.2 A14B graph alternates a high-noise and a low-noise expert within every
-prompt), keyed by file, dtype and PipeFusion stage (a stage loads only its own blocks, stage_loading.py); loading one
+prompt), keyed by file, dtype and PipeFusion stage (a stage loads only its own blocks, stage_loading.py), and for
+weight_sharding "blocks" by the world and rank whose pieces it holds (weight_sharding.py); loading one
 more drops the least recently used. Each one's parallel clone is cached per parallel config, so a second prompt on
 the same models and degrees loads and builds nothing. A job's LoRA stack is merged into its model before it
 runs (lora_merge.py): switching LoRAs changes the weights they touch and loads nothing. A VAE (vae_service.py) stays
@@ -36,7 +37,7 @@ class _Resident:
 class SamplingService:
     def __init__(self, device: str):
         init_worker(cpu=(device == "cpu"))
-        self._resident: OrderedDict[tuple[str, str, int, int], _Resident] = OrderedDict()  # least recently used first
+        self._resident: OrderedDict[tuple[str, str, int, int, tuple[int, int] | None], _Resident] = OrderedDict()  # least recently used first
         self._loras = None  # MergedLoras of the model of the last job
         self.model_loads = 0
         self.parallel_builds = 0
@@ -50,15 +51,20 @@ class SamplingService:
         from .parallel_model import parallelize
         from .shell_model import model_options_for
         from .stage_loading import load_stage
+        from .weight_sharding import load_sharded, world_group
 
         stages, stage = state.pipefusion.size, state.pipefusion.rank
-        key = (ref.path, ref.weight_dtype, stages, stage)
+        # A sharded model holds this rank's pieces for this world: the world and rank are part of what it is.
+        pieces = (state.world_size, state.rank) if ref.weight_sharding == "blocks" else None
+        key = (ref.path, ref.weight_dtype, stages, stage, pieces)
         if key not in self._resident:
             if len(self._resident) >= max(1, RESIDENT_MODELS):
                 self._resident.popitem(last=False)
                 self._loras = None
                 comfy.model_management.unload_all_models()  # the dropped model's memory goes before the next loads
-            if stages > 1:
+            if pieces is not None:
+                base = load_sharded(ref.path, ref.weight_dtype, world_group())
+            elif stages > 1:
                 base = load_stage(ref.path, ref.weight_dtype, stages, stage)
             else:
                 base = comfy.sd.load_diffusion_model(ref.path, model_options=model_options_for(ref.weight_dtype))
@@ -77,6 +83,8 @@ class SamplingService:
         resident models (and their merged LoRAs) stay."""
         for resident in self._resident.values():
             resident.parallel.clear()
+        for key in [k for k in self._resident if k[4] is not None]:  # sharded pieces are the old world's
+            del self._resident[key]
 
     def prepare(self, ref, state: ParallelState) -> None:
         """Make the model of `ref` (a PoolModelRef, or a PoolVaeRef) resident."""
@@ -107,12 +115,16 @@ class SamplingService:
 
     def stats(self) -> dict[str, Any]:
         from .stage_loading import held_block_parameters
+        from .weight_sharding import sharded_blocks
 
         loras = self._loras
         last = next(reversed(self._resident.values()), None)  # the model of the last job
         held, total = held_block_parameters(last.base.model) if last is not None else (0, 0)
+        sharded = sharded_blocks(last.base) if last is not None else None
         return {"model_loads": self.model_loads, "parallel_builds": self.parallel_builds,
                 "resident": [list(key) for key in self._resident] or None,  # least recently used first
                 "block_parameters_held": held, "block_parameters_total": total,
+                "sharded_block_bytes": sharded.resident_bytes() if sharded else None,  # this rank's pieces
+                "whole_block_bytes": sharded.block_bytes() if sharded else None,
                 "loras": loras.describe() if loras else [], "lora_switches": loras.switches if loras else 0,
                 "lora_keys_changed": loras.last_keys_changed if loras else 0, "vae_loads": self._vae.loads}

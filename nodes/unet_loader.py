@@ -9,12 +9,16 @@ import folder_paths
 
 from comfyui_xdit import cluster_config
 from comfyui_xdit.degrees import DEGREE_INPUTS, DEGREE_TOOLTIPS, resolve_degrees, resolve_world_size
+from comfyui_xdit.errors import UnsupportedByXDiT
 from comfyui_xdit.families import adapter_for
 from comfyui_xdit.job_spec import PoolModelRef
 from comfyui_xdit.parallel_model import validate_for_model
 from comfyui_xdit.pool_client import keep_sigterm_hook, pool_for
 from comfyui_xdit.shell_model import POOL_ATTACHMENT, WEIGHT_DTYPES, build_shell
 from comfyui_xdit.stage_loading import check_stage_loadable
+from comfyui_xdit.weight_sharding import CHOICES as SHARDING_CHOICES
+from comfyui_xdit.weight_sharding import check_choice as check_sharding
+from comfyui_xdit.weight_sharding import check_shardable
 from ray_backend.capacity import check_world_fits
 from ray_backend.cluster import ClusterConnectCancelled, ClusterUnreachable, cluster_gpus, cluster_memory_bytes, ensure_ray
 from ray_backend.clusters import LOCAL, ClusterNotConfigured
@@ -32,6 +36,8 @@ def _optional_inputs() -> dict:
             # A name, never an address: the operator maps names to clusters (README: Ray clusters and security), so a
             # workflow from anywhere cannot make ComfyUI connect somewhere. Same input name and place as the old address.
             inputs["ray_address"] = (cluster_config.choices(), {"default": LOCAL, "tooltip": "Ray cluster: 'local' = a private cluster on this machine; other names are the clusters the operator configured (XDIT_RAY_CLUSTERS or user/__comfyui_xdit/clusters.json)"})
+    # Appended after the degrees: saved workflows store widget values by position.
+    inputs["weight_sharding"] = (list(SHARDING_CHOICES), {"default": "none", "advanced": True, "tooltip": "blocks = each worker keeps only 1/N of every transformer block's weights and gathers a block whole just before it runs (exact; for models bigger than one device; not with PipeFusion)"})
     return inputs
 
 
@@ -58,7 +64,7 @@ class XDiTUNetLoader:
 
     @classmethod
     def VALIDATE_INPUTS(cls, world_size=0, ulysses_degree=0, ring_degree=0, cfg_degree=0, pipefusion_degree=0, patch_degree=0, data_degree=0,
-                        ray_address=LOCAL):
+                        ray_address=LOCAL, weight_sharding="none"):
         # Checked before the prompt runs; the family, heads, blocks and GPU counts are checked again when the model is
         # loaded. Only the inputs named here skip ComfyUI's own checks (a **kwargs would skip unet_name's too), so the
         # names are spelled out; tests check the degrees are exactly DEGREE_INPUTS.
@@ -75,9 +81,13 @@ class XDiTUNetLoader:
                 resolve_degrees(world_size, num_heads=None, **_degree_arguments(degrees))
             except ValueError as error:
                 return str(error)
+        try:
+            check_sharding(weight_sharding, pipefusion_degree if isinstance(pipefusion_degree, int) else 1)
+        except UnsupportedByXDiT as error:
+            return str(error)
         return True
 
-    def load_unet(self, unet_name, weight_dtype, world_size=0, ray_address=LOCAL, **degree_inputs):
+    def load_unet(self, unet_name, weight_dtype, world_size=0, ray_address=LOCAL, weight_sharding="none", **degree_inputs):
         target = cluster_config.target_for(ray_address)  # an unconfigured cluster is refused before anything runs
         path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
         shell = build_shell(path, weight_dtype)
@@ -88,11 +98,15 @@ class XDiTUNetLoader:
         check_world_fits(world, cluster_gpus(), cluster_memory_bytes(), os.path.getsize(path))
         config = resolve_degrees(world, num_heads, supported=adapter.capabilities.supported(), **_degree_arguments(degree_inputs))
         validate_for_model(config, world, shell)
+        check_sharding(weight_sharding, config.pipefusion_degree)
         degrees = tuple((f.name, getattr(config, f.name)) for f in dataclasses.fields(config))
-        ref = PoolModelRef(path=path, weight_dtype=weight_dtype, degrees=degrees, world_size=world, cluster=target.name, num_heads=num_heads)
+        ref = PoolModelRef(path=path, weight_dtype=weight_dtype, degrees=degrees, world_size=world, cluster=target.name, num_heads=num_heads,
+                           weight_sharding=weight_sharding)
         shell.set_attachments(POOL_ATTACHMENT, ref)
         if config.pipefusion_degree > 1:
             check_stage_loadable(path)
+        if weight_sharding == "blocks":
+            check_shardable(path, weight_dtype, shell)
         try:
             pool_for(ref, comfy.model_management.processing_interrupted).warm(ref, dict(degrees))
         except PoolFailure as error:  # a worker died or hung while the pool started or loaded the model

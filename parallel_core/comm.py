@@ -180,6 +180,22 @@ class PendingGather:
         return torch.cat(self._pieces, dim=self._dim)
 
 
+class PendingGatherInto:
+    """An all-gather of equal pieces into the consecutive parts of one flat buffer, started now and collected later
+    (`wait()` returns the buffer), so the transfer overlaps compute and nothing is concatenated afterwards."""
+
+    def __init__(self, out: torch.Tensor, x: torch.Tensor, dim_group: DimensionGroup, stats: CommStats):
+        if out.numel() != x.numel() * dim_group.size:
+            raise ValueError(f"gather over {dim_group.name}: {dim_group.size} pieces of {x.numel()} do not fill {out.numel()}")
+        self._out = out
+        self._work = dist.all_gather(list(out.chunk(dim_group.size)), x.contiguous(), group=dim_group.group, async_op=True)
+        stats.record("all_gather", dim_group.name, _nbytes(x) * (dim_group.size - 1))
+
+    def wait(self) -> torch.Tensor:
+        self._work.wait()
+        return self._out
+
+
 def send_async(x: torch.Tensor, to_group_rank: int, dim_group: DimensionGroup, stats: CommStats) -> dist.Work:
     """Start sending `x` to one rank of the group; wait on the returned Work before reusing `x`."""
     x = x.contiguous()

@@ -286,6 +286,7 @@ def family_rank(rank: int, world_size: int, model_spec: str, configs: list[dict]
     device "cuda": ComfyUI runs on this rank's CUDA device (local_launch sets it), for NCCL ranks."""
     init_worker(cpu=(device == "cpu"))
     from comfyui_xdit.parallel_model import parallelize
+    from comfyui_xdit.weight_sharding import sharded_blocks
     from parallel_core import ParallelConfig, init_parallel
 
     cases = [SamplingCase(**c) for c in case_dicts]
@@ -293,9 +294,14 @@ def family_rank(rank: int, world_size: int, model_spec: str, configs: list[dict]
     result: dict = {"parallel": {}, "bytes": {}, "after_warmup": {}}
     if rank == 0:
         result["stock"] = {case.name: sample(base, case) for case in cases}
+    sharded = None  # the model with weight_sharding "blocks", loaded once for every config that asks for it
     for degrees in configs:
-        state = init_parallel(ParallelConfig(**degrees))
-        model = parallelize(base, state)
+        config = {k: v for k, v in degrees.items() if k != "weight_sharding"}
+        state = init_parallel(ParallelConfig(**config))
+        if degrees.get("weight_sharding", "none") == "blocks" and sharded is None:
+            sharded = sharded_model(model_spec)
+            result["sharded"] = {"resident": sharded_blocks(sharded).resident_bytes(), "whole": sharded_blocks(sharded).block_bytes()}
+        model = parallelize(sharded if "weight_sharding" in degrees else base, state)
         if state.config.patch_degree > 1 or state.config.pipefusion_degree > 1:
             result["after_warmup"][f"{tag(degrees)}/{cases[0].name}"] = sample(with_stale_options(model, DEFAULT_STALE_OPTIONS), cases[0])
             model = with_stale_options(model, FULL_WARMUP)
@@ -309,7 +315,18 @@ def family_rank(rank: int, world_size: int, model_spec: str, configs: list[dict]
     return result
 
 
-# The exact methods each family is checked with, by world size.
+def sharded_model(model_spec: str):
+    """The tiny model with its blocks sharded over every rank: a file is read in pieces (as the pool loads it), a
+    model built in-process is sharded after loading."""
+    from comfyui_xdit.weight_sharding import load_sharded, shard_loaded, world_group
+
+    if model_spec.startswith(IN_PROCESS_PREFIX):
+        return shard_loaded(load_tiny_model(model_spec), world_group())
+    return load_sharded(model_spec, "default", world_group())
+
+
+# The exact methods each family is checked with, by world size. "weight_sharding": "blocks" in a config runs it on
+# the model whose blocks are sharded over every rank (weight_sharding.py).
 CONFIGS: dict[str, dict[int, list[dict]]] = {
     "flux": {
         2: [
@@ -317,6 +334,10 @@ CONFIGS: dict[str, dict[int, list[dict]]] = {
             {"ring_degree": 2},
             {"cfg_degree": 2},
             {"data_degree": 2},
+            {"ulysses_degree": 2, "weight_sharding": "blocks"},
+            {"ring_degree": 2, "weight_sharding": "blocks"},
+            {"cfg_degree": 2, "weight_sharding": "blocks"},
+            {"data_degree": 2, "weight_sharding": "blocks"},
         ],
         4: [
             {"ulysses_degree": 4},
@@ -327,6 +348,10 @@ CONFIGS: dict[str, dict[int, list[dict]]] = {
             {"cfg_degree": 4},
             {"ulysses_degree": 2, "data_degree": 2},
             {"cfg_degree": 2, "data_degree": 2},
+            {"ulysses_degree": 2, "ring_degree": 2, "weight_sharding": "blocks"},
+            {"cfg_degree": 2, "data_degree": 2, "weight_sharding": "blocks"},
+            # Two of the four cfg ranks own no cond under CFGGuider: they still gather every block with the others.
+            {"cfg_degree": 4, "weight_sharding": "blocks"},
         ],
     },
     "flux2": {
@@ -372,6 +397,9 @@ CONFIGS.update({"hunyuan_video": {2: _VIDEO_CONFIGS[2], 4: _VIDEO_CONFIGS[4][:1]
 # LTXV, Mochi and CogVideoX at world 2 (CI time on two cores): their hooks shard rows the way the HunyuanVideo and Wan
 # hooks do, whose world-4 runs cover ulysses x ring and ulysses x cfg.
 CONFIGS.update({"ltxv": {2: _VIDEO_CONFIGS[2]}, "mochi": {2: _VIDEO_CONFIGS[2]}, "cogvideox": {2: _VIDEO_CONFIGS[2]}})
+# Weight sharding on another family's blocks (Wan's, read from the file in pieces) and on a model built in-process (Chroma).
+CONFIGS["wan22_5b"] = {2: [*_VIDEO_CONFIGS[2], {"ulysses_degree": 2, "weight_sharding": "blocks"}],
+                       4: [*_VIDEO_CONFIGS[4], {"ulysses_degree": 2, "cfg_degree": 2, "weight_sharding": "blocks"}]}
 CONFIGS["hidream"] = CONFIGS["zimage"] = {
     2: [{"ulysses_degree": 2}, {"ring_degree": 2}, {"cfg_degree": 2}, {"data_degree": 2}],
     4: [{"ulysses_degree": 2, "ring_degree": 2}, {"ulysses_degree": 2, "cfg_degree": 2}],
@@ -380,8 +408,9 @@ CONFIGS["hidream"] = CONFIGS["zimage"] = {
 # Z-Image covers the world-4 combinations of the same code.
 CONFIGS["lumina2"] = {2: CONFIGS["zimage"][2]}
 # Chroma Radiance runs Chroma's hooks plus its pixel patchifier: world 2 (Chroma covers world 4).
-# Chroma also takes PipeFusion and displaced patch parallel (Flux's stale_forwards code on its own forward).
-CONFIGS["chroma"] = {2: [*CONFIGS["qwen_image"][2], {"pipefusion_degree": 2}, {"patch_degree": 2}],
+# Chroma also takes PipeFusion and displaced patch parallel (Flux's stale_forwards code on its own forward), and weight
+# sharding on a model built in-process.
+CONFIGS["chroma"] = {2: [*CONFIGS["qwen_image"][2], {"pipefusion_degree": 2}, {"patch_degree": 2}, {"ring_degree": 2, "weight_sharding": "blocks"}],
                      4: [*CONFIGS["qwen_image"][4], {"pipefusion_degree": 2, "ulysses_degree": 2}]}
 CONFIGS["chroma_radiance"] = {2: CONFIGS["qwen_image"][2]}
 FP32_TOL = 1e-5

@@ -7,8 +7,9 @@ Radiance in pixel space), Flux.1 Kontext (reference latents, also under displace
 patch parallel), HiDream I1 (built in-process; text at the
 rear of its joint attention), Lumina 2 and Z-Image (NextDiT, caption and image refiners before the joint layers),
 Wan 2.1 (T2V, I2V), Wan 2.2's TI2V 5B and HunyuanVideo 1.0 and 1.5, LTX-Video, Mochi (in-process) and CogVideoX on video latents, and SD1.5 and SDXL U-Nets, which have no sequence-parallel adapter
-and run on the generic CFG and data parallel wrappers. test_gpu_parallel.py runs the same cases on CUDA ranks over
-NCCL.
+and run on the generic CFG and data parallel wrappers. Configs with "weight_sharding": "blocks" (Flux, Wan 2.2 5B,
+Chroma) run on block weights sharded over every rank and must equal the unsharded pool bit for bit.
+test_gpu_parallel.py runs the same cases on CUDA ranks over NCCL.
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ RUNS = [(family, world) for family, by_world in flux_cases.CONFIGS.items() for w
 # (config tag/case, counter) that must have moved bytes on every rank: guards against a silently unpatched model.
 TRAFFIC: dict[str, list[tuple[str, str]]] = {
     "flux": [("ulysses2/basic-euler", "all_to_all/ulysses"), ("ring2/basic-euler", "ring_send/ring"),
-             ("cfg2/cfg-euler", "broadcast/cfg"), ("data2/basic-dpmpp2m-18x22-batch2", "all_gather/data")],
+             ("cfg2/cfg-euler", "broadcast/cfg"), ("data2/basic-dpmpp2m-18x22-batch2", "all_gather/data"),
+             ("ulysses2-weightblocks/basic-euler", "all_gather/world"), ("data2-weightblocks/basic-euler", "all_gather/world")],
     "flux2": [("ulysses2/cfg-dpmpp2m-18x22", "all_to_all/ulysses"), ("ring2/cfg-dpmpp2m-18x22", "ring_send/ring"),
               ("cfg2/cfg-dpmpp2m-18x22", "broadcast/cfg"), ("pipefusion2/cfg-dpmpp2m-18x22", "send/pipefusion+broadcast/pipefusion"),
               ("patch2/cfg-dpmpp2m-18x22", "all_gather/patch")],
@@ -170,3 +172,29 @@ def test_hunyuan_video_gathers_its_image_rows_once_per_model_call(model_path):
     per_call = image_rows + (config["depth"] + config["depth_single_blocks"]) * text_qkv
     for result in _run("hunyuan_video", 2, model_path("hunyuan_video")):
         assert result["bytes"][f"ulysses2/{case.name}"]["all_gather/sequence"] == case.steps * per_call
+
+
+SHARDED_RUNS = [(family, world) for family, world in RUNS
+                if any("weight_sharding" in degrees for degrees in flux_cases.CONFIGS[family][world])]
+
+
+@pytest.mark.parametrize(("family", "world_size"), SHARDED_RUNS)
+def test_sharded_weights_equal_the_unsharded_pool_and_hold_their_share(family, world_size, model_path):
+    """Gathering is a byte copy: a config on sharded weights gives the unsharded pool's latents bit for bit, each rank
+    keeps 1/P of the block weights (plus alignment padding), and every model call gathers each block once."""
+    per_rank = _run(family, world_size, model_path(family))
+    for degrees in flux_cases.CONFIGS[family][world_size]:
+        if "weight_sharding" not in degrees:
+            continue
+        twin = {k: v for k, v in degrees.items() if k != "weight_sharding"}
+        for name in flux_cases.FAMILY_CASES[family]:
+            for rank, result in enumerate(per_rank):
+                if twin in flux_cases.CONFIGS[family][world_size]:
+                    assert torch.equal(result["parallel"][f"{flux_cases.tag(degrees)}/{name}"],
+                                       result["parallel"][f"{flux_cases.tag(twin)}/{name}"]), f"{degrees} {name} rank {rank}"
+                sent = result["bytes"][f"{flux_cases.tag(degrees)}/{name}"]["all_gather/world"]
+                held = result["sharded"]["resident"]
+                assert sent > 0 and sent % (held * (world_size - 1)) == 0, f"{degrees} {name}: {sent} bytes is no whole number of block passes"
+    for result in per_rank:
+        held, whole = result["sharded"]["resident"], result["sharded"]["whole"]
+        assert whole / world_size <= held < whole / world_size * 1.01 + 4096, result["sharded"]

@@ -217,6 +217,19 @@ def test_refuses_caches_and_compile_with_stale_activation_degrees(tiny_flux_path
         _job_of(*_inputs(TorchCompileModel.execute(_cached(shell, "LazyCache"), "inductor").result[0]))
 
 
+def test_refuses_compile_with_sharded_weights(tiny_flux_paths):
+    from comfy_extras.nodes_torch_compile import TorchCompileModel
+
+    from comfyui_xdit.job_spec import PoolModelRef
+    from comfyui_xdit.shell_model import build_shell
+
+    path = str(tiny_flux_paths["dev"])
+    shell = build_shell(path, "default", PoolModelRef(path, "default", (("ulysses_degree", 2),), 2, "", 2, weight_sharding="blocks"))
+    _job_of(*_inputs(shell))
+    with pytest.raises(UnsupportedByXDiT, match="TorchCompileModel is not supported with weight_sharding 'blocks' yet; remove TorchCompileModel or set XDiTUNetLoader's weight_sharding to none"):
+        _job_of(*_inputs(TorchCompileModel.execute(shell, "inductor").result[0]))
+
+
 def test_refuses_lookalike_caches_and_compile_options(models):
     import comfy.patcher_extension
     from comfy_api.torch_helpers import set_torch_compile_wrapper
