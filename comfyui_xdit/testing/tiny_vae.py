@@ -175,3 +175,57 @@ def write_tiny_kl_vae(path: str | Path, variant: str = "flux", size: str = "tiny
     description = {"family": "kl_vae", "variant": variant, "seed": seed}
     save_file(tensors, str(path), metadata={"comfyui_xdit.tiny_model": json.dumps(description, sort_keys=True)})
     return path
+
+
+# Wan 2.1's causal video VAE: stock detection reads the width from the decoder's last norm (the real file is 96 wide)
+# and fixes the rest (16 latent channels, [1, 2, 4, 4] stages, 8x spatial and 4x temporal compression), so the
+# whole model can be narrow.
+WAN_VAE_VARIANTS = ("wan21",)
+_WAN_VAE_DIM = 8
+
+
+def build_wan_vae(seed: int, dim: int = _WAN_VAE_DIM) -> torch.nn.Module:
+    """ComfyUI's Wan 2.1 WanVAE as stock detection builds it for a `dim`-wide file, seeded."""
+    import_comfy()
+    import comfy.ldm.wan.vae as wan_vae
+
+    model = wan_vae.WanVAE(dim=dim, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                           temperal_downsample=[False, True, True], dropout=0.0)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, (torch.nn.Conv2d, torch.nn.Conv3d)):
+                fan_in = layer.weight[0].numel()
+                layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator) * math.sqrt(2.0 / fan_in))
+                layer.bias.copy_(_BIAS_STD * torch.randn(layer.bias.shape, generator=generator))
+            elif isinstance(layer, wan_vae.RMS_norm):
+                layer.gamma.copy_(1.0 + 0.1 * torch.randn(layer.gamma.shape, generator=generator))
+        # Decoded pixels are (out + 1) / 2 clamped to [0, 1]: scale the last convolution so few of them clamp.
+        out = model.decode(torch.randn((1, 16, 2, 4, 4), generator=generator))
+        head = model.decoder.head[-1]
+        head.weight.mul_(2 * _PIXEL_STD / out.std())
+        head.bias.zero_()
+    return model
+
+
+def write_tiny_wan_vae(path: str | Path, variant: str = "wan21", size: str = "tiny", seed: int = 0,
+                       **overrides: Any) -> Path:
+    """Write a seeded Wan 2.1 video VAE file that stock VAELoader detects (see build_wan_vae).
+
+    Matches tiny_models.TinyFamily's writer signature; returns the path.
+    """
+    if overrides:
+        raise ValueError(f"the Wan VAE layout is fixed by detection; it takes no config overrides (got {sorted(overrides)})")
+    if variant not in WAN_VAE_VARIANTS:
+        raise ValueError(f"unknown Wan VAE variant {variant!r}; choose from {list(WAN_VAE_VARIANTS)}")
+    if size != "tiny":
+        raise ValueError(f"unknown Wan VAE size {size!r}; choose from ['tiny']")
+    path = Path(path)
+    if path.suffix not in (".safetensors", ".sft"):
+        raise ValueError(f"{path}: a tiny VAE file must end in .safetensors")
+    model = build_wan_vae(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {key: tensor.contiguous() for key, tensor in model.state_dict().items()}
+    description = {"family": "wan_vae", "variant": variant, "seed": seed}
+    save_file(tensors, str(path), metadata={"comfyui_xdit.tiny_model": json.dumps(description, sort_keys=True)})
+    return path
