@@ -190,9 +190,12 @@ def _encoder_factor(vae) -> int:
 
 
 def _vae_name(vae) -> str:
-    module = type(vae.first_stage_model).__module__
-    return {"comfy.ldm.wan.vae": "Wan 2.1 VAE", "comfy.ldm.wan.vae2_2": "Wan 2.2 VAE"}.get(
-        module, f"{type(vae.first_stage_model).__name__} VAE")
+    from .vae_parallel_wan import wan_vae_classes
+
+    for name, cls in zip(("Wan 2.1 VAE", "Wan 2.2 VAE"), wan_vae_classes()):
+        if isinstance(vae.first_stage_model, cls):
+            return name
+    return f"{type(vae.first_stage_model).__name__} VAE"
 
 
 def _check_latent(vae, samples: torch.Tensor) -> None:
