@@ -15,7 +15,7 @@ import functools
 
 import torch
 
-from parallel_core.spatial_conv import RowGroup, all_gather_rows, halo_exchange
+from parallel_core.spatial_conv import RowGroup, all_gather_rows, edge_rows, halo_exchange
 
 
 def _wan_modules():
@@ -37,7 +37,8 @@ def _halo_causal_conv_class() -> type:
 
     class HaloCausalConv3d(wan21.CausalConv3d):
         """CausalConv3d (it stays one: the stock blocks test for it to pass the frame cache) whose row padding is
-        its neighbours' rows of the chunk and of the cached frames; the stock forward pads time as before."""
+        its neighbours' rows of the cached frames and of the chunk. One buffer holds the zero frames, the cache, the
+        chunk and the halos, as the stock forward's one concatenation holds the first three."""
 
         rows: RowGroup
         halo: int
@@ -46,10 +47,25 @@ def _halo_causal_conv_class() -> type:
             if cache_list is not None:
                 cache_x = cache_list[cache_idx]
                 cache_list[cache_idx] = None
-            x = halo_exchange(x, self.halo, self.halo, self.rows)
+            conv3d = super(wan21.CausalConv3d, self).forward
+            if cache_x is None and x.shape[2] == 1:  # the stock fast path: the kernel cut to its last frame
+                return conv3d(halo_exchange(x, self.halo, self.halo, self.rows), autopad="causal_zero")
+            if self._padding == 0:
+                cache_x = None  # the stock forward ignores the cache then
+            cached = 0 if cache_x is None else cache_x.shape[2]
+            zero_frames = max(0, self._padding - cached)
+            b, c, t, h, w = x.shape
+            halo = self.halo
+            full = x.new_zeros(b, c, zero_frames + cached + t, h + 2 * halo, w)
+            band = full[:, :, zero_frames:, halo:halo + h]
             if cache_x is not None:
-                cache_x = halo_exchange(cache_x.to(x.device), self.halo, self.halo, self.rows)
-            return super().forward(x, cache_x)
+                band[:, :, :cached] = cache_x.to(x.device)
+            band[:, :, cached:] = x
+            del cache_x
+            above, below = edge_rows(band, halo, halo, self.rows)
+            full[:, :, zero_frames:, :halo] = above
+            full[:, :, zero_frames:, halo + h:] = below
+            return conv3d(full)
 
     return HaloCausalConv3d
 
