@@ -71,7 +71,7 @@ def _halo_causal_conv_class() -> type:
 
 
 def _halo_causal_conv(conv: torch.nn.Module, rows: RowGroup) -> torch.nn.Module:
-    """A twin of `conv` sharing its weights: the stock class's forward, no row padding, halos exchanged instead."""
+    """A CausalConv3d sharing `conv`'s weights whose row padding is its neighbours' rows (zeros at the true edges)."""
     _, kernel_rows, _ = conv.kernel_size
     if (conv.stride[1] != 1 or conv.dilation[1] != 1 or conv.padding_mode != "zeros"
             or conv.padding[1] != kernel_rows // 2 or kernel_rows % 2 == 0):
