@@ -1,7 +1,9 @@
 """Exact VAE decode and encode over a group of ranks, split by image rows.
 
 Works on ComfyUI's image autoencoders built from comfy.ldm.modules.diffusionmodules.model's Encoder and Decoder
-(the SD1.x/SDXL 4-channel and Flux/SD3 16-channel VAEs). Each call walks a shallow copy of the VAE's module tree
+(the SD1.x/SDXL 4-channel and Flux/SD3 16-channel VAEs) and on the Wan 2.1 / Wan 2.2 causal video VAEs, whose
+row-mixing layers have their twins in vae_parallel_wan (each frame split by rows; frames walked as the stock code
+walks them). Each call walks a shallow copy of the VAE's module tree
 that shares every weight with it and swaps in row-parallel twins of the layers that mix rows: 3x3 convolutions
 exchange halo rows (parallel_core.spatial_conv), group norms reduce their statistics over all ranks, the strided
 downsampling convolution takes one row from below, and the mid-block attention (lowest resolution) takes each
@@ -28,10 +30,15 @@ def _model_classes():
 
 def unsupported_reason(vae) -> str | None:
     """Why this VAE cannot be split by rows (None when it can)."""
+    from .vae_parallel_wan import wan_vae_classes
+
     autoencoder, model = _model_classes()
     stage = getattr(vae, "first_stage_model", None)
+    if isinstance(stage, wan_vae_classes()):
+        return None
     if not isinstance(stage, autoencoder.AutoencodingEngine):
-        return f"its model is {type(stage).__name__}; row-parallel VAE supports ComfyUI's 2-D AutoencoderKL VAEs (SD1.x, SDXL, SD3, Flux)"
+        return (f"its model is {type(stage).__name__}; row-parallel VAE supports ComfyUI's 2-D AutoencoderKL VAEs "
+                "(SD1.x, SDXL, SD3, Flux) and the Wan 2.1 / Wan 2.2 video VAEs")
     for part in (stage.encoder, stage.decoder):
         if not isinstance(part, (model.Encoder, model.Decoder)) or getattr(part, "carried", False):
             return f"its {type(part).__name__} is not the 2-D image Encoder/Decoder"
@@ -68,12 +75,12 @@ class _HaloConv2d(torch.nn.Module):
 
 
 class _RowDownsample(torch.nn.Module):
-    """Downsample's pad-right-and-bottom then 3x3 stride-2 convolution, on a band that starts on an even row:
-    the band's outputs need one row below it (the zero pad row on the last rank)."""
+    """Pad-right-and-bottom then a 3x3 stride-2 convolution (Downsample's, Wan's Resample's), on a band that starts
+    on an even row: the band's outputs need one row below it (the zero pad row on the last rank)."""
 
-    def __init__(self, down: torch.nn.Module, rows: RowGroup):
+    def __init__(self, conv: torch.nn.Conv2d, rows: RowGroup):
         super().__init__()
-        self.conv = down.conv
+        self.conv = conv
         self.rows = rows
 
     def forward(self, x: torch.Tensor, conv_carry_in=None, conv_carry_out=None) -> torch.Tensor:
@@ -119,10 +126,10 @@ class _RowAttention(torch.nn.Module):
         q, k, v = attn.q(h), attn.k(h), attn.v(h)
         k = all_gather_rows(k, self.rows)
         v = all_gather_rows(v, self.rows)
-        return x + attn.proj_out(_local_query_attention(attn.optimized_attention, q, k, v))
+        return x + attn.proj_out(local_query_attention(attn.optimized_attention, q, k, v))
 
 
-def _local_query_attention(attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def local_query_attention(attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """The VAE's own attention function with fewer queries than keys; output shaped like `q`."""
     _, model = _model_classes()
     if attention is model.normal_attention:
@@ -133,13 +140,32 @@ def _local_query_attention(attention, q: torch.Tensor, k: torch.Tensor, v: torch
     return attention(q, k, v)  # pytorch_attention and xformers_attention take any key length
 
 
+def _padded_strided_conv(module: torch.nn.Module) -> torch.nn.Conv2d | None:
+    """The convolution of a Sequential(ZeroPad2d((0, 1, 0, 1)), 3x3 stride-2 Conv2d) (Wan's downsampling)."""
+    if not isinstance(module, torch.nn.Sequential) or len(module) != 2:
+        return None
+    pad, conv = module
+    if (isinstance(pad, torch.nn.ZeroPad2d) and tuple(pad.padding) == (0, 1, 0, 1) and isinstance(conv, torch.nn.Conv2d)
+            and conv.kernel_size == (3, 3) and conv.stride == (2, 2) and conv.padding == (0, 0)):
+        return conv
+    return None
+
+
 def row_parallel_copy(module: torch.nn.Module, rows: RowGroup) -> torch.nn.Module:
     """A copy of `module`'s tree sharing all its weights, with row-mixing layers replaced by row-parallel twins."""
+    from .vae_parallel_wan import wan_twin
+
     _, model = _model_classes()
     if isinstance(module, model.AttnBlock):
         return _RowAttention(module, rows)
     if isinstance(module, model.Downsample) and module.with_conv:
-        return _RowDownsample(module, rows)
+        return _RowDownsample(module.conv, rows)
+    strided = _padded_strided_conv(module)
+    if strided is not None:
+        return _RowDownsample(strided, rows)
+    twin = wan_twin(module, rows)
+    if twin is not None:
+        return twin
     if isinstance(module, torch.nn.Conv2d):
         if module.kernel_size[0] == 1 and module.padding[0] == 0:
             return module
@@ -149,6 +175,8 @@ def row_parallel_copy(module: torch.nn.Module, rows: RowGroup) -> torch.nn.Modul
         return _HaloConv2d(module, rows)
     if isinstance(module, torch.nn.GroupNorm):
         return _RowGroupNorm(module, rows)
+    if isinstance(module, (torch.nn.Conv3d, torch.nn.ZeroPad2d)):
+        raise ValueError(f"no row-parallel twin for this layer: {module}")
     twin = copy.copy(module)
     object.__setattr__(twin, "_modules", {name: None if child is None else row_parallel_copy(child, rows)
                                           for name, child in module._modules.items()})
@@ -161,10 +189,30 @@ def _encoder_factor(vae) -> int:
     return int(vae.spacial_compression_encode())
 
 
+def _vae_name(vae) -> str:
+    from .vae_parallel_wan import wan_vae_classes
+
+    for name, cls in zip(("Wan 2.1 VAE", "Wan 2.2 VAE"), wan_vae_classes()):
+        if isinstance(vae.first_stage_model, cls):
+            return name
+    return f"{type(vae.first_stage_model).__name__} VAE"
+
+
+def _check_latent(vae, samples: torch.Tensor) -> None:
+    """Refuse, before any work, a latent this VAE cannot decode, naming what to change."""
+    if vae.latent_dim == 3 and samples.ndim != 5:
+        raise ValueError(f"samples is a {samples.ndim}-D latent {tuple(samples.shape)}, but the {_vae_name(vae)} is a video VAE: "
+                         "it decodes (batch, channels, frames, rows, columns) latents; give it the latent of a video model")
+    if samples.shape[1] != vae.latent_channels:
+        raise ValueError(f"samples has {samples.shape[1]} channels, but the {_vae_name(vae)} decodes latents of "
+                         f"{vae.latent_channels}: load the VAE that belongs to the model that made this latent")
+
+
 def decode(vae, samples: torch.Tensor, rows: RowGroup) -> torch.Tensor | None:
     """What `vae.decode(samples)` returns, on group rank 0 (None on the others), computed by all ranks of `rows`.
 
-    A latent with fewer rows than ranks is decoded by rank 0 alone.
+    A video latent (batch, channels, frames, rows, columns) is split by rows the same way: every rank walks all
+    frames. A latent with fewer rows than ranks is decoded by rank 0 alone.
     """
     import comfy.model_management as mm
 
@@ -173,6 +221,7 @@ def decode(vae, samples: torch.Tensor, rows: RowGroup) -> torch.Tensor | None:
         raise ValueError(f"this VAE cannot be decoded in parallel: {reason}")
     if vae.latent_dim == 2 and samples.ndim == 5:
         samples = samples[:, :, 0]
+    _check_latent(vae, samples)
     if samples.shape[-2] < rows.size:
         return vae.decode(samples) if rows.rank == 0 else None
     start, stop = split_rows(samples.shape[-2], rows.size)[rows.rank]
@@ -191,7 +240,8 @@ def decode(vae, samples: torch.Tensor, rows: RowGroup) -> torch.Tensor | None:
 def encode(vae, pixels: torch.Tensor, rows: RowGroup) -> torch.Tensor | None:
     """What `vae.encode(pixels)` returns, on group rank 0 (None on the others), computed by all ranks of `rows`.
 
-    Pixels with fewer latent rows than ranks are encoded by rank 0 alone.
+    A video VAE takes the images as the frames of one clip, as the stock encode does. Pixels with fewer latent rows
+    than ranks are encoded by rank 0 alone.
     """
     import comfy.model_management as mm
 
@@ -199,10 +249,15 @@ def encode(vae, pixels: torch.Tensor, rows: RowGroup) -> torch.Tensor | None:
     if reason is not None:
         raise ValueError(f"this VAE cannot encode in parallel: {reason}")
     factor = _encoder_factor(vae)
+    if vae.crop_input and min(pixels.shape[-3:-1]) < factor:
+        raise ValueError(f"pixels of {pixels.shape[-3]} x {pixels.shape[-2]} are smaller than one latent pixel of the "
+                         f"{_vae_name(vae)} ({factor} x {factor}): give it an image of at least {factor} x {factor}")
     pixels = vae.vae_encode_crop_pixels(pixels)
-    if pixels.shape[1] // factor < rows.size:
+    if pixels.shape[-3] // factor < rows.size:
         return vae.encode(pixels) if rows.rank == 0 else None
     pixels = pixels.movedim(-1, 1)
+    if vae.latent_dim == 3 and pixels.ndim < 5:  # as the stock encode: images are the frames of one clip
+        pixels = pixels.unsqueeze(2) if vae.not_video else pixels.movedim(1, 0).unsqueeze(0)
     start, stop = split_rows(pixels.shape[-2], rows.size, multiple=factor)[rows.rank]
     band = pixels[..., start:stop, :]
     mm.load_models_gpu([vae.patcher], memory_required=vae.memory_used_encode(band.shape, vae.vae_dtype),

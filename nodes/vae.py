@@ -112,7 +112,10 @@ class XDiTVAEDecode(comfy_nodes.VAEDecode):
         latent = samples["samples"]
         if latent.is_nested:
             latent = latent.unbind()[0]
-        return (_on_pool("XDiTVAEDecode", ref, "decode", latent),)
+        images = _on_pool("XDiTVAEDecode", ref, "decode", latent)
+        if images.ndim == 5:  # a video VAE's (batch, frames, ...) combined into frames, as VAEDecode does
+            images = images.reshape(-1, *images.shape[-3:])
+        return (images,)
 
 
 class XDiTVAEEncode(comfy_nodes.VAEEncode):

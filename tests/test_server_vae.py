@@ -1,6 +1,6 @@
 """XDiT VAE nodes through a real ComfyUI server: XDiTVAELoader + XDiTVAEDecode + XDiTVAEEncode on a local Ray pool
 vs VAELoader + VAEDecode + VAEEncode in one prompt, on the tiny Flux 16-channel VAE and a latent whose rows do not
-divide the pool (5 rows over 2 workers).
+divide the pool (5 rows over 2 workers), and on the tiny Wan 2.1 video VAE and a 2-frame video latent (5 frames).
 
 The decoded image is compared before quantisation through its encoding (decode -> encode -> SaveLatent, floats),
 and after it as the saved 8-bit PNGs."""
@@ -22,6 +22,8 @@ from comfyui_xdit.workflow_tools import OFFLINE_VAE_NAME as VAE_NAME  # the sess
 pytestmark = pytest.mark.server
 
 LATENT_NAME = "xdit_vae_test.latent"
+WAN_VAE_NAME = "tiny-wan21-vae.safetensors"
+WAN_LATENT_NAME = "xdit_wan_vae_test.latent"
 FP32_TOL = 1e-5
 
 
@@ -32,6 +34,19 @@ def client(comfy_server) -> ComfyClient:
     inputs.mkdir(exist_ok=True)
     save_file({"latent_tensor": latent, "latent_format_version_0": torch.tensor([])}, str(inputs / LATENT_NAME))
     return ComfyClient(comfy_server.url)
+
+
+@pytest.fixture(scope="module")
+def wan_latent(comfy_server, client, tmp_path_factory) -> str:
+    from comfyui_xdit.testing.tiny_models import write_tiny_model
+
+    link = comfy_server.models_dir("vae") / WAN_VAE_NAME
+    if not link.exists():
+        link.symlink_to(write_tiny_model("wan_vae", tmp_path_factory.mktemp("wan_vae") / WAN_VAE_NAME))
+    latent = torch.randn((1, 16, 2, 5, 6), generator=torch.Generator().manual_seed(8))
+    save_file({"latent_tensor": latent, "latent_format_version_0": torch.tensor([])},
+              str(comfy_server.base / "input" / WAN_LATENT_NAME))
+    return WAN_LATENT_NAME
 
 
 def _chain(graph: dict, first: int, loader: dict, decode: str, encode: str, prefix: str) -> None:
@@ -143,3 +158,31 @@ def test_xdit_vae_loader_refuses_a_pickle(comfy_server, client) -> None:
              "4": {"class_type": "PreviewImage", "inputs": {"images": ["2", 0]}}}
     with pytest.raises(ExecutionFailed, match=r"vae_name 'pickled.pt' is not a .safetensors file"):
         client.run(graph, timeout=300)
+
+
+def test_xdit_vae_nodes_match_stock_on_a_wan_video(comfy_server, client, wan_latent) -> None:
+    """A Wan 2.1 latent of 2 frames decoded into 5 frames (the causal cache carried per rank), encoded back."""
+    graph = {"1": {"class_type": "LoadLatent", "inputs": {"latent": wan_latent}}}
+    _chain(graph, 10, {"class_type": "VAELoader", "inputs": {"vae_name": WAN_VAE_NAME}}, "VAEDecode", "VAEEncode", "wan_vae_stock")
+    _chain(graph, 20, {"class_type": "XDiTVAELoader", "inputs": {"vae_name": WAN_VAE_NAME, "world_size": 2, "ray_address": "local"}},
+           "XDiTVAEDecode", "XDiTVAEEncode", "wan_vae_xdit")
+    result = client.run(graph, timeout=600)
+
+    def latent(node_id: str) -> torch.Tensor:
+        (file,) = [f for f in result.files if f.node_id == node_id]
+        return load_file(str(comfy_server.output_dir / file.subfolder / file.filename))["latent_tensor"]
+
+    def frames(node_id: str) -> list[np.ndarray]:
+        files = sorted((f for f in result.files if f.node_id == node_id), key=lambda f: f.filename)
+        return [np.asarray(Image.open(comfy_server.output_dir / f.subfolder / f.filename)).astype(np.int16) for f in files]
+
+    stock, xdit = latent("13"), latent("23")
+    assert xdit.shape == stock.shape == (1, 16, 2, 5, 6)
+    error = (xdit - stock).abs().max().item()
+    print(f"Wan 2.1 decode->encode roundtrip max abs error {error:.3g} (latent max {stock.abs().max().item():.3g})")
+    assert error <= FP32_TOL * max(1.0, stock.abs().max().item())
+    stock_frames, xdit_frames = frames("14"), frames("24")
+    assert len(stock_frames) == len(xdit_frames) == 5
+    for ours, theirs in zip(xdit_frames, stock_frames):
+        assert ours.shape == theirs.shape == (40, 48, 3)
+        assert np.abs(ours - theirs).max() <= 1

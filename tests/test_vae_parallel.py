@@ -1,8 +1,10 @@
 """Row-parallel VAE decode/encode on real gloo ranks equals stock VAE.decode/VAE.encode (tiny seeded VAEs that the
-stock loader detects: the Flux 16-channel, the SDXL 4-channel and the Flux.2 128-channel AutoencoderKL).
+stock loader detects: the Flux 16-channel, the SDXL 4-channel and the Flux.2 128-channel AutoencoderKL, the Wan 2.1
+video VAE; the Wan 2.2 video VAE built in-process, as no tiny file can be detected as it).
 
 Cases cover rows that do not divide by the ranks, a single latent row per rank, batch 2, pixels cropped to the
-downscale factor, and a latent too short to split (decoded by rank 0 alone).
+downscale factor, a latent too short to split (decoded by rank 0 alone), and video: several latent frames (the
+causal cache carried from chunk to chunk on each rank), images encoded as the frames of one clip.
 """
 from __future__ import annotations
 
@@ -29,6 +31,10 @@ def _cases(world: int) -> list[tuple[str, str, tuple[int, ...], int]]:
         ("sdxl", "encode", (1, 8 * (world - 1) + 3, 24, 3), 7),  # too short to split: rank 0 alone
         ("flux2", "decode", (1, 128, 5, 4), 8),  # Flux.2: 2x2-packed latent rows
         ("flux2", "encode", (1, 16 * 5, 32, 3), 9),  # bands of whole 16-pixel latent rows
+        ("wan21", "decode", (1, 16, 2, 5, 6), 10),  # 2 latent frames: 5 video frames in 2 cached chunks
+        ("wan21", "encode", (5, 8 * 5 + 3, 8 * 6 + 2, 3), 11),  # 5 images as frames: 3 chunks, cropped
+        ("wan22", "decode", (1, 48, 2, 5, 4), 12),
+        ("wan22", "encode", (5, 16 * 5, 16 * 2 + 5, 3), 13),
     ]
 
 
@@ -45,12 +51,18 @@ def _load_vae(path: str):
     return comfy.sd.VAE(sd=sd, metadata=metadata)
 
 
+def _load_vaes(paths: dict[str, str]) -> dict:
+    from comfyui_xdit.testing.tiny_vae import tiny_wan22_vae
+
+    return {**{variant: _load_vae(path) for variant, path in paths.items()}, "wan22": tiny_wan22_vae(seed=0)}
+
+
 def _vae_rank(rank: int, world: int, paths: dict[str, str]) -> list:
     from comfyui_xdit import vae_parallel
     from comfyui_xdit.comfy_runtime import import_comfy
 
     import_comfy()
-    vaes = {variant: _load_vae(path) for variant, path in paths.items()}
+    vaes = _load_vaes(paths)
     rows = RowGroup(rank, world)
     results = []
     for variant, kind, shape, seed in _cases(world):
@@ -65,11 +77,13 @@ def vae_paths(comfy_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
 
     folder = tmp_path_factory.mktemp("kl_vae")
     return {variant: str(write_tiny_model("kl_vae", folder / f"{variant}.safetensors", variant=variant))
-            for variant in ("flux", "sdxl", "flux2")}
+            for variant in ("flux", "sdxl", "flux2")} | {
+        "wan21": str(write_tiny_model("wan_vae", folder / "wan21.safetensors"))}
 
 
 def test_stock_loader_detects_the_tiny_vaes(vae_paths: dict[str, str]) -> None:
     import comfy.ldm.models.autoencoder as autoencoder
+    from comfy.ldm.wan.vae import WanVAE
 
     flux, sdxl, flux2 = (_load_vae(vae_paths[variant]) for variant in ("flux", "sdxl", "flux2"))
     assert type(flux.first_stage_model) is autoencoder.AutoencodingEngine and flux.latent_channels == 16
@@ -78,12 +92,17 @@ def test_stock_loader_detects_the_tiny_vaes(vae_paths: dict[str, str]) -> None:
     image = flux.decode(torch.randn((1, 16, 4, 4), generator=torch.Generator().manual_seed(0)))
     clamped = ((image == 0) | (image == 1)).float().mean().item()
     assert image.shape == (1, 32, 32, 3) and image.std() > 0.05 and clamped < 0.1
+    wan = _load_vae(vae_paths["wan21"])
+    assert type(wan.first_stage_model) is WanVAE and wan.latent_channels == 16 and wan.latent_dim == 3
+    video = wan.decode(torch.randn((1, 16, 2, 4, 4), generator=torch.Generator().manual_seed(0)))
+    clamped = ((video == 0) | (video == 1)).float().mean().item()
+    assert video.shape == (1, 5, 32, 32, 3) and video.std() > 0.05 and clamped < 0.1
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_row_parallel_vae_equals_stock(vae_paths: dict[str, str], world: int) -> None:
     results = run_on_ranks(_vae_rank, world, vae_paths, timeout_s=900)
-    vaes = {variant: _load_vae(path) for variant, path in vae_paths.items()}
+    vaes = _load_vaes(vae_paths)
     errors = {}
     for index, (variant, kind, shape, seed) in enumerate(_cases(world)):
         vae = vaes[variant]
@@ -108,8 +127,25 @@ def test_other_vaes_are_refused_by_name(comfy_root: Path) -> None:
     sd = {f"taesd_{part}.{key}": value for part, module in halves.items() for key, value in module.state_dict().items()}
     taesd = comfy.sd.VAE(sd=sd)
     assert "TAESD" in vae_parallel.unsupported_reason(taesd)
-    with pytest.raises(ValueError, match=r"cannot be decoded in parallel: its model is TAESD; row-parallel VAE supports"):
+    with pytest.raises(ValueError, match=r"cannot be decoded in parallel: its model is TAESD; row-parallel VAE supports .* Wan 2.1 / Wan 2.2 video VAEs"):
         vae_parallel.decode(taesd, torch.zeros((1, 16, 4, 4)), RowGroup(0, 1))
+
+
+def test_bad_video_inputs_are_refused_naming_what_to_change(vae_paths: dict[str, str]) -> None:
+    """Refused before any work (no process group exists here: a split would fail differently)."""
+    from comfyui_xdit import vae_parallel
+    from comfyui_xdit.testing.tiny_vae import tiny_wan22_vae
+
+    wan21, wan22 = _load_vae(vae_paths["wan21"]), tiny_wan22_vae(seed=0)
+    rows = RowGroup(0, 2)
+    with pytest.raises(ValueError, match=r"samples is a 4-D latent \(1, 16, 4, 4\), but the Wan 2.1 VAE is a video VAE: "
+                                         r"it decodes \(batch, channels, frames, rows, columns\) latents"):
+        vae_parallel.decode(wan21, torch.zeros((1, 16, 4, 4)), rows)
+    with pytest.raises(ValueError, match=r"samples has 16 channels, but the Wan 2.2 VAE decodes latents of 48: load the VAE"):
+        vae_parallel.decode(wan22, torch.zeros((1, 16, 2, 4, 4)), rows)
+    with pytest.raises(ValueError, match=r"pixels of 12 x 40 are smaller than one latent pixel of the Wan 2.2 VAE "
+                                         r"\(16 x 16\): give it an image of at least 16 x 16"):
+        vae_parallel.encode(wan22, torch.zeros((3, 12, 40, 3)), rows)
 
 
 def _rank_ops(rank: int, world: int) -> dict[str, float]:

@@ -10,6 +10,7 @@ itself; safetensors only (nothing is ever unpickled).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -187,3 +188,102 @@ def write_server_vaes(models: str | Path) -> None:
     write_tiny_taef1(models / "vae_approx")
     if not (models / "vae" / OFFLINE_VAE_NAME).exists():
         write_tiny_kl_vae(models / "vae" / OFFLINE_VAE_NAME, "flux")
+
+
+# Wan 2.1's causal video VAE: stock detection reads the width from the decoder's last norm (the real file is 96 wide)
+# and fixes the rest (16 latent channels, [1, 2, 4, 4] stages, 8x spatial and 4x temporal compression), so the
+# whole model can be narrow.
+WAN_VAE_VARIANTS = ("wan21",)
+_WAN_VAE_DIM = 8
+
+
+def build_wan_vae(seed: int, dim: int = _WAN_VAE_DIM) -> torch.nn.Module:
+    """ComfyUI's Wan 2.1 WanVAE as stock detection builds it for a `dim`-wide file, seeded."""
+    import_comfy()
+    import comfy.ldm.wan.vae as wan_vae
+
+    model = wan_vae.WanVAE(dim=dim, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                           temperal_downsample=[False, True, True], dropout=0.0)
+    return _seed_wan_vae_(model, seed)
+
+
+@contextlib.contextmanager
+def _narrow_wan22_detection(dim: int):
+    """Stock detection builds the Wan 2.2 VAE 160 wide (decoder 256): while this is open it builds it `dim` wide,
+    every other choice (48 channels, 16x compression, chunking, memory estimates) left to the stock code."""
+    import comfy.ldm.wan.vae2_2 as wan22
+
+    stock = wan22.WanVAE
+
+    class NarrowWanVAE(stock):
+        def __init__(self, **config: Any) -> None:
+            super().__init__(**{**config, "dim": dim, "dec_dim": dim})
+
+    wan22.WanVAE = NarrowWanVAE
+    try:
+        yield
+    finally:
+        wan22.WanVAE = stock
+
+
+def tiny_wan22_vae(seed: int = 0, dim: int = _WAN_VAE_DIM) -> Any:
+    """A comfy.sd.VAE of the Wan 2.2 VAE built in this process, `dim` wide and seeded.
+
+    The real file's width is fixed by detection (about 700 M parameters), so no tiny file can be detected as Wan 2.2:
+    the stock VAE class builds it from a seeded state dict while detection's width is narrowed (as tiny_models'
+    IN_PROCESS models are built)."""
+    import_comfy()
+    import comfy.sd
+
+    with _narrow_wan22_detection(dim):
+        import comfy.ldm.wan.vae2_2 as wan22
+
+        model = wan22.WanVAE(dim=dim, z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                             temperal_downsample=[False, True, True], dropout=0.0)
+        sd = {key: tensor.contiguous() for key, tensor in _seed_wan_vae_(model, seed, latent_channels=48).state_dict().items()}
+        vae = comfy.sd.VAE(sd=sd)
+    vae.throw_exception_if_invalid()
+    return vae
+
+
+def _seed_wan_vae_(model: torch.nn.Module, seed: int, latent_channels: int = 16) -> torch.nn.Module:
+    import comfy.ldm.wan.vae as wan_vae
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, (torch.nn.Conv2d, torch.nn.Conv3d)):
+                fan_in = layer.weight[0].numel()
+                layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator) * math.sqrt(2.0 / fan_in))
+                layer.bias.copy_(_BIAS_STD * torch.randn(layer.bias.shape, generator=generator))
+            elif isinstance(layer, wan_vae.RMS_norm):
+                layer.gamma.copy_(1.0 + 0.1 * torch.randn(layer.gamma.shape, generator=generator))
+        # Decoded pixels are (out + 1) / 2 clamped to [0, 1]: scale the last convolution so few of them clamp.
+        out = model.decode(torch.randn((1, latent_channels, 2, 4, 4), generator=generator))
+        head = model.decoder.head[-1]
+        head.weight.mul_(2 * _PIXEL_STD / out.std())
+        head.bias.zero_()
+    return model
+
+
+def write_tiny_wan_vae(path: str | Path, variant: str = "wan21", size: str = "tiny", seed: int = 0,
+                       **overrides: Any) -> Path:
+    """Write a seeded Wan 2.1 video VAE file that stock VAELoader detects (see build_wan_vae).
+
+    Matches tiny_models.TinyFamily's writer signature; returns the path.
+    """
+    if overrides:
+        raise ValueError(f"the Wan VAE layout is fixed by detection; it takes no config overrides (got {sorted(overrides)})")
+    if variant not in WAN_VAE_VARIANTS:
+        raise ValueError(f"unknown Wan VAE variant {variant!r}; choose from {list(WAN_VAE_VARIANTS)}")
+    if size != "tiny":
+        raise ValueError(f"unknown Wan VAE size {size!r}; choose from ['tiny']")
+    path = Path(path)
+    if path.suffix not in (".safetensors", ".sft"):
+        raise ValueError(f"{path}: a tiny VAE file must end in .safetensors")
+    model = build_wan_vae(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {key: tensor.contiguous() for key, tensor in model.state_dict().items()}
+    description = {"family": "wan_vae", "variant": variant, "seed": seed}
+    save_file(tensors, str(path), metadata={"comfyui_xdit.tiny_model": json.dumps(description, sort_keys=True)})
+    return path
