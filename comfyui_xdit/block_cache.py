@@ -132,10 +132,10 @@ class BlockRuntime:
         slot = (index, self.call.key)
         cached = self.residuals.get(slot)
         if index in self.reuse.get(self.call.step, ()) and cached is not None:
-            pairing, residuals, is_tuple = cached
+            pairing, residuals, shape = cached
             self.reused += 1
-            outputs = [inputs[i] + r for i, r in zip(pairing, residuals)]
-            return tuple(outputs) if is_tuple else outputs[0]
+            outputs = iter([inputs[i] + r for i, r in zip(pairing, residuals)])
+            return next(outputs) if shape is None else tuple(None if empty else next(outputs) for empty in shape)
         keeps_residual = any(index in blocks for blocks in self.reuse.values())
         if self.analyse or keeps_residual:
             inputs = [x.clone() for x in inputs]  # blocks update their streams in place (Flux: img += ...)
@@ -146,10 +146,12 @@ class BlockRuntime:
             self._record(index, inputs, outputs)
         if keeps_residual:
             pairing = _pairing(inputs, outputs)
-            if pairing is None or len(outputs) != (len(result) if isinstance(result, (tuple, list)) else 1):
+            # None: a lone tensor; else which places of the returned tuple are None (SD3's last block drops its text).
+            shape = tuple(v is None for v in result) if isinstance(result, (tuple, list)) else None
+            if pairing is None or len(outputs) != (1 if shape is None else shape.count(False)):
                 raise UnsupportedByXDiT(f"block {self.names[index]} returns values that are not updates of its inputs; "
-                                        "a cache schedule cannot reuse its residual: analyse again and schedule whole steps of other blocks")
-            self.residuals[slot] = (pairing, [o - inputs[i] for o, i in zip(outputs, pairing)], isinstance(result, (tuple, list)))
+                                        "a cache schedule cannot reuse its residual there")
+            self.residuals[slot] = (pairing, [o - inputs[i] for o, i in zip(outputs, pairing)], shape)
         return result
 
     def _record(self, index: int, inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> None:
