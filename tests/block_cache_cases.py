@@ -1,7 +1,8 @@
 """Rank-side runs for the redundancy analysis and cache schedules (block_cache.py) on the tiny Flux.
 
 Rank 0 runs the carried job in one process on the stock model (state None) as the reference; every rank runs it on
-its parallel model (ulysses 2 on an uneven 9 x 11 token grid, 7 text tokens: both streams padded on rank 1). A
+its parallel model (ulysses 2 on an uneven 9 x 11 token grid, 7 text tokens: both streams padded on rank 1), and the
+scheduled jobs also under ring 2 and cfg 2. A
 "freezer" object patch makes chosen blocks return, over a range of steps, the output they gave the step before the
 range: the analysis must show zero change exactly there.
 """
@@ -12,6 +13,7 @@ import torch
 from comfyui_xdit.comfy_runtime import init_worker
 
 import cache_cases
+import flux_cases
 
 STEPS = 6
 CASE = cache_cases.CacheCase("blocks", "", steps=STEPS)
@@ -53,7 +55,8 @@ def schedule(blocks: int) -> dict:
     return {"steps": STEPS, "reuse": {s: list(range(blocks)) if b == "all" else b for s, b in SKIP.items()}}
 
 
-def blocks_rank(rank: int, world_size: int, path: str, degrees: dict) -> dict:
+def blocks_rank(rank: int, world_size: int, path: str, degrees: dict, schedule_configs: list[dict]) -> dict:
+    """Every job on `degrees`' parallel model; the scheduled jobs also on each of `schedule_configs`'."""
     init_worker(cpu=True)
     import comfy.sd
 
@@ -90,4 +93,8 @@ def blocks_rank(rank: int, world_size: int, path: str, degrees: dict) -> dict:
     model = parallelize(base, state)
     result["pool"] = {name: run(model, the_job, state) for name, the_job in jobs.items()}
     result["pool"]["frozen"] = run(frozen(model), jobs["analysis"], state)
+    for config in schedule_configs:
+        state = init_parallel(ParallelConfig(**config))
+        model = parallelize(base, state)
+        result[flux_cases.tag(config)] = {name: run(model, jobs[name], state) for name in ("no-skip", "schedule")}
     return result

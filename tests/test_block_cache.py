@@ -4,12 +4,9 @@
   to float rounding, so the relative changes describe the whole image.
 - Blocks frozen over a range of steps show exactly zero output change there (and their successors zero input change).
 - An empty schedule is the uncached model bit for bit; a schedule skipping steps and single blocks gives, at ulysses 2,
-  the one-process scheduled latent to fp32 rounding, and skips what it says.
+  ring 2 and cfg 2, the one-process scheduled latent to fp32 rounding, and skips what it says on every rank.
 """
 from __future__ import annotations
-
-import functools
-import math
 
 import pytest
 
@@ -18,11 +15,12 @@ import flux_cases
 from parallel_core.local_launch import run_on_ranks
 
 DEGREES = {"ulysses_degree": 2}
+SCHEDULE_CONFIGS = [{"ring_degree": 2}, {"cfg_degree": 2}]
 
 
 @pytest.fixture(scope="module")
 def per_rank(tiny_flux_paths):
-    return run_on_ranks(cases.blocks_rank, 2, str(tiny_flux_paths["dev"]), DEGREES, timeout_s=900)
+    return run_on_ranks(cases.blocks_rank, 2, str(tiny_flux_paths["dev"]), DEGREES, SCHEDULE_CONFIGS, timeout_s=900)
 
 
 def _close(a, b, rel: float = 1e-6) -> bool:
@@ -75,7 +73,11 @@ def test_schedule_skips_what_it_says_on_every_rank_alike(per_rank):
     assert (one["samples"] - uncached).abs().max().item() > 1e-4, "the schedule changed nothing: the comparison proves nothing"
     tolerance = max(flux_cases.FP32_TOL, flux_cases.RELATIVE_TOL * one["samples"].abs().max().item())
     for rank, result in enumerate(per_rank):
-        pool = result["pool"]["schedule"]
-        assert pool["blocks_reused"] == skipped, f"rank {rank}"
-        err = (pool["samples"] - one["samples"]).abs().max().item()
-        assert err <= tolerance, f"rank {rank}: {err:.3e}"
+        for where in ["pool"] + [flux_cases.tag(c) for c in SCHEDULE_CONFIGS]:
+            pool = result[where]["schedule"]
+            # Under cfg 2 each rank's one call per step holds its own cond: the same evaluations skipped.
+            assert pool["blocks_reused"] == skipped, f"{where} rank {rank}: {pool['blocks_reused']}"
+            err = (pool["samples"] - one["samples"]).abs().max().item()
+            assert err <= tolerance, f"{where} rank {rank}: {err:.3e}"
+            assert result[where]["no-skip"]["blocks_reused"] == 0
+            assert (result[where]["no-skip"]["samples"] - per_rank[0]["one"]["uncached"]["samples"]).abs().max().item() <= tolerance

@@ -6,7 +6,8 @@ Prints one JSON line per (family, method, skipped steps) on stdout (progress on 
 
 Method
 - Models: seeded tiny checkpoints (testing/tiny_models.py): Flux at its "pipeline" size (4 double + 10 single blocks,
-  hidden 256) and SD3 (2 joint blocks, hidden 128); a `--size` x `--size` latent, 7 stand-in text tokens, CFGGuider
+  hidden 256), Qwen-Image (1 block, hidden 3072: detection fixes its width) and, on request, SD3 (2 joint blocks;
+  stock EasyCache does not act on it, see FAMILIES); a `--size` x `--size` latent, 7 stand-in text tokens, CFGGuider
   (cfg 2), euler, "simple" schedule, the family's stock ModelSampling node. Random weights: little step-to-step
   structure compared with a trained model.
 - Every rank builds the graphs with stock nodes on a shell MODEL (as XDiTUNetLoader returns it), carries them with
@@ -37,8 +38,11 @@ import torch
 
 from parallel_core.local_launch import run_on_ranks
 
-FAMILIES = {"flux": {"size": "pipeline"}, "sd3": {"size": "tiny"}}
-EASYCACHE_THRESHOLDS = (0.01, 0.02, 0.03, 0.05, 0.08, 0.12, 0.17, 0.25, 0.35, 0.5, 0.7, 1.0, 1.5, 2.5)
+# Tiny size, and the last layer whose calls tell which steps ran the model. SD3 is here for the schedule only: ComfyUI
+# 0.30.0's MMDiT forward runs no DIFFUSION_MODEL wrappers, so stock EasyCache never skips a step on it.
+FAMILIES = {"flux": {"model_size": "pipeline", "last_layer": "final_layer"}, "qwen_image": {"model_size": "tiny", "last_layer": "proj_out"},
+            "sd3": {"model_size": "tiny", "last_layer": "final_layer"}}
+EASYCACHE_THRESHOLDS = (0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.09, 0.1, 0.12, 0.14, 0.17, 0.2, 0.25, 0.3, 0.35, 0.42, 0.5, 0.6, 0.7, 0.85, 1.0, 1.25, 1.5, 2.0, 2.5)
 ANALYSIS_SEED, EVAL_SEED = 11, 2
 
 
@@ -52,7 +56,7 @@ def _graph(model, base_model, spec: dict, seed: int, easycache: float | None = N
     import comfy.model_base
     from comfy_extras import nodes_custom_sampler as custom
     from comfy_extras.nodes_easycache import EasyCacheNode
-    from comfy_extras.nodes_model_advanced import ModelSamplingFlux, ModelSamplingSD3
+    from comfy_extras.nodes_model_advanced import ModelSamplingAuraFlow, ModelSamplingFlux, ModelSamplingSD3
 
     from comfyui_xdit.testing.tiny_models import conditioning_widths, stand_in_conditioning
 
@@ -62,8 +66,11 @@ def _graph(model, base_model, spec: dict, seed: int, easycache: float | None = N
     if easycache is not None:
         model = first(EasyCacheNode.execute(model, easycache, 0.15, 0.95, False))
     size = spec["size"]
+    frames = ()
     if isinstance(base_model, comfy.model_base.Flux):
         model = ModelSamplingFlux().patch(model, 1.15, 0.5, size * 8, size * 8)[0]
+    elif isinstance(base_model, comfy.model_base.QwenImage):  # as ComfyUI's Qwen-Image templates; 5-D latents
+        model, frames = ModelSamplingAuraFlow().patch_aura(model, 3.1)[0], (1,)
     else:
         model = ModelSamplingSD3().patch(model, 3.0)[0]
     text, pooled = conditioning_widths(base_model)
@@ -71,7 +78,7 @@ def _graph(model, base_model, spec: dict, seed: int, easycache: float | None = N
     guider = first(custom.CFGGuider.execute(model, positive, negative, 2.0))
     sigmas = first(custom.BasicScheduler.execute(model, "simple", spec["steps"], 1.0))
     noise = first(custom.RandomNoise.execute(seed))
-    latent = torch.zeros(1, 16, size, size)
+    latent = torch.zeros(1, 16, *frames, size, size)
     return guider, first(custom.KSamplerSelect.execute("euler")), sigmas, noise.generate_noise({"samples": latent}), latent, noise.seed
 
 
@@ -96,7 +103,7 @@ def _rank(rank: int, world_size: int, path: str, spec: dict) -> dict:
     model = parallelize(base, state)
     shell = build_shell(path, "default", PoolModelRef(path, "default", tuple(degrees.items()), world_size, "", 2))
     calls = {"n": 0}
-    base.model.diffusion_model.final_layer.register_forward_hook(lambda *a: calls.__setitem__("n", calls["n"] + 1))
+    getattr(base.model.diffusion_model, spec["last_layer"]).register_forward_hook(lambda *a: calls.__setitem__("n", calls["n"] + 1))
 
     def job(seed: int, easycache: float | None = None, schedule: dict | None = None, analyse: bool = False):
         patcher = shell.clone()
@@ -156,7 +163,7 @@ def _rank(rank: int, world_size: int, path: str, spec: dict) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--families", default="flux,sd3")
+    parser.add_argument("--families", default="flux,qwen_image")
     parser.add_argument("--world", type=int, default=2)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--skips", default="2,3,4")
@@ -170,9 +177,9 @@ def main(argv=None) -> int:
     import_comfy()
     for family in args.families.split(","):
         with tempfile.TemporaryDirectory() as folder:
-            path = str(write_tiny_model(family, Path(folder) / f"{family}.safetensors", size=FAMILIES[family]["size"], seed=0))
+            path = str(write_tiny_model(family, Path(folder) / f"{family}.safetensors", size=FAMILIES[family]["model_size"], seed=0))
             print(f"{family}: running {args.world} ranks ...", file=sys.stderr)
-            result = run_on_ranks(_rank, args.world, path, spec, timeout_s=3600)[0]
+            result = run_on_ranks(_rank, args.world, path, {**spec, **FAMILIES[family]}, timeout_s=3600)[0]
         print(json.dumps({"bench": "cache_schedule", "family": family, "analysis_step_change": result["analysis_step_change"],
                           "easycache_thresholds_by_skipped_steps": result["easycache_skips"]}), flush=True)
         for name, numbers in result["results"].items():
