@@ -51,6 +51,16 @@ def test_frozen_blocks_show_zero_change_exactly_there(per_rank, where):
                 assert out == 0.0, f"{where}: {name} changed {out} at frozen step {step}"
             else:
                 assert out > 1e-4, f"{where}: {name} changed only {out} at step {step}"
+    # The figure shows it: the frozen cells in the ramp's zero colour, the others not.
+    from comfyui_xdit import redundancy
+
+    analysis = {**changes, "model": {"file": "tiny-flux-dev.safetensors"}}
+    figure = redundancy.render(analysis)
+    for step in range(1, cases.STEPS):
+        for block in range(len(changes["blocks"])):
+            x, y = redundancy.cell_centre(analysis, step, block)
+            zero = tuple(round(float(v) * 255) for v in figure[0, y, x]) == redundancy.colour(0.0)
+            assert zero == (step in cases.FROZEN_STEPS), (where, step, block)
     # single_blocks.0 takes double_blocks.0's (frozen) streams: its input does not change at the frozen steps either.
     assert all(changes["input_change"][s][1] == 0.0 for s in cases.FROZEN_STEPS)
     assert all(changes["input_change"][s][0] > 1e-4 for s in cases.FROZEN_STEPS)
