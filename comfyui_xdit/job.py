@@ -155,7 +155,7 @@ def build_job(guider, sampler, sigmas: torch.Tensor, noise: torch.Tensor, latent
     guider_name, cfg = carry_guider(guider)
     model_sampling, flags, stock = carry_model_patches(model_patcher, dict(ref.degrees))
     sampler_name, extra, inpaint = carry_sampler(sampler)
-    blocks = carry_block_cache(model_patcher, dict(ref.degrees), len(sigmas) - 1, analyse, bool(stock.get("holder")))
+    blocks = carry_block_cache(model_patcher, dict(ref.degrees), len(sigmas) - 1, analyse, stock)
     return SamplingJob(
         model=ref, guider=guider_name, cfg=cfg, conds=carry_conds(guider), sampler_name=sampler_name,
         sampler_extra_options=extra, sampler_inpaint_options=inpaint, sigmas=sigmas.cpu(), noise=noise.cpu(),
@@ -165,7 +165,7 @@ def build_job(guider, sampler, sigmas: torch.Tensor, noise: torch.Tensor, latent
     )
 
 
-def carry_block_cache(model_patcher, degrees: dict[str, int], steps: int, analyse: bool, stock_cache: bool) -> dict:
+def carry_block_cache(model_patcher, degrees: dict[str, int], steps: int, analyse: bool, stock: dict) -> dict:
     """The job's block_cache spec: the MODEL's cache schedule (XDiTCacheSchedule) and/or the analysis; refuses
     what the pool cannot run, naming what to change."""
     schedule = model_patcher.attachments.get(block_cache.SCHEDULE_ATTACHMENT)
@@ -173,8 +173,10 @@ def carry_block_cache(model_patcher, degrees: dict[str, int], steps: int, analys
         return {}
     node = "XDiTRedundancyAnalysis" if analyse else "XDiTCacheSchedule"
     block_cache.refuse_degrees(degrees, analyse, node)
-    if stock_cache:
+    if stock.get("holder"):
         raise UnsupportedByXDiT(f"{node} and EasyCache/LazyCache both cache this MODEL; remove one of them")
+    if stock.get("compile"):  # its per-block bookkeeping is Python state dynamo would guard on and recompile for
+        raise UnsupportedByXDiT(f"{node} does not run on a TorchCompileModel MODEL; remove TorchCompileModel")
     spec: dict = {"analyse": analyse}
     if schedule is not None:
         if schedule["steps"] != steps:
