@@ -114,8 +114,8 @@ class BlockRuntime:
     steps: int = 0
     call: _Call = field(default_factory=_Call)
     sums: dict[int, torch.Tensor] = field(default_factory=dict)  # step -> (blocks, len(SUMS)) float64
-    previous: dict[tuple, tuple] = field(default_factory=dict)  # (block, conds) -> (inputs, outputs, residuals)
-    residuals: dict[tuple, tuple] = field(default_factory=dict)  # (block, conds) -> (pairing, residuals, is_tuple)
+    previous: dict[tuple, tuple] = field(default_factory=dict)  # (block, conds) -> (outputs, inputs, residuals)
+    residuals: dict[tuple, tuple] = field(default_factory=dict)  # (block, conds) -> (pairing, residuals, tuple shape)
     reused: int = 0  # block evaluations skipped on this rank
     ran: int = 0
 
