@@ -211,3 +211,18 @@ def choose_schedule(analysis: dict[str, Any], skip_steps: float, granularity: st
     return {"steps": steps, "reuse": {s: sorted(reuse[s]) for s in sorted(reuse)}, "model": analysis["model"],
             "blocks": analysis["blocks"], "estimated_error": total, "skipped_evaluations": evaluations,
             "skipped_steps_equivalent": evaluations / max(1, blocks)}
+
+
+def scheduled_model(model_patcher, path: str, analysis: dict[str, Any], skip_steps: float, granularity: str, max_error: float):
+    """A clone of `model_patcher` (loaded from `path`) carrying the schedule chosen from `analysis`, which must have
+    been measured on that file and list its blocks."""
+    from .block_cache import SCHEDULE_ATTACHMENT, block_names
+    from .families import adapter_for
+
+    refuse_foreign(analysis, model_identity(path))
+    names = block_names(model_patcher.model.diffusion_model, adapter_for(model_patcher.model).block_containers)
+    if analysis["blocks"] != names:
+        raise UnsupportedByXDiT(f"XDiTCacheSchedule: the analysis lists blocks {analysis['blocks'][:3]}..., the model {names[:3]}...; analyse the model again")
+    patched = model_patcher.clone()
+    patched.set_attachments(SCHEDULE_ATTACHMENT, choose_schedule(analysis, skip_steps, granularity, max_error))
+    return patched

@@ -6,7 +6,7 @@ import comfy.model_management
 import comfy.sample
 
 from comfyui_xdit import redundancy
-from comfyui_xdit.block_cache import SCHEDULE_ATTACHMENT, block_names, refuse_degrees
+from comfyui_xdit.block_cache import refuse_degrees
 from comfyui_xdit.families import adapter_for
 from comfyui_xdit.job import pool_model_of
 from comfyui_xdit.pool_client import degrees_of
@@ -78,10 +78,4 @@ class XDiTCacheSchedule:
                 raise ValueError("XDiTCacheSchedule: analysis_file is the connected analysis, but no analysis is connected; connect XDiTRedundancyAnalysis or choose a file")
         else:
             analysis = redundancy.load_analysis(analysis_file)
-        redundancy.refuse_foreign(analysis, redundancy.model_identity(ref.path))
-        names = block_names(model.model.diffusion_model, adapter_for(model.model).block_containers)
-        if analysis["blocks"] != names:
-            raise ValueError(f"XDiTCacheSchedule: the analysis lists blocks {analysis['blocks'][:3]}... but the model has {names[:3]}...; analyse the model again")
-        patched = model.clone()
-        patched.set_attachments(SCHEDULE_ATTACHMENT, redundancy.choose_schedule(analysis, skip_steps, granularity, max_estimated_error))
-        return (patched,)
+        return (redundancy.scheduled_model(model, ref.path, analysis, skip_steps, granularity, max_estimated_error),)

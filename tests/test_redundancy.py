@@ -100,3 +100,25 @@ def test_model_identity_tells_files_apart(comfy_root, tiny_flux_paths):
     dev, schnell = model_identity(str(tiny_flux_paths["dev"])), model_identity(str(tiny_flux_paths["schnell"]))
     assert dev["file"] == "flux-dev.safetensors" and dev["bytes"] == tiny_flux_paths["dev"].stat().st_size
     assert dev["header_sha256"] != schnell["header_sha256"]
+
+
+def test_a_schedule_is_made_only_from_its_models_analysis(comfy_root, tiny_flux_paths):
+    from comfyui_xdit.block_cache import SCHEDULE_ATTACHMENT
+    from comfyui_xdit.job_spec import PoolModelRef
+    from comfyui_xdit.redundancy import model_identity, scheduled_model
+    from comfyui_xdit.shell_model import build_shell
+
+    def shell(variant):
+        path = str(tiny_flux_paths[variant])
+        return build_shell(path, "default", PoolModelRef(path, "default", (("ulysses_degree", 2),), 2, "", 2)), path
+
+    dev, dev_path = shell("dev")
+    analysis = {**_analysis(), "model": model_identity(dev_path), "blocks": ["double_blocks.0", "single_blocks.0"],
+                "reuse_error": [None] + [[0.1, 0.2] for _ in range(STEPS - 1)]}
+    model = scheduled_model(dev, dev_path, analysis, 1.0, "steps", 0.0)
+    schedule = model.attachments[SCHEDULE_ATTACHMENT]
+    assert schedule["steps"] == STEPS and schedule["skipped_evaluations"] == 2 and SCHEDULE_ATTACHMENT not in dev.attachments
+    with pytest.raises(UnsupportedByXDiT, match="made for flux-dev.safetensors .* not for the loaded model flux-schnell.safetensors"):
+        scheduled_model(*shell("schnell"), analysis, 1.0, "steps", 0.0)
+    with pytest.raises(UnsupportedByXDiT, match="the analysis lists blocks"):
+        scheduled_model(dev, dev_path, {**analysis, "blocks": ["transformer_blocks.0"]}, 1.0, "steps", 0.0)
