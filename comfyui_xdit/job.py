@@ -17,8 +17,9 @@ import comfy.model_sampling
 import comfy.samplers
 from comfy_extras.nodes_custom_sampler import Guider_Basic
 
-from . import stock_patches
+from . import block_cache, stock_patches
 from .errors import UnsupportedByXDiT
+from .families import adapter_for
 from .job_spec import PoolModelRef, SamplingJob
 from .lora import lora_stack
 from .shell_model import POOL_ATTACHMENT, SHELL_GUARD_KEY
@@ -146,8 +147,9 @@ def carry_sampler(sampler) -> tuple[str, dict, dict]:
 
 
 def build_job(guider, sampler, sigmas: torch.Tensor, noise: torch.Tensor, latent: torch.Tensor,
-              denoise_mask: torch.Tensor | None, seed: int, stale_options: dict | None = None, previews: bool = False) -> SamplingJob:
-    """Everything a worker needs, checked before any work starts."""
+              denoise_mask: torch.Tensor | None, seed: int, stale_options: dict | None = None, previews: bool = False,
+              analyse: bool = False) -> SamplingJob:
+    """Everything a worker needs, checked before any work starts; `analyse`: record per-block changes (block_cache.py)."""
     model_patcher = guider.model_patcher
     ref = pool_model_of(model_patcher)
     guider_name, cfg = carry_guider(guider)
@@ -156,13 +158,36 @@ def build_job(guider, sampler, sigmas: torch.Tensor, noise: torch.Tensor, latent
         raise UnsupportedByXDiT("TorchCompileModel is not supported with weight_sharding 'blocks' yet; remove TorchCompileModel "
                                 "or set XDiTUNetLoader's weight_sharding to none")
     sampler_name, extra, inpaint = carry_sampler(sampler)
+    blocks = carry_block_cache(model_patcher, dict(ref.degrees), len(sigmas) - 1, analyse, stock)
     return SamplingJob(
         model=ref, guider=guider_name, cfg=cfg, conds=carry_conds(guider), sampler_name=sampler_name,
         sampler_extra_options=extra, sampler_inpaint_options=inpaint, sigmas=sigmas.cpu(), noise=noise.cpu(),
         latent=latent.cpu(), denoise_mask=None if denoise_mask is None else denoise_mask.cpu(), seed=int(seed),
         model_sampling=model_sampling, model_option_flags=flags, loras=lora_stack(model_patcher),
-        stale_options=dict(stale_options or {}), previews=previews, stock_patches=stock,
+        stale_options=dict(stale_options or {}), previews=previews, stock_patches=stock, block_cache=blocks,
     )
+
+
+def carry_block_cache(model_patcher, degrees: dict[str, int], steps: int, analyse: bool, stock: dict) -> dict:
+    """The job's block_cache spec: the MODEL's cache schedule (XDiTCacheSchedule) and/or the analysis; refuses
+    what the pool cannot run, naming what to change."""
+    schedule = model_patcher.attachments.get(block_cache.SCHEDULE_ATTACHMENT)
+    if schedule is None and not analyse:
+        return {}
+    node = "XDiTRedundancyAnalysis" if analyse else "XDiTCacheSchedule"
+    block_cache.refuse_degrees(degrees, analyse, node)
+    if stock.get("holder"):
+        raise UnsupportedByXDiT(f"{node} and EasyCache/LazyCache both cache this MODEL; remove one of them")
+    if stock.get("compile"):  # its per-block bookkeeping is Python state dynamo would guard on and recompile for
+        raise UnsupportedByXDiT(f"{node} does not run on a TorchCompileModel MODEL; remove TorchCompileModel")
+    spec: dict = {"analyse": analyse}
+    if schedule is not None:
+        if schedule["steps"] != steps:
+            raise UnsupportedByXDiT(f"XDiTCacheSchedule: the schedule was made for {schedule['steps']} steps and the sampler runs {steps}; "
+                                    f"set the scheduler's steps to {schedule['steps']} or analyse the model at {steps} steps")
+        spec["reuse"] = {int(s): list(b) for s, b in schedule["reuse"].items()}
+    return spec
+
 
 
 # --- worker side ----------------------------------------------------------------------------------------------
@@ -177,9 +202,10 @@ def rebuild_model_sampling(carried: dict, model_config) -> torch.nn.Module:
 
 
 def run_job(model_patcher, job: SamplingJob, callback: Callable[[int, torch.Tensor, torch.Tensor, int], None],
-            state=None) -> torch.Tensor:
+            state=None, report: dict | None = None) -> torch.Tensor:
     """guider.sample on `model_patcher` (the worker's parallel model, computing over ParallelState `state`; None in
-    one process), exactly as SamplerCustomAdvanced calls it."""
+    one process), exactly as SamplerCustomAdvanced calls it. `report` receives the analysis (block_cache.py) and
+    how many block evaluations ran and were reused."""
     model = model_patcher.clone()
     if job.model_sampling is not None:
         model.add_object_patch("model_sampling", rebuild_model_sampling(job.model_sampling, model.model.model_config))
@@ -187,10 +213,16 @@ def run_job(model_patcher, job: SamplingJob, callback: Callable[[int, torch.Tens
     if job.stale_options:
         model.model_options["transformer_options"] = {**model.model_options.get("transformer_options", {}), OPTIONS_KEY: dict(job.stale_options)}
     stock_patches.apply(model, job.stock_patches, state, resident=model_patcher)
+    blocks = block_cache.apply(model, job.block_cache, adapter_for(model.model), state)
     guider = GUIDERS[job.guider](model)
     guider.inner_set_conds(job.conds)
     guider.set_cfg(job.cfg)
     sampler = comfy.samplers.sampler_object(job.sampler_name)
     sampler.extra_options = dict(job.sampler_extra_options)
     sampler.inpaint_options = dict(job.sampler_inpaint_options)
-    return guider.sample(job.noise, job.latent, sampler, job.sigmas, denoise_mask=job.denoise_mask, callback=callback, disable_pbar=True, seed=job.seed)
+    samples = guider.sample(job.noise, job.latent, sampler, job.sigmas, denoise_mask=job.denoise_mask, callback=callback, disable_pbar=True, seed=job.seed)
+    if blocks is not None and report is not None:
+        report["blocks_ran"], report["blocks_reused"] = blocks.ran, blocks.reused
+        if blocks.analyse:
+            report["block_changes"] = blocks.table()
+    return samples

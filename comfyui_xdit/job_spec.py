@@ -51,6 +51,7 @@ class SamplingJob:
     loras: tuple[LoraRef, ...] = ()
     stale_options: dict = field(default_factory=dict)  # stale_steps.StaleOptions fields, for PipeFusion / patch parallel
     stock_patches: dict = field(default_factory=dict)  # EasyCache/LazyCache/TorchCompileModel as plain data (stock_patches.py)
+    block_cache: dict = field(default_factory=dict)  # block_cache.py: {"analyse": bool, "reuse": {step: [block indices]}}
     previews: bool = False  # rank 0 hands each step's x0 (first batch item) to the caller for ComfyUI's live preview
 
 

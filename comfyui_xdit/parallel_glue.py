@@ -53,6 +53,7 @@ def text_front_attention(state: ParallelState, text_len: int, q: torch.Tensor, k
     keeps the output rows of its own shards.
     """
     sp = state.sequence
+    state.lengths["text"] = text_len  # which of a block's rows are text padding (block_cache.py's sums skip them)
     text_local = chunk_length(text_len, sp.size)
     text_qkv = all_gather(torch.stack([q[:, :text_local], k[:, :text_local], v[:, :text_local]]), 2, sp, state.comm)
     text_q, text_k, text_v = text_qkv[:, :, :text_len].unbind(0)

@@ -24,9 +24,9 @@ PREVIEW_FORMAT = "JPEG"  # what latent_preview.prepare_callback asks of the prev
 
 def sample_on_pool(node: str, guider, sampler, sigmas: torch.Tensor, noise: torch.Tensor, latent: torch.Tensor,
                    noise_mask: torch.Tensor | None, seed: int, num_pipeline_patch: int = 0,
-                   warmup_steps: int = DEFAULT_WARMUP_STEPS) -> dict[str, torch.Tensor | None]:
+                   warmup_steps: int = DEFAULT_WARMUP_STEPS, analyse: bool = False) -> dict[str, Any]:
     """guider.sample(noise, latent, sampler, sigmas, noise_mask, seed=seed) on the pool; returns rank 0's
-    {"samples", "x0"}. `node` names the calling node in refusals."""
+    {"samples", "x0"} (and "block_changes" with `analyse`, block_cache.py). `node` names the calling node in refusals."""
     model = guider.model_patcher
     ref = pool_model_of(model, node)
     token_rows = adapter_for(model.model).token_rows(model.model.diffusion_model, latent.shape[-2])
@@ -36,7 +36,7 @@ def sample_on_pool(node: str, guider, sampler, sigmas: torch.Tensor, noise: torc
         raise ValueError(f"{node}: {error}") from error
     # The stock samplers' previewer (None when previews are off): rank 0 then sends each step's x0 to it.
     previewer = latent_preview.get_previewer(model.load_device, model.model.latent_format)
-    job = build_job(guider, sampler, sigmas, noise, latent, noise_mask, seed, stale, previews=previewer is not None)
+    job = build_job(guider, sampler, sigmas, noise, latent, noise_mask, seed, stale, previews=previewer is not None, analyse=analyse)
     progress = comfy.utils.ProgressBar(max(1, sigmas.shape[-1] - 1))
 
     def on_progress(step: int, total: int, x0: Any) -> None:

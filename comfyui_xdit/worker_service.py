@@ -109,9 +109,10 @@ class SamplingService:
             last_x0["x0"] = x0
             control.after_step(step + 1, x0[:1].to("cpu", copy=True) if previews else None)
 
-        samples = run_job(model, job, callback, state)
+        report: dict[str, Any] = {}
+        samples = run_job(model, job, callback, state, report)
         x0 = last_x0.get("x0")
-        return {"samples": samples.cpu(), "x0": None if x0 is None else x0.cpu()}
+        return {"samples": samples.cpu(), "x0": None if x0 is None else x0.cpu(), **report}
 
     def stats(self) -> dict[str, Any]:
         from .stage_loading import held_block_parameters

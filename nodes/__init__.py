@@ -3,6 +3,7 @@ from comfyui_xdit.pool_client import install_exit_hooks
 
 from .ksampler import XDiTKSampler, XDiTKSamplerAdvanced
 from .lora_loader import XDiTFluxLoraLoader, XDiTLoraLoader
+from .redundancy import XDiTCacheSchedule, XDiTRedundancyAnalysis
 from .sampler import XDiTSamplerCustomAdvanced
 from .status_route import register_status_route
 from .unet_loader import XDiTUNetLoader
@@ -18,6 +19,8 @@ NODE_CLASS_MAPPINGS = {
     "XDiTVAELoader": XDiTVAELoader,
     "XDiTVAEDecode": XDiTVAEDecode,
     "XDiTVAEEncode": XDiTVAEEncode,
+    "XDiTRedundancyAnalysis": XDiTRedundancyAnalysis,
+    "XDiTCacheSchedule": XDiTCacheSchedule,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "XDiTUNetLoader": "Load Diffusion Model (XDiT pool)",
@@ -29,6 +32,8 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "XDiTVAELoader": "Load VAE (XDiT pool)",
     "XDiTVAEDecode": "VAE Decode (XDiT pool)",
     "XDiTVAEEncode": "VAE Encode (XDiT pool)",
+    "XDiTRedundancyAnalysis": "Redundancy Analysis (XDiT pool)",
+    "XDiTCacheSchedule": "Cache Schedule from Analysis (XDiT pool)",
 }
 
 register_status_route()

@@ -253,3 +253,39 @@ def test_refuses_lookalike_caches_and_compile_options(models):
     set_torch_compile_wrapper(model=guarded, backend="inductor", options={"post_grad_custom_pre_pass": lambda graph: graph})
     with pytest.raises(UnsupportedByXDiT, match=r"TorchCompileModel: compile options \['post_grad_custom_pre_pass'\] are not plain data"):
         _job_of(*_inputs(guarded))
+
+
+def test_cache_schedules_and_the_analysis_refuse_what_the_pool_cannot_run(models, tiny_flux_paths):
+    from comfy_extras.nodes_torch_compile import TorchCompileModel
+
+    from comfyui_xdit.block_cache import SCHEDULE_ATTACHMENT
+    from comfyui_xdit.job import build_job
+    from comfyui_xdit.job_spec import PoolModelRef
+    from comfyui_xdit.shell_model import build_shell
+
+    def scheduled(model, steps=3):
+        model = model.clone()
+        model.set_attachments(SCHEDULE_ATTACHMENT, {"steps": steps, "reuse": {1: [0, 1]}})
+        return model
+
+    def analysis_of(guider, sampler, sigmas, noise, latent):
+        return build_job(guider, sampler, sigmas, noise.generate_noise(latent), latent["samples"], None, noise.seed, analyse=True)
+
+    assert _job_of(*_inputs(scheduled(models["shell"]))).block_cache == {"analyse": False, "reuse": {1: [0, 1]}}
+    with pytest.raises(UnsupportedByXDiT, match="made for 5 steps and the sampler runs 3; set the scheduler's steps to 5"):
+        _job_of(*_inputs(scheduled(models["shell"], steps=5)))
+    with pytest.raises(UnsupportedByXDiT, match="XDiTCacheSchedule and EasyCache/LazyCache both cache this MODEL"):
+        _job_of(*_inputs(_cached(scheduled(models["shell"]), "EasyCache")))
+    with pytest.raises(UnsupportedByXDiT, match="does not run on a TorchCompileModel MODEL"):
+        _job_of(*_inputs(TorchCompileModel.execute(scheduled(models["shell"]), "inductor").result[0]))
+    path = str(tiny_flux_paths["dev"])
+    for degrees, message in (((("pipefusion_degree", 2),), "XDiTCacheSchedule cannot run with pipefusion_degree 2"),
+                             ((("cfg_degree", 2),), None)):
+        shell = build_shell(path, "default", PoolModelRef(path, "default", degrees, 2, "", 2))
+        if message:
+            with pytest.raises(UnsupportedByXDiT, match=message):
+                _job_of(*_inputs(scheduled(shell)))
+        else:  # a schedule runs under cfg parallel; the analysis does not
+            assert _job_of(*_inputs(scheduled(shell))).block_cache["reuse"]
+            with pytest.raises(UnsupportedByXDiT, match="XDiTRedundancyAnalysis cannot run with cfg_degree 2 .* set cfg_degree to 1"):
+                analysis_of(*_inputs(shell))

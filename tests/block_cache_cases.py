@@ -1,0 +1,100 @@
+"""Rank-side runs for the redundancy analysis and cache schedules (block_cache.py) on the tiny Flux.
+
+Rank 0 runs the carried job in one process on the stock model (state None) as the reference; every rank runs it on
+its parallel model (ulysses 2 on an uneven 9 x 11 token grid, 7 text tokens: both streams padded on rank 1), and the
+scheduled jobs also under ring 2 and cfg 2. A
+"freezer" object patch makes chosen blocks return, over a range of steps, the output they gave the step before the
+range: the analysis must show zero change exactly there.
+"""
+from __future__ import annotations
+
+import torch
+
+from comfyui_xdit.comfy_runtime import init_worker
+
+import cache_cases
+import flux_cases
+
+STEPS = 6
+CASE = cache_cases.CacheCase("blocks", "", steps=STEPS)
+FROZEN_STEPS = (2, 3)  # sampling steps at which the frozen blocks repeat their step-1 output
+FROZEN_BLOCKS = ("double_blocks.0", "single_blocks.0")
+SKIP = {2: "all", 4: "all", 3: [1]}  # a schedule: whole steps 2 and 4, and block 1 alone at step 3
+
+
+class Freezer:
+    """A block forward (an object patch) that repeats its output of the step before FROZEN_STEPS during them."""
+
+    def __init__(self, block: torch.nn.Module):
+        self.block, self.kept = block, {}
+
+    def __call__(self, *args, **kwargs):
+        options = kwargs["transformer_options"]
+        sample_sigmas = options["sample_sigmas"]
+        step = int((sample_sigmas[:-1] - options["sigmas"].reshape(-1)[0].to(sample_sigmas)).abs().argmin())
+        out = type(self.block).forward(self.block, *args, **kwargs)
+        shape = tuple(args[0].shape) if args else tuple(kwargs["img"].shape)
+        if step == FROZEN_STEPS[0] - 1:
+            self.kept[shape] = _copy(out)
+        return _copy(self.kept[shape]) if step in FROZEN_STEPS else out  # copies: the model updates streams in place
+
+
+def _copy(out):
+    return tuple(t.clone() for t in out) if isinstance(out, tuple) else out.clone()
+
+
+def frozen(model):
+    model = model.clone()
+    for name in FROZEN_BLOCKS:
+        container, index = name.split(".")
+        model.add_object_patch(f"diffusion_model.{name}.forward", Freezer(getattr(model.model.diffusion_model, container)[int(index)]))
+    return model
+
+
+def schedule(blocks: int) -> dict:
+    return {"steps": STEPS, "reuse": {s: list(range(blocks)) if b == "all" else b for s, b in SKIP.items()}}
+
+
+def blocks_rank(rank: int, world_size: int, path: str, degrees: dict, schedule_configs: list[dict]) -> dict:
+    """Every job on `degrees`' parallel model; the scheduled jobs also on each of `schedule_configs`'."""
+    init_worker(cpu=True)
+    import comfy.sd
+
+    from comfyui_xdit.block_cache import SCHEDULE_ATTACHMENT
+    from comfyui_xdit.job import build_job, run_job
+    from comfyui_xdit.job_spec import PoolModelRef
+    from comfyui_xdit.parallel_model import parallelize
+    from comfyui_xdit.shell_model import build_shell
+    from parallel_core import ParallelConfig, init_parallel
+
+    base = comfy.sd.load_diffusion_model(path)
+    shell = build_shell(path, "default", PoolModelRef(path, "default", tuple(degrees.items()), world_size, "", 2))
+    names = ["double_blocks.0", "single_blocks.0"]
+
+    def job(analyse: bool, reuse: dict | None = None):
+        model = shell.clone()
+        if reuse is not None:
+            model.set_attachments(SCHEDULE_ATTACHMENT, reuse)
+        guider, sampler, sigmas, noise, latent = cache_cases.graph(model, CASE)
+        return build_job(guider, sampler, sigmas, noise.generate_noise(latent), latent["samples"], None, noise.seed, analyse=analyse)
+
+    def run(model, the_job, state) -> dict:
+        report: dict = {}
+        report["samples"] = run_job(model, the_job, lambda *a: None, state, report)
+        return report
+
+    jobs = {"analysis": job(True), "uncached": job(False), "no-skip": job(False, {"steps": STEPS, "reuse": {}}),
+            "schedule": job(False, schedule(len(names)))}
+    result: dict = {"names": names}
+    if rank == 0:
+        result["one"] = {name: run(base, the_job, None) for name, the_job in jobs.items()}
+        result["one"]["frozen"] = run(frozen(base), jobs["analysis"], None)
+    state = init_parallel(ParallelConfig(**degrees))
+    model = parallelize(base, state)
+    result["pool"] = {name: run(model, the_job, state) for name, the_job in jobs.items()}
+    result["pool"]["frozen"] = run(frozen(model), jobs["analysis"], state)
+    for config in schedule_configs:
+        state = init_parallel(ParallelConfig(**config))
+        model = parallelize(base, state)
+        result[flux_cases.tag(config)] = {name: run(model, jobs[name], state) for name in ("no-skip", "schedule")}
+    return result

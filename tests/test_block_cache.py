@@ -1,0 +1,93 @@
+"""The redundancy analysis and cache schedules (block_cache.py) on gloo ranks, carried as jobs like the pool runs them.
+
+- The per-step, per-block sums at ulysses 2 (uneven grid, padded text and image pieces) equal the one-process sums
+  to float rounding, so the relative changes describe the whole image.
+- Blocks frozen over a range of steps show exactly zero output change there (and their successors zero input change).
+- An empty schedule is the uncached model bit for bit; a schedule skipping steps and single blocks gives, at ulysses 2,
+  ring 2 and cfg 2, the one-process scheduled latent to fp32 rounding, and skips what it says on every rank.
+"""
+from __future__ import annotations
+
+import pytest
+
+import block_cache_cases as cases
+import flux_cases
+from parallel_core.local_launch import run_on_ranks
+
+DEGREES = {"ulysses_degree": 2}
+SCHEDULE_CONFIGS = [{"ring_degree": 2}, {"cfg_degree": 2}]
+
+
+@pytest.fixture(scope="module")
+def per_rank(tiny_flux_paths):
+    return run_on_ranks(cases.blocks_rank, 2, str(tiny_flux_paths["dev"]), DEGREES, SCHEDULE_CONFIGS, timeout_s=900)
+
+
+def _close(a, b, rel: float = 1e-6) -> bool:
+    return abs(a - b) <= rel * max(abs(a), abs(b), 1e-12)
+
+
+def test_sharded_sums_equal_the_one_process_sums(per_rank):
+    one = per_rank[0]["one"]["analysis"]["block_changes"]
+    assert one["blocks"] == per_rank[0]["names"] and one["steps"] == cases.STEPS
+    assert one["output_change"][0] is None and all(row is not None for row in one["output_change"][1:])
+    for rank, result in enumerate(per_rank):
+        pool = result["pool"]["analysis"]["block_changes"]
+        for name, values in one["sums"].items():
+            for step in range(1, cases.STEPS):
+                for block in range(len(one["blocks"])):
+                    a, b = values[step][block], pool["sums"][name][step][block]
+                    assert a > 0 and _close(a, b), f"rank {rank} {name} step {step} block {block}: {b} vs one process {a}"
+        assert (result["pool"]["analysis"]["samples"] - per_rank[0]["one"]["uncached"]["samples"]).abs().max().item() <= flux_cases.FP32_TOL
+
+
+@pytest.mark.parametrize("where", ["one", "pool"])
+def test_frozen_blocks_show_zero_change_exactly_there(per_rank, where):
+    changes = per_rank[0][where]["frozen"]["block_changes"]
+    for step in range(1, cases.STEPS):
+        for block, name in enumerate(changes["blocks"]):
+            out = changes["output_change"][step][block]
+            if step in cases.FROZEN_STEPS and name in cases.FROZEN_BLOCKS:
+                assert out == 0.0, f"{where}: {name} changed {out} at frozen step {step}"
+            else:
+                assert out > 1e-4, f"{where}: {name} changed only {out} at step {step}"
+    # The figure shows it: the frozen cells in the ramp's zero colour, the others not.
+    from comfyui_xdit import redundancy
+
+    analysis = {**changes, "model": {"file": "tiny-flux-dev.safetensors"}}
+    figure = redundancy.render(analysis)
+    for step in range(1, cases.STEPS):
+        for block in range(len(changes["blocks"])):
+            x, y = redundancy.cell_centre(analysis, step, block)
+            zero = tuple(round(float(v) * 255) for v in figure[0, y, x]) == redundancy.colour(0.0)
+            assert zero == (step in cases.FROZEN_STEPS), (where, step, block)
+    # single_blocks.0 takes double_blocks.0's (frozen) streams: its input does not change at the frozen steps either.
+    assert all(changes["input_change"][s][1] == 0.0 for s in cases.FROZEN_STEPS)
+    assert all(changes["input_change"][s][0] > 1e-4 for s in cases.FROZEN_STEPS)
+
+
+def test_empty_schedule_is_the_uncached_model_bit_for_bit(per_rank):
+    for where in ("one", "pool"):
+        runs = per_rank[0][where]
+        assert runs["no-skip"]["blocks_reused"] == 0
+        assert (runs["no-skip"]["samples"] - runs["uncached"]["samples"]).abs().max().item() == 0
+
+
+def test_schedule_skips_what_it_says_on_every_rank_alike(per_rank):
+    one = per_rank[0]["one"]["schedule"]
+    blocks = len(per_rank[0]["names"])
+    calls = 1  # the tiny Flux's CFG conds run in one batched call per step
+    skipped = sum(blocks if b == "all" else len(b) for b in cases.SKIP.values()) * calls
+    assert one["blocks_reused"] == skipped and one["blocks_ran"] == cases.STEPS * blocks * calls - skipped
+    uncached = per_rank[0]["one"]["uncached"]["samples"]
+    assert (one["samples"] - uncached).abs().max().item() > 1e-4, "the schedule changed nothing: the comparison proves nothing"
+    tolerance = max(flux_cases.FP32_TOL, flux_cases.RELATIVE_TOL * one["samples"].abs().max().item())
+    for rank, result in enumerate(per_rank):
+        for where in ["pool"] + [flux_cases.tag(c) for c in SCHEDULE_CONFIGS]:
+            pool = result[where]["schedule"]
+            # Under cfg 2 each rank's one call per step holds its own cond: the same evaluations skipped.
+            assert pool["blocks_reused"] == skipped, f"{where} rank {rank}: {pool['blocks_reused']}"
+            err = (pool["samples"] - one["samples"]).abs().max().item()
+            assert err <= tolerance, f"{where} rank {rank}: {err:.3e}"
+            assert result[where]["no-skip"]["blocks_reused"] == 0
+            assert (result[where]["no-skip"]["samples"] - per_rank[0]["one"]["uncached"]["samples"]).abs().max().item() <= tolerance
