@@ -1,10 +1,15 @@
-"""The shipped Wan 2.1 text-to-video workflow through a real ComfyUI server on tiny Wan 2.1 weights: XDiT loader and
-KSampler on a local Ray pool vs the same graph with the stock nodes, on a video latent of odd frames whose token
-count (3 frames x 5 x 7) divides neither degree; bad input refused by name with the server staying up; and the
-shipped Wan 2.2 A14B graph, whose two experts stay resident on the pool across prompts."""
+"""The shipped Wan 2.1 text-to-video workflow through a real ComfyUI server on tiny Wan 2.1 weights and VAE: XDiT
+loader, KSampler and VAE decode on a local Ray pool vs the same graph with the stock nodes, on a video latent of odd
+frames whose token count (3 frames x 5 x 7) divides neither degree, down to the animated WEBP it saves and the live
+previews; bad input refused by name with the server staying up; and the shipped Wan 2.2 A14B graph, whose two
+experts stay resident on the pool across prompts."""
 from __future__ import annotations
 
+import io
+
+import numpy as np
 import pytest
+from PIL import Image, ImageSequence
 
 from server_graphs import link_tiny_model, saved_latent
 
@@ -16,23 +21,31 @@ pytestmark = pytest.mark.server
 
 WORKFLOW = REPO_ROOT / "workflows" / "api" / "wan21_t2v_xdit_api.json"
 TINY_NAME = "tiny-wan21.safetensors"
+VAE_NAME = "tiny-wan21-vae.safetensors"
+STEPS = 3
+LATENT2RGB = {"preview_method": "latent2rgb"}
 UMT5_WIDTH = 4096  # Wan's text embedding takes umT5-XXL's width
 FP32_TOL = 1e-5
 RELATIVE_TOL = 2e-6  # CFG amplifies rounding: relative to the latent's size where that is larger
 
 
 @pytest.fixture(scope="module")
-def client(comfy_server, tiny_model_path) -> ComfyClient:
+def client(comfy_server, tiny_model_path, tmp_path_factory) -> ComfyClient:
+    from comfyui_xdit.testing.tiny_models import write_tiny_model
+
     link_tiny_model(comfy_server, tiny_model_path("wan21"), TINY_NAME)
+    vae = comfy_server.models_dir("vae") / VAE_NAME
+    if not vae.exists():
+        vae.symlink_to(write_tiny_model("wan_vae", tmp_path_factory.mktemp("wan_vae") / VAE_NAME))
     return ComfyClient(comfy_server.url)
 
 
 def _graph(prefix: str, xdit: bool, width: int = 112, height: int = 80, length: int = 9, **loader_inputs) -> dict:
-    """The shipped graph offline (seeded stand-in text, tiny weights, 3 steps), saving the sampled latent: there is no
-    tiny Wan VAE, so the decode and video save are left out. 9 frames of 112 x 80 px are a 3 x 10 x 14 latent."""
-    workflow = make_offline(load_api_workflow(WORKFLOW), TINY_NAME, steps=3, context_dim=UMT5_WIDTH)
-    for node_id in ("8", "9", "10"):  # VAELoader, VAEDecode, SaveAnimatedWEBP
-        del workflow[node_id]
+    """The shipped graph offline (seeded stand-in text, tiny weights and VAE, 3 steps), also saving the sampled latent;
+    the clip is saved losslessly so stock's and the pool's frames compare. 9 frames of 112 x 80 px are a 3 x 10 x 14
+    latent."""
+    workflow = make_offline(load_api_workflow(WORKFLOW), TINY_NAME, vae_name=VAE_NAME, steps=STEPS, context_dim=UMT5_WIDTH)
+    workflow["10"]["inputs"].update(lossless=True, filename_prefix=f"{prefix}_clip")
     workflow["6"]["inputs"].update(width=width, height=height, length=length)
     workflow["15"] = {"class_type": "SaveLatent", "inputs": {"samples": ["7", 0], "filename_prefix": prefix}}
     if not xdit:
@@ -41,16 +54,34 @@ def _graph(prefix: str, xdit: bool, width: int = 112, height: int = 80, length: 
     return workflow
 
 
+def _clip(comfy_server, result) -> list[np.ndarray]:
+    (file,) = [f for f in result.files if f.node_id == "10"]
+    with Image.open(comfy_server.output_dir / file.subfolder / file.filename) as clip:
+        return [np.asarray(frame.convert("RGB"), dtype=np.int16) for frame in ImageSequence.Iterator(clip)]
+
+
 @pytest.mark.parametrize("degrees", [{"world_size": 2}, {"world_size": 4, "ulysses_degree": 2, "ring_degree": 2, "cfg_degree": 1}],
                          ids=["shipped-auto-2", "ulysses2-ring2"])
 def test_shipped_wan21_workflow_matches_the_stock_graph(comfy_server, client, degrees):
     name = "-".join(f"{k}{v}" for k, v in degrees.items())
-    stock = saved_latent(comfy_server, client.run(_graph(f"wan21_stock_{name}", False), timeout=300))
-    xdit = saved_latent(comfy_server, client.run(_graph(f"wan21_xdit_{name}", True, **degrees), timeout=600))
+    previews = LATENT2RGB if degrees["world_size"] == 2 else None
+    stock_run = client.run(_graph(f"wan21_stock_{name}", False), timeout=300, extra_data=previews)
+    xdit_run = client.run(_graph(f"wan21_xdit_{name}", True, **degrees), timeout=600, extra_data=previews)
+    stock, xdit = saved_latent(comfy_server, stock_run), saved_latent(comfy_server, xdit_run)
     assert xdit.shape == stock.shape == (1, 16, 3, 10, 14)
     assert stock.abs().max() > 0.1
     assert (xdit - stock).abs().max().item() <= max(FP32_TOL, RELATIVE_TOL * stock.abs().max().item())
     assert comfy_server.get_json("/xdit/status")["pool"]["world_size"] == degrees["world_size"]
+    # The clip, decoded on the pool (XDiTVAEDecode follows the model's pool) and saved by the stock node.
+    stock_frames, xdit_frames = _clip(comfy_server, stock_run), _clip(comfy_server, xdit_run)
+    assert len(xdit_frames) == len(stock_frames) == 9
+    assert all(a.shape == b.shape == (80, 112, 3) and np.abs(a - b).max() <= 1 for a, b in zip(xdit_frames, stock_frames))
+    if previews:
+        # Live previews of the video latent, as the stock sampler sends them: at most one a step, the last one x0's.
+        assert len(stock_run.previews) == STEPS and 1 <= len(xdit_run.previews) <= STEPS
+        with Image.open(io.BytesIO(stock_run.previews[-1])) as a, Image.open(io.BytesIO(xdit_run.previews[-1])) as b:
+            last_stock, last_xdit = (np.asarray(i.convert("RGB"), dtype=np.int16) for i in (a, b))
+        assert last_xdit.shape == last_stock.shape and np.abs(last_xdit - last_stock).mean() < 1.0
 
 
 def test_wan21_refuses_more_ranks_than_tokens_and_pipefusion_by_name(comfy_server, client):
