@@ -14,7 +14,6 @@ from comfyui_xdit.job_spec import PoolModelRef
 from comfyui_xdit.parallel_model import validate_for_model
 from comfyui_xdit.pool_client import keep_sigterm_hook, pool_for
 from comfyui_xdit.shell_model import POOL_ATTACHMENT, WEIGHT_DTYPES, build_shell
-from comfyui_xdit.stage_loading import check_stage_loadable
 from ray_backend.capacity import check_world_fits
 from ray_backend.cluster import ClusterConnectCancelled, ClusterUnreachable, cluster_gpus, cluster_memory_bytes, ensure_ray
 from ray_backend.clusters import LOCAL, ClusterNotConfigured
@@ -91,8 +90,6 @@ class XDiTUNetLoader:
         degrees = tuple((f.name, getattr(config, f.name)) for f in dataclasses.fields(config))
         ref = PoolModelRef(path=path, weight_dtype=weight_dtype, degrees=degrees, world_size=world, cluster=target.name, num_heads=num_heads)
         shell.set_attachments(POOL_ATTACHMENT, ref)
-        if config.pipefusion_degree > 1:
-            check_stage_loadable(path)
         try:
             pool_for(ref, comfy.model_management.processing_interrupted).warm(ref, dict(degrees))
         except PoolFailure as error:  # a worker died or hung while the pool started or loaded the model

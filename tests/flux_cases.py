@@ -15,6 +15,7 @@ import torch
 
 from comfyui_xdit.comfy_runtime import init_worker
 from comfyui_xdit.testing.tiny_models import IN_PROCESS_PREFIX, conditioning_widths, load_tiny_model, stand_in_conditioning
+from comfyui_xdit.testing.tiny_quant import MIXED_FORMATS, block_weights, quantize_file
 
 TEXT_TOKENS = 7
 LLAMA_TOKENS = 5  # HiDream's Llama stand-in: a length other than the T5 text's, so a mix-up changes shapes
@@ -94,12 +95,27 @@ MODEL_FILE["hidream"] = IN_PROCESS_PREFIX + "hidream"
 MODEL_FILE["zimage"] = IN_PROCESS_PREFIX + "zimage"
 MODEL_FILE["chroma"] = IN_PROCESS_PREFIX + "chroma"
 MODEL_FILE["chroma_radiance"] = IN_PROCESS_PREFIX + "chroma_radiance"
+# Quantized checkpoints (tiny_quant.py): the tiny Flux dev written in each quant format ComfyUI 0.30.0 loads (the
+# older scaled-fp8 layout, every mixed-precision format with per-layer configs, one with its layer list in the file's
+# header), and the tiny Flux dev loaded with each fp8 weight_dtype UNETLoader offers. They run Flux's hooks, so two
+# cases (uneven grid with CFG, batch 2) cover them; they share one launch per world (SHARED_LAUNCH).
+QUANT_FILE: dict[str, str] = {"flux_scaled_fp8": "scaled_fp8", **{f"flux_{f}": f for f in MIXED_FORMATS},
+                              "flux_header_mxfp8": "metadata:mxfp8"}
+WEIGHT_DTYPE: dict[str, str] = {f"flux_{d}": d for d in ("fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2")}
+SHARED_LAUNCH: dict[str, str] = {variant: "flux_quantized" for variant in (*QUANT_FILE, *WEIGHT_DTYPE)}
+for _variant in SHARED_LAUNCH:
+    FAMILY_CASES[_variant] = ("cfg-dpmpp2m-18x22", "basic-dpmpp2m-18x22-batch2")
+    MODEL_FILE.setdefault(_variant, "flux")
 # The stale-activation methods run every step synchronously in these tests: that is where they are exact.
 FULL_WARMUP = {"warmup_steps": 10_000}
 
 
 def model_spec(family: str, tiny_flux_paths: dict, tiny_model_path) -> str:
     """What family_rank loads for `family`: its tiny file (written by the session fixtures) or its in-process name."""
+    if family in QUANT_FILE:  # written from the session's tiny Flux dev, beside it
+        dev = tiny_flux_paths["dev"]
+        path = dev.with_name(f"{family}.safetensors")
+        return str(path if path.exists() else quantize_file(dev, path, QUANT_FILE[family]))
     name = MODEL_FILE.get(family, family)
     if name.startswith(IN_PROCESS_PREFIX):
         return name
@@ -223,7 +239,7 @@ def sample(model_patcher, case: SamplingCase) -> torch.Tensor:
 
 
 def family_rank(rank: int, world_size: int, model_spec: str, configs: list[dict], case_dicts: list[dict],
-                device: str = "cpu") -> dict:
+                device: str = "cpu", weight_dtype: str = "default") -> dict:
     """Parallel latents of every (config, case) on this rank; rank 0 adds the stock latents and re-checks them.
     device "cuda": ComfyUI runs on this rank's CUDA device (local_launch sets it), for NCCL ranks."""
     init_worker(cpu=(device == "cpu"))
@@ -231,8 +247,8 @@ def family_rank(rank: int, world_size: int, model_spec: str, configs: list[dict]
     from parallel_core import ParallelConfig, init_parallel
 
     cases = [SamplingCase(**c) for c in case_dicts]
-    base = load_tiny_model(model_spec)
-    result: dict = {"parallel": {}, "bytes": {}}
+    base = load_tiny_model(model_spec, weight_dtype)
+    result: dict = {"parallel": {}, "bytes": {}, "block_weights": block_weights(base.model.diffusion_model)}
     if rank == 0:
         result["stock"] = {case.name: sample(base, case) for case in cases}
     for degrees in configs:
@@ -248,6 +264,11 @@ def family_rank(rank: int, world_size: int, model_spec: str, configs: list[dict]
         # The unpatched ModelPatcher, used again after the parallel clones, is stock again, bit for bit.
         result["stock_again"] = {case.name: sample(base, case) for case in cases}
     return result
+
+
+def models_rank(rank: int, world_size: int, loads: list[tuple[str, str]], configs: list[dict], case_dicts: list[dict]) -> list[dict]:
+    """family_rank for each (model spec, weight_dtype) of `loads` in turn, in one launch."""
+    return [family_rank(rank, world_size, spec, configs, case_dicts, weight_dtype=weight_dtype) for spec, weight_dtype in loads]
 
 
 # The exact methods each family is checked with, by world size.
@@ -315,6 +336,10 @@ CONFIGS["lumina2"] = {2: CONFIGS["zimage"][2]}
 # Chroma Radiance runs Chroma's hooks plus its pixel patchifier: world 2 (Chroma covers world 4).
 CONFIGS["chroma"] = CONFIGS["qwen_image"]
 CONFIGS["chroma_radiance"] = {2: CONFIGS["qwen_image"][2]}
+for _variant in SHARED_LAUNCH:
+    CONFIGS[_variant] = {2: [{"ulysses_degree": 2}, {"ring_degree": 2}, {"cfg_degree": 2}, {"data_degree": 2}]}
+CONFIGS["flux_scaled_fp8"][4] = [{"ulysses_degree": 2, "ring_degree": 2}, {"ring_degree": 2, "cfg_degree": 2},
+                                 {"cfg_degree": 2, "data_degree": 2}]
 FP32_TOL = 1e-5
 # CFG multiplies the difference of two predictions by the guidance scale, and EPS models' latents reach ~15: there
 # the bound is relative to the latent's size.

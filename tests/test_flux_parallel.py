@@ -56,6 +56,8 @@ TRAFFIC: dict[str, list[tuple[str, str]]] = {
 }
 TRAFFIC["zimage"] = [("ulysses2/basic-euler", "all_to_all/ulysses"), ("ring2/cfg-dpmpp2m-18x22", "ring_send/ring"),
                      ("cfg2/cfg-dpmpp2m-18x22", "broadcast/cfg"), ("data2/basic-dpmpp2m-18x22-batch2", "all_gather/data")]
+TRAFFIC["flux_scaled_fp8"] = [("ulysses2/cfg-dpmpp2m-18x22", "all_to_all/ulysses"), ("ring2/cfg-dpmpp2m-18x22", "ring_send/ring"),
+                              ("cfg2/cfg-dpmpp2m-18x22", "broadcast/cfg"), ("data2/basic-dpmpp2m-18x22-batch2", "all_gather/data")]
 TRAFFIC["lumina2"] = [("ulysses2/cfg-dpmpp2m-18x22", "all_to_all/ulysses"), ("ring2/cfg-dpmpp2m-18x22", "ring_send/ring"),
                       ("cfg2/cfg-dpmpp2m-18x22", "broadcast/cfg"), ("data2/cfg-dpmpp2m-18x22", "all_gather/data")]
 
@@ -65,21 +67,32 @@ def model_path(tiny_flux_paths, tiny_model_path):
     return lambda family: flux_cases.model_spec(family, tiny_flux_paths, tiny_model_path)
 
 
+def _run(family: str, world_size: int, model_path) -> list[dict]:
+    """family_rank's per-rank results for `family`; the entries of one SHARED_LAUNCH group run in one launch."""
+    group = flux_cases.SHARED_LAUNCH.get(family)
+    members = tuple(f for f, g in flux_cases.SHARED_LAUNCH.items() if g == group and world_size in flux_cases.CONFIGS[f]) if group else (family,)
+    loads = tuple((model_path(f), flux_cases.WEIGHT_DTYPE.get(f, "default")) for f in members)
+    return _launch(members, world_size, loads)[family]
+
+
 @functools.lru_cache(maxsize=None)
-def _run(family: str, world_size: int, path: str) -> list[dict]:
-    return run_on_ranks(flux_cases.family_rank, world_size, path, flux_cases.CONFIGS[family][world_size],
-                        flux_cases.case_dicts(family), timeout_s=900)
+def _launch(families: tuple[str, ...], world_size: int, loads: tuple[tuple[str, str], ...]) -> dict[str, list[dict]]:
+    first = families[0]  # a shared launch's entries run the same configs and cases
+    assert all(flux_cases.CONFIGS[f][world_size] == flux_cases.CONFIGS[first][world_size] and flux_cases.FAMILY_CASES[f] == flux_cases.FAMILY_CASES[first] for f in families)
+    per_rank = run_on_ranks(flux_cases.models_rank, world_size, list(loads), flux_cases.CONFIGS[first][world_size],
+                            flux_cases.case_dicts(first), timeout_s=900)
+    return {family: [results[index] for results in per_rank] for index, family in enumerate(families)}
 
 
 @pytest.mark.parametrize(("family", "world_size"), RUNS)
 def test_parallel_model_matches_stock_sampling(family, world_size, model_path):
-    failures = flux_cases.differences_from_stock(_run(family, world_size, model_path(family)), family, world_size)
+    failures = flux_cases.differences_from_stock(_run(family, world_size, model_path), family, world_size)
     assert not failures, "\n".join(failures)
 
 
 @pytest.mark.parametrize(("family", "world_size"), RUNS)
 def test_unpatched_model_is_stock_again_after_parallel_runs(family, world_size, model_path):
-    rank0 = _run(family, world_size, model_path(family))[0]
+    rank0 = _run(family, world_size, model_path)[0]
     for name, latent in rank0["stock"].items():
         assert torch.equal(rank0["stock_again"][name], latent), f"{name}: the original ModelPatcher changed behaviour"
 
@@ -87,7 +100,7 @@ def test_unpatched_model_is_stock_again_after_parallel_runs(family, world_size, 
 @pytest.mark.parametrize("family", list(TRAFFIC))
 def test_parallel_runs_actually_communicate(family, model_path):
     """Each method moved data over its own dimension on every rank."""
-    per_rank = _run(family, 2, model_path(family))
+    per_rank = _run(family, 2, model_path)
     for key, counter in TRAFFIC[family]:
         sent = [r["bytes"][key].get(counter, 0) for r in per_rank]
         assert all(b > 0 for b in sent), f"{key}: {counter} bytes per rank {sent}"
@@ -101,7 +114,7 @@ def test_wan_gathers_its_hidden_states_once_per_model_call(model_path):
     case = flux_cases.CASE_BY_NAME["video-basic-euler-3x10x14"]  # euler, BasicGuider, batch 1: one model call a step
     tokens = case.frames * (case.height // 2) * (case.width // 2)
     one_gather = -(-tokens // 2) * WAN_BASE["dim"] * 4  # this rank's fp32 rows
-    for result in _run("wan21", 2, model_path("wan21")):
+    for result in _run("wan21", 2, model_path):
         assert result["bytes"][f"ulysses2/{case.name}"]["all_gather/sequence"] == case.steps * one_gather
 
 
@@ -111,3 +124,18 @@ def test_pipefusion_refuses_flux_kontext_reference_latents(model_path):
     with pytest.raises(RankFailed, match="PipeFusion on Flux does not take reference latents .*set pipefusion_degree to 1"):
         run_on_ranks(flux_cases.family_rank, 2, model_path("flux_kontext"), [{"pipefusion_degree": 2}],
                      flux_cases.case_dicts("flux_kontext"), timeout_s=600)
+
+
+@pytest.mark.parametrize("variant", [*flux_cases.QUANT_FILE, *flux_cases.WEIGHT_DTYPE])
+def test_stock_loads_the_quantized_variants_quantized(variant, model_path):
+    """Stock ComfyUI's own load of each variant (rank 0's stock model) holds its block weights quantized: ComfyUI's
+    mixed-precision layers in the file's format and storage dtype, or plain layers in the fp8 weight_dtype."""
+    from comfy.quant_ops import QUANT_ALGOS
+
+    loaded = _run(variant, 2, model_path)[0]["block_weights"]
+    if variant in flux_cases.QUANT_FILE:
+        fmt = flux_cases.QUANT_FILE[variant].removeprefix("metadata:").replace("scaled_fp8", "float8_e4m3fn")
+        assert loaded == {"formats": [fmt], "dtypes": [str(QUANT_ALGOS[fmt]["storage_t"])]}
+    else:
+        dtype = {"fp8_e4m3fn": "torch.float8_e4m3fn", "fp8_e4m3fn_fast": "torch.float8_e4m3fn", "fp8_e5m2": "torch.float8_e5m2"}
+        assert loaded == {"formats": [], "dtypes": [dtype[flux_cases.WEIGHT_DTYPE[variant]]]}

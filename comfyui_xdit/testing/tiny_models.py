@@ -511,8 +511,9 @@ IN_PROCESS["chroma_radiance"] = functools.partial(in_process_patcher, "ChromaRad
                                                   output_layer="nerf_final_layer_conv.conv")
 
 
-def load_tiny_model(spec: str) -> Any:
-    """The ModelPatcher of a tiny model: a file path (loaded as UNETLoader does) or IN_PROCESS_PREFIX + a name in IN_PROCESS."""
+def load_tiny_model(spec: str, weight_dtype: str = "default") -> Any:
+    """The ModelPatcher of a tiny model: a file path (loaded as UNETLoader does, with its `weight_dtype`) or
+    IN_PROCESS_PREFIX + a name in IN_PROCESS."""
     if spec.startswith(IN_PROCESS_PREFIX):
         name = spec[len(IN_PROCESS_PREFIX):]
         if name not in IN_PROCESS:
@@ -521,7 +522,9 @@ def load_tiny_model(spec: str) -> Any:
     import_comfy()
     import comfy.sd
 
-    return comfy.sd.load_diffusion_model(spec)
+    from comfyui_xdit.shell_model import model_options_for
+
+    return comfy.sd.load_diffusion_model(spec, model_options=model_options_for(weight_dtype))
 
 
 def write_tiny_model(family: str, path: str | Path, variant: str | None = None, size: str = "tiny", seed: int = 0,
