@@ -98,8 +98,11 @@ MODEL_FILE["chroma_radiance"] = IN_PROCESS_PREFIX + "chroma_radiance"
 # Quantized checkpoints (tiny_quant.py): the tiny Flux dev written in each quant format ComfyUI 0.30.0 loads (the
 # older scaled-fp8 layout, every mixed-precision format with per-layer configs, one with its layer list in the file's
 # header), and the tiny Flux dev loaded with each fp8 weight_dtype UNETLoader offers. They run Flux's hooks, so two
-# cases (uneven grid with CFG, batch 2) cover them; they share one launch per world (SHARED_LAUNCH).
-QUANT_FILE: dict[str, str] = {"flux_scaled_fp8": "scaled_fp8", **{f"flux_{f}": f for f in MIXED_FORMATS},
+# cases (uneven grid with CFG, batch 2) cover them; they share one launch per world (SHARED_LAUNCH). Not here:
+# int8_tensorwise and convrot_w4a4 (quantized.ACTIVATION_LAYOUT_DEPENDENT), whose stock results depend on the batch
+# and memory layout of each layer's input, which no split of the work keeps.
+QUANT_FILE: dict[str, str] = {"flux_scaled_fp8": "scaled_fp8",
+                              **{f"flux_{f}": f for f in MIXED_FORMATS if f not in ("int8_tensorwise", "convrot_w4a4")},
                               "flux_header_mxfp8": "metadata:mxfp8"}
 WEIGHT_DTYPE: dict[str, str] = {f"flux_{d}": d for d in ("fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2")}
 SHARED_LAUNCH: dict[str, str] = {variant: "flux_quantized" for variant in (*QUANT_FILE, *WEIGHT_DTYPE)}
