@@ -18,7 +18,7 @@ import comfy.utils
 
 from .errors import UnsupportedByXDiT
 from .job_spec import PoolModelRef
-from .quantized import as_loaded, layer_formats, wants_values
+from .quantized import as_loaded, layer_formats, wants_values, warn_if_inexact
 from .safetensors_files import open_safetensors
 
 POOL_ATTACHMENT = "comfyui_xdit.pool_model"
@@ -69,9 +69,9 @@ def unet_prefix(state: dict[str, torch.Tensor]) -> str:
 
 def detect(path: str | Path, weight_dtype: str, load_device: torch.device = torch.device("cpu")):
     """ComfyUI's model config for the file, as comfy.sd.load_diffusion_model would detect it, with the (meta)
-    state dict under the names the model uses and the parameter count."""
+    state dict under the names the model uses, the parameter count and each quantized layer's format."""
     state, metadata = as_loaded(*meta_state_dict(path))
-    layer_formats(state, Path(path).name)  # a quant format this ComfyUI does not know is refused here, before any work
+    formats = layer_formats(state, Path(path).name)  # a quant format this ComfyUI does not know is refused here, before any work
     config = comfy.model_detection.model_config_from_unet(state, "", metadata=metadata)
     if config is None:
         raise UnsupportedByXDiT(f"{Path(path).name}: ComfyUI does not recognise this file as a diffusion model; check it loads with UNETLoader")
@@ -86,7 +86,7 @@ def detect(path: str | Path, weight_dtype: str, load_device: torch.device = torc
     config.set_inference_dtype(dtype, manual_cast, device=load_device)
     if options.get("fp8_optimizations"):
         config.optimizations["fp8"] = True
-    return config, state, parameters
+    return config, state, parameters, formats
 
 
 def _refuse_local_sampling(executor, *args, **kwargs):
@@ -96,7 +96,8 @@ def _refuse_local_sampling(executor, *args, **kwargs):
 def build_shell(path: str | Path, weight_dtype: str, ref: PoolModelRef | None = None) -> comfy.model_patcher.ModelPatcher:
     """A ModelPatcher of the file's model class with meta weights, carrying `ref` for the sampler node (the loader
     attaches it later, once the model's family has decided the degrees)."""
-    config, state, parameters = detect(path, weight_dtype)
+    config, state, parameters, formats = detect(path, weight_dtype)
+    warn_if_inexact(formats, Path(path).name)
     model = config.get_model(state, "", device=torch.device("meta"))
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"), size=parameters * model.get_dtype().itemsize)
     if ref is not None:

@@ -40,7 +40,7 @@ def load_stage(path: str | Path, weight_dtype: str, stages: int, stage: int) -> 
     """A ModelPatcher of the file's model holding only stage `stage` of `stages` (plus the shared layers)."""
     load_device = comfy.model_management.get_torch_device()
     header, metadata = meta_state_dict(path)
-    config, meta_state, _ = detect(path, weight_dtype, load_device)
+    config, meta_state, _, _ = detect(path, weight_dtype, load_device)
     plain = _plain_layout(config, meta_state)
     # Quantized layers take their weights on the device they were built for: build those as stock does (device None:
     # only biases and norms are allocated); anything else on the meta device, allocated below for this stage only.

@@ -153,3 +153,13 @@ def test_every_format_is_written(quantized):
     header = load_file(str(quantized("scaled_fp8")))
     assert header["scaled_fp8"].dtype == torch.float8_e4m3fn and header["single_blocks.0.linear1.weight"].dtype == torch.float8_e4m3fn
     assert header["single_blocks.0.linear1.scale_weight"].shape == ()
+
+
+def test_layout_dependent_formats_are_named_in_a_warning(quantized, caplog):
+    from comfyui_xdit.shell_model import build_shell
+
+    with caplog.at_level("WARNING"):
+        build_shell(quantized("int8_tensorwise"), "default")
+        build_shell(quantized("float8_e4m3fn"), "default")
+    warnings = [r.getMessage() for r in caplog.records if "XDiT:" in r.getMessage()]
+    assert len(warnings) == 1 and "int8_tensorwise.safetensors has layers quantized as int8_tensorwise" in warnings[0]
