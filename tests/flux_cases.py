@@ -109,17 +109,21 @@ SHARED_LAUNCH: dict[str, str] = {variant: "flux_quantized" for variant in (*QUAN
 for _variant in SHARED_LAUNCH:
     FAMILY_CASES[_variant] = ("cfg-dpmpp2m-18x22", "basic-dpmpp2m-18x22-batch2")
     MODEL_FILE.setdefault(_variant, "flux")
+# Another family's hooks on a quantized file: SD3.5 Medium's layout (MMDiT, dual attention) in scaled fp8.
+QUANT_FILE["sd35_scaled_fp8"] = "scaled_fp8"
+MODEL_FILE["sd35_scaled_fp8"] = "sd35"
+FAMILY_CASES["sd35_scaled_fp8"] = ("cfg-dpmpp2m-18x22", "basic-dpmpp2m-18x22-batch2")
 # The stale-activation methods run every step synchronously in these tests: that is where they are exact.
 FULL_WARMUP = {"warmup_steps": 10_000}
 
 
 def model_spec(family: str, tiny_flux_paths: dict, tiny_model_path) -> str:
     """What family_rank loads for `family`: its tiny file (written by the session fixtures) or its in-process name."""
-    if family in QUANT_FILE:  # written from the session's tiny Flux dev, beside it
-        dev = tiny_flux_paths["dev"]
-        path = dev.with_name(f"{family}.safetensors")
-        return str(path if path.exists() else quantize_file(dev, path, QUANT_FILE[family]))
     name = MODEL_FILE.get(family, family)
+    if family in QUANT_FILE:  # written from the session's tiny file of its family, beside it
+        source = tiny_flux_paths["dev"] if name == "flux" else tiny_model_path(name)
+        path = source.with_name(f"{family}.safetensors")
+        return str(path if path.exists() else quantize_file(source, path, QUANT_FILE[family]))
     if name.startswith(IN_PROCESS_PREFIX):
         return name
     # The session's tiny Flux dev file (tiny_flux_paths) serves every entry that runs Flux.1.
@@ -341,6 +345,7 @@ CONFIGS["chroma"] = CONFIGS["qwen_image"]
 CONFIGS["chroma_radiance"] = {2: CONFIGS["qwen_image"][2]}
 for _variant in SHARED_LAUNCH:
     CONFIGS[_variant] = {2: [{"ulysses_degree": 2}, {"ring_degree": 2}, {"cfg_degree": 2}, {"data_degree": 2}]}
+CONFIGS["sd35_scaled_fp8"] = {2: CONFIGS["flux_scaled_fp8"][2]}
 CONFIGS["flux_scaled_fp8"][4] = [{"ulysses_degree": 2, "ring_degree": 2}, {"ring_degree": 2, "cfg_degree": 2},
                                  {"cfg_degree": 2, "data_degree": 2}]
 FP32_TOL = 1e-5
