@@ -101,6 +101,20 @@ def test_each_stage_holds_stocks_quantized_weights_for_its_blocks(quantized, pla
     assert held == plain_held
 
 
+@pytest.mark.parametrize("weight_dtype", ["fp8_e4m3fn", "fp8_e5m2"])
+def test_each_stage_holds_stocks_weights_in_an_fp8_weight_dtype(pipeline_source, weight_dtype):
+    import comfy.sd
+
+    from comfyui_xdit.shell_model import model_options_for
+    from comfyui_xdit.stage_loading import load_stage
+
+    stock = comfy.sd.load_diffusion_model(str(pipeline_source), model_options=model_options_for(weight_dtype)).model.diffusion_model.state_dict()
+    for stage in range(2):
+        ours = load_stage(pipeline_source, weight_dtype, 2, stage).model.diffusion_model.state_dict()
+        assert {v.dtype for k, v in ours.items() if "blocks." in k and v.ndim == 2} == {stock["single_blocks.0.linear1.weight"].dtype}
+        assert all(v.dtype == stock[k].dtype and torch.equal(v.float(), stock[k].float()) for k, v in ours.items()), f"stage {stage}"
+
+
 @pytest.mark.parametrize("fmt", ["scaled_fp8", "nvfp4", "int8_tensorwise"])
 def test_a_lora_merges_into_quantized_weights_as_stock_merges_it(quantized, pipeline_source, tmp_path, fmt):
     """Stock patches a quantized weight by dequantizing, adding the LoRA and quantizing again (seeded by the key);
