@@ -14,9 +14,11 @@ import comfy.model_detection
 import comfy.model_management
 import comfy.model_patcher
 import comfy.patcher_extension
+import comfy.utils
 
 from .errors import UnsupportedByXDiT
 from .job_spec import PoolModelRef
+from .quantized import as_loaded, layer_formats, wants_values, warn_if_inexact
 from .safetensors_files import open_safetensors
 
 POOL_ATTACHMENT = "comfyui_xdit.pool_model"
@@ -44,12 +46,16 @@ def model_options_for(weight_dtype: str) -> dict:
 
 
 def meta_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None]:
-    """Keys, shapes and dtypes of a safetensors file as meta tensors (no weight is read)."""
+    """Keys, shapes and dtypes of a safetensors file as meta tensors (no weight is read; quantized layers' configs
+    and scalar scales are, see quantized.wants_values)."""
     with open_safetensors(path, "diffusion model") as f:
         metadata = f.metadata()
         state = {}
         for key in f.keys():
             piece = f.get_slice(key)
+            if wants_values(key, piece.get_shape()):
+                state[key] = f.get_tensor(key)
+                continue
             dtype = _SAFETENSORS_DTYPES.get(piece.get_dtype(), torch.float32)
             state[key] = torch.empty(piece.get_shape(), dtype=dtype, device="meta")
     return state, metadata
@@ -63,20 +69,24 @@ def unet_prefix(state: dict[str, torch.Tensor]) -> str:
 
 def detect(path: str | Path, weight_dtype: str, load_device: torch.device = torch.device("cpu")):
     """ComfyUI's model config for the file, as comfy.sd.load_diffusion_model would detect it, with the (meta)
-    state dict under the names the model uses and the parameter count."""
-    state, metadata = meta_state_dict(path)
-    prefix = unet_prefix(state)
-    state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    state dict under the names the model uses, the parameter count and each quantized layer's format."""
+    state, metadata = as_loaded(*meta_state_dict(path))
+    formats = layer_formats(state, Path(path).name)  # a quant format this ComfyUI does not know is refused here, before any work
     config = comfy.model_detection.model_config_from_unet(state, "", metadata=metadata)
     if config is None:
         raise UnsupportedByXDiT(f"{Path(path).name}: ComfyUI does not recognise this file as a diffusion model; check it loads with UNETLoader")
-    dtype = model_options_for(weight_dtype).get("dtype")
-    parameters = sum(t.numel() for t in state.values())
+    options = model_options_for(weight_dtype)
+    dtype = options.get("dtype")
+    parameters = comfy.utils.calculate_parameters(state)
+    quantized = config.quant_config is not None  # stock then ignores the file's dtypes and casts in the compute dtype
     if dtype is None:
-        dtype = comfy.model_management.unet_dtype(model_params=parameters, supported_dtypes=list(config.supported_inference_dtypes), weight_dtype=next(iter(state.values())).dtype)
-    manual_cast = comfy.model_management.unet_manual_cast(dtype, load_device, config.supported_inference_dtypes)
+        dtype = comfy.model_management.unet_dtype(model_params=parameters, supported_dtypes=list(config.supported_inference_dtypes),
+                                                  weight_dtype=None if quantized else comfy.utils.weight_dtype(state))
+    manual_cast = comfy.model_management.unet_manual_cast(None if quantized else dtype, load_device, config.supported_inference_dtypes)
     config.set_inference_dtype(dtype, manual_cast, device=load_device)
-    return config, state, parameters
+    if options.get("fp8_optimizations"):
+        config.optimizations["fp8"] = True
+    return config, state, parameters, formats
 
 
 def _refuse_local_sampling(executor, *args, **kwargs):
@@ -86,7 +96,8 @@ def _refuse_local_sampling(executor, *args, **kwargs):
 def build_shell(path: str | Path, weight_dtype: str, ref: PoolModelRef | None = None) -> comfy.model_patcher.ModelPatcher:
     """A ModelPatcher of the file's model class with meta weights, carrying `ref` for the sampler node (the loader
     attaches it later, once the model's family has decided the degrees)."""
-    config, state, parameters = detect(path, weight_dtype)
+    config, state, parameters, formats = detect(path, weight_dtype)
+    warn_if_inexact(formats, Path(path).name)
     model = config.get_model(state, "", device=torch.device("meta"))
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"), size=parameters * model.get_dtype().itemsize)
     if ref is not None:

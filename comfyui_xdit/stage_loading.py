@@ -2,7 +2,9 @@
 
 The model is detected and built the way comfy.sd.load_diffusion_model does it (shell_model.detect), but on the
 meta device; the blocks other stages hold become RemoteBlock stand-ins before any memory is allocated, and only the
-remaining tensors are read from the safetensors file (by name, so the others are never read).
+remaining tensors are read from the safetensors file (by name, so the others are never read). A quantized file
+(scaled fp8, ComfyUI's mixed-precision formats) reads its stage's weights with their scales and layer configs, and
+ComfyUI's conversion and quantized layers load them as a stock load does.
 """
 from __future__ import annotations
 
@@ -14,52 +16,66 @@ import comfy.model_management
 import comfy.model_patcher
 
 from .block_stages import RemoteBlock, block_parameters, blocks, container_and_index, stage_plan
-from .errors import UnsupportedByXDiT
 from .families import adapter_for
+from .quantized import as_loaded
 from .safetensors_files import open_safetensors
 from .shell_model import detect, meta_state_dict, unet_prefix
 
 
-def check_stage_loadable(path: str | Path) -> dict[str, torch.Tensor]:
-    """The file's header (meta tensors), or a refusal if per-stage loading cannot read it faithfully."""
-    header, metadata = meta_state_dict(path)
-    if any(key.endswith("scaled_fp8") for key in header) or "_quantization_metadata" in (metadata or {}):
-        raise UnsupportedByXDiT(f"{Path(path).name} is a quantized (scaled fp8) checkpoint, which PipeFusion's per-stage "
-                                "loading does not read yet; use the full-precision file or set pipefusion_degree to 1")
-    return header
+def _plain_layout(config, meta_state: dict[str, torch.Tensor]):
+    """The model with unquantized layers, on the meta device: every block weight at its logical size, so a quantized
+    file is split into the same stages as its full-precision original (ComfyUI's quantized layers have no weight
+    until they are loaded)."""
+    quant_config = config.quant_config
+    if quant_config is None:
+        return None
+    config.quant_config = None  # for this build only (ComfyUI's model configs cannot be copied)
+    try:
+        return config.get_model(meta_state, "", device=torch.device("meta")).diffusion_model
+    finally:
+        config.quant_config = quant_config
 
 
 def load_stage(path: str | Path, weight_dtype: str, stages: int, stage: int) -> comfy.model_patcher.ModelPatcher:
     """A ModelPatcher of the file's model holding only stage `stage` of `stages` (plus the shared layers)."""
     load_device = comfy.model_management.get_torch_device()
-    header = check_stage_loadable(path)
-    config, meta_state, _ = detect(path, weight_dtype, load_device)
-    model = config.get_model(meta_state, "", device=torch.device("meta"))
+    header, metadata = meta_state_dict(path)
+    config, meta_state, _, _ = detect(path, weight_dtype, load_device)
+    plain = _plain_layout(config, meta_state)
+    # Quantized layers take their weights on the device they were built for: build those as stock does (device None:
+    # only biases and norms are allocated); anything else on the meta device, allocated below for this stage only.
+    model = config.get_model(meta_state, "", device=torch.device("meta") if plain is None else None)
     diffusion_model = model.diffusion_model
+    layout = diffusion_model if plain is None else plain
     containers = adapter_for(model).block_containers
-    plan = stage_plan(diffusion_model, containers, stages)
+    plan = stage_plan(layout, containers, stages)
     foreign = []
     for index in range(sum(len(s) for s in plan)):
         if index in plan[stage]:
             continue
         container, position = container_and_index(diffusion_model, containers, index)
-        container_blocks = getattr(diffusion_model, container)
-        container_blocks[position] = RemoteBlock(block_parameters(container_blocks[position]))
+        getattr(diffusion_model, container)[position] = RemoteBlock(block_parameters(getattr(layout, container)[position]))
         foreign.append(f"{container}.{position}.")
+    foreign = tuple(foreign)
     offload_device = comfy.model_management.unet_offload_device()
-    diffusion_model.to_empty(device=offload_device)
-    needed = set(diffusion_model.state_dict())
+    if plain is None:
+        diffusion_model.to_empty(device=offload_device)
+    needed = {k for k in layout.state_dict() if not k.startswith(foreign)}
     prefix = unet_prefix(header)
-    weights = {}
+    raw = {}
     with open_safetensors(path, "diffusion model") as f:
         for key in f.keys():
-            name = key[len(prefix):] if key.startswith(prefix) else None
-            if name is not None and not name.startswith(tuple(foreign)):
-                weights[name] = f.get_tensor(key)
+            if key.startswith(prefix) and not key[len(prefix):].startswith(foreign):
+                raw[key] = f.get_tensor(key)
+    weights, _ = as_loaded(raw, metadata)
+    weights = {k: v for k, v in weights.items() if not k.startswith(foreign)}  # header-listed configs of other stages
     missing = sorted(needed - set(config.process_unet_state_dict(dict(weights))))
     if missing:
         raise RuntimeError(f"{Path(path).name}: no weights in the file for {missing[:3]}; it does not load as this stage of the model")
     model.load_model_weights(weights, "")
+    if stage_plan(diffusion_model, containers, stages) != plan:
+        raise RuntimeError(f"{Path(path).name}: the loaded blocks' parameters split into other stages than the file's layout; "
+                           "this checkpoint cannot be loaded per stage, set pipefusion_degree to 1")
     return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
 
 

@@ -198,10 +198,10 @@ def check_shardable(path: str | Path, weight_dtype: str, shell=None) -> dict[str
     `*_norm.scale` -> `*_norm.weight`, is followed). Returns each block weight's key in the file, by its name in the
     model. `shell`: the file's model with meta weights, if already built."""
     header, metadata = meta_state_dict(path)
-    if any(key.endswith("scaled_fp8") for key in header) or "_quantization_metadata" in (metadata or {}):
-        raise UnsupportedByXDiT(f"{Path(path).name} is a quantized (scaled fp8) checkpoint, which weight_sharding 'blocks' "
+    if any(key.endswith(("scaled_fp8", ".comfy_quant")) for key in header) or "_quantization_metadata" in (metadata or {}):
+        raise UnsupportedByXDiT(f"{Path(path).name} is a quantized checkpoint (scaled fp8 or a mixed-precision format), which weight_sharding 'blocks' "
                                 f"does not read in pieces yet; use the full-precision file or set weight_sharding to none")
-    config, meta_state, _ = detect(path, weight_dtype)
+    config, meta_state, _, _ = detect(path, weight_dtype)
     model = shell.model if shell is not None else config.get_model(meta_state, "", device=torch.device("meta"))
     block_keys = _block_keys(model.diffusion_model, _block_containers(model))
     prefix = unet_prefix(header)
@@ -221,7 +221,7 @@ def load_sharded(path: str | Path, weight_dtype: str, group: DimensionGroup) -> 
     this rank's part of each block tensor (the whole rows it falls in) and the other layers whole."""
     in_file = check_shardable(path, weight_dtype)
     load_device = comfy.model_management.get_torch_device()
-    config, meta_state, _ = detect(path, weight_dtype, load_device)
+    config, meta_state, _, _ = detect(path, weight_dtype, load_device)
     model = config.get_model(meta_state, "", device=torch.device("meta"))
     diffusion_model = model.diffusion_model
     containers = _block_containers(model)

@@ -15,7 +15,6 @@ from comfyui_xdit.job_spec import PoolModelRef
 from comfyui_xdit.parallel_model import validate_for_model
 from comfyui_xdit.pool_client import keep_sigterm_hook, pool_for
 from comfyui_xdit.shell_model import POOL_ATTACHMENT, WEIGHT_DTYPES, build_shell
-from comfyui_xdit.stage_loading import check_stage_loadable
 from comfyui_xdit.weight_sharding import CHOICES as SHARDING_CHOICES
 from comfyui_xdit.weight_sharding import check_choice as check_sharding
 from comfyui_xdit.weight_sharding import check_shardable
@@ -103,8 +102,6 @@ class XDiTUNetLoader:
         ref = PoolModelRef(path=path, weight_dtype=weight_dtype, degrees=degrees, world_size=world, cluster=target.name, num_heads=num_heads,
                            weight_sharding=weight_sharding)
         shell.set_attachments(POOL_ATTACHMENT, ref)
-        if config.pipefusion_degree > 1:
-            check_stage_loadable(path)
         if weight_sharding == "blocks":
             check_shardable(path, weight_dtype, shell)
         try:

@@ -15,6 +15,7 @@ import torch
 
 from comfyui_xdit.comfy_runtime import init_worker
 from comfyui_xdit.testing.tiny_models import IN_PROCESS_PREFIX, conditioning_widths, load_tiny_model, stand_in_conditioning
+from comfyui_xdit.testing.tiny_quant import MIXED_FORMATS, block_weights, quantize_file
 
 TEXT_TOKENS = 7
 LLAMA_TOKENS = 5  # HiDream's Llama stand-in: a length other than the T5 text's, so a mix-up changes shapes
@@ -117,6 +118,24 @@ MODEL_FILE["zimage"] = IN_PROCESS_PREFIX + "zimage"
 MODEL_FILE["chroma"] = IN_PROCESS_PREFIX + "chroma"
 MODEL_FILE["chroma_radiance"] = IN_PROCESS_PREFIX + "chroma_radiance"
 MODEL_FILE["mochi"] = IN_PROCESS_PREFIX + "mochi"
+# Quantized checkpoints (tiny_quant.py): the tiny Flux dev written in each quant format ComfyUI 0.30.0 loads (the
+# older scaled-fp8 layout, every mixed-precision format with per-layer configs, one with its layer list in the file's
+# header), and the tiny Flux dev loaded with each fp8 weight_dtype UNETLoader offers. They run Flux's hooks, so two
+# cases (uneven grid with CFG, batch 2) cover them; they share one launch per world (SHARED_LAUNCH). Not here:
+# int8_tensorwise and convrot_w4a4 (quantized.ACTIVATION_LAYOUT_DEPENDENT), whose stock results depend on the batch
+# and memory layout of each layer's input, which no split of the work keeps.
+QUANT_FILE: dict[str, str] = {"flux_scaled_fp8": "scaled_fp8",
+                              **{f"flux_{f}": f for f in MIXED_FORMATS if f not in ("int8_tensorwise", "convrot_w4a4")},
+                              "flux_header_mxfp8": "metadata:mxfp8"}
+WEIGHT_DTYPE: dict[str, str] = {f"flux_{d}": d for d in ("fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2")}
+SHARED_LAUNCH: dict[str, str] = {variant: "flux_quantized" for variant in (*QUANT_FILE, *WEIGHT_DTYPE)}
+for _variant in SHARED_LAUNCH:
+    FAMILY_CASES[_variant] = ("cfg-dpmpp2m-18x22", "basic-dpmpp2m-18x22-batch2")
+    MODEL_FILE.setdefault(_variant, "flux")
+# Another family's hooks on a quantized file: SD3.5 Medium's layout (MMDiT, dual attention) in scaled fp8.
+QUANT_FILE["sd35_scaled_fp8"] = "scaled_fp8"
+MODEL_FILE["sd35_scaled_fp8"] = "sd35"
+FAMILY_CASES["sd35_scaled_fp8"] = ("cfg-dpmpp2m-18x22", "basic-dpmpp2m-18x22-batch2")
 # The stale-activation methods run every step synchronously in these tests: that is where they are exact. Each
 # also samples its family's first case at the sampler's defaults (one warmup step, then stale keys/values) once:
 # approximate, its error against stock is reported.
@@ -127,6 +146,10 @@ DEFAULT_STALE_OPTIONS: dict = {}
 def model_spec(family: str, tiny_flux_paths: dict, tiny_model_path) -> str:
     """What family_rank loads for `family`: its tiny file (written by the session fixtures) or its in-process name."""
     name = MODEL_FILE.get(family, family)
+    if family in QUANT_FILE:  # written from the session's tiny file of its family, beside it
+        source = tiny_flux_paths["dev"] if name == "flux" else tiny_model_path(name)
+        path = source.with_name(f"{family}.safetensors")
+        return str(path if path.exists() else quantize_file(source, path, QUANT_FILE[family]))
     if name.startswith(IN_PROCESS_PREFIX):
         return name
     # The session's tiny Flux dev file (tiny_flux_paths) serves every entry that runs Flux.1.
@@ -281,7 +304,7 @@ def sample(model_patcher, case: SamplingCase) -> torch.Tensor:
 
 
 def family_rank(rank: int, world_size: int, model_spec: str, configs: list[dict], case_dicts: list[dict],
-                device: str = "cpu") -> dict:
+                device: str = "cpu", weight_dtype: str = "default") -> dict:
     """Parallel latents of every (config, case) on this rank; rank 0 adds the stock latents and re-checks them.
     device "cuda": ComfyUI runs on this rank's CUDA device (local_launch sets it), for NCCL ranks."""
     init_worker(cpu=(device == "cpu"))
@@ -290,8 +313,8 @@ def family_rank(rank: int, world_size: int, model_spec: str, configs: list[dict]
     from parallel_core import ParallelConfig, init_parallel
 
     cases = [SamplingCase(**c) for c in case_dicts]
-    base = load_tiny_model(model_spec)
-    result: dict = {"parallel": {}, "bytes": {}, "after_warmup": {}}
+    base = load_tiny_model(model_spec, weight_dtype)
+    result: dict = {"parallel": {}, "bytes": {}, "after_warmup": {}, "block_weights": block_weights(base.model.diffusion_model)}
     if rank == 0:
         result["stock"] = {case.name: sample(base, case) for case in cases}
     sharded = None  # the model with weight_sharding "blocks", loaded once for every config that asks for it
@@ -323,6 +346,11 @@ def sharded_model(model_spec: str):
     if model_spec.startswith(IN_PROCESS_PREFIX):
         return shard_loaded(load_tiny_model(model_spec), world_group())
     return load_sharded(model_spec, "default", world_group())
+
+
+def models_rank(rank: int, world_size: int, loads: list[tuple[str, str]], configs: list[dict], case_dicts: list[dict]) -> list[dict]:
+    """family_rank for each (model spec, weight_dtype) of `loads` in turn, in one launch."""
+    return [family_rank(rank, world_size, spec, configs, case_dicts, weight_dtype=weight_dtype) for spec, weight_dtype in loads]
 
 
 # The exact methods each family is checked with, by world size. "weight_sharding": "blocks" in a config runs it on
@@ -413,6 +441,11 @@ CONFIGS["lumina2"] = {2: CONFIGS["zimage"][2]}
 CONFIGS["chroma"] = {2: [*CONFIGS["qwen_image"][2], {"pipefusion_degree": 2}, {"patch_degree": 2}, {"ring_degree": 2, "weight_sharding": "blocks"}],
                      4: [*CONFIGS["qwen_image"][4], {"pipefusion_degree": 2, "ulysses_degree": 2}]}
 CONFIGS["chroma_radiance"] = {2: CONFIGS["qwen_image"][2]}
+for _variant in SHARED_LAUNCH:
+    CONFIGS[_variant] = {2: [{"ulysses_degree": 2}, {"ring_degree": 2}, {"cfg_degree": 2}, {"data_degree": 2}]}
+CONFIGS["sd35_scaled_fp8"] = {2: CONFIGS["flux_scaled_fp8"][2]}
+CONFIGS["flux_scaled_fp8"][4] = [{"ulysses_degree": 2, "ring_degree": 2}, {"ring_degree": 2, "cfg_degree": 2},
+                                 {"cfg_degree": 2, "data_degree": 2}]
 FP32_TOL = 1e-5
 # CFG multiplies the difference of two predictions by the guidance scale, and EPS models' latents reach ~15: there
 # the bound is relative to the latent's size.

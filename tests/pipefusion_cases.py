@@ -25,6 +25,7 @@ def pipefusion_rank(rank: int, world_size: int, model_path: str, runs: list[dict
     """runs: [{"degrees": ..., "case": SamplingCase fields, "options": stale options}]; every rank returns its
     latents, bytes and held block parameters per run; rank 0 adds stock (with the LoRAs) and naive patch latents."""
     init_worker(cpu=True)
+    import comfy.model_management
     import comfy.sd
     import comfy.utils
 
@@ -45,6 +46,8 @@ def pipefusion_rank(rank: int, world_size: int, model_path: str, runs: list[dict
             result["stock"][name] = flux_cases.sample(stock, case)
             for patches in naive_patches:
                 result["naive"][f"{patches}/{name}"] = flux_cases.sample(naive_patch_model(base, patches), case)
+        # ComfyUI keeps the last sampled model patched (stock's LoRAs merged into base's weights) until it unloads it
+        comfy.model_management.unload_all_models()
     states: dict = {}
     for index, run in enumerate(runs):
         config = ParallelConfig(**run["degrees"])

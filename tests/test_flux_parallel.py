@@ -75,6 +75,8 @@ TRAFFIC["mochi"] = [("ulysses2/video-cfg-dpmpp2m-3x10x14-padded-text", "all_to_a
                     ("cfg2/video-cfg-dpmpp2m-3x10x14-padded-text", "broadcast/cfg"), ("data2/video-basic-euler-3x10x14-batch2", "all_gather/data")]
 TRAFFIC["cogvideox"] = [("ulysses2/video-basic-euler-3x10x14-batch2", "all_to_all/ulysses"), ("ring2/video-cfg-dpmpp2m-3x10x14", "ring_send/ring"),
                         ("cfg2/video-cfg-dpmpp2m-3x10x14", "broadcast/cfg"), ("data2/video-basic-euler-3x10x14-batch2", "all_gather/data")]
+TRAFFIC["flux_scaled_fp8"] = [("ulysses2/cfg-dpmpp2m-18x22", "all_to_all/ulysses"), ("ring2/cfg-dpmpp2m-18x22", "ring_send/ring"),
+                              ("cfg2/cfg-dpmpp2m-18x22", "broadcast/cfg"), ("data2/basic-dpmpp2m-18x22-batch2", "all_gather/data")]
 TRAFFIC["lumina2"] = [("ulysses2/cfg-dpmpp2m-18x22", "all_to_all/ulysses"), ("ring2/cfg-dpmpp2m-18x22", "ring_send/ring"),
                       ("cfg2/cfg-dpmpp2m-18x22", "broadcast/cfg"), ("data2/cfg-dpmpp2m-18x22", "all_gather/data")]
 
@@ -84,15 +86,26 @@ def model_path(tiny_flux_paths, tiny_model_path):
     return lambda family: flux_cases.model_spec(family, tiny_flux_paths, tiny_model_path)
 
 
+def _run(family: str, world_size: int, model_path) -> list[dict]:
+    """family_rank's per-rank results for `family`; the entries of one SHARED_LAUNCH group run in one launch."""
+    group = flux_cases.SHARED_LAUNCH.get(family)
+    members = tuple(f for f, g in flux_cases.SHARED_LAUNCH.items() if g == group and world_size in flux_cases.CONFIGS[f]) if group else (family,)
+    loads = tuple((model_path(f), flux_cases.WEIGHT_DTYPE.get(f, "default")) for f in members)
+    return _launch(members, world_size, loads)[family]
+
+
 @functools.lru_cache(maxsize=None)
-def _run(family: str, world_size: int, path: str) -> list[dict]:
-    return run_on_ranks(flux_cases.family_rank, world_size, path, flux_cases.CONFIGS[family][world_size],
-                        flux_cases.case_dicts(family), timeout_s=900)
+def _launch(families: tuple[str, ...], world_size: int, loads: tuple[tuple[str, str], ...]) -> dict[str, list[dict]]:
+    first = families[0]  # a shared launch's entries run the same configs and cases
+    assert all(flux_cases.CONFIGS[f][world_size] == flux_cases.CONFIGS[first][world_size] and flux_cases.FAMILY_CASES[f] == flux_cases.FAMILY_CASES[first] for f in families)
+    per_rank = run_on_ranks(flux_cases.models_rank, world_size, list(loads), flux_cases.CONFIGS[first][world_size],
+                            flux_cases.case_dicts(first), timeout_s=900)
+    return {family: [results[index] for results in per_rank] for index, family in enumerate(families)}
 
 
 @pytest.mark.parametrize(("family", "world_size"), RUNS)
 def test_parallel_model_matches_stock_sampling(family, world_size, model_path):
-    per_rank = _run(family, world_size, model_path(family))
+    per_rank = _run(family, world_size, model_path)
     for degrees in flux_cases.CONFIGS[family][world_size]:  # the worst error of each method, for the record (-s)
         key = flux_cases.tag(degrees)
         worst = max(((r["parallel"][f"{key}/{name}"] - per_rank[0]["stock"][name]).abs().max().item()
@@ -105,7 +118,7 @@ def test_parallel_model_matches_stock_sampling(family, world_size, model_path):
 
 @pytest.mark.parametrize(("family", "world_size"), RUNS)
 def test_unpatched_model_is_stock_again_after_parallel_runs(family, world_size, model_path):
-    rank0 = _run(family, world_size, model_path(family))[0]
+    rank0 = _run(family, world_size, model_path)[0]
     for name, latent in rank0["stock"].items():
         assert torch.equal(rank0["stock_again"][name], latent), f"{name}: the original ModelPatcher changed behaviour"
 
@@ -113,7 +126,7 @@ def test_unpatched_model_is_stock_again_after_parallel_runs(family, world_size, 
 @pytest.mark.parametrize("family", list(TRAFFIC))
 def test_parallel_runs_actually_communicate(family, model_path):
     """Each method moved data over its own dimension on every rank."""
-    per_rank = _run(family, 2, model_path(family))
+    per_rank = _run(family, 2, model_path)
     for key, counter in TRAFFIC[family]:
         sent = [sum(r["bytes"][key].get(c, 0) for c in counter.split("+")) for r in per_rank]  # "a+b": either op
         assert all(b > 0 for b in sent), f"{key}: {counter} bytes per rank {sent}"
@@ -128,7 +141,7 @@ def test_stale_methods_after_warmup_report_their_error(family, model_path):
     """At the sampler's defaults (one warmup step, then stale keys/values) PipeFusion and displaced patch parallel are
     approximate: their error against stock is printed; it is not zero (the stale path ran), smaller than the latent,
     and every rank holds the same latent."""
-    per_rank = _run(family, 2, model_path(family))
+    per_rank = _run(family, 2, model_path)
     approximate = per_rank[0]["after_warmup"]
     assert approximate, f"{family}: no stale-method run at the sampler's defaults"
     for key, latent in approximate.items():
@@ -148,7 +161,7 @@ def test_wan_gathers_only_the_heads_output_once_per_model_call(model_path):
     case = flux_cases.CASE_BY_NAME["video-basic-euler-3x10x14"]  # euler, BasicGuider, batch 1: one model call a step
     tokens = case.frames * (case.height // 2) * (case.width // 2)
     one_gather = -(-tokens // 2) * WAN_VARIANTS["t2v"][0]["out_dim"] * 4 * 4  # this rank's fp32 rows of patch pixels
-    for result in _run("wan21", 2, model_path("wan21")):
+    for result in _run("wan21", 2, model_path):
         assert result["bytes"][f"ulysses2/{case.name}"]["all_gather/sequence"] == case.steps * one_gather
 
 
@@ -170,7 +183,7 @@ def test_hunyuan_video_gathers_its_image_rows_once_per_model_call(model_path):
     image_rows = case.batch * -(-tokens // 2) * config["hidden_size"] * 4  # this rank's fp32 rows
     text_qkv = 3 * case.batch * -(-flux_cases.TEXT_TOKENS // 2) * config["hidden_size"] * 4
     per_call = image_rows + (config["depth"] + config["depth_single_blocks"]) * text_qkv
-    for result in _run("hunyuan_video", 2, model_path("hunyuan_video")):
+    for result in _run("hunyuan_video", 2, model_path):
         assert result["bytes"][f"ulysses2/{case.name}"]["all_gather/sequence"] == case.steps * per_call
 
 
@@ -182,7 +195,7 @@ SHARDED_RUNS = [(family, world) for family, world in RUNS
 def test_sharded_weights_equal_the_unsharded_pool_and_hold_their_share(family, world_size, model_path):
     """Gathering is a byte copy: a config on sharded weights gives the unsharded pool's latents bit for bit, each rank
     keeps 1/P of the block weights (plus alignment padding), and every model call gathers each block once."""
-    per_rank = _run(family, world_size, model_path(family))
+    per_rank = _run(family, world_size, model_path)
     for degrees in flux_cases.CONFIGS[family][world_size]:
         if "weight_sharding" not in degrees:
             continue
@@ -198,3 +211,18 @@ def test_sharded_weights_equal_the_unsharded_pool_and_hold_their_share(family, w
     for result in per_rank:
         held, whole = result["sharded"]["resident"], result["sharded"]["whole"]
         assert whole / world_size <= held < whole / world_size * 1.01 + 4096, result["sharded"]
+
+
+@pytest.mark.parametrize("variant", [*flux_cases.QUANT_FILE, *flux_cases.WEIGHT_DTYPE])
+def test_stock_loads_the_quantized_variants_quantized(variant, model_path):
+    """Stock ComfyUI's own load of each variant (rank 0's stock model) holds its block weights quantized: ComfyUI's
+    mixed-precision layers in the file's format and storage dtype, or plain layers in the fp8 weight_dtype."""
+    from comfy.quant_ops import QUANT_ALGOS
+
+    loaded = _run(variant, 2, model_path)[0]["block_weights"]
+    if variant in flux_cases.QUANT_FILE:
+        fmt = flux_cases.QUANT_FILE[variant].removeprefix("metadata:").replace("scaled_fp8", "float8_e4m3fn")
+        assert loaded == {"formats": [fmt], "dtypes": [str(QUANT_ALGOS[fmt]["storage_t"])]}
+    else:
+        dtype = {"fp8_e4m3fn": "torch.float8_e4m3fn", "fp8_e4m3fn_fast": "torch.float8_e4m3fn", "fp8_e5m2": "torch.float8_e5m2"}
+        assert loaded == {"formats": [], "dtypes": [dtype[flux_cases.WEIGHT_DTYPE[variant]]]}

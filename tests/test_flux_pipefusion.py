@@ -146,18 +146,25 @@ def test_loras_merge_onto_stage_models(pipeline_flux, tmp_path):
         assert (result["latents"][0] - reference).abs().max().item() <= FP32_TOL
 
 
-def test_quantized_checkpoints_are_refused_for_stage_loading(comfy_root, pipeline_flux, tmp_path):
-    from safetensors.torch import load_file, save_file
+@pytest.mark.parametrize("with_lora", [False, True])
+def test_quantized_checkpoints_load_per_stage_and_run_exactly(pipeline_flux, tmp_path, with_lora):
+    """A scaled-fp8 file: each PipeFusion stage reads only its blocks' fp8 weights and scales, and at full warmup
+    samples what stock samples from the same file. With a LoRA merged into the quantized weights (stock dequantizes,
+    adds and quantizes again, seeded by the key; the workers call the same code) under PipeFusion and Ulysses too."""
+    from comfyui_xdit.testing.tiny_loras import flux_shapes, write_flux_lora
+    from comfyui_xdit.testing.tiny_quant import quantize_file
 
-    from comfyui_xdit.errors import UnsupportedByXDiT
-    from comfyui_xdit.stage_loading import check_stage_loadable
-
-    assert check_stage_loadable(pipeline_flux)
-    tensors = load_file(pipeline_flux)
-    tensors["scaled_fp8"] = torch.zeros(2)
-    save_file(tensors, str(tmp_path / "scaled.safetensors"))
-    with pytest.raises(UnsupportedByXDiT, match="quantized \\(scaled fp8\\) checkpoint, .* set pipefusion_degree to 1"):
-        check_stage_loadable(tmp_path / "scaled.safetensors")
+    path = quantize_file(pipeline_flux, tmp_path / "flux-pipeline-scaled-fp8.safetensors", "scaled_fp8")
+    loras = [str(write_flux_lora(tmp_path / "lora.safetensors", flux_shapes(pipeline_flux), "kohya", rank=4, seed=1))] if with_lora else []
+    configs = [{"pipefusion_degree": 2}, {"ulysses_degree": 2}] if with_lora else [{"pipefusion_degree": 2}]
+    cases = ["cfg"] if with_lora else ["cfg", "basic-18x22"]
+    runs = [{"degrees": d, "case": CASES[c], "options": pipefusion_cases.EXACT} for d in configs for c in cases]
+    per_rank = run_on_ranks(pipefusion_cases.pipefusion_rank, 2, str(path), runs, [], loras, timeout_s=600)
+    for index, run in enumerate(runs):
+        reference = per_rank[0]["stock"][str(run["case"])]
+        for rank, result in enumerate(per_rank):
+            err = (result["latents"][index] - reference).abs().max().item()
+            assert err <= FP32_TOL, f"{run['degrees']} {run['case']['name']} rank {rank}: max abs error {err:.3e}"
 
 
 @pytest.mark.parametrize("family", ["flux2", "sd3"])

@@ -25,6 +25,6 @@ def test_parallel_model_matches_stock_sampling_on_cuda(family, world_size, tiny_
         pytest.skip(f"{world_size} ranks need {world_size} CUDA devices; {torch.cuda.device_count()} visible")
     path = flux_cases.model_spec(family, tiny_flux_paths, tiny_model_path)
     per_rank = run_on_ranks(flux_cases.family_rank, world_size, path, flux_cases.CONFIGS[family][world_size],
-                            flux_cases.case_dicts(family), "cuda", timeout_s=900, backend="nccl")
+                            flux_cases.case_dicts(family), "cuda", flux_cases.WEIGHT_DTYPE.get(family, "default"), timeout_s=900, backend="nccl")
     failures = flux_cases.differences_from_stock(per_rank, family, world_size)
     assert not failures, "\n".join(failures)

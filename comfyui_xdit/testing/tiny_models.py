@@ -611,8 +611,9 @@ MOCHI_UNET_CONFIG: dict[str, Any] = {
 IN_PROCESS["mochi"] = functools.partial(in_process_patcher, "GenmoMochi", MOCHI_UNET_CONFIG, output_layer="final_layer.linear")
 
 
-def load_tiny_model(spec: str) -> Any:
-    """The ModelPatcher of a tiny model: a file path (loaded as UNETLoader does) or IN_PROCESS_PREFIX + a name in IN_PROCESS."""
+def load_tiny_model(spec: str, weight_dtype: str = "default") -> Any:
+    """The ModelPatcher of a tiny model: a file path (loaded as UNETLoader does, with its `weight_dtype`) or
+    IN_PROCESS_PREFIX + a name in IN_PROCESS."""
     if spec.startswith(IN_PROCESS_PREFIX):
         name = spec[len(IN_PROCESS_PREFIX):]
         if name not in IN_PROCESS:
@@ -621,7 +622,9 @@ def load_tiny_model(spec: str) -> Any:
     import_comfy()
     import comfy.sd
 
-    return comfy.sd.load_diffusion_model(spec)
+    from comfyui_xdit.shell_model import model_options_for
+
+    return comfy.sd.load_diffusion_model(spec, model_options=model_options_for(weight_dtype))
 
 
 def write_tiny_model(family: str, path: str | Path, variant: str | None = None, size: str = "tiny", seed: int = 0,
