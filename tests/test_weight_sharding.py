@@ -60,3 +60,16 @@ def test_refusals_name_the_input_and_the_fix(tiny_model_path):
     check_choice("blocks", pipefusion_degree=1)
     with pytest.raises(UnsupportedByXDiT, match="SD15 has no transformer blocks XDiT knows of to shard; set weight_sharding to none"):
         check_shardable(tiny_model_path("sd15"), "default")
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("fmt", ["scaled_fp8", "nvfp4", "metadata:float8_e4m3fn"])
+def test_quantized_files_are_refused_for_sharding_by_name(tiny_flux_paths, tmp_path, fmt):
+    """Quantized layouts (scaled fp8, per-layer mixed-precision configs, a layer list in the header) are not read in
+    pieces: refused from the header, naming the file and the fix."""
+    from comfyui_xdit.testing.tiny_quant import quantize_file
+    from comfyui_xdit.weight_sharding import check_shardable
+
+    path = quantize_file(tiny_flux_paths["dev"], tmp_path / "quantized.safetensors", fmt)
+    with pytest.raises(UnsupportedByXDiT, match="quantized.safetensors is a quantized checkpoint .* set weight_sharding to none"):
+        check_shardable(path, "default")
