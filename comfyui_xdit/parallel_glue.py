@@ -30,6 +30,18 @@ def patches_at(transformer_options: dict, points: tuple[str, ...]) -> list[str]:
     return [name for name in points if transformer_options.get("patches", {}).get(name)]
 
 
+def refuse_row_patches(family: str, transformer_options: dict, points: tuple[str, ...]) -> None:
+    """Refuse other nodes' patches at `points` and "dit" block replacements (they would see or replace one rank's
+    rows instead of the whole grid), and another pack's attention override, naming the family and the fix."""
+    patches = patches_at(transformer_options, points)
+    if transformer_options.get("patches_replace", {}).get("dit"):
+        patches.append("dit block replacement")
+    if patches:
+        raise UnsupportedByXDiT(f"a model patch on {family}'s {' and '.join(patches)} is not supported with sequence "
+                                "parallel; remove the node that adds it, or set ulysses_degree and ring_degree to 1")
+    refuse_foreign_attention_override(transformer_options)
+
+
 def to_bshd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, skip_reshape: bool):
     """ComfyUI's attention inputs as (B, S, H, D), the layout parallel_core's attention takes."""
     if not skip_reshape:  # (B, S, H*D) -> (B, H, S, D), the layout ComfyUI's DiTs pass

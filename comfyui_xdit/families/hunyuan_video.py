@@ -27,7 +27,7 @@ from parallel_core import ParallelState, gather_sequence, split_sequence
 from parallel_core.sharding import padded_piece
 
 from ..errors import UnsupportedByXDiT
-from ..parallel_glue import patches_at, refuse_foreign_attention_override, text_front_attention_override
+from ..parallel_glue import refuse_row_patches, text_front_attention_override
 
 # transformer_options patches of Flux's blocks that would see this rank's rows instead of the whole sequence.
 _ROW_PATCHES = ("attn1_patch", "attn1_output_patch")
@@ -37,13 +37,7 @@ def _refuse_unsupported(family: str, control, transformer_options: dict) -> None
     if control is not None:
         raise UnsupportedByXDiT(f"ControlNet on {family} is not supported in parallel; remove the ControlNet apply node "
                                 "or set ulysses_degree and ring_degree to 1")
-    patches = patches_at(transformer_options, _ROW_PATCHES)
-    if transformer_options.get("patches_replace", {}).get("dit"):
-        patches.append("dit block replacement")
-    if patches:
-        raise UnsupportedByXDiT(f"a model patch on {family}'s {' and '.join(patches)} is not supported with sequence "
-                                "parallel; remove the node that adds it, or set ulysses_degree and ring_degree to 1")
-    refuse_foreign_attention_override(transformer_options)
+    refuse_row_patches(family, transformer_options, _ROW_PATCHES)
 
 
 def _checked_forward_orig(original, family: str, *args, control=None, transformer_options={}, **kwargs):

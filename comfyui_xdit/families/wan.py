@@ -27,20 +27,14 @@ from parallel_core import ParallelState, gather_sequence, split_sequence, usp_at
 from parallel_core.sharding import padded_piece
 
 from ..errors import UnsupportedByXDiT
-from ..parallel_glue import from_bshd, patches_at, refuse_foreign_attention_override, to_bshd
+from ..parallel_glue import from_bshd, refuse_row_patches, to_bshd
 
 # transformer_options entries of other nodes that would see (or replace) this rank's rows instead of the whole grid.
 _ROW_PATCHES = ("double_block", "attn1_patch", "attn2_patch")
 
 
 def _refuse_unsupported(family: str, state: ParallelState, tokens: int, transformer_options: dict) -> None:
-    patches = patches_at(transformer_options, _ROW_PATCHES)
-    if transformer_options.get("patches_replace", {}).get("dit"):
-        patches.append("dit block replacement")
-    if patches:
-        raise UnsupportedByXDiT(f"a model patch on {family}'s {' and '.join(patches)} is not supported with sequence "
-                                "parallel; remove the node that adds it, or set ulysses_degree and ring_degree to 1")
-    refuse_foreign_attention_override(transformer_options)
+    refuse_row_patches(family, transformer_options, _ROW_PATCHES)
     if tokens < state.sequence.size:
         raise UnsupportedByXDiT(f"{family}: this latent makes {tokens} tokens (frames x rows/2 x cols/2), fewer than the "
                                 f"{state.sequence.size} sequence-parallel ranks (ulysses_degree x ring_degree); use a "
