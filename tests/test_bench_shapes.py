@@ -28,6 +28,7 @@ def test_video_scale_bench_runs_wan_480p_grids_at_the_token_counts_the_issue_nam
     assert degrees_for(4, heads=2) == {"ulysses_degree": 2, "ring_degree": 2}
     assert degrees_for(2, heads=2) == {"ulysses_degree": 2, "ring_degree": 1}
     assert theoretical_step_bytes(1, 2, 256, 1, 5) == 0
-    # Ulysses-2, one block: 4 all-to-alls of a (S/2 x 128)-channel half each way, then the gather of S/2 x 256 rows.
+    # Ulysses-2, one block: 4 all-to-alls of a (S/2 x 128)-channel half each way, then the gather of the head's output,
+    # S/2 rows of 16 channels x 2 x 2 patch pixels.
     half = tokens_for(1) // 2
-    assert theoretical_step_bytes(2, 2, 256, 1, 1) == 4 * half * 128 * 4 + half * 256 * 4
+    assert theoretical_step_bytes(2, 2, 256, 1, 1) == 4 * half * 128 * 4 + half * 64 * 4

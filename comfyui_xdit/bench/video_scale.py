@@ -23,8 +23,8 @@ Method
   resident set; `activation_mb` is the rise of the peak over that during the step (max over ranks): what the forward
   allocates beyond the resident model, inputs and imports. `peak_rss_mb` is the absolute peak.
 - Bytes: what each rank recorded on `state.comm` during the step against theory: per self-attention call
-  attention.theoretical_bytes (Ulysses' all-to-alls, Ring's K/V passes) and the gather after the last block,
-  ceil(S/P) x dim x 4 x (P - 1).
+  attention.theoretical_bytes (Ulysses' all-to-alls, Ring's K/V passes) and the gather of the head's output,
+  ceil(S/P) x (16 channels x 2 x 2 patch pixels) x 4 x (P - 1).
 - Scale: the longest clip whose activation peak per rank stays within a budget (`--budget-mb`; 0 = world 1's peak
   at the second-longest clip), measured, and extrapolated by a least-squares line of activation against tokens for
   each world (stated as such). The goal is that it grows about linearly with the ranks.
@@ -49,6 +49,7 @@ from parallel_core.local_launch import run_on_ranks
 ELT = 4  # fp32
 LATENT_ROWS, LATENT_COLS = 60, 104  # Wan at 832 x 480: the VAE divides by 8
 PATCH = 2
+HEAD_FEATURES = 16 * PATCH * PATCH  # what Wan's head gives a token (latent channels x patch pixels): all that is gathered
 TEXT_ROWS = 512  # umT5 context ComfyUI pads Wan's prompt to
 
 
@@ -74,7 +75,7 @@ def theoretical_step_bytes(world: int, heads: int, dim: int, layers: int, frames
     degrees = degrees_for(world, heads)
     tokens = tokens_for(frames)
     attention = theoretical_bytes(1, tokens, heads, dim // heads, ELT, degrees["ulysses_degree"], degrees["ring_degree"])
-    return layers * attention + -(-tokens // world) * dim * ELT * (world - 1)
+    return layers * attention + -(-tokens // world) * HEAD_FEATURES * ELT * (world - 1)
 
 
 def _proc_status_kb(field: str) -> int:
