@@ -160,7 +160,9 @@ def test_other_families_are_detected_as_themselves_and_round_trip(tiny_model_pat
     assert type(patcher.model.model_config).__name__ == config_class
     saved, loaded = load_file(path), patcher.model.diffusion_model.state_dict()
     assert saved.keys() == loaded.keys()
-    assert all(torch.equal(tensor, loaded[key]) for key, tensor in saved.items())
+    # Width-fixed families are stored in bf16 (tiny_models.WIDTH_FIXED_STORAGE); ComfyUI loads every file into fp32 here.
+    assert all(loaded[key].dtype == torch.float32 and torch.equal(tensor.to(torch.float32), loaded[key])
+               for key, tensor in saved.items() if tensor.is_floating_point())
     assert all(tensor.abs().max() > 0 for tensor in saved.values()), "every tensor is seeded, none left at zero"
 
 

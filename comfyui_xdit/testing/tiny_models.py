@@ -107,13 +107,17 @@ SD3_CONFIG: dict[str, Any] = {
     "num_patches": 16 * 16, "pos_embed_max_size": 16, "pos_embed_scaling_factor": None, "x_block_self_attn_layers": [],
 }
 # SD3.5 Medium's layout: RMS-normalised q/k and, in its first blocks, a second image-only self-attention (dual attention).
+# ComfyUI's detection fixes Qwen-Image, Lumina 2 and Chroma at their real widths (0.4-0.5 B parameters even with one
+# block), so their files are stored in bf16, as the real releases are: half the disk of a test run. Stock and the pool
+# both load them into fp32 on the CPU, so every comparison still runs in fp32.
+WIDTH_FIXED_STORAGE = torch.bfloat16
 SD3_VARIANTS: dict[str, dict[str, Any]] = {
     "sd3": {},
     "sd35": {"qk_norm": "rms", "x_block_self_attn_layers": [0]},
 }
 # Qwen-Image detection reads only the input width (16 latent channels x 2x2 patches) and the block count from the
 # weights; width 3072 (24 heads of 128) and the 3584-wide text input are ComfyUI's defaults for the class. One
-# block is the smallest model that loads as it: ~380 M parameters, 1.5 GB in fp32.
+# block is the smallest model that loads as it: ~380 M parameters, 0.76 GB in bf16 (WIDTH_FIXED_STORAGE).
 QWEN_IMAGE_UNET_CONFIG: dict[str, Any] = {"image_model": "qwen_image", "in_channels": 64, "num_layers": 1}
 # Wan 2.1/2.2 (comfy.ldm.wan.model.WanModel). Detection reads width, FFN width, depth and channels from the weights and
 # fixes heads of 128 channels (heads = dim / 128), patch (1, 2, 2), the 256 timestep frequencies and the umT5 text
@@ -403,7 +407,8 @@ def write_tiny_qwen_image(path: str | Path, variant: str = "default", size: str 
     config = {**QWEN_IMAGE_UNET_CONFIG, **overrides}
     model = _detected_model(config, "QwenImage")
     init_weights_(model, seed, output_layer="proj_out")
-    return _save(model, path, {"family": "qwen_image", "variant": variant, "size": size, "seed": seed, "config": config})
+    return _save(model, path, {"family": "qwen_image", "variant": variant, "size": size, "seed": seed, "config": config},
+                 stored_as=WIDTH_FIXED_STORAGE)
 
 
 def write_tiny_wan(path: str | Path, variant: str = "t2v", size: str = "tiny", seed: int = 0, **overrides: Any) -> Path:
@@ -464,7 +469,8 @@ def write_tiny_lumina2(path: str | Path, variant: str = "default", size: str = "
     config = {**LUMINA2_UNET_CONFIG, **overrides}
     model = _detected_model(config, "Lumina2")
     init_weights_(model, seed)
-    return _save(model, path, {"family": "lumina2", "variant": variant, "size": size, "seed": seed, "config": config})
+    return _save(model, path, {"family": "lumina2", "variant": variant, "size": size, "seed": seed, "config": config},
+                 stored_as=WIDTH_FIXED_STORAGE)
 
 
 def write_tiny_chroma(path: str | Path, variant: str = "default", size: str = "tiny", seed: int = 0, **overrides: Any) -> Path:
@@ -475,7 +481,8 @@ def write_tiny_chroma(path: str | Path, variant: str = "default", size: str = "t
     config = {**CHROMA_UNET_CONFIG, **overrides}
     model = _detected_model(config, "Chroma")
     init_weights_(model, seed)
-    return _save(model, path, {"family": "chroma", "variant": variant, "size": size, "seed": seed, "config": config})
+    return _save(model, path, {"family": "chroma", "variant": variant, "size": size, "seed": seed, "config": config},
+                 stored_as=WIDTH_FIXED_STORAGE)
 
 
 def stand_in_conditioning(seed: int, text_tokens: int = 7, guidance: float | None = 3.5,
@@ -644,9 +651,12 @@ def _checked_path(path: str | Path) -> Path:
     return path
 
 
-def _save(model: torch.nn.Module, path: Path, description: dict[str, Any]) -> Path:
+def _save(model: torch.nn.Module, path: Path, description: dict[str, Any], stored_as: torch.dtype = torch.float32) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {key: tensor.contiguous() for key, tensor in model.state_dict().items()}
+    tensors = {key: (tensor.to(stored_as) if tensor.is_floating_point() else tensor).contiguous()
+               for key, tensor in model.state_dict().items()}
+    if stored_as != torch.float32:
+        description = {**description, "stored_as": str(stored_as).removeprefix("torch.")}
     # A namespaced key: ComfyUI's detection reads a bare "config" metadata entry for some families.
     save_file(tensors, str(path), metadata={"comfyui_xdit.tiny_model": json.dumps(description, sort_keys=True)})
     return path
