@@ -34,7 +34,7 @@ VAE_LOADERS = frozenset({"XDiTVAELoader", "VAELoader"})
 # The tiny Flux 16-channel VAE the test server and the demo put in models/vae (testing/server_launcher.py).
 OFFLINE_VAE_NAME = "tiny-flux-vae.safetensors"
 LATENT_SIZED = frozenset({"EmptySD3LatentImage", "EmptyLatentImage", "EmptyFlux2LatentImage", "ModelSamplingFlux", "Flux2Scheduler"})
-STEPPED = frozenset({"BasicScheduler", "Flux2Scheduler", "KSampler", "KSamplerAdvanced", "XDiTKSampler", "XDiTKSamplerAdvanced"})
+STEPPED = frozenset({"BasicScheduler", "Flux2Scheduler", "LTXVScheduler", "KSampler", "KSamplerAdvanced", "XDiTKSampler", "XDiTKSamplerAdvanced"})
 TEST_CONDITIONING = "XDiTTestConditioning"  # tests/xdit_test_nodes: seeded random CONDITIONING
 
 
@@ -120,13 +120,15 @@ def stock_twin(workflow: Workflow) -> Workflow:
 
 
 def make_offline(workflow: Workflow, unet_name: str, vae_name: str = OFFLINE_VAE_NAME, size: int = 128,
-                 steps: int | None = None, seed: int = 0, context_dim: int = 64, pooled_dim: int = 32) -> Workflow:
+                 steps: int | None = None, seed: int = 0, context_dim: int = 64, pooled_dim: int = 32,
+                 text_mask: bool = False) -> Workflow:
     """A copy that runs with tiny weights and no text encoders: for tests and demos on machines without the models.
 
     Every CLIPTextEncode becomes XDiTTestConditioning (seeds ``seed``, ``seed + 1``, ... in node-id order, so a
     positive and a negative prompt differ) and the CLIP loaders feeding them are dropped; UNet loaders load
     ``unet_name``, VAE loaders ``vae_name``; latents, ModelSamplingFlux and Flux2Scheduler use ``size`` pixels square;
-    ``steps`` overrides the steps of BasicScheduler and the KSamplers. The tiny-model defaults match testing/tiny_models'
+    ``steps`` overrides the steps of BasicScheduler, LTXVScheduler and the KSamplers; ``text_mask`` adds an all-ones
+    text mask to the conditioning (what LTX-Video's T5 hands its model). The tiny-model defaults match testing/tiny_models'
     default family.
     """
     offline = copy.deepcopy(workflow)
@@ -137,7 +139,8 @@ def make_offline(workflow: Workflow, unet_name: str, vae_name: str = OFFLINE_VAE
     for index, node_id in enumerate(encoders):
         offline[node_id] = {
             "class_type": TEST_CONDITIONING,
-            "inputs": {"seed": seed + index, "text_tokens": 7, "context_dim": context_dim, "pooled_dim": pooled_dim},
+            "inputs": {"seed": seed + index, "text_tokens": 7, "context_dim": context_dim, "pooled_dim": pooled_dim,
+                       **({"text_mask": True} if text_mask else {})},
             "_meta": {"title": f"{offline[node_id].get('_meta', {}).get('title', 'CLIPTextEncode')} (offline)"},
         }
     for node_id in clip_sources:

@@ -26,18 +26,21 @@ class XDiTTestConditioning:
                 "text_tokens": ("INT", {"default": 7, "min": 1, "max": 4096}),
                 "context_dim": ("INT", {"default": 64, "min": 1, "max": 16384}),
                 "pooled_dim": ("INT", {"default": 32, "min": 1, "max": 16384}),
-            }
+            },
+            # T5 encoders of some families (LTX-Video) also hand the model their text mask; all ones here.
+            "optional": {"text_mask": ("BOOLEAN", {"default": False})},
         }
 
     RETURN_TYPES = ("CONDITIONING",)
     FUNCTION = "encode"
     CATEGORY = "testing/xdit"
 
-    def encode(self, seed: int, text_tokens: int, context_dim: int, pooled_dim: int) -> tuple[list]:
+    def encode(self, seed: int, text_tokens: int, context_dim: int, pooled_dim: int, text_mask: bool = False) -> tuple[list]:
         generator = torch.Generator().manual_seed(seed)
         context = torch.randn((1, text_tokens, context_dim), generator=generator)
         pooled = torch.randn((1, pooled_dim), generator=generator)
-        return ([[context, {"pooled_output": pooled}]],)
+        extra = {"attention_mask": torch.ones((1, text_tokens), dtype=torch.long)} if text_mask else {}
+        return ([[context, {"pooled_output": pooled, **extra}]],)
 
 
 NODE_CLASS_MAPPINGS = {"XDiTTestConditioning": XDiTTestConditioning}
