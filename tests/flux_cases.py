@@ -120,7 +120,7 @@ MODEL_FILE["zimage"] = IN_PROCESS_PREFIX + "zimage"
 MODEL_FILE["chroma"] = IN_PROCESS_PREFIX + "chroma"
 MODEL_FILE["chroma_radiance"] = IN_PROCESS_PREFIX + "chroma_radiance"
 MODEL_FILE["mochi"] = IN_PROCESS_PREFIX + "mochi"
-MODEL_FILE["qwen_image_stages"] = IN_PROCESS_PREFIX + "qwen_image"
+MODEL_FILE["qwen_image_stages"] = IN_PROCESS_PREFIX + "qwen_image_stages"
 # Quantized checkpoints (tiny_quant.py): the tiny Flux dev written in each quant format ComfyUI 0.30.0 loads (the
 # older scaled-fp8 layout, every mixed-precision format with per-layer configs, one with its layer list in the file's
 # header), and the tiny Flux dev loaded with each fp8 weight_dtype UNETLoader offers. They run Flux's hooks, so two

@@ -255,7 +255,7 @@ def test_qwen_image_token_level_call_is_stocks_forward_and_refuses_reference_ima
     from comfyui_xdit.families.qwen_image import _stale_forward
     from comfyui_xdit.testing.tiny_models import IN_PROCESS
 
-    patcher = IN_PROCESS["qwen_image"](0)
+    patcher = IN_PROCESS["qwen_image_stages"](0)
     model = patcher.model.diffusion_model
 
     def whole(call, img, img_ids, txt, txt_ids, options):

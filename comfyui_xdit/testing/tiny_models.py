@@ -600,7 +600,7 @@ QWEN_IMAGE_TINY_CONFIG: dict[str, Any] = {
     **QWEN_IMAGE_UNET_CONFIG, "num_layers": 2, "attention_head_dim": 32, "num_attention_heads": 2,
     "joint_attention_dim": 64, "axes_dims_rope": (8, 12, 12),
 }
-IN_PROCESS["qwen_image"] = functools.partial(in_process_patcher, "QwenImage", QWEN_IMAGE_TINY_CONFIG, output_layer="proj_out")
+IN_PROCESS["qwen_image_stages"] = functools.partial(in_process_patcher, "QwenImage", QWEN_IMAGE_TINY_CONFIG, output_layer="proj_out")
 IN_PROCESS["chroma_radiance"] = functools.partial(in_process_patcher, "ChromaRadiance", CHROMA_RADIANCE_TINY_CONFIG,
                                                   output_layer="nerf_final_layer_conv.conv")
 
