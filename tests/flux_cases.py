@@ -74,6 +74,8 @@ FAMILY_CASES: dict[str, tuple[str, ...]] = {
     # Qwen-Image (hidden 3072 fixed by detection, ~0.4 s a forward here): euler and dpmpp_2m, basic and CFG, one
     # even and two uneven token grids (9x11 rows), batch 2 for data parallel.
     "qwen_image": ("basic-euler", "cfg-dpmpp2m-18x22", "basic-dpmpp2m-18x22-batch2"),
+    # Qwen-Image's class built in-process with two blocks (PipeFusion stages), for the stale methods: the same cases.
+    "qwen_image_stages": ("basic-euler", "cfg-dpmpp2m-18x22", "basic-dpmpp2m-18x22-batch2"),
     # Qwen-Image-Edit is Qwen-Image's model class given reference images: 99 image + 42 reference tokens.
     "qwen_image_edit": ("edit-cfg-euler-18x22-ref12x14",),
     # HiDream I1 (built in-process): basic and CFG, euler and dpmpp_2m, an even and an uneven grid (9x11 tokens), batch 2.
@@ -118,6 +120,7 @@ MODEL_FILE["zimage"] = IN_PROCESS_PREFIX + "zimage"
 MODEL_FILE["chroma"] = IN_PROCESS_PREFIX + "chroma"
 MODEL_FILE["chroma_radiance"] = IN_PROCESS_PREFIX + "chroma_radiance"
 MODEL_FILE["mochi"] = IN_PROCESS_PREFIX + "mochi"
+MODEL_FILE["qwen_image_stages"] = IN_PROCESS_PREFIX + "qwen_image_stages"
 # Quantized checkpoints (tiny_quant.py): the tiny Flux dev written in each quant format ComfyUI 0.30.0 loads (the
 # older scaled-fp8 layout, every mixed-precision format with per-layer configs, one with its layer list in the file's
 # header), and the tiny Flux dev loaded with each fp8 weight_dtype UNETLoader offers. They run Flux's hooks, so two
@@ -400,6 +403,12 @@ CONFIGS: dict[str, dict[int, list[dict]]] = {
     "qwen_image": {
         2: [{"ulysses_degree": 2}, {"ring_degree": 2}, {"cfg_degree": 2}, {"data_degree": 2}],
         4: [{"ulysses_degree": 2, "ring_degree": 2}, {"ring_degree": 2, "cfg_degree": 2}],
+    },
+    # PipeFusion (two stages of one block) and displaced patch parallel through Qwen-Image's token-level call
+    # (families/qwen_image.py); PipeFusion x Ulysses at world 4. Reference images are refused for both (test_flux_parallel).
+    "qwen_image_stages": {
+        2: [{"pipefusion_degree": 2}, {"patch_degree": 2}],
+        4: [{"pipefusion_degree": 2, "ulysses_degree": 2}],
     },
     # Data parallel refuses per-sample reference lists (parallel_glue), so it is not among these.
     "qwen_image_edit": {

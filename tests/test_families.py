@@ -79,11 +79,10 @@ def test_refusals_name_the_family_and_what_it_supports(shells):
     validate_for_model(ParallelConfig(pipefusion_degree=2, ulysses_degree=2), 4, shells["flux2"])
     validate_for_model(ParallelConfig(patch_degree=2, cfg_degree=2), 4, shells["flux2"])
     validate_for_model(ParallelConfig(ulysses_degree=2, ring_degree=2), 4, shells["qwen_image"])
-    for degree in ("pipefusion", "patch"):
-        with pytest.raises(UnsupportedByXDiT, match=r"^Qwen-Image supports ulysses, ring, cfg and data parallel only "
-                                                    rf"\(PipeFusion and patch parallel run the model on bands .* no token-level "
-                                                    rf"forward to give them bands\); set {degree}_degree to 1$"):
-            validate_for_model(ParallelConfig(**{f"{degree}_degree": 2}), 2, shells["qwen_image"])
+    validate_for_model(ParallelConfig(patch_degree=2, cfg_degree=2), 4, shells["qwen_image"])
+    # Qwen-Image takes PipeFusion; the tiny file's one block cannot make two stages.
+    with pytest.raises(ValueError, match="pipefusion_degree 2 is more stages than the model's 1 transformer blocks; use at most 1"):
+        validate_for_model(ParallelConfig(pipefusion_degree=2), 2, shells["qwen_image"])
 
 
 @pytest.mark.parametrize("family", ["sd3", "sd35"])
@@ -240,6 +239,45 @@ def test_qwen_image_refuses_the_inputs_its_sequence_parallel_path_does_not_shard
     refuse_unsupported(None, None, {}, {"patches": {"attn1_patch": [print], "double_block": []}})
     with pytest.raises(UnsupportedByXDiT, match=r"a model patch on Qwen-Image's double_block \(e.g. a DiffSynth"):
         refuse_unsupported(None, None, {}, {"patches": {"double_block": [print]}})
+
+
+@pytest.mark.fast  # the two-block Qwen-Image is built in-process (~0.3 M parameters); no model file
+def test_qwen_image_token_level_call_is_stocks_forward_and_refuses_reference_images(comfy_root):
+    """The stale methods' token-level call on every token (as world 1 runs it) gives stock's forward bit for bit, on
+    even and odd latents; reference images are refused by name; a PipeFusion stage reads its heads off a block it holds."""
+    import functools
+
+    import comfy.patcher_extension
+    import torch
+
+    from comfyui_xdit.block_stages import RemoteBlock
+    from comfyui_xdit.families import adapter_for
+    from comfyui_xdit.families.qwen_image import _stale_forward
+    from comfyui_xdit.testing.tiny_models import IN_PROCESS
+
+    patcher = IN_PROCESS["qwen_image_stages"](0)
+    model = patcher.model.diffusion_model
+
+    def whole(call, img, img_ids, txt, txt_ids, options):
+        return call(img, img_ids, txt, txt_ids, options)
+
+    wrappers = {"wrappers": {comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL: {"k": [functools.partial(_stale_forward, whole, "Qwen-Image")]}}}
+    generator = torch.Generator().manual_seed(0)
+    for rows, columns in ((16, 16), (18, 22), (17, 23)):
+        x, context = torch.randn(2, 16, 1, rows, columns, generator=generator), torch.randn(2, 7, 64, generator=generator)
+        timestep = torch.tensor([0.5, 0.7])
+        stock = model(x, timestep, context, transformer_options={})
+        assert stock.abs().max() > 0.1
+        assert torch.equal(model(x, timestep, context, transformer_options=dict(wrappers)), stock), (rows, columns)
+    with pytest.raises(UnsupportedByXDiT, match=r"^PipeFusion and patch parallel on Qwen-Image do not take reference images .*"
+                                                r"set pipefusion_degree and patch_degree to 1"):
+        model(x, timestep, context, ref_latents=[torch.randn(2, 16, 1, 6, 6)], transformer_options=dict(wrappers))
+    first = model.transformer_blocks[0]
+    model.transformer_blocks[0] = RemoteBlock(1)
+    try:
+        assert adapter_for(patcher.model).num_heads(model) == 2
+    finally:
+        model.transformer_blocks[0] = first
 
 
 @pytest.mark.fast  # the tiny HiDream is built in-process (~0.3 M parameters); no model file

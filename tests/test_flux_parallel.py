@@ -2,7 +2,8 @@
 
 One suite, parametrised over families (flux_cases.CONFIGS): Flux.1 (every exact method), Flux.2 (same adapter
 code, its own token grid), SD3 and SD3.5 (MMDiT, with and without dual-attention blocks), Qwen-Image (its own hooks,
-5-D latents; with reference images as Qwen-Image-Edit), Chroma and Chroma Radiance (in-process at tiny width;
+5-D latents; with reference images as Qwen-Image-Edit; PipeFusion and displaced patch parallel on its class built
+in-process with two blocks), Chroma and Chroma Radiance (in-process at tiny width;
 Radiance in pixel space), Flux.1 Kontext (reference latents, also under displaced
 patch parallel), HiDream I1 (built in-process; text at the
 rear of its joint attention), Lumina 2 and Z-Image (NextDiT, caption and image refiners before the joint layers),
@@ -39,6 +40,8 @@ TRAFFIC: dict[str, list[tuple[str, str]]] = {
              ("cfg2/cfg-euler", "broadcast/cfg"), ("data2/basic-dpmpp2m-18x22-batch2", "all_gather/data")],
     "qwen_image": [("ulysses2/basic-euler", "all_to_all/ulysses"), ("ring2/cfg-dpmpp2m-18x22", "ring_send/ring"),
                    ("cfg2/cfg-dpmpp2m-18x22", "broadcast/cfg"), ("data2/basic-dpmpp2m-18x22-batch2", "all_gather/data")],
+    "qwen_image_stages": [("pipefusion2/cfg-dpmpp2m-18x22", "send/pipefusion+broadcast/pipefusion"),
+                          ("patch2/basic-euler", "all_gather/patch")],
     "qwen_image_edit": [("ulysses2/edit-cfg-euler-18x22-ref12x14", "all_to_all/ulysses"),
                         ("ring2/edit-cfg-euler-18x22-ref12x14", "ring_send/ring")],
     "hidream": [("ulysses2/basic-euler", "all_to_all/ulysses"), ("ring2/cfg-dpmpp2m-18x22", "ring_send/ring"),
@@ -171,6 +174,16 @@ def test_pipefusion_refuses_flux_kontext_reference_latents(model_path):
     with pytest.raises(RankFailed, match="PipeFusion on Flux does not take reference latents .*set pipefusion_degree to 1"):
         run_on_ranks(flux_cases.family_rank, 2, model_path("flux_kontext"), [{"pipefusion_degree": 2}],
                      flux_cases.case_dicts("flux_kontext"), timeout_s=600)
+
+
+@pytest.mark.parametrize("degree", ["pipefusion", "patch"])
+def test_stale_methods_refuse_qwen_image_edit_reference_images(degree, model_path):
+    from parallel_core.local_launch import RankFailed
+
+    with pytest.raises(RankFailed, match="PipeFusion and patch parallel on Qwen-Image do not take reference images .*"
+                                         "set pipefusion_degree and patch_degree to 1"):
+        run_on_ranks(flux_cases.family_rank, 2, model_path("qwen_image_stages"), [{f"{degree}_degree": 2}],
+                     flux_cases.case_dicts("qwen_image_edit"), timeout_s=600)
 
 
 def test_hunyuan_video_gathers_its_image_rows_once_per_model_call(model_path):

@@ -36,8 +36,9 @@ def test_xdit_nodes_match_the_stock_graph_with_ring_attention(comfy_server, clie
     assert comfy_server.get_json("/xdit/status")["pool"]["world_size"] == 2
 
 
-def test_pipefusion_is_refused_by_name(client):
-    with pytest.raises(ExecutionFailed, match=r"Qwen-Image supports ulysses, ring, cfg and data parallel only .*set pipefusion_degree to 1"):
+def test_pipefusion_stages_beyond_the_blocks_are_refused_by_name(client):
+    # Qwen-Image takes PipeFusion (test_flux_parallel, on a two-block model); the tiny file has one block.
+    with pytest.raises(ExecutionFailed, match=r"pipefusion_degree 2 is more stages than the model's 1 transformer blocks; use at most 1"):
         client.run(qwen_image_graph(True, prefix="qwen_refused", world_size=2, pipefusion_degree=2), timeout=600)
 
 

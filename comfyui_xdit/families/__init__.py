@@ -21,6 +21,7 @@ import torch
 
 from parallel_core import ParallelConfig, ParallelState
 
+from ..block_stages import RemoteBlock
 from ..degrees import DEGREE_TOOLTIPS
 from ..errors import UnsupportedByXDiT
 
@@ -55,6 +56,12 @@ EVERY_METHOD = Capabilities(ulysses=True, ring=True, cfg=True, data=True, pipefu
 CFG_AND_DATA = Capabilities()
 
 
+def _attribute_step(obj: Any, name: str) -> Any:
+    if name != "*":
+        return getattr(obj, name)
+    return next(block for block in obj if not isinstance(block, RemoteBlock))
+
+
 @dataclass(frozen=True)
 class FamilyAdapter:
     """One model family: what it supports, read from data, and the module whose `parallelize` does the work."""
@@ -62,7 +69,9 @@ class FamilyAdapter:
     name: str | None  # None: the name of the model's ComfyUI config class, e.g. SDXL (the generic fallback)
     capabilities: Capabilities
     hooks: str | None = None  # module with parallelize(model_patcher, state, adapter); None: nothing to patch
-    heads_attribute: str | None = None  # the diffusion model's attribute (a dotted path) holding its attention head count
+    # The diffusion model's attribute (a dotted path) holding its attention head count; a "*" step is the first block
+    # of a module list that this rank holds (a PipeFusion stage holds stand-ins for the others' blocks).
+    heads_attribute: str | None = None
     patch_attribute: str | None = None  # ... and its patch size (latent pixels per token, each way)
     joint_attention: JointLayout = "none"  # where text tokens sit in the image's attention
     block_containers: tuple[str, ...] = ()  # module lists holding the blocks, in execution order
@@ -78,7 +87,7 @@ class FamilyAdapter:
         """Attention heads as the model was built with them; None if the family shards no attention."""
         if self.heads_attribute is None:
             return None
-        heads = functools.reduce(getattr, self.heads_attribute.split("."), diffusion_model)
+        heads = functools.reduce(_attribute_step, self.heads_attribute.split("."), diffusion_model)
         if not isinstance(heads, int) or heads < 1:
             raise UnsupportedByXDiT(f"{type(diffusion_model).__name__}.{self.heads_attribute} is {heads!r}, not a head count")
         return heads
@@ -143,13 +152,12 @@ register("Flux", FamilyAdapter("Flux", EVERY_METHOD, **_FLUX_LAYOUT))
 # Flux.2 runs Flux.1's model class with patch 1, 128 latent channels and global modulation: the same hooks apply
 # (its positions have a fourth axis; rows are still axis 1, as PipeFusion's bands need).
 register("Flux2", FamilyAdapter("Flux.2", EVERY_METHOD, **_FLUX_LAYOUT))
-# Qwen-Image keeps its head count on each block's attention; its joint attention puts text in front, as Flux's does.
+# Qwen-Image keeps its head count on each block's attention (the first block this PipeFusion stage holds); its joint
+# attention puts text in front, as Flux's does.
 register("QwenImage", FamilyAdapter(
-    "Qwen-Image", Capabilities(ulysses=True, ring=True, cfg=True, data=True), hooks="comfyui_xdit.families.qwen_image",
-    heads_attribute="transformer_blocks.0.attn.heads", patch_attribute="patch_size", joint_attention="front",
-    block_containers=("transformer_blocks",),
-    limits="PipeFusion and patch parallel run the model on bands of image tokens, and Qwen-Image's forward embeds, runs its "
-           "blocks and unpatchifies the whole latent in one method, with no token-level forward to give them bands"))
+    "Qwen-Image", EVERY_METHOD, hooks="comfyui_xdit.families.qwen_image",
+    heads_attribute="transformer_blocks.*.attn.heads", patch_attribute="patch_size", joint_attention="front",
+    block_containers=("transformer_blocks",)))
 register("LongCatImage", FamilyAdapter(
     "LongCat-Image", CFG_AND_DATA, limits="its shifted RoPE positions are not tested with sequence parallel yet"))
 # SD3 and SD3.5 share one class (ComfyUI's MMDiT); SD3.5's dual-attention blocks run through the same hooks.

@@ -601,6 +601,13 @@ IN_PROCESS["hidream"] = lambda seed: in_process_patcher("HiDream", HIDREAM_UNET_
 IN_PROCESS["zimage"] = lambda seed: in_process_patcher("ZImage", ZIMAGE_UNET_CONFIG, seed)
 # Chroma's file is 2 GB (its width is fixed): the exactness suite runs its class in-process at Flux-tiny width.
 IN_PROCESS["chroma"] = functools.partial(in_process_patcher, "Chroma", CHROMA_TINY_CONFIG)
+# Qwen-Image's file is 1.5 GB with one block (its width is fixed): PipeFusion needs a block per stage, so the stale
+# methods run its class in-process: two blocks, 2 heads of 32 (RoPE axes 8 + 12 + 12), a 64-wide text input.
+QWEN_IMAGE_TINY_CONFIG: dict[str, Any] = {
+    **QWEN_IMAGE_UNET_CONFIG, "num_layers": 2, "attention_head_dim": 32, "num_attention_heads": 2,
+    "joint_attention_dim": 64, "axes_dims_rope": (8, 12, 12),
+}
+IN_PROCESS["qwen_image_stages"] = functools.partial(in_process_patcher, "QwenImage", QWEN_IMAGE_TINY_CONFIG, output_layer="proj_out")
 IN_PROCESS["chroma_radiance"] = functools.partial(in_process_patcher, "ChromaRadiance", CHROMA_RADIANCE_TINY_CONFIG,
                                                   output_layer="nerf_final_layer_conv.conv")
 
