@@ -417,3 +417,31 @@ def test_ltxv_and_mochi_refuse_what_their_hooks_do_not_shard():
         ltxv._refuse_unsupported("LTXV", state, 105, None, {"patches": {"attn2_patch": [print]}})
     with pytest.raises(UnsupportedByXDiT, match="a dit block replacement on Mochi"):
         mochi._refuse_unsupported("Mochi", state, 105, {"patches_replace": {"dit": {("double_block", 0): print}}})
+
+
+@pytest.mark.fast  # needs ComfyUI's classes, no model file
+@pytest.mark.parametrize("parts", [2, 4])
+def test_wan_embeds_only_each_ranks_tokens(parts, comfy_root):
+    """Each rank's Wan patch embedding is its piece of stock's embedding of the whole grid (padding rows aside), and
+    nothing more: no rank holds the grid's embedded tokens. 105 tokens (3 frames x 5 x 7 patches) divide neither."""
+    import comfy.ops
+    import torch
+
+    from comfyui_xdit.families.wan import _local_embedding
+    from parallel_core.sharding import chunk_length, padded_piece
+
+    torch.manual_seed(0)
+    embedding = comfy.ops.disable_weight_init.Conv3d(16, 24, kernel_size=(1, 2, 2), stride=(1, 2, 2))  # as WanModel builds it
+    torch.nn.init.normal_(embedding.weight)
+    torch.nn.init.normal_(embedding.bias)
+    latent = torch.randn(2, 16, 3, 10, 14)
+    stock = embedding(latent).flatten(2).transpose(1, 2)  # what forward_orig makes of the whole grid: (2, 105, 24)
+    local_tokens = chunk_length(105, parts)
+    for rank in range(parts):
+        state, grid = SimpleNamespace(sequence=SimpleNamespace(size=parts, rank=rank), lengths={}), {}
+        local = _local_embedding(embedding.forward, state, grid, (1, 2, 2), latent)
+        assert local.shape == (2, 24, 1, 1, local_tokens)
+        assert grid["sizes"] == (3, 5, 7) and state.lengths["sequence"] == 105
+        real = min(local_tokens, 105 - rank * local_tokens)  # the last rank's padding rows embed zero patches
+        torch.testing.assert_close(local.flatten(2).transpose(1, 2)[:, :real], padded_piece(stock, 1, parts, rank)[:, :real],
+                                   rtol=0, atol=1e-5)

@@ -7,7 +7,10 @@ CLIP image tokens), and an FFN; Wan 2.2's TI2V model modulates each frame with i
 frame has timestep 0), so its modulation table has one row per frame, spread over that frame's tokens.
 
 Object patches on a ModelPatcher clone shard that loop:
-- every block's `forward` takes this rank's rows of the tokens (block 0 splits them), of the RoPE table and, where
+- the patch embedding (a convolution whose stride is its kernel: one output per patch) embeds only this rank's
+  patches, laid side by side in one row, so no rank holds the whole grid's embedded tokens; unpatchify gets the
+  grid's true size back;
+- every block's `forward` takes this rank's rows of the tokens (embedded locally), of the RoPE table and, where
   the modulation is per frame, of the modulation rows expanded to tokens exactly as the block itself expands them;
 - the head (norm, modulation, projection to patch pixels: per token) runs on this rank's rows too, and only its
   output, 4 x 16 values a token instead of the model's width, is gathered for unpatchify: no rank holds a whole
@@ -20,11 +23,12 @@ CFG and data parallel are the family-independent wrappers (cfg_parallel.py, para
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
-from parallel_core import ParallelState, gather_sequence, split_sequence, usp_attention
-from parallel_core.sharding import padded_piece
+from parallel_core import ParallelState, gather_sequence, usp_attention
+from parallel_core.sharding import chunk_length, padded_piece
 
 from ..errors import UnsupportedByXDiT
 from ..parallel_glue import from_bshd, refuse_row_patches, to_bshd
@@ -56,18 +60,39 @@ def _local_modulation(e: torch.Tensor, tokens: int, state: ParallelState, per_ro
     return e.index_select(1, local)
 
 
+def _local_embedding(original, state: ParallelState, grid: dict, patch_size: tuple[int, int, int],
+                     x: torch.Tensor) -> torch.Tensor:
+    """The patch embedding of this rank's tokens only, shaped (B, dim, 1, 1, local tokens) so that forward_orig's
+    flatten gives them in order. The convolution's stride is its kernel, so each token's output reads its own patch
+    alone: this rank's patches (a padded piece of the grid's, in token order) are laid side by side and convolved."""
+    b, c, frames, rows, cols = x.shape
+    pt, ph, pw = patch_size
+    sizes = (frames // pt, rows // ph, cols // pw)  # forward pads the latent to whole patches
+    tokens = math.prod(sizes)
+    grid["sizes"] = sizes
+    state.lengths["sequence"] = tokens
+    patches = x.view(b, c, sizes[0], pt, sizes[1], ph, sizes[2], pw).permute(0, 2, 4, 6, 1, 3, 5, 7)
+    local = padded_piece(patches.reshape(b, tokens, c, pt, ph, pw), 1, state.sequence.size, state.sequence.rank)
+    return original(local.permute(0, 2, 3, 4, 1, 5).reshape(b, c, pt, ph, local.shape[1] * pw))
+
+
+def _full_grid_unpatchify(original, grid: dict, x: torch.Tensor, grid_sizes) -> torch.Tensor:
+    return original(x, grid["sizes"])  # forward_orig read the grid off the local embedding: (1, 1, local tokens)
+
+
 def _sharded_block(original, family: str, state: ParallelState, grid: dict, index: int, x: torch.Tensor,
                    e: torch.Tensor, freqs: torch.Tensor, context: torch.Tensor, context_img_len=257,
                    transformer_options={}):
-    """A block's forward on this rank's tokens; block 0 shards them and notes the grid's token count for the head."""
+    """A block's forward on this rank's tokens; block 0 checks them and notes the grid's token count for the head."""
     tokens = freqs.shape[1]  # the RoPE table has one row per token of the whole grid
+    sp = state.sequence
     if index == 0:
         grid["tokens"] = tokens
         _refuse_unsupported(family, state, tokens, transformer_options)
-        if x.shape[1] != tokens:
-            raise UnsupportedByXDiT(f"{family}: {x.shape[1]} tokens but {tokens} RoPE positions; this input is not supported in parallel")
-        x = split_sequence(x, state, 1)
-    sp = state.sequence
+        if x.shape[1] != chunk_length(tokens, sp.size) or math.prod(grid["sizes"]) != tokens:
+            raise UnsupportedByXDiT(f"{family}: this rank holds {x.shape[1]} tokens of a grid of {tokens} RoPE positions "
+                                    "(reference or in-context latents add tokens); this input is not supported in parallel")
+        transformer_options["grid_sizes"] = torch.Size(grid["sizes"])  # what other readers expect, not the local row
     return original(x, e=_local_modulation(e, tokens, state), freqs=padded_piece(freqs, 1, sp.size, sp.rank),
                     context=context, context_img_len=context_img_len, transformer_options=transformer_options)
 
@@ -114,4 +139,9 @@ def parallelize(model_patcher, state: ParallelState, adapter):
     head = diffusion_model.head
     patched.add_object_patch("diffusion_model.head.forward", functools.partial(
         _sharded_head, functools.partial(type(head).forward, head), state, grid))
+    embedding = diffusion_model.patch_embedding
+    patched.add_object_patch("diffusion_model.patch_embedding.forward", functools.partial(
+        _local_embedding, functools.partial(type(embedding).forward, embedding), state, grid, tuple(diffusion_model.patch_size)))
+    patched.add_object_patch("diffusion_model.unpatchify", functools.partial(
+        _full_grid_unpatchify, functools.partial(type(diffusion_model).unpatchify, diffusion_model), grid))
     return patched
