@@ -422,12 +422,14 @@ def test_ltxv_and_mochi_refuse_what_their_hooks_do_not_shard():
 @pytest.mark.fast  # needs ComfyUI's classes, no model file
 @pytest.mark.parametrize("parts", [2, 4])
 def test_wan_embeds_only_each_ranks_tokens(parts, comfy_root):
-    """Each rank's Wan patch embedding is its piece of stock's embedding of the whole grid (padding rows aside), and
-    nothing more: no rank holds the grid's embedded tokens. 105 tokens (3 frames x 5 x 7 patches) divide neither."""
+    """Each rank's Wan patch embedding and RoPE table are its pieces of stock's for the whole grid (padding rows
+    aside), and nothing more: no rank holds the grid's embedded tokens or RoPE rows. 105 tokens (3 frames x 5 x 7
+    patches) divide neither degree."""
     import comfy.ops
     import torch
+    from comfy.ldm.flux.layers import EmbedND
 
-    from comfyui_xdit.families.wan import _local_embedding
+    from comfyui_xdit.families.wan import _local_embedding, _local_rope
     from parallel_core.sharding import chunk_length, padded_piece
 
     torch.manual_seed(0)
@@ -436,6 +438,9 @@ def test_wan_embeds_only_each_ranks_tokens(parts, comfy_root):
     torch.nn.init.normal_(embedding.bias)
     latent = torch.randn(2, 16, 3, 10, 14)
     stock = embedding(latent).flatten(2).transpose(1, 2)  # what forward_orig makes of the whole grid: (2, 105, 24)
+    rope = EmbedND(dim=128, theta=10000.0, axes_dim=[44, 42, 42])  # Wan's RoPE at heads of 128 channels
+    ids = torch.stack(torch.meshgrid(*(torch.arange(n, dtype=torch.float32) for n in (3, 5, 7)), indexing="ij"), -1).reshape(1, 105, 3)
+    stock_rope = rope(ids)  # (1, 1, 105, 64, 2, 2): rows in token order
     local_tokens = chunk_length(105, parts)
     for rank in range(parts):
         state, grid = SimpleNamespace(sequence=SimpleNamespace(size=parts, rank=rank), lengths={}), {}
@@ -445,3 +450,6 @@ def test_wan_embeds_only_each_ranks_tokens(parts, comfy_root):
         real = min(local_tokens, 105 - rank * local_tokens)  # the last rank's padding rows embed zero patches
         torch.testing.assert_close(local.flatten(2).transpose(1, 2)[:, :real], padded_piece(stock, 1, parts, rank)[:, :real],
                                    rtol=0, atol=1e-5)
+        local_rope = _local_rope(rope.forward, state, grid, ids)
+        assert grid["tokens"] == 105 and local_rope.shape[2] == local_tokens
+        assert torch.equal(local_rope[:, :, :real], stock_rope[:, :, rank * local_tokens:rank * local_tokens + real])

@@ -8,9 +8,9 @@ frame has timestep 0), so its modulation table has one row per frame, spread ove
 
 Object patches on a ModelPatcher clone shard that loop:
 - the patch embedding (a convolution whose stride is its kernel: one output per patch) embeds only this rank's
-  patches, laid side by side in one row, so no rank holds the whole grid's embedded tokens; unpatchify gets the
-  grid's true size back;
-- every block's `forward` takes this rank's rows of the tokens (embedded locally), of the RoPE table and, where
+  patches, laid side by side in one row, and the RoPE embedder builds only this rank's rows of the table (it is per
+  token), so no rank holds the whole grid's embedded tokens or RoPE table; unpatchify gets the grid's true size back;
+- every block's `forward` takes this rank's tokens and RoPE rows (built locally) and, where
   the modulation is per frame, of the modulation rows expanded to tokens exactly as the block itself expands them;
 - the head (norm, modulation, projection to patch pixels: per token) runs on this rank's rows too, and only its
   output, 4 x 16 values a token instead of the model's width, is gathered for unpatchify: no rank holds a whole
@@ -76,6 +76,13 @@ def _local_embedding(original, state: ParallelState, grid: dict, patch_size: tup
     return original(local.permute(0, 2, 3, 4, 1, 5).reshape(b, c, pt, ph, local.shape[1] * pw))
 
 
+def _local_rope(original, state: ParallelState, grid: dict, ids: torch.Tensor) -> torch.Tensor:
+    """RoPE rows of this rank's tokens only: `ids` (1, tokens, 3) are the grid's positions, and each row of the table
+    is computed from its own position alone, so a piece of them gives that piece of stock's table."""
+    grid["tokens"] = ids.shape[1]
+    return original(padded_piece(ids, 1, state.sequence.size, state.sequence.rank))  # padding rows: position 0
+
+
 def _full_grid_unpatchify(original, grid: dict, x: torch.Tensor, grid_sizes) -> torch.Tensor:
     return original(x, grid["sizes"])  # forward_orig read the grid off the local embedding: (1, 1, local tokens)
 
@@ -83,18 +90,17 @@ def _full_grid_unpatchify(original, grid: dict, x: torch.Tensor, grid_sizes) -> 
 def _sharded_block(original, family: str, state: ParallelState, grid: dict, index: int, x: torch.Tensor,
                    e: torch.Tensor, freqs: torch.Tensor, context: torch.Tensor, context_img_len=257,
                    transformer_options={}):
-    """A block's forward on this rank's tokens; block 0 checks them and notes the grid's token count for the head."""
-    tokens = freqs.shape[1]  # the RoPE table has one row per token of the whole grid
-    sp = state.sequence
+    """A block's forward on this rank's tokens and RoPE rows; block 0 checks that they are the grid's pieces."""
+    tokens = grid["tokens"]  # the grid's RoPE positions, counted by _local_rope
     if index == 0:
-        grid["tokens"] = tokens
         _refuse_unsupported(family, state, tokens, transformer_options)
-        if x.shape[1] != chunk_length(tokens, sp.size) or math.prod(grid["sizes"]) != tokens:
+        local = chunk_length(tokens, state.sequence.size)
+        if x.shape[1] != local or freqs.shape[1] != local or math.prod(grid["sizes"]) != tokens:
             raise UnsupportedByXDiT(f"{family}: this rank holds {x.shape[1]} tokens of a grid of {tokens} RoPE positions "
                                     "(reference or in-context latents add tokens); this input is not supported in parallel")
         transformer_options["grid_sizes"] = torch.Size(grid["sizes"])  # what other readers expect, not the local row
-    return original(x, e=_local_modulation(e, tokens, state), freqs=padded_piece(freqs, 1, sp.size, sp.rank),
-                    context=context, context_img_len=context_img_len, transformer_options=transformer_options)
+    return original(x, e=_local_modulation(e, tokens, state), freqs=freqs, context=context,
+                    context_img_len=context_img_len, transformer_options=transformer_options)
 
 
 def _sharded_head(original, state: ParallelState, grid: dict, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
@@ -128,7 +134,7 @@ def parallelize(model_patcher, state: ParallelState, adapter):
     if state.sequence.size == 1:
         return patched
     diffusion_model = model_patcher.model.diffusion_model
-    grid: dict = {}  # the token count of the grid being sampled, from block 0 to the head of the same forward
+    grid: dict = {}  # the grid being sampled (patches, token count): from the embedders to the head and unpatchify
     for index, block in enumerate(diffusion_model.blocks):
         prefix = f"diffusion_model.blocks.{index}"
         patched.add_object_patch(f"{prefix}.forward", functools.partial(
@@ -142,6 +148,9 @@ def parallelize(model_patcher, state: ParallelState, adapter):
     embedding = diffusion_model.patch_embedding
     patched.add_object_patch("diffusion_model.patch_embedding.forward", functools.partial(
         _local_embedding, functools.partial(type(embedding).forward, embedding), state, grid, tuple(diffusion_model.patch_size)))
+    rope = diffusion_model.rope_embedder
+    patched.add_object_patch("diffusion_model.rope_embedder.forward", functools.partial(
+        _local_rope, functools.partial(type(rope).forward, rope), state, grid))
     patched.add_object_patch("diffusion_model.unpatchify", functools.partial(
         _full_grid_unpatchify, functools.partial(type(diffusion_model).unpatchify, diffusion_model), grid))
     return patched
