@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -46,6 +47,7 @@ class ClusterConnectCancelled(ConnectionError):
 
 # This process's Ray connection (process-global by Ray's design): which target, and the private cluster's temp dir.
 _connection: dict[str, object] = {}
+_connect_lock = threading.Lock()
 # The operator's own Ray auth settings, restored whenever we leave the private cluster.
 _operator_auth_env: dict[str, str | None] = {}
 
@@ -150,19 +152,20 @@ def ensure_ray(target: ClusterTarget = LOCAL_TARGET, should_interrupt: Callable[
     Switching to another cluster happens only after it answered a probe, so a failed attempt changes nothing.
     """
     ray = _import_ray()
-    if ray.is_initialized() and _connection.get("target") == target:
-        return
-    if not target.is_local:
-        probe_cluster(target, should_interrupt)
-    shutdown_ray()
-    if target.is_local:
-        _start_private_cluster(ray)
-    else:
-        _set_auth_env(_auth_env_for(target))
-        # A driver finds its own node by IP: on a loopback cluster that must be the head's loopback address.
-        driver_ip = _driver_node_ip(target.address)
-        ray.init(address=target.address, log_to_driver=True, **({"_node_ip_address": driver_ip} if driver_ip else {}))
-    _connection["target"] = target
+    with _connect_lock:  # a prompt's connection waits for the one the pool's start with ComfyUI began (pool_client)
+        if ray.is_initialized() and _connection.get("target") == target:
+            return
+        if not target.is_local:
+            probe_cluster(target, should_interrupt)
+        shutdown_ray()
+        if target.is_local:
+            _start_private_cluster(ray)
+        else:
+            _set_auth_env(_auth_env_for(target))
+            # A driver finds its own node by IP: on a loopback cluster that must be the head's loopback address.
+            driver_ip = _driver_node_ip(target.address)
+            ray.init(address=target.address, log_to_driver=True, **({"_node_ip_address": driver_ip} if driver_ip else {}))
+        _connection["target"] = target
 
 
 def _start_private_cluster(ray) -> None:
