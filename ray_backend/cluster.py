@@ -155,6 +155,7 @@ def ensure_ray(target: ClusterTarget = LOCAL_TARGET, should_interrupt: Callable[
     with _connect_lock:  # a prompt's connection waits for the one the pool's start with ComfyUI began (pool_client)
         if ray.is_initialized() and _connection.get("target") == target:
             return
+        started = time.perf_counter()
         if not target.is_local:
             probe_cluster(target, should_interrupt)
         shutdown_ray()
@@ -166,6 +167,13 @@ def ensure_ray(target: ClusterTarget = LOCAL_TARGET, should_interrupt: Callable[
             driver_ip = _driver_node_ip(target.address)
             ray.init(address=target.address, log_to_driver=True, **({"_node_ip_address": driver_ip} if driver_ip else {}))
         _connection["target"] = target
+        _connection["connect_s"] = time.perf_counter() - started
+
+
+def take_connect_seconds() -> float:
+    """How long the last connection took (starting the private cluster, or probing and joining one), once: the
+    first pool on a connection reports it, later ones 0."""
+    return float(_connection.pop("connect_s", 0.0))
 
 
 def _start_private_cluster(ray) -> None:

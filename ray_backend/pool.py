@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .cluster import cluster_gpus, ensure_ray, live_nodes, private_cluster_folder
+from .cluster import cluster_gpus, ensure_ray, live_nodes, private_cluster_folder, take_connect_seconds
 from .clusters import ClusterTarget
 from .errors import JobInterrupted, PoolFailure
 from .placement import WORKER_SLOT_RESOURCE, NodeSlots, node_slots, spread, uses_worker_slots
@@ -58,9 +58,8 @@ class WorkerPool:
     """`key.world_size` actors, one per GPU when the cluster has enough GPUs, else CPU workers over gloo."""
 
     def __init__(self, key: PoolKey, service_path: str, should_interrupt: Callable[[], bool] | None = None):
-        started = time.perf_counter()
         ensure_ray(key.cluster, should_interrupt)
-        ray_s = time.perf_counter() - started  # ~0 when this process was already connected
+        ray_s = take_connect_seconds()  # the connection may have been made before (the loader connects first)
         self.key = key
         self._service_path = service_path
         self.actors: list = []

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from comfyui_xdit.pool_client import PRESTART_ENV, prestart_world
-from comfyui_xdit.testing.demo import cold_start_lines
+from comfyui_xdit.testing.demo import cold_start_lines, ratio_meaning
 
 pytestmark = pytest.mark.fast
 
@@ -36,3 +36,12 @@ def test_breakdown_of_a_prompt_after_the_pool_started_with_comfyui():
     prompt = lines[lines.index("  first prompt 8.00 s:"):]
     assert not any("Ray start" in line for line in prompt)
     assert prompt[-1].endswith(f"{8.0 - (1 + 5):.2f} s")
+
+
+def test_the_demo_ratio_is_explained_for_the_machine_it_ran_on():
+    cpu = [{"cuda": False, "threads": 1}] * 2
+    assert "2 CPU cores shared by 2 workers (1 thread each)" in ratio_meaning(cpu, 1.02, 2, 0.5)
+    assert "about 1x is expected on CPU" in ratio_meaning(cpu, 1.02, 2, 0.5)
+    assert "noisy" not in ratio_meaning(cpu, 1.02, 2, 0.5) and "load average 7.5 on 2 cores" in ratio_meaning(cpu, 1.02, 2, 7.5)
+    assert "below 1x is expected" in ratio_meaning([{"cuda": False, "threads": 1}] * 4, 0.8, 2, 0.5)
+    assert "1.90x is the pool's speedup" in ratio_meaning([{"cuda": True, "threads": 1}] * 2, 1.9, 16, 0.5)
