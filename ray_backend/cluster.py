@@ -27,6 +27,7 @@ from .clusters import LOCAL_TARGET, ClusterTarget
 # Set before Ray starts: keep a local cluster on 127.0.0.1 and send nothing home.
 LOCAL_RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 AUTH_ENV_KEYS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+NO_IDLE_WORKERS = {"enable_worker_prestart": False, "prestart_worker_first_driver": False}
 CONNECT_TIMEOUT_S = float(os.environ.get("XDIT_CLUSTER_CONNECT_TIMEOUT_S", "60"))
 TOKEN_FILE = "auth_token"
 
@@ -185,9 +186,11 @@ def _start_private_cluster(ray) -> None:
     _set_auth_env(_auth_env_for(LOCAL_TARGET, token_path))
     # address="local": always a new cluster, never one found through RAY_ADDRESS or /tmp/ray/ray_current_cluster.
     # num_cpus=cpu_count: CPU workers reserve no CPU (they are sized by threads), GPU workers ask for one GPU.
+    # No prestarted idle workers: ours carry their own environment (runtime_env), so Ray could never hand them one;
+    # starting them only took CPU from the pool's own workers while they start (a Python process and Ray each).
     with _loopback_only():
         ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1",
-                 _temp_dir=str(temp_dir / "ray"), log_to_driver=True)
+                 _temp_dir=str(temp_dir / "ray"), log_to_driver=True, _system_config=NO_IDLE_WORKERS)
 
 
 @contextlib.contextmanager
