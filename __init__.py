@@ -1,4 +1,5 @@
-"""comfyui-xdit as a ComfyUI custom-node pack: registers the nodes; starts nothing (Ray starts on first use)."""
+"""comfyui-xdit as a ComfyUI custom-node pack: registers the nodes; starts nothing (Ray starts on first use) unless
+XDIT_PRESTART_WORKERS asks for the pool to start with ComfyUI."""
 import os
 import sys
 

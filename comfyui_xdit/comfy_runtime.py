@@ -297,16 +297,17 @@ def _installed_version(distribution: str) -> str | None:
         return None
 
 
-# pip repeats this for each package when its config names a local index folder that does not exist (as on these
-# machines): noise, not news, for someone setting up.
-_PIP_INDEX_NOISE = "is ignored: it is neither a file nor a directory"
+# pip repeats this for each package when its config names a local index or find-links folder that does not exist
+# (as on these machines: "... is ignored: it is neither a file nor a directory", or "... it is either a non-existing
+# path or lacks a specific scheme"): noise, not news, for someone setting up. Errors and other warnings still show.
+_PIP_INDEX_NOISE = re.compile(r"^WARNING: Location '[^']*' is ignored: ")
 
 
 def _pip(*args: str) -> None:
     command = [sys.executable, "-m", "pip", *args, "-q", "--disable-pip-version-check", "--progress-bar", "off"]
     done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in done.stdout.splitlines():
-        if _PIP_INDEX_NOISE not in line:
+        if not _PIP_INDEX_NOISE.match(line):
             print(line, file=sys.stderr, flush=True)
     if done.returncode != 0:
         raise RuntimeError(

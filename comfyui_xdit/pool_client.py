@@ -4,9 +4,12 @@ from __future__ import annotations
 import atexit
 import os
 import signal
+import sys
 import threading
-from typing import Callable
+import time
+from typing import Any, Callable
 
+from ray_backend.clusters import LOCAL_TARGET
 from ray_backend.pool import PoolRegistry, WorkerPool
 
 from .cluster_config import target_for
@@ -15,6 +18,10 @@ from .job_spec import PoolModelRef
 from .worker_service import SERVICE_PATH
 
 REGISTRY = PoolRegistry(SERVICE_PATH)
+# Opt-in: start the pool (private local cluster only) when ComfyUI starts, so the first prompt finds it up.
+PRESTART_ENV = "XDIT_PRESTART_WORKERS"
+# What the start with ComfyUI did ("off", "starting", "ready", "failed"), for GET /xdit/status.
+PRESTART: dict[str, Any] = {"state": "off"}
 # Our SIGTERM handler, and the main thread's event loop (ComfyUI's server) that can put it back (see keep_sigterm_hook).
 _sigterm_hook: dict[str, object] = {}
 
@@ -75,3 +82,63 @@ def live_world(cluster: str) -> int | None:
 
 def degrees_of(ref: PoolModelRef) -> dict[str, int]:
     return dict(ref.degrees)
+
+
+def prestart_world(value: str | None) -> int | None:
+    """The pool XDIT_PRESTART_WORKERS asks for: None (unset, empty or 0: off), 0 for "auto" (what world_size 0 picks:
+    every GPU, else 2 CPU workers), or a number of workers. Raises ValueError naming the variable otherwise."""
+    text = (value or "").strip().lower()
+    if text in ("", "0"):
+        return None
+    if text == "auto":
+        return 0
+    if not text.isdigit():
+        raise ValueError(f"{PRESTART_ENV}={value!r} is not a number of workers: set it to a positive number, to 'auto' "
+                         "(every GPU, else 2 CPU workers), or unset it (no pool until the first prompt)")
+    return int(text)
+
+
+def start_pool_with_comfyui() -> threading.Thread | None:
+    """If XDIT_PRESTART_WORKERS asks for it, start the private local pool in the background now (ComfyUI is
+    starting): the first prompt then pays only its model load. Never a configured cluster: loopback only."""
+    try:
+        world = prestart_world(os.environ.get(PRESTART_ENV))
+    except ValueError as error:
+        PRESTART.update(state="failed", error=str(error))
+        print(f"comfyui-xdit: {error}", file=sys.stderr, flush=True)
+        return None
+    if world is None:
+        return None
+    PRESTART.update(state="starting")
+    thread = threading.Thread(target=_prestart_and_stay, args=(world,), name="xdit-prestart", daemon=True)
+    thread.start()
+    return thread
+
+
+def _prestart_and_stay(world: int) -> None:
+    _prestart(world)
+    # Ray starts its cluster's processes with PR_SET_PDEATHSIG, which fires when the *thread* that started them ends:
+    # this thread must live as long as ComfyUI, or the private cluster is killed under the pool.
+    threading.Event().wait()
+
+
+def _prestart(world: int) -> None:
+    from ray_backend.capacity import check_world_fits
+    from ray_backend.cluster import cluster_gpus, cluster_memory_bytes, ensure_ray
+
+    from .degrees import resolve_world_size
+
+    started = time.perf_counter()
+    try:
+        import_comfy(prepare=False)  # exports COMFYUI_PATH, so workers import this same ComfyUI
+        ensure_ray(LOCAL_TARGET)
+        keep_sigterm_hook()
+        world = resolve_world_size(world, cluster_gpus())
+        check_world_fits(world, cluster_gpus(), cluster_memory_bytes(), 0)
+        REGISTRY.get(world, LOCAL_TARGET)
+    except Exception as error:  # ComfyUI runs on: the first prompt starts the pool as without the setting
+        PRESTART.update(state="failed", error=f"{type(error).__name__}: {error}")
+        print(f"comfyui-xdit: starting the pool with ComfyUI ({PRESTART_ENV}) failed: {error}", file=sys.stderr, flush=True)
+        return
+    PRESTART.update(state="ready", world_size=world, seconds=round(time.perf_counter() - started, 3))
+    print(f"comfyui-xdit: pool of {world} workers started with ComfyUI in {PRESTART['seconds']:.1f} s ({PRESTART_ENV})", flush=True)

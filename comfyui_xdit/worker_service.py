@@ -34,9 +34,20 @@ class _Resident:
     parallel: dict[ParallelConfig, Any] = field(default_factory=dict)  # its parallel clones
 
 
+def _import_job_modules() -> None:
+    """Import what loading a model and running a job need (comfy.sd pulls in every model class: seconds of CPU).
+    The worker builds its service in a thread from its start, so this overlaps the pool's start instead of
+    landing in the first model load (and a pool started with ComfyUI has it done before the first prompt)."""
+    import comfy.samplers  # noqa: F401
+    import comfy.sd  # noqa: F401
+
+    from . import job, lora_merge, parallel_model, stage_loading, weight_sharding  # noqa: F401
+
+
 class SamplingService:
     def __init__(self, device: str):
         init_worker(cpu=(device == "cpu"))
+        _import_job_modules()
         self._resident: OrderedDict[tuple[str, str, int, int, tuple[int, int] | None], _Resident] = OrderedDict()  # least recently used first
         self._loras = None  # MergedLoras of the model of the last job
         self.model_loads = 0

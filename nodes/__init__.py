@@ -1,5 +1,5 @@
 """The pack's ComfyUI nodes (classic node API: stable across ComfyUI releases, which V3's `latest` is not yet)."""
-from comfyui_xdit.pool_client import install_exit_hooks
+from comfyui_xdit.pool_client import install_exit_hooks, start_pool_with_comfyui
 
 from .ksampler import XDiTKSampler, XDiTKSamplerAdvanced
 from .lora_loader import XDiTFluxLoraLoader, XDiTLoraLoader
@@ -38,3 +38,4 @@ NODE_DISPLAY_NAME_MAPPINGS = {
 
 register_status_route()
 install_exit_hooks()
+start_pool_with_comfyui()

@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -26,6 +27,7 @@ from .clusters import LOCAL_TARGET, ClusterTarget
 # Set before Ray starts: keep a local cluster on 127.0.0.1 and send nothing home.
 LOCAL_RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 AUTH_ENV_KEYS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+NO_IDLE_WORKERS = {"enable_worker_prestart": False, "prestart_worker_first_driver": False}
 CONNECT_TIMEOUT_S = float(os.environ.get("XDIT_CLUSTER_CONNECT_TIMEOUT_S", "60"))
 TOKEN_FILE = "auth_token"
 
@@ -46,6 +48,7 @@ class ClusterConnectCancelled(ConnectionError):
 
 # This process's Ray connection (process-global by Ray's design): which target, and the private cluster's temp dir.
 _connection: dict[str, object] = {}
+_connect_lock = threading.Lock()
 # The operator's own Ray auth settings, restored whenever we leave the private cluster.
 _operator_auth_env: dict[str, str | None] = {}
 
@@ -150,19 +153,28 @@ def ensure_ray(target: ClusterTarget = LOCAL_TARGET, should_interrupt: Callable[
     Switching to another cluster happens only after it answered a probe, so a failed attempt changes nothing.
     """
     ray = _import_ray()
-    if ray.is_initialized() and _connection.get("target") == target:
-        return
-    if not target.is_local:
-        probe_cluster(target, should_interrupt)
-    shutdown_ray()
-    if target.is_local:
-        _start_private_cluster(ray)
-    else:
-        _set_auth_env(_auth_env_for(target))
-        # A driver finds its own node by IP: on a loopback cluster that must be the head's loopback address.
-        driver_ip = _driver_node_ip(target.address)
-        ray.init(address=target.address, log_to_driver=True, **({"_node_ip_address": driver_ip} if driver_ip else {}))
-    _connection["target"] = target
+    with _connect_lock:  # a prompt's connection waits for the one the pool's start with ComfyUI began (pool_client)
+        if ray.is_initialized() and _connection.get("target") == target:
+            return
+        started = time.perf_counter()
+        if not target.is_local:
+            probe_cluster(target, should_interrupt)
+        shutdown_ray()
+        if target.is_local:
+            _start_private_cluster(ray)
+        else:
+            _set_auth_env(_auth_env_for(target))
+            # A driver finds its own node by IP: on a loopback cluster that must be the head's loopback address.
+            driver_ip = _driver_node_ip(target.address)
+            ray.init(address=target.address, log_to_driver=True, **({"_node_ip_address": driver_ip} if driver_ip else {}))
+        _connection["target"] = target
+        _connection["connect_s"] = time.perf_counter() - started
+
+
+def take_connect_seconds() -> float:
+    """How long the last connection took (starting the private cluster, or probing and joining one), once: the
+    first pool on a connection reports it, later ones 0."""
+    return float(_connection.pop("connect_s", 0.0))
 
 
 def _start_private_cluster(ray) -> None:
@@ -174,9 +186,11 @@ def _start_private_cluster(ray) -> None:
     _set_auth_env(_auth_env_for(LOCAL_TARGET, token_path))
     # address="local": always a new cluster, never one found through RAY_ADDRESS or /tmp/ray/ray_current_cluster.
     # num_cpus=cpu_count: CPU workers reserve no CPU (they are sized by threads), GPU workers ask for one GPU.
+    # No prestarted idle workers: ours carry their own environment (runtime_env), so Ray could never hand them one;
+    # starting them only took CPU from the pool's own workers while they start (a Python process and Ray each).
     with _loopback_only():
         ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1",
-                 _temp_dir=str(temp_dir / "ray"), log_to_driver=True)
+                 _temp_dir=str(temp_dir / "ray"), log_to_driver=True, _system_config=NO_IDLE_WORKERS)
 
 
 @contextlib.contextmanager

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .cluster import cluster_gpus, ensure_ray, live_nodes, private_cluster_folder
+from .cluster import cluster_gpus, ensure_ray, live_nodes, private_cluster_folder, take_connect_seconds
 from .clusters import ClusterTarget
 from .errors import JobInterrupted, PoolFailure
 from .placement import WORKER_SLOT_RESOURCE, NodeSlots, node_slots, spread, uses_worker_slots
@@ -58,6 +59,7 @@ class WorkerPool:
 
     def __init__(self, key: PoolKey, service_path: str, should_interrupt: Callable[[], bool] | None = None):
         ensure_ray(key.cluster, should_interrupt)
+        ray_s = take_connect_seconds()  # the connection may have been made before (the loader connects first)
         self.key = key
         self._service_path = service_path
         self.actors: list = []
@@ -67,6 +69,7 @@ class WorkerPool:
         self.last_job: dict[str, float] = {}
         self._preview_seen: int | None = None  # the last step whose preview was delivered; None: the job asked for none
         self._assemble(key.world_size)
+        self.cold_start["ray_s"] = round(ray_s, 3)
 
     def resize(self, world_size: int) -> None:
         """Serve `world_size` ranks, keeping the workers (processes, imports, resident models) that can serve the new
@@ -98,13 +101,21 @@ class WorkerPool:
             self.placement, self.key = plan, PoolKey(world_size, self.key.cluster)
             described = ray.get([a.describe.remote() for a in self.actors], timeout=STARTUP_TIMEOUT_S)
             self.workers = [{**w, "node_address": node.address} for w, node in zip(described, self.placement)]
+            workers_up = time.perf_counter()
             backends = ray.get(self._join_calls(), timeout=STARTUP_TIMEOUT_S)
+            ranks = ray.get([a.startup_timings.remote() for a in self.actors], timeout=STARTUP_TIMEOUT_S)
         except Exception as error:
             self.shutdown()
             raise PoolFailure(f"the worker pool of {world_size} did not start: {_cause(error)}") from error
         self.backend = backends[0]
         self.kept_workers = len(kept)
         self.startup_s = time.perf_counter() - started
+        # Where this start went (GET /xdit/status, the demo): workers_s until every worker answered (new processes
+        # importing torch and Ray), group_s until the group formed and every service imported (ComfyUI, in the
+        # workers); the first loads and the first job are added as they happen (warm, run).
+        self.cold_start: dict[str, Any] = {
+            "ray_s": 0.0, "workers_s": round(workers_up - started, 3), "group_s": round(time.perf_counter() - workers_up, 3),
+            "startup_s": round(self.startup_s, 3), "new_workers": world_size - len(kept), "ranks": ranks}
 
     def _join_calls(self) -> list:
         """Every rank joins the group: at a store file in the private cluster's own folder (no port at all), or at
@@ -137,13 +148,16 @@ class WorkerPool:
         """Load the model on every rank now (so the first prompt does not pay for it)."""
         import ray
 
+        started = time.perf_counter()
         try:
             self.last_stats = ray.get([a.prepare.remote(model_ref, degrees) for a in self.actors], timeout=STARTUP_TIMEOUT_S)
-            return self.last_stats
         except Exception as error:
             # A rank that died or failed here leaves the others waiting in a collective: no later job can run on it.
             self.shutdown()
             raise PoolFailure(f"loading the model in the worker pool failed: {_cause(error)}") from error
+        if "first_job_s" not in self.cold_start:  # the loads before this pool's first job (model, VAE)
+            self.cold_start["loads_s"] = round(self.cold_start.get("loads_s", 0.0) + time.perf_counter() - started, 3)
+        return self.last_stats
 
     def run(self, job: Any, degrees: dict[str, int], on_progress: Callable[[int, int, Any], None] | None = None,
             should_interrupt: Callable[[], bool] | None = None, poll_s: float = 0.05, previews: bool = False) -> dict[str, Any]:
@@ -166,6 +180,9 @@ class WorkerPool:
         self.last_stats = [results[r]["stats"] for r in sorted(results)]
         # What the pool adds around the ranks' own work: dispatch, polling, result transfer (benches read it).
         self.last_job = {"seconds_total": time.perf_counter() - dispatched, "seconds_in_workers": max(r["seconds"] for r in results.values())}
+        if "first_job_s" not in self.cold_start:
+            self.cold_start["first_job_s"] = round(self.last_job["seconds_total"], 3)
+            self.cold_start["first_step_s"] = results[0].get("first_step_s")  # rank 0: job start to its first step's end
         return results[0]
 
     def _collect(self, refs: list, on_progress, should_interrupt, poll_s: float, previews: bool) -> dict[int, Any]:
@@ -282,7 +299,7 @@ class WorkerPool:
     def status(self) -> dict[str, Any]:
         return {"world_size": self.key.world_size, "cluster": self.key.cluster.name, "ray_address": self.key.cluster.address or "local", "backend": self.backend, "rendezvous": self.rendezvous,
                 "workers": self.workers, "startup_s": round(self.startup_s, 3), "kept_workers": self.kept_workers, "jobs_run": self.jobs_run, "ranks": self.last_stats,
-                "last_job": self.last_job}
+                "last_job": self.last_job, "cold_start": self.cold_start}
 
 
 class PoolRegistry:
@@ -291,9 +308,14 @@ class PoolRegistry:
     def __init__(self, service_path: str):
         self._service_path = service_path
         self._pool: WorkerPool | None = None
+        self._lock = threading.Lock()  # a prompt's get waits for a start already under way (started with ComfyUI)
 
     def get(self, world_size: int, cluster: ClusterTarget, should_interrupt: Callable[[], bool] | None = None) -> WorkerPool:
         """The live pool for this world size and cluster, started (after connecting, cancellably) if needed."""
+        with self._lock:
+            return self._get(world_size, cluster, should_interrupt)
+
+    def _get(self, world_size: int, cluster: ClusterTarget, should_interrupt: Callable[[], bool] | None) -> WorkerPool:
         key = PoolKey(world_size, cluster)
         if self._pool is not None and (self._pool.key.cluster != cluster or not self._pool.alive):
             self._pool.shutdown()

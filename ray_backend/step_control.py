@@ -3,6 +3,7 @@ agrees on."""
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import torch
@@ -26,10 +27,11 @@ class StepControl:
         self.step = 0
         self.total = 0
         self.preview: tuple[int, Any] | None = None  # (step, payload): the latest step's preview, if the job makes them
+        self.first_step_at: float | None = None  # perf_counter when the job's first step ended
 
     def start(self, total: int) -> None:
         self._interrupt.clear()
-        self.step, self.total, self.preview = 0, total, None
+        self.step, self.total, self.preview, self.first_step_at = 0, total, None, None
 
     def request_interrupt(self) -> None:
         self._interrupt.set()
@@ -38,6 +40,8 @@ class StepControl:
         if preview is not None:
             self.preview = (step, preview)  # set before the step, so a reader never sees a step without its preview
         self.step = step
+        if self.first_step_at is None:
+            self.first_step_at = time.perf_counter()
         flag = torch.tensor([1 if self._interrupt.is_set() else 0], dtype=torch.int32, device=self._device)
         if self._distributed:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)

@@ -10,6 +10,7 @@ import ctypes
 import importlib
 import os
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any
 
@@ -79,15 +80,32 @@ def _return_free_memory() -> None:
 
 class PoolWorker:
     def __init__(self, rank: int, world_size: int, service_path: str, threads: int):
+        import psutil
+
+        # From this process's start to here: Python, torch, Ray and this module imported.
+        self.startup: dict[str, float] = {"process_s": round(time.time() - psutil.Process().create_time(), 3)}
         torch.set_num_threads(threads)
         self.rank, self.world_size = rank, world_size
         self._service_path = service_path
         self._service = None
         self._store = None
         self._states: dict[ParallelConfig, ParallelState] = {}
-        self._device = "cpu"
+        self._device = "cuda" if torch.cuda.is_available() else "cpu"  # NCCL on GPUs, gloo on CPU
+        if self._device == "cuda":
+            torch.cuda.set_device(0)  # Ray shows each actor only its own GPU
         self.control: StepControl | None = None
         self.jobs_run = 0
+        # The service's imports (ComfyUI: seconds of CPU) run while the pool asks who we are and the group forms.
+        executor = ThreadPoolExecutor(1, thread_name_prefix="service-import")
+        self._service_ready: Future = executor.submit(self._make_service)
+        executor.shutdown(wait=False)
+
+    def _make_service(self):
+        started = time.perf_counter()
+        module, name = self._service_path.split(":")
+        service = getattr(importlib.import_module(module), name)(self._device)
+        self.startup["service_s"] = round(time.perf_counter() - started, 3)
+        return service
 
     def describe(self) -> dict[str, Any]:
         import ray
@@ -113,17 +131,23 @@ class PoolWorker:
         return self._init_group(file_store(path, self.world_size), timeout_s)
 
     def _init_group(self, store, timeout_s: float) -> str:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            self._device = "cuda"
-            torch.cuda.set_device(0)  # Ray shows each actor only its own GPU
+        backend = "nccl" if self._device == "cuda" else "gloo"
+        started = time.perf_counter()
         dist.init_process_group(backend, store=store, rank=self.rank, world_size=self.world_size, timeout=timedelta(seconds=timeout_s))
+        self.startup["join_s"] = round(time.perf_counter() - started, 3)
         self.control = StepControl(self.world_size > 1, self._device)
         if self._service is None:  # a regrouped worker keeps its service, and with it its resident model
-            # Created now, before any job arrives: a job's arguments may only unpickle once the service's imports ran.
-            module, name = self._service_path.split(":")
-            self._service = getattr(importlib.import_module(module), name)(self._device)
+            # Ready before any job arrives: a job's arguments may only unpickle once the service's imports ran.
+            started = time.perf_counter()
+            self._service = self._service_ready.result()
+            self.startup["service_wait_s"] = round(time.perf_counter() - started, 3)
         return backend
+
+    def startup_timings(self) -> dict[str, float]:
+        """Where this worker's start went: process_s (process start to actor, imports of torch and Ray), service_s
+        (the service's imports and construction, in a thread from the actor's start), join_s (forming the group),
+        service_wait_s (how long the group join then waited for the service)."""
+        return dict(self.startup)
 
     def regroup(self, rank: int, world_size: int, threads: int) -> None:
         """Leave this process group to join one of another world size as `rank` (then join/join_file): the groups
@@ -154,12 +178,16 @@ class PoolWorker:
         service = self._service
         state = self._state_for(degrees)
         started = time.perf_counter()
+        if self.control:
+            self.control.first_step_at = None  # a job without steps (VAE) reports none, not the last job's
         try:
             result = service.run(job, state, self.control)
         finally:
             _return_free_memory()
         self.jobs_run += 1
-        return {"rank": self.rank, "output": result if self.rank == 0 else None, "seconds": time.perf_counter() - started, "stats": service.stats(), "comm_bytes": state.comm.snapshot()}
+        first_step = self.control.first_step_at if self.control else None  # None: the job ran no step (a VAE job)
+        return {"rank": self.rank, "output": result if self.rank == 0 else None, "seconds": time.perf_counter() - started, "stats": service.stats(),
+                "comm_bytes": state.comm.snapshot(), "first_step_s": None if first_step is None else round(first_step - started, 3)}
 
     def progress(self, preview_after: int | None = None) -> tuple[int, int, Any]:
         """(step, total, preview): the preview is the latest step's payload when that step is past `preview_after`

@@ -143,3 +143,18 @@ def test_worker_without_prepared_comfyui_fails_fast(tmp_path: Path) -> None:
     assert "setup-comfyui" in result.stderr
     assert not (tmp_path / "empty-cache").exists()
 
+
+
+@pytest.mark.fast
+def test_pip_output_drops_missing_index_warnings_and_keeps_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from comfyui_xdit.comfy_runtime import _pip
+
+    # An index and a find-links folder that do not exist: pip warns about each (two wordings), then fails; no network.
+    monkeypatch.setenv("PIP_INDEX_URL", (tmp_path / "no-index").as_uri())
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path / "no-links"))
+    with pytest.raises(RuntimeError, match="failed"):
+        _pip("download", "--no-deps", "-d", str(tmp_path / "downloads"), "no-such-package-xdit")
+    shown = capsys.readouterr().err
+    assert "No matching distribution found for no-such-package-xdit" in shown
+    assert "is ignored" not in shown, shown

@@ -21,4 +21,9 @@ def test_demo_writes_an_image_and_reports_timings(run_cli, comfy_root, tmp_path)
     assert summary["stock_s"] > 0 and summary["xdit_s"] > 0 and summary["pool_startup_s"] > 0
     assert "image written:" in result.stdout
     # The ratio is explained for the hardware it ran on (CPU workers here share the cores stock used).
-    assert f"{os.cpu_count()} cores" in result.stdout and "over 2 workers" in result.stdout
+    assert f"{os.cpu_count()} CPU cores shared by 2 workers" in result.stdout
+    # The pool started with ComfyUI (the demo's XDIT_PRESTART_WORKERS), so the first prompt kept its workers and
+    # only loaded the model; the breakdown says where that prompt went.
+    assert summary["pool_started_with_comfyui_s"] > 0 and summary["cold_start"]["new_workers"] == 2
+    assert summary["cold_start"]["ray_s"] > 0 and summary["cold_start"]["loads_s"] > 0 and summary["cold_start"]["first_step_s"] > 0
+    assert "pool started with ComfyUI, before the prompt" in result.stdout and "model loads on the workers" in result.stdout

@@ -10,16 +10,31 @@ from echo_driver import run_echo_driver
 
 DRIVER = """
 import json
+import psutil
 from ray_backend.clusters import LOCAL_TARGET
 from ray_backend.pool import PoolRegistry
+
+
+def idle_workers():
+    found = []
+    for process in psutil.Process().children(recursive=True):
+        try:
+            if "ray::IDLE" in " ".join(process.cmdline()):
+                found.append(process.pid)
+        except psutil.Error:  # a stopped worker not reaped yet
+            pass
+    return found
+
 
 registry = PoolRegistry("pool_echo_service:EchoService")
 report = []
 for world in (2, 3, 1, 2):
     pool = registry.get(world, LOCAL_TARGET)
-    output = pool.run({"value": 1}, {"ulysses_degree": world})["output"]
+    idle = idle_workers()
+    pool.warm({}, {"ulysses_degree": world})
+    output = pool.run({"value": 1, "steps": 2}, {"ulysses_degree": world})["output"]
     report.append({"world": world, "pool": id(pool), "sum": output["sum"], "kept": pool.kept_workers,
-                   "stats": pool.last_stats, "pids": [w["pid"] for w in pool.workers]})
+                   "stats": pool.last_stats, "pids": [w["pid"] for w in pool.workers], "cold": pool.status()["cold_start"], "idle": idle})
 print(json.dumps(report))
 registry.shutdown()
 """
@@ -35,6 +50,16 @@ def test_a_world_change_keeps_the_workers_that_fit_and_forms_a_group_of_the_new_
     assert [s["jobs"] for s in three["stats"]] == [2, 2, 1], "kept workers keep their service (and resident model)"
     assert one["pids"] == two["pids"][:1] and one["kept"] == 1
     assert two_again["pids"][0] == two["pids"][0] and two_again["kept"] == 1
+    # The private cluster starts no idle Ray workers (ours carry their own environment, so none could be used).
+    assert [r["idle"] for r in (two, three, one, two_again)] == [[]] * 4
+    # Each start's record (the demo prints it): only the first started Ray; only new workers have a process start.
+    assert two["cold"]["ray_s"] > 0 and three["cold"]["ray_s"] == 0
+    assert [r["cold"]["new_workers"] for r in (two, three, one, two_again)] == [2, 1, 0, 1]
+    for record in (two, three, one, two_again):
+        cold = record["cold"]
+        assert min(cold["workers_s"], cold["group_s"], cold["loads_s"], cold["first_job_s"], cold["first_step_s"]) >= 0
+        assert cold["first_step_s"] <= cold["first_job_s"] and cold["startup_s"] >= cold["workers_s"] + cold["group_s"] - 1e-3
+        assert all(rank["process_s"] > 0 and rank["service_s"] >= 0 and rank["join_s"] >= 0 for rank in cold["ranks"])
     # The stopped workers are gone, not idling.
     for pid in set(three["pids"]) - set(two_again["pids"]):
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE

@@ -1,6 +1,6 @@
 """Stopping ComfyUI stops the pool: no Ray process or worker outlives a SIGTERM to the server, whether it ran one
-pool, changed world size, went to an operator's cluster and back (a second private cluster), or was still starting
-its pool."""
+pool, changed world size, went to an operator's cluster and back (a second private cluster), was still starting
+its pool, or started it with ComfyUI (XDIT_PRESTART_WORKERS)."""
 from __future__ import annotations
 
 import json
@@ -77,3 +77,18 @@ def test_sigterm_while_the_pool_starts(comfy_root, tiny_flux_paths, tmp_path):
             assert time.monotonic() < deadline and "result" not in outcome, f"no pool worker appeared: {outcome}"
             time.sleep(0.05)
         _sigterm_leaves_nothing(server, descendants(server))
+
+
+def test_the_pool_started_with_comfyui_serves_a_prompt_queued_meanwhile_and_stops_with_it(comfy_root, tiny_flux_paths, tmp_path):
+    """XDIT_PRESTART_WORKERS=2: the pool starts while ComfyUI starts; a prompt queued before it is up waits for it
+    (one Ray cluster, one pool of 2: nothing started twice), and a SIGTERM still stops every process."""
+    with own_server(comfy_root, tiny_flux_paths, tmp_path, env={"XDIT_PRESTART_WORKERS": "2"}) as server:
+        assert server.get_json("/xdit/status")["prestart"]["state"] == "starting"
+        ComfyClient(server.url).run(flux_graph(True, size=SIZE, **ULYSSES2), timeout=600)
+        status = server.get_json("/xdit/status")
+        assert status["prestart"]["state"] == "ready" and status["prestart"]["world_size"] == 2
+        assert status["pool"]["jobs_run"] == 1 and [r["model_loads"] for r in status["pool"]["ranks"]] == [1, 1]
+        seen = descendants(server)
+        assert len(pool_worker_processes(server)) == 2
+        assert sum("raylet" in n for n in (p.name() for p in seen)) == 1, _names(seen)
+        _sigterm_leaves_nothing(server, seen)

@@ -6,7 +6,8 @@ Runs a real headless ComfyUI (server_launcher) and prints JSON lines:
   pool adds, split into per prompt and per step by the two step counts;
 - dispatch: the pool's own view (GET /xdit/status last_job): time from dispatch to results minus time inside the
   workers, per prompt;
-- startup: Ray + worker start-up and the first XDiT prompt (which also loads the model);
+- startup: Ray + worker start-up and the first XDiT prompt (which also loads the model), with the pool's own
+  breakdown (cold_start: Ray, worker processes, group and imports, loads, first job and step);
 - memory: resident memory of the ComfyUI process after a prompt with UNETLoader vs XDiTUNetLoader, each on a
   fresh server, with the bench-size model.
 """
@@ -68,8 +69,9 @@ def measure_latency(server, steps: tuple[int, int], pairs: int) -> list[dict]:
     client.run(graph(True, "tiny.safetensors", 2, seed=0), timeout=1800)
     first_xdit = time.perf_counter() - started
     pool = server.get_json("/xdit/status")["pool"]
+    cold = {key: value for key, value in pool["cold_start"].items() if key != "ranks"}  # where the first prompt went
     lines = [{"metric": "startup", "ray_and_workers_s": pool["startup_s"], "first_xdit_prompt_s": round(first_xdit, 3),
-              "world_size": pool["world_size"], "backend": pool["backend"]}]
+              "world_size": pool["world_size"], "backend": pool["backend"], **cold}]
     client.run(graph(False, "tiny.safetensors", 2, seed=0), timeout=1800)  # stock model loaded too
     seed = 1
     samples: dict[tuple[bool, int], list[float]] = {(x, s): [] for x in (False, True) for s in steps}

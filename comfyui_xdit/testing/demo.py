@@ -18,6 +18,7 @@ from ..workflow_tools import find_node, load_api_workflow, make_offline, set_inp
 
 WORKFLOW = Path(__file__).resolve().parents[2] / "workflows" / "api" / "flux_dev_xdit_api.json"
 UNET_NAME = "demo-flux-dev.safetensors"
+STOCK_ATTENTION_FLAG = "--use-pytorch-cross-attention"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -27,6 +28,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="model size: 'bench' is big enough for parallelism to pay off on CPU, 'tiny' is quick")
     parser.add_argument("--pixels", type=int, default=512, help="image width and height (default 512)")
     parser.add_argument("--steps", type=int, default=4, help="sampling steps (default 4)")
+    parser.add_argument("--cold", action="store_true",
+                        help="do not start the pool with ComfyUI (XDIT_PRESTART_WORKERS): the first prompt starts Ray and the workers")
 
 
 def _prepare_models(base: Path, size: str) -> None:
@@ -45,19 +48,62 @@ def _timed_run(client: ComfyClient, workflow: dict) -> tuple[float, object]:
     return time.perf_counter() - started, result
 
 
-def ratio_meaning(workers: list[dict], speedup: float) -> str:
-    """What the warm ratio says on the machine it was measured on (stock and the pool share the same hardware)."""
+def cold_start_lines(first_prompt_s: float, cold: dict, prestarted: float | None) -> list[str]:
+    """Where the first XDiT prompt's time went, from the pool's own record (GET /xdit/status cold_start).
+    `prestarted`: seconds the pool took to start with ComfyUI (then outside the prompt), None when the prompt started it."""
+    ranks = cold.get("ranks") or [{}]
+    process_s = max(r.get("process_s", 0.0) for r in ranks)
+    service_s = max(r.get("service_s", 0.0) for r in ranks)
+    start = [("Ray start", cold["ray_s"]), (f"{cold['new_workers']} worker processes (Python, torch, Ray; slowest {process_s:.2f} s)", cold["workers_s"]),
+             (f"process group and ComfyUI imported in each worker (slowest import {service_s:.2f} s)", cold["group_s"])]
+    prompt = [("model loads on the workers (diffusion model, VAE)", cold.get("loads_s", 0.0)),
+              (f"first sampling job (first step {cold.get('first_step_s') or 0.0:.2f} s)", cold.get("first_job_s", 0.0))]
+    lines = []
+    if prestarted is not None:
+        lines.append(f"  pool started with ComfyUI, before the prompt: {prestarted:.2f} s")
+        lines += [f"    {name}: {seconds:.2f} s" for name, seconds in start]
+    else:
+        prompt = start + prompt
+    lines.append(f"  first prompt {first_prompt_s:.2f} s:")
+    lines += [f"    {name}: {seconds:.2f} s" for name, seconds in prompt]
+    rest = first_prompt_s - sum(seconds for _, seconds in prompt)
+    lines.append(f"    the rest (ComfyUI's graph, VAE decode, image saved): {rest:.2f} s")
+    return lines
+
+
+def ratio_meaning(workers: list[dict], speedup: float, cores: int, load: float) -> str:
+    """What the warm ratio says on the machine it was measured on (stock and the pool share the same hardware);
+    `load`: the 1-minute load average after the runs (other processes sharing the cores make both times noisy)."""
+    busy = (f"; other processes kept the cores busy (load average {load:.1f} on {cores} cores), so both times are noisy"
+            if load > cores else "")
     if any(w.get("cuda") for w in workers):
-        return f"  ({len(workers)} GPU workers against stock on one GPU: {speedup:.2f}x is the pool's speedup)"
-    cores = os.cpu_count() or 1
-    threads = sum(w.get("threads", 1) for w in workers)
-    return (f"  (CPU workers: stock used this machine's {cores} cores in one process; the pool split the same cores "
-            f"over {len(workers)} workers ({threads} threads in all), so about 1x is expected here: the pool's "
-            "speedup comes from giving each worker its own GPU)")
+        return f"  ({len(workers)} GPU workers against stock on one GPU: {speedup:.2f}x is the pool's speedup{busy})"
+    threads = [w.get("threads", 1) for w in workers]
+    per_worker = f"{threads[0]} thread{'s' if threads[0] > 1 else ''} each" if len(set(threads)) == 1 else f"{sum(threads)} threads in all"
+    expected = ("about 1x is expected on CPU" if sum(threads) <= cores else
+                f"{sum(threads)} threads oversubscribe {cores} cores, so below 1x is expected on CPU")
+    return (f"  ({cores} CPU cores shared by {len(workers)} workers ({per_worker}) against stock's one process on the same "
+            f"{cores} cores, both with PyTorch attention ({STOCK_ATTENTION_FLAG}): {expected}; "
+            f"the pool's speedup needs one GPU per worker{busy})")
+
+
+def _wait_prestart(server, timeout_s: float = 600) -> float:
+    """Wait for the pool ComfyUI started (XDIT_PRESTART_WORKERS) before timing anything; its start-up seconds."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        prestart = server.get_json("/xdit/status")["prestart"]
+        if prestart["state"] == "ready":
+            print(f"the pool of {prestart['world_size']} workers started with ComfyUI in {prestart['seconds']:.2f} s", flush=True)
+            return prestart["seconds"]
+        if prestart["state"] == "failed":
+            raise RuntimeError(f"the pool did not start with ComfyUI: {prestart['error']}")
+        time.sleep(0.2)
+    raise TimeoutError(f"the pool did not start with ComfyUI within {timeout_s:.0f} s")
 
 
 def run(args: argparse.Namespace) -> int:
     from ..comfy_runtime import import_comfy
+    from ..pool_client import PRESTART_ENV
     from .server_launcher import launch_server, prepare_base
 
     out = Path(args.out).resolve()
@@ -65,10 +111,14 @@ def run(args: argparse.Namespace) -> int:
     base = prepare_base(out / "comfy_base")
     print(f"writing the demo models ({args.size}) ...", flush=True)
     _prepare_models(base, args.size)
-    server = launch_server(comfy_dir, base, out / "comfyui.log")
+    env = None if args.cold else {PRESTART_ENV: str(args.world_size)}
+    # Stock on CPU would pick sub-quadratic attention; the pool's ranks run PyTorch's: the same kernel for both, so
+    # the ratio compares the pool with one process, not two attention implementations.
+    server = launch_server(comfy_dir, base, out / "comfyui.log", env=env, extra_args=(STOCK_ATTENTION_FLAG,))
     try:
         server.wait_ready()
         print(f"ComfyUI is up at {server.url} (log: {out / 'comfyui.log'})", flush=True)
+        prestarted = None if args.cold else _wait_prestart(server)
         workflow = make_offline(load_api_workflow(WORKFLOW), UNET_NAME, size=args.pixels, steps=args.steps,
                                 context_dim=64, pooled_dim=32)
         set_input(workflow, find_node(workflow, "XDiTUNetLoader"), "world_size", args.world_size)
@@ -76,7 +126,9 @@ def run(args: argparse.Namespace) -> int:
         stock_s, _ = _timed_run(client, stock_twin(workflow))
         print(f"stock ComfyUI, one process: {stock_s:.2f} s", flush=True)
         cold_s, _ = _timed_run(client, workflow)
-        print(f"XDiT pool of {args.world_size}, first prompt (starts Ray and the workers, loads the model): {cold_s:.2f} s", flush=True)
+        cold = server.get_json("/xdit/status")["pool"]["cold_start"]
+        what = "loads the model" if prestarted is not None else "starts Ray and the workers, loads the model"
+        print(f"XDiT pool of {args.world_size}, first prompt ({what}): {cold_s:.2f} s", flush=True)
         # A new seed, so ComfyUI re-runs the samplers; both loaders stay cached: warm against warm.
         set_input(workflow, find_node(workflow, "RandomNoise"), "noise_seed", 1)
         stock_warm_s, _ = _timed_run(client, stock_twin(workflow))
@@ -87,11 +139,14 @@ def run(args: argparse.Namespace) -> int:
             "image": [str(p) for p in images], "world_size": args.world_size, "model": args.size, "pixels": args.pixels,
             "steps": args.steps, "stock_s": round(stock_warm_s, 3), "xdit_s": round(warm_s, 3),
             "speedup": round(stock_warm_s / warm_s, 3), "xdit_first_prompt_s": round(cold_s, 3),
-            "pool_startup_s": status["startup_s"], "backend": status["backend"],
+            "pool_startup_s": status["startup_s"], "backend": status["backend"], "pool_started_with_comfyui_s": prestarted,
+            "cold_start": cold, "load_average": [round(x, 2) for x in os.getloadavg()],
         }
         print(f"XDiT pool of {args.world_size}, warm prompt: {warm_s:.2f} s vs stock {stock_warm_s:.2f} s "
               f"({summary['speedup']:.2f}x)")
-        print(ratio_meaning(status["workers"], summary["speedup"]))
+        print("where the first XDiT prompt went:")
+        print("\n".join(cold_start_lines(cold_s, cold, prestarted)))
+        print(ratio_meaning(status["workers"], summary["speedup"], os.cpu_count() or 1, os.getloadavg()[0]))
         print(f"image written: {', '.join(summary['image'])}")
         print(json.dumps(summary))
         return 0

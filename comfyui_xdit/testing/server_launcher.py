@@ -134,13 +134,13 @@ class ComfyServer:
 
 
 def launch_server(comfy_dir: Path, base: Path, log_path: Path, port: int | None = None,
-                  env: dict[str, str] | None = None) -> ComfyServer:
+                  env: dict[str, str] | None = None, extra_args: tuple[str, ...] = ()) -> ComfyServer:
     """Start ``main.py`` from ``comfy_dir`` on a free loopback port without waiting for it (see wait_ready);
-    `env` adds to (or overrides) the server's environment."""
+    `env` adds to (or overrides) the server's environment, `extra_args` are more ComfyUI command-line flags."""
     port = port or free_port()
     command = [
         sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-        "--disable-auto-launch", "--base-directory", str(base), "--database-url", "sqlite:///:memory:",
+        "--disable-auto-launch", "--base-directory", str(base), "--database-url", "sqlite:///:memory:", *extra_args,
     ]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:
