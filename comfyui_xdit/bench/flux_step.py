@@ -1,6 +1,7 @@
 """Per-step time of ComfyUI's own Flux on local CPU gloo ranks: 1 rank vs Ulysses-2, Ring-2 and CFG-2.
 
     python -m comfyui_xdit.bench.flux_step [--pairs 5] [--repeats 2] [--text-tokens 256] [--no-mix] [--wait-load 1.2]
+                                           [--diffusers]
 
 Prints one JSON line per (model shape, configuration) on stdout; progress goes to stderr.
 
@@ -48,6 +49,12 @@ Method
   parallelism splits image and text rows of every linear layer and the attention; every rank repeats only the
   modulation/embedders (per sample); CFG-2 splits whole forwards (2.0).
 - `max_abs_err`: the parallel run's final latent vs the 1-rank latent of the same round (same seed).
+- `--diffusers` (diffusers_flux.py): diffusers' own FluxTransformer2DModel at the same sizes (fp32, its default
+  init from the same seed on every rank), one forward per timed step, on 1 rank (rank 1 waiting, as for ours) and
+  with its Ulysses-2 and Ring-2 context parallelism over the same gloo world; its three runs follow ours in each
+  round (precede them in odd rounds). Its lines give `median_forward_ms`, `speedup_vs_1` against its own 1-rank
+  runs, `max_abs_err` against its own 1-rank output, and our same method's speedup and step time from this run.
+  A diffusers forward has no sampler around it: a ComfyUI step adds the sampler's per-step work to the forward.
 """
 from __future__ import annotations
 
@@ -65,6 +72,7 @@ import torch
 import torch.distributed as dist
 
 from comfyui_xdit.bench.attention import METHODS, theoretical_bytes, time_across_ranks
+from comfyui_xdit.bench.diffusers_flux import DIFFUSERS_METHODS, DIFFUSERS_VERSION, require_diffusers
 from parallel_core.local_launch import run_on_ranks
 
 # configuration -> (ParallelConfig kwargs or None for the 1-rank baseline, guider, baseline it is paired with)
@@ -77,6 +85,8 @@ CONFIGS: dict[str, tuple[dict | None, str, str | None]] = {
 }
 ROUND_ORDER = ("ulysses", "single", "ring", "cfg", "single-cfg")  # each parallel run next to its baseline
 PARALLEL = ("ulysses", "ring", "cfg")
+DIFFUSERS_ORDER = ("diffusers-ulysses", "diffusers-single", "diffusers-ring")
+DIFFUSERS_PARALLEL = ("diffusers-ulysses", "diffusers-ring")
 WORLD = 2
 CFG_SCALE = 3.5
 LATENT_CHANNELS = 16
@@ -222,6 +232,43 @@ def _replay_step_comm(method: str, state, job: dict, spec: dict) -> dict:
     return {"ms": statistics.median(times), "bytes": stats.bytes_sent() // spec["repeats"]}
 
 
+def _diffusers_models(job: dict, spec: dict) -> dict:
+    """diffusers' Flux at the job's shape: the 1-rank model and its Ulysses-2 and Ring-2 copies (collective)."""
+    from comfyui_xdit.bench import diffusers_flux
+
+    single = diffusers_flux.flux_transformer(job["hidden"], job["depth"], job["single_depth"], spec["seed"])
+    models = {"diffusers-single": single}
+    for name, degrees in DIFFUSERS_METHODS.items():
+        if degrees is not None:
+            models[name] = diffusers_flux.parallel_copy(single, degrees)
+    return {**models, "inputs": diffusers_flux.flux_inputs(job["latent"], job["text_tokens"], spec["seed"]), "outputs": {}}
+
+
+def _diffusers_round(name: str, theirs: dict, runs: dict, rank: int, spec: dict, k: int) -> None:
+    """One timed run of a diffusers model: `repeats` forwards (plus the first round's warmup), median ms on rank 0.
+    The 1-rank model runs on rank 0 while the other rank waits, as our 1-rank baseline does."""
+    from comfyui_xdit.bench import diffusers_flux
+
+    warmup = spec["warmup"] if k == 0 else 0
+    dist.barrier()
+    load = os.getloadavg()[0]
+    if name == "diffusers-single" and rank != 0:
+        dist.barrier()
+        runs[name].append({})
+        return
+    times = []
+    for _ in range(warmup + spec["repeats"]):
+        start = time.perf_counter()
+        out = diffusers_flux.forward(theirs[name], theirs["inputs"])
+        times.append((time.perf_counter() - start) * 1e3)
+    theirs["outputs"][name] = out
+    runs[name].append({"step_ms": times, "median_ms": statistics.median(times[warmup:]), "load": (load, os.getloadavg()[0])})
+    dist.barrier()
+    if rank == 0:
+        print(f"[bench] round {k + 1}/{spec['pairs']} {name}: {runs[name][-1]['median_ms']:.0f} ms/forward "
+              f"(load {os.getloadavg()[0]:.2f})", file=sys.stderr, flush=True)
+
+
 def _cpu_s() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -260,11 +307,17 @@ def _bench_rank(rank: int, world_size: int, spec: dict) -> list[dict]:
     for job in spec["jobs"]:
         base = comfy.sd.load_diffusion_model(job["path"])
         models = {name: parallelize(base, states[name]) for name in PARALLEL}
-        runs: dict[str, list[dict]] = {name: [] for name in CONFIGS}
+        theirs = _diffusers_models(job, spec) if spec["diffusers"] else {}
+        runs: dict[str, list[dict]] = {name: [] for name in (*CONFIGS, *theirs)}
         latents: dict[str, torch.Tensor] = {}
         for k in range(spec["pairs"]):
             order = ROUND_ORDER if k % 2 == 0 else tuple(reversed(ROUND_ORDER))
+            if theirs:  # diffusers' runs right after ours (before them in odd rounds), in the same pattern
+                order = (*order, *DIFFUSERS_ORDER) if k % 2 == 0 else (*reversed(DIFFUSERS_ORDER), *order)
             for name in order:
+                if name in theirs:
+                    _diffusers_round(name, theirs, runs, rank, spec, k)
+                    continue
                 degrees, guider, baseline = CONFIGS[name]
                 seed = spec["seed"] + k
                 warmup = spec["warmup"] if k == 0 else 0
@@ -301,6 +354,8 @@ def _bench_rank(rank: int, world_size: int, spec: dict) -> list[dict]:
             if rank == 0:  # each parallel latent against its baseline of the same round
                 for name in PARALLEL:
                     runs[name][-1]["max_abs_err"] = (latents[name] - latents[CONFIGS[name][2]]).abs().max().item()
+                for name in DIFFUSERS_PARALLEL if theirs else ():
+                    runs[name][-1]["max_abs_err"] = (theirs["outputs"][name] - theirs["outputs"]["diffusers-single"]).abs().max().item()
         comm = {name: _replay_step_comm(name, states[name], job, spec) for name in PARALLEL}
         results.append({"runs": runs, "comm_replay": comm, "comfy_kernel": comfy_kernel})
         del models, base
@@ -387,7 +442,41 @@ def _records(job: dict, result: dict, spec: dict, threads: int) -> list[dict]:
             })
         line["loadavg_1m"] = [round(min(loads), 2), round(max(loads), 2)]
         out.append(line)
+    if "diffusers-single" in result["runs_rank0"]:
+        ours = {line["method"]: line for line in out}
+        out.extend(_diffusers_records(result["runs_rank0"], common, ours))
     return out
+
+
+def _diffusers_records(runs: dict, common: dict, ours: dict) -> list[dict]:
+    """diffusers' lines: its 1-rank forward and its Ulysses-2 / Ring-2 forwards, each speedup against its own 1-rank
+    runs of the same rounds, beside our same method's speedup and step time from this run."""
+    base_ms = [run["median_ms"] for run in runs["diffusers-single"]]
+    lines = []
+    for name, degrees in DIFFUSERS_METHODS.items():
+        rank0 = runs[name]
+        mine = [run["median_ms"] for run in rank0]
+        loads = [x for run in rank0 for x in run["load"]]
+        line = {"method": name if degrees is None else f"{name}-2", "world_size": 1 if degrees is None else WORLD,
+                "degrees": {} if degrees is None else {"ulysses_degree": degrees[0], "ring_degree": degrees[1]},
+                "implementation": f"diffusers {DIFFUSERS_VERSION} FluxTransformer2DModel, one forward (no sampler), "
+                                  "context parallelism over gloo; attention: its native backend (torch SDPA on CPU; "
+                                  "Ring: the same CPU flash kernel with its LSE)",
+                **{k: v for k, v in common.items() if k not in ("sampler", "comfy_attention", "xdit_attention")},
+                "median_forward_ms": round(statistics.median(mine), 1),
+                "per_pair_forward_ms": [round(x, 1) for x in mine],
+                "per_pair_loadavg_1m": [round(run["load"][0], 2) for run in rank0],
+                "loadavg_1m": [round(min(loads), 2), round(max(loads), 2)]}
+        if degrees is not None:
+            ratios = [b / m for b, m in zip(base_ms, mine)]
+            ours_line = ours[name.removeprefix("diffusers-") + "-2"]
+            line.update({"baseline": "diffusers-single", "per_pair_ratio": [round(x, 3) for x in ratios],
+                         "speedup_vs_1": round(statistics.median(ratios), 3),
+                         "max_abs_err": max(run["max_abs_err"] for run in rank0),
+                         "xdit_speedup_vs_1": ours_line["speedup_vs_1"],
+                         "xdit_median_step_ms": ours_line["median_step_ms"]})
+        lines.append(line)
+    return lines
 
 
 def _jobs(args) -> list[dict]:
@@ -448,6 +537,10 @@ def parse_args(argv=None):
                         help="ComfyUI's attention in every rank: 'pytorch' (--use-pytorch-cross-attention: torch SDPA, "
                              "the kernel the parallel runs use, so speedups compare like with like) or 'default' "
                              "(ComfyUI's CPU default, sub-quadratic attention, ~2x slower than SDPA here)")
+    parser.add_argument("--diffusers", action="store_true",
+                        help=f"also time diffusers' own Flux transformer (diffusers {DIFFUSERS_VERSION}, the 'bench' extra) at "
+                             "the same shape on 1 rank and with its Ulysses-2 and Ring-2 context parallelism, "
+                             "interleaved with our runs")
     parser.add_argument("--wait-load", type=float, default=None,
                         help="before starting, wait (up to --wait-s) until the 1-minute load average is at most this")
     parser.add_argument("--wait-s", type=float, default=600.0)
@@ -470,6 +563,8 @@ def _wait_for_load(limit: float, max_s: float) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.diffusers:
+        require_diffusers()
     if args.wait_load is not None:
         _wait_for_load(args.wait_load, args.wait_s)
     if WORLD * args.threads > (os.cpu_count() or 1):
@@ -479,7 +574,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     jobs = _jobs(args)
     spec = {"warmup": args.warmup, "repeats": args.repeats, "pairs": args.pairs, "seed": args.seed,
-            "comfy_attention": args.comfy_attention}
+            "comfy_attention": args.comfy_attention, "diffusers": args.diffusers}
     with tempfile.TemporaryDirectory(prefix="flux_step_") as tmp:
         _write_models(jobs, Path(tmp), args.seed)
         spec["jobs"] = jobs
