@@ -85,6 +85,7 @@ CONFIGS: dict[str, tuple[dict | None, str, str | None]] = {
 }
 ROUND_ORDER = ("ulysses", "single", "ring", "cfg", "single-cfg")  # each parallel run next to its baseline
 PARALLEL = ("ulysses", "ring", "cfg")
+PROFILED = ("single", "ulysses", "ring", "cfg")
 DIFFUSERS_ORDER = ("diffusers-ulysses", "diffusers-single", "diffusers-ring")
 DIFFUSERS_PARALLEL = ("diffusers-ulysses", "diffusers-ring")
 WORLD = 2
@@ -166,8 +167,9 @@ def _first(node_output):
     return node_output.result[0] if hasattr(node_output, "result") else node_output[0]
 
 
-def _sample(model_patcher, guider_kind: str, job: dict, steps: int, seed: int) -> tuple[torch.Tensor, list[float]]:
-    """SamplerCustomAdvanced with stock nodes; returns the latent and one perf_counter stamp per step (+ start)."""
+def _sample(model_patcher, guider_kind: str, job: dict, steps: int, seed: int, on_step=None) -> tuple[torch.Tensor, list[float]]:
+    """SamplerCustomAdvanced with stock nodes; returns the latent and one perf_counter stamp per step (+ start).
+    `on_step()` runs at the end of every step."""
     from comfy_extras import nodes_custom_sampler as custom
     from comfy_extras.nodes_model_advanced import ModelSamplingFlux
 
@@ -179,6 +181,8 @@ def _sample(model_patcher, guider_kind: str, job: dict, steps: int, seed: int) -
 
     def stamp(args):
         stamps.append(time.perf_counter())
+        if on_step is not None:
+            on_step()
         return args["denoised"]
 
     model.set_model_sampler_post_cfg_function(stamp)
@@ -269,6 +273,71 @@ def _diffusers_round(name: str, theirs: dict, runs: dict, rank: int, spec: dict,
               f"(load {os.getloadavg()[0]:.2f})", file=sys.stderr, flush=True)
 
 
+def _label_flux_modules(diffusion_model) -> list:
+    """Forward hooks opening a profiler range around the model call, its modulation and conditioning embedders
+    (per-sample work) and its RoPE table (profile_categories' labels); returns the hook handles."""
+    from comfy.ldm.flux import layers
+
+    from comfyui_xdit.bench.profile_categories import MODEL, MODULATION, ROPE, label
+
+    def kind(name: str, module) -> str | None:
+        if module is diffusion_model:
+            return MODEL
+        if isinstance(module, layers.Modulation) or name.endswith("adaLN_modulation") or name in ("time_in", "vector_in", "guidance_in"):
+            return MODULATION
+        return ROPE if isinstance(module, layers.EmbedND) else None
+
+    handles, open_ranges = [], []
+    for name, module in diffusion_model.named_modules():
+        category = kind(name, module)
+        if category is None:
+            continue
+
+        def enter(_module, _args, category=category):
+            open_ranges.append(torch.profiler.record_function(label(category)).__enter__())
+
+        def leave(_module, _args, _out):
+            open_ranges.pop().__exit__(None, None, None)
+
+        handles += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+    return handles
+
+
+def _profile_step(model_patcher, guider: str, job: dict, seed: int) -> dict:
+    """torch.profiler over the second of two sampling steps on this rank: ms by profile_categories' category."""
+    from comfyui_xdit.bench.profile_categories import breakdown
+
+    handles = _label_flux_modules(model_patcher.model.diffusion_model)
+    profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                      schedule=torch.profiler.schedule(wait=1, warmup=0, active=1))
+    try:
+        with profiler:
+            _, stamps = _sample(model_patcher, guider, job, 2, seed, on_step=profiler.step)
+    finally:
+        for handle in handles:
+            handle.remove()
+    events = profiler.events()
+    by_category = breakdown(events)
+    top = sorted(profiler.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:10]
+    return {"step_ms": round((stamps[2] - stamps[1]) * 1e3, 1),
+            "ms_by_category": {k: round(v, 1) for k, v in by_category.items()},
+            "top_self_ops_ms": {e.key: round(e.self_cpu_time_total / 1e3, 1) for e in top}}
+
+
+def _profile_rank(rank: int, base, models: dict, job: dict, spec: dict) -> dict:
+    """One profiled step per configuration and rank (the 1-rank baselines on rank 0 while rank 1 waits)."""
+    out = {}
+    for name in PROFILED:
+        degrees, guider, _ = CONFIGS[name]
+        dist.barrier()
+        if degrees is None and rank != 0:
+            dist.barrier()
+            continue
+        out[name] = _profile_step(base if degrees is None else models[name], guider, job, spec["seed"])
+        dist.barrier()
+    return out
+
+
 def _cpu_s() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -357,7 +426,8 @@ def _bench_rank(rank: int, world_size: int, spec: dict) -> list[dict]:
                 for name in DIFFUSERS_PARALLEL if theirs else ():
                     runs[name][-1]["max_abs_err"] = (theirs["outputs"][name] - theirs["outputs"]["diffusers-single"]).abs().max().item()
         comm = {name: _replay_step_comm(name, states[name], job, spec) for name in PARALLEL}
-        results.append({"runs": runs, "comm_replay": comm, "comfy_kernel": comfy_kernel})
+        results.append({"runs": runs, "comm_replay": comm, "comfy_kernel": comfy_kernel,
+                        "profile": _profile_rank(rank, base, models, job, spec) if spec["profile"] else {}})
         del models, base
     return results
 
@@ -541,6 +611,9 @@ def parse_args(argv=None):
                         help=f"also time diffusers' own Flux transformer (diffusers {DIFFUSERS_VERSION}, the 'bench' extra) at "
                              "the same shape on 1 rank and with its Ulysses-2 and Ring-2 context parallelism, "
                              "interleaved with our runs")
+    parser.add_argument("--profile", action="store_true",
+                        help="after the timed rounds, run torch.profiler over one sampling step of each configuration "
+                             "on every rank and print its time by category (profile_categories.py) as JSON lines")
     parser.add_argument("--wait-load", type=float, default=None,
                         help="before starting, wait (up to --wait-s) until the 1-minute load average is at most this")
     parser.add_argument("--wait-s", type=float, default=600.0)
@@ -574,7 +647,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     jobs = _jobs(args)
     spec = {"warmup": args.warmup, "repeats": args.repeats, "pairs": args.pairs, "seed": args.seed,
-            "comfy_attention": args.comfy_attention, "diffusers": args.diffusers}
+            "comfy_attention": args.comfy_attention, "diffusers": args.diffusers, "profile": args.profile}
     with tempfile.TemporaryDirectory(prefix="flux_step_") as tmp:
         _write_models(jobs, Path(tmp), args.seed)
         spec["jobs"] = jobs
@@ -592,9 +665,26 @@ def main(argv=None) -> int:
         for line in _records(job, result, spec, args.threads):
             line["loadavg_bench_start_end"] = [round(x, 2) for x in (*load_start, *load_end)]
             print(json.dumps(line), flush=True)
+        for line in _profile_records(job, [rank_result[j]["profile"] for rank_result in per_rank]):
+            print(json.dumps(line), flush=True)
     print(json.dumps(_reference_line(args.text_tokens)), flush=True)
     print(f"[bench] done in {time.perf_counter() - t0:.0f} s, load {os.getloadavg()}", file=sys.stderr, flush=True)
     return 0
+
+
+def _profile_records(job: dict, profiles: list[dict]) -> list[dict]:
+    """One line per (configuration, rank) that was profiled."""
+    lines = []
+    for name in PROFILED:
+        for rank, profile in enumerate(profiles):
+            if name in profile:
+                total = sum(profile[name]["ms_by_category"].values())
+                share = {k: round(v / total, 3) for k, v in profile[name]["ms_by_category"].items()} if total else {}
+                lines.append({"profile": name, "model": job["name"], "rank": rank, "image_tokens": job["image_tokens"],
+                              "text_tokens": job["text_tokens"], "hidden": job["hidden"], **profile[name],
+                              "profiled_ms": round(total, 1), "share_by_category": share,
+                              "loadavg_1m": round(os.getloadavg()[0], 2)})
+    return lines
 
 
 def _median_bytes(runs: list[dict]) -> dict[str, int]:
