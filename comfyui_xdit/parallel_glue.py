@@ -11,6 +11,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from parallel_core import ParallelState, all_gather, gather_batch, split_batch, usp_attention
+from parallel_core.usp import usp_segments_attention
 from parallel_core.sharding import chunk_length, padded_piece
 
 from .errors import UnsupportedByXDiT
@@ -74,14 +75,27 @@ def text_front_attention(state: ParallelState, text_len: int, q: torch.Tensor, k
     return torch.cat([padded_piece(out[:, :text_len], 1, sp.size, sp.rank), out[:, text_len:]], dim=1)
 
 
+def text_front_rows_attention(state: ParallelState, text_len: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              scale: float | None = None) -> torch.Tensor:
+    """text_front_attention's rows and result without gathering the text: the text and image rows both travel in
+    Ulysses' all-to-all (usp_segments_attention), so no rank gathers the text's q/k/v or computes another rank's text
+    queries, and no text rows are concatenated on either side of the collectives."""
+    state.lengths["text"] = text_len  # which of a block's rows are text padding (block_cache.py's sums skip them)
+    text_local = chunk_length(text_len, state.sequence.size)
+    segments = [(text_local, text_len), (q.shape[1] - text_local, state.lengths["sequence"])]
+    return usp_segments_attention(q, k, v, state, segments, scale=scale)
+
+
 def text_front_attention_override(family: str, state: ParallelState, text_len: int, func, q, k, v, heads, mask=None,
-                                  skip_reshape=False, skip_output_reshape=False, transformer_options=None, **kwargs):
-    """ComfyUI's optimized_attention replaced by text_front_attention (bind family, state and text_len first)."""
+                                  skip_reshape=False, skip_output_reshape=False, transformer_options=None,
+                                  attend: Callable[..., torch.Tensor] = text_front_attention, **kwargs):
+    """ComfyUI's optimized_attention replaced by text_front_attention, or by `attend` taking the same arguments
+    (e.g. text_front_rows_attention) (bind family, state and text_len first)."""
     if mask is not None:
         raise UnsupportedByXDiT(f"an attention mask on {family} (e.g. from an attention-mask node) is not supported in "
                                 f"parallel; remove it or use UNETLoader")
     q, k, v = to_bshd(q, k, v, heads, skip_reshape)
-    return from_bshd(text_front_attention(state, text_len, q, k, v, kwargs.get("scale")), skip_output_reshape)
+    return from_bshd(attend(state, text_len, q, k, v, kwargs.get("scale")), skip_output_reshape)
 
 
 def text_rear_attention(state: ParallelState, text_lengths: Sequence[int], q: torch.Tensor, k: torch.Tensor,
