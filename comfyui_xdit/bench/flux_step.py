@@ -36,12 +36,11 @@ Method
   each gloo group); later rounds' first steps measured no slower than their others. Parallel ranks are
   synchronised by their collectives every step, so rank 0's step time is the slowest rank's.
 - Bytes: `bytes_per_rank_per_step` is what each rank recorded on `state.comm` over a run, divided by its steps.
-  `theoretical_bytes_per_step` (see `theoretical_step_bytes`): Ulysses per attention call
-  3*B*(S/P)*H*D*4*(U-1)/U in + B*(S/P)*H*D*4*(U-1)/U out (attention.theoretical_bytes) + the text rows' head
-  all-gather B*T*(H/U)*D*4*(U-1); Ring (R-1)*2*B*(S/R)*H*D*4 per call; both: the text shards' q, k, v
-  all-gather 3*B*(T/P)*H*D*4*(P-1) per call; calls = depth + single_depth per forward, plus the forward's output
-  all-gather B*(S/P)*64*4*(P-1); CFG: each rank broadcasts the prediction of each cond it owns, latent bytes *
-  (world-1).
+  `theoretical_bytes_per_step` (see `theoretical_step_bytes`): each rank's rows are its image and text shards,
+  N = S/P + T/P of them, and they travel together: Ulysses per attention call 3*B*N*H*D*4*(U-1)/U in +
+  B*N*H*D*4*(U-1)/U out; Ring (R-1)*2*B*(U*N)*(H/U)*D*4 per call; calls = depth + single_depth per forward, plus the
+  forward's output all-gather B*(S/P)*64*4*(P-1); CFG: each rank broadcasts the prediction of each cond it owns,
+  latent bytes * (world-1).
 - `comm_only_ms_per_step`: the step's collectives replayed alone (same shapes, same gloo groups, no compute),
   median of `repeats` replays; divided by the step time it bounds the communication share (Ring overlaps its K/V
   transfer with compute, so for Ring it is an upper bound on what is exposed).
@@ -49,6 +48,9 @@ Method
   parallelism splits image and text rows of every linear layer and the attention; every rank repeats only the
   modulation/embedders (per sample); CFG-2 splits whole forwards (2.0).
 - `max_abs_err`: the parallel run's final latent vs the 1-rank latent of the same round (same seed).
+- `cpu_ms_per_step_by_rank` (the process: compute and gloo's threads) and `main_thread_cpu_ms_per_step_by_rank`:
+  CPU time per step on each rank that ran (medians over rounds, warmup steps included): the work a rank does,
+  which another process's load changes far less than it changes wall time.
 - `--diffusers` (diffusers_flux.py): diffusers' own FluxTransformer2DModel at the same sizes (fp32, its default
   init from the same seed on every rank), one forward per timed step, on 1 rank (rank 1 waiting, as for ours) and
   with its Ulysses-2 and Ring-2 context parallelism over the same gloo world; its three runs follow ours in each
@@ -71,7 +73,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from comfyui_xdit.bench.attention import METHODS, theoretical_bytes, time_across_ranks
+from comfyui_xdit.bench.attention import METHODS, time_across_ranks
 from comfyui_xdit.bench.diffusers_flux import DIFFUSERS_METHODS, DIFFUSERS_VERSION, require_diffusers
 from parallel_core.local_launch import run_on_ranks
 
@@ -124,14 +126,11 @@ def attention_flop_share(flops: dict[str, float]) -> float:
 
 
 def flop_bound_speedup(method: str, flops: dict[str, float], degree: int = 2) -> float:
-    """Speedup over one rank if communication were free and ranks perfectly overlapped (see module docstring).
-
-    Ring's rank 0 also attends to the text keys (ring block 0), a small extra not counted here.
-    """
+    """Speedup over one rank if communication were free and ranks perfectly overlapped (see module docstring)."""
     total = sum(flops.values())
     if method == "cfg":
         return float(degree)
-    # Text rows are sharded like image rows; the text queries' attention is repeated per ring rank (small).
+    # Text rows are sharded like image rows, in the linear layers and in attention (queries and keys).
     per_rank = (flops["attention"] + flops["linear_image"] + flops["linear_text"]) / degree + flops["per_sample"]
     return total / per_rank
 
@@ -147,18 +146,14 @@ def theoretical_step_bytes(method: str, batch: int, image_tokens: int, text_toke
     u, r = METHODS[method]
     p = u * r
     local = -(-image_tokens // p)
+    rows = local + -(-text_tokens // p)  # each rank's image and text rows travel together (usp_segments_attention)
     heads_here = -(-heads // u)
-    per_call = theoretical_bytes(batch, image_tokens, heads, head_dim, ELT, u, r)  # attention.py's per-call bytes
-    ring_per_call = (r - 1) * 2 * batch * (u * local) * heads_here * head_dim * ELT
     out = {}
-    if u > 1:
-        out["all_to_all/ulysses"] = calls * (per_call - ring_per_call)  # q, k, v in + output back
-        out["all_gather/ulysses"] = calls * batch * text_tokens * heads_here * head_dim * ELT * (u - 1)  # text rows
+    if u > 1:  # q, k, v in and the output back, (U-1)/U of each
+        out["all_to_all/ulysses"] = calls * 4 * batch * rows * heads_here * u * head_dim * ELT * (u - 1) // u
     if r > 1:
-        out["ring_send/ring"] = calls * ring_per_call
-    text_local = -(-text_tokens // p)
-    text_gather = calls * 3 * batch * text_local * heads * head_dim * ELT * (p - 1)  # each call's text q, k, v shards
-    out["all_gather/sequence"] = text_gather + batch * local * OUT_FEATURES * ELT * (p - 1)  # + the output rows
+        out["ring_send/ring"] = calls * (r - 1) * 2 * batch * (u * rows) * heads_here * head_dim * ELT
+    out["all_gather/sequence"] = batch * local * OUT_FEATURES * ELT * (p - 1)  # the forward's output rows
     return out
 
 
@@ -217,17 +212,14 @@ def _replay_step_comm(method: str, state, job: dict, spec: dict) -> dict:
             return
         u, r = state.ulysses.size, state.ring.size
         local = -(-s // (u * r))
+        rows = local + -(-t // (u * r))
         heads_here = -(-heads // u)
         for _ in range(calls):
-            if u > 1:
-                qkv = torch.zeros(3, b, local, heads_here * u, d)
-                qkv = pc.all_to_all(qkv, scatter_dim=3, gather_dim=2, dim_group=state.ulysses, stats=stats)
-            kv = torch.zeros(2, b, u * local, heads_here, d)
+            qkv = [torch.zeros(b, rows, heads_here * u, d) for _ in range(3)]
+            kv = pc.comm.sequence_to_heads(qkv, heads_here * u, state.ulysses, stats, segments=[rows])[1:]
             for _step in range(r - 1):
                 kv = RingShift(kv, state.ring, stats).wait()
-            if u > 1:
-                pc.all_to_all(torch.zeros(b, u * local, heads_here, d), scatter_dim=1, gather_dim=2, dim_group=state.ulysses, stats=stats)
-                pc.all_gather(torch.zeros(b, t, heads_here, d), 2, state.ulysses, stats)
+            pc.comm.heads_to_sequence(torch.zeros(b, u * rows, heads_here, d), heads, [rows], state.ulysses, stats)
         pc.all_gather(torch.zeros(b, local, OUT_FEATURES), 1, state.sequence, stats)
 
     replay()  # warm
@@ -261,12 +253,16 @@ def _diffusers_round(name: str, theirs: dict, runs: dict, rank: int, spec: dict,
         runs[name].append({})
         return
     times = []
+    cpu0, thread0 = _cpu_s(), time.thread_time()
     for _ in range(warmup + spec["repeats"]):
         start = time.perf_counter()
         out = diffusers_flux.forward(theirs[name], theirs["inputs"])
         times.append((time.perf_counter() - start) * 1e3)
+    forwards = warmup + spec["repeats"]
     theirs["outputs"][name] = out
-    runs[name].append({"step_ms": times, "median_ms": statistics.median(times[warmup:]), "load": (load, os.getloadavg()[0])})
+    runs[name].append({"step_ms": times, "median_ms": statistics.median(times[warmup:]), "load": (load, os.getloadavg()[0]),
+                       "cpu_ms_per_step": (_cpu_s() - cpu0) * 1e3 / forwards,
+                       "main_thread_cpu_ms_per_step": (time.thread_time() - thread0) * 1e3 / forwards})
     dist.barrier()
     if rank == 0:
         print(f"[bench] round {k + 1}/{spec['pairs']} {name}: {runs[name][-1]['median_ms']:.0f} ms/forward "
@@ -401,7 +397,9 @@ def _bench_rank(rank: int, world_size: int, spec: dict) -> list[dict]:
                 state = states.get(name)
                 if state is not None:
                     state.comm.reset()
+                cpu0, thread0 = _cpu_s(), time.thread_time()
                 latent, stamps = _sample(base if degrees is None else models[name], guider, job, steps, seed)
+                cpu_s, thread_s = _cpu_s() - cpu0, time.thread_time() - thread0
                 step_ms = [(b - a) * 1e3 for a, b in zip(stamps, stamps[1:])]
                 if len(step_ms) != steps:
                     raise RuntimeError(f"{name}: {len(step_ms)} step stamps for {steps} steps")
@@ -410,6 +408,8 @@ def _bench_rank(rank: int, world_size: int, spec: dict) -> list[dict]:
                     "median_ms": statistics.median(step_ms[warmup:]),
                     "bytes_per_step": {key: n / steps for key, n in state.comm.snapshot().items()} if state else {},
                     "load": (load, os.getloadavg()[0]),
+                    "cpu_ms_per_step": cpu_s * 1e3 / steps,
+                    "main_thread_cpu_ms_per_step": thread_s * 1e3 / steps,
                 }
                 if rank == 0:
                     latents[name] = latent
@@ -479,6 +479,7 @@ def _records(job: dict, result: dict, spec: dict, threads: int) -> list[dict]:
                 **common}
         mine = [run["median_ms"] for run in rank0]
         line["median_step_ms"] = round(statistics.median(mine), 1)
+        line.update(_cpu_by_rank(result["runs_by_rank"][name]))  # work per rank, less sensitive to load
         line["per_pair_step_ms"] = [round(x, 1) for x in mine]
         line["per_pair_loadavg_1m"] = [round(run["load"][0], 2) for run in rank0]
         if baseline is None:
@@ -514,11 +515,17 @@ def _records(job: dict, result: dict, spec: dict, threads: int) -> list[dict]:
         out.append(line)
     if "diffusers-single" in result["runs_rank0"]:
         ours = {line["method"]: line for line in out}
-        out.extend(_diffusers_records(result["runs_rank0"], common, ours))
+        out.extend(_diffusers_records(result["runs_rank0"], result["runs_by_rank"], common, ours))
     return out
 
 
-def _diffusers_records(runs: dict, common: dict, ours: dict) -> list[dict]:
+def _cpu_by_rank(runs_by_rank: list[list[dict]]) -> dict[str, list[float]]:
+    """Median CPU ms per step of each rank that ran (a 1-rank baseline's waiting rank has no records)."""
+    return {f"{key}_by_rank": [round(statistics.median(run[key] for run in runs), 1) for runs in runs_by_rank if runs and key in runs[0]]
+            for key in ("cpu_ms_per_step", "main_thread_cpu_ms_per_step")}
+
+
+def _diffusers_records(runs: dict, runs_by_rank: dict, common: dict, ours: dict) -> list[dict]:
     """diffusers' lines: its 1-rank forward and its Ulysses-2 / Ring-2 forwards, each speedup against its own 1-rank
     runs of the same rounds, beside our same method's speedup and step time from this run."""
     base_ms = [run["median_ms"] for run in runs["diffusers-single"]]
@@ -536,6 +543,7 @@ def _diffusers_records(runs: dict, common: dict, ours: dict) -> list[dict]:
                 "median_forward_ms": round(statistics.median(mine), 1),
                 "per_pair_forward_ms": [round(x, 1) for x in mine],
                 "per_pair_loadavg_1m": [round(run["load"][0], 2) for run in rank0],
+                **_cpu_by_rank(runs_by_rank[name]),
                 "loadavg_1m": [round(min(loads), 2), round(max(loads), 2)]}
         if degrees is not None:
             ratios = [b / m for b, m in zip(base_ms, mine)]
@@ -659,6 +667,7 @@ def main(argv=None) -> int:
             "comm_replay": per_rank[0][j]["comm_replay"],
             "comfy_kernel": per_rank[0][j]["comfy_kernel"],
             "bytes_by_rank": {name: [_median_bytes(rank_result[j]["runs"][name]) for rank_result in per_rank] for name in PARALLEL},
+            "runs_by_rank": {name: [rank_result[j]["runs"][name] for rank_result in per_rank] for name in per_rank[0][j]["runs"]},
         }
         # rank 1's idle records for the baselines (it only waits while rank 0 samples alone)
         result["idle_runs"] = {"single": per_rank[1][j]["runs"]["single"], "single-cfg": per_rank[1][j]["runs"]["single-cfg"]}
