@@ -62,24 +62,10 @@ def text_front_attention(state: ParallelState, text_len: int, q: torch.Tensor, k
                          scale: float | None = None) -> torch.Tensor:
     """Joint [text, image] attention (B, S, H, D) where each rank's rows are [its text shard, its image shard].
 
-    The text shards' q/k/v are gathered (text is short), attention runs over the whole sequence, and each rank
-    keeps the output rows of its own shards.
+    The text and image rows both travel in Ulysses' all-to-all and Ring's blocks (usp_segments_attention), so no
+    rank gathers the text's q/k/v or computes another rank's text queries, and nothing is concatenated around the
+    collectives; each rank gets the output rows of its own shards.
     """
-    sp = state.sequence
-    state.lengths["text"] = text_len  # which of a block's rows are text padding (block_cache.py's sums skip them)
-    text_local = chunk_length(text_len, sp.size)
-    text_qkv = all_gather(torch.stack([q[:, :text_local], k[:, :text_local], v[:, :text_local]]), 2, sp, state.comm)
-    text_q, text_k, text_v = text_qkv[:, :, :text_len].unbind(0)
-    out = usp_attention(q[:, text_local:], k[:, text_local:], v[:, text_local:], state,
-                        joint_q=text_q, joint_k=text_k, joint_v=text_v, joint_strategy="front", scale=scale)
-    return torch.cat([padded_piece(out[:, :text_len], 1, sp.size, sp.rank), out[:, text_len:]], dim=1)
-
-
-def text_front_rows_attention(state: ParallelState, text_len: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                              scale: float | None = None) -> torch.Tensor:
-    """text_front_attention's rows and result without gathering the text: the text and image rows both travel in
-    Ulysses' all-to-all (usp_segments_attention), so no rank gathers the text's q/k/v or computes another rank's text
-    queries, and no text rows are concatenated on either side of the collectives."""
     state.lengths["text"] = text_len  # which of a block's rows are text padding (block_cache.py's sums skip them)
     text_local = chunk_length(text_len, state.sequence.size)
     segments = [(text_local, text_len), (q.shape[1] - text_local, state.lengths["sequence"])]
@@ -87,15 +73,13 @@ def text_front_rows_attention(state: ParallelState, text_len: int, q: torch.Tens
 
 
 def text_front_attention_override(family: str, state: ParallelState, text_len: int, func, q, k, v, heads, mask=None,
-                                  skip_reshape=False, skip_output_reshape=False, transformer_options=None,
-                                  attend: Callable[..., torch.Tensor] = text_front_attention, **kwargs):
-    """ComfyUI's optimized_attention replaced by text_front_attention, or by `attend` taking the same arguments
-    (e.g. text_front_rows_attention) (bind family, state and text_len first)."""
+                                  skip_reshape=False, skip_output_reshape=False, transformer_options=None, **kwargs):
+    """ComfyUI's optimized_attention replaced by text_front_attention (bind family, state and text_len first)."""
     if mask is not None:
         raise UnsupportedByXDiT(f"an attention mask on {family} (e.g. from an attention-mask node) is not supported in "
                                 f"parallel; remove it or use UNETLoader")
     q, k, v = to_bshd(q, k, v, heads, skip_reshape)
-    return from_bshd(attend(state, text_len, q, k, v, kwargs.get("scale")), skip_output_reshape)
+    return from_bshd(text_front_attention(state, text_len, q, k, v, kwargs.get("scale")), skip_output_reshape)
 
 
 def text_rear_attention(state: ParallelState, text_lengths: Sequence[int], q: torch.Tensor, k: torch.Tensor,

@@ -2,7 +2,7 @@
 
 Image tokens and text tokens, with their RoPE positions, are split over the sequence-parallel group; every attention
 call of the double and single blocks runs [text, image] attention with both kinds of rows in Ulysses' all-to-all
-and Ring's blocks (parallel_glue.text_front_rows_attention): no rank gathers the text or repeats its queries. The batch is split over the data group and conds over the cfg group by family-independent
+and Ring's blocks (parallel_glue.text_front_attention): no rank gathers the text or repeats its queries. The batch is split over the data group and conds over the cfg group by family-independent
 wrappers (parallel_glue.py, cfg_parallel.py).
 
 With patch_degree > 1 (displaced patch parallel, DistriFusion-style) the same rows are shared out over the patch
@@ -24,7 +24,7 @@ from parallel_core import ParallelState, gather_sequence, split_sequence
 from parallel_core.sharding import padded_piece
 
 from ..errors import UnsupportedByXDiT
-from ..parallel_glue import refuse_foreign_attention_override, text_front_attention_override, text_front_rows_attention
+from ..parallel_glue import refuse_foreign_attention_override, text_front_attention_override
 from ..stale_forwards import dit_block_keys, refuse_mask, stale_method
 
 OBJECT_PATCH_KEY = "diffusion_model.forward_orig"
@@ -54,8 +54,7 @@ def shard_tokens(state: ParallelState, txt: torch.Tensor, txt_ids: torch.Tensor,
 def joint_attention_options(family: str, state: ParallelState, text_len: int, transformer_options: dict) -> dict:
     """A copy of `transformer_options` whose attention runs [text, image] over the sequence group (shard_tokens' rows)."""
     options = dict(transformer_options)
-    options["optimized_attention_override"] = functools.partial(text_front_attention_override, family, state, text_len,
-                                                                attend=text_front_rows_attention)
+    options["optimized_attention_override"] = functools.partial(text_front_attention_override, family, state, text_len)
     return options
 
 
