@@ -10,8 +10,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from parallel_core import ParallelState, all_gather, gather_batch, split_batch, usp_attention
-from parallel_core.usp import usp_segments_attention
+from parallel_core import ParallelState, all_gather, gather_batch, split_batch, usp_attention, usp_segments_attention
 from parallel_core.sharding import chunk_length, padded_piece
 
 from .errors import UnsupportedByXDiT
