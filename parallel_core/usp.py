@@ -169,7 +169,10 @@ def usp_segments_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, st
                          f"q holds {q.shape[1]} rows as {local}")
     heads = q.shape[2]
     padded_heads = chunk_length(heads, ulysses.size) * ulysses.size
-    bq, bk, bv = sequence_to_heads([q, k, v], padded_heads, ulysses, state.comm, segments=local).unbind(0)
+    if ulysses.size == 1:  # the rows already lie segment after segment: no exchange, no copy
+        bq, bk, bv = q, k, v
+    else:
+        bq, bk, bv = sequence_to_heads([q, k, v], padded_heads, ulysses, state.comm, segments=local).unbind(0)
 
     def key_ranges(block: int) -> list[tuple[int, int]]:
         """Rows of ring block `block` that are real keys: each segment's rows of the block less its padding."""
