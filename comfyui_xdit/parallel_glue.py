@@ -10,7 +10,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from parallel_core import ParallelState, all_gather, gather_batch, split_batch, usp_attention
+from parallel_core import ParallelState, all_gather, gather_batch, split_batch, usp_attention, usp_segments_attention
 from parallel_core.sharding import chunk_length, padded_piece
 
 from .errors import UnsupportedByXDiT
@@ -61,17 +61,14 @@ def text_front_attention(state: ParallelState, text_len: int, q: torch.Tensor, k
                          scale: float | None = None) -> torch.Tensor:
     """Joint [text, image] attention (B, S, H, D) where each rank's rows are [its text shard, its image shard].
 
-    The text shards' q/k/v are gathered (text is short), attention runs over the whole sequence, and each rank
-    keeps the output rows of its own shards.
+    The text and image rows both travel in Ulysses' all-to-all and Ring's blocks (usp_segments_attention), so no
+    rank gathers the text's q/k/v or computes another rank's text queries, and nothing is concatenated around the
+    collectives; each rank gets the output rows of its own shards.
     """
-    sp = state.sequence
     state.lengths["text"] = text_len  # which of a block's rows are text padding (block_cache.py's sums skip them)
-    text_local = chunk_length(text_len, sp.size)
-    text_qkv = all_gather(torch.stack([q[:, :text_local], k[:, :text_local], v[:, :text_local]]), 2, sp, state.comm)
-    text_q, text_k, text_v = text_qkv[:, :, :text_len].unbind(0)
-    out = usp_attention(q[:, text_local:], k[:, text_local:], v[:, text_local:], state,
-                        joint_q=text_q, joint_k=text_k, joint_v=text_v, joint_strategy="front", scale=scale)
-    return torch.cat([padded_piece(out[:, :text_len], 1, sp.size, sp.rank), out[:, text_len:]], dim=1)
+    text_local = chunk_length(text_len, state.sequence.size)
+    segments = [(text_local, text_len), (q.shape[1] - text_local, state.lengths["sequence"])]
+    return usp_segments_attention(q, k, v, state, segments, scale=scale)
 
 
 def text_front_attention_override(family: str, state: ParallelState, text_len: int, func, q, k, v, heads, mask=None,

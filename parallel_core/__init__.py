@@ -1,6 +1,6 @@
 """Hybrid parallelism for diffusion transformers, on torch.distributed alone (no ComfyUI, no Ray).
 
-Exact: usp_attention (Ulysses x Ring), split/gather over sequence, cfg and data. Approximate, with one-step-stale
+Exact: usp_attention (Ulysses x Ring) and usp_segments_attention (several sharded sequences as one), split/gather over sequence, cfg and data. Approximate, with one-step-stale
 keys/values: PipeFusion (partition_stages, patch_bands, pipefusion_attention) and displaced patch parallel
 (displaced_attention), both exact on synchronous steps. Exact row-split image networks (spatial_conv: halo
 exchange, group norm over bands, row gathers) for the parallel VAE. Also ParallelConfig, ParallelState, init_parallel,
@@ -14,7 +14,7 @@ from .sharding import gather_batch, gather_sequence, split_batch, split_sequence
 from .spatial_conv import RowGroup, all_gather_rows, edge_rows, gather_rows, group_norm, halo_exchange, split_rows
 from .state import ParallelState, init_parallel, rank_groups
 from .stale_kv import KVCache, displaced_attention, pipefusion_attention
-from .usp import usp_attention
+from .usp import usp_attention, usp_segments_attention
 
 __all__ = [
     "BACKENDS",
@@ -49,4 +49,5 @@ __all__ = [
     "split_sequence",
     "split_rows",
     "usp_attention",
+    "usp_segments_attention",
 ]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -91,10 +92,15 @@ def all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, dim_group: Di
     return torch.cat(recv.unbind(0), dim=gather_dim)
 
 
-def sequence_to_heads(tensors: list[torch.Tensor], padded_heads: int, dim_group: DimensionGroup, stats: CommStats) -> torch.Tensor:
+def sequence_to_heads(tensors: list[torch.Tensor], padded_heads: int, dim_group: DimensionGroup, stats: CommStats,
+                      segments: Sequence[int] | None = None) -> torch.Tensor:
     """Ulysses' forward exchange for several (batch, seq_local, heads, head_dim) tensors in one collective: every rank
     gets all ranks' rows for its `padded_heads / size` heads (heads past the real ones are zero), as one
     (n, batch, size * seq_local, padded_heads / size, head_dim) tensor, rows in group-rank order.
+
+    `segments` (local row counts summing to seq_local): each rank's rows are its pieces of several sequences in
+    turn (e.g. [its text rows, its image rows]); the result then holds segment 0 of every rank in rank order, then
+    segment 1 of every rank, ..., i.e. each sequence whole, laid out in the same single copy.
 
     Memory: the inputs are copied once, straight into the send buffer (head-chunk outermost), and the send buffer is
     released before the received blocks are laid out: two copies of the inputs at most besides them, where stacking,
@@ -115,7 +121,37 @@ def sequence_to_heads(tensors: list[torch.Tensor], padded_heads: int, dim_group:
     dist.all_to_all_single(recv, send, group=dim_group.group)
     stats.record("all_to_all", dim_group.name, _nbytes(send) * (size - 1) // size)
     del send
-    return recv.permute(1, 2, 0, 3, 4, 5).reshape(n, batch, size * rows, per_rank, head_dim)
+    if segments is None:
+        return recv.permute(1, 2, 0, 3, 4, 5).reshape(n, batch, size * rows, per_rank, head_dim)
+    out = torch.empty(n, batch, size * rows, per_rank, head_dim, dtype=recv.dtype, device=recv.device)
+    start = 0
+    for length in segments:
+        out[:, :, size * start:size * (start + length)].view(n, batch, size, length, per_rank, head_dim).copy_(
+            recv[:, :, :, start:start + length].permute(1, 2, 0, 3, 4, 5))
+        start += length
+    return out
+
+
+def heads_to_sequence(x: torch.Tensor, heads: int, segments: Sequence[int], dim_group: DimensionGroup,
+                      stats: CommStats) -> torch.Tensor:
+    """Inverse of sequence_to_heads(..., segments): x (batch, size * seq_local, heads_here, head_dim) holding each
+    segment whole (segment-major) for this rank's heads -> (batch, seq_local, heads, head_dim), this rank's rows of
+    every head (the first `heads` of the padded ones). One copy into the send buffer, one out of the receive buffer."""
+    size = dim_group.size
+    if size == 1:
+        return x[:, :, :heads]
+    batch, total, per_rank, head_dim = x.shape
+    rows = total // size
+    send = torch.empty(size, batch, rows, per_rank, head_dim, dtype=x.dtype, device=x.device)
+    start = 0
+    for length in segments:
+        send[:, :, start:start + length].copy_(x[:, size * start:size * (start + length)].unflatten(1, (size, length)).transpose(0, 1))
+        start += length
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=dim_group.group)
+    stats.record("all_to_all", dim_group.name, _nbytes(send) * (size - 1) // size)
+    del send
+    return recv.permute(1, 2, 0, 3, 4).reshape(batch, rows, size * per_rank, head_dim)[:, :, :heads]
 
 
 def all_gather(x: torch.Tensor, dim: int, dim_group: DimensionGroup, stats: CommStats) -> torch.Tensor:

@@ -15,11 +15,13 @@ Decisions:
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 
 from .attention_kernels import attention, attention_with_lse, merge_partials
-from .comm import RingShift, all_gather, all_to_all, sequence_to_heads
+from .comm import RingShift, all_gather, all_to_all, heads_to_sequence, sequence_to_heads
 from .sharding import chunk_length
 from .state import ParallelState
 
@@ -144,3 +146,69 @@ def _ring_attention(queries, block_k, block_v, joint_kv, state, causal, scale, v
         if shift is not None:
             kv = shift.wait()
     return merge_partials([partials[b] for b in sorted(partials)], queries.dtype)
+
+
+def usp_segments_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: ParallelState,
+                           segments: Sequence[tuple[int, int]], scale: float | None = None) -> torch.Tensor:
+    """Non-causal attention over several sequences joined end to end (e.g. text then image), each split over the
+    sequence group as split_sequence/padded_piece split it; returns this rank's rows in the layout it passed.
+
+    q, k, v: (batch, rows, heads, head_dim) where rows are this rank's piece of segment 0, then of segment 1, ...
+    `segments`: (rows of this rank's piece, true length) per segment. Every row, text included, travels in Ulysses'
+    all-to-all with the others, so nothing is gathered whole or computed on two ranks, and the exchange lays each
+    segment out whole in the same copy. A ring block holds each segment's rows of its U shards; its valid keys are
+    those ranges less the padding. With one ring rank the keys are the joined sequence in order, as one rank has it.
+    """
+    if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"q, k, v must share one (batch, rows, heads, head_dim) shape; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    sp, ulysses, ring = state.sequence, state.ulysses, state.ring
+    local = [rows for rows, _ in segments]
+    expected = [chunk_length(length, sp.size) for _, length in segments]
+    if local != expected or sum(local) != q.shape[1]:
+        raise ValueError(f"segments {list(segments)} over {sp.size} sequence-parallel ranks give pieces of {expected} rows; "
+                         f"q holds {q.shape[1]} rows as {local}")
+    heads = q.shape[2]
+    padded_heads = chunk_length(heads, ulysses.size) * ulysses.size
+    if ulysses.size == 1:  # the rows already lie segment after segment: no exchange, no copy
+        bq, bk, bv = q, k, v
+    else:
+        bq, bk, bv = sequence_to_heads([q, k, v], padded_heads, ulysses, state.comm, segments=local).unbind(0)
+
+    def key_ranges(block: int) -> list[tuple[int, int]]:
+        """Rows of ring block `block` that are real keys: each segment's rows of the block less its padding."""
+        ranges, offset = [], 0
+        for rows, length in segments:
+            width = ulysses.size * rows
+            valid = max(0, min(width, length - block * width))
+            if valid and ranges and ranges[-1][1] == offset:
+                ranges[-1] = (ranges[-1][0], offset + valid)
+            elif valid:
+                ranges.append((offset, offset + valid))
+            offset += width
+        return ranges
+
+    def block_keys(kv: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        ranges = key_ranges(block)
+        if not ranges:
+            return None
+        if len(ranges) == 1:
+            return kv[0][:, ranges[0][0]:ranges[0][1]], kv[1][:, ranges[0][0]:ranges[0][1]]
+        return tuple(torch.cat([x[:, a:b] for a, b in ranges], dim=1) for x in kv)
+
+    backend = state.attention_backend
+    if ring.size == 1:
+        keys, values = block_keys((bk, bv), 0)
+        out = attention(bq, keys, values, scale=scale, backend=backend)
+    else:
+        partials: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        kv = torch.stack([bk, bv])
+        for step in range(ring.size):
+            shift = RingShift(kv, ring, state.comm) if step < ring.size - 1 else None
+            block = (ring.rank - step) % ring.size
+            keys = block_keys(kv, block)
+            if keys is not None:
+                partials[block] = attention_with_lse(bq, *keys, scale=scale, backend=backend)
+            if shift is not None:
+                kv = shift.wait()
+        out = merge_partials([partials[b] for b in sorted(partials)], bq.dtype)
+    return heads_to_sequence(out, heads, local, ulysses, state.comm)

@@ -141,3 +141,34 @@ def fail_on_rank_one(rank: int, world_size: int) -> int:
     if rank == 1:
         raise ValueError("= 2")
     return rank
+
+
+def segments_cases(rank: int, world_size: int) -> dict[str, dict]:
+    """usp_segments_attention: [text, image] rows, each split over the sequence group, against full attention over
+    the joined sequence; every (ulysses, ring) of the world; uneven lengths and heads, text shorter than the world.
+    Bytes: q, k, v in and the output back through Ulysses' all-to-all, K/V blocks around the ring."""
+    from parallel_core.usp import usp_segments_attention
+
+    results = {}
+    for ulysses, ring, _ in [f for f in factorisations(world_size) if f[2] == 1]:
+        state = pc.init_parallel(pc.ParallelConfig(ulysses_degree=ulysses, ring_degree=ring))
+        for name, text_len, image_len, heads in (("even", 8, 32, 4), ("uneven", 7, 37, 3), ("short-text", 1, 21, 2)):
+            gen = torch.Generator().manual_seed(text_len)
+            full = [torch.randn(2, text_len + image_len, heads, 16, generator=gen) for _ in range(3)]
+            ref = reference(*full)
+            sp = state.sequence
+            mine = [torch.cat([pc.sharding.padded_piece(t[:, :text_len], 1, sp.size, sp.rank),
+                               pc.split_sequence(t[:, text_len:], state, 1)], dim=1) for t in full]
+            text_local = -(-text_len // sp.size)
+            segments = [(text_local, text_len), (mine[0].shape[1] - text_local, image_len)]
+            state.comm.reset()
+            out = usp_segments_attention(*mine, state, segments)
+            text = pc.all_gather(out[:, :text_local].contiguous(), 1, sp, state.comm)[:, :text_len]
+            image = pc.all_gather(out[:, text_local:].contiguous(), 1, sp, state.comm)[:, :image_len]
+            rows, heads_here = mine[0].shape[1], -(-heads // ulysses)
+            expected = (4 * 2 * rows * heads_here * ulysses * 16 * 4 * (ulysses - 1) // ulysses
+                        + (ring - 1) * 2 * 2 * ulysses * rows * heads_here * 16 * 4)
+            results[f"u{ulysses}r{ring}-{name}"] = {
+                "err": (torch.cat([text, image], dim=1) - ref).abs().max().item(),
+                "bytes": state.comm.bytes_sent("all_to_all") + state.comm.bytes_sent("ring_send"), "expected_bytes": expected}
+    return results

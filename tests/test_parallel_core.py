@@ -190,3 +190,15 @@ def test_nccl_launch_needs_a_device_per_rank():
         pytest.skip("this machine has the devices; test_gpu_parallel.py runs NCCL ranks")
     with pytest.raises(ValueError, match=r"backend nccl needs one CUDA device per rank: 2 ranks, \d devices visible; use gloo"):
         run_on_ranks(parallel_cases.fail_on_rank_one, 2, backend="nccl")
+
+
+@pytest.mark.parametrize("world_size", (2, 4))
+def test_segments_attention_equals_full_attention_over_the_joined_sequence(world_size):
+    """[text, image] rows both in Ulysses' all-to-all and Ring's blocks (usp_segments_attention, Flux's attention):
+    full attention's result on every rank for every (ulysses, ring), with the bytes of that method."""
+    per_rank = run_on_ranks(parallel_cases.segments_cases, world_size, timeout_s=600)
+    assert len(per_rank[0]) == 3 * len([f for f in parallel_cases.factorisations(world_size) if f[2] == 1])
+    for results in per_rank:
+        for name, result in results.items():
+            assert result["err"] <= FP32_TOL, f"{name}: {result['err']:.2e}"
+            assert result["bytes"] == result["expected_bytes"], f"{name}: {result['bytes']} bytes, expected {result['expected_bytes']}"

@@ -23,12 +23,12 @@ Method
   unpatched model on rank 0 while rank 1 waits in a barrier. Rounds interleave ulysses, single, ring (odd rounds
   reversed); `speedup_vs_1` is the median of per-round ratios baseline / method. A step's time is the gap between
   stamps of a sampler_post_cfg_function; the first round's first step is dropped (warm-up).
-- Bytes: what each rank recorded on `state.comm` per step, against `theoretical_step_bytes`: per attention call the
-  text shards' q, k, v all-gather 3*B*ceil(T/P)*H*D*4*(P-1) (every family's adapter shards text rows and gathers
-  them for text-in-front joint attention), Ulysses' all-to-alls and Ring's K/V passes over the image rows
-  (attention.theoretical_bytes) plus Ulysses' head all-gather of the text rows B*T*(H/U)*D*4*(U-1); per forward
-  the all-gather of the sequence-sharded output rows B*ceil(S/P)*F*4*(P-1), F being the features the adapter
-  gathers (shapes()[...].gathered_features).
+- Bytes: what each rank recorded on `state.comm` per step, against `theoretical_step_bytes`: every family's adapter
+  shards text rows like image rows, and each rank's N = ceil(S/P) + ceil(T/P) rows travel together
+  (parallel_glue.text_front_attention): per attention call Ulysses' all-to-alls 4*B*N*H*D*4*(U-1)/U (q, k, v in,
+  output back) and Ring's K/V passes (R-1)*2*B*(U*N)*(H/U)*D*4; per forward the all-gather of the
+  sequence-sharded output rows B*ceil(S/P)*F*4*(P-1), F being the features the adapter gathers
+  (shapes()[...].gathered_features).
 - The machine may be shared: `loadavg_1m` (min, max over the runs) is recorded beside every time.
 """
 from __future__ import annotations
@@ -46,7 +46,6 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 
-from comfyui_xdit.bench.attention import theoretical_bytes
 from comfyui_xdit.bench.flux_step import import_comfy_on_rank
 from parallel_core.local_launch import run_on_ranks
 
@@ -141,15 +140,13 @@ def theoretical_step_bytes(method: str, shape: BenchShape, calls: int) -> dict[s
     u, r = degrees.get("ulysses_degree", 1), degrees.get("ring_degree", 1)
     p, s, t, heads, d = u * r, image_tokens(shape), shape.text_tokens, shape.heads, shape.hidden // shape.heads
     local = -(-s // p)
-    per_call = theoretical_bytes(1, s, heads, d, ELT, u, r)
+    rows, heads_here = local + -(-t // p), -(-heads // u)
     out: dict[str, int] = {}
     if u > 1:
-        out["all_to_all/ulysses"] = calls * per_call
-        out["all_gather/ulysses"] = calls * t * (heads // u) * d * ELT * (u - 1)
+        out["all_to_all/ulysses"] = calls * 4 * rows * heads_here * u * d * ELT * (u - 1) // u
     if r > 1:
-        out["ring_send/ring"] = calls * per_call
-    text_gather = calls * 3 * -(-t // p) * heads * d * ELT * (p - 1)
-    out["all_gather/sequence"] = text_gather + local * shape.gathered_features * ELT * (p - 1)
+        out["ring_send/ring"] = calls * (r - 1) * 2 * (u * rows) * heads_here * d * ELT
+    out["all_gather/sequence"] = local * shape.gathered_features * ELT * (p - 1)
     return out
 
 

@@ -1,6 +1,7 @@
 """Per-step time of ComfyUI's own Flux on local CPU gloo ranks: 1 rank vs Ulysses-2, Ring-2 and CFG-2.
 
     python -m comfyui_xdit.bench.flux_step [--pairs 5] [--repeats 2] [--text-tokens 256] [--no-mix] [--wait-load 1.2]
+                                           [--diffusers]
 
 Prints one JSON line per (model shape, configuration) on stdout; progress goes to stderr.
 
@@ -35,12 +36,11 @@ Method
   each gloo group); later rounds' first steps measured no slower than their others. Parallel ranks are
   synchronised by their collectives every step, so rank 0's step time is the slowest rank's.
 - Bytes: `bytes_per_rank_per_step` is what each rank recorded on `state.comm` over a run, divided by its steps.
-  `theoretical_bytes_per_step` (see `theoretical_step_bytes`): Ulysses per attention call
-  3*B*(S/P)*H*D*4*(U-1)/U in + B*(S/P)*H*D*4*(U-1)/U out (attention.theoretical_bytes) + the text rows' head
-  all-gather B*T*(H/U)*D*4*(U-1); Ring (R-1)*2*B*(S/R)*H*D*4 per call; both: the text shards' q, k, v
-  all-gather 3*B*(T/P)*H*D*4*(P-1) per call; calls = depth + single_depth per forward, plus the forward's output
-  all-gather B*(S/P)*64*4*(P-1); CFG: each rank broadcasts the prediction of each cond it owns, latent bytes *
-  (world-1).
+  `theoretical_bytes_per_step` (see `theoretical_step_bytes`): each rank's rows are its image and text shards,
+  N = S/P + T/P of them, and they travel together: Ulysses per attention call 3*B*N*H*D*4*(U-1)/U in +
+  B*N*H*D*4*(U-1)/U out; Ring (R-1)*2*B*(U*N)*(H/U)*D*4 per call; calls = depth + single_depth per forward, plus the
+  forward's output all-gather B*(S/P)*64*4*(P-1); CFG: each rank broadcasts the prediction of each cond it owns,
+  latent bytes * (world-1).
 - `comm_only_ms_per_step`: the step's collectives replayed alone (same shapes, same gloo groups, no compute),
   median of `repeats` replays; divided by the step time it bounds the communication share (Ring overlaps its K/V
   transfer with compute, so for Ring it is an upper bound on what is exposed).
@@ -48,6 +48,15 @@ Method
   parallelism splits image and text rows of every linear layer and the attention; every rank repeats only the
   modulation/embedders (per sample); CFG-2 splits whole forwards (2.0).
 - `max_abs_err`: the parallel run's final latent vs the 1-rank latent of the same round (same seed).
+- `cpu_ms_per_step_by_rank` (the process: compute and gloo's threads) and `main_thread_cpu_ms_per_step_by_rank`:
+  CPU time per step on each rank that ran (medians over rounds, warmup steps included): the work a rank does,
+  which another process's load changes far less than it changes wall time.
+- `--diffusers` (diffusers_flux.py): diffusers' own FluxTransformer2DModel at the same sizes (fp32, its default
+  init from the same seed on every rank), one forward per timed step, on 1 rank (rank 1 waiting, as for ours) and
+  with its Ulysses-2 and Ring-2 context parallelism over the same gloo world; its three runs follow ours in each
+  round (precede them in odd rounds). Its lines give `median_forward_ms`, `speedup_vs_1` against its own 1-rank
+  runs, `max_abs_err` against its own 1-rank output, and our same method's speedup and step time from this run.
+  A diffusers forward has no sampler around it: a ComfyUI step adds the sampler's per-step work to the forward.
 """
 from __future__ import annotations
 
@@ -64,7 +73,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from comfyui_xdit.bench.attention import METHODS, theoretical_bytes, time_across_ranks
+from comfyui_xdit.bench.attention import METHODS, time_across_ranks
+from comfyui_xdit.bench.diffusers_flux import DIFFUSERS_METHODS, DIFFUSERS_VERSION, require_diffusers
 from parallel_core.local_launch import run_on_ranks
 
 # configuration -> (ParallelConfig kwargs or None for the 1-rank baseline, guider, baseline it is paired with)
@@ -77,6 +87,9 @@ CONFIGS: dict[str, tuple[dict | None, str, str | None]] = {
 }
 ROUND_ORDER = ("ulysses", "single", "ring", "cfg", "single-cfg")  # each parallel run next to its baseline
 PARALLEL = ("ulysses", "ring", "cfg")
+PROFILED = ("single", "ulysses", "ring", "cfg")
+DIFFUSERS_ORDER = ("diffusers-ulysses", "diffusers-single", "diffusers-ring")
+DIFFUSERS_PARALLEL = ("diffusers-ulysses", "diffusers-ring")
 WORLD = 2
 CFG_SCALE = 3.5
 LATENT_CHANNELS = 16
@@ -113,14 +126,11 @@ def attention_flop_share(flops: dict[str, float]) -> float:
 
 
 def flop_bound_speedup(method: str, flops: dict[str, float], degree: int = 2) -> float:
-    """Speedup over one rank if communication were free and ranks perfectly overlapped (see module docstring).
-
-    Ring's rank 0 also attends to the text keys (ring block 0), a small extra not counted here.
-    """
+    """Speedup over one rank if communication were free and ranks perfectly overlapped (see module docstring)."""
     total = sum(flops.values())
     if method == "cfg":
         return float(degree)
-    # Text rows are sharded like image rows; the text queries' attention is repeated per ring rank (small).
+    # Text rows are sharded like image rows, in the linear layers and in attention (queries and keys).
     per_rank = (flops["attention"] + flops["linear_image"] + flops["linear_text"]) / degree + flops["per_sample"]
     return total / per_rank
 
@@ -136,18 +146,14 @@ def theoretical_step_bytes(method: str, batch: int, image_tokens: int, text_toke
     u, r = METHODS[method]
     p = u * r
     local = -(-image_tokens // p)
+    rows = local + -(-text_tokens // p)  # each rank's image and text rows travel together (usp_segments_attention)
     heads_here = -(-heads // u)
-    per_call = theoretical_bytes(batch, image_tokens, heads, head_dim, ELT, u, r)  # attention.py's per-call bytes
-    ring_per_call = (r - 1) * 2 * batch * (u * local) * heads_here * head_dim * ELT
     out = {}
-    if u > 1:
-        out["all_to_all/ulysses"] = calls * (per_call - ring_per_call)  # q, k, v in + output back
-        out["all_gather/ulysses"] = calls * batch * text_tokens * heads_here * head_dim * ELT * (u - 1)  # text rows
+    if u > 1:  # q, k, v in and the output back, (U-1)/U of each
+        out["all_to_all/ulysses"] = calls * 4 * batch * rows * heads_here * u * head_dim * ELT * (u - 1) // u
     if r > 1:
-        out["ring_send/ring"] = calls * ring_per_call
-    text_local = -(-text_tokens // p)
-    text_gather = calls * 3 * batch * text_local * heads * head_dim * ELT * (p - 1)  # each call's text q, k, v shards
-    out["all_gather/sequence"] = text_gather + batch * local * OUT_FEATURES * ELT * (p - 1)  # + the output rows
+        out["ring_send/ring"] = calls * (r - 1) * 2 * batch * (u * rows) * heads_here * head_dim * ELT
+    out["all_gather/sequence"] = batch * local * OUT_FEATURES * ELT * (p - 1)  # the forward's output rows
     return out
 
 
@@ -156,8 +162,9 @@ def _first(node_output):
     return node_output.result[0] if hasattr(node_output, "result") else node_output[0]
 
 
-def _sample(model_patcher, guider_kind: str, job: dict, steps: int, seed: int) -> tuple[torch.Tensor, list[float]]:
-    """SamplerCustomAdvanced with stock nodes; returns the latent and one perf_counter stamp per step (+ start)."""
+def _sample(model_patcher, guider_kind: str, job: dict, steps: int, seed: int, on_step=None) -> tuple[torch.Tensor, list[float]]:
+    """SamplerCustomAdvanced with stock nodes; returns the latent and one perf_counter stamp per step (+ start).
+    `on_step()` runs at the end of every step."""
     from comfy_extras import nodes_custom_sampler as custom
     from comfy_extras.nodes_model_advanced import ModelSamplingFlux
 
@@ -169,6 +176,8 @@ def _sample(model_patcher, guider_kind: str, job: dict, steps: int, seed: int) -
 
     def stamp(args):
         stamps.append(time.perf_counter())
+        if on_step is not None:
+            on_step()
         return args["denoised"]
 
     model.set_model_sampler_post_cfg_function(stamp)
@@ -203,23 +212,126 @@ def _replay_step_comm(method: str, state, job: dict, spec: dict) -> dict:
             return
         u, r = state.ulysses.size, state.ring.size
         local = -(-s // (u * r))
+        rows = local + -(-t // (u * r))
         heads_here = -(-heads // u)
         for _ in range(calls):
-            if u > 1:
-                qkv = torch.zeros(3, b, local, heads_here * u, d)
-                qkv = pc.all_to_all(qkv, scatter_dim=3, gather_dim=2, dim_group=state.ulysses, stats=stats)
-            kv = torch.zeros(2, b, u * local, heads_here, d)
+            qkv = [torch.zeros(b, rows, heads_here * u, d) for _ in range(3)]
+            kv = pc.comm.sequence_to_heads(qkv, heads_here * u, state.ulysses, stats, segments=[rows])[1:]
             for _step in range(r - 1):
                 kv = RingShift(kv, state.ring, stats).wait()
-            if u > 1:
-                pc.all_to_all(torch.zeros(b, u * local, heads_here, d), scatter_dim=1, gather_dim=2, dim_group=state.ulysses, stats=stats)
-                pc.all_gather(torch.zeros(b, t, heads_here, d), 2, state.ulysses, stats)
+            pc.comm.heads_to_sequence(torch.zeros(b, u * rows, heads_here, d), heads, [rows], state.ulysses, stats)
         pc.all_gather(torch.zeros(b, local, OUT_FEATURES), 1, state.sequence, stats)
 
     replay()  # warm
     stats.reset()
     times = time_across_ranks(replay, spec["repeats"])
     return {"ms": statistics.median(times), "bytes": stats.bytes_sent() // spec["repeats"]}
+
+
+def _diffusers_models(job: dict, spec: dict) -> dict:
+    """diffusers' Flux at the job's shape: the 1-rank model and its Ulysses-2 and Ring-2 copies (collective)."""
+    from comfyui_xdit.bench import diffusers_flux
+
+    single = diffusers_flux.flux_transformer(job["hidden"], job["depth"], job["single_depth"], spec["seed"])
+    models = {"diffusers-single": single}
+    for name, degrees in DIFFUSERS_METHODS.items():
+        if degrees is not None:
+            models[name] = diffusers_flux.parallel_copy(single, degrees)
+    return {**models, "inputs": diffusers_flux.flux_inputs(job["latent"], job["text_tokens"], spec["seed"]), "outputs": {}}
+
+
+def _diffusers_round(name: str, theirs: dict, runs: dict, rank: int, spec: dict, k: int) -> None:
+    """One timed run of a diffusers model: `repeats` forwards (plus the first round's warmup), median ms on rank 0.
+    The 1-rank model runs on rank 0 while the other rank waits, as our 1-rank baseline does."""
+    from comfyui_xdit.bench import diffusers_flux
+
+    warmup = spec["warmup"] if k == 0 else 0
+    dist.barrier()
+    load = os.getloadavg()[0]
+    if name == "diffusers-single" and rank != 0:
+        dist.barrier()
+        runs[name].append({})
+        return
+    times = []
+    cpu0, thread0 = _cpu_s(), time.thread_time()
+    for _ in range(warmup + spec["repeats"]):
+        start = time.perf_counter()
+        out = diffusers_flux.forward(theirs[name], theirs["inputs"])
+        times.append((time.perf_counter() - start) * 1e3)
+    forwards = warmup + spec["repeats"]
+    theirs["outputs"][name] = out
+    runs[name].append({"step_ms": times, "median_ms": statistics.median(times[warmup:]), "load": (load, os.getloadavg()[0]),
+                       "cpu_ms_per_step": (_cpu_s() - cpu0) * 1e3 / forwards,
+                       "main_thread_cpu_ms_per_step": (time.thread_time() - thread0) * 1e3 / forwards})
+    dist.barrier()
+    if rank == 0:
+        print(f"[bench] round {k + 1}/{spec['pairs']} {name}: {runs[name][-1]['median_ms']:.0f} ms/forward "
+              f"(load {os.getloadavg()[0]:.2f})", file=sys.stderr, flush=True)
+
+
+def _label_flux_modules(diffusion_model) -> list:
+    """Forward hooks opening a profiler range around the model call, its modulation and conditioning embedders
+    (per-sample work) and its RoPE table (profile_categories' labels); returns the hook handles."""
+    from comfy.ldm.flux import layers
+
+    from comfyui_xdit.bench.profile_categories import MODEL, MODULATION, ROPE, label
+
+    def kind(name: str, module) -> str | None:
+        if module is diffusion_model:
+            return MODEL
+        if isinstance(module, layers.Modulation) or name.endswith("adaLN_modulation") or name in ("time_in", "vector_in", "guidance_in"):
+            return MODULATION
+        return ROPE if isinstance(module, layers.EmbedND) else None
+
+    handles, open_ranges = [], []
+    for name, module in diffusion_model.named_modules():
+        category = kind(name, module)
+        if category is None:
+            continue
+
+        def enter(_module, _args, category=category):
+            open_ranges.append(torch.profiler.record_function(label(category)).__enter__())
+
+        def leave(_module, _args, _out):
+            open_ranges.pop().__exit__(None, None, None)
+
+        handles += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+    return handles
+
+
+def _profile_step(model_patcher, guider: str, job: dict, seed: int) -> dict:
+    """torch.profiler over the second of two sampling steps on this rank: ms by profile_categories' category."""
+    from comfyui_xdit.bench.profile_categories import breakdown
+
+    handles = _label_flux_modules(model_patcher.model.diffusion_model)
+    profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                      schedule=torch.profiler.schedule(wait=1, warmup=0, active=1))
+    try:
+        with profiler:
+            _, stamps = _sample(model_patcher, guider, job, 2, seed, on_step=profiler.step)
+    finally:
+        for handle in handles:
+            handle.remove()
+    events = profiler.events()
+    by_category = breakdown(events)
+    top = sorted(profiler.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:10]
+    return {"step_ms": round((stamps[2] - stamps[1]) * 1e3, 1),
+            "ms_by_category": {k: round(v, 1) for k, v in by_category.items()},
+            "top_self_ops_ms": {e.key: round(e.self_cpu_time_total / 1e3, 1) for e in top}}
+
+
+def _profile_rank(rank: int, base, models: dict, job: dict, spec: dict) -> dict:
+    """One profiled step per configuration and rank (the 1-rank baselines on rank 0 while rank 1 waits)."""
+    out = {}
+    for name in PROFILED:
+        degrees, guider, _ = CONFIGS[name]
+        dist.barrier()
+        if degrees is None and rank != 0:
+            dist.barrier()
+            continue
+        out[name] = _profile_step(base if degrees is None else models[name], guider, job, spec["seed"])
+        dist.barrier()
+    return out
 
 
 def _cpu_s() -> float:
@@ -260,11 +372,17 @@ def _bench_rank(rank: int, world_size: int, spec: dict) -> list[dict]:
     for job in spec["jobs"]:
         base = comfy.sd.load_diffusion_model(job["path"])
         models = {name: parallelize(base, states[name]) for name in PARALLEL}
-        runs: dict[str, list[dict]] = {name: [] for name in CONFIGS}
+        theirs = _diffusers_models(job, spec) if spec["diffusers"] else {}
+        runs: dict[str, list[dict]] = {name: [] for name in (*CONFIGS, *theirs)}
         latents: dict[str, torch.Tensor] = {}
         for k in range(spec["pairs"]):
             order = ROUND_ORDER if k % 2 == 0 else tuple(reversed(ROUND_ORDER))
+            if theirs:  # diffusers' runs right after ours (before them in odd rounds), in the same pattern
+                order = (*order, *DIFFUSERS_ORDER) if k % 2 == 0 else (*reversed(DIFFUSERS_ORDER), *order)
             for name in order:
+                if name in theirs:
+                    _diffusers_round(name, theirs, runs, rank, spec, k)
+                    continue
                 degrees, guider, baseline = CONFIGS[name]
                 seed = spec["seed"] + k
                 warmup = spec["warmup"] if k == 0 else 0
@@ -279,7 +397,9 @@ def _bench_rank(rank: int, world_size: int, spec: dict) -> list[dict]:
                 state = states.get(name)
                 if state is not None:
                     state.comm.reset()
+                cpu0, thread0 = _cpu_s(), time.thread_time()
                 latent, stamps = _sample(base if degrees is None else models[name], guider, job, steps, seed)
+                cpu_s, thread_s = _cpu_s() - cpu0, time.thread_time() - thread0
                 step_ms = [(b - a) * 1e3 for a, b in zip(stamps, stamps[1:])]
                 if len(step_ms) != steps:
                     raise RuntimeError(f"{name}: {len(step_ms)} step stamps for {steps} steps")
@@ -288,6 +408,8 @@ def _bench_rank(rank: int, world_size: int, spec: dict) -> list[dict]:
                     "median_ms": statistics.median(step_ms[warmup:]),
                     "bytes_per_step": {key: n / steps for key, n in state.comm.snapshot().items()} if state else {},
                     "load": (load, os.getloadavg()[0]),
+                    "cpu_ms_per_step": cpu_s * 1e3 / steps,
+                    "main_thread_cpu_ms_per_step": thread_s * 1e3 / steps,
                 }
                 if rank == 0:
                     latents[name] = latent
@@ -301,8 +423,11 @@ def _bench_rank(rank: int, world_size: int, spec: dict) -> list[dict]:
             if rank == 0:  # each parallel latent against its baseline of the same round
                 for name in PARALLEL:
                     runs[name][-1]["max_abs_err"] = (latents[name] - latents[CONFIGS[name][2]]).abs().max().item()
+                for name in DIFFUSERS_PARALLEL if theirs else ():
+                    runs[name][-1]["max_abs_err"] = (theirs["outputs"][name] - theirs["outputs"]["diffusers-single"]).abs().max().item()
         comm = {name: _replay_step_comm(name, states[name], job, spec) for name in PARALLEL}
-        results.append({"runs": runs, "comm_replay": comm, "comfy_kernel": comfy_kernel})
+        results.append({"runs": runs, "comm_replay": comm, "comfy_kernel": comfy_kernel,
+                        "profile": _profile_rank(rank, base, models, job, spec) if spec["profile"] else {}})
         del models, base
     return results
 
@@ -354,6 +479,7 @@ def _records(job: dict, result: dict, spec: dict, threads: int) -> list[dict]:
                 **common}
         mine = [run["median_ms"] for run in rank0]
         line["median_step_ms"] = round(statistics.median(mine), 1)
+        line.update(_cpu_by_rank(result["runs_by_rank"][name]))  # work per rank, less sensitive to load
         line["per_pair_step_ms"] = [round(x, 1) for x in mine]
         line["per_pair_loadavg_1m"] = [round(run["load"][0], 2) for run in rank0]
         if baseline is None:
@@ -387,7 +513,48 @@ def _records(job: dict, result: dict, spec: dict, threads: int) -> list[dict]:
             })
         line["loadavg_1m"] = [round(min(loads), 2), round(max(loads), 2)]
         out.append(line)
+    if "diffusers-single" in result["runs_rank0"]:
+        ours = {line["method"]: line for line in out}
+        out.extend(_diffusers_records(result["runs_rank0"], result["runs_by_rank"], common, ours))
     return out
+
+
+def _cpu_by_rank(runs_by_rank: list[list[dict]]) -> dict[str, list[float]]:
+    """Median CPU ms per step of each rank that ran (a 1-rank baseline's waiting rank has no records)."""
+    return {f"{key}_by_rank": [round(statistics.median(run[key] for run in runs), 1) for runs in runs_by_rank if runs and key in runs[0]]
+            for key in ("cpu_ms_per_step", "main_thread_cpu_ms_per_step")}
+
+
+def _diffusers_records(runs: dict, runs_by_rank: dict, common: dict, ours: dict) -> list[dict]:
+    """diffusers' lines: its 1-rank forward and its Ulysses-2 / Ring-2 forwards, each speedup against its own 1-rank
+    runs of the same rounds, beside our same method's speedup and step time from this run."""
+    base_ms = [run["median_ms"] for run in runs["diffusers-single"]]
+    lines = []
+    for name, degrees in DIFFUSERS_METHODS.items():
+        rank0 = runs[name]
+        mine = [run["median_ms"] for run in rank0]
+        loads = [x for run in rank0 for x in run["load"]]
+        line = {"method": name if degrees is None else f"{name}-2", "world_size": 1 if degrees is None else WORLD,
+                "degrees": {} if degrees is None else {"ulysses_degree": degrees[0], "ring_degree": degrees[1]},
+                "implementation": f"diffusers {DIFFUSERS_VERSION} FluxTransformer2DModel, one forward (no sampler), "
+                                  "context parallelism over gloo; attention: its native backend (torch SDPA on CPU; "
+                                  "Ring: the same CPU flash kernel with its LSE)",
+                **{k: v for k, v in common.items() if k not in ("sampler", "comfy_attention", "xdit_attention")},
+                "median_forward_ms": round(statistics.median(mine), 1),
+                "per_pair_forward_ms": [round(x, 1) for x in mine],
+                "per_pair_loadavg_1m": [round(run["load"][0], 2) for run in rank0],
+                **_cpu_by_rank(runs_by_rank[name]),
+                "loadavg_1m": [round(min(loads), 2), round(max(loads), 2)]}
+        if degrees is not None:
+            ratios = [b / m for b, m in zip(base_ms, mine)]
+            ours_line = ours[name.removeprefix("diffusers-") + "-2"]
+            line.update({"baseline": "diffusers-single", "per_pair_ratio": [round(x, 3) for x in ratios],
+                         "speedup_vs_1": round(statistics.median(ratios), 3),
+                         "max_abs_err": max(run["max_abs_err"] for run in rank0),
+                         "xdit_speedup_vs_1": ours_line["speedup_vs_1"],
+                         "xdit_median_step_ms": ours_line["median_step_ms"]})
+        lines.append(line)
+    return lines
 
 
 def _jobs(args) -> list[dict]:
@@ -448,6 +615,13 @@ def parse_args(argv=None):
                         help="ComfyUI's attention in every rank: 'pytorch' (--use-pytorch-cross-attention: torch SDPA, "
                              "the kernel the parallel runs use, so speedups compare like with like) or 'default' "
                              "(ComfyUI's CPU default, sub-quadratic attention, ~2x slower than SDPA here)")
+    parser.add_argument("--diffusers", action="store_true",
+                        help=f"also time diffusers' own Flux transformer (diffusers {DIFFUSERS_VERSION}, the 'bench' extra) at "
+                             "the same shape on 1 rank and with its Ulysses-2 and Ring-2 context parallelism, "
+                             "interleaved with our runs")
+    parser.add_argument("--profile", action="store_true",
+                        help="after the timed rounds, run torch.profiler over one sampling step of each configuration "
+                             "on every rank and print its time by category (profile_categories.py) as JSON lines")
     parser.add_argument("--wait-load", type=float, default=None,
                         help="before starting, wait (up to --wait-s) until the 1-minute load average is at most this")
     parser.add_argument("--wait-s", type=float, default=600.0)
@@ -470,6 +644,8 @@ def _wait_for_load(limit: float, max_s: float) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.diffusers:
+        require_diffusers()
     if args.wait_load is not None:
         _wait_for_load(args.wait_load, args.wait_s)
     if WORLD * args.threads > (os.cpu_count() or 1):
@@ -479,7 +655,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     jobs = _jobs(args)
     spec = {"warmup": args.warmup, "repeats": args.repeats, "pairs": args.pairs, "seed": args.seed,
-            "comfy_attention": args.comfy_attention}
+            "comfy_attention": args.comfy_attention, "diffusers": args.diffusers, "profile": args.profile}
     with tempfile.TemporaryDirectory(prefix="flux_step_") as tmp:
         _write_models(jobs, Path(tmp), args.seed)
         spec["jobs"] = jobs
@@ -491,15 +667,33 @@ def main(argv=None) -> int:
             "comm_replay": per_rank[0][j]["comm_replay"],
             "comfy_kernel": per_rank[0][j]["comfy_kernel"],
             "bytes_by_rank": {name: [_median_bytes(rank_result[j]["runs"][name]) for rank_result in per_rank] for name in PARALLEL},
+            "runs_by_rank": {name: [rank_result[j]["runs"][name] for rank_result in per_rank] for name in per_rank[0][j]["runs"]},
         }
         # rank 1's idle records for the baselines (it only waits while rank 0 samples alone)
         result["idle_runs"] = {"single": per_rank[1][j]["runs"]["single"], "single-cfg": per_rank[1][j]["runs"]["single-cfg"]}
         for line in _records(job, result, spec, args.threads):
             line["loadavg_bench_start_end"] = [round(x, 2) for x in (*load_start, *load_end)]
             print(json.dumps(line), flush=True)
+        for line in _profile_records(job, [rank_result[j]["profile"] for rank_result in per_rank]):
+            print(json.dumps(line), flush=True)
     print(json.dumps(_reference_line(args.text_tokens)), flush=True)
     print(f"[bench] done in {time.perf_counter() - t0:.0f} s, load {os.getloadavg()}", file=sys.stderr, flush=True)
     return 0
+
+
+def _profile_records(job: dict, profiles: list[dict]) -> list[dict]:
+    """One line per (configuration, rank) that was profiled."""
+    lines = []
+    for name in PROFILED:
+        for rank, profile in enumerate(profiles):
+            if name in profile:
+                total = sum(profile[name]["ms_by_category"].values())
+                share = {k: round(v / total, 3) for k, v in profile[name]["ms_by_category"].items()} if total else {}
+                lines.append({"profile": name, "model": job["name"], "rank": rank, "image_tokens": job["image_tokens"],
+                              "text_tokens": job["text_tokens"], "hidden": job["hidden"], **profile[name],
+                              "profiled_ms": round(total, 1), "share_by_category": share,
+                              "loadavg_1m": round(os.getloadavg()[0], 2)})
+    return lines
 
 
 def _median_bytes(runs: list[dict]) -> dict[str, int]:

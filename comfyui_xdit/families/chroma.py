@@ -4,7 +4,7 @@ comfy.ldm.chroma_radiance.model.ChromaRadiance) computed across ranks.
 Chroma is Flux's double/single-block transformer without the pooled vector: its modulations come from a distilled
 approximator of timestep and guidance alone, the same for every token, so each rank computes them whole and only
 the tokens are sharded, exactly as on Flux (families/flux.py: text and image rows with their RoPE positions over the
-sequence-parallel group, joint attention with the text's q/k/v gathered in front, image rows gathered at the end).
+sequence-parallel group, joint [text, image] attention with both kinds of rows in the all-to-all and ring, image rows gathered at the end).
 
 Chroma Radiance hands forward_orig the padded pixel image and patchifies it there (a strided conv, `img_in`), so
 its image tokens are sharded by an object patch of `img_in` instead; its per-patch NeRF head runs after

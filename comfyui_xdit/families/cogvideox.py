@@ -8,7 +8,7 @@ front) and one feed-forward over the same rows, both modulated per stream by the
 Object patches on the blocks of a ModelPatcher clone shard that loop, as for Flux (families/flux.py): the first block
 takes this rank's rows of the text (padded_piece) and of the image tokens (split_sequence), every block takes the
 image tokens' rows of the RoPE table and runs with the `optimized_attention_override` transformer option set to
-parallel_glue.text_front_attention (text q/k/v gathered, image keys over usp_attention). Each rank thus computes
+parallel_glue.text_front_attention (text and image rows together through the all-to-all and ring). Each rank thus computes
 1/P of the text rows rather than all of them, the same result. The last block gathers the image rows for the head.
 CFG and data parallel are the family-independent wrappers (cfg_parallel.py, parallel_glue.py).
 """

@@ -1,8 +1,8 @@
 """Flux.1 and Flux.2 (ComfyUI's comfy.ldm.flux.model.Flux, both) computed across ranks.
 
 Image tokens and text tokens, with their RoPE positions, are split over the sequence-parallel group; every attention
-call of the double and single blocks gathers the (short) text q/k/v and runs usp_attention with the text as joint
-tokens in front. The batch is split over the data group and conds over the cfg group by family-independent
+call of the double and single blocks runs [text, image] attention with both kinds of rows in Ulysses' all-to-all
+and Ring's blocks (parallel_glue.text_front_attention): no rank gathers the text or repeats its queries. The batch is split over the data group and conds over the cfg group by family-independent
 wrappers (parallel_glue.py, cfg_parallel.py).
 
 With patch_degree > 1 (displaced patch parallel, DistriFusion-style) the same rows are shared out over the patch

@@ -8,7 +8,7 @@ attention over [text, image]: text in front) and single-stream blocks over the c
 Object patches on the blocks of a ModelPatcher clone shard that loop (the text refiner and the head stay stock):
 - the first double block takes this rank's rows of the text (padded_piece) and of the image tokens
   (split_sequence); every block takes the same rows of the RoPE table and runs with the `optimized_attention_override`
-  transformer option set to parallel_glue.text_front_attention (text q/k/v gathered, image keys over usp_attention);
+  transformer option set to parallel_glue.text_front_attention (text and image rows together through the all-to-all and ring);
 - the last block gathers the image rows, so forward_orig's final slice [its text rows : + image length] and its
   head see the whole grid (hidden states are only ever whole outside the block loop);
 - a text padding mask (the forward's additive key mask, 0 or -max per text token) is applied by dropping the

@@ -8,7 +8,7 @@ DIFFUSION_MODEL wrapper on a clone of the ModelPatcher:
   and RoPE is computed for exactly those rows (Qwen-Image-Edit's reference-image tokens, appended to the image
   tokens by then, are split with them);
 - the `optimized_attention_override` transformer option runs the joint [text, image] attention with usp_attention,
-  the text's q/k/v gathered as joint tokens in front (the attention Flux's adapter uses: the layout is the same);
+  text rows in front, both kinds of rows in the all-to-all and ring (the attention Flux's adapter uses: the layout is the same);
 - a "double_block" patch after the last block gathers the image tokens back, so the final layer and the unpatchify
   see the whole image.
 
