@@ -67,3 +67,15 @@ def patch_bands(rows: int, patches: int) -> list[tuple[int, int]]:
 def pipeline_bubble(stages: int, patches: int) -> float:
     """Share of a stage's time spent idle when `patches` equal micro-batches fill and drain `stages` once."""
     return (stages - 1) / (patches + stages - 1)
+
+
+def pipeline_time(shares: Sequence[float], patches: int) -> float:
+    """A fill and drain of `patches` equal micro-batches through stages doing `shares` of the work, in units of the
+    whole work on one rank: every stage's first patch, then the rest at the busiest stage's pace."""
+    return (sum(shares) + (patches - 1) * max(shares)) / patches
+
+
+def pipeline_bubbles(shares: Sequence[float], patches: int) -> list[float]:
+    """Share of the pipeline's time each stage spends idle (pipeline_bubble for equal shares)."""
+    total = pipeline_time(shares, patches)
+    return [1 - share / total for share in shares]

@@ -126,3 +126,13 @@ def test_shares_sum_to_one():
     plan = [range(0, 2), range(2, 5)]
     assert pc.stage_shares(plan, [1, 1, 1, 1, 4]) == [0.25, 0.75]
     assert pc.stage_shares(plan, [0] * 5) == [0.0, 0.0]
+
+
+def test_uneven_stages_idle_more_than_the_equal_bubble():
+    assert pc.pipeline_bubbles([0.5, 0.5], 4) == pytest.approx([pc.pipeline_bubble(2, 4)] * 2)
+    assert pc.pipeline_time([0.5, 0.5], 4) == pytest.approx(5 / 8)  # 1.6x over one rank
+    # 71% of the work on the second stage (the memory cut of the bench's tiny Flux): it paces every patch.
+    assert pc.pipeline_time([2 / 7, 5 / 7], 4) == pytest.approx((1 + 3 * 5 / 7) / 4)
+    bubbles = pc.pipeline_bubbles([2 / 7, 5 / 7], 4)
+    assert bubbles[0] > pc.pipeline_bubble(2, 4) > bubbles[1] > 0
+    assert pc.pipeline_time([1.0], 3) == 1 and pc.pipeline_bubbles([1.0], 3) == [0]

@@ -137,6 +137,11 @@ def register(model_class: str, adapter: FamilyAdapter, covers_subclasses: bool =
     _REGISTRY[model_class] = _Registration(model_class, adapter, covers_subclasses)
 
 
+def registered(model_class: str) -> FamilyAdapter:
+    """The adapter registered for comfy.model_base.<model_class> by name (for tools that build a bare diffusion model)."""
+    return _REGISTRY[model_class].adapter
+
+
 def adapter_for(model: torch.nn.Module) -> FamilyAdapter:
     """The adapter of a ComfyUI model (comfy.model_base.BaseModel instance), most derived registration first."""
     import comfy.model_base
