@@ -2,6 +2,7 @@
 
     python -m comfyui_xdit.bench.stale_methods [--steps 12] [--size 64] [--text-tokens 256] [--repeats 2]
         [--methods stock,pipefusion,...] [--patches 4]
+        (e.g. --methods pipefusion,pipefusion_memory,pipefusion_speed --repeats 5: the balances, paired with stock)
 
 Prints one JSON line per method on stdout (progress on stderr), then one line per stage count and balance for the
 stage plan of the real Flux.1-dev architecture (shapes only, at 1024x1024: 4096 image + 512 text tokens).
@@ -25,6 +26,9 @@ Method
   stage's output (broadcast); `bubble_measured` is that time over the sampling's wall time, beside
   `bubble_theory` = (P-1)/(M+P-1) of one fill and drain per model call with equal stages, and
   `bubble_theory_at_plan` = each stage's idle share with the plan's modelled compute shares (pipeline_bubbles).
+- Paired: the PipeFusion runs also time stock sampling on rank 0 (one thread, the other rank waiting) before each
+  timed PipeFusion sampling: `speedup_vs_1_paired` is the median of those per-pair ratios, the figure to quote on a
+  machine whose load changes (rank 0's `peak_rss_mb` then includes the stock model).
 - Stage plan: PipeFusion runs once per balance ("pipefusion" = the default, balanced; "pipefusion_memory",
   "pipefusion_speed"): `stage_blocks` per stage, `compute_share` per stage (block_stages' model at this job's token
   counts), `parameter_share` per stage, `stage_busy_ms_per_step` = each rank's wall time minus its waits, per step,
@@ -88,9 +92,20 @@ def _rank(rank: int, world_size: int, model_path: str, method: dict, spec: dict)
         plan = plan_line(model.model.diffusion_model, adapter_for(model.model), config.pipefusion_degree, method["balance"],
                          Tokens(image=(spec["size"] // 2) ** 2, text=spec["text_tokens"]))
     job = {"latent": (spec["size"], spec["size"]), "text_tokens": spec["text_tokens"]}
+    # Paired: rank 0 also samples with the stock model (one thread, the other rank waiting) before each timed
+    # parallel sampling, so each ratio compares runs made under the same machine load.
+    stock = comfy.sd.load_diffusion_model(model_path) if method.get("paired") and state is not None and state.rank == 0 else None
     latent, _ = _sample(model, "basic", job, spec["steps"], spec["seed"])  # untimed: first use of every group
-    times, comm = [], None
+    if stock is not None:
+        _sample(stock, "basic", job, spec["steps"], spec["seed"])
+    times, stock_times, comm = [], [], None
     for _ in range(spec["repeats"]):
+        if method.get("paired") and state is not None:
+            torch.distributed.barrier()
+            if stock is not None:
+                started = time.perf_counter()
+                _sample(stock, "basic", job, spec["steps"], spec["seed"])
+                stock_times.append(time.perf_counter() - started)
         if state is not None:
             torch.distributed.barrier()
             state.comm.reset()
@@ -100,8 +115,8 @@ def _rank(rank: int, world_size: int, model_path: str, method: dict, spec: dict)
         if state is not None:
             comm = {"bytes": state.comm.snapshot(), "waited_s": state.comm.waited_s()}
     cache = sum(c.peak_bytes for c in _caches(model))
-    return {"latent": latent, "times": times, "comm": comm, "held": held, "kv_cache_bytes": cache, "plan": plan,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {"latent": latent, "times": times, "stock_times": stock_times, "comm": comm, "held": held, "kv_cache_bytes": cache,
+            "plan": plan, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def _caches(model) -> list:
@@ -147,7 +162,7 @@ def _psnr(latent: torch.Tensor, reference: torch.Tensor) -> float:
 
 def _methods(spec: dict) -> list[dict]:
     patches = spec["patches"]
-    pipefusion = {"world_size": 2, "degrees": {"pipefusion_degree": 2}, "options": {"num_pipeline_patch": patches}}
+    pipefusion = {"world_size": 2, "degrees": {"pipefusion_degree": 2}, "options": {"num_pipeline_patch": patches}, "paired": True}
     return [
         {"method": "stock", "world_size": 1},
         {"method": "naive_patch", "world_size": 1, "naive_patches": patches},
@@ -260,7 +275,9 @@ def main(argv=None) -> int:
                          "bubble_measured": [round(r["comm"]["waited_s"] / wall, 3) for wall, r in zip(walls, per_rank)],
                          "bubble_theory": round(pipeline_bubble(2, patches), 3),
                          "bubble_theory_at_plan": [round(b, 3) for b in pipeline_bubbles(plan["compute_share"], patches)],
-                         "speedup_theory": round(speedup_theory(plan["compute_share"], patches, args.steps), 3)})
+                         "speedup_theory": round(speedup_theory(plan["compute_share"], patches, args.steps), 3),
+                         "stock_ms_per_step_paired": round(statistics.median(per_rank[0]["stock_times"]) / args.steps * 1e3, 1),
+                         "speedup_vs_1_paired": round(statistics.median(s / t for s, t in zip(per_rank[0]["stock_times"], per_rank[0]["times"])), 3)})
         print(json.dumps(line), flush=True)
     for line in flux_dev_plan_lines():
         print(json.dumps(line), flush=True)
