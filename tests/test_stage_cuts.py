@@ -136,3 +136,35 @@ def test_uneven_stages_idle_more_than_the_equal_bubble():
     bubbles = pc.pipeline_bubbles([2 / 7, 5 / 7], 4)
     assert bubbles[0] > pc.pipeline_bubble(2, 4) > bubbles[1] > 0
     assert pc.pipeline_time([1.0], 3) == 1 and pc.pipeline_bubbles([1.0], 3) == [0]
+
+
+def test_block_profiles_come_from_comfyuis_module_shapes(comfy_root):
+    """Flux.1-dev and a 4-block SD3 as ComfyUI builds them (meta device): each linear layer counted at the tokens the
+    adapter says it runs on, so Flux's cut matches the hand-made profiles above."""
+    import comfy.ldm.flux.model
+    import comfy.ldm.modules.diffusionmodules.mmdit as mmdit
+    import comfy.ops
+    import torch
+
+    from comfyui_xdit.block_stages import profiles, stage_plan
+    from comfyui_xdit.families import registered
+    from comfyui_xdit.testing.tiny_models import SD3_CONFIG, flux_config
+
+    config = flux_config("dev", "tiny", hidden_size=H, num_heads=24, depth=19, depth_single_blocks=38, vec_in_dim=768, context_in_dim=4096)
+    flux = comfy.ldm.flux.model.Flux(dtype=torch.bfloat16, device="meta", operations=comfy.ops.disable_weight_init, **config)
+    every = profiles(flux, registered("Flux"))
+    assert len(every) == 57
+    assert (dict(every[0].linear_macs), every[0].attention, every[0].attention_width) == (dict(DOUBLE.linear_macs), "joint", H)
+    assert (dict(every[-1].linear_macs), every[-1].attention, every[-1].attention_width) == (dict(SINGLE.linear_macs), "joint", H)
+    assert {b: [len(s) for s in stage_plan(flux, registered("Flux"), 2, b)] for b in pc.BALANCES} == \
+        {"memory": [17, 40], "balanced": [19, 38], "speed": [28, 29]}
+
+    w = 64 * 4  # SD3's width rule: 64 per block
+    sd3 = mmdit.MMDiT(**{**SD3_CONFIG, "depth": 4, "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 64, "out_features": w}}},
+                      dtype=torch.float32, device="meta", operations=comfy.ops.disable_weight_init)
+    blocks = profiles(sd3, registered("SD3"))
+    # Every joint block: image and text streams (attention in, out, 4x MLP) and two 6-way modulations; the last
+    # block's text stream stops after attention (its qkv and a 2-way modulation only).
+    assert dict(blocks[0].linear_macs) == {"image": 12 * w * w, "text": 12 * w * w, "one": 12 * w * w}
+    assert dict(blocks[-1].linear_macs) == {"image": 12 * w * w, "text": 3 * w * w, "one": 8 * w * w}
+    assert blocks[0].attention_width == w
