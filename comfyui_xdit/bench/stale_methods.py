@@ -26,6 +26,9 @@ Method
   stage's output (broadcast); `bubble_measured` is that time over the sampling's wall time, beside
   `bubble_theory` = (P-1)/(M+P-1) of one fill and drain per model call with equal stages, and
   `bubble_theory_at_plan` = each stage's idle share with the plan's modelled compute shares (pipeline_bubbles).
+- CPU time: `cpu_ms_per_step` is each rank's process CPU time per step (waiting ranks block, they do not spin), so
+  `stage_cpu_share` measures each stage's share of the work even on a loaded machine, beside the modelled
+  `compute_share` (which leaves out the embedders and final layer every stage runs on each patch).
 - Paired: the PipeFusion runs also time stock sampling on rank 0 (one thread, the other rank waiting) before each
   timed PipeFusion sampling: `speedup_vs_1_paired` is the median of those per-pair ratios, the figure to quote on a
   machine whose load changes (rank 0's `peak_rss_mb` then includes the stock model).
@@ -98,7 +101,7 @@ def _rank(rank: int, world_size: int, model_path: str, method: dict, spec: dict)
     latent, _ = _sample(model, "basic", job, spec["steps"], spec["seed"])  # untimed: first use of every group
     if stock is not None:
         _sample(stock, "basic", job, spec["steps"], spec["seed"])
-    times, stock_times, comm = [], [], None
+    times, cpu_times, stock_times, comm = [], [], [], None
     for _ in range(spec["repeats"]):
         if method.get("paired") and state is not None:
             torch.distributed.barrier()
@@ -109,13 +112,14 @@ def _rank(rank: int, world_size: int, model_path: str, method: dict, spec: dict)
         if state is not None:
             torch.distributed.barrier()
             state.comm.reset()
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         latent, _ = _sample(model, "basic", job, spec["steps"], spec["seed"])
         times.append(time.perf_counter() - started)
+        cpu_times.append(time.process_time() - cpu_started)
         if state is not None:
             comm = {"bytes": state.comm.snapshot(), "waited_s": state.comm.waited_s()}
     cache = sum(c.peak_bytes for c in _caches(model))
-    return {"latent": latent, "times": times, "stock_times": stock_times, "comm": comm, "held": held, "kv_cache_bytes": cache,
+    return {"latent": latent, "times": times, "cpu_times": cpu_times, "stock_times": stock_times, "comm": comm, "held": held, "kv_cache_bytes": cache,
             "plan": plan, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
@@ -256,6 +260,7 @@ def main(argv=None) -> int:
                 "latent": [args.size, args.size], "image_tokens": (args.size // 2) ** 2, "text_tokens": args.text_tokens,
                 "hidden": args.hidden, "blocks": BLOCKS, "steps": args.steps, "ms_per_step": round(ms, 1),
                 "speedup_vs_1": round(stock_ms / ms, 3),
+                "cpu_ms_per_step": [round(statistics.median(r["cpu_times"]) / args.steps * 1e3, 1) for r in per_rank],
                 "max_abs_err": (per_rank[0]["latent"] - stock_latent).abs().max().item(),
                 "psnr_db": round(_psnr(per_rank[0]["latent"], stock_latent), 2),
                 "block_parameter_share": [round(r["held"][0] / r["held"][1], 4) for r in per_rank],
@@ -272,6 +277,7 @@ def main(argv=None) -> int:
             walls = [statistics.median(r["times"]) for r in per_rank]
             line.update({"warmup_steps": 1, "num_pipeline_patch": patches, **plan,
                          "stage_busy_ms_per_step": [round((wall - r["comm"]["waited_s"]) / args.steps * 1e3, 1) for wall, r in zip(walls, per_rank)],
+                         "stage_cpu_share": [round(c / sum(line["cpu_ms_per_step"]), 4) for c in line["cpu_ms_per_step"]],
                          "bubble_measured": [round(r["comm"]["waited_s"] / wall, 3) for wall, r in zip(walls, per_rank)],
                          "bubble_theory": round(pipeline_bubble(2, patches), 3),
                          "bubble_theory_at_plan": [round(b, 3) for b in pipeline_bubbles(plan["compute_share"], patches)],
