@@ -183,8 +183,11 @@ def test_registering_a_class_twice_is_refused_and_a_missing_class_is_harmless(co
 
     with pytest.raises(ValueError, match="Flux already has an adapter"):
         families.register("Flux", families.FamilyAdapter("Flux again", families.CFG_AND_DATA))
+    # PipeFusion cuts stages by the blocks' modelled compute: an adapter taking it must say how (block_compute).
+    with pytest.raises(ValueError, match="Future takes PipeFusion but its adapter has no block_compute"):
+        families.register("NotInThisComfyUI", families.FamilyAdapter("Future", families.EVERY_METHOD))
     # A registration for a class this ComfyUI does not have (newer ComfyUI) loads and never matches.
-    families.register("NotInThisComfyUI", families.FamilyAdapter("Future", families.EVERY_METHOD))
+    families.register("NotInThisComfyUI", families.FamilyAdapter("Future", families.EVERY_METHOD, block_compute=families.BlockCompute()))
     try:
         assert families.adapter_for(_bare("SDXL")).name is None
     finally:
