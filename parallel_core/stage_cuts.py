@@ -9,11 +9,11 @@ multiply-adds at the job's token counts (`block_flops`); `cut_stages` balances e
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from .pipefusion import partition_stages
+from .pipefusion import min_max_cut, partition_stages, prefix_sums
 
 # Which tokens a linear layer runs on: the image's, the text's, both ("all", a joint stream), or one per sample
 # ("one": modulation of the timestep/pooled vector).
@@ -78,33 +78,6 @@ def block_flops(profile: BlockProfile, tokens: Tokens) -> int:
     return linear + 4 * profile.attention_width * pairs
 
 
-def _min_max_cut(costs: Sequence[int], stages: int, allowed: Callable[[int, int], bool]) -> list[range]:
-    """Contiguous runs minimising the largest summed cost, every run [j, i) with allowed(j, i) (one such cut exists).
-    Ties: the last stage starts as late as possible (earlier stages lighter), as partition_stages does."""
-    count = len(costs)
-    prefix = [0]
-    for cost in costs:
-        prefix.append(prefix[-1] + cost)
-    inf = float("inf")
-    best = [[inf] * (count + 1) for _ in range(stages + 1)]
-    cut = [[0] * (count + 1) for _ in range(stages + 1)]
-    best[0][0] = 0
-    for k in range(1, stages + 1):
-        for i in range(k, count - (stages - k) + 1):
-            for j in range(k - 1, i):
-                if best[k - 1][j] == inf or not allowed(j, i):
-                    continue
-                heaviest = max(best[k - 1][j], prefix[i] - prefix[j])
-                if heaviest < best[k][i] or (heaviest == best[k][i] and j > cut[k][i]):
-                    best[k][i], cut[k][i] = heaviest, j
-    bounds, end = [], count
-    for k in range(stages, 0, -1):
-        start = cut[k][end]
-        bounds.append(range(start, end))
-        end = start
-    return bounds[::-1]
-
-
 def parameter_cap(parameters: Sequence[int], stages: int, balance: str) -> float:
     """The most block parameters one stage may hold under `balance`: 1/P + MEMORY_SLACK of them ("balanced"; never
     below what the parameter-balanced cut needs, which blocks of uneven size can push past it), the memory cut's
@@ -127,23 +100,16 @@ def cut_stages(parameters: Sequence[int], flops: Sequence[int], stages: int, bal
         raise ValueError(f"{len(parameters)} blocks' parameters but {len(flops)} blocks' compute")
     if any(int(p) < 0 for p in parameters) or any(int(f) < 0 for f in flops):
         raise ValueError("block parameters and compute must be >= 0")
-    memory = partition_stages([int(p) for p in parameters], stages)  # also refuses bad stage counts
+    params, work = [int(p) for p in parameters], [int(f) for f in flops]
+    memory = partition_stages(params, stages)  # also refuses bad stage counts
     if balance == "memory":
         return memory
-    params = [int(p) for p in parameters]
-    prefix = [0]
-    for p in params:
-        prefix.append(prefix[-1] + p)
+    param_sums, work_sums = prefix_sums(params), prefix_sums(work)
     cap = parameter_cap(params, stages, balance)
-    fits = lambda j, i: prefix[i] - prefix[j] <= cap  # noqa: E731
     # The cap admits the memory cut, so both searches find a cut.
-    fastest = _min_max_cut([int(f) for f in flops], stages, fits)
-    busiest = max(sum(int(flops[i]) for i in stage) for stage in fastest)
-    flop_prefix = [0]
-    for f in flops:
-        flop_prefix.append(flop_prefix[-1] + int(f))
-    lightest = _min_max_cut(params, stages, lambda j, i: fits(j, i) and flop_prefix[i] - flop_prefix[j] <= busiest)
-    return lightest
+    fastest = min_max_cut(work, stages, lambda j, i: param_sums[i] - param_sums[j] <= cap)
+    busiest = max(work_sums[stage.stop] - work_sums[stage.start] for stage in fastest)
+    return min_max_cut(params, stages, lambda j, i: param_sums[i] - param_sums[j] <= cap and work_sums[i] - work_sums[j] <= busiest)
 
 
 def stage_shares(plan: Sequence[range], weights: Sequence[int]) -> list[float]:
