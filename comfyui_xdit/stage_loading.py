@@ -78,7 +78,7 @@ def load_stage(path: str | Path, weight_dtype: str, stages: int, stage: int, bal
         raise RuntimeError(f"{Path(path).name}: no weights in the file for {missing[:3]}; it does not load as this stage of the model")
     model.load_model_weights(weights, "")
     if stage_plan(diffusion_model, adapter, stages, balance) != plan:
-        raise RuntimeError(f"{Path(path).name}: the loaded blocks' parameters split into other stages than the file's layout; "
+        raise RuntimeError(f"{Path(path).name}: the loaded blocks' parameters and shapes split into other stages than the file's layout; "
                            "this checkpoint cannot be loaded per stage, set pipefusion_degree to 1")
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
     patcher.set_attachments(BALANCE_ATTACHMENT, balance)

@@ -66,3 +66,21 @@ def pipefusion_rank(rank: int, world_size: int, model_path: str, runs: list[dict
         result["bytes"][index] = state.comm.snapshot()
         result["held"][index] = held
     return result
+
+
+def mismatched_cut_rank(rank: int, world_size: int, model_path: str) -> str:
+    """Build PipeFusion on a stage loaded with the memory cut whose ModelPatcher claims the speed cut: the message."""
+    init_worker(cpu=True)
+    from comfyui_xdit.block_stages import BALANCE_ATTACHMENT
+    from comfyui_xdit.parallel_model import parallelize
+    from comfyui_xdit.stage_loading import load_stage
+    from parallel_core import ParallelConfig, init_parallel
+
+    state = init_parallel(ParallelConfig(pipefusion_degree=2))
+    model = load_stage(model_path, "default", 2, state.pipefusion.rank, "memory").clone()
+    model.set_attachments(BALANCE_ATTACHMENT, "speed")
+    try:
+        parallelize(model, state)
+    except RuntimeError as error:
+        return str(error)
+    return "built"

@@ -89,6 +89,12 @@ def test_full_warmup_is_exact_for_every_hybrid(world_size, pipeline_flux):
     assert not failures, "\n".join(failures)
 
 
+def test_a_stage_loaded_for_another_cut_is_refused(pipeline_flux):
+    messages = run_on_ranks(pipefusion_cases.mismatched_cut_rank, 2, pipeline_flux, timeout_s=600)
+    assert messages == ["Flux: this rank holds blocks 0-3 but PipeFusion stage 0 of 2 runs blocks 0-6",
+                        "Flux: this rank holds blocks 4-13 but PipeFusion stage 1 of 2 runs blocks 7-13"], messages
+
+
 def test_defaults_beat_naive_patches_tenfold(pipeline_flux):
     runs, per_rank = _run(2, pipeline_flux, "defaults")
     name = str(CASES["quality"])
