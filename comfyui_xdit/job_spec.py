@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from parallel_core.stage_cuts import DEFAULT_BALANCE
+
 
 @dataclass(frozen=True)
 class PoolModelRef:
@@ -19,6 +21,7 @@ class PoolModelRef:
     cluster: str  # the operator-configured cluster's name ("local" = the private local cluster)
     num_heads: int | None  # None: the model's family shards no attention
     weight_sharding: str = "none"  # "blocks": each rank holds 1/world of every block's weights (weight_sharding.py)
+    pipefusion_balance: str = DEFAULT_BALANCE  # how PipeFusion cuts stages (parallel_core.stage_cuts.BALANCES)
 
 
 @dataclass(frozen=True)

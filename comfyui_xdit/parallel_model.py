@@ -10,21 +10,22 @@ import comfy.patcher_extension
 
 from parallel_core import ParallelConfig, ParallelState
 
-from .block_stages import stage_plan
+from .block_stages import balance_of, stage_plan
 from .cfg_parallel import WRAPPER_KEY, cfg_parallel_wrapper
 from .families import FamilyAdapter, adapter_for
 from .parallel_glue import DATA_WRAPPER_KEY, data_parallel_wrapper
 from .weight_sharding import sharded_blocks, wrap
 
 
-def validate_for_model(config: ParallelConfig, world_size: int, model_patcher) -> FamilyAdapter:
-    """The model's adapter; raises, saying what to change, if `config` cannot run this model on `world_size` ranks."""
+def validate_for_model(config: ParallelConfig, world_size: int, model_patcher, balance: str | None = None) -> FamilyAdapter:
+    """The model's adapter; raises, saying what to change, if `config` cannot run this model on `world_size` ranks
+    with its stages cut by `balance` (default: the one the model was loaded with)."""
     model = model_patcher.model
     adapter = adapter_for(model)
     adapter.refuse_unsupported(config, model)
     config.validate(world_size, num_heads=adapter.num_heads(model.diffusion_model))
     if config.pipefusion_degree > 1:  # more stages than blocks raises here
-        stage_plan(model.diffusion_model, adapter.block_containers, config.pipefusion_degree)
+        stage_plan(model.diffusion_model, adapter, config.pipefusion_degree, balance or balance_of(model_patcher))
     return adapter
 
 

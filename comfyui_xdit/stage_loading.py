@@ -15,7 +15,9 @@ import torch
 import comfy.model_management
 import comfy.model_patcher
 
-from .block_stages import RemoteBlock, block_parameters, blocks, container_and_index, stage_plan
+from parallel_core import DEFAULT_BALANCE
+
+from .block_stages import BALANCE_ATTACHMENT, RemoteBlock, block_parameters, block_profile, blocks, container_and_index, stage_plan
 from .families import adapter_for
 from .quantized import as_loaded
 from .safetensors_files import open_safetensors
@@ -36,8 +38,9 @@ def _plain_layout(config, meta_state: dict[str, torch.Tensor]):
         config.quant_config = quant_config
 
 
-def load_stage(path: str | Path, weight_dtype: str, stages: int, stage: int) -> comfy.model_patcher.ModelPatcher:
-    """A ModelPatcher of the file's model holding only stage `stage` of `stages` (plus the shared layers)."""
+def load_stage(path: str | Path, weight_dtype: str, stages: int, stage: int, balance: str = DEFAULT_BALANCE) -> comfy.model_patcher.ModelPatcher:
+    """A ModelPatcher of the file's model holding only stage `stage` of `stages` (plus the shared layers), the
+    blocks cut by `balance` (block_stages.stage_plan), which the ModelPatcher records for the pipeline."""
     load_device = comfy.model_management.get_torch_device()
     header, metadata = meta_state_dict(path)
     config, meta_state, _, _ = detect(path, weight_dtype, load_device)
@@ -47,14 +50,15 @@ def load_stage(path: str | Path, weight_dtype: str, stages: int, stage: int) -> 
     model = config.get_model(meta_state, "", device=torch.device("meta") if plain is None else None)
     diffusion_model = model.diffusion_model
     layout = diffusion_model if plain is None else plain
-    containers = adapter_for(model).block_containers
-    plan = stage_plan(layout, containers, stages)
+    adapter = adapter_for(model)
+    containers = adapter.block_containers
+    plan = stage_plan(layout, adapter, stages, balance)
     foreign = []
     for index in range(sum(len(s) for s in plan)):
         if index in plan[stage]:
             continue
         container, position = container_and_index(diffusion_model, containers, index)
-        getattr(diffusion_model, container)[position] = RemoteBlock(block_parameters(getattr(layout, container)[position]))
+        getattr(diffusion_model, container)[position] = RemoteBlock(block_profile(getattr(layout, container)[position], layout, adapter))
         foreign.append(f"{container}.{position}.")
     foreign = tuple(foreign)
     offload_device = comfy.model_management.unet_offload_device()
@@ -73,10 +77,12 @@ def load_stage(path: str | Path, weight_dtype: str, stages: int, stage: int) -> 
     if missing:
         raise RuntimeError(f"{Path(path).name}: no weights in the file for {missing[:3]}; it does not load as this stage of the model")
     model.load_model_weights(weights, "")
-    if stage_plan(diffusion_model, containers, stages) != plan:
-        raise RuntimeError(f"{Path(path).name}: the loaded blocks' parameters split into other stages than the file's layout; "
+    if stage_plan(diffusion_model, adapter, stages, balance) != plan:
+        raise RuntimeError(f"{Path(path).name}: the loaded blocks' parameters and shapes split into other stages than the file's layout; "
                            "this checkpoint cannot be loaded per stage, set pipefusion_degree to 1")
-    return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+    patcher.set_attachments(BALANCE_ATTACHMENT, balance)
+    return patcher
 
 
 def held_block_parameters(model) -> tuple[int, int]:

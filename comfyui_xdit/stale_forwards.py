@@ -38,8 +38,9 @@ from parallel_core.comm import recv, send_async
 from parallel_core.sharding import gather_over, shard_positions, split_over
 
 from . import stale_steps
-from .block_stages import stage_plan
+from .block_stages import RemoteBlock, balance_of, blocks as model_blocks, stage_plan
 from .errors import UnsupportedByXDiT
+from .families import adapter_for
 from .parallel_glue import from_bshd, to_bshd
 
 # forward_orig of a family on (img, img_ids, txt, txt_ids) with these transformer_options: the image tokens' output.
@@ -189,7 +190,12 @@ def stale_method(model_patcher, state: ParallelState, family: str, containers: t
     cache = stale_steps.attach_cache(patched)
     if state.pipefusion.size == 1:
         return patched, functools.partial(displaced_forward, family, state, cache)
-    plan = stage_plan(model_patcher.model.diffusion_model, containers, state.pipefusion.size)
+    diffusion_model = model_patcher.model.diffusion_model
+    plan = stage_plan(diffusion_model, adapter_for(model_patcher.model), state.pipefusion.size, balance_of(model_patcher))
     if plan[-1].stop != len(blocks):  # the hooks' keys must cover the registry's containers: a mismatch is a bug
         raise ValueError(f"{family}: {len(blocks)} block keys for {plan[-1].stop} blocks in {containers}")
+    held = [i for i, block in enumerate(model_blocks(diffusion_model, containers)) if not isinstance(block, RemoteBlock)]
+    if len(held) < len(blocks) and held != list(plan[state.pipefusion.rank]):  # a stage model loaded for another cut
+        raise RuntimeError(f"{family}: this rank holds blocks {held[0]}-{held[-1]} but PipeFusion stage {state.pipefusion.rank} "
+                           f"of {state.pipefusion.size} runs blocks {plan[state.pipefusion.rank].start}-{plan[state.pipefusion.rank].stop - 1}")
     return patched, functools.partial(pipefusion_forward, family, state, cache, plan, blocks)

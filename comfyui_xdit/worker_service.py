@@ -2,7 +2,7 @@
 
 Runs inside a Ray actor (ray_backend.worker.PoolWorker names it by import path). Up to RESIDENT_MODELS models stay
 resident per worker (two by default: a Wan 2.2 A14B graph alternates a high-noise and a low-noise expert within every
-prompt), keyed by file, dtype and PipeFusion stage (a stage loads only its own blocks, stage_loading.py), and for
+prompt), keyed by file, dtype and PipeFusion stage and balance (a stage loads only its own blocks, stage_loading.py), and for
 weight_sharding "blocks" by the world and rank whose pieces it holds (weight_sharding.py); loading one
 more drops the least recently used. Each one's parallel clone is cached per parallel config, so a second prompt on
 the same models and degrees loads and builds nothing. A job's LoRA stack is merged into its model before it
@@ -48,7 +48,7 @@ class SamplingService:
     def __init__(self, device: str):
         init_worker(cpu=(device == "cpu"))
         _import_job_modules()
-        self._resident: OrderedDict[tuple[str, str, int, int, tuple[int, int] | None], _Resident] = OrderedDict()  # least recently used first
+        self._resident: OrderedDict[tuple[str, str, int, int, tuple[int, int] | None, str | None], _Resident] = OrderedDict()  # least recently used first
         self._loras = None  # MergedLoras of the model of the last job
         self.model_loads = 0
         self.parallel_builds = 0
@@ -65,9 +65,11 @@ class SamplingService:
         from .weight_sharding import load_sharded, world_group
 
         stages, stage = state.pipefusion.size, state.pipefusion.rank
-        # A sharded model holds this rank's pieces for this world: the world and rank are part of what it is.
+        # A sharded model holds this rank's pieces for this world: the world and rank are part of what it is; a
+        # stage holds the blocks its balance cut.
         pieces = (state.world_size, state.rank) if ref.weight_sharding == "blocks" else None
-        key = (ref.path, ref.weight_dtype, stages, stage, pieces)
+        balance = ref.pipefusion_balance if stages > 1 else None
+        key = (ref.path, ref.weight_dtype, stages, stage, pieces, balance)
         if key not in self._resident:
             if len(self._resident) >= max(1, RESIDENT_MODELS):
                 self._resident.popitem(last=False)
@@ -76,7 +78,7 @@ class SamplingService:
             if pieces is not None:
                 base = load_sharded(ref.path, ref.weight_dtype, world_group())
             elif stages > 1:
-                base = load_stage(ref.path, ref.weight_dtype, stages, stage)
+                base = load_stage(ref.path, ref.weight_dtype, stages, stage, balance)
             else:
                 base = comfy.sd.load_diffusion_model(ref.path, model_options=model_options_for(ref.weight_dtype))
             self._resident[key] = _Resident(base, MergedLoras(base))

@@ -8,6 +8,7 @@ import comfy.model_management
 import folder_paths
 
 from comfyui_xdit import cluster_config
+from comfyui_xdit.block_stages import BALANCE_TOOLTIP, check_balance
 from comfyui_xdit.degrees import DEGREE_INPUTS, DEGREE_TOOLTIPS, resolve_degrees, resolve_world_size
 from comfyui_xdit.errors import UnsupportedByXDiT
 from comfyui_xdit.families import adapter_for
@@ -18,6 +19,7 @@ from comfyui_xdit.shell_model import POOL_ATTACHMENT, WEIGHT_DTYPES, build_shell
 from comfyui_xdit.weight_sharding import CHOICES as SHARDING_CHOICES
 from comfyui_xdit.weight_sharding import check_choice as check_sharding
 from comfyui_xdit.weight_sharding import check_shardable
+from parallel_core import BALANCES, DEFAULT_BALANCE
 from ray_backend.capacity import check_world_fits
 from ray_backend.cluster import ClusterConnectCancelled, ClusterUnreachable, cluster_gpus, cluster_memory_bytes, ensure_ray
 from ray_backend.clusters import LOCAL, ClusterNotConfigured
@@ -37,6 +39,7 @@ def _optional_inputs() -> dict:
             inputs["ray_address"] = (cluster_config.choices(), {"default": LOCAL, "tooltip": "Ray cluster: 'local' = a private cluster on this machine; other names are the clusters the operator configured (XDIT_RAY_CLUSTERS or user/__comfyui_xdit/clusters.json)"})
     # Appended after the degrees: saved workflows store widget values by position.
     inputs["weight_sharding"] = (list(SHARDING_CHOICES), {"default": "none", "advanced": True, "tooltip": "blocks = each worker keeps only 1/N of every transformer block's weights and gathers a block whole just before it runs (exact; for models bigger than one device; not with PipeFusion)"})
+    inputs["pipefusion_balance"] = (list(BALANCES), {"default": DEFAULT_BALANCE, "advanced": True, "tooltip": BALANCE_TOOLTIP})
     return inputs
 
 
@@ -63,7 +66,7 @@ class XDiTUNetLoader:
 
     @classmethod
     def VALIDATE_INPUTS(cls, world_size=0, ulysses_degree=0, ring_degree=0, cfg_degree=0, pipefusion_degree=0, patch_degree=0, data_degree=0,
-                        ray_address=LOCAL, weight_sharding="none"):
+                        ray_address=LOCAL, weight_sharding="none", pipefusion_balance=DEFAULT_BALANCE):
         # Checked before the prompt runs; the family, heads, blocks and GPU counts are checked again when the model is
         # loaded. Only the inputs named here skip ComfyUI's own checks (a **kwargs would skip unet_name's too), so the
         # names are spelled out; tests check the degrees are exactly DEGREE_INPUTS.
@@ -82,12 +85,15 @@ class XDiTUNetLoader:
                 return str(error)
         try:
             check_sharding(weight_sharding, pipefusion_degree if isinstance(pipefusion_degree, int) else 1)
+            check_balance(pipefusion_balance)
         except UnsupportedByXDiT as error:
             return str(error)
         return True
 
-    def load_unet(self, unet_name, weight_dtype, world_size=0, ray_address=LOCAL, weight_sharding="none", **degree_inputs):
+    def load_unet(self, unet_name, weight_dtype, world_size=0, ray_address=LOCAL, weight_sharding="none", pipefusion_balance=DEFAULT_BALANCE,
+                  **degree_inputs):
         target = cluster_config.target_for(ray_address)  # an unconfigured cluster is refused before anything runs
+        check_balance(pipefusion_balance)
         path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
         shell = build_shell(path, weight_dtype)
         adapter = adapter_for(shell.model)
@@ -96,11 +102,11 @@ class XDiTUNetLoader:
         world = resolve_world_size(world_size, cluster_gpus())
         check_world_fits(world, cluster_gpus(), cluster_memory_bytes(), os.path.getsize(path))
         config = resolve_degrees(world, num_heads, supported=adapter.capabilities.supported(), **_degree_arguments(degree_inputs))
-        validate_for_model(config, world, shell)
+        validate_for_model(config, world, shell, pipefusion_balance)
         check_sharding(weight_sharding, config.pipefusion_degree)
         degrees = tuple((f.name, getattr(config, f.name)) for f in dataclasses.fields(config))
         ref = PoolModelRef(path=path, weight_dtype=weight_dtype, degrees=degrees, world_size=world, cluster=target.name, num_heads=num_heads,
-                           weight_sharding=weight_sharding)
+                           weight_sharding=weight_sharding, pipefusion_balance=pipefusion_balance)
         shell.set_attachments(POOL_ATTACHMENT, ref)
         if weight_sharding == "blocks":
             check_shardable(path, weight_dtype, shell)

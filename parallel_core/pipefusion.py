@@ -6,7 +6,7 @@ into `patches` bands of whole token rows; a patch flows through the stages like 
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 # Bands of uneven height are allowed while the tallest is at most this much taller than the shortest: beyond it
 # the pipeline's bubbles grow and stale activations cover an uneven share of the image.
@@ -20,9 +20,21 @@ def partition_stages(block_weights: Sequence[int], stages: int) -> list[range]:
         raise ValueError(f"pipefusion_degree must be a whole number >= 1, got {stages!r}")
     if stages > count:
         raise ValueError(f"pipefusion_degree {stages} is more stages than the model's {count} transformer blocks; use at most {count}")
-    prefix = [0]
-    for weight in block_weights:
-        prefix.append(prefix[-1] + int(weight))
+    return min_max_cut([int(w) for w in block_weights], stages, lambda start, stop: True)
+
+
+def prefix_sums(values: Sequence[int]) -> list[int]:
+    sums = [0]
+    for value in values:
+        sums.append(sums[-1] + value)
+    return sums
+
+
+def min_max_cut(costs: Sequence[int], stages: int, allowed: Callable[[int, int], bool]) -> list[range]:
+    """Contiguous runs of block indices minimising the largest summed cost, among cuts whose every run [start, stop)
+    has allowed(start, stop) (at least one must). Ties: the last stage starts as late as possible."""
+    count = len(costs)
+    prefix = prefix_sums(costs)
     # best[k][i]: the lightest possible heaviest stage when blocks [0, i) form k stages; cut[k][i]: where the last starts.
     inf = float("inf")
     best = [[inf] * (count + 1) for _ in range(stages + 1)]
@@ -31,6 +43,8 @@ def partition_stages(block_weights: Sequence[int], stages: int) -> list[range]:
     for k in range(1, stages + 1):
         for i in range(k, count - (stages - k) + 1):
             for j in range(k - 1, i):
+                if best[k - 1][j] == inf or not allowed(j, i):
+                    continue
                 heaviest = max(best[k - 1][j], prefix[i] - prefix[j])
                 if heaviest < best[k][i] or (heaviest == best[k][i] and j > cut[k][i]):
                     best[k][i], cut[k][i] = heaviest, j
@@ -67,3 +81,15 @@ def patch_bands(rows: int, patches: int) -> list[tuple[int, int]]:
 def pipeline_bubble(stages: int, patches: int) -> float:
     """Share of a stage's time spent idle when `patches` equal micro-batches fill and drain `stages` once."""
     return (stages - 1) / (patches + stages - 1)
+
+
+def pipeline_time(shares: Sequence[float], patches: int) -> float:
+    """A fill and drain of `patches` equal micro-batches through stages doing `shares` of the work, in units of the
+    whole work on one rank: every stage's first patch, then the rest at the busiest stage's pace."""
+    return (sum(shares) + (patches - 1) * max(shares)) / patches
+
+
+def pipeline_bubbles(shares: Sequence[float], patches: int) -> list[float]:
+    """Share of the pipeline's time each stage spends idle (pipeline_bubble for equal shares)."""
+    total = pipeline_time(shares, patches)
+    return [1 - share / total for share in shares]

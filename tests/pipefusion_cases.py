@@ -22,7 +22,8 @@ def _lora_refs(paths: list[str]):
 
 
 def pipefusion_rank(rank: int, world_size: int, model_path: str, runs: list[dict], naive_patches: list[int] = (), loras: list[str] = ()) -> dict:
-    """runs: [{"degrees": ..., "case": SamplingCase fields, "options": stale options}]; every rank returns its
+    """runs: [{"degrees": ..., "case": SamplingCase fields, "options": stale options, optionally "balance": how the
+    stages are cut (stage_cuts.BALANCES; default DEFAULT_BALANCE)}]; every rank returns its
     latents, bytes and held block parameters per run; rank 0 adds stock (with the LoRAs) and naive patch latents."""
     init_worker(cpu=True)
     import comfy.model_management
@@ -33,7 +34,7 @@ def pipefusion_rank(rank: int, world_size: int, model_path: str, runs: list[dict
     from comfyui_xdit.lora_merge import MergedLoras
     from comfyui_xdit.parallel_model import parallelize
     from comfyui_xdit.stage_loading import held_block_parameters, load_stage
-    from parallel_core import ParallelConfig, init_parallel
+    from parallel_core import DEFAULT_BALANCE, ParallelConfig, init_parallel
 
     base = comfy.sd.load_diffusion_model(model_path)
     result: dict = {"latents": {}, "bytes": {}, "held": {}, "stock": {}, "naive": {}}
@@ -49,16 +50,37 @@ def pipefusion_rank(rank: int, world_size: int, model_path: str, runs: list[dict
         # ComfyUI keeps the last sampled model patched (stock's LoRAs merged into base's weights) until it unloads it
         comfy.model_management.unload_all_models()
     states: dict = {}
+    models: dict = {}
     for index, run in enumerate(runs):
-        config = ParallelConfig(**run["degrees"])
-        if config not in states:  # one model per config, as a worker keeps it
-            state = init_parallel(config)
-            model = load_stage(model_path, "default", config.pipefusion_degree, state.pipefusion.rank) if config.pipefusion_degree > 1 else base
+        config, balance = ParallelConfig(**run["degrees"]), run.get("balance", DEFAULT_BALANCE)
+        if config not in states:
+            states[config] = init_parallel(config)
+        state = states[config]
+        if (config, balance) not in models:  # one model per config and stage cut, as a worker keeps it
+            model = load_stage(model_path, "default", config.pipefusion_degree, state.pipefusion.rank, balance) if config.pipefusion_degree > 1 else base
             MergedLoras(model).apply(_lora_refs(list(loras)))
-            states[config] = (state, parallelize(model, state), held_block_parameters(model.model))
-        state, model, held = states[config]
+            models[config, balance] = (parallelize(model, state), held_block_parameters(model.model))
+        model, held = models[config, balance]
         state.comm.reset()
         result["latents"][index] = flux_cases.sample(flux_cases.with_stale_options(model, run["options"]), cases[str(run["case"])])
         result["bytes"][index] = state.comm.snapshot()
         result["held"][index] = held
     return result
+
+
+def mismatched_cut_rank(rank: int, world_size: int, model_path: str) -> str:
+    """Build PipeFusion on a stage loaded with the memory cut whose ModelPatcher claims the speed cut: the message."""
+    init_worker(cpu=True)
+    from comfyui_xdit.block_stages import BALANCE_ATTACHMENT
+    from comfyui_xdit.parallel_model import parallelize
+    from comfyui_xdit.stage_loading import load_stage
+    from parallel_core import ParallelConfig, init_parallel
+
+    state = init_parallel(ParallelConfig(pipefusion_degree=2))
+    model = load_stage(model_path, "default", 2, state.pipefusion.rank, "memory").clone()
+    model.set_attachments(BALANCE_ATTACHMENT, "speed")
+    try:
+        parallelize(model, state)
+    except RuntimeError as error:
+        return str(error)
+    return "built"

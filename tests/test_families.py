@@ -182,8 +182,11 @@ def test_registering_a_class_twice_is_refused_and_a_missing_class_is_harmless(co
 
     with pytest.raises(ValueError, match="Flux already has an adapter"):
         families.register("Flux", families.FamilyAdapter("Flux again", families.CFG_AND_DATA))
+    # PipeFusion cuts stages by the blocks' modelled compute: an adapter taking it must say how (block_compute).
+    with pytest.raises(ValueError, match="Future takes PipeFusion but its adapter has no block_compute"):
+        families.register("NotInThisComfyUI", families.FamilyAdapter("Future", families.EVERY_METHOD))
     # A registration for a class this ComfyUI does not have (newer ComfyUI) loads and never matches.
-    families.register("NotInThisComfyUI", families.FamilyAdapter("Future", families.EVERY_METHOD))
+    families.register("NotInThisComfyUI", families.FamilyAdapter("Future", families.EVERY_METHOD, block_compute=families.BlockCompute()))
     try:
         assert families.adapter_for(_bare("SDXL")).name is None
     finally:
@@ -205,14 +208,19 @@ def test_loader_inputs_and_validation_come_from_one_list(comfy_root):
     optional = XDiTUNetLoader.INPUT_TYPES()["optional"]
     # Widget order is what saved workflows depend on: data_degree is appended after patch_degree.
     assert list(optional) == ["world_size", "ulysses_degree", "ring_degree", "cfg_degree", "pipefusion_degree", "ray_address",
-                              "patch_degree", "data_degree", "weight_sharding"]
+                              "patch_degree", "data_degree", "weight_sharding", "pipefusion_balance"]
     assert optional["weight_sharding"][0] == ["none", "blocks"] and optional["weight_sharding"][1]["default"] == "none"
+    assert optional["pipefusion_balance"][0] == ["balanced", "memory", "speed"] and optional["pipefusion_balance"][1]["default"] == "balanced"
     assert [n for n in optional if n.endswith("_degree")] == list(DEGREE_INPUTS)
     for name, tooltip in DEGREE_TOOLTIPS.items():
         assert optional[f"{name}_degree"][1]["tooltip"] == tooltip
-    assert list(inspect.signature(XDiTUNetLoader.VALIDATE_INPUTS).parameters) == ["world_size", *DEGREE_INPUTS, "ray_address", "weight_sharding"]
+    assert list(inspect.signature(XDiTUNetLoader.VALIDATE_INPUTS).parameters) == ["world_size", *DEGREE_INPUTS, "ray_address", "weight_sharding",
+                                                                                  "pipefusion_balance"]
     assert XDiTUNetLoader.VALIDATE_INPUTS(world_size=4, ulysses_degree=2, data_degree=2, weight_sharding="blocks") is True
     assert "weight_sharding must be one of none, blocks, got 'layers'" in XDiTUNetLoader.VALIDATE_INPUTS(weight_sharding="layers")
+    assert XDiTUNetLoader.VALIDATE_INPUTS(world_size=2, pipefusion_degree=2, pipefusion_balance="speed") is True
+    assert XDiTUNetLoader.VALIDATE_INPUTS(world_size=2, pipefusion_balance="fast") == \
+        "pipefusion_balance must be one of balanced, memory, speed, got 'fast'"
     refusal = XDiTUNetLoader.VALIDATE_INPUTS(world_size=2, pipefusion_degree=2, weight_sharding="blocks")
     assert "cannot be combined with pipefusion_degree 2" in refusal and "set weight_sharding to none or pipefusion_degree to 1" in refusal
     assert XDiTUNetLoader.VALIDATE_INPUTS(world_size=2, data_degree=2) is True

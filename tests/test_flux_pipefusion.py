@@ -2,8 +2,9 @@
 
 Exact (<= 1e-5 against stock sampling) when every step is a warmup step, for every hybrid; at the sampler's
 defaults the error against stock is reported and must be at least 10x smaller (mean squared error) than naive
-patch splitting with the same patches; each PipeFusion rank holds <= 1/P (+5%) of the block parameters; bytes per
-step equal the methods' definitions; LoRA merges onto stage-loaded models.
+patch splitting with the same patches; each PipeFusion rank holds <= 1/P + 5% of the block parameters with the
+default (compute-balanced) cut, and every cut (memory, balanced, speed) is exact; bytes per step equal the methods'
+definitions; LoRA merges onto stage-loaded models.
 """
 from __future__ import annotations
 
@@ -46,9 +47,17 @@ def pipeline_flux(comfy_root, tmp_path_factory) -> str:
     return str(path)
 
 
+# Stage cuts other than the default (balanced by compute within the memory slack: 5 + 9 blocks at 2 stages, the
+# parameter cut's 2 + 2 + 5 + 5 at 4), on the uneven grid: the parameter cut (4 + 10) and the compute cut (7 + 7,
+# and 3 + 3 + 4 + 4 at 4 stages).
+OTHER_CUTS = {2: [("memory", {"pipefusion_degree": 2}), ("speed", {"pipefusion_degree": 2})], 4: [("speed", {"pipefusion_degree": 4})]}
+
+
 def _exact_runs(world_size: int) -> list[dict]:
-    return [{"degrees": d, "case": CASES[c], "options": pipefusion_cases.EXACT}
-            for d in EXACT_CONFIGS[world_size] for c in ("cfg", "basic-18x22", "basic-batch2")]
+    return ([{"degrees": d, "case": CASES[c], "options": pipefusion_cases.EXACT}
+             for d in EXACT_CONFIGS[world_size] for c in ("cfg", "basic-18x22", "basic-batch2")]
+            + [{"degrees": d, "case": CASES["basic-18x22"], "options": pipefusion_cases.EXACT, "balance": balance}
+               for balance, d in OTHER_CUTS[world_size]])
 
 
 @functools.lru_cache(maxsize=None)
@@ -76,8 +85,14 @@ def test_full_warmup_is_exact_for_every_hybrid(world_size, pipeline_flux):
         for rank, result in enumerate(per_rank):
             err = (result["latents"][index] - reference).abs().max().item()
             if not err <= FP32_TOL:
-                failures.append(f"{run['degrees']} {run['case']['name']} rank {rank}: max abs error {err:.3e}")
+                failures.append(f"{run['degrees']} {run.get('balance', 'balanced')} {run['case']['name']} rank {rank}: max abs error {err:.3e}")
     assert not failures, "\n".join(failures)
+
+
+def test_a_stage_loaded_for_another_cut_is_refused(pipeline_flux):
+    messages = run_on_ranks(pipefusion_cases.mismatched_cut_rank, 2, pipeline_flux, timeout_s=600)
+    assert messages == ["Flux: this rank holds blocks 0-3 but PipeFusion stage 0 of 2 runs blocks 0-6",
+                        "Flux: this rank holds blocks 4-13 but PipeFusion stage 1 of 2 runs blocks 7-13"], messages
 
 
 def test_defaults_beat_naive_patches_tenfold(pipeline_flux):
@@ -97,17 +112,27 @@ def test_defaults_beat_naive_patches_tenfold(pipeline_flux):
     print("\n".join(report))
 
 
-def test_each_stage_holds_its_share_of_block_parameters(pipeline_flux):
-    runs, per_rank = _run(4, pipeline_flux, "exact")
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_each_stage_holds_its_share_of_block_parameters(world_size, pipeline_flux):
+    """The default cut keeps each stage within the memory goal (1/P + 5% of the block parameters), the memory cut
+    within 5% of an equal share; the default moves blocks to the stage doing less compute (2 stages: stage 0 holds
+    the 4 double blocks plus a single one, more than half the parameters, where the memory cut gives it less)."""
+    runs, per_rank = _run(world_size, pipeline_flux, "exact")
+    first_stage: dict[str, float] = {}
     for index, run in enumerate(runs):
-        stages = run["degrees"].get("pipefusion_degree", 1)
+        stages, balance = run["degrees"].get("pipefusion_degree", 1), run.get("balance", "balanced")
         if stages == 1:
             continue
-        for result in per_rank:
-            held, total = result["held"][index]
-            assert held <= 1.05 * total / stages, (run["degrees"], held, total)
-    holdings = [result["held"][0] for result in per_rank]  # pipefusion 4: every rank a different stage
-    assert sum(held for held, _ in holdings) == holdings[0][1]
+        holdings = [result["held"][index] for result in per_rank]
+        for held, total in holdings:
+            bound = {"balanced": (1 / stages + 0.05) * total, "memory": 1.05 * total / stages, "speed": total}[balance]
+            assert 0 < held <= bound, (run["degrees"], balance, held, total)
+        if run["degrees"] == {"pipefusion_degree": 2}:
+            first_stage[balance] = holdings[0][0] / holdings[0][1]
+        if run["degrees"] == {"pipefusion_degree": world_size}:  # every rank a different stage
+            assert sum(held for held, _ in holdings) == holdings[0][1]
+    if world_size == 2:
+        assert first_stage["memory"] < 0.5 < first_stage["balanced"] < first_stage["speed"], first_stage
 
 
 def test_bytes_per_step_match_the_definitions(pipeline_flux):

@@ -1,9 +1,11 @@
 """PipeFusion, displaced patch parallel and Ulysses at the same world size, against stock ComfyUI and naive patches.
 
     python -m comfyui_xdit.bench.stale_methods [--steps 12] [--size 64] [--text-tokens 256] [--repeats 2]
+        [--methods stock,pipefusion,...] [--patches 4]
+        (e.g. --methods pipefusion,pipefusion_memory,pipefusion_speed --repeats 5: the balances, paired with stock)
 
-Prints one JSON line per method on stdout (progress on stderr), then one line per stage count for the memory plan
-of the real Flux.1-dev architecture.
+Prints one JSON line per method on stdout (progress on stderr), then one line per stage count and balance for the
+stage plan of the real Flux.1-dev architecture (shapes only, at 1024x1024: 4096 image + 512 text tokens).
 
 Method
 - Model: a seeded checkpoint of tiny_models' "pipeline" size (4 double + 10 single blocks; hidden 256, or
@@ -22,7 +24,19 @@ Method
   `kv_cache_mb` the most the stale methods' key/value tables held at once.
 - Bubble: PipeFusion ranks record the time they block waiting for the previous stage (recv) or for the last
   stage's output (broadcast); `bubble_measured` is that time over the sampling's wall time, beside
-  `bubble_theory` = (P-1)/(M+P-1) of one fill and drain per model call.
+  `bubble_theory` = (P-1)/(M+P-1) of one fill and drain per model call with equal stages, and
+  `bubble_theory_at_plan` = each stage's idle share with the plan's modelled compute shares (pipeline_bubbles).
+- CPU time: `cpu_ms_per_step` is each rank's process CPU time per step (waiting ranks block, they do not spin), so
+  `stage_cpu_share` measures each stage's share of the work even on a loaded machine, beside the modelled
+  `compute_share` (which leaves out the embedders and final layer every stage runs on each patch).
+- Paired: the PipeFusion runs also time stock sampling on rank 0 (one thread, the other rank waiting) before each
+  timed PipeFusion sampling: `speedup_vs_1_paired` is the median of those per-pair ratios, the figure to quote on a
+  machine whose load changes (rank 0's `peak_rss_mb` then includes the stock model).
+- Stage plan: PipeFusion runs once per balance ("pipefusion" = the default, balanced; "pipefusion_memory",
+  "pipefusion_speed"): `stage_blocks` per stage, `compute_share` per stage (block_stages' model at this job's token
+  counts), `parameter_share` per stage, `stage_busy_ms_per_step` = each rank's wall time minus its waits, per step,
+  and `speedup_theory` = what the modelled shares allow over one rank (one synchronous warmup call, then pipelined
+  calls), beside the measured `speedup_vs_1`.
 """
 from __future__ import annotations
 
@@ -38,7 +52,7 @@ from pathlib import Path
 
 import torch
 
-from parallel_core import pipeline_bubble
+from parallel_core import DEFAULT_BALANCE, Tokens, block_flops, pipeline_bubble, pipeline_bubbles, pipeline_time, stage_shares
 from parallel_core.local_launch import run_on_ranks
 
 from .flux_step import theoretical_step_bytes
@@ -64,7 +78,7 @@ def _rank(rank: int, world_size: int, model_path: str, method: dict, spec: dict)
     config = ParallelConfig(**method.get("degrees", {}))
     state = init_parallel(config) if world_size > 1 else None
     if config.pipefusion_degree > 1:
-        model = load_stage(model_path, "default", config.pipefusion_degree, state.pipefusion.rank)
+        model = load_stage(model_path, "default", config.pipefusion_degree, state.pipefusion.rank, method["balance"])
     else:
         model = comfy.sd.load_diffusion_model(model_path)
     held = held_block_parameters(model.model)
@@ -74,21 +88,39 @@ def _rank(rank: int, world_size: int, model_path: str, method: dict, spec: dict)
                                                       OPTIONS_KEY: method.get("options", {})}
     elif method.get("naive_patches"):
         model = naive_patch_model(model, method["naive_patches"])
+    plan = None
+    if config.pipefusion_degree > 1:
+        from comfyui_xdit.families import adapter_for
+
+        plan = plan_line(model.model.diffusion_model, adapter_for(model.model), config.pipefusion_degree, method["balance"],
+                         Tokens(image=(spec["size"] // 2) ** 2, text=spec["text_tokens"]))
     job = {"latent": (spec["size"], spec["size"]), "text_tokens": spec["text_tokens"]}
+    # Paired: rank 0 also samples with the stock model (one thread, the other rank waiting) before each timed
+    # parallel sampling, so each ratio compares runs made under the same machine load.
+    stock = comfy.sd.load_diffusion_model(model_path) if method.get("paired") and state is not None and state.rank == 0 else None
     latent, _ = _sample(model, "basic", job, spec["steps"], spec["seed"])  # untimed: first use of every group
-    times, comm = [], None
+    if stock is not None:
+        _sample(stock, "basic", job, spec["steps"], spec["seed"])
+    times, cpu_times, stock_times, comm = [], [], [], None
     for _ in range(spec["repeats"]):
+        if method.get("paired") and state is not None:
+            torch.distributed.barrier()
+            if stock is not None:
+                started = time.perf_counter()
+                _sample(stock, "basic", job, spec["steps"], spec["seed"])
+                stock_times.append(time.perf_counter() - started)
         if state is not None:
             torch.distributed.barrier()
             state.comm.reset()
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         latent, _ = _sample(model, "basic", job, spec["steps"], spec["seed"])
         times.append(time.perf_counter() - started)
+        cpu_times.append(time.process_time() - cpu_started)
         if state is not None:
             comm = {"bytes": state.comm.snapshot(), "waited_s": state.comm.waited_s()}
     cache = sum(c.peak_bytes for c in _caches(model))
-    return {"latent": latent, "times": times, "comm": comm, "held": held, "kv_cache_bytes": cache,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {"latent": latent, "times": times, "cpu_times": cpu_times, "stock_times": stock_times, "comm": comm, "held": held, "kv_cache_bytes": cache,
+            "plan": plan, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def _caches(model) -> list:
@@ -116,7 +148,7 @@ def _theory(method: dict, spec: dict, rank: int) -> dict[str, int]:
     if degrees.get("pipefusion_degree", 1) > 1:
         stages = degrees["pipefusion_degree"]
         for call in range(steps):
-            bands = [(0, rows)] if call == 0 else patch_bands(rows, method["patches"])
+            bands = [(0, rows)] if call == 0 else patch_bands(rows, spec["patches"])
             add(pipefusion_call_bytes(rank, stages, 1, text, rows, bands, spec["hidden"], OUT_FEATURES))
     elif degrees.get("patch_degree", 1) > 1:
         for call in range(steps):
@@ -133,35 +165,64 @@ def _psnr(latent: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def _methods(spec: dict) -> list[dict]:
-    patches = 4  # PipeFusion's auto patches at 2 stages
+    patches = spec["patches"]
+    pipefusion = {"world_size": 2, "degrees": {"pipefusion_degree": 2}, "options": {"num_pipeline_patch": patches}, "paired": True}
     return [
         {"method": "stock", "world_size": 1},
         {"method": "naive_patch", "world_size": 1, "naive_patches": patches},
         {"method": "naive_patch_2", "world_size": 1, "naive_patches": 2},
-        {"method": "pipefusion", "world_size": 2, "degrees": {"pipefusion_degree": 2}, "options": {}, "patches": patches},
+        {"method": "pipefusion", **pipefusion, "balance": DEFAULT_BALANCE},
+        {"method": "pipefusion_memory", **pipefusion, "balance": "memory"},
+        {"method": "pipefusion_speed", **pipefusion, "balance": "speed"},
         {"method": "patch_parallel", "world_size": 2, "degrees": {"patch_degree": 2}, "options": {}},
         {"method": "ulysses", "world_size": 2, "degrees": {"ulysses_degree": 2}},
     ]
 
 
-def memory_plan_lines() -> list[dict]:
-    """Each stage's share of Flux.1-dev's block parameters (the real architecture on the meta device)."""
+def plan_line(diffusion_model, adapter, stages: int, balance: str, tokens: Tokens) -> dict:
+    """The stage plan `balance` cuts (block_stages.stage_plan) and each stage's modelled compute (at `tokens`) and
+    parameter shares."""
+    from comfyui_xdit.block_stages import profiles, stage_plan
+
+    every = profiles(diffusion_model, adapter)
+    plan = stage_plan(diffusion_model, adapter, stages, balance)
+    compute = stage_shares(plan, [block_flops(p, tokens) for p in every])
+    return {"balance": balance, "stages": stages, "stage_blocks": [[stage.start, stage.stop] for stage in plan],
+            "compute_share": [round(c, 4) for c in compute],
+            "parameter_share": [round(p, 4) for p in stage_shares(plan, [p.parameters for p in every])],
+            "image_tokens": tokens.image, "text_tokens": tokens.text}
+
+
+def speedup_theory(compute_share: list[float], patches: int, steps: int, warmup_steps: int = 1) -> float:
+    """One rank's time over the pipeline's with these stage shares: synchronous warmup calls run the stages one
+    after the other (the whole work), the rest fill and drain `patches` patches (pipeline_time); work outside the
+    blocks, communication and per-patch overheads are not modelled."""
+    warm = min(warmup_steps, steps)
+    return steps / (warm + (steps - warm) * pipeline_time(compute_share, patches))
+
+
+def flux_dev_plan_lines(patches_per_stage: int = 2) -> list[dict]:
+    """Flux.1-dev's stage plans (the real architecture on the meta device) at 1024x1024: each balance at 2, 4 and
+    8 stages, with its modelled compute and parameter shares and what the compute shares allow."""
     import comfy.ldm.flux.model
     import comfy.ops
 
-    from comfyui_xdit.block_stages import block_parameters, blocks, stage_plan
+    from comfyui_xdit.families import registered
     from comfyui_xdit.testing.tiny_models import flux_config
 
     config = flux_config("dev", "tiny", **FLUX_DEV, vec_in_dim=768, context_in_dim=4096)
     model = comfy.ldm.flux.model.Flux(dtype=torch.bfloat16, device="meta", operations=comfy.ops.disable_weight_init, **config)
-    containers = ("double_blocks", "single_blocks")
-    weights = [block_parameters(b) for b in blocks(model, containers)]
+    adapter = registered("Flux")
     lines = []
     for stages in (2, 4, 8):
-        shares = [sum(weights[i] for i in stage) / sum(weights) for stage in stage_plan(model, containers, stages)]
-        lines.append({"method": "pipefusion_memory_plan", "model": "flux1-dev architecture (19 double + 38 single blocks, hidden 3072)",
-                      "stages": stages, "block_parameter_shares": [round(s, 4) for s in shares],
-                      "max_share_over_equal": round(max(shares) * stages, 4), "target": 1.05})
+        for balance in ("memory", "balanced", "speed"):
+            line = plan_line(model, adapter, stages, balance, Tokens(image=4096, text=512))
+            patches = patches_per_stage * stages
+            lines.append({"method": "pipefusion_plan", "model": "flux1-dev architecture (19 double + 38 single blocks, hidden 3072)",
+                          **line, "max_parameter_share_over_equal": round(max(line["parameter_share"]) * stages, 4),
+                          "max_compute_share_over_equal": round(max(line["compute_share"]) * stages, 4),
+                          "patches": patches, "bubble_theory_at_plan": [round(b, 3) for b in pipeline_bubbles(line["compute_share"], patches)],
+                          "speedup_theory_per_pipelined_call": round(1 / pipeline_time(line["compute_share"], patches), 3)})
     return lines
 
 
@@ -173,9 +234,12 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--hidden", type=int, default=256, help="model width (a multiple of 128); the pipeline size's is 256")
+    parser.add_argument("--patches", type=int, default=4, help="PipeFusion's num_pipeline_patch (4 = its auto value at 2 stages)")
+    parser.add_argument("--methods", default="", help="comma-separated method names to run (stock always runs); default: all")
     args = parser.parse_args(argv)
     spec = {"steps": args.steps, "size": args.size, "text_tokens": args.text_tokens, "repeats": args.repeats, "seed": args.seed,
-            "hidden": args.hidden}
+            "hidden": args.hidden, "patches": args.patches}
+    chosen = {"stock", *filter(None, args.methods.split(","))} if args.methods else None
     from comfyui_xdit.comfy_runtime import import_comfy
     from comfyui_xdit.testing.tiny_models import write_tiny_flux
 
@@ -184,6 +248,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as folder:
         path = str(write_tiny_flux(Path(folder) / "flux-pipeline.safetensors", "dev", "pipeline", seed=args.seed, hidden_size=args.hidden))
         for method in _methods(spec):
+            if chosen is not None and method["method"] not in chosen:
+                continue
             print(f"running {method['method']} ...", file=sys.stderr)
             results[method["method"]] = (method, run_on_ranks(_rank, method["world_size"], path, method, spec, timeout_s=3600))
     stock_latent = results["stock"][1][0]["latent"]
@@ -194,6 +260,7 @@ def main(argv=None) -> int:
                 "latent": [args.size, args.size], "image_tokens": (args.size // 2) ** 2, "text_tokens": args.text_tokens,
                 "hidden": args.hidden, "blocks": BLOCKS, "steps": args.steps, "ms_per_step": round(ms, 1),
                 "speedup_vs_1": round(stock_ms / ms, 3),
+                "cpu_ms_per_step": [round(statistics.median(r["cpu_times"]) / args.steps * 1e3, 1) for r in per_rank],
                 "max_abs_err": (per_rank[0]["latent"] - stock_latent).abs().max().item(),
                 "psnr_db": round(_psnr(per_rank[0]["latent"], stock_latent), 2),
                 "block_parameter_share": [round(r["held"][0] / r["held"][1], 4) for r in per_rank],
@@ -205,13 +272,20 @@ def main(argv=None) -> int:
             line.update({"bytes_per_rank_per_step": measured, "theoretical_bytes_per_rank_per_step": theory,
                          "bytes_match": measured == theory,
                          "total_bytes_per_rank_per_step": [sum(m.values()) for m in measured]})
-        if name == "pipefusion":
-            wall = statistics.median(per_rank[0]["times"])
-            line.update({"warmup_steps": 1, "num_pipeline_patch": method["patches"],
-                         "bubble_measured": [round(r["comm"]["waited_s"] / wall, 3) for r in per_rank],
-                         "bubble_theory": round(pipeline_bubble(2, method["patches"]), 3)})
+        if name.startswith("pipefusion"):
+            plan, patches = per_rank[0]["plan"], spec["patches"]
+            walls = [statistics.median(r["times"]) for r in per_rank]
+            line.update({"warmup_steps": 1, "num_pipeline_patch": patches, **plan,
+                         "stage_busy_ms_per_step": [round((wall - r["comm"]["waited_s"]) / args.steps * 1e3, 1) for wall, r in zip(walls, per_rank)],
+                         "stage_cpu_share": [round(c / sum(line["cpu_ms_per_step"]), 4) for c in line["cpu_ms_per_step"]],
+                         "bubble_measured": [round(r["comm"]["waited_s"] / wall, 3) for wall, r in zip(walls, per_rank)],
+                         "bubble_theory": round(pipeline_bubble(2, patches), 3),
+                         "bubble_theory_at_plan": [round(b, 3) for b in pipeline_bubbles(plan["compute_share"], patches)],
+                         "speedup_theory": round(speedup_theory(plan["compute_share"], patches, args.steps), 3),
+                         "stock_ms_per_step_paired": round(statistics.median(per_rank[0]["stock_times"]) / args.steps * 1e3, 1),
+                         "speedup_vs_1_paired": round(statistics.median(s / t for s, t in zip(per_rank[0]["stock_times"], per_rank[0]["times"])), 3)})
         print(json.dumps(line), flush=True)
-    for line in memory_plan_lines():
+    for line in flux_dev_plan_lines():
         print(json.dumps(line), flush=True)
     return 0
 

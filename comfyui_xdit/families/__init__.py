@@ -52,6 +52,20 @@ DIMENSIONS_IN_ORDER: tuple[str, ...] = tuple(DEGREE_TOOLTIPS)
 if tuple(f.name for f in fields(Capabilities)) != DIMENSIONS_IN_ORDER:
     raise ImportError(f"Capabilities must name the loader's degrees {DIMENSIONS_IN_ORDER}, in order")
 
+@dataclass(frozen=True)
+class BlockCompute:
+    """How PipeFusion models the compute of a family's blocks to cut its stages (block_stages.py). The blocks' linear
+    layers are read from their shapes; the adapter says which tokens each runs on and how wide the attention is."""
+
+    # (name prefix of linear layers inside a block, the tokens they run on: "image", "text", or "one" per sample for
+    # modulation), first match wins; the other linear layers run on every token (a joint stream).
+    streams: tuple[tuple[str, str], ...] = ()
+    width_attribute: str = "hidden_size"  # the diffusion model's attribute holding its attention width (heads x head dim)
+    # Image and text tokens of a typical job (a 1024x1024 image): stages are cut when the model loads, before any
+    # job's size is known.
+    reference_tokens: tuple[int, int] = (4096, 512)
+
+
 EVERY_METHOD = Capabilities(ulysses=True, ring=True, cfg=True, data=True, pipefusion=True, patch=True)
 CFG_AND_DATA = Capabilities()
 
@@ -77,6 +91,7 @@ class FamilyAdapter:
     block_containers: tuple[str, ...] = ()  # module lists holding the blocks, in execution order
     limits: str = ""  # why capabilities are narrower than the architecture would allow, for the refusal
     config_names: tuple[tuple[str, str], ...] = ()  # (supported_models config class, name): families sharing a model class
+    block_compute: BlockCompute | None = None  # how PipeFusion models its blocks' compute; required with pipefusion
 
     def family_name(self, model: torch.nn.Module) -> str:
         # SD1.5 and many others share comfy.model_base.BaseModel; their supported_models config class names them.
@@ -126,7 +141,14 @@ def register(model_class: str, adapter: FamilyAdapter, covers_subclasses: bool =
     """Serve models of comfy.model_base.<model_class> with `adapter` (and its subclasses, if `covers_subclasses`)."""
     if model_class in _REGISTRY:
         raise ValueError(f"{model_class} already has an adapter ({_REGISTRY[model_class].adapter.name})")
+    if adapter.capabilities.pipefusion and adapter.block_compute is None:
+        raise ValueError(f"{adapter.name} takes PipeFusion but its adapter has no block_compute to cut stages by")
     _REGISTRY[model_class] = _Registration(model_class, adapter, covers_subclasses)
+
+
+def registered(model_class: str) -> FamilyAdapter:
+    """The adapter registered for comfy.model_base.<model_class> by name (for tools that build a bare diffusion model)."""
+    return _REGISTRY[model_class].adapter
 
 
 def adapter_for(model: torch.nn.Module) -> FamilyAdapter:
@@ -143,9 +165,12 @@ def adapter_for(model: torch.nn.Module) -> FamilyAdapter:
     raise UnsupportedByXDiT(f"{type(model).__name__} is not a ComfyUI diffusion model (comfy.model_base.BaseModel); load it with UNETLoader")
 
 
+# Flux-style blocks: double blocks keep image and text streams apart (img_*/txt_*), each with a modulation of the
+# vector (Flux.1); single blocks run one joint stream with its modulation. T5 text: 512 tokens.
+_FLUX_COMPUTE = BlockCompute(streams=(("img_mod", "one"), ("txt_mod", "one"), ("modulation", "one"), ("img_", "image"), ("txt_", "text")))
 _FLUX_LAYOUT: dict[str, Any] = dict(
     hooks="comfyui_xdit.families.flux", heads_attribute="num_heads", patch_attribute="patch_size", joint_attention="front",
-    block_containers=("double_blocks", "single_blocks"),
+    block_containers=("double_blocks", "single_blocks"), block_compute=_FLUX_COMPUTE,
 )
 register("BaseModel", FamilyAdapter(None, CFG_AND_DATA, limits="no sequence-parallel adapter for this model yet"), covers_subclasses=True)
 register("Flux", FamilyAdapter("Flux", EVERY_METHOD, **_FLUX_LAYOUT))
@@ -162,9 +187,12 @@ register("LongCatImage", FamilyAdapter(
     "LongCat-Image", CFG_AND_DATA, limits="its shifted RoPE positions are not tested with sequence parallel yet"))
 # SD3 and SD3.5 share one class (ComfyUI's MMDiT); SD3.5's dual-attention blocks run through the same hooks.
 # PipeFusion and patch parallel: SD3 and SD3.5 Large; SD3.5 Medium's dual-attention blocks are refused by its hooks.
+# Its joint blocks: an image stream (x_block) and a text stream (context_block, 77 CLIP + 77 T5 tokens), each modulated.
 register("SD3", FamilyAdapter(
     "SD3", EVERY_METHOD, hooks="comfyui_xdit.families.sd3",
-    heads_attribute="num_heads", patch_attribute="patch_size", joint_attention="front", block_containers=("joint_blocks",)))
+    heads_attribute="num_heads", patch_attribute="patch_size", joint_attention="front", block_containers=("joint_blocks",),
+    block_compute=BlockCompute(streams=(("x_block.adaLN_modulation", "one"), ("context_block.adaLN_modulation", "one"),
+                                        ("x_block", "image"), ("context_block", "text")), reference_tokens=(4096, 154))))
 # HiDream I1 puts text (T5 and Llama pieces) behind the image in its joint attention; its hooks shard both.
 register("HiDream", FamilyAdapter(
     "HiDream", Capabilities(ulysses=True, ring=True, cfg=True, data=True), hooks="comfyui_xdit.families.hidream",
@@ -194,7 +222,7 @@ register("ZImagePixelSpace", FamilyAdapter(
 # pixel-space subclass (patchified in forward_orig, a NeRF head after it). One hooks module serves both.
 _CHROMA_LAYOUT: dict[str, Any] = dict(
     hooks="comfyui_xdit.families.chroma", heads_attribute="num_heads", patch_attribute="patch_size", joint_attention="front",
-    block_containers=("double_blocks", "single_blocks"),
+    block_containers=("double_blocks", "single_blocks"), block_compute=_FLUX_COMPUTE,
 )
 register("Chroma", FamilyAdapter("Chroma", EVERY_METHOD, **_CHROMA_LAYOUT))
 register("ChromaRadiance", FamilyAdapter(
