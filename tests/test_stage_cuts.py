@@ -168,3 +168,21 @@ def test_block_profiles_come_from_comfyuis_module_shapes(comfy_root):
     assert dict(blocks[0].linear_macs) == {"image": 12 * w * w, "text": 12 * w * w, "one": 12 * w * w}
     assert dict(blocks[-1].linear_macs) == {"image": 12 * w * w, "text": 3 * w * w, "one": 8 * w * w}
     assert blocks[0].attention_width == w
+
+
+def test_qwen_image_block_profile_counts_each_layer_on_its_stream(comfy_root):
+    """Qwen-Image's real block (width 3072, meta device): image projections and MLP on image tokens, the add_* text
+    projections and text MLP on text tokens, the two 6-way modulations once per sample."""
+    import comfy.ldm.qwen_image.model as qwen
+    import comfy.ops
+    import torch
+
+    from comfyui_xdit.block_stages import profiles
+    from comfyui_xdit.families import registered
+
+    model = qwen.QwenImageTransformer2DModel(num_layers=2, dtype=torch.bfloat16, device="meta", operations=comfy.ops.disable_weight_init)
+    w = model.inner_dim
+    block = profiles(model, registered("QwenImage"))[0]
+    # Per stream: q, k, v and out projections (4 w^2) and a 4x MLP (8 w^2); modulation: w -> 6w.
+    assert dict(block.linear_macs) == {"image": 12 * w * w, "text": 12 * w * w, "one": 12 * w * w}
+    assert (block.attention, block.attention_width) == ("joint", 3072)

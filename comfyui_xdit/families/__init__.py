@@ -178,11 +178,16 @@ register("Flux", FamilyAdapter("Flux", EVERY_METHOD, **_FLUX_LAYOUT))
 # (its positions have a fourth axis; rows are still axis 1, as PipeFusion's bands need).
 register("Flux2", FamilyAdapter("Flux.2", EVERY_METHOD, **_FLUX_LAYOUT))
 # Qwen-Image keeps its head count on each block's attention (the first block this PipeFusion stage holds); its joint
-# attention puts text in front, as Flux's does.
+# attention puts text in front, as Flux's does. Its blocks are double-stream: img_*/txt_* layers and modulations, and
+# an attention with image projections (to_q/k/v, to_out) and text ones (add_*_proj, to_add_out); a few hundred
+# Qwen 2.5 VL text tokens.
 register("QwenImage", FamilyAdapter(
     "Qwen-Image", EVERY_METHOD, hooks="comfyui_xdit.families.qwen_image",
     heads_attribute="transformer_blocks.*.attn.heads", patch_attribute="patch_size", joint_attention="front",
-    block_containers=("transformer_blocks",)))
+    block_containers=("transformer_blocks",),
+    block_compute=BlockCompute(streams=(("img_mod", "one"), ("txt_mod", "one"), ("img_", "image"), ("txt_", "text"),
+                                        ("attn.add_", "text"), ("attn.to_add_out", "text"), ("attn.to_", "image")),
+                               width_attribute="inner_dim", reference_tokens=(4096, 256))))
 register("LongCatImage", FamilyAdapter(
     "LongCat-Image", CFG_AND_DATA, limits="its shifted RoPE positions are not tested with sequence parallel yet"))
 # SD3 and SD3.5 share one class (ComfyUI's MMDiT); SD3.5's dual-attention blocks run through the same hooks.
