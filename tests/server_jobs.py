@@ -52,6 +52,21 @@ def post_interrupt(server_url: str) -> None:
     urllib.request.urlopen(request, timeout=30).read()
 
 
+def cancel_mid_run(server_url: str, graph: dict, after_steps: int = 3) -> list[int]:
+    """Queue `graph`, press Cancel (POST /interrupt) once its sampler reached step `after_steps`, check the prompt ended
+    interrupted within 20 s, and return the sampler's progress steps."""
+    from comfyui_xdit.api_client import ExecutionInterrupted
+
+    thread, outcome = run_in_background(ComfyClient(server_url), graph)
+    wait_for_progress(outcome, after_steps)
+    interrupted_at = time.monotonic()
+    post_interrupt(server_url)
+    thread.join(timeout=120)
+    assert isinstance(outcome.get("error"), ExecutionInterrupted), outcome
+    assert time.monotonic() - interrupted_at < 20
+    return [d["value"] for kind, d in outcome["events"] if kind == "progress" and d.get("node") == SAMPLER_NODE]
+
+
 def descendants(server: ComfyServer) -> list[psutil.Process]:
     try:
         return psutil.Process(server.process.pid).children(recursive=True)
