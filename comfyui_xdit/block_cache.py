@@ -6,8 +6,9 @@ patch that key already had), and an APPLY_MODEL wrapper tells them which samplin
 call's sigma in the sampler's sigmas) and which conds it carries. Then, per block and per call:
 - analysis: |x_t - x_{t-1}| and |x_{t-1}| summed for the block's inputs, its outputs and its residual (each output
   minus the input it updates), with the previous call of the same conds. Sums are over the rows this rank holds
-  that are real tokens (padding from uneven sequence splits excluded), then added up over the sequence group, so
-  they equal the one-process sums up to float64 summation order;
+  that are real (padding from uneven sequence and data splits excluded) in calls no other rank counts (a cond every
+  cfg rank computes counts on the first), then added up over the sequence, cfg and data groups, so they equal the
+  one-process sums up to float64 summation order;
 - schedule: at a step where the schedule marks the block, its output is its input plus its residual from the last
   step it ran (for the same conds), without running it. The decision depends only on the schedule and the step, so
   every rank takes it alike; the residual is each rank's own rows, so sequence parallel and cfg parallel need
@@ -25,15 +26,14 @@ import torch
 from parallel_core import ParallelState, all_gather
 from parallel_core.sharding import chunk_length
 
+from .cfg_parallel import REPEATED_CALL_KEY
 from .errors import UnsupportedByXDiT
 
 WRAPPER_KEY = "comfyui_xdit.block_cache"
 SCHEDULE_ATTACHMENT = "comfyui_xdit.cache_schedule"  # the MODEL's schedule (plain data) from XDiTCacheSchedule
 SUMS = ("output_diff", "output_prev", "input_diff", "input_prev", "residual_diff", "residual_prev")
-# Degrees under which per-block residuals would mix stale activations (PipeFusion, patch parallel), or, for the
-# analysis, under which ranks hold overlapping rows (cfg/data split conds and batch rows above the blocks).
+# Degrees under which per-block residuals would mix stale activations (PipeFusion, patch parallel).
 _REFUSED = ("pipefusion_degree", "patch_degree")
-_ANALYSIS_REFUSED = ("cfg_degree", "data_degree")
 
 
 def block_names(diffusion_model: torch.nn.Module, containers: tuple[str, ...]) -> list[str]:
@@ -41,14 +41,12 @@ def block_names(diffusion_model: torch.nn.Module, containers: tuple[str, ...]) -
     return [f"{c}.{i}" for c in containers for i in range(len(getattr(diffusion_model, c)))]
 
 
-def refuse_degrees(degrees: dict[str, int], analyse: bool, node: str) -> None:
+def refuse_degrees(degrees: dict[str, int], node: str) -> None:
     """Raise, naming the node and the degrees to change, for a pool these per-block passes cannot run on."""
-    refused = [d for d in _REFUSED + (_ANALYSIS_REFUSED if analyse else ()) if degrees.get(d, 1) > 1]
+    refused = [d for d in _REFUSED if degrees.get(d, 1) > 1]
     if refused:
-        why = ("its sums need each rank to hold distinct rows of one call" if analyse and set(refused) <= set(_ANALYSIS_REFUSED)
-               else "per-block residuals would mix stale activations")
-        raise UnsupportedByXDiT(f"{node} cannot run with {', '.join(f'{d} {degrees[d]}' for d in refused)} ({why}); "
-                                f"set {' and '.join(refused)} to 1 on XDiTUNetLoader")
+        raise UnsupportedByXDiT(f"{node} cannot run with {', '.join(f'{d} {degrees[d]}' for d in refused)} (per-block "
+                                f"residuals would mix stale activations); set {' and '.join(refused)} to 1 on XDiTUNetLoader")
 
 
 def _tensors(values) -> list[torch.Tensor]:
@@ -81,8 +79,21 @@ def _row_weights(rows: int, state: ParallelState | None) -> torch.Tensor | None:
     return torch.full((rows,), float(sp.rank == 0), dtype=torch.float64)  # the same on every rank: count it once
 
 
-def _abs_sum(x: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
-    per_row = x.abs().double().sum(dim=(0, 2))
+def _batch_weights(batch: int, state: ParallelState | None) -> torch.Tensor | None:
+    """Which of this rank's batch rows are real (1) or padding of an uneven data-parallel split (0); None: all real."""
+    if state is None or state.data.size == 1:
+        return None
+    total = state.lengths["data"]  # the call's rows, recorded by the data-parallel split just before the model ran
+    chunk = chunk_length(total, state.data.size)
+    if batch != chunk:
+        raise UnsupportedByXDiT(f"a block saw {batch} batch rows where data parallel gave this rank {chunk}; the analysis "
+                                "cannot tell padding rows apart here: set data_degree to 1")
+    return _valid(total, chunk, state.data.rank).double()
+
+
+def _abs_sum(x: torch.Tensor, weights: torch.Tensor | None, batch_weights: torch.Tensor | None) -> torch.Tensor:
+    per_cell = x.abs().double().sum(dim=2)  # (batch, tokens)
+    per_row = (per_cell if batch_weights is None else per_cell * batch_weights[:, None]).sum(dim=0)
     return per_row.sum() if weights is None else (per_row * weights).sum()
 
 
@@ -118,12 +129,14 @@ class BlockRuntime:
     residuals: dict[tuple, tuple] = field(default_factory=dict)  # (block, conds) -> (pairing, residuals, tuple shape)
     reused: int = 0  # block evaluations skipped on this rank
     ran: int = 0
+    counted: bool = True  # whether this call's sums are this rank's to add (REPEATED_CALL_KEY)
 
     def begin(self, transformer_options: dict, rows: int) -> None:
         sample_sigmas = transformer_options["sample_sigmas"]
         sigma = transformer_options["sigmas"].reshape(-1)[0].to(sample_sigmas)
         self.steps = len(sample_sigmas) - 1
         self.call = _Call(int((sample_sigmas[:-1] - sigma).abs().argmin()), (tuple(transformer_options.get("cond_or_uncond", ())), rows))
+        self.counted = not transformer_options.get(REPEATED_CALL_KEY, False)
         if self.state is not None:
             self.state.lengths.pop("text", None)  # set again by this call's joint attention, if it has text in front
 
@@ -142,7 +155,7 @@ class BlockRuntime:
         result = original(*args, **kwargs)
         self.ran += 1
         outputs = _tensors(result if isinstance(result, (tuple, list)) else [result])
-        if self.analyse:
+        if self.analyse and self.counted:
             self._record(index, inputs, outputs)
         if keeps_residual:
             pairing = _pairing(inputs, outputs)
@@ -168,22 +181,22 @@ class BlockRuntime:
             if len(now) != len(then) or any(a.shape != b.shape for a, b in zip(now, then)):
                 continue  # a call of another shape (e.g. the conds batched differently): nothing comparable
             for a, b in zip(now, then):
-                weights = _row_weights(a.shape[1], self.state)
-                sums[index, 2 * column] += _abs_sum(a - b, weights)
-                sums[index, 2 * column + 1] += _abs_sum(b, weights)
+                weights, batch_weights = _row_weights(a.shape[1], self.state), _batch_weights(a.shape[0], self.state)
+                sums[index, 2 * column] += _abs_sum(a - b, weights, batch_weights)
+                sums[index, 2 * column + 1] += _abs_sum(b, weights, batch_weights)
 
     def table(self) -> dict[str, Any]:
-        """Per step and block, the sums (added over the sequence group) and the relative L1 changes."""
+        """Per step and block, the sums (added over the sequence, cfg and data groups) and the relative L1 changes."""
         steps = max(self.steps, max(self.sums, default=-1) + 1)
         sums = torch.zeros(steps, len(self.names), len(SUMS), dtype=torch.float64)
         for step, values in self.sums.items():
             sums[step] = values
-        if self.state is not None and self.state.sequence.size > 1:
-            sums = all_gather(sums.unsqueeze(0), 0, self.state.sequence, self.state.comm).sum(0)
         seen = torch.zeros(steps, dtype=torch.bool)
         seen[list(self.sums)] = True
-        if self.state is not None and self.state.sequence.size > 1:
-            seen = all_gather(seen.unsqueeze(0), 0, self.state.sequence, self.state.comm).any(0)
+        groups = () if self.state is None else (self.state.sequence, self.state.cfg, self.state.data)
+        for group in (g for g in groups if g.size > 1):  # every rank calls table() at the job's end
+            sums = all_gather(sums.unsqueeze(0), 0, group, self.state.comm).sum(0)
+            seen = all_gather(seen.unsqueeze(0), 0, group, self.state.comm).any(0)
 
         def relative(diff: torch.Tensor, prev: torch.Tensor) -> list:
             ratio = diff / prev.clamp_min(1e-300)

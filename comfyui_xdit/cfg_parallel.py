@@ -11,6 +11,13 @@ from typing import Any, Callable
 from parallel_core import ParallelState, broadcast
 
 WRAPPER_KEY = "comfyui_xdit.cfg_parallel"
+# transformer_options entry of a model call whose conds another rank of the cfg group computes too (a lone cond runs on
+# every rank; a spare cond under sharded weights): per-call statistics (block_cache's analysis) count it only once.
+REPEATED_CALL_KEY = "comfyui_xdit.repeated_call"
+
+
+def _marked_repeated(model_options: dict) -> dict:
+    return {**model_options, "transformer_options": {**model_options.get("transformer_options", {}), REPEATED_CALL_KEY: True}}
 
 
 def cfg_parallel_wrapper(state: ParallelState, lockstep: bool = False) -> Callable[..., Any]:
@@ -20,14 +27,15 @@ def cfg_parallel_wrapper(state: ParallelState, lockstep: bool = False) -> Callab
     def calc_cond_batch(executor, model, conds, x_in, timestep, model_options):
         group = state.cfg
         active = [i for i, cond in enumerate(conds) if cond is not None]
-        # One cond (e.g. BasicGuider, or cfg 1.0): nothing to share out; every rank computes it.
+        # One cond (e.g. BasicGuider, or cfg 1.0): nothing to share out; every rank computes it (rank 0's call counts).
         if group.size == 1 or len(active) < 2:
-            return executor(model, conds, x_in, timestep, model_options)
+            return executor(model, conds, x_in, timestep, _marked_repeated(model_options) if group.rank else model_options)
         owner = {index: n % group.size for n, index in enumerate(active)}
         mine = [cond if owner.get(i) == group.rank else None for i, cond in enumerate(conds)]
         if lockstep and all(cond is None for cond in mine):
             spare = active[group.rank % len(active)]
             mine[spare] = conds[spare]  # its output is only the buffer its owner's broadcast overwrites
+            model_options = _marked_repeated(model_options)
         outputs = executor(model, mine, x_in, timestep, model_options)
         return [broadcast(out, owner[i], group, state.comm) if i in owner else out for i, out in enumerate(outputs)]
 

@@ -17,6 +17,8 @@ import flux_cases
 
 STEPS = 6
 CASE = cache_cases.CacheCase("blocks", "", steps=STEPS)
+# One cond, which every cfg rank computes (counted once), over 3 batch rows (data 2 pads one on rank 1, not counted).
+BASIC_CASE = cache_cases.CacheCase("blocks-basic-batch3", "", guider="basic", steps=STEPS, batch=3, seed=6)
 FROZEN_STEPS = (2, 3)  # sampling steps at which the frozen blocks repeat their step-1 output
 FROZEN_BLOCKS = ("double_blocks.0", "single_blocks.0")
 SKIP = {2: "all", 4: "all", 3: [1]}  # a schedule: whole steps 2 and 4, and block 1 alone at step 3
@@ -55,8 +57,10 @@ def schedule(blocks: int) -> dict:
     return {"steps": STEPS, "reuse": {s: list(range(blocks)) if b == "all" else b for s, b in SKIP.items()}}
 
 
-def blocks_rank(rank: int, world_size: int, path: str, degrees: dict, schedule_configs: list[dict]) -> dict:
-    """Every job on `degrees`' parallel model; the scheduled jobs also on each of `schedule_configs`'."""
+def blocks_rank(rank: int, world_size: int, path: str, degrees: dict, schedule_configs: list[dict],
+                analysis_configs: list[dict]) -> dict:
+    """Every job on `degrees`' parallel model; the scheduled jobs also on each of `schedule_configs`', the analysis of
+    CASE and BASIC_CASE on each of `analysis_configs`'."""
     init_worker(cpu=True)
     import comfy.sd
 
@@ -71,11 +75,11 @@ def blocks_rank(rank: int, world_size: int, path: str, degrees: dict, schedule_c
     shell = build_shell(path, "default", PoolModelRef(path, "default", tuple(degrees.items()), world_size, "", 2))
     names = ["double_blocks.0", "single_blocks.0"]
 
-    def job(analyse: bool, reuse: dict | None = None):
+    def job(analyse: bool, reuse: dict | None = None, case=CASE):
         model = shell.clone()
         if reuse is not None:
             model.set_attachments(SCHEDULE_ATTACHMENT, reuse)
-        guider, sampler, sigmas, noise, latent = cache_cases.graph(model, CASE)
+        guider, sampler, sigmas, noise, latent = cache_cases.graph(model, case)
         return build_job(guider, sampler, sigmas, noise.generate_noise(latent), latent["samples"], None, noise.seed, analyse=analyse)
 
     def run(model, the_job, state) -> dict:
@@ -97,4 +101,11 @@ def blocks_rank(rank: int, world_size: int, path: str, degrees: dict, schedule_c
         state = init_parallel(ParallelConfig(**config))
         model = parallelize(base, state)
         result[flux_cases.tag(config)] = {name: run(model, jobs[name], state) for name in ("no-skip", "schedule")}
+    analyses = {case.name: job(True, case=case) for case in (CASE, BASIC_CASE)}
+    if rank == 0:
+        result["one_analysis"] = {name: run(base, the_job, None)["block_changes"] for name, the_job in analyses.items()}
+    for config in analysis_configs:
+        state = init_parallel(ParallelConfig(**config))
+        model = parallelize(base, state)
+        result[f"analysis-{flux_cases.tag(config)}"] = {name: run(model, the_job, state)["block_changes"] for name, the_job in analyses.items()}
     return result

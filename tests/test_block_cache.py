@@ -1,7 +1,8 @@
 """The redundancy analysis and cache schedules (block_cache.py) on gloo ranks, carried as jobs like the pool runs them.
 
-- The per-step, per-block sums at ulysses 2 (uneven grid, padded text and image pieces) equal the one-process sums
-  to float rounding, so the relative changes describe the whole image.
+- The per-step, per-block sums at ulysses 2 (uneven grid, padded text and image pieces), cfg 2 (two conds shared
+  out; a lone cond that both ranks compute, counted once) and data 2 (three batch rows, one of them padding on rank 1)
+  equal the one-process sums to float rounding, so the relative changes describe the whole image.
 - Blocks frozen over a range of steps show exactly zero output change there (and their successors zero input change).
 - An empty schedule is the uncached model bit for bit; a schedule skipping steps and single blocks gives, at ulysses 2,
   ring 2 and cfg 2, the one-process scheduled latent to fp32 rounding, and skips what it says on every rank.
@@ -16,11 +17,12 @@ from parallel_core.local_launch import run_on_ranks
 
 DEGREES = {"ulysses_degree": 2}
 SCHEDULE_CONFIGS = [{"ring_degree": 2}, {"cfg_degree": 2}]
+ANALYSIS_CONFIGS = [{"cfg_degree": 2}, {"data_degree": 2}]
 
 
 @pytest.fixture(scope="module")
 def per_rank(tiny_flux_paths):
-    return run_on_ranks(cases.blocks_rank, 2, str(tiny_flux_paths["dev"]), DEGREES, SCHEDULE_CONFIGS, timeout_s=900)
+    return run_on_ranks(cases.blocks_rank, 2, str(tiny_flux_paths["dev"]), DEGREES, SCHEDULE_CONFIGS, ANALYSIS_CONFIGS, timeout_s=900)
 
 
 def _close(a, b, rel: float = 1e-6) -> bool:
@@ -39,6 +41,18 @@ def test_sharded_sums_equal_the_one_process_sums(per_rank):
                     a, b = values[step][block], pool["sums"][name][step][block]
                     assert a > 0 and _close(a, b), f"rank {rank} {name} step {step} block {block}: {b} vs one process {a}"
         assert (result["pool"]["analysis"]["samples"] - per_rank[0]["one"]["uncached"]["samples"]).abs().max().item() <= flux_cases.FP32_TOL
+
+
+@pytest.mark.parametrize("config", ANALYSIS_CONFIGS, ids=flux_cases.tag)
+def test_sums_under_cfg_and_data_parallel_equal_the_one_process_sums(per_rank, config):
+    for case, one in per_rank[0]["one_analysis"].items():
+        for rank, result in enumerate(per_rank):
+            pool = result[f"analysis-{flux_cases.tag(config)}"][case]
+            for name, values in one["sums"].items():
+                for step in range(1, cases.STEPS):
+                    for block in range(len(one["blocks"])):
+                        a, b = values[step][block], pool["sums"][name][step][block]
+                        assert a > 0 and _close(a, b), f"{case} rank {rank} {name} step {step} block {block}: {b} vs one process {a}"
 
 
 @pytest.mark.parametrize("where", ["one", "pool"])
