@@ -10,8 +10,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from parallel_core import ParallelState, all_gather, gather_batch, split_batch, usp_attention, usp_segments_attention
-from parallel_core.sharding import chunk_length, padded_piece
+from parallel_core import ParallelState, gather_batch, split_batch, usp_attention, usp_segments_attention
+from parallel_core.sharding import chunk_length
 
 from .errors import UnsupportedByXDiT
 
@@ -87,20 +87,13 @@ def text_rear_attention(state: ParallelState, text_lengths: Sequence[int], q: to
     lengths, each split over the sequence group as padded_piece splits it: each rank's rows are [its image shard
     (as split_sequence made it), its shard of piece 1, ..., its shard of the last piece].
 
-    The text shards' q/k/v are gathered and trimmed into the whole pieces, which join usp_attention as joint tokens
-    behind the image; each rank keeps the output rows of its own shards.
+    Image and text rows travel together in Ulysses' all-to-all and Ring's blocks (usp_segments_attention), the keys
+    laid out [image, piece 1, ...] as one process has them: no text gathers, no rank computing another's text queries.
     """
     sp = state.sequence
-    image_local = chunk_length(state.lengths["sequence"], sp.size)
-    local = [chunk_length(n, sp.size) for n in text_lengths]
-    shards = torch.stack([q[:, image_local:], k[:, image_local:], v[:, image_local:]])  # (3, B, sum(local), H, D)
-    gathered = all_gather(shards, 2, sp, state.comm).unflatten(2, (sp.size, sum(local)))
-    pieces = [rows.flatten(2, 3)[:, :, :n] for rows, n in zip(gathered.split(local, dim=3), text_lengths)]
-    text_q, text_k, text_v = torch.cat(pieces, dim=2).unbind(0)
-    out = usp_attention(q[:, :image_local], k[:, :image_local], v[:, :image_local], state, joint_q=text_q, joint_k=text_k,
-                        joint_v=text_v, joint_strategy="rear", scale=scale)
-    text_out = out[:, image_local:].split(list(text_lengths), dim=1)
-    return torch.cat([out[:, :image_local], *(padded_piece(piece, 1, sp.size, sp.rank) for piece in text_out)], dim=1)
+    image = state.lengths["sequence"]
+    segments = [(chunk_length(n, sp.size), n) for n in (image, *text_lengths)]
+    return usp_segments_attention(q, k, v, state, segments, scale=scale)
 
 
 def text_rear_attention_override(family: str, state: ParallelState, text_lengths: Sequence[int], func, q, k, v, heads,

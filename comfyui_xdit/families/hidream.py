@@ -13,8 +13,9 @@ as padded_piece splits), so the forward's per-block concatenation and truncation
 - object patches on a clone of the ModelPatcher: `patchify` returns this rank's image tokens (split_sequence
   records the whole image's length), the RoPE embedder returns the rows of those tokens followed by the text rows,
   `unpatchify` gathers the image tokens back (padding dropped) before folding them into the latent;
-- the attention (parallel_glue.text_rear_attention) gathers the text shards' q/k/v into the whole pieces and runs
-  usp_attention over the image shards with them as joint tokens behind; each rank keeps its own rows.
+- the attention (parallel_glue.text_rear_attention) sends the image and text shards together through Ulysses'
+  all-to-all and Ring's blocks, the keys laid out [image, text pieces] as one process has them; each rank keeps its
+  own rows.
 Padded tokens never act as keys and every other layer is per token (the MoE router included), so they change
 nothing. CFG and data parallel are the family-independent wrappers (cfg_parallel.py, parallel_glue.py).
 """
