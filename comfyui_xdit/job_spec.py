@@ -3,7 +3,7 @@ worker can unpickle them before it has imported ComfyUI)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -72,6 +72,8 @@ class PoolVaeRef:
 class VaeJob:
     """One VAEDecode ("decode": a latent) or VAEEncode ("encode": pixels) split by rows over the pool."""
 
+    # Every rank hands back its own rows (vae_parallel.join_pieces joins them): none holds the whole output.
+    every_rank_returns: ClassVar[bool] = True
     vae: PoolVaeRef
     kind: str
     tensor: torch.Tensor

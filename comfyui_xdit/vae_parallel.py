@@ -17,8 +17,10 @@ import copy
 
 import torch
 
-from parallel_core.spatial_conv import (RowGroup, all_gather_rows, edge_rows, gather_rows, group_norm, halo_exchange,
-                                        split_rows)
+from parallel_core.spatial_conv import RowGroup, all_gather_rows, edge_rows, group_norm, halo_exchange, split_rows
+
+# Where the rows lie in what each kind returns: images (..., rows, columns, channels), latents (..., rows, columns).
+ROWS_DIM = {"decode": -3, "encode": -2}
 
 
 def _model_classes():
@@ -208,11 +210,18 @@ def _check_latent(vae, samples: torch.Tensor) -> None:
                          f"{vae.latent_channels}: load the VAE that belongs to the model that made this latent")
 
 
+def join_pieces(kind: str, pieces: list[torch.Tensor | None]) -> torch.Tensor:
+    """What the stock `vae.decode` / `vae.encode` returns, from every rank's piece (in rank order) of a `kind` job."""
+    present = [piece for piece in pieces if piece is not None]
+    return present[0] if len(present) == 1 else torch.cat(present, dim=ROWS_DIM[kind])
+
+
 def decode(vae, samples: torch.Tensor, rows: RowGroup) -> torch.Tensor | None:
-    """What `vae.decode(samples)` returns, on group rank 0 (None on the others), computed by all ranks of `rows`.
+    """This rank's rows of what `vae.decode(samples)` returns, computed by all ranks of `rows`; join_pieces joins
+    them. No rank gathers the whole image: each hands its own rows to the caller.
 
     A video latent (batch, channels, frames, rows, columns) is split by rows the same way: every rank walks all
-    frames. A latent with fewer rows than ranks is decoded by rank 0 alone.
+    frames. A latent with fewer rows than ranks is decoded by rank 0 alone (the others return None).
     """
     import comfy.model_management as mm
 
@@ -233,15 +242,15 @@ def decode(vae, samples: torch.Tensor, rows: RowGroup) -> torch.Tensor | None:
         out = model.decode(band.to(device=vae.device, dtype=vae.vae_dtype))
         out = out.to(device=vae.output_device, dtype=vae.vae_output_dtype())
         vae.process_output(out)
-        whole = gather_rows(out, rows)
-    return None if whole is None else whole.movedim(1, -1)
+    return out.movedim(1, -1)
 
 
 def encode(vae, pixels: torch.Tensor, rows: RowGroup) -> torch.Tensor | None:
-    """What `vae.encode(pixels)` returns, on group rank 0 (None on the others), computed by all ranks of `rows`.
+    """This rank's latent rows of what `vae.encode(pixels)` returns, computed by all ranks of `rows`; join_pieces
+    joins them.
 
     A video VAE takes the images as the frames of one clip, as the stock encode does. Pixels with fewer latent rows
-    than ranks are encoded by rank 0 alone.
+    than ranks are encoded by rank 0 alone (the others return None).
     """
     import comfy.model_management as mm
 
@@ -266,7 +275,5 @@ def encode(vae, pixels: torch.Tensor, rows: RowGroup) -> torch.Tensor | None:
     with torch.inference_mode():
         out = model.encode(vae.process_input(band).to(vae.vae_dtype).to(vae.device).contiguous())
         out = out.to(vae.output_device).to(dtype=vae.vae_output_dtype())
-        whole = gather_rows(out, rows)
-    if whole is not None and vae.format_encoded is not None:
-        whole = vae.format_encoded(whole)
-    return whole
+    # Only SeedVR2's VAE (not split here) sets format_encoded in ComfyUI 0.30.0; it scales each element.
+    return out if vae.format_encoded is None else vae.format_encoded(out)

@@ -36,7 +36,7 @@ class ResidentVae:
         return self._vae
 
     def run(self, job: VaeJob) -> Any:
-        """Rank 0 returns the image (decode) or latent (encode); the others None."""
+        """This rank's rows of the image (decode) or latent (encode): vae_parallel.join_pieces joins every rank's."""
         from . import vae_parallel
 
         vae = self.get(job.vae)

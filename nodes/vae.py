@@ -20,7 +20,7 @@ from comfyui_xdit.degrees import resolve_world_size
 from comfyui_xdit.job_spec import PoolVaeRef, VaeJob
 from comfyui_xdit.pool_client import live_world, pool_for
 from comfyui_xdit.safetensors_files import SAFETENSORS_SUFFIXES
-from comfyui_xdit.vae_parallel import unsupported_reason
+from comfyui_xdit.vae_parallel import join_pieces, unsupported_reason
 from comfyui_xdit.vae_service import vae_degrees
 from ray_backend.cluster import cluster_gpus
 from ray_backend.clusters import LOCAL, ClusterNotConfigured
@@ -98,7 +98,7 @@ def _on_pool(node: str, ref: PoolVaeRef, kind: str, tensor):
         raise
     except PoolFailure as error:
         raise RuntimeError(f"{node}: XDiT worker pool failed: {error}. The pool was stopped; queue the prompt again to start a fresh one.") from error
-    return result["output"]["tensor"]
+    return join_pieces(kind, [output["tensor"] for output in result["output"]])
 
 
 class XDiTVAEDecode(comfy_nodes.VAEDecode):

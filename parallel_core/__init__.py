@@ -11,7 +11,7 @@ from .comm import CommStats, DimensionGroup, all_gather, all_to_all, broadcast
 from .config import DIMENSIONS, ParallelConfig
 from .pipefusion import partition_stages, patch_bands, pipeline_bubble, pipeline_bubbles, pipeline_time
 from .sharding import gather_batch, gather_sequence, split_batch, split_sequence
-from .spatial_conv import RowGroup, all_gather_rows, edge_rows, gather_rows, group_norm, halo_exchange, split_rows
+from .spatial_conv import RowGroup, all_gather_rows, edge_rows, group_norm, halo_exchange, split_rows
 from .state import ParallelState, init_parallel, rank_groups
 from .stage_cuts import BALANCES, DEFAULT_BALANCE, BlockProfile, Tokens, block_flops, cut_stages, stage_shares
 from .stale_kv import KVCache, displaced_attention, pipefusion_attention
@@ -48,7 +48,6 @@ __all__ = [
     "pipeline_time",
     "attention_with_lse",
     "gather_batch",
-    "gather_rows",
     "gather_sequence",
     "group_norm",
     "halo_exchange",

@@ -101,17 +101,6 @@ def all_gather_rows(x: torch.Tensor, rows: RowGroup) -> torch.Tensor:
     return torch.cat([band[..., :count, :] for band, count in zip(bands, counts)], dim=-2)
 
 
-def gather_rows(x: torch.Tensor, rows: RowGroup, dst: int = 0) -> torch.Tensor | None:
-    """Every band joined in rank order on group rank `dst`; None on the others."""
-    counts = _row_counts(x, rows)
-    padded = _padded_bands(x, counts)
-    bands = [torch.empty_like(padded) for _ in range(rows.size)] if rows.rank == dst else None
-    dist.gather(padded, bands, dst=rows.peer(dst), group=rows.group)
-    if bands is None:
-        return None
-    return torch.cat([band[..., :count, :] for band, count in zip(bands, counts)], dim=-2)
-
-
 def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
                eps: float, rows: RowGroup) -> torch.Tensor:
     """torch.nn.functional.group_norm of the whole image, computed on this rank's band of `x` (N, C, rows, W)."""

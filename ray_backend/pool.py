@@ -161,7 +161,8 @@ class WorkerPool:
 
     def run(self, job: Any, degrees: dict[str, int], on_progress: Callable[[int, int, Any], None] | None = None,
             should_interrupt: Callable[[], bool] | None = None, poll_s: float = 0.05, previews: bool = False) -> dict[str, Any]:
-        """Run `job` on every rank; returns rank 0's result. Raises JobInterrupted, or PoolFailure (pool is dead).
+        """Run `job` on every rank; returns rank 0's result, whose "output" is the list of every rank's output for a
+        job that says `every_rank_returns`. Raises JobInterrupted, or PoolFailure (pool is dead).
 
         `on_progress(step, total, preview)` sees rank 0's progress; with `previews`, `preview` is the payload rank 0
         attached to a step it has not delivered before (else None), so a preview crosses at most once per step.
@@ -183,6 +184,8 @@ class WorkerPool:
         if "first_job_s" not in self.cold_start:
             self.cold_start["first_job_s"] = round(self.last_job["seconds_total"], 3)
             self.cold_start["first_step_s"] = results[0].get("first_step_s")  # rank 0: job start to its first step's end
+        if getattr(job, "every_rank_returns", False):
+            return {**results[0], "output": [results[rank]["output"] for rank in sorted(results)]}
         return results[0]
 
     def _collect(self, refs: list, on_progress, should_interrupt, poll_s: float, previews: bool) -> dict[int, Any]:

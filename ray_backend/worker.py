@@ -174,7 +174,8 @@ class PoolWorker:
         return service.stats()
 
     def run(self, job: Any, degrees: dict[str, int]) -> dict[str, Any]:
-        """Run one job on this rank. Rank 0's result carries the job's output."""
+        """Run one job on this rank. Rank 0's result carries the job's output (every rank's, for a job that says
+        `every_rank_returns`)."""
         service = self._service
         state = self._state_for(degrees)
         started = time.perf_counter()
@@ -186,7 +187,8 @@ class PoolWorker:
             _return_free_memory()
         self.jobs_run += 1
         first_step = self.control.first_step_at if self.control else None  # None: the job ran no step (a VAE job)
-        return {"rank": self.rank, "output": result if self.rank == 0 else None, "seconds": time.perf_counter() - started, "stats": service.stats(),
+        returns = self.rank == 0 or getattr(job, "every_rank_returns", False)
+        return {"rank": self.rank, "output": result if returns else None, "seconds": time.perf_counter() - started, "stats": service.stats(),
                 "comm_bytes": state.comm.snapshot(), "first_step_s": None if first_step is None else round(first_step - started, 3)}
 
     def progress(self, preview_after: int | None = None) -> tuple[int, int, Any]:

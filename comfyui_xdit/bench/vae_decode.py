@@ -10,7 +10,8 @@ Every configuration runs in fresh processes; a rank's peak resident memory durin
 Linux's /proc/self/clear_refs) minus its resident memory before it is what that decode needed. `max_abs_error` is against the stock decode.
 
 `ideal_bytes_per_rank` is the stock decode's peak divided by the ranks: what a split costing nothing beyond 1/P
-(halos, the gathered attention keys, rank 0's whole output) would need.
+(halos, the gathered attention keys) would need. Each rank keeps only its own rows of the output, as on the pool,
+where the caller joins them.
 
     python -m comfyui_xdit.bench.vae_decode --latent 128     # a 1024 x 1024 image
     python -m comfyui_xdit.bench.vae_decode --vae wan21 --latent 32 --frames 6   # 21 frames of 256 x 256
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from comfyui_xdit.vae_parallel import join_pieces
 from parallel_core.local_launch import run_on_ranks
 
 TILED_PIXELS, TILED_OVERLAP_PIXELS = 512, 64  # VAEDecodeTiled's defaults
@@ -110,7 +112,7 @@ def measure(path: str, vae_name: str, latent_rows: int, frames: int, method: str
             "image_pixels": ([4 * frames - 3] if video else []) + [latent_rows * 8, latent_rows * 8],
             "seconds": max(r["seconds"] for r in results),
             "peak_delta_bytes_per_rank": [r["peak_delta_bytes"] for r in results],
-            "image": results[0]["image"]}
+            "image": results[0]["image"] if method != "row_parallel" else join_pieces("encode" if encode else "decode", [r["image"] for r in results])}
 
 
 def main(argv: list[str] | None = None) -> int:
