@@ -21,6 +21,7 @@ from parallel_core.spatial_conv import RowGroup, all_gather_rows, edge_rows, gro
 
 # Where the rows lie in what each kind returns: images (..., rows, columns, channels), latents (..., rows, columns).
 ROWS_DIM = {"decode": -3, "encode": -2}
+CAUSAL_FRAMES = 4  # the Wan VAEs' frames per latent frame after the first
 
 
 def _model_classes():
@@ -210,6 +211,34 @@ def _check_latent(vae, samples: torch.Tensor) -> None:
                          f"{vae.latent_channels}: load the VAE that belongs to the model that made this latent")
 
 
+def _clip_frames(vae, pixels: torch.Tensor) -> int | None:
+    """The frames a video VAE encodes `pixels` as (images are the frames of one clip); None for an image VAE."""
+    if vae.latent_dim != 3 or vae.not_video:
+        return None
+    return pixels.shape[0] if pixels.ndim == 4 else pixels.shape[1]
+
+
+def check_input(vae, kind: str, tensor: torch.Tensor) -> None:
+    """Refuse, before any work (the node calls it before the job leaves for the pool), what this VAE cannot decode
+    (`kind` "decode": a latent) or encode ("encode": pixels), naming what to change."""
+    reason = unsupported_reason(vae)
+    if reason is not None:
+        raise ValueError(f"this VAE cannot {kind} in parallel: {reason}")
+    if kind == "decode":
+        _check_latent(vae, tensor[:, :, 0] if vae.latent_dim == 2 and tensor.ndim == 5 else tensor)
+        return
+    factor = _encoder_factor(vae)
+    if vae.crop_input and min(tensor.shape[-3:-1]) < factor:
+        raise ValueError(f"pixels of {tensor.shape[-3]} x {tensor.shape[-2]} are smaller than one latent pixel of the "
+                         f"{_vae_name(vae)} ({factor} x {factor}): give it an image of at least {factor} x {factor}")
+    frames = _clip_frames(vae, tensor)
+    if frames is not None and (frames - 1) % CAUSAL_FRAMES:
+        # The causal encoders take a first frame, then chunks of 4; stock drops the frames of an unfinished chunk.
+        kept = frames - (frames - 1) % CAUSAL_FRAMES
+        raise ValueError(f"the {_vae_name(vae)} encodes clips of 1 + 4k frames (1, 5, 9, ...), but pixels has {frames}: give it "
+                         f"{kept} or {kept + CAUSAL_FRAMES} frames (stock VAE Encode would drop the last {frames - kept} without a word)")
+
+
 def join_pieces(kind: str, pieces: list[torch.Tensor | None]) -> torch.Tensor:
     """What the stock `vae.decode` / `vae.encode` returns, from every rank's piece (in rank order) of a `kind` job."""
     present = [piece for piece in pieces if piece is not None]
@@ -225,12 +254,9 @@ def decode(vae, samples: torch.Tensor, rows: RowGroup) -> torch.Tensor | None:
     """
     import comfy.model_management as mm
 
-    reason = unsupported_reason(vae)
-    if reason is not None:
-        raise ValueError(f"this VAE cannot be decoded in parallel: {reason}")
+    check_input(vae, "decode", samples)
     if vae.latent_dim == 2 and samples.ndim == 5:
         samples = samples[:, :, 0]
-    _check_latent(vae, samples)
     if samples.shape[-2] < rows.size:
         return vae.decode(samples) if rows.rank == 0 else None
     start, stop = split_rows(samples.shape[-2], rows.size)[rows.rank]
@@ -254,13 +280,8 @@ def encode(vae, pixels: torch.Tensor, rows: RowGroup) -> torch.Tensor | None:
     """
     import comfy.model_management as mm
 
-    reason = unsupported_reason(vae)
-    if reason is not None:
-        raise ValueError(f"this VAE cannot encode in parallel: {reason}")
+    check_input(vae, "encode", pixels)
     factor = _encoder_factor(vae)
-    if vae.crop_input and min(pixels.shape[-3:-1]) < factor:
-        raise ValueError(f"pixels of {pixels.shape[-3]} x {pixels.shape[-2]} are smaller than one latent pixel of the "
-                         f"{_vae_name(vae)} ({factor} x {factor}): give it an image of at least {factor} x {factor}")
     pixels = vae.vae_encode_crop_pixels(pixels)
     if pixels.shape[-3] // factor < rows.size:
         return vae.encode(pixels) if rows.rank == 0 else None

@@ -20,7 +20,7 @@ from comfyui_xdit.degrees import resolve_world_size
 from comfyui_xdit.job_spec import PoolVaeRef, VaeJob
 from comfyui_xdit.pool_client import live_world, pool_for
 from comfyui_xdit.safetensors_files import SAFETENSORS_SUFFIXES
-from comfyui_xdit.vae_parallel import join_pieces, unsupported_reason
+from comfyui_xdit.vae_parallel import check_input, join_pieces, unsupported_reason
 from comfyui_xdit.vae_service import vae_degrees
 from ray_backend.cluster import cluster_gpus
 from ray_backend.clusters import LOCAL, ClusterNotConfigured
@@ -87,7 +87,11 @@ def _on_live_pool(ref: PoolVaeRef) -> PoolVaeRef:
     return dataclasses.replace(ref, world_size=world) if world else ref
 
 
-def _on_pool(node: str, ref: PoolVaeRef, kind: str, tensor):
+def _on_pool(node: str, vae, ref: PoolVaeRef, kind: str, tensor):
+    try:
+        check_input(vae, kind, tensor)  # here, before the job leaves for the pool
+    except ValueError as error:
+        raise ValueError(f"{node}: {error}") from error
     ref = _on_live_pool(ref)
     job = VaeJob(vae=ref, kind=kind, tensor=tensor.cpu())
     pool = pool_for(ref, comfy.model_management.processing_interrupted)
@@ -112,7 +116,7 @@ class XDiTVAEDecode(comfy_nodes.VAEDecode):
         latent = samples["samples"]
         if latent.is_nested:
             latent = latent.unbind()[0]
-        images = _on_pool("XDiTVAEDecode", ref, "decode", latent)
+        images = _on_pool("XDiTVAEDecode", vae, ref, "decode", latent)
         if images.ndim == 5:  # a video VAE's (batch, frames, ...) combined into frames, as VAEDecode does
             images = images.reshape(-1, *images.shape[-3:])
         return (images,)
@@ -126,4 +130,4 @@ class XDiTVAEEncode(comfy_nodes.VAEEncode):
         ref = getattr(vae, POOL_VAE_ATTRIBUTE, None)
         if ref is None:
             return super().encode(vae, pixels)
-        return ({"samples": _on_pool("XDiTVAEEncode", ref, "encode", pixels)},)
+        return ({"samples": _on_pool("XDiTVAEEncode", vae, ref, "encode", pixels)},)

@@ -73,10 +73,8 @@ def _graph(vae: ServerVae, latent_name: str) -> dict:
     return graph
 
 
-@pytest.mark.parametrize("name", sorted(SERVER_VAES))
-def test_xdit_vae_nodes_match_stock(comfy_server, client, tmp_path_factory, name) -> None:
-    """Decode on a 2-worker pool, and its encoding back, against VAEDecode/VAEEncode in the same prompt: the decoded
-    image compared before quantisation through its encoding (floats), and after it as the saved 8-bit PNGs."""
+def _server_vae(comfy_server, tmp_path_factory, name: str) -> ServerVae:
+    """SERVER_VAES[name], its file in models/vae (written on first use)."""
     from comfyui_xdit.testing.tiny_models import write_tiny_model
 
     vae = SERVER_VAES[name]
@@ -84,6 +82,14 @@ def test_xdit_vae_nodes_match_stock(comfy_server, client, tmp_path_factory, name
         family, variant = vae.tiny
         path = write_tiny_model(family, tmp_path_factory.mktemp(name) / vae.file, variant)
         (comfy_server.models_dir("vae") / vae.file).symlink_to(path)
+    return vae
+
+
+@pytest.mark.parametrize("name", sorted(SERVER_VAES))
+def test_xdit_vae_nodes_match_stock(comfy_server, client, tmp_path_factory, name) -> None:
+    """Decode on a 2-worker pool, and its encoding back, against VAEDecode/VAEEncode in the same prompt: the decoded
+    image compared before quantisation through its encoding (floats), and after it as the saved 8-bit PNGs."""
+    vae = _server_vae(comfy_server, tmp_path_factory, name)
     latent_name = f"xdit_vae_test_{name}.latent"
     latent = torch.randn(vae.latent, generator=torch.Generator().manual_seed(7))
     save_file({"latent_tensor": latent, "latent_format_version_0": torch.tensor([])}, str(comfy_server.base / "input" / latent_name))
@@ -175,3 +181,28 @@ def test_xdit_vae_loader_refuses_a_pickle(comfy_server, client) -> None:
              "4": {"class_type": "PreviewImage", "inputs": {"images": ["2", 0]}}}
     with pytest.raises(ExecutionFailed, match=r"vae_name 'pickled.pt' is not a .safetensors file"):
         client.run(graph, timeout=300)
+
+
+def test_a_clip_the_video_vae_cannot_encode_is_refused_before_the_pool_runs(comfy_server, client, tmp_path_factory) -> None:
+    """3 frames are no 1 + 4k clip: refused by name before the job leaves (stock VAEEncode would drop 2 frames); the
+    pool stays up and the next prompt runs on it."""
+    vae = _server_vae(comfy_server, tmp_path_factory, "wan21")
+    latent_name = "xdit_vae_test_bad_frames.latent"
+    latent = torch.randn(vae.latent, generator=torch.Generator().manual_seed(8))
+    save_file({"latent_tensor": latent, "latent_format_version_0": torch.tensor([])}, str(comfy_server.base / "input" / latent_name))
+    graph = {"1": {"class_type": "LoadLatent", "inputs": {"latent": latent_name}},
+             "2": {"class_type": "XDiTVAELoader", "inputs": {"vae_name": vae.file, "world_size": 2}},
+             "3": {"class_type": "XDiTVAEDecode", "inputs": {"samples": ["1", 0], "vae": ["2", 0]}},
+             "4": {"class_type": "ImageFromBatch", "inputs": {"image": ["3", 0], "batch_index": 0, "length": 3}},
+             "5": {"class_type": "XDiTVAEEncode", "inputs": {"pixels": ["4", 0], "vae": ["2", 0]}},
+             "6": {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0], "filename_prefix": "vae_bad_frames"}}}
+    with pytest.raises(ExecutionFailed, match=r"XDiTVAEEncode: the Wan 2.1 VAE encodes clips of 1 \+ 4k frames \(1, 5, 9, ...\), "
+                                              r"but pixels has 3: give it 1 or 5 frames \(stock VAE Encode would drop the last 2"):
+        client.run(graph, timeout=600)
+    pool = comfy_server.get_json("/xdit/status")["pool"]
+    graph["4"]["inputs"]["length"] = 5
+    result = client.run(graph, timeout=600)
+    assert [f.node_id for f in result.files] == ["6"]
+    after = comfy_server.get_json("/xdit/status")["pool"]
+    assert [w["pid"] for w in after["workers"]] == [w["pid"] for w in pool["workers"]], "the pool was restarted"
+    assert after["jobs_run"] == pool["jobs_run"] + 1  # only the encode: ComfyUI kept the decode from the refused prompt

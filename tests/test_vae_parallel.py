@@ -133,7 +133,7 @@ def test_other_vaes_are_refused_by_name(comfy_root: Path) -> None:
     sd = {f"taesd_{part}.{key}": value for part, module in halves.items() for key, value in module.state_dict().items()}
     taesd = comfy.sd.VAE(sd=sd)
     assert "TAESD" in vae_parallel.unsupported_reason(taesd)
-    with pytest.raises(ValueError, match=r"cannot be decoded in parallel: its model is TAESD; row-parallel VAE supports .* Wan 2.1 / Wan 2.2 video VAEs"):
+    with pytest.raises(ValueError, match=r"cannot decode in parallel: its model is TAESD; row-parallel VAE supports .* Wan 2.1 / Wan 2.2 video VAEs"):
         vae_parallel.decode(taesd, torch.zeros((1, 16, 4, 4)), RowGroup(0, 1))
 
 
@@ -152,6 +152,9 @@ def test_bad_video_inputs_are_refused_naming_what_to_change(vae_paths: dict[str,
     with pytest.raises(ValueError, match=r"pixels of 12 x 40 are smaller than one latent pixel of the Wan 2.2 VAE "
                                          r"\(16 x 16\): give it an image of at least 16 x 16"):
         vae_parallel.encode(wan22, torch.zeros((3, 12, 40, 3)), rows)
+    with pytest.raises(ValueError, match=r"the Wan 2.1 VAE encodes clips of 1 \+ 4k frames \(1, 5, 9, ...\), but pixels has 7: "
+                                         r"give it 5 or 9 frames \(stock VAE Encode would drop the last 2 without a word\)"):
+        vae_parallel.encode(wan21, torch.zeros((7, 16, 16, 3)), rows)
 
 
 def _rank_ops(rank: int, world: int) -> dict[str, float]:
