@@ -23,6 +23,8 @@ pytestmark = pytest.mark.fast
     ("aten::property_fill", [label(MODEL)], "model_other"),  # "rope" inside another word is not RoPE
     ("aten::add", [], "sampler"),
     ("c10d::broadcast_", [], "collectives"),
+    ("xdit.comm/ring_send_wait", [label(MODEL)], "collectives"),  # parallel_core.comm's range: the time blocked waiting
+    ("aten::copy_", [label(MODEL), "xdit.comm/all_to_all"], "collectives"),
     (label(MODULATION), [label(MODEL)], "modulation"),  # a range's own Python time
 ])
 def test_categorize(op, ancestors, expected):

@@ -15,14 +15,17 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
+from parallel_core.comm import TRACE_PREFIX
+
 LABEL_PREFIX = "xdit.profile/"
 MODEL, MODULATION, ROPE = "model", "modulation", "rope"
 CATEGORIES = ("attention", "linear", "collectives", "layout_copies", "rope", "modulation", "model_other", "sampler")
 
 # Op-name rules, first match wins; matched against the lower-cased name as a substring.
+# parallel_core.comm's ranges (TRACE_PREFIX) hold its transfers and its waits: gloo blocks in Work.wait(), no op.
 _RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("collectives", ("gloo:", "nccl:", "c10d::", "all_to_all", "alltoall", "all_gather", "allgather", "broadcast",
-                     "send", "recv", "barrier", "record_param_comms", "wait_tensor", "all_reduce", "allreduce")),
+    ("collectives", (TRACE_PREFIX, "gloo:", "nccl:", "c10d::", "all_to_all", "alltoall", "all_gather", "allgather",
+                     "broadcast", "send", "recv", "barrier", "record_param_comms", "wait_tensor", "all_reduce", "allreduce")),
     ("attention", ("scaled_dot_product", "flash_attention", "efficient_attention", "flash_attn")),
     ("rope", ("apply_rope",)),
     ("linear", ("aten::addmm", "aten::mm", "aten::linear", "aten::matmul", "aten::bmm", "aten::baddbmm")),
