@@ -2,6 +2,10 @@
 
 Byte counts are the payload this rank must deliver to its peers (what a bandwidth-optimal algorithm moves):
 all-to-all sends (g-1)/g of its input, all-gather sends its shard to g-1 peers, a ring step sends one block.
+
+Each transfer and each wait runs inside a profiler range named TRACE_PREFIX + the collective: gloo blocks in
+Work.wait(), which the profiler records as no op of its own, so without the range a rank's time waiting for its
+peers would look like its caller's work (bench/profile_categories.py counts the ranges as collectives).
 """
 from __future__ import annotations
 
@@ -12,6 +16,12 @@ from typing import Sequence
 
 import torch
 import torch.distributed as dist
+
+TRACE_PREFIX = "xdit.comm/"
+
+
+def _traced(op: str) -> torch.profiler.record_function:
+    return torch.profiler.record_function(TRACE_PREFIX + op)
 
 
 @dataclass(frozen=True)
@@ -87,7 +97,8 @@ def all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, dim_group: Di
         raise ValueError(f"all_to_all over {dim_group.name}: dim {scatter_dim} of size {x.shape[scatter_dim]} does not divide by {size}")
     send = torch.stack(torch.chunk(x, size, dim=scatter_dim)).contiguous()
     recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=dim_group.group)
+    with _traced("all_to_all"):
+        dist.all_to_all_single(recv, send, group=dim_group.group)
     stats.record("all_to_all", dim_group.name, _nbytes(send) * (size - 1) // size)
     return torch.cat(recv.unbind(0), dim=gather_dim)
 
@@ -118,7 +129,8 @@ def sequence_to_heads(tensors: list[torch.Tensor], padded_heads: int, dim_group:
     if size == 1:
         return send[0]
     recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=dim_group.group)
+    with _traced("all_to_all"):
+        dist.all_to_all_single(recv, send, group=dim_group.group)
     stats.record("all_to_all", dim_group.name, _nbytes(send) * (size - 1) // size)
     del send
     if segments is None:
@@ -148,7 +160,8 @@ def heads_to_sequence(x: torch.Tensor, heads: int, segments: Sequence[int], dim_
         send[:, :, start:start + length].copy_(x[:, size * start:size * (start + length)].unflatten(1, (size, length)).transpose(0, 1))
         start += length
     recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=dim_group.group)
+    with _traced("all_to_all"):
+        dist.all_to_all_single(recv, send, group=dim_group.group)
     stats.record("all_to_all", dim_group.name, _nbytes(send) * (size - 1) // size)
     del send
     return recv.permute(1, 2, 0, 3, 4).reshape(batch, rows, size * per_rank, head_dim)[:, :, :heads]
@@ -161,7 +174,8 @@ def all_gather(x: torch.Tensor, dim: int, dim_group: DimensionGroup, stats: Comm
         return x
     x = x.contiguous()
     pieces = [torch.empty_like(x) for _ in range(size)]
-    dist.all_gather(pieces, x, group=dim_group.group)
+    with _traced("all_gather"):
+        dist.all_gather(pieces, x, group=dim_group.group)
     stats.record("all_gather", dim_group.name, _nbytes(x) * (size - 1))
     return torch.cat(pieces, dim=dim)
 
@@ -171,7 +185,8 @@ def broadcast(x: torch.Tensor, src: int, dim_group: DimensionGroup, stats: CommS
     if dim_group.size == 1:
         return x
     x = x.contiguous()
-    dist.broadcast(x, src=dim_group.global_rank(src), group=dim_group.group)
+    with _traced("broadcast"):
+        dist.broadcast(x, src=dim_group.global_rank(src), group=dim_group.group)
     if dim_group.rank == src:
         stats.record("broadcast", dim_group.name, _nbytes(x) * (dim_group.size - 1))
     return x
@@ -192,12 +207,14 @@ class RingShift:
             dist.P2POp(dist.isend, x, nxt, group=dim_group.group),
             dist.P2POp(dist.irecv, self._received, prev, group=dim_group.group),
         ]
-        self._requests = dist.batch_isend_irecv(ops)
+        with _traced("ring_send"):
+            self._requests = dist.batch_isend_irecv(ops)
         stats.record("ring_send", dim_group.name, _nbytes(x))
 
     def wait(self) -> torch.Tensor:
-        for request in self._requests:
-            request.wait()
+        with _traced("ring_send_wait"):
+            for request in self._requests:
+                request.wait()
         return self._received
 
 
@@ -208,11 +225,13 @@ class PendingGather:
         x = x.contiguous()
         self._dim = dim
         self._pieces = [torch.empty_like(x) for _ in range(dim_group.size)]
-        self._work = dist.all_gather(self._pieces, x, group=dim_group.group, async_op=True)
+        with _traced("all_gather"):
+            self._work = dist.all_gather(self._pieces, x, group=dim_group.group, async_op=True)
         stats.record("all_gather_async", dim_group.name, _nbytes(x) * (dim_group.size - 1))
 
     def wait(self) -> torch.Tensor:
-        self._work.wait()
+        with _traced("all_gather_wait"):
+            self._work.wait()
         return torch.cat(self._pieces, dim=self._dim)
 
 
@@ -224,11 +243,13 @@ class PendingGatherInto:
         if out.numel() != x.numel() * dim_group.size:
             raise ValueError(f"gather over {dim_group.name}: {dim_group.size} pieces of {x.numel()} do not fill {out.numel()}")
         self._out = out
-        self._work = dist.all_gather(list(out.chunk(dim_group.size)), x.contiguous(), group=dim_group.group, async_op=True)
+        with _traced("all_gather"):
+            self._work = dist.all_gather(list(out.chunk(dim_group.size)), x.contiguous(), group=dim_group.group, async_op=True)
         stats.record("all_gather", dim_group.name, _nbytes(x) * (dim_group.size - 1))
 
     def wait(self) -> torch.Tensor:
-        self._work.wait()
+        with _traced("all_gather_wait"):
+            self._work.wait()
         return self._out
 
 
@@ -236,13 +257,15 @@ def send_async(x: torch.Tensor, to_group_rank: int, dim_group: DimensionGroup, s
     """Start sending `x` to one rank of the group; wait on the returned Work before reusing `x`."""
     x = x.contiguous()
     stats.record("send", dim_group.name, _nbytes(x))
-    return dist.isend(x, dim_group.global_rank(to_group_rank), group=dim_group.group)
+    with _traced("send"):
+        return dist.isend(x, dim_group.global_rank(to_group_rank), group=dim_group.group)
 
 
 def recv(like: torch.Tensor, from_group_rank: int, dim_group: DimensionGroup, stats: CommStats) -> torch.Tensor:
     """Receive a tensor of `like`'s shape and dtype from one rank of the group (blocking; the wait is recorded)."""
     received = torch.empty_like(like, memory_format=torch.contiguous_format)
     started = time.perf_counter()
-    dist.recv(received, dim_group.global_rank(from_group_rank), group=dim_group.group)
+    with _traced("recv"):
+        dist.recv(received, dim_group.global_rank(from_group_rank), group=dim_group.group)
     stats.record_wait("recv", dim_group.name, time.perf_counter() - started)
     return received

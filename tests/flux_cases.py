@@ -434,6 +434,9 @@ CONFIGS.update({"hunyuan_video": {2: _VIDEO_CONFIGS[2], 4: _VIDEO_CONFIGS[4][:1]
 # LTXV, Mochi and CogVideoX at world 2 (CI time on two cores): their hooks shard rows the way the HunyuanVideo and Wan
 # hooks do, whose world-4 runs cover ulysses x ring and ulysses x cfg.
 CONFIGS.update({"ltxv": {2: _VIDEO_CONFIGS[2]}, "mochi": {2: _VIDEO_CONFIGS[2]}, "cogvideox": {2: _VIDEO_CONFIGS[2]}})
+# Mochi shards its text into [valid, T5 padding] pieces of its own (families/mochi.py): ulysses x ring, and Ulysses and
+# Ring alone, at world 4, where its 5 valid prompt tokens leave one rank only padding.
+CONFIGS["mochi"][4] = [{"ulysses_degree": 2, "ring_degree": 2}, {"ulysses_degree": 4}, {"ring_degree": 4}]
 # Weight sharding on another family's blocks (Wan's, read from the file in pieces) and on a model built in-process (Chroma).
 CONFIGS["wan22_5b"] = {2: [*_VIDEO_CONFIGS[2], {"ulysses_degree": 2, "weight_sharding": "blocks"}],
                        4: [*_VIDEO_CONFIGS[4], {"ulysses_degree": 2, "cfg_degree": 2, "weight_sharding": "blocks"}]}

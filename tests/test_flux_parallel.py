@@ -198,6 +198,22 @@ def test_hunyuan_video_gathers_its_image_rows_once_per_model_call(model_path):
         assert result["bytes"][f"ulysses2/{case.name}"]["all_gather/sequence"] == case.steps * image_rows
 
 
+def test_mochi_never_gathers_its_text(model_path):
+    """Mochi's text rows ride in Ulysses' all-to-all (and Ring's blocks) with the visual rows: per block each rank
+    sends q, k, v and receives the output of [its visual piece, its piece of the 7 valid text tokens] and nothing
+    more, and the only gather is the visual rows once per model call, after the last block."""
+    from comfyui_xdit.testing.tiny_models import MOCHI_UNET_CONFIG as config
+
+    case = flux_cases.CASE_BY_NAME["video-basic-euler-3x10x14-batch2"]  # euler, BasicGuider: one model call a step
+    visual = -(-case.frames * (case.height // 2) * (case.width // 2) // 2)
+    row = case.batch * config["hidden_size_x"] * 4  # one fp32 token row of every sample
+    rows_sent = config["depth"] * 4 * (visual + -(-flux_cases.TEXT_TOKENS // 2)) // 2  # q, k, v, out: half to the other rank
+    for result in _run("mochi", 2, model_path):
+        assert result["bytes"][f"ulysses2/{case.name}"] == {"all_gather/sequence": case.steps * visual * row,
+                                                            "all_to_all/ulysses": case.steps * rows_sent * row}
+        assert set(result["bytes"][f"ring2/{case.name}"]) == {"all_gather/sequence", "ring_send/ring"}
+
+
 SHARDED_RUNS = [(family, world) for family, world in RUNS
                 if any("weight_sharding" in degrees for degrees in flux_cases.CONFIGS[family][world])]
 

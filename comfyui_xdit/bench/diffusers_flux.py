@@ -6,7 +6,9 @@ optional extra (`pip install .[bench]`); `require_diffusers` says how to get it 
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+from typing import Iterator
 
 import torch
 
@@ -105,3 +107,24 @@ def flux_inputs(latent: tuple[int, int], text_tokens: int, seed: int) -> dict[st
 @torch.inference_mode()
 def forward(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     return model(**inputs, return_dict=False)[0]
+
+
+@contextlib.contextmanager
+def profile_labels(model) -> Iterator[None]:
+    """While profiling: `model`'s modules in profile_categories' labelled ranges (diffusers_label), and its RoPE
+    application (the Python function apply_rotary_emb, which its attention processors look up by name in their
+    module at call time) in a RoPE range; all removed on exit."""
+    from diffusers.models.transformers import transformer_flux
+
+    from comfyui_xdit.bench.profile_categories import ROPE, diffusers_label, label_modules, labelled
+
+    handles = label_modules(model, lambda name, module, parent: diffusers_label(
+        name, type(module).__name__, None if parent is None else type(parent).__name__))
+    original = transformer_flux.apply_rotary_emb
+    transformer_flux.apply_rotary_emb = labelled(original, ROPE)
+    try:
+        yield
+    finally:
+        transformer_flux.apply_rotary_emb = original
+        for handle in handles:
+            handle.remove()

@@ -57,6 +57,9 @@ Method
   round (precede them in odd rounds). Its lines give `median_forward_ms`, `speedup_vs_1` against its own 1-rank
   runs, `max_abs_err` against its own 1-rank output, and our same method's speedup and step time from this run.
   A diffusers forward has no sampler around it: a ComfyUI step adds the sampler's per-step work to the forward.
+- `--profile` (profile_categories.py): torch.profiler over one step of each of our configurations on every rank,
+  and with `--diffusers` over one forward of each diffusers model, its modules and RoPE application labelled the
+  way ours are (diffusers_flux.profile_labels), so both print self-CPU ms in the same categories.
 """
 from __future__ import annotations
 
@@ -88,6 +91,7 @@ CONFIGS: dict[str, tuple[dict | None, str, str | None]] = {
 ROUND_ORDER = ("ulysses", "single", "ring", "cfg", "single-cfg")  # each parallel run next to its baseline
 PARALLEL = ("ulysses", "ring", "cfg")
 PROFILED = ("single", "ulysses", "ring", "cfg")
+DIFFUSERS_PROFILED = ("diffusers-single", "diffusers-ulysses", "diffusers-ring")
 DIFFUSERS_ORDER = ("diffusers-ulysses", "diffusers-single", "diffusers-ring")
 DIFFUSERS_PARALLEL = ("diffusers-ulysses", "diffusers-ring")
 WORLD = 2
@@ -274,35 +278,29 @@ def _label_flux_modules(diffusion_model) -> list:
     (per-sample work) and its RoPE table (profile_categories' labels); returns the hook handles."""
     from comfy.ldm.flux import layers
 
-    from comfyui_xdit.bench.profile_categories import MODEL, MODULATION, ROPE, label
+    from comfyui_xdit.bench.profile_categories import MODEL, MODULATION, ROPE, label_modules
 
-    def kind(name: str, module) -> str | None:
+    def kind(name: str, module, _parent) -> str | None:
         if module is diffusion_model:
             return MODEL
         if isinstance(module, layers.Modulation) or name.endswith("adaLN_modulation") or name in ("time_in", "vector_in", "guidance_in"):
             return MODULATION
         return ROPE if isinstance(module, layers.EmbedND) else None
 
-    handles, open_ranges = [], []
-    for name, module in diffusion_model.named_modules():
-        category = kind(name, module)
-        if category is None:
-            continue
+    return label_modules(diffusion_model, kind)
 
-        def enter(_module, _args, category=category):
-            open_ranges.append(torch.profiler.record_function(label(category)).__enter__())
 
-        def leave(_module, _args, _out):
-            open_ranges.pop().__exit__(None, None, None)
+def _profile_result(profiler, ms_key: str, ms: float) -> dict:
+    from comfyui_xdit.bench.profile_categories import breakdown
 
-        handles += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
-    return handles
+    by_category = breakdown(profiler.events())
+    top = sorted(profiler.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:10]
+    return {ms_key: round(ms, 1), "ms_by_category": {k: round(v, 1) for k, v in by_category.items()},
+            "top_self_ops_ms": {e.key: round(e.self_cpu_time_total / 1e3, 1) for e in top}}
 
 
 def _profile_step(model_patcher, guider: str, job: dict, seed: int) -> dict:
     """torch.profiler over the second of two sampling steps on this rank: ms by profile_categories' category."""
-    from comfyui_xdit.bench.profile_categories import breakdown
-
     handles = _label_flux_modules(model_patcher.model.diffusion_model)
     profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
                                       schedule=torch.profiler.schedule(wait=1, warmup=0, active=1))
@@ -312,24 +310,39 @@ def _profile_step(model_patcher, guider: str, job: dict, seed: int) -> dict:
     finally:
         for handle in handles:
             handle.remove()
-    events = profiler.events()
-    by_category = breakdown(events)
-    top = sorted(profiler.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:10]
-    return {"step_ms": round((stamps[2] - stamps[1]) * 1e3, 1),
-            "ms_by_category": {k: round(v, 1) for k, v in by_category.items()},
-            "top_self_ops_ms": {e.key: round(e.self_cpu_time_total / 1e3, 1) for e in top}}
+    return _profile_result(profiler, "step_ms", (stamps[2] - stamps[1]) * 1e3)
 
 
-def _profile_rank(rank: int, base, models: dict, job: dict, spec: dict) -> dict:
-    """One profiled step per configuration and rank (the 1-rank baselines on rank 0 while rank 1 waits)."""
+def _profile_forward(model, inputs: dict) -> dict:
+    """torch.profiler over the second of two diffusers forwards on this rank, its modules and RoPE application
+    labelled as ours are (diffusers_flux.profile_labels): ms by profile_categories' category."""
+    from comfyui_xdit.bench import diffusers_flux
+
+    profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                      schedule=torch.profiler.schedule(wait=1, warmup=0, active=1))
+    with diffusers_flux.profile_labels(model), profiler:
+        for _ in range(2):
+            start = time.perf_counter()
+            diffusers_flux.forward(model, inputs)
+            ms = (time.perf_counter() - start) * 1e3
+            profiler.step()
+    return _profile_result(profiler, "forward_ms", ms)
+
+
+def _profile_rank(rank: int, base, models: dict, theirs: dict, job: dict, spec: dict) -> dict:
+    """One profiled step per configuration and rank, then one diffusers forward per diffusers model when the bench
+    runs them (the 1-rank baselines on rank 0 while rank 1 waits)."""
     out = {}
-    for name in PROFILED:
-        degrees, guider, _ = CONFIGS[name]
+    for name in (*PROFILED, *(DIFFUSERS_PROFILED if theirs else ())):
+        one_rank = CONFIGS[name][0] is None if name in CONFIGS else DIFFUSERS_METHODS[name] is None
         dist.barrier()
-        if degrees is None and rank != 0:
+        if one_rank and rank != 0:
             dist.barrier()
             continue
-        out[name] = _profile_step(base if degrees is None else models[name], guider, job, spec["seed"])
+        if name in CONFIGS:
+            out[name] = _profile_step(base if one_rank else models[name], CONFIGS[name][1], job, spec["seed"])
+        else:
+            out[name] = _profile_forward(theirs[name], theirs["inputs"])
         dist.barrier()
     return out
 
@@ -427,7 +440,7 @@ def _bench_rank(rank: int, world_size: int, spec: dict) -> list[dict]:
                     runs[name][-1]["max_abs_err"] = (theirs["outputs"][name] - theirs["outputs"]["diffusers-single"]).abs().max().item()
         comm = {name: _replay_step_comm(name, states[name], job, spec) for name in PARALLEL}
         results.append({"runs": runs, "comm_replay": comm, "comfy_kernel": comfy_kernel,
-                        "profile": _profile_rank(rank, base, models, job, spec) if spec["profile"] else {}})
+                        "profile": _profile_rank(rank, base, models, theirs, job, spec) if spec["profile"] else {}})
         del models, base
     return results
 
@@ -621,7 +634,9 @@ def parse_args(argv=None):
                              "interleaved with our runs")
     parser.add_argument("--profile", action="store_true",
                         help="after the timed rounds, run torch.profiler over one sampling step of each configuration "
-                             "on every rank and print its time by category (profile_categories.py) as JSON lines")
+                             "on every rank (with --diffusers also one forward of each diffusers model, its modules "
+                             "mapped to the same categories) and print its time by category (profile_categories.py) "
+                             "as JSON lines")
     parser.add_argument("--wait-load", type=float, default=None,
                         help="before starting, wait (up to --wait-s) until the 1-minute load average is at most this")
     parser.add_argument("--wait-s", type=float, default=600.0)
@@ -684,7 +699,7 @@ def main(argv=None) -> int:
 def _profile_records(job: dict, profiles: list[dict]) -> list[dict]:
     """One line per (configuration, rank) that was profiled."""
     lines = []
-    for name in PROFILED:
+    for name in (*PROFILED, *DIFFUSERS_PROFILED):
         for rank, profile in enumerate(profiles):
             if name in profile:
                 total = sum(profile[name]["ms_by_category"].values())

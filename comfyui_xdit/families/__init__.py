@@ -252,7 +252,7 @@ register("LTXV", FamilyAdapter(
     heads_attribute="num_attention_heads", joint_attention="cross", block_containers=("transformer_blocks",),
     limits="PipeFusion and patch parallel are not implemented for video yet"))
 # Mochi: asymmetric joint attention over [visual tokens, the unpadded T5 tokens] (text at the rear); visual tokens
-# sequence parallel, the text stream whole on every rank.
+# and text tokens sequence parallel (the text split into its valid and padded T5 tokens).
 register("GenmoMochi", FamilyAdapter(
     "Mochi", Capabilities(ulysses=True, ring=True, cfg=True, data=True), hooks="comfyui_xdit.families.mochi",
     heads_attribute="num_heads", joint_attention="rear", block_containers=("blocks",),

@@ -5,25 +5,38 @@ projects the T5 tokens into a narrower text stream, then runs asymmetric joint b
 their own widths and weights, and meet in one attention over [visual, the first `num_tokens` text tokens] (text at
 the rear; the padded T5 tokens are cropped out of it, the stock way of masking them). The head sees visual tokens only.
 
-Object patches on the blocks of a ModelPatcher clone shard the visual tokens; the text stream (at most 256 T5
-tokens) stays whole on every rank:
-- the first block takes this rank's rows of the visual tokens (split_sequence); every block takes the same rows of
-  the RoPE tables and runs with the `optimized_attention_override` transformer option set to usp_attention with the
-  cropped text as joint tokens behind the visual ones (its keys and values are whole on every rank already);
-- the last block gathers the visual rows, so the head and the unpatchify see the whole grid.
-CFG and data parallel are the family-independent wrappers (cfg_parallel.py, parallel_glue.py).
+Object patches on the blocks of a ModelPatcher clone shard both streams over the sequence group:
+- the first block takes this rank's rows of the visual tokens (split_sequence) and of the text tokens, laid out
+  [its piece of the first `num_tokens` (the valid text), its piece of the rest (T5 padding)], each zero-padded at
+  its end as padded_piece splits; every block takes the same visual rows of the RoPE tables and crops its text to
+  the local piece of the valid text (its `crop_y`), so the stock crop keeps exactly this rank's valid rows and the
+  stock zeros fill the rest, as they fill every padded T5 token;
+- the attention (`optimized_attention_override`: parallel_glue.text_rear_attention) sends the visual and valid text
+  rows together through Ulysses' all-to-all and Ring's blocks, the keys laid out [visual, valid text] as one process
+  has them: no rank gathers the text or computes another rank's text rows;
+- the last block gathers the visual rows, so the head and the unpatchify see the whole grid; the forward drops the
+  text after it, so the text is never gathered.
+Every other text op (modulated norms, projections, MLP) is per token, and padding rows never act as keys, so the
+result is stock's. CFG and data parallel are the family-independent wrappers (cfg_parallel.py, parallel_glue.py).
 """
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 
-from parallel_core import ParallelState, gather_sequence, split_sequence, usp_attention
+from parallel_core import ParallelState, gather_sequence, split_sequence
 from parallel_core.sharding import chunk_length, padded_piece
 
 from ..errors import UnsupportedByXDiT
-from ..parallel_glue import from_bshd, refuse_foreign_attention_override, to_bshd
+from ..parallel_glue import refuse_foreign_attention_override, text_rear_attention_override
+
+
+@dataclass
+class _Text:
+    """The current call's valid text tokens (its crop, at most the T5 length), set by the first block for the rest."""
+    valid: int = 0
 
 
 def _refuse_unsupported(family: str, state: ParallelState, tokens: int, transformer_options: dict) -> None:
@@ -37,36 +50,34 @@ def _refuse_unsupported(family: str, state: ParallelState, tokens: int, transfor
                                 "larger latent or lower those degrees")
 
 
-def _visual_text_attention(family: str, state: ParallelState, func, q, k, v, heads, mask=None, skip_reshape=False,
-                           skip_output_reshape=False, transformer_options=None, **kwargs):
-    """[this rank's visual rows, the whole cropped text] attending to every rank's visual rows and the text."""
-    if mask is not None:
-        raise UnsupportedByXDiT(f"an attention mask on {family} is not supported in parallel; remove it or use UNETLoader")
-    q, k, v = to_bshd(q, k, v, heads, skip_reshape)
-    local = chunk_length(state.lengths["sequence"], state.sequence.size)
-    out = usp_attention(q[:, :local], k[:, :local], v[:, :local], state, joint_q=q[:, local:], joint_k=k[:, local:],
-                        joint_v=v[:, local:], joint_strategy="rear", scale=kwargs.get("scale"))
-    return from_bshd(out, skip_output_reshape)
+def shard_text(y: torch.Tensor, valid: int, parts: int, index: int) -> torch.Tensor:
+    """Rank `index`'s text rows (batch, rows, width): its piece of the first `valid` tokens, then its piece of the
+    rest, each split as padded_piece splits."""
+    return torch.cat([padded_piece(y[:, :valid], 1, parts, index), padded_piece(y[:, valid:], 1, parts, index)], dim=1)
 
 
-def _sharded_block(original, family: str, state: ParallelState, first: bool, last: bool, x: torch.Tensor, c, y,
-                   transformer_options={}, rope_cos=None, rope_sin=None, **attn_kwargs):
-    """A block's forward on this rank's visual tokens; the first block shards them, the last gathers them back."""
+def _sharded_block(original, family: str, state: ParallelState, text: _Text, first: bool, last: bool, x: torch.Tensor,
+                   c, y, transformer_options={}, rope_cos=None, rope_sin=None, crop_y=None, **attn_kwargs):
+    """A block's forward on this rank's visual and text tokens; the first block shards them, the last gathers the
+    visual tokens back."""
     tokens = rope_cos.shape[0]  # one RoPE row per visual token of the whole grid
+    sp = state.sequence
     if first:
         _refuse_unsupported(family, state, tokens, transformer_options)
         if x.shape[1] != tokens:
             raise UnsupportedByXDiT(f"{family}: {x.shape[1]} tokens but {tokens} RoPE positions; this input is not supported in parallel")
         x = split_sequence(x, state, 1)
-    sp = state.sequence
-    options = {**transformer_options, "optimized_attention_override": functools.partial(_visual_text_attention, family, state)}
+        text.valid = min(crop_y, y.shape[1])  # stock's crop y[:, :crop_y] keeps this many
+        y = shard_text(y, text.valid, sp.size, sp.rank)
+    attention = functools.partial(text_rear_attention_override, family, state, (text.valid,))
+    options = {**transformer_options, "optimized_attention_override": attention}
     x, y = original(x, c, y, transformer_options=options, rope_cos=padded_piece(rope_cos, 0, sp.size, sp.rank),
-                    rope_sin=padded_piece(rope_sin, 0, sp.size, sp.rank), **attn_kwargs)
+                    rope_sin=padded_piece(rope_sin, 0, sp.size, sp.rank), crop_y=chunk_length(text.valid, sp.size), **attn_kwargs)
     return (gather_sequence(x, state, 1, length=tokens), y) if last else (x, y)
 
 
 def parallelize(model_patcher, state: ParallelState, adapter):
-    """A clone of `model_patcher` whose Mochi shards its visual tokens over `state`'s sequence group;
+    """A clone of `model_patcher` whose Mochi shards its visual and text tokens over `state`'s sequence group;
     `adapter` is its registry entry (families/__init__.py)."""
     if adapter.joint_attention != "rear":  # a registry entry pointing these hooks at another layout is a bug
         raise ValueError(f"the Mochi hooks run text-at-the-rear joint attention, not {adapter.joint_attention!r} ({adapter.name})")
@@ -76,7 +87,9 @@ def parallelize(model_patcher, state: ParallelState, adapter):
     if state.sequence.size == 1:
         return patched
     blocks = model_patcher.model.diffusion_model.blocks
+    text = _Text()
     for index, block in enumerate(blocks):
         patched.add_object_patch(f"diffusion_model.blocks.{index}.forward", functools.partial(
-            _sharded_block, functools.partial(type(block).forward, block), adapter.name, state, index == 0, index == len(blocks) - 1))
+            _sharded_block, functools.partial(type(block).forward, block), adapter.name, state, text, index == 0,
+            index == len(blocks) - 1))
     return patched
