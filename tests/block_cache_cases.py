@@ -2,7 +2,8 @@
 
 Rank 0 runs the carried job in one process on the stock model (state None) as the reference; every rank runs it on
 its parallel model (ulysses 2 on an uneven 9 x 11 token grid, 7 text tokens: both streams padded on rank 1), and the
-scheduled jobs also under ring 2 and cfg 2. A
+scheduled jobs also under ring 2 and cfg 2, and under PipeFusion 2 (stage-loaded: each rank holds one block) and
+patch 2, at full warmup (exact) and at the sampler's default warmup (stale keys/values). A
 "freezer" object patch makes chosen blocks return, over a range of steps, the output they gave the step before the
 range: the analysis must show zero change exactly there.
 """
@@ -21,7 +22,10 @@ CASE = cache_cases.CacheCase("blocks", "", steps=STEPS)
 BASIC_CASE = cache_cases.CacheCase("blocks-basic-batch3", "", guider="basic", steps=STEPS, batch=3, seed=6)
 FROZEN_STEPS = (2, 3)  # sampling steps at which the frozen blocks repeat their step-1 output
 FROZEN_BLOCKS = ("double_blocks.0", "single_blocks.0")
-SKIP = {2: "all", 4: "all", 3: [1]}  # a schedule: whole steps 2 and 4, and block 1 alone at step 3
+# A schedule: whole steps 2 and 4, block 1 alone at step 3, block 0 alone at step 5 (under patch parallel, where a
+# rank runs both blocks, tables named by call order would give block 1 block 0's table there).
+SKIP = {2: "all", 4: "all", 3: [1], 5: [0]}
+WARMUPS = {"exact": flux_cases.FULL_WARMUP, "stale": {"warmup_steps": 1}}  # the sampler node's default: 1
 
 
 class Freezer:
@@ -58,9 +62,10 @@ def schedule(blocks: int) -> dict:
 
 
 def blocks_rank(rank: int, world_size: int, path: str, degrees: dict, schedule_configs: list[dict],
-                analysis_configs: list[dict]) -> dict:
+                analysis_configs: list[dict], stale_configs: list[dict]) -> dict:
     """Every job on `degrees`' parallel model; the scheduled jobs also on each of `schedule_configs`', the analysis of
-    CASE and BASIC_CASE on each of `analysis_configs`'."""
+    CASE and BASIC_CASE on each of `analysis_configs`', and on each of `stale_configs`' (PipeFusion / patch parallel)
+    the empty schedule and no schedule at default warmup, the schedule at both warmups (WARMUPS)."""
     init_worker(cpu=True)
     import comfy.sd
 
@@ -69,18 +74,20 @@ def blocks_rank(rank: int, world_size: int, path: str, degrees: dict, schedule_c
     from comfyui_xdit.job_spec import PoolModelRef
     from comfyui_xdit.parallel_model import parallelize
     from comfyui_xdit.shell_model import build_shell
-    from parallel_core import ParallelConfig, init_parallel
+    from comfyui_xdit.stage_loading import load_stage
+    from parallel_core import DEFAULT_BALANCE, ParallelConfig, init_parallel
 
     base = comfy.sd.load_diffusion_model(path)
     shell = build_shell(path, "default", PoolModelRef(path, "default", tuple(degrees.items()), world_size, "", 2))
     names = ["double_blocks.0", "single_blocks.0"]
 
-    def job(analyse: bool, reuse: dict | None = None, case=CASE):
+    def job(analyse: bool, reuse: dict | None = None, case=CASE, stale: dict | None = None):
         model = shell.clone()
         if reuse is not None:
             model.set_attachments(SCHEDULE_ATTACHMENT, reuse)
         guider, sampler, sigmas, noise, latent = cache_cases.graph(model, case)
-        return build_job(guider, sampler, sigmas, noise.generate_noise(latent), latent["samples"], None, noise.seed, analyse=analyse)
+        return build_job(guider, sampler, sigmas, noise.generate_noise(latent), latent["samples"], None, noise.seed,
+                         stale_options=stale, analyse=analyse)
 
     def run(model, the_job, state) -> dict:
         report: dict = {}
@@ -101,6 +108,15 @@ def blocks_rank(rank: int, world_size: int, path: str, degrees: dict, schedule_c
         state = init_parallel(ParallelConfig(**config))
         model = parallelize(base, state)
         result[flux_cases.tag(config)] = {name: run(model, jobs[name], state) for name in ("no-skip", "schedule")}
+    stale_jobs = {"uncached-stale": job(False, stale=WARMUPS["stale"]),
+                  "no-skip-stale": job(False, {"steps": STEPS, "reuse": {}}, stale=WARMUPS["stale"]),
+                  **{f"schedule-{w}": job(False, schedule(len(names)), stale=options) for w, options in WARMUPS.items()}}
+    for config in stale_configs:
+        state = init_parallel(ParallelConfig(**config))
+        stages = state.pipefusion.size
+        # A PipeFusion rank holds only its stage's block: the schedule names blocks by their index in the whole model.
+        model = parallelize(load_stage(path, "default", stages, state.pipefusion.rank, DEFAULT_BALANCE) if stages > 1 else base, state)
+        result[flux_cases.tag(config)] = {name: run(model, the_job, state) for name, the_job in stale_jobs.items()}
     analyses = {case.name: job(True, case=case) for case in (CASE, BASIC_CASE)}
     if rank == 0:
         result["one_analysis"] = {name: run(base, the_job, None)["block_changes"] for name, the_job in analyses.items()}
