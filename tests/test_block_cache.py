@@ -6,9 +6,10 @@
 - Blocks frozen over a range of steps show exactly zero output change there (and their successors zero input change).
 - An empty schedule is the uncached model bit for bit; a schedule skipping steps and single blocks gives, at ulysses 2,
   ring 2 and cfg 2, the one-process scheduled latent to fp32 rounding, and skips what it says on every rank.
-- Under PipeFusion 2 (each rank holding one block) and patch 2: an empty schedule is the uncached pool (stale keys and
-  values in use); at full warmup the schedule gives the one-process scheduled latent; at the default warmup its
-  error against stock is finite (printed). A block's key/value tables are named by the block, not the call order.
+- Under PipeFusion 2 (each rank holding one block) and patch 2, alone and at world 4 with ulysses 2 / cfg 2: at full
+  warmup the schedule gives the one-process scheduled latent and skips what it says; at the default warmup it skips
+  per patch and its error against stock is finite (printed); an empty schedule is the uncached pool (world 2, stale
+  keys and values in use). A block's key/value tables are named by the block, not by the order of attention calls.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ DEGREES = {"ulysses_degree": 2}
 SCHEDULE_CONFIGS = [{"ring_degree": 2}, {"cfg_degree": 2}]
 ANALYSIS_CONFIGS = [{"cfg_degree": 2}, {"data_degree": 2}]
 STALE_CONFIGS = [{"pipefusion_degree": 2}, {"patch_degree": 2}]
+STALE_CONFIGS_WORLD4 = [{"pipefusion_degree": 2, "ulysses_degree": 2}, {"patch_degree": 2, "cfg_degree": 2}]
 
 
 @pytest.fixture(scope="module")
@@ -44,11 +46,15 @@ def _skips_of(block: int) -> int:
 
 
 def _expected_reused(config: dict, blocks: int, patches: int = 1) -> list[int]:
-    """Per rank: PipeFusion 2 skips each block (one per stage here) on its stage, once per patch; patch parallel
-    skips every block on every rank, for its own patch."""
+    """The ranks' skipped block evaluations, sorted: PipeFusion 2 skips each block (one per stage here) on its stage's
+    ranks, once per patch; patch parallel (and cfg parallel, each rank's calls holding its own cond) skips every
+    block on every rank."""
+    world = 1
+    for degree in config.values():
+        world *= degree
     if "pipefusion_degree" in config:
-        return [_skips_of(block) * patches for block in range(blocks)]
-    return [_skipped(blocks)] * 2
+        return sorted(_skips_of(block) * patches for block in range(blocks) for _ in range(world // 2))
+    return [_skipped(blocks)] * world
 
 
 def test_sharded_sums_equal_the_one_process_sums(per_rank):
@@ -153,13 +159,26 @@ def test_empty_schedule_is_the_uncached_pool_under_stale_methods(per_rank, confi
 
 
 def _reused(per_rank: list[dict], config: dict, run: str) -> list[int]:
-    return [result[flux_cases.tag(config)][run]["blocks_reused"] for result in per_rank]
+    return sorted(result[flux_cases.tag(config)][run]["blocks_reused"] for result in per_rank)
 
 
-@pytest.mark.parametrize("config", STALE_CONFIGS, ids=flux_cases.tag)
-def test_schedule_at_full_warmup_is_the_one_process_schedule(per_rank, config):
+@pytest.fixture(scope="module")
+def per_rank_world4(tiny_flux_paths):
+    return run_on_ranks(cases.stale_rank, 4, str(tiny_flux_paths["dev"]), STALE_CONFIGS_WORLD4, timeout_s=1200)
+
+
+@pytest.fixture(params=[(2, c) for c in STALE_CONFIGS] + [(4, c) for c in STALE_CONFIGS_WORLD4],
+                ids=lambda p: f"world{p[0]}-{flux_cases.tag(p[1])}")
+def stale_runs(request) -> tuple[list[dict], dict]:
+    """Every rank's results and the config, at world 2 (alone) and world 4 (combined)."""
+    world, config = request.param
+    return request.getfixturevalue("per_rank" if world == 2 else "per_rank_world4"), config
+
+
+def test_schedule_at_full_warmup_is_the_one_process_schedule(stale_runs):
+    per_rank, config = stale_runs
     one = per_rank[0]["one"]["schedule"]
-    assert _reused(per_rank, config, "schedule-exact") == _expected_reused(config, len(per_rank[0]["names"]))
+    assert _reused(per_rank, config, "schedule-exact") == _expected_reused(config, len(cases.BLOCKS))
     tolerance = max(flux_cases.FP32_TOL, flux_cases.RELATIVE_TOL * one["samples"].abs().max().item())
     for rank, result in enumerate(per_rank):
         err = (result[flux_cases.tag(config)]["schedule-exact"]["samples"] - one["samples"]).abs().max().item()
@@ -167,13 +186,13 @@ def test_schedule_at_full_warmup_is_the_one_process_schedule(per_rank, config):
         assert err <= tolerance, f"{flux_cases.tag(config)} rank {rank}: {err:.3e}"
 
 
-@pytest.mark.parametrize("config", STALE_CONFIGS, ids=flux_cases.tag)
-def test_schedule_at_default_warmup_runs_with_stale_keys_and_values(per_rank, config):
+def test_schedule_at_default_warmup_runs_with_stale_keys_and_values(stale_runs):
     from comfyui_xdit.stale_steps import resolve_patches
 
+    per_rank, config = stale_runs
     # PipeFusion's stale calls run every block once per patch (the default: as many as cut 9 token rows evenly).
     patches = resolve_patches(0, 2, cases.CASE.height // 2) if "pipefusion_degree" in config else 1
-    assert _reused(per_rank, config, "schedule-stale") == _expected_reused(config, len(per_rank[0]["names"]), patches)
+    assert _reused(per_rank, config, "schedule-stale") == _expected_reused(config, len(cases.BLOCKS), patches)
     stock = per_rank[0]["one"]["uncached"]["samples"]
     one = per_rank[0]["one"]["schedule"]["samples"]
     for rank, result in enumerate(per_rank):
@@ -181,6 +200,6 @@ def test_schedule_at_default_warmup_runs_with_stale_keys_and_values(per_rank, co
         samples = runs["schedule-stale"]["samples"]
         assert torch.isfinite(samples).all()
         # Approximate: recorded, not bounded (stale keys/values, and skipped blocks' tables older still).
+        uncached = f"; no schedule vs stock {(runs['uncached-stale']['samples'] - stock).abs().max().item():.3e}" if "uncached-stale" in runs else ""
         print(f"{flux_cases.tag(config)} default warmup, rank {rank}: schedule vs stock {(samples - stock).abs().max().item():.3e}, "
-              f"vs one-process schedule {(samples - one).abs().max().item():.3e}; no schedule vs stock "
-              f"{(runs['uncached-stale']['samples'] - stock).abs().max().item():.3e} (latent max {stock.abs().max().item():.3f})")
+              f"vs one-process schedule {(samples - one).abs().max().item():.3e}{uncached} (latent max {stock.abs().max().item():.3f})")
