@@ -24,9 +24,9 @@ Method
 - `psnr_db` of the final latent against the reference (peak = the reference's value range); `seconds` the median of
   `--repeats` timed runs; `speedup` the median of per-pair ratios against interleaved uncached runs.
 - `--pipefusion`: also PipeFusion over all ranks (stage-loaded models, the sampler's default warmup 1 and patches
-  auto: stale keys/values), uncached ("pipefusion") and with the block schedules ("pipefusion-schedule-blocks"), the
-  speedup against interleaved uncached PipeFusion runs and the PSNR against the same (stock) reference; block
-  evaluations counted over all ranks, per patch. Only for families whose tiny model has a block per rank (not Qwen-Image).
+  auto: stale keys/values), uncached ("pipefusion", its speedup against uncached ulysses runs) and with the block
+  schedules ("pipefusion-schedule-blocks", against uncached PipeFusion runs), the PSNR against the same (stock)
+  reference; block evaluations counted over all ranks, per patch. Only for families whose tiny model has a block per rank (not Qwen-Image).
 """
 from __future__ import annotations
 
@@ -157,7 +157,7 @@ def _rank(rank: int, world_size: int, path: str, spec: dict) -> dict:
         if k in easy:
             variants[f"easycache/{k}"] = {"job": job(EVAL_SEED, easycache=easy[k][0]), "threshold": easy[k][0]}
     if "pipefusion" in pools:  # the same jobs on the PipeFusion pool, timed against uncached PipeFusion
-        variants["pipefusion/0"] = {"job": uncached_job, "pool": "pipefusion"}
+        variants["pipefusion/0"] = {"job": uncached_job, "pool": "pipefusion", "baseline": "ulysses"}  # PipeFusion's own speedup
         for k in spec["skips"]:
             variants[f"pipefusion-schedule-blocks/{k}"] = {**variants[f"schedule-blocks/{k}"], "pool": "pipefusion"}
     results = {}
@@ -165,7 +165,7 @@ def _rank(rank: int, world_size: int, path: str, spec: dict) -> dict:
         pairs, outs = [], []
         pool = variant.get("pool", "ulysses")
         for _ in range(spec["repeats"]):
-            plain = run(uncached_job, pool)
+            plain = run(uncached_job, variant.get("baseline", pool))
             out = run(variant["job"], pool)
             pairs.append(plain["seconds"] / out["seconds"])
             outs.append(out)
@@ -173,7 +173,7 @@ def _rank(rank: int, world_size: int, path: str, spec: dict) -> dict:
         results[name] = {"psnr_db": psnr(out["samples"], reference["samples"]), "seconds": statistics.median(o["seconds"] for o in outs),
                          "speedup": statistics.median(pairs), "skipped_steps": out["skipped_steps"],
                          "blocks_reused": out.get("blocks_reused", 0), "blocks_ran": out.get("blocks_ran"),
-                         **{k: v for k, v in variant.items() if k not in ("job", "pool")}}
+                         **{k: v for k, v in variant.items() if k not in ("job", "pool", "baseline")}}
     return {"blocks": len(analysis["blocks"]), "reference_seconds": reference["seconds"],
             "easycache_skips": {str(k): t for k, (t, _) in sorted(easy.items())}, "results": results,
             "analysis_step_change": [None if row is None else round(sum(row) / len(row), 4) for row in analysis["output_change"]]}
