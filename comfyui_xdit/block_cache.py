@@ -10,9 +10,21 @@ call's sigma in the sampler's sigmas) and which conds it carries. Then, per bloc
   cfg rank computes counts on the first), then added up over the sequence, cfg and data groups, so they equal the
   one-process sums up to float64 summation order;
 - schedule: at a step where the schedule marks the block, its output is its input plus its residual from the last
-  step it ran (for the same conds), without running it. The decision depends only on the schedule and the step, so
-  every rank takes it alike; the residual is each rank's own rows, so sequence parallel and cfg parallel need
-  nothing more. A step the schedule does not mark runs the block itself: an empty schedule is the uncached model.
+  step it ran (for the same conds and patch), without running it. The decision depends only on the schedule, the
+  step and whether that residual exists (the same history on every rank), so every rank takes it alike; the
+  residual is each rank's own rows, so sequence parallel and cfg parallel need nothing more. A step the schedule
+  does not mark runs the block itself: an empty schedule is the uncached model.
+
+Under PipeFusion a model call runs each block once per patch (band of image rows) on the stage holding it, and
+under displaced patch parallel each rank runs its own patch: residuals are kept per (block, conds, patch), the patch
+being the block's n-th run within the call, with the block's global index (a stage holds RemoteBlock stand-ins for
+the others). Both methods keep last step's keys/values per attention call (stale_forwards.py); every block runs
+announced (stale_steps.running_block), so its tables are named by its index and a skipped block shifts no other
+block's tables. A skipped block does not refresh its keys/values: its table keeps the rows of the last step it ran
+(PipeFusion: later patches and steps read those; patch parallel: the exchange started then is read when it next
+runs, so the other patches' rows are as old as that step). At full warmup (every call synchronous: one patch, all
+rows fresh) nothing is stale and the schedule gives the one-process result. The analysis is not run there (see
+refuse_analysis_degrees).
 """
 from __future__ import annotations
 
@@ -28,12 +40,13 @@ from parallel_core.sharding import chunk_length
 
 from .cfg_parallel import REPEATED_CALL_KEY
 from .errors import UnsupportedByXDiT
+from .stale_steps import running_block
 
 WRAPPER_KEY = "comfyui_xdit.block_cache"
 SCHEDULE_ATTACHMENT = "comfyui_xdit.cache_schedule"  # the MODEL's schedule (plain data) from XDiTCacheSchedule
 SUMS = ("output_diff", "output_prev", "input_diff", "input_prev", "residual_diff", "residual_prev")
-# Degrees under which per-block residuals would mix stale activations (PipeFusion, patch parallel).
-_REFUSED = ("pipefusion_degree", "patch_degree")
+# Degrees the analysis refuses: under them blocks compute with stale keys/values (stale_forwards.py).
+_ANALYSIS_REFUSED = ("pipefusion_degree", "patch_degree")
 
 
 def block_names(diffusion_model: torch.nn.Module, containers: tuple[str, ...]) -> list[str]:
@@ -41,12 +54,17 @@ def block_names(diffusion_model: torch.nn.Module, containers: tuple[str, ...]) -
     return [f"{c}.{i}" for c in containers for i in range(len(getattr(diffusion_model, c)))]
 
 
-def refuse_degrees(degrees: dict[str, int], node: str) -> None:
-    """Raise, naming the node and the degrees to change, for a pool these per-block passes cannot run on."""
-    refused = [d for d in _REFUSED if degrees.get(d, 1) > 1]
+def refuse_analysis_degrees(degrees: dict[str, int]) -> None:
+    """Raise, naming the degrees to change, for a pool the analysis cannot measure on. Under PipeFusion and patch
+    parallel a block runs per patch with other rows' keys/values from earlier steps (and PipeFusion's later patches
+    carry a throwaway text row): its step-to-step change would measure that staleness, not the model's redundancy,
+    and would not equal the one-process sums. Cache schedules do run there."""
+    refused = [d for d in _ANALYSIS_REFUSED if degrees.get(d, 1) > 1]
     if refused:
-        raise UnsupportedByXDiT(f"{node} cannot run with {', '.join(f'{d} {degrees[d]}' for d in refused)} (per-block "
-                                f"residuals would mix stale activations); set {' and '.join(refused)} to 1 on XDiTUNetLoader")
+        raise UnsupportedByXDiT(f"XDiTRedundancyAnalysis cannot run with {', '.join(f'{d} {degrees[d]}' for d in refused)} "
+                                "(its blocks compute patches against stale keys/values, so their changes would not be the model's); "
+                                f"set {' and '.join(refused)} to 1 on XDiTUNetLoader for the analysis: the XDiTCacheSchedule made "
+                                "from it runs with them")
 
 
 def _tensors(values) -> list[torch.Tensor]:
@@ -112,6 +130,7 @@ def _pairing(inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> list[in
 class _Call:
     step: int = -1
     key: tuple = ()
+    runs: dict[int, int] = field(default_factory=dict)  # block -> how many times it ran (or was skipped) in this call
 
 
 @dataclass
@@ -125,8 +144,9 @@ class BlockRuntime:
     steps: int = 0
     call: _Call = field(default_factory=_Call)
     sums: dict[int, torch.Tensor] = field(default_factory=dict)  # step -> (blocks, len(SUMS)) float64
-    previous: dict[tuple, tuple] = field(default_factory=dict)  # (block, conds) -> (outputs, inputs, residuals)
-    residuals: dict[tuple, tuple] = field(default_factory=dict)  # (block, conds) -> (pairing, residuals, tuple shape)
+    previous: dict[tuple, tuple] = field(default_factory=dict)  # (block, conds, patch) -> (outputs, inputs, residuals)
+    # (block, conds, patch, input shapes) -> (pairing, residuals, tuple shape)
+    residuals: dict[tuple, tuple] = field(default_factory=dict)
     reused: int = 0  # block evaluations skipped on this rank
     ran: int = 0
     counted: bool = True  # whether this call's sums are this rank's to add (REPEATED_CALL_KEY)
@@ -142,8 +162,12 @@ class BlockRuntime:
 
     def forward(self, index: int, original, *args, **kwargs):
         inputs = _tensors(list(args) + list(kwargs.values()))
-        slot = (index, self.call.key)
-        cached = self.residuals.get(slot)
+        patch = self.call.runs.get(index, 0)  # PipeFusion: the block's n-th patch of this call; else 0
+        self.call.runs[index] = patch + 1
+        slot = (index, self.call.key, patch)
+        # A residual fits only inputs of its shapes (PipeFusion's synchronous calls run the whole image as one patch).
+        kept = slot + (tuple(tuple(x.shape) for x in inputs),)
+        cached = self.residuals.get(kept)
         if index in self.reuse.get(self.call.step, ()) and cached is not None:
             pairing, residuals, shape = cached
             self.reused += 1
@@ -152,11 +176,12 @@ class BlockRuntime:
         keeps_residual = any(index in blocks for blocks in self.reuse.values())
         if self.analyse or keeps_residual:
             inputs = [x.clone() for x in inputs]  # blocks update their streams in place (Flux: img += ...)
-        result = original(*args, **kwargs)
+        with running_block(index):  # names its key/value tables under PipeFusion / patch parallel
+            result = original(*args, **kwargs)
         self.ran += 1
         outputs = _tensors(result if isinstance(result, (tuple, list)) else [result])
         if self.analyse and self.counted:
-            self._record(index, inputs, outputs)
+            self._record(slot, inputs, outputs)
         if keeps_residual:
             pairing = _pairing(inputs, outputs)
             # None: a lone tensor; else which places of the returned tuple are None (SD3's last block drops its text).
@@ -164,14 +189,14 @@ class BlockRuntime:
             if pairing is None or len(outputs) != (1 if shape is None else shape.count(False)):
                 raise UnsupportedByXDiT(f"block {self.names[index]} returns values that are not updates of its inputs; "
                                         "a cache schedule cannot reuse its residual there")
-            self.residuals[slot] = (pairing, [o - inputs[i] for o, i in zip(outputs, pairing)], shape)
+            self.residuals[kept] = (pairing, [o - inputs[i] for o, i in zip(outputs, pairing)], shape)
         return result
 
-    def _record(self, index: int, inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> None:
+    def _record(self, slot: tuple, inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> None:
+        index = slot[0]
         pairing = _pairing(inputs, outputs)
         residuals = [o - inputs[i] for o, i in zip(outputs, pairing)] if pairing is not None else []
         current = (outputs, inputs, residuals)  # SUMS' order
-        slot = (index, self.call.key)
         before = self.previous.get(slot)
         self.previous[slot] = tuple([t.detach().clone() for t in group] for group in current)
         if before is None:

@@ -175,7 +175,8 @@ def carry_block_cache(model_patcher, degrees: dict[str, int], steps: int, analys
     if schedule is None and not analyse:
         return {}
     node = "XDiTRedundancyAnalysis" if analyse else "XDiTCacheSchedule"
-    block_cache.refuse_degrees(degrees, node)
+    if analyse:
+        block_cache.refuse_analysis_degrees(degrees)
     if stock.get("holder"):
         raise UnsupportedByXDiT(f"{node} and EasyCache/LazyCache both cache this MODEL; remove one of them")
     if stock.get("compile"):  # its per-block bookkeeping is Python state dynamo would guard on and recompile for

@@ -20,14 +20,14 @@ stage's output is broadcast so every rank continues the sampler loop with the sa
 
 Each attention call's key/value table is named by its place in the call's sequence of attention calls (the
 blocks run in the same order every call, and a stage runs the same blocks for every patch), so a family's blocks
-need not record which block is running.
+need not record which block is running; a block that a cache schedule wraps names its tables by its own index
+instead (stale_steps.TableNames), because a block the schedule skips makes no attention call.
 
 Warmup calls (stale_steps.py) are synchronous: every row fresh, exact against stock, and they fill the tables.
 """
 from __future__ import annotations
 
 import functools
-import itertools
 import time
 from typing import Callable
 
@@ -95,7 +95,7 @@ def displaced_forward(family: str, state: ParallelState, cache: KVCache, call: T
                            shard_positions([range(text_len, text_len + image_len)], patch.size)], dim=1)
     options = dict(transformer_options)
     options["optimized_attention_override"] = functools.partial(
-        _displaced_attention_override, family, state, cache, stream, synchronous, positions, text_len + image_len, itertools.count())
+        _displaced_attention_override, family, state, cache, stream, synchronous, positions, text_len + image_len, stale_steps.TableNames())
     out = call(split_over(img, 1, patch), split_over(img_ids, 1, patch), txt, txt_ids, options)
     if synchronous:
         cache.mark_filled(stream)
@@ -163,7 +163,7 @@ def pipefusion_forward(family: str, state: ParallelState, cache: KVCache, plan: 
         positions = shard_positions([text_positions, range(text_len + image.start, text_len + image.stop)], sp.size)
         call_options = dict(transformer_options)
         call_options["optimized_attention_override"] = functools.partial(
-            _pipefusion_attention_override, family, state, cache, stream, positions, text_len + image_len, itertools.count())
+            _pipefusion_attention_override, family, state, cache, stream, positions, text_len + image_len, stale_steps.TableNames())
         call_options["patches_replace"] = replacements
         out = call(*(split_over(t, 1, sp) for t in (img[:, image], img_ids[:, image], txt[:, text], txt_ids[:, text])), call_options)
         outputs.append(gather_over(out, 1, sp, state, image.stop - image.start) if pf.rank == pf.size - 1 else None)

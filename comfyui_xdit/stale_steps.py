@@ -10,7 +10,10 @@ The sampler node's options travel to the workers as plain data in transformer_op
 """
 from __future__ import annotations
 
-from collections.abc import Hashable
+import contextlib
+import itertools
+from collections.abc import Hashable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -24,6 +27,8 @@ OPTIONS_KEY = "xdit_stale"
 RESET_WRAPPER_KEY = "comfyui_xdit.stale_kv_reset"
 DEFAULT_WARMUP_STEPS = 1
 AUTO_PATCHES_PER_STAGE = 2
+# The block running now and the count of its attention calls so far, while a block announces itself (running_block).
+_RUNNING_BLOCK: ContextVar[tuple[int, Iterator[int]] | None] = ContextVar("comfyui_xdit.running_block", default=None)
 
 
 @dataclass(frozen=True)
@@ -113,3 +118,32 @@ def reset_wrapper(cache: KVCache) -> Callable[..., Any]:
             cache.clear()
 
     return outer_sample
+
+
+@contextlib.contextmanager
+def running_block(index: int):
+    """Announce that block `index` (its place among the model's blocks) runs now: TableNames names its attention
+    calls' key/value tables by it. block_cache.py's block wrappers announce every block."""
+    token = _RUNNING_BLOCK.set((index, itertools.count()))
+    try:
+        yield
+    finally:
+        _RUNNING_BLOCK.reset(token)
+
+
+class TableNames:
+    """The names of one forward's (one patch's) key/value tables, one per attention call, in call order.
+
+    Inside an announced block (running_block) a call is named by (block, its place within the block), so a block
+    a cache schedule skips at some step (its attention not called) shifts no other block's table; outside, by its
+    place among the forward's unannounced calls, which run in the same order every forward."""
+
+    def __init__(self) -> None:
+        self._order = itertools.count()
+
+    def __iter__(self) -> TableNames:
+        return self
+
+    def __next__(self) -> Hashable:
+        block = _RUNNING_BLOCK.get()
+        return next(self._order) if block is None else ("block", block[0], next(block[1]))

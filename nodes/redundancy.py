@@ -6,7 +6,7 @@ import comfy.model_management
 import comfy.sample
 
 from comfyui_xdit import redundancy
-from comfyui_xdit.block_cache import refuse_degrees
+from comfyui_xdit.block_cache import refuse_analysis_degrees
 from comfyui_xdit.families import adapter_for
 from comfyui_xdit.job import pool_model_of
 from comfyui_xdit.pool_client import degrees_of
@@ -34,7 +34,7 @@ class XDiTRedundancyAnalysis:
     def analyse(self, noise, guider, sampler, sigmas, latent_image):
         model = guider.model_patcher
         ref = pool_model_of(model, "XDiTRedundancyAnalysis")
-        refuse_degrees(degrees_of(ref), "XDiTRedundancyAnalysis")
+        refuse_analysis_degrees(degrees_of(ref))
         latent = latent_image.copy()
         latent["samples"] = comfy.sample.fix_empty_latent_channels(model, latent["samples"], latent.get("downscale_ratio_spacial", None),
                                                                    latent.get("downscale_ratio_temporal", None))
@@ -72,7 +72,6 @@ class XDiTCacheSchedule:
 
     def schedule(self, model, analysis_file, skip_steps, granularity, max_estimated_error, analysis=None):
         ref = pool_model_of(model, "XDiTCacheSchedule")
-        refuse_degrees(degrees_of(ref), "XDiTCacheSchedule")
         if analysis_file == CONNECTED:
             if analysis is None:
                 raise ValueError("XDiTCacheSchedule: analysis_file is the connected analysis, but no analysis is connected; connect XDiTRedundancyAnalysis or choose a file")

@@ -279,12 +279,14 @@ def test_cache_schedules_and_the_analysis_refuse_what_the_pool_cannot_run(models
     with pytest.raises(UnsupportedByXDiT, match="does not run on a TorchCompileModel MODEL"):
         _job_of(*_inputs(TorchCompileModel.execute(scheduled(models["shell"]), "inductor").result[0]))
     path = str(tiny_flux_paths["dev"])
-    for degrees, message in (((("pipefusion_degree", 2),), "XDiTCacheSchedule cannot run with pipefusion_degree 2"),
+    for degrees, message in (((("pipefusion_degree", 2),), "XDiTRedundancyAnalysis cannot run with pipefusion_degree 2 .* set "
+                              "pipefusion_degree to 1 on XDiTUNetLoader for the analysis"),
+                             ((("patch_degree", 2),), "XDiTRedundancyAnalysis cannot run with patch_degree 2"),
                              ((("cfg_degree", 2),), None)):
         shell = build_shell(path, "default", PoolModelRef(path, "default", degrees, 2, "", 2))
+        assert _job_of(*_inputs(scheduled(shell))).block_cache["reuse"]  # a schedule runs under all of them
         if message:
             with pytest.raises(UnsupportedByXDiT, match=message):
-                _job_of(*_inputs(scheduled(shell)))
-        else:  # a schedule and the analysis both run under cfg parallel
-            assert _job_of(*_inputs(scheduled(shell))).block_cache["reuse"]
+                analysis_of(*_inputs(shell))
+        else:  # the analysis runs under cfg parallel
             assert analysis_of(*_inputs(shell)).block_cache == {"analyse": True}

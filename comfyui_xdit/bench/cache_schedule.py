@@ -1,6 +1,7 @@
 """A cache schedule from the redundancy analysis vs ComfyUI's EasyCache, at the same skipped work, on the pool.
 
     python -m comfyui_xdit.bench.cache_schedule [--families flux,sd3] [--world 2] [--steps 12] [--skips 2,3,4] [--size 24]
+        [--pipefusion]
 
 Prints one JSON line per (family, method, skipped steps) on stdout (progress on stderr).
 
@@ -22,6 +23,10 @@ Method
   schedule only the blocks.
 - `psnr_db` of the final latent against the reference (peak = the reference's value range); `seconds` the median of
   `--repeats` timed runs; `speedup` the median of per-pair ratios against interleaved uncached runs.
+- `--pipefusion`: also PipeFusion over all ranks (stage-loaded models, the sampler's default warmup 1 and patches
+  auto: stale keys/values), uncached ("pipefusion", its speedup against uncached ulysses runs) and with the block
+  schedules ("pipefusion-schedule-blocks", against uncached PipeFusion runs), the PSNR against the same (stock)
+  reference; block evaluations counted over all ranks, per patch. Only for families whose tiny model has a block per rank (not Qwen-Image).
 """
 from __future__ import annotations
 
@@ -40,8 +45,10 @@ from parallel_core.local_launch import run_on_ranks
 
 # Tiny size, and the last layer whose calls tell which steps ran the model. SD3 is here for the schedule only: ComfyUI
 # 0.30.0's MMDiT forward runs no DIFFUSION_MODEL wrappers, so stock EasyCache never skips a step on it.
-FAMILIES = {"flux": {"model_size": "pipeline", "last_layer": "final_layer"}, "qwen_image": {"model_size": "tiny", "last_layer": "proj_out"},
-            "sd3": {"model_size": "tiny", "last_layer": "final_layer"}}
+# `stages`: the most PipeFusion stages the tiny model has blocks for.
+FAMILIES = {"flux": {"model_size": "pipeline", "last_layer": "final_layer", "stages": 14},
+            "qwen_image": {"model_size": "tiny", "last_layer": "proj_out", "stages": 1},
+            "sd3": {"model_size": "tiny", "last_layer": "final_layer", "stages": 2}}
 EASYCACHE_THRESHOLDS = (0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.09, 0.1, 0.12, 0.14, 0.17, 0.2, 0.25, 0.3, 0.35, 0.42, 0.5, 0.6, 0.7, 0.85, 1.0, 1.25, 1.5, 2.0, 2.5)
 ANALYSIS_SEED, EVAL_SEED = 11, 2
 
@@ -95,12 +102,17 @@ def _rank(rank: int, world_size: int, path: str, spec: dict) -> dict:
     from comfyui_xdit.parallel_model import parallelize
     from comfyui_xdit.redundancy import choose_schedule
     from comfyui_xdit.shell_model import build_shell
-    from parallel_core import ParallelConfig, init_parallel
+    from comfyui_xdit.stage_loading import load_stage
+    from parallel_core import DEFAULT_BALANCE, ParallelConfig, init_parallel
 
     degrees = {"ulysses_degree": world_size}
     base = comfy.sd.load_diffusion_model(path)
     state = init_parallel(ParallelConfig(**degrees))
     model = parallelize(base, state)
+    pools = {"ulysses": (model, state)}
+    if spec["pipefusion"] and spec["stages"] >= world_size:
+        pf_state = init_parallel(ParallelConfig(pipefusion_degree=world_size))
+        pools["pipefusion"] = (parallelize(load_stage(path, "default", world_size, pf_state.pipefusion.rank, DEFAULT_BALANCE), pf_state), pf_state)
     shell = build_shell(path, "default", PoolModelRef(path, "default", tuple(degrees.items()), world_size, "", 2))
     calls = {"n": 0}
     getattr(base.model.diffusion_model, spec["last_layer"]).register_forward_hook(lambda *a: calls.__setitem__("n", calls["n"] + 1))
@@ -112,7 +124,7 @@ def _rank(rank: int, world_size: int, path: str, spec: dict) -> dict:
         guider, sampler, sigmas, noise, latent, seed = _graph(patcher, base.model, spec, seed, easycache)
         return build_job(guider, sampler, sigmas, noise, latent, None, seed, analyse=analyse)
 
-    def run(the_job) -> dict:
+    def run(the_job, pool: str = "ulysses") -> dict:
         ran_steps: list[bool] = []
         before = {"n": calls["n"]}
 
@@ -122,9 +134,10 @@ def _rank(rank: int, world_size: int, path: str, spec: dict) -> dict:
 
         report: dict = {}
         start = time.perf_counter()
-        report["samples"] = run_job(model, the_job, callback, state, report)
+        on_model, on_state = pools[pool]
+        report["samples"] = run_job(on_model, the_job, callback, on_state, report)
         report["seconds"] = time.perf_counter() - start
-        report["skipped_steps"] = ran_steps.count(False)
+        report["skipped_steps"] = ran_steps.count(False) if pool == "ulysses" else None  # the hook is on the whole model
         return report
 
     analysis = run(job(ANALYSIS_SEED, analyse=True))["block_changes"]
@@ -143,19 +156,24 @@ def _rank(rank: int, world_size: int, path: str, spec: dict) -> dict:
     for k in spec["skips"]:
         if k in easy:
             variants[f"easycache/{k}"] = {"job": job(EVAL_SEED, easycache=easy[k][0]), "threshold": easy[k][0]}
+    if "pipefusion" in pools:  # the same jobs on the PipeFusion pool, timed against uncached PipeFusion
+        variants["pipefusion/0"] = {"job": uncached_job, "pool": "pipefusion", "baseline": "ulysses"}  # PipeFusion's own speedup
+        for k in spec["skips"]:
+            variants[f"pipefusion-schedule-blocks/{k}"] = {**variants[f"schedule-blocks/{k}"], "pool": "pipefusion"}
     results = {}
     for name, variant in variants.items():
         pairs, outs = [], []
+        pool = variant.get("pool", "ulysses")
         for _ in range(spec["repeats"]):
-            plain = run(uncached_job)
-            out = run(variant["job"])
+            plain = run(uncached_job, variant.get("baseline", pool))
+            out = run(variant["job"], pool)
             pairs.append(plain["seconds"] / out["seconds"])
             outs.append(out)
         out = outs[-1]
         results[name] = {"psnr_db": psnr(out["samples"], reference["samples"]), "seconds": statistics.median(o["seconds"] for o in outs),
                          "speedup": statistics.median(pairs), "skipped_steps": out["skipped_steps"],
                          "blocks_reused": out.get("blocks_reused", 0), "blocks_ran": out.get("blocks_ran"),
-                         **{k: v for k, v in variant.items() if k != "job"}}
+                         **{k: v for k, v in variant.items() if k not in ("job", "pool", "baseline")}}
     return {"blocks": len(analysis["blocks"]), "reference_seconds": reference["seconds"],
             "easycache_skips": {str(k): t for k, (t, _) in sorted(easy.items())}, "results": results,
             "analysis_step_change": [None if row is None else round(sum(row) / len(row), 4) for row in analysis["output_change"]]}
@@ -169,8 +187,10 @@ def main(argv=None) -> int:
     parser.add_argument("--skips", default="2,3,4")
     parser.add_argument("--size", type=int, default=24, help="latent height and width")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--pipefusion", action="store_true", help="also PipeFusion over all ranks, uncached and with the block schedules")
     args = parser.parse_args(argv)
-    spec = {"steps": args.steps, "size": args.size, "repeats": args.repeats, "skips": [int(k) for k in args.skips.split(",")]}
+    spec = {"steps": args.steps, "size": args.size, "repeats": args.repeats, "skips": [int(k) for k in args.skips.split(",")],
+            "pipefusion": args.pipefusion}
     from comfyui_xdit.comfy_runtime import import_comfy
     from comfyui_xdit.testing.tiny_models import write_tiny_model
 
@@ -179,13 +199,18 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory() as folder:
             path = str(write_tiny_model(family, Path(folder) / f"{family}.safetensors", size=FAMILIES[family]["model_size"], seed=0))
             print(f"{family}: running {args.world} ranks ...", file=sys.stderr)
-            result = run_on_ranks(_rank, args.world, path, {**spec, **FAMILIES[family]}, timeout_s=3600)[0]
+            per_rank = run_on_ranks(_rank, args.world, path, {**spec, **FAMILIES[family]}, timeout_s=3600)
+        result = per_rank[0]
+        for name, numbers in result["results"].items():  # PipeFusion ranks run their own stage's blocks: add them up
+            if name.startswith("pipefusion"):
+                numbers["blocks_reused"], numbers["blocks_ran"] = (sum(r["results"][name][key] or 0 for r in per_rank) for key in ("blocks_reused", "blocks_ran"))
         print(json.dumps({"bench": "cache_schedule", "family": family, "analysis_step_change": result["analysis_step_change"],
                           "easycache_thresholds_by_skipped_steps": result["easycache_skips"]}), flush=True)
         for name, numbers in result["results"].items():
             method, skips = name.split("/")
+            pool = {"pipefusion_degree": args.world} if method.startswith("pipefusion") else {"ulysses_degree": args.world}
             print(json.dumps({"bench": "cache_schedule", "family": family, "method": method, "target_skipped_steps": int(skips),
-                              "world_size": args.world, "degrees": {"ulysses_degree": args.world}, "steps": args.steps,
+                              "world_size": args.world, "degrees": pool, "steps": args.steps,
                               "latent": [args.size, args.size], "blocks": result["blocks"],
                               "skipped_block_evaluations": numbers["blocks_reused"] if method != "easycache" else numbers["skipped_steps"] * result["blocks"],
                               **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in numbers.items()},
