@@ -118,6 +118,13 @@ class FamilyAdapter:
             return model_patcher.clone()
         return importlib.import_module(self.hooks).parallelize(model_patcher, state, self)
 
+    def refuse_inputs(self, model: torch.nn.Module, conds: dict[str, list[dict]], model_name: str) -> None:
+        """Raise before any work starts if the sampler's conditioning (a guider's original_conds) lacks an input this
+        model needs: the hooks module's `refuse_inputs(model, conds, family, model_name)`, where it has one."""
+        check = getattr(importlib.import_module(self.hooks), "refuse_inputs", None) if self.hooks else None
+        if check is not None:
+            check(model, conds, self.family_name(model), model_name)
+
     def refuse_unsupported(self, config: ParallelConfig, model: torch.nn.Module) -> None:
         """Raise, naming the family and what it takes, if `config` uses a dimension this family does not."""
         unsupported = [d for d in DIMENSIONS_IN_ORDER if config.degree(d) > 1 and not getattr(self.capabilities, d)]
