@@ -6,6 +6,7 @@ experts stay resident on the pool across prompts; and the shipped Wan 2.2 A14B i
 through WanImageToVideo, both experts), refused before any work when its start image is missing."""
 from __future__ import annotations
 
+import functools
 import io
 
 import numpy as np
@@ -146,6 +147,7 @@ I2V_WORKFLOW = REPO_ROOT / "workflows" / "api" / "wan22_a14b_i2v_xdit_api.json"
 I2V_HIGH_NOISE_NAME = "tiny-wan22-a14b-i2v-high-noise.safetensors"
 I2V_LOW_NOISE_NAME = "tiny-wan22-a14b-i2v-low-noise.safetensors"
 START_IMAGE = "xdit-test-start-image.png"
+WAN21_I2V_NAME = "tiny-wan21-i2v.safetensors"
 
 
 @pytest.fixture(scope="module")
@@ -162,13 +164,18 @@ def i2v_experts(comfy_server, client, tiny_model_path, run_cli, tmp_path_factory
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (80, 112, 3), dtype=np.uint8)).save(inputs / START_IMAGE)
 
 
-def _i2v_graph(prefix: str, xdit: bool, seed: int = 42, start_image: bool = True, **loader_inputs) -> dict:
+def _i2v_graph(prefix: str, xdit: bool, seed: int = 42, start_image: bool = True, experts=(I2V_HIGH_NOISE_NAME, I2V_LOW_NOISE_NAME),
+               clip_vision_seed: int | None = None, **loader_inputs) -> dict:
     """The shipped Wan 2.2 A14B I2V graph offline: the start image through WanImageToVideo (tiny Wan VAE) into a
     9-frame 112 x 80 clip (a 3 x 10 x 14 latent: 105 tokens, 5 token rows), the high-noise expert for steps 0-2 of 4,
-    the low-noise one for 2-4, the clip decoded and saved losslessly, and the sampled latent saved."""
-    workflow = make_offline(load_api_workflow(I2V_WORKFLOW), I2V_HIGH_NOISE_NAME, vae_name=VAE_NAME, steps=4,
+    the low-noise one for 2-4, the clip decoded and saved losslessly, and the sampled latent saved. With
+    `clip_vision_seed`, WanImageToVideo also gets a seeded stand-in CLIP vision output (XDiTTestClipVisionOutput)."""
+    workflow = make_offline(load_api_workflow(I2V_WORKFLOW), experts[0], vae_name=VAE_NAME, steps=4,
                             context_dim=UMT5_WIDTH, image=START_IMAGE)
-    workflow["11"]["inputs"]["unet_name"] = I2V_LOW_NOISE_NAME
+    workflow["11"]["inputs"]["unet_name"] = experts[1]
+    if clip_vision_seed is not None:
+        workflow["16"] = {"class_type": "XDiTTestClipVisionOutput", "inputs": {"seed": clip_vision_seed, "tokens": 257, "width": 1280}}
+        workflow["6"]["inputs"]["clip_vision_output"] = ["16", 0]
     workflow["6"]["inputs"].update(width=112, height=80, length=9)
     workflow["7"]["inputs"].update(end_at_step=2, noise_seed=seed)
     workflow["13"]["inputs"].update(start_at_step=2)
@@ -220,3 +227,14 @@ def test_wan22_a14b_i2v_without_its_start_image_is_refused_before_work_starts(co
     # The server and the pool are still up: the next prompt runs, as stock does.
     _assert_i2v_runs_match(comfy_server, client.run(_i2v_graph("i2v_after_refusal_stock", False, seed=7), timeout=300),
                            client.run(_i2v_graph("i2v_after_refusal_xdit", True, seed=7, world_size=2), timeout=600))
+
+
+def test_wan21_i2v_with_clip_vision_matches_the_stock_graph(comfy_server, client, i2v_experts, tiny_model_path):
+    """Wan 2.1 I2V (detected as I2V: the start image's latent and mask concatenated to the noise, and CLIP vision
+    tokens through img_emb into every block's cross-attention) as both experts of the shipped I2V graph, at world 2
+    (auto: ulysses 2). Its CLIP_VISION_OUTPUT comes from the test node XDiTTestClipVisionOutput because no CLIP vision
+    model can be made tiny (ComfyUI builds one at ViT-H's real size) and none can be downloaded here."""
+    link_tiny_model(comfy_server, tiny_model_path("wan21_i2v"), WAN21_I2V_NAME)
+    graph = functools.partial(_i2v_graph, experts=(WAN21_I2V_NAME, WAN21_I2V_NAME), clip_vision_seed=3)
+    _assert_i2v_runs_match(comfy_server, client.run(graph("wan21_i2v_stock", False), timeout=300),
+                           client.run(graph("wan21_i2v_xdit", True, world_size=2), timeout=600))
