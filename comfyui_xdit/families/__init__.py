@@ -1,8 +1,9 @@
 """The family-adapter registry: which parallel methods each ComfyUI model class takes, and the code that does it.
 
 An adapter is declared as data (name, capabilities, where the model keeps its head count and patch size, how text
-joins image attention, which module lists hold its blocks) plus the import path of its `parallelize` hook, which
-is imported only when a model of that family is parallelised. Registrations name `comfy.model_base` classes as
+joins image attention, which module lists hold its blocks) plus the import path of its `parallelize` hook (and,
+where the module has one, its `refuse_inputs` check of a job's conditioning), imported only when a model of that
+family is parallelised or sampled. Registrations name `comfy.model_base` classes as
 strings, so a ComfyUI without one of them still loads the pack (the entry just never matches).
 
 `adapter_for` walks the model's class hierarchy from the most derived class up: an exact registration wins; a
