@@ -151,17 +151,22 @@ WAN21_I2V_NAME = "tiny-wan21-i2v.safetensors"
 
 
 @pytest.fixture(scope="module")
-def i2v_experts(comfy_server, client, tiny_model_path, run_cli, tmp_path_factory) -> None:
-    """Two tiny Wan 2.2 A14B I2V experts (seeds 0 and 1: high and low noise) on the server, and a seeded start image
-    in its input folder."""
-    link_tiny_model(comfy_server, tiny_model_path("wan22_a14b_i2v"), I2V_HIGH_NOISE_NAME)
-    low_noise = tmp_path_factory.mktemp("wan_i2v_experts") / "low_noise.safetensors"
-    made = run_cli("make-tiny-model", "--family", "wan22_a14b_i2v", "--seed", "1", "--out", str(low_noise))
-    assert made.returncode == 0, made.stderr
-    link_tiny_model(comfy_server, low_noise, I2V_LOW_NOISE_NAME)
+def start_image(comfy_server, client) -> None:
+    """A seeded start image in the server's input folder (what LoadImage offers)."""
     inputs = comfy_server.base / "input"
     inputs.mkdir(exist_ok=True)
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (80, 112, 3), dtype=np.uint8)).save(inputs / START_IMAGE)
+
+
+@pytest.fixture(scope="module")
+def i2v_experts(comfy_server, start_image, tmp_path_factory) -> None:
+    """Two tiny Wan 2.2 A14B I2V experts (seeds 0 and 1: high and low noise) on the server, written in this process
+    (ComfyUI is imported here already; the CLI that writes them is tested elsewhere)."""
+    from comfyui_xdit.testing.tiny_models import write_tiny_model
+
+    folder = tmp_path_factory.mktemp("wan_i2v_experts")
+    for seed, name in enumerate((I2V_HIGH_NOISE_NAME, I2V_LOW_NOISE_NAME)):
+        link_tiny_model(comfy_server, write_tiny_model("wan22_a14b_i2v", folder / name, seed=seed), name)
 
 
 def _i2v_graph(prefix: str, xdit: bool, seed: int = 42, start_image: bool = True, experts=(I2V_HIGH_NOISE_NAME, I2V_LOW_NOISE_NAME),
@@ -229,7 +234,7 @@ def test_wan22_a14b_i2v_without_its_start_image_is_refused_before_work_starts(co
                            client.run(_i2v_graph("i2v_after_refusal_xdit", True, seed=7, world_size=2), timeout=600))
 
 
-def test_wan21_i2v_with_clip_vision_matches_the_stock_graph(comfy_server, client, i2v_experts, tiny_model_path):
+def test_wan21_i2v_with_clip_vision_matches_the_stock_graph(comfy_server, client, start_image, tiny_model_path):
     """Wan 2.1 I2V (detected as I2V: the start image's latent and mask concatenated to the noise, and CLIP vision
     tokens through img_emb into every block's cross-attention) as both experts of the shipped I2V graph, at world 2
     (auto: ulysses 2). Its CLIP_VISION_OUTPUT comes from the test node XDiTTestClipVisionOutput because no CLIP vision
