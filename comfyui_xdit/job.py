@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import torch
 
+import comfy.clip_vision
 import comfy.model_sampling
 import comfy.samplers
 from comfy_extras.nodes_custom_sampler import Guider_Basic
@@ -28,6 +29,9 @@ from .stale_steps import OPTIONS_KEY
 GUIDERS: dict[str, type] = {"basic": Guider_Basic, "cfg": comfy.samplers.CFGGuider}
 # Cond entries whose meaning is a live object that cannot be carried to a worker.
 _LIVE_COND_KEYS = {"control": "ControlNet", "gligen": "GLIGEN", "hooks": "hook (LoRA/keyframe) scheduling"}
+# A CLIP vision encoder's output in a cond (e.g. WanImageToVideo's clip_vision_output: tensors held as attributes)
+# travels as a dict of its attributes under this key and is rebuilt on the worker.
+_CLIP_VISION_OUTPUT = "comfyui_xdit.clip_vision_output"
 # model_options entries that are plain switches; every other entry is a callable patch from some node.
 _PLAIN_MODEL_OPTIONS = {"transformer_options", "disable_cfg1_optimization"}
 
@@ -103,13 +107,34 @@ def carry_conds(guider) -> dict[str, list[list[Any]]]:
                     raise UnsupportedByXDiT(f"the {name} conditioning carries {what} ('{key}'), which XDiT cannot run in parallel yet; remove it")
             if cond.get("model_conds"):
                 raise UnsupportedByXDiT(f"the {name} conditioning carries model conds {sorted(cond['model_conds'])} XDiT cannot carry; remove the node that adds them")
-            options = {k: v for k, v in cond.items() if k not in ("cross_attn", "model_conds", "uuid")}
+            options = {k: _carry_option(v) for k, v in cond.items() if k not in ("cross_attn", "model_conds", "uuid")}
             bad = sorted(k for k, v in options.items() if not _is_plain(v))
             if bad:
                 raise UnsupportedByXDiT(f"the {name} conditioning carries {bad}, which are not plain data XDiT can send to its workers")
             entries.append([cond.get("cross_attn"), options])
         carried[name] = entries
     return carried
+
+
+def _carry_option(value: Any) -> Any:
+    if type(value) is comfy.clip_vision.Output:
+        return {_CLIP_VISION_OUTPUT: dict(vars(value))}
+    return value
+
+
+def _rebuild_option(value: Any) -> Any:
+    if not (isinstance(value, dict) and set(value) == {_CLIP_VISION_OUTPUT}):
+        return value
+    output = comfy.clip_vision.Output()
+    for key, item in value[_CLIP_VISION_OUTPUT].items():
+        output[key] = item
+    return output
+
+
+def rebuild_conds(conds: dict[str, list[list[Any]]]) -> dict[str, list[list[Any]]]:
+    """carry_conds' CONDITIONING with the objects it carried as data made again."""
+    return {name: [[cross_attn, {k: _rebuild_option(v) for k, v in options.items()}] for cross_attn, options in entries]
+            for name, entries in conds.items()}
 
 
 def _class_identity(cls: type) -> tuple[str, str]:
@@ -216,7 +241,7 @@ def run_job(model_patcher, job: SamplingJob, callback: Callable[[int, torch.Tens
     stock_patches.apply(model, job.stock_patches, state, resident=model_patcher)
     blocks = block_cache.apply(model, job.block_cache, adapter_for(model.model), state)
     guider = GUIDERS[job.guider](model)
-    guider.inner_set_conds(job.conds)
+    guider.inner_set_conds(rebuild_conds(job.conds))
     guider.set_cfg(job.cfg)
     sampler = comfy.samplers.sampler_object(job.sampler_name)
     sampler.extra_options = dict(job.sampler_extra_options)

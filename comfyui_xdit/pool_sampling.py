@@ -5,6 +5,7 @@ with ComfyUI's progress bar and live previews, and turn interrupts and pool fail
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -29,7 +30,9 @@ def sample_on_pool(node: str, guider, sampler, sigmas: torch.Tensor, noise: torc
     {"samples", "x0"} (and "block_changes" with `analyse`, block_cache.py). `node` names the calling node in refusals."""
     model = guider.model_patcher
     ref = pool_model_of(model, node)
-    token_rows = adapter_for(model.model).token_rows(model.model.diffusion_model, latent.shape[-2])
+    adapter = adapter_for(model.model)
+    adapter.refuse_inputs(model.model, guider.original_conds, f"{node}: {os.path.basename(ref.path)}")
+    token_rows = adapter.token_rows(model.model.diffusion_model, latent.shape[-2])
     try:
         stale = carry_options(degrees_of(ref), token_rows, num_pipeline_patch, warmup_steps)
     except ValueError as error:

@@ -121,15 +121,15 @@ def stock_twin(workflow: Workflow) -> Workflow:
 
 def make_offline(workflow: Workflow, unet_name: str, vae_name: str = OFFLINE_VAE_NAME, size: int = 128,
                  steps: int | None = None, seed: int = 0, context_dim: int = 64, pooled_dim: int = 32,
-                 text_mask: bool = False) -> Workflow:
+                 text_mask: bool = False, image: str | None = None) -> Workflow:
     """A copy that runs with tiny weights and no text encoders: for tests and demos on machines without the models.
 
     Every CLIPTextEncode becomes XDiTTestConditioning (seeds ``seed``, ``seed + 1``, ... in node-id order, so a
     positive and a negative prompt differ) and the CLIP loaders feeding them are dropped; UNet loaders load
     ``unet_name``, VAE loaders ``vae_name``; latents, ModelSamplingFlux and Flux2Scheduler use ``size`` pixels square;
     ``steps`` overrides the steps of BasicScheduler, LTXVScheduler and the KSamplers; ``text_mask`` adds an all-ones
-    text mask to the conditioning (what LTX-Video's T5 hands its model). The tiny-model defaults match testing/tiny_models'
-    default family.
+    text mask to the conditioning (what LTX-Video's T5 hands its model); ``image`` (a file in ComfyUI's input folder) is
+    what every LoadImage loads. The tiny-model defaults match testing/tiny_models' default family.
     """
     offline = copy.deepcopy(workflow)
     encoders = sorted((node_id for node_id, node in offline.items() if node["class_type"] == "CLIPTextEncode"),
@@ -153,6 +153,8 @@ def make_offline(workflow: Workflow, unet_name: str, vae_name: str = OFFLINE_VAE
             inputs["vae_name"] = vae_name
         elif node["class_type"] in STEPPED and steps is not None:
             inputs["steps"] = steps
+        elif node["class_type"] == "LoadImage" and image is not None:
+            inputs["image"] = image
         if node["class_type"] in LATENT_SIZED:
             inputs["width"] = inputs["height"] = size
     dangling = [(node_id, name, value[0]) for node_id, node in offline.items()

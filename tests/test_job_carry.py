@@ -126,6 +126,24 @@ def test_refuses_controlnet_in_conditioning(models):
         _job_of(g, smp, sigmas, noise, latent)
 
 
+def test_a_clip_vision_output_travels_as_plain_data(models):
+    import pickle
+
+    import comfy.clip_vision
+
+    from comfyui_xdit.job import _is_plain, rebuild_conds
+
+    g, smp, sigmas, noise, latent = _inputs(models["shell"])
+    output = comfy.clip_vision.Output()
+    output["penultimate_hidden_states"] = torch.randn(1, 257, 1280, generator=torch.Generator().manual_seed(0))
+    g.original_conds["positive"][0]["clip_vision_output"] = output  # as WanImageToVideo sets it
+    job = _job_of(g, smp, sigmas, noise, latent)
+    assert _is_plain(job.conds)
+    rebuilt = rebuild_conds(pickle.loads(pickle.dumps(job.conds)))["positive"][0][1]["clip_vision_output"]
+    assert type(rebuilt) is comfy.clip_vision.Output and vars(rebuilt).keys() == {"penultimate_hidden_states"}
+    assert torch.equal(rebuilt.penultimate_hidden_states, output.penultimate_hidden_states)
+
+
 def test_refuses_other_guiders_and_custom_samplers(models):
     import comfy.samplers
     from comfy_extras import nodes_custom_sampler as custom

@@ -1,10 +1,12 @@
 """The shipped Wan 2.1 text-to-video workflow through a real ComfyUI server on tiny Wan 2.1 weights and VAE: XDiT
 loader, KSampler and VAE decode on a local Ray pool vs the same graph with the stock nodes, on a video latent of odd
 frames whose token count (3 frames x 5 x 7) divides neither degree, down to the animated WEBP it saves and the live
-previews; bad input refused by name with the server staying up; and the shipped Wan 2.2 A14B graph, whose two
-experts stay resident on the pool across prompts."""
+previews; bad input refused by name with the server staying up; the shipped Wan 2.2 A14B graph, whose two
+experts stay resident on the pool across prompts; and the shipped Wan 2.2 A14B image-to-video graph (start image
+through WanImageToVideo, both experts), refused before any work when its start image is missing."""
 from __future__ import annotations
 
+import functools
 import io
 
 import numpy as np
@@ -139,3 +141,105 @@ def test_wan22_a14b_experts_stay_resident_and_match_the_stock_graph(comfy_server
             loads = [(rank["model_loads"], rank["parallel_builds"]) for rank in ranks]
         else:
             assert [(rank["model_loads"], rank["parallel_builds"]) for rank in ranks] == loads, "a second prompt reloaded an expert"
+
+
+I2V_WORKFLOW = REPO_ROOT / "workflows" / "api" / "wan22_a14b_i2v_xdit_api.json"
+I2V_HIGH_NOISE_NAME = "tiny-wan22-a14b-i2v-high-noise.safetensors"
+I2V_LOW_NOISE_NAME = "tiny-wan22-a14b-i2v-low-noise.safetensors"
+START_IMAGE = "xdit-test-start-image.png"
+WAN21_I2V_NAME = "tiny-wan21-i2v.safetensors"
+
+
+@pytest.fixture(scope="module")
+def start_image(comfy_server, client) -> None:
+    """A seeded start image in the server's input folder (what LoadImage offers)."""
+    inputs = comfy_server.base / "input"
+    inputs.mkdir(exist_ok=True)
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (80, 112, 3), dtype=np.uint8)).save(inputs / START_IMAGE)
+
+
+@pytest.fixture(scope="module")
+def i2v_experts(comfy_server, start_image, tmp_path_factory) -> None:
+    """Two tiny Wan 2.2 A14B I2V experts (seeds 0 and 1: high and low noise) on the server, written in this process
+    (ComfyUI is imported here already; the CLI that writes them is tested elsewhere)."""
+    from comfyui_xdit.testing.tiny_models import write_tiny_model
+
+    folder = tmp_path_factory.mktemp("wan_i2v_experts")
+    for seed, name in enumerate((I2V_HIGH_NOISE_NAME, I2V_LOW_NOISE_NAME)):
+        link_tiny_model(comfy_server, write_tiny_model("wan22_a14b_i2v", folder / name, seed=seed), name)
+
+
+def _i2v_graph(prefix: str, xdit: bool, seed: int = 42, start_image: bool = True, experts=(I2V_HIGH_NOISE_NAME, I2V_LOW_NOISE_NAME),
+               clip_vision_seed: int | None = None, **loader_inputs) -> dict:
+    """The shipped Wan 2.2 A14B I2V graph offline: the start image through WanImageToVideo (tiny Wan VAE) into a
+    9-frame 112 x 80 clip (a 3 x 10 x 14 latent: 105 tokens, 5 token rows), the high-noise expert for steps 0-2 of 4,
+    the low-noise one for 2-4, the clip decoded and saved losslessly, and the sampled latent saved. With
+    `clip_vision_seed`, WanImageToVideo also gets a seeded stand-in CLIP vision output (XDiTTestClipVisionOutput)."""
+    workflow = make_offline(load_api_workflow(I2V_WORKFLOW), experts[0], vae_name=VAE_NAME, steps=4,
+                            context_dim=UMT5_WIDTH, image=START_IMAGE)
+    workflow["11"]["inputs"]["unet_name"] = experts[1]
+    if clip_vision_seed is not None:
+        workflow["16"] = {"class_type": "XDiTTestClipVisionOutput", "inputs": {"seed": clip_vision_seed, "tokens": 257, "width": 1280}}
+        workflow["6"]["inputs"]["clip_vision_output"] = ["16", 0]
+    workflow["6"]["inputs"].update(width=112, height=80, length=9)
+    workflow["7"]["inputs"].update(end_at_step=2, noise_seed=seed)
+    workflow["13"]["inputs"].update(start_at_step=2)
+    workflow["10"]["inputs"].update(lossless=True, filename_prefix=f"{prefix}_clip")
+    workflow["15"] = {"class_type": "SaveLatent", "inputs": {"samples": ["13", 0], "filename_prefix": prefix}}
+    if not start_image:
+        del workflow["14"], workflow["6"]["inputs"]["start_image"]
+    if not xdit:
+        return stock_twin(workflow)
+    for loader in ("1", "11"):
+        workflow[loader]["inputs"].update(loader_inputs)
+    return workflow
+
+
+def _assert_i2v_runs_match(comfy_server, stock_run, xdit_run) -> None:
+    stock, xdit = saved_latent(comfy_server, stock_run), saved_latent(comfy_server, xdit_run)
+    assert xdit.shape == stock.shape == (1, 16, 3, 10, 14)
+    assert stock.abs().max() > 0.1
+    assert (xdit - stock).abs().max().item() <= max(FP32_TOL, RELATIVE_TOL * stock.abs().max().item())
+    stock_frames, xdit_frames = _clip(comfy_server, stock_run), _clip(comfy_server, xdit_run)
+    assert len(xdit_frames) == len(stock_frames) == 9
+    assert all(a.shape == b.shape == (80, 112, 3) and np.abs(a - b).max() <= 1 for a, b in zip(xdit_frames, stock_frames))
+
+
+@pytest.mark.parametrize("degrees", [{"world_size": 2}, {"world_size": 4, "ulysses_degree": 2, "ring_degree": 2, "cfg_degree": 1}],
+                         ids=["shipped-auto-2", "ulysses2-ring2"])
+def test_shipped_wan22_a14b_i2v_workflow_matches_the_stock_graph(comfy_server, client, i2v_experts, degrees):
+    name = "-".join(f"{k}{v}" for k, v in degrees.items())
+    stock_run = client.run(_i2v_graph(f"i2v_stock_{name}", False), timeout=300)
+    xdit_run = client.run(_i2v_graph(f"i2v_xdit_{name}", True, **degrees), timeout=600)
+    _assert_i2v_runs_match(comfy_server, stock_run, xdit_run)
+    status = comfy_server.get_json("/xdit/status")["pool"]
+    assert status["world_size"] == degrees["world_size"]
+    for rank in status["ranks"]:  # both experts stay resident on every rank
+        assert {I2V_HIGH_NOISE_NAME, I2V_LOW_NOISE_NAME} <= {key[0].rsplit("/", 1)[-1] for key in rank["resident"]}
+
+
+def test_wan22_a14b_i2v_without_its_start_image_is_refused_before_work_starts(comfy_server, client, i2v_experts):
+    def jobs_run() -> int:
+        return (comfy_server.get_json("/xdit/status")["pool"] or {}).get("jobs_run", 0)
+
+    before = jobs_run()
+    with pytest.raises(ExecutionFailed, match=rf"XDiTKSamplerAdvanced: {I2V_HIGH_NOISE_NAME} is an image-to-video Wan 2\.1 model "
+                                              r"\(its 36 input channels .*connect an image to WanImageToVideo's start_image input "
+                                              r"\(stock ComfyUI would sample it from an all-zero image\)") as refused:
+        client.run(_i2v_graph("i2v_no_image", True, start_image=False, world_size=2), timeout=300)
+    assert refused.value.node_id == "7"
+    assert jobs_run() == before, "the pool ran a job for a refused prompt"
+    # The server and the pool are still up: the next prompt runs, as stock does.
+    _assert_i2v_runs_match(comfy_server, client.run(_i2v_graph("i2v_after_refusal_stock", False, seed=7), timeout=300),
+                           client.run(_i2v_graph("i2v_after_refusal_xdit", True, seed=7, world_size=2), timeout=600))
+
+
+def test_wan21_i2v_with_clip_vision_matches_the_stock_graph(comfy_server, client, start_image, tiny_model_path):
+    """Wan 2.1 I2V (detected as I2V: the start image's latent and mask concatenated to the noise, and CLIP vision
+    tokens through img_emb into every block's cross-attention) as both experts of the shipped I2V graph, at world 2
+    (auto: ulysses 2). Its CLIP_VISION_OUTPUT comes from the test node XDiTTestClipVisionOutput because no CLIP vision
+    model can be made tiny (ComfyUI builds one at ViT-H's real size) and none can be downloaded here."""
+    link_tiny_model(comfy_server, tiny_model_path("wan21_i2v"), WAN21_I2V_NAME)
+    graph = functools.partial(_i2v_graph, experts=(WAN21_I2V_NAME, WAN21_I2V_NAME), clip_vision_seed=3)
+    _assert_i2v_runs_match(comfy_server, client.run(graph("wan21_i2v_stock", False), timeout=300),
+                           client.run(graph("wan21_i2v_xdit", True, world_size=2), timeout=600))

@@ -1,8 +1,9 @@
 """The family-adapter registry: which parallel methods each ComfyUI model class takes, and the code that does it.
 
 An adapter is declared as data (name, capabilities, where the model keeps its head count and patch size, how text
-joins image attention, which module lists hold its blocks) plus the import path of its `parallelize` hook, which
-is imported only when a model of that family is parallelised. Registrations name `comfy.model_base` classes as
+joins image attention, which module lists hold its blocks) plus the import path of its `parallelize` hook (and,
+where the module has one, its `refuse_inputs` check of a job's conditioning), imported only when a model of that
+family is parallelised or sampled. Registrations name `comfy.model_base` classes as
 strings, so a ComfyUI without one of them still loads the pack (the entry just never matches).
 
 `adapter_for` walks the model's class hierarchy from the most derived class up: an exact registration wins; a
@@ -117,6 +118,13 @@ class FamilyAdapter:
         if self.hooks is None:
             return model_patcher.clone()
         return importlib.import_module(self.hooks).parallelize(model_patcher, state, self)
+
+    def refuse_inputs(self, model: torch.nn.Module, conds: dict[str, list[dict]], model_name: str) -> None:
+        """Raise before any work starts if the sampler's conditioning (a guider's original_conds) lacks an input this
+        model needs: the hooks module's `refuse_inputs(model, conds, family, model_name)`, where it has one."""
+        check = getattr(importlib.import_module(self.hooks), "refuse_inputs", None) if self.hooks else None
+        if check is not None:
+            check(model, conds, self.family_name(model), model_name)
 
     def refuse_unsupported(self, config: ParallelConfig, model: torch.nn.Module) -> None:
         """Raise, naming the family and what it takes, if `config` uses a dimension this family does not."""

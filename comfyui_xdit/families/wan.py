@@ -19,6 +19,7 @@ Object patches on a ModelPatcher clone shard that loop:
   usp_attention over the sequence-parallel group (padded rows of an uneven split are dropped from the keys there).
 Cross-attention needs no communication: its queries are this rank's tokens, its keys and values the whole context.
 CFG and data parallel are the family-independent wrappers (cfg_parallel.py, parallel_glue.py).
+Before a job is sent, `refuse_inputs` refuses an image-to-video model sampled without its start image.
 """
 from __future__ import annotations
 
@@ -43,6 +44,20 @@ def _refuse_unsupported(family: str, state: ParallelState, tokens: int, transfor
         raise UnsupportedByXDiT(f"{family}: this latent makes {tokens} tokens (frames x rows/2 x cols/2), fewer than the "
                                 f"{state.sequence.size} sequence-parallel ranks (ulysses_degree x ring_degree); use a "
                                 "larger latent or lower those degrees")
+
+
+def refuse_inputs(model: torch.nn.Module, conds: dict[str, list[dict]], family: str, model_name: str) -> None:
+    """An image-to-video Wan (its patch embedding takes mask and start-image channels beside the noise's: Wan 2.1 I2V,
+    Wan 2.2 A14B I2V) sampled with no conditioning that carries a start image: stock would sample it from an all-zero
+    image, which is not what an image-to-video workflow means."""
+    channels = model.diffusion_model.patch_embedding.weight.shape[1]
+    extra = channels - model.latent_format.latent_channels
+    if extra <= 0 or any("concat_latent_image" in cond for entries in conds.values() for cond in entries):
+        return
+    raise UnsupportedByXDiT(f"{model_name} is an image-to-video {family} model (its {channels} input channels are the "
+                            f"latent's {channels - extra} and {extra} of mask and start image), but no conditioning carries a "
+                            "start image; connect an image to WanImageToVideo's start_image input (stock ComfyUI would "
+                            "sample it from an all-zero image)")
 
 
 def _local_modulation(e: torch.Tensor, tokens: int, state: ParallelState, per_row_ndim: int = 4) -> torch.Tensor:

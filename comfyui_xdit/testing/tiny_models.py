@@ -131,6 +131,9 @@ WAN_VARIANTS: dict[str, tuple[dict[str, Any], str]] = {  # variant -> (config, t
     "t2v": ({"model_type": "t2v", "in_dim": 16, "out_dim": 16}, "WAN21_T2V"),
     "i2v": ({"model_type": "i2v", "in_dim": 36, "out_dim": 16}, "WAN21_I2V"),
     "ti2v_5b": ({"model_type": "t2v", "in_dim": 48, "out_dim": 48}, "WAN22_T2V"),
+    # Wan 2.2 A14B I2V's experts: I2V's 36 input channels but no img_emb (no CLIP-vision tokens), so detection names
+    # them T2V and ComfyUI runs them as Wan 2.1's class, concatenating mask and start-image latent to the noise.
+    "a14b_i2v": ({"model_type": "t2v", "in_dim": 36, "out_dim": 16}, "WAN21_T2V"),
 }
 # HunyuanVideo (comfy.ldm.hunyuan_video.model.HunyuanVideo). Detection reads width, channels, patch, text width and
 # block counts from the weights and fixes heads of 128 channels on RoPE axes 16/56/56, theta 256, MLP x4, CLIP-L's 768
@@ -548,6 +551,7 @@ FAMILIES: dict[str, TinyFamily] = {
     "wan21": TinyFamily(tuple(WAN_VARIANTS), ("tiny",), write_tiny_wan),
     "wan21_i2v": TinyFamily(("i2v",), ("tiny",), write_tiny_wan),
     "wan22_5b": TinyFamily(("ti2v_5b",), ("tiny",), write_tiny_wan),
+    "wan22_a14b_i2v": TinyFamily(("a14b_i2v",), ("tiny",), write_tiny_wan),
     "lumina2": TinyFamily(("default",), ("tiny",), write_tiny_lumina2),
     # HunyuanVideo 1.0 T2V (and 1.5 as a variant); 1.5 under its own name too, for tests and the CLI.
     "hunyuan_video": TinyFamily(tuple(HUNYUAN_VIDEO_VARIANTS), ("tiny",), write_tiny_hunyuan_video),

@@ -43,5 +43,37 @@ class XDiTTestConditioning:
         return ([[context, {"pooled_output": pooled, **extra}]],)
 
 
-NODE_CLASS_MAPPINGS = {"XDiTTestConditioning": XDiTTestConditioning}
-NODE_DISPLAY_NAME_MAPPINGS = {"XDiTTestConditioning": "xDiT Test Conditioning (random, tests only)"}
+class XDiTTestClipVisionOutput:
+    """Seeded random CLIP_VISION_OUTPUT shaped like CLIPVisionEncode's for Wan 2.1 I2V (ViT-H/14's penultimate hidden
+    states: 257 tokens of 1280).
+
+    It stands in for CLIPVisionLoader + CLIPVisionEncode in tests: ComfyUI builds a CLIP vision model from fixed
+    configs at its real size (ViT-H: ~630 M parameters), so none can be made tiny, and no weights exist on the test
+    machines. The object is ComfyUI's own comfy.clip_vision.Output, holding only what Wan's img_emb reads.
+    """
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {
+            "required": {
+                "seed": ("INT", {"default": 0, "min": 0, "max": SEED_MAX}),
+                "tokens": ("INT", {"default": 257, "min": 1, "max": 4096}),
+                "width": ("INT", {"default": 1280, "min": 1, "max": 16384}),
+            },
+        }
+
+    RETURN_TYPES = ("CLIP_VISION_OUTPUT",)
+    FUNCTION = "encode"
+    CATEGORY = "testing/xdit"
+
+    def encode(self, seed: int, tokens: int, width: int) -> tuple:
+        import comfy.clip_vision
+
+        output = comfy.clip_vision.Output()
+        output["penultimate_hidden_states"] = torch.randn((1, tokens, width), generator=torch.Generator().manual_seed(seed))
+        return (output,)
+
+
+NODE_CLASS_MAPPINGS = {"XDiTTestConditioning": XDiTTestConditioning, "XDiTTestClipVisionOutput": XDiTTestClipVisionOutput}
+NODE_DISPLAY_NAME_MAPPINGS = {"XDiTTestConditioning": "xDiT Test Conditioning (random, tests only)",
+                              "XDiTTestClipVisionOutput": "xDiT Test CLIP Vision Output (random, tests only)"}
