@@ -6,6 +6,7 @@ The decoded image is compared before quantisation through its encoding (decode -
 and after it as the saved 8-bit PNGs."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,7 +15,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from server_graphs import flux_graph
+from server_graphs import drop_cached_outputs, flux_graph, link_wan22_vae, release_pool_vae
 
 from comfyui_xdit.api_client import ComfyClient, ExecutionFailed
 from comfyui_xdit.testing.server_launcher import REPO_ROOT, TINY_UNET_NAMES
@@ -175,3 +176,82 @@ def test_xdit_vae_loader_refuses_a_pickle(comfy_server, client) -> None:
              "4": {"class_type": "PreviewImage", "inputs": {"images": ["2", 0]}}}
     with pytest.raises(ExecutionFailed, match=r"vae_name 'pickled.pt' is not a .safetensors file"):
         client.run(graph, timeout=300)
+
+
+# Wan 2.2's VAE at full width (the width detection fixes; server_graphs.link_wan22_vae), on the smallest latent that
+# still splits and carries the causal cache: 2 latent frames (5 video frames, decoded in two chunks) of 5 rows (uneven
+# over 2 and 4 workers) x 3 columns; the clip encoded is 5 frames (a 1- and a 4-frame chunk) of the same 80 x 48 pixels.
+WAN22_LATENT = (1, 48, 2, 5, 3)
+WAN22_CLIP = (5, 80, 48, 3)
+
+
+def _wan22_graph(loader: dict, decode: str, encode: str, prefix: str) -> dict:
+    """The latent decoded (frames saved as PNGs) and encoded back, and the clip encoded: `decode`/`encode` on `loader`."""
+    graph = {"1": {"class_type": "LoadLatent", "inputs": {"latent": "xdit_vae_wan22.latent"}}}
+    _chain(graph, 10, loader, decode, encode, prefix)
+    graph["20"] = {"class_type": "LoadImage", "inputs": {"image": "xdit_vae_wan22_clip.webp"}}
+    graph["21"] = {"class_type": encode, "inputs": {"pixels": ["20", 0], "vae": ["10", 0]}}
+    graph["22"] = {"class_type": "SaveLatent", "inputs": {"samples": ["21", 0], "filename_prefix": f"{prefix}_clip"}}
+    return graph
+
+
+def _peak_rss_gb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM")) / 2**20
+
+
+def test_wan22_vae_on_the_pool_matches_stock(comfy_server, client, tiny_model_path) -> None:
+    """The full-width Wan 2.2 VAE decoding and encoding on pools of 2 and 4 workers against VAEDecode/VAEEncode.
+
+    One prompt per graph (stock, then the pool at world 2, then 4) so ComfyUI holds one 2.8 GB copy at a time besides
+    the workers' (an empty prompt between them lets its cache drop the last one); the pool grows from 2 to 4 keeping
+    the first two workers' copy, and the tiny Flux VAE replaces it on a 2-worker pool at the end."""
+    started = time.perf_counter()
+    name = link_wan22_vae(comfy_server, tiny_model_path)
+    inputs = comfy_server.base / "input"
+    latent = torch.randn(WAN22_LATENT, generator=torch.Generator().manual_seed(7))
+    save_file({"latent_tensor": latent, "latent_format_version_0": torch.tensor([])}, str(inputs / "xdit_vae_wan22.latent"))
+    pixels = np.random.default_rng(3).integers(0, 256, WAN22_CLIP, dtype=np.uint8)
+    frames = [Image.fromarray(frame) for frame in pixels]
+    frames[0].save(inputs / "xdit_vae_wan22_clip.webp", save_all=True, append_images=frames[1:], lossless=True)
+    written = time.perf_counter()
+
+    def outputs(result) -> tuple[torch.Tensor, torch.Tensor, list[np.ndarray]]:
+        def latent_of(node_id: str) -> torch.Tensor:
+            (file,) = [f for f in result.files if f.node_id == node_id]
+            return load_file(str(comfy_server.output_dir / file.subfolder / file.filename))["latent_tensor"]
+
+        files = sorted((f for f in result.files if f.node_id == "14"), key=lambda f: f.filename)
+        images = [np.asarray(Image.open(comfy_server.output_dir / f.subfolder / f.filename)).astype(np.int16) for f in files]
+        return latent_of("13"), latent_of("22"), images
+
+    try:
+        stock_started = time.perf_counter()
+        stock = outputs(client.run(_wan22_graph({"class_type": "VAELoader", "inputs": {"vae_name": name}}, "VAEDecode", "VAEEncode",
+                                                "wan22_stock"), timeout=900))
+        times = {"stock": time.perf_counter() - stock_started}
+        roundtrip, clip, images = stock
+        assert roundtrip.shape == clip.shape == WAN22_LATENT  # 48 channels: detected as Wan 2.2
+        assert len(images) == 5 and all(image.shape == (80, 48, 3) for image in images)
+        assert np.std(images) > 20  # a picture, not a flat field
+        for world in (2, 4):
+            drop_cached_outputs(comfy_server, client)
+            world_started = time.perf_counter()
+            loader = {"class_type": "XDiTVAELoader", "inputs": {"vae_name": name, "world_size": world, "ray_address": "local"}}
+            xdit = outputs(client.run(_wan22_graph(loader, "XDiTVAEDecode", "XDiTVAEEncode", f"wan22_xdit{world}"), timeout=900))
+            times[f"world{world}"] = time.perf_counter() - world_started
+            errors = {kind: (ours - theirs).abs().max().item() for kind, ours, theirs in zip(("roundtrip", "clip"), xdit[:2], stock[:2])}
+            scale = max(1.0, roundtrip.abs().max().item(), clip.abs().max().item())
+            pixel_levels = max(np.abs(ours - theirs).max() for ours, theirs in zip(xdit[2], images))
+            status = comfy_server.get_json("/xdit/status")["pool"]
+            peaks = [round(_peak_rss_gb(worker["pid"]), 2) for worker in status["workers"]]
+            print(f"wan22 world {world}: max abs error decode->encode {errors['roundtrip']:.3g}, encode {errors['clip']:.3g} "
+                  f"(latent max {scale:.3g}); frames within {pixel_levels} levels; {times[f'world{world}']:.1f} s; "
+                  f"worker peak RSS {peaks} GB")
+            assert all(error <= FP32_TOL * scale for error in errors.values()), errors
+            assert pixel_levels <= 1
+            assert status["world_size"] == world and all(rank["vae_loads"] >= 1 for rank in status["ranks"])
+    finally:
+        release_pool_vae(comfy_server, client)
+    print(f"wan22: file written/linked in {written - started:.1f} s, stock {times['stock']:.1f} s; "
+          f"server peak RSS {_peak_rss_gb(comfy_server.process.pid):.2f} GB")
