@@ -3,7 +3,8 @@ vs VAELoader + VAEDecode + VAEEncode in one prompt, on tiny Flux (16-channel), S
 video) VAEs with latents whose rows do not divide the pool (5 rows over 2 workers).
 
 The decoded image is compared before quantisation through its encoding (decode -> encode -> SaveLatent, floats),
-and after it as the saved 8-bit PNGs."""
+and after it as the saved 8-bit PNGs. The full-width Wan 2.2 VAE (2.8 GB per process in fp32) runs stock and on pools
+of 2 and 4 in prompts of their own, with a clip encoded as well, and is released afterwards."""
 from __future__ import annotations
 
 import time
@@ -180,9 +181,9 @@ def test_xdit_vae_loader_refuses_a_pickle(comfy_server, client) -> None:
 
 # Wan 2.2's VAE at full width (the width detection fixes; server_graphs.link_wan22_vae), on the smallest latent that
 # still splits and carries the causal cache: 2 latent frames (5 video frames, decoded in two chunks) of 5 rows (uneven
-# over 2 and 4 workers) x 3 columns; the clip encoded is 5 frames (a 1- and a 4-frame chunk) of the same 80 x 48 pixels.
-WAN22_LATENT = (1, 48, 2, 5, 3)
-WAN22_CLIP = (5, 80, 48, 3)
+# over 2 and 4 workers) x 2 columns; the clip encoded is 5 frames (a 1- and a 4-frame chunk) of the same 80 x 32 pixels.
+WAN22_LATENT = (1, 48, 2, 5, 2)
+WAN22_CLIP = (5, 80, 32, 3)
 
 
 def _wan22_graph(loader: dict, decode: str, encode: str, prefix: str) -> dict:
@@ -232,7 +233,7 @@ def test_wan22_vae_on_the_pool_matches_stock(comfy_server, client, tiny_model_pa
         times = {"stock": time.perf_counter() - stock_started}
         roundtrip, clip, images = stock
         assert roundtrip.shape == clip.shape == WAN22_LATENT  # 48 channels: detected as Wan 2.2
-        assert len(images) == 5 and all(image.shape == (80, 48, 3) for image in images)
+        assert len(images) == 5 and all(image.shape == WAN22_CLIP[1:] for image in images)
         assert np.std(images) > 20  # a picture, not a flat field
         for world in (2, 4):
             drop_cached_outputs(comfy_server, client)
@@ -241,17 +242,17 @@ def test_wan22_vae_on_the_pool_matches_stock(comfy_server, client, tiny_model_pa
             xdit = outputs(client.run(_wan22_graph(loader, "XDiTVAEDecode", "XDiTVAEEncode", f"wan22_xdit{world}"), timeout=900))
             times[f"world{world}"] = time.perf_counter() - world_started
             errors = {kind: (ours - theirs).abs().max().item() for kind, ours, theirs in zip(("roundtrip", "clip"), xdit[:2], stock[:2])}
-            scale = max(1.0, roundtrip.abs().max().item(), clip.abs().max().item())
+            scales = {"roundtrip": max(1.0, roundtrip.abs().max().item()), "clip": max(1.0, clip.abs().max().item())}
             pixel_levels = max(np.abs(ours - theirs).max() for ours, theirs in zip(xdit[2], images))
             status = comfy_server.get_json("/xdit/status")["pool"]
             peaks = [round(_peak_rss_gb(worker["pid"]), 2) for worker in status["workers"]]
             print(f"wan22 world {world}: max abs error decode->encode {errors['roundtrip']:.3g}, encode {errors['clip']:.3g} "
-                  f"(latent max {scale:.3g}); frames within {pixel_levels} levels; {times[f'world{world}']:.1f} s; "
+                  f"(latent max {scales['roundtrip']:.3g}, {scales['clip']:.3g}); frames within {pixel_levels} levels; {times[f'world{world}']:.1f} s; "
                   f"worker peak RSS {peaks} GB")
-            assert all(error <= FP32_TOL * scale for error in errors.values()), errors
+            assert all(errors[kind] <= FP32_TOL * scales[kind] for kind in errors), errors
             assert pixel_levels <= 1
             assert status["world_size"] == world and all(rank["vae_loads"] >= 1 for rank in status["ranks"])
     finally:
         release_pool_vae(comfy_server, client)
     print(f"wan22: file written/linked in {written - started:.1f} s, stock {times['stock']:.1f} s; "
-          f"server peak RSS {_peak_rss_gb(comfy_server.process.pid):.2f} GB")
+          f"server peak RSS this session {_peak_rss_gb(comfy_server.process.pid):.2f} GB")
