@@ -196,9 +196,10 @@ def _wan22_graph(loader: dict, decode: str, encode: str, prefix: str) -> dict:
     return graph
 
 
-def _peak_rss_gb(pid: int) -> float:
+def _rss_gb(pid: int, field: str = "VmHWM") -> float:
+    """A process's peak (VmHWM) or current (VmRSS) resident memory, in GiB."""
     with open(f"/proc/{pid}/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM")) / 2**20
+        return round(next(int(line.split()[1]) for line in status if line.startswith(field)) / 2**20, 2)
 
 
 def test_wan22_vae_on_the_pool_matches_stock(comfy_server, client, tiny_model_path) -> None:
@@ -237,6 +238,7 @@ def test_wan22_vae_on_the_pool_matches_stock(comfy_server, client, tiny_model_pa
         assert np.std(images) > 20  # a picture, not a flat field
         for world in (2, 4):
             drop_cached_outputs(comfy_server, client)
+            server_before = _rss_gb(comfy_server.process.pid, "VmRSS")
             world_started = time.perf_counter()
             loader = {"class_type": "XDiTVAELoader", "inputs": {"vae_name": name, "world_size": world, "ray_address": "local"}}
             xdit = outputs(client.run(_wan22_graph(loader, "XDiTVAEDecode", "XDiTVAEEncode", f"wan22_xdit{world}"), timeout=900))
@@ -245,14 +247,17 @@ def test_wan22_vae_on_the_pool_matches_stock(comfy_server, client, tiny_model_pa
             scales = {"roundtrip": max(1.0, roundtrip.abs().max().item()), "clip": max(1.0, clip.abs().max().item())}
             pixel_levels = max(np.abs(ours - theirs).max() for ours, theirs in zip(xdit[2], images))
             status = comfy_server.get_json("/xdit/status")["pool"]
-            peaks = [round(_peak_rss_gb(worker["pid"]), 2) for worker in status["workers"]]
+            workers = [(_rss_gb(worker["pid"], "VmRSS"), _rss_gb(worker["pid"])) for worker in status["workers"]]
             print(f"wan22 world {world}: max abs error decode->encode {errors['roundtrip']:.3g}, encode {errors['clip']:.3g} "
-                  f"(latent max {scales['roundtrip']:.3g}, {scales['clip']:.3g}); frames within {pixel_levels} levels; {times[f'world{world}']:.1f} s; "
-                  f"worker peak RSS {peaks} GB")
+                  f"(latent max {scales['roundtrip']:.3g}, {scales['clip']:.3g}); frames within {pixel_levels} levels; "
+                  f"{times[f'world{world}']:.1f} s; server RSS {server_before} GB before, {_rss_gb(comfy_server.process.pid, 'VmRSS')} after; "
+                  f"workers' RSS (now, peak) {workers} GB")
             assert all(errors[kind] <= FP32_TOL * scales[kind] for kind in errors), errors
             assert pixel_levels <= 1
             assert status["world_size"] == world and all(rank["vae_loads"] >= 1 for rank in status["ranks"])
     finally:
         release_pool_vae(comfy_server, client)
-    print(f"wan22: file written/linked in {written - started:.1f} s, stock {times['stock']:.1f} s; "
-          f"server peak RSS this session {_peak_rss_gb(comfy_server.process.pid):.2f} GB")
+    released = [_rss_gb(worker["pid"], "VmRSS") for worker in comfy_server.get_json("/xdit/status")["pool"]["workers"]]
+    print(f"wan22: file written/linked in {written - started:.1f} s, stock {times['stock']:.1f} s; server peak RSS this "
+          f"session {_rss_gb(comfy_server.process.pid)} GB; released: server RSS {_rss_gb(comfy_server.process.pid, 'VmRSS')} GB, "
+          f"workers' {released} GB")
