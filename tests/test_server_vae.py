@@ -206,7 +206,7 @@ def test_wan22_vae_on_the_pool_matches_stock(comfy_server, client, tiny_model_pa
     """The full-width Wan 2.2 VAE decoding and encoding on pools of 2 and 4 workers against VAEDecode/VAEEncode.
 
     One prompt per graph (stock, then the pool at world 2, then 4) so ComfyUI holds one 2.8 GB copy at a time besides
-    the workers' (an empty prompt between them lets its cache drop the last one); the pool grows from 2 to 4 keeping
+    the workers' (a one-node prompt between them lets its cache drop the last one); the pool grows from 2 to 4 keeping
     the first two workers' copy, and the tiny Flux VAE replaces it on a 2-worker pool at the end."""
     started = time.perf_counter()
     name = link_wan22_vae(comfy_server, tiny_model_path)

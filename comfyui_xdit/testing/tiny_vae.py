@@ -296,7 +296,7 @@ def write_tiny_wan_vae(path: str | Path, variant: str = "wan21", size: str = "ti
 WAN22_VAE_CONFIG: dict[str, Any] = {"dim": 160, "z_dim": 48, "dim_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_scales": [],
                                     "temperal_downsample": [False, True, True], "dropout": 0.0}
 _WAN22_VAE_STORAGE = torch.bfloat16
-_WAN22_DECODER_HEAD = "decoder.head.2.weight"
+_WAN22_DECODER_HEAD = "decoder.head.2"  # the last convolution
 # E[silu(z)^2] for z ~ N(0, 1): the head convolution's input is SiLU of an RMS norm (unit scale per position), so
 # this sets the head's output spread without running the model.
 _SILU_SECOND_MOMENT = 0.3557
@@ -319,10 +319,10 @@ def wan22_vae_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
         if key.endswith(".gamma"):
             tensor = 1.0 + 0.1 * torch.randn(shape, generator=generator)
         elif key.endswith(".bias"):
-            tensor = _BIAS_STD * torch.randn(shape, generator=generator) if key != "decoder.head.2.bias" else torch.zeros(shape)
+            tensor = torch.zeros(shape) if key == f"{_WAN22_DECODER_HEAD}.bias" else _BIAS_STD * torch.randn(shape, generator=generator)
         else:
             fan_in = math.prod(shape[1:])
-            std = (2 * _PIXEL_STD / math.sqrt(fan_in * _SILU_SECOND_MOMENT) if key == _WAN22_DECODER_HEAD
+            std = (2 * _PIXEL_STD / math.sqrt(fan_in * _SILU_SECOND_MOMENT) if key == f"{_WAN22_DECODER_HEAD}.weight"
                    else math.sqrt(2.0 / fan_in))
             tensor = torch.randn(shape, generator=generator) * std
         tensors[key] = tensor.to(_WAN22_VAE_STORAGE)
