@@ -2,10 +2,13 @@
 tiny Flux, the tiny SD1.5 U-Net and the tiny Qwen-Image."""
 from __future__ import annotations
 
+import time
+
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from comfyui_xdit.testing.server_launcher import TINY_UNET_NAMES
+from comfyui_xdit.workflow_tools import OFFLINE_VAE_NAME
 
 
 def flux_graph(xdit: bool, guider: str = "basic", seed: int = 5, steps: int = 3, prefix: str = "latent", size: int = 128,
@@ -107,3 +110,41 @@ def qwen_image_graph(xdit: bool, seed: int = 5, steps: int = 3, prefix: str = "l
     latent = {"class_type": "EmptySD3LatentImage", "inputs": {"width": width, "height": height, "batch_size": 1}}
     return _cfg_graph(xdit, TINY_QWEN_IMAGE_NAME, 3584, 2.5, "simple", latent, seed, steps, prefix, loader_inputs,
                       model_sampling={"class_type": "ModelSamplingAuraFlow", "inputs": {"shift": 3.1}})
+
+
+# The Wan 2.2 video VAE at the width stock detection fixes (testing/tiny_vae.write_wan22_vae): 1.4 GB on disk, written
+# once a session and only for the tests that ask for it; 2.8 GB in fp32 in every process that loads it.
+WAN22_VAE_NAME = "wan22-vae.safetensors"
+
+
+def link_wan22_vae(server, tiny_model_path) -> str:
+    """Offer the seeded Wan 2.2 VAE to the server as vae/WAN22_VAE_NAME (written on first use); returns the name."""
+    link = server.models_dir("vae") / WAN22_VAE_NAME
+    if not link.exists():
+        link.symlink_to(tiny_model_path("wan22_vae"))
+    return WAN22_VAE_NAME
+
+
+def drop_cached_outputs(server, client) -> None:
+    """Run a one-node prompt: ComfyUI's RAM-pressure cache drops the earlier prompts' outputs (a VAE they loaded) once
+    a node of the current prompt has run, which in a prompt of big loaders may be after the first of them."""
+    client.run({"1": {"class_type": "LoadLatent", "inputs": {"latent": _fresh_latent(server)}},
+                "2": {"class_type": "SaveLatent", "inputs": {"samples": ["1", 0], "filename_prefix": "dropped_outputs"}}}, timeout=120)
+
+
+def release_pool_vae(server, client) -> None:
+    """Free the Wan 2.2 VAE's copies after a test module: a prompt decoding a new latent with the tiny Flux VAE on a
+    2-worker pool. The pool stops workers past 2 and the others swap their resident VAE for the tiny one; ComfyUI drops
+    the earlier prompts' VAEs (drop_cached_outputs)."""
+    client.run({"1": {"class_type": "LoadLatent", "inputs": {"latent": _fresh_latent(server)}},
+                "2": {"class_type": "XDiTVAELoader", "inputs": {"vae_name": OFFLINE_VAE_NAME, "world_size": 2}},
+                "3": {"class_type": "XDiTVAEDecode", "inputs": {"samples": ["1", 0], "vae": ["2", 0]}},
+                "4": {"class_type": "PreviewImage", "inputs": {"images": ["3", 0]}}}, timeout=300)
+
+
+def _fresh_latent(server) -> str:
+    # A new file each time: the nodes reading it are not served from ComfyUI's cache.
+    name = f"fresh_{time.time_ns()}.latent"
+    save_file({"latent_tensor": torch.zeros((1, 16, 2, 2)), "latent_format_version_0": torch.tensor([])},
+              str(server.base / "input" / name))
+    return name

@@ -3,9 +3,11 @@ vs VAELoader + VAEDecode + VAEEncode in one prompt, on tiny Flux (16-channel), S
 video) VAEs with latents whose rows do not divide the pool (5 rows over 2 workers).
 
 The decoded image is compared before quantisation through its encoding (decode -> encode -> SaveLatent, floats),
-and after it as the saved 8-bit PNGs."""
+and after it as the saved 8-bit PNGs. The full-width Wan 2.2 VAE (2.8 GB per process in fp32) runs stock and on pools
+of 2 and 4 in prompts of their own, with a clip encoded as well, and is released afterwards."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,7 +16,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from server_graphs import flux_graph
+from server_graphs import drop_cached_outputs, flux_graph, link_wan22_vae, release_pool_vae
 
 from comfyui_xdit.api_client import ComfyClient, ExecutionFailed
 from comfyui_xdit.testing.server_launcher import REPO_ROOT, TINY_UNET_NAMES
@@ -206,3 +208,88 @@ def test_a_clip_the_video_vae_cannot_encode_is_refused_before_the_pool_runs(comf
     after = comfy_server.get_json("/xdit/status")["pool"]
     assert [w["pid"] for w in after["workers"]] == [w["pid"] for w in pool["workers"]], "the pool was restarted"
     assert after["jobs_run"] == pool["jobs_run"] + 1  # only the encode: ComfyUI kept the decode from the refused prompt
+
+
+# Wan 2.2's VAE at full width (the width detection fixes; server_graphs.link_wan22_vae), on the smallest latent that
+# still splits and carries the causal cache: 2 latent frames (5 video frames, decoded in two chunks) of 5 rows (uneven
+# over 2 workers) x 2 columns; the clip encoded is 5 frames (a 1- and a 4-frame chunk) of the same 80 x 32 pixels.
+WAN22_LATENT = (1, 48, 2, 5, 2)
+WAN22_CLIP = (5, 80, 32, 3)
+
+
+def _wan22_graph(loader: dict, decode: str, encode: str, prefix: str) -> dict:
+    """The latent decoded (frames saved as PNGs) and encoded back, and the clip encoded: `decode`/`encode` on `loader`."""
+    graph = {"1": {"class_type": "LoadLatent", "inputs": {"latent": "xdit_vae_wan22.latent"}}}
+    _chain(graph, 10, loader, decode, encode, prefix)
+    graph["20"] = {"class_type": "LoadImage", "inputs": {"image": "xdit_vae_wan22_clip.webp"}}
+    graph["21"] = {"class_type": encode, "inputs": {"pixels": ["20", 0], "vae": ["10", 0]}}
+    graph["22"] = {"class_type": "SaveLatent", "inputs": {"samples": ["21", 0], "filename_prefix": f"{prefix}_clip"}}
+    return graph
+
+
+def _rss_gb(pid: int, field: str = "VmHWM") -> float:
+    """A process's peak (VmHWM) or current (VmRSS) resident memory, in GiB."""
+    with open(f"/proc/{pid}/status") as status:
+        return round(next(int(line.split()[1]) for line in status if line.startswith(field)) / 2**20, 2)
+
+
+def test_wan22_vae_on_the_pool_matches_stock(comfy_server, client, tiny_model_path) -> None:
+    """The full-width Wan 2.2 VAE decoding and encoding on a pool of 2 workers against VAEDecode/VAEEncode.
+
+    One prompt per graph (stock, then the pool) so ComfyUI holds one 2.8 GB copy at a time besides the workers' (a
+    one-node prompt between them lets its cache drop the last one), and the tiny Flux VAE replaces it on the pool at
+    the end. Only world 2 here: every process holds the VAE in fp32 (~3.5 GB), so world 4 would need ~18 GB of RAM
+    at once; the row split itself is checked at world 2 and 4 in-process (tests/test_vae_parallel.py's wan22 cases)."""
+    started = time.perf_counter()
+    name = link_wan22_vae(comfy_server, tiny_model_path)
+    inputs = comfy_server.base / "input"
+    latent = torch.randn(WAN22_LATENT, generator=torch.Generator().manual_seed(7))
+    save_file({"latent_tensor": latent, "latent_format_version_0": torch.tensor([])}, str(inputs / "xdit_vae_wan22.latent"))
+    pixels = np.random.default_rng(3).integers(0, 256, WAN22_CLIP, dtype=np.uint8)
+    frames = [Image.fromarray(frame) for frame in pixels]
+    frames[0].save(inputs / "xdit_vae_wan22_clip.webp", save_all=True, append_images=frames[1:], lossless=True)
+    written = time.perf_counter()
+
+    def outputs(result) -> tuple[torch.Tensor, torch.Tensor, list[np.ndarray]]:
+        def latent_of(node_id: str) -> torch.Tensor:
+            (file,) = [f for f in result.files if f.node_id == node_id]
+            return load_file(str(comfy_server.output_dir / file.subfolder / file.filename))["latent_tensor"]
+
+        files = sorted((f for f in result.files if f.node_id == "14"), key=lambda f: f.filename)
+        images = [np.asarray(Image.open(comfy_server.output_dir / f.subfolder / f.filename)).astype(np.int16) for f in files]
+        return latent_of("13"), latent_of("22"), images
+
+    try:
+        stock_started = time.perf_counter()
+        stock = outputs(client.run(_wan22_graph({"class_type": "VAELoader", "inputs": {"vae_name": name}}, "VAEDecode", "VAEEncode",
+                                                "wan22_stock"), timeout=900))
+        times = {"stock": time.perf_counter() - stock_started}
+        roundtrip, clip, images = stock
+        assert roundtrip.shape == clip.shape == WAN22_LATENT  # 48 channels: detected as Wan 2.2
+        assert len(images) == 5 and all(image.shape == WAN22_CLIP[1:] for image in images)
+        assert np.std(images) > 20  # a picture, not a flat field
+        world = 2
+        drop_cached_outputs(comfy_server, client)
+        server_before = _rss_gb(comfy_server.process.pid, "VmRSS")
+        world_started = time.perf_counter()
+        loader = {"class_type": "XDiTVAELoader", "inputs": {"vae_name": name, "world_size": world, "ray_address": "local"}}
+        xdit = outputs(client.run(_wan22_graph(loader, "XDiTVAEDecode", "XDiTVAEEncode", f"wan22_xdit{world}"), timeout=900))
+        times[f"world{world}"] = time.perf_counter() - world_started
+        errors = {kind: (ours - theirs).abs().max().item() for kind, ours, theirs in zip(("roundtrip", "clip"), xdit[:2], stock[:2])}
+        scales = {"roundtrip": max(1.0, roundtrip.abs().max().item()), "clip": max(1.0, clip.abs().max().item())}
+        pixel_levels = max(np.abs(ours - theirs).max() for ours, theirs in zip(xdit[2], images))
+        status = comfy_server.get_json("/xdit/status")["pool"]
+        workers = [(_rss_gb(worker["pid"], "VmRSS"), _rss_gb(worker["pid"])) for worker in status["workers"]]
+        print(f"wan22 world {world}: max abs error decode->encode {errors['roundtrip']:.3g}, encode {errors['clip']:.3g} "
+              f"(latent max {scales['roundtrip']:.3g}, {scales['clip']:.3g}); frames within {pixel_levels} levels; "
+              f"{times[f'world{world}']:.1f} s; server RSS {server_before} GB before, {_rss_gb(comfy_server.process.pid, 'VmRSS')} after; "
+              f"workers' RSS (now, peak) {workers} GB")
+        assert all(errors[kind] <= FP32_TOL * scales[kind] for kind in errors), errors
+        assert pixel_levels <= 1
+        assert status["world_size"] == world and all(rank["vae_loads"] >= 1 for rank in status["ranks"])
+    finally:
+        release_pool_vae(comfy_server, client)
+    released = [_rss_gb(worker["pid"], "VmRSS") for worker in comfy_server.get_json("/xdit/status")["pool"]["workers"]]
+    print(f"wan22: file written/linked in {written - started:.1f} s, stock {times['stock']:.1f} s; server peak RSS this "
+          f"session {_rss_gb(comfy_server.process.pid)} GB; released: server RSS {_rss_gb(comfy_server.process.pid, 'VmRSS')} GB, "
+          f"workers' {released} GB")

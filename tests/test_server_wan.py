@@ -2,18 +2,20 @@
 loader, KSampler and VAE decode on a local Ray pool vs the same graph with the stock nodes, on a video latent of odd
 frames whose token count (3 frames x 5 x 7) divides neither degree, down to the animated WEBP it saves and the live
 previews; bad input refused by name with the server staying up; the shipped Wan 2.2 A14B graph, whose two
-experts stay resident on the pool across prompts; and the shipped Wan 2.2 A14B image-to-video graph (start image
-through WanImageToVideo, both experts), refused before any work when its start image is missing."""
+experts stay resident on the pool across prompts; the shipped Wan 2.2 A14B image-to-video graph (start image
+through WanImageToVideo, both experts), refused before any work when its start image is missing; and the shipped
+Wan 2.2 5B TI2V graph on the tiny 5B with the full-width Wan 2.2 VAE decoding on the pool."""
 from __future__ import annotations
 
 import functools
 import io
+import time
 
 import numpy as np
 import pytest
 from PIL import Image, ImageSequence
 
-from server_graphs import link_tiny_model, saved_latent
+from server_graphs import drop_cached_outputs, link_tiny_model, link_wan22_vae, release_pool_vae, saved_latent
 
 from comfyui_xdit.api_client import ComfyClient, ExecutionFailed
 from comfyui_xdit.testing.server_launcher import REPO_ROOT
@@ -243,3 +245,49 @@ def test_wan21_i2v_with_clip_vision_matches_the_stock_graph(comfy_server, client
     graph = functools.partial(_i2v_graph, experts=(WAN21_I2V_NAME, WAN21_I2V_NAME), clip_vision_seed=3)
     _assert_i2v_runs_match(comfy_server, client.run(graph("wan21_i2v_stock", False), timeout=300),
                            client.run(graph("wan21_i2v_xdit", True, world_size=2), timeout=600))
+
+
+TI2V_5B_WORKFLOW = REPO_ROOT / "workflows" / "api" / "wan22_5b_ti2v_xdit_api.json"
+TINY_5B_NAME = "tiny-wan22-5b.safetensors"
+
+
+def _ti2v_5b_graph(prefix: str, xdit: bool, vae_name: str) -> dict:
+    """The shipped Wan 2.2 5B graph offline on the tiny 5B and the full-width Wan 2.2 VAE, text to video (start_image
+    left unconnected, as shipped), also saving the sampled latent: 9 frames of 32 x 80 px are a 48-channel latent of
+    3 x 5 x 2, i.e. 3 x 3 x 1 = 9 tokens (uneven over 2 ranks), and 5 rows for the VAE (uneven over 2 workers)."""
+    workflow = make_offline(load_api_workflow(TI2V_5B_WORKFLOW), TINY_5B_NAME, vae_name=vae_name, steps=STEPS, context_dim=UMT5_WIDTH)
+    workflow["10"]["inputs"].update(lossless=True, filename_prefix=f"{prefix}_clip")
+    workflow["6"]["inputs"].update(width=32, height=80, length=9)
+    workflow["15"] = {"class_type": "SaveLatent", "inputs": {"samples": ["7", 0], "filename_prefix": prefix}}
+    return workflow if xdit else stock_twin(workflow)
+
+
+def test_shipped_wan22_5b_workflow_matches_the_stock_graph(comfy_server, client, tiny_model_path):
+    """Sampling (CFG 5, uni_pc, shift 8) and the Wan 2.2 VAE's decode on the shipped auto pool (2 CPU workers) against
+    the stock twin; the VAE's copies are released afterwards (server_graphs.release_pool_vae)."""
+    link_tiny_model(comfy_server, tiny_model_path("wan22_5b"), TINY_5B_NAME)
+    vae_name = link_wan22_vae(comfy_server, tiny_model_path)
+    try:
+        started = time.perf_counter()
+        stock_run = client.run(_ti2v_5b_graph("wan22_5b_stock", False, vae_name), timeout=600)
+        stock_s = time.perf_counter() - started
+        drop_cached_outputs(comfy_server, client)  # the stock VAE goes before the pool's is loaded
+        started = time.perf_counter()
+        xdit_run = client.run(_ti2v_5b_graph("wan22_5b_xdit", True, vae_name), timeout=900)
+        xdit_s = time.perf_counter() - started
+        stock, xdit = saved_latent(comfy_server, stock_run), saved_latent(comfy_server, xdit_run)
+        assert xdit.shape == stock.shape == (1, 48, 3, 5, 2)
+        assert stock.abs().max() > 0.1
+        error = (xdit - stock).abs().max().item()
+        stock_frames, xdit_frames = _clip(comfy_server, stock_run), _clip(comfy_server, xdit_run)
+        levels = max(np.abs(a - b).max() for a, b in zip(xdit_frames, stock_frames))
+        print(f"wan22 5B workflow: latent max abs error {error:.3g} (max {stock.abs().max().item():.3g}), frames within {levels} "
+              f"levels; stock {stock_s:.1f} s, pool {xdit_s:.1f} s")
+        assert error <= max(FP32_TOL, RELATIVE_TOL * stock.abs().max().item())
+        assert len(xdit_frames) == len(stock_frames) == 9
+        assert all(a.shape == b.shape == (80, 32, 3) for a, b in zip(xdit_frames, stock_frames)) and levels <= 1
+        assert np.std(stock_frames) > 20  # a picture, not a flat field
+        status = comfy_server.get_json("/xdit/status")["pool"]
+        assert status["world_size"] == 2 and all(rank["vae_loads"] >= 1 for rank in status["ranks"])
+    finally:
+        release_pool_vae(comfy_server, client)

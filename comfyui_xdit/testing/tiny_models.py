@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 from comfyui_xdit.comfy_runtime import import_comfy
-from comfyui_xdit.testing.tiny_vae import KL_VAE_VARIANTS, TAEF1_SIZES, TAEF1_VARIANTS, WAN_VAE_VARIANTS, write_tiny_kl_vae, write_tiny_taef1, write_tiny_wan_vae
+from comfyui_xdit.testing.tiny_vae import KL_VAE_VARIANTS, TAEF1_SIZES, TAEF1_VARIANTS, WAN_VAE_VARIANTS, write_tiny_kl_vae, write_tiny_taef1, write_tiny_wan_vae, write_wan22_vae
 
 # What ComfyUI 0.30.0's model detection reads back from a Flux state dict (comfy/model_detection.py): these values
 # are hard-coded there, so a file written with any other value would load as a different model.
@@ -565,6 +565,8 @@ FAMILIES: dict[str, TinyFamily] = {
     "kl_vae": TinyFamily(KL_VAE_VARIANTS, ("tiny",), write_tiny_kl_vae),
     # One .safetensors for the "vae" folder: Wan 2.1's causal video VAE, 8 wide.
     "wan_vae": TinyFamily(WAN_VAE_VARIANTS, ("tiny",), write_tiny_wan_vae),
+    # One .safetensors for the "vae" folder: Wan 2.2's video VAE (48 channels) at the width detection fixes, 1.4 GB in bf16.
+    "wan22_vae": TinyFamily(("default",), ("tiny",), write_wan22_vae),
 }
 
 

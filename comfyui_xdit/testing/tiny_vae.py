@@ -287,3 +287,63 @@ def write_tiny_wan_vae(path: str | Path, variant: str = "wan21", size: str = "ti
     description = {"family": "wan_vae", "variant": variant, "seed": seed}
     save_file(tensors, str(path), metadata={"comfyui_xdit.tiny_model": json.dumps(description, sort_keys=True)})
     return path
+
+
+# Wan 2.2's video VAE as stock detection builds it: 160 wide (the decoder 256), 48 latent channels, ~705 M parameters.
+# The width is fixed there, so the smallest detectable file is full width: stored in bf16 (as tiny_models'
+# width-fixed files), 1.4 GB, loaded into fp32 by stock and the pool alike. Its tensors are drawn one by one from a
+# seeded generator (no 2.8 GB module is built to write it).
+WAN22_VAE_CONFIG: dict[str, Any] = {"dim": 160, "z_dim": 48, "dim_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_scales": [],
+                                    "temperal_downsample": [False, True, True], "dropout": 0.0}
+_WAN22_VAE_STORAGE = torch.bfloat16
+_WAN22_DECODER_HEAD = "decoder.head.2"  # the last convolution
+# E[silu(z)^2] for z ~ N(0, 1): the head convolution's input is SiLU of an RMS norm (unit scale per position), so
+# this sets the head's output spread without running the model.
+_SILU_SECOND_MOMENT = 0.3557
+
+
+def wan22_vae_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
+    """The seeded full-width Wan 2.2 VAE weights, in bf16, keyed as ComfyUI's WanVAE names them.
+
+    Convolutions He-scaled (the residual stream stays O(1-10) through every block), RMS-norm scales around 1, small
+    biases; the decoder's last convolution is scaled so a unit-normal latent decodes to pixels around
+    _PIXEL_MEAN +- _PIXEL_STD."""
+    import_comfy()
+    import comfy.ldm.wan.vae2_2 as wan22
+
+    with torch.device("meta"):
+        shapes = {key: tensor.shape for key, tensor in wan22.WanVAE(**WAN22_VAE_CONFIG).state_dict().items()}
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for key, shape in shapes.items():
+        if key.endswith(".gamma"):
+            tensor = 1.0 + 0.1 * torch.randn(shape, generator=generator)
+        elif key.endswith(".bias"):
+            tensor = torch.zeros(shape) if key == f"{_WAN22_DECODER_HEAD}.bias" else _BIAS_STD * torch.randn(shape, generator=generator)
+        else:
+            fan_in = math.prod(shape[1:])
+            std = (2 * _PIXEL_STD / math.sqrt(fan_in * _SILU_SECOND_MOMENT) if key == f"{_WAN22_DECODER_HEAD}.weight"
+                   else math.sqrt(2.0 / fan_in))
+            tensor = torch.randn(shape, generator=generator) * std
+        tensors[key] = tensor.to(_WAN22_VAE_STORAGE)
+    return tensors
+
+
+def write_wan22_vae(path: str | Path, variant: str = "default", size: str = "tiny", seed: int = 0, **overrides: Any) -> Path:
+    """Write the seeded Wan 2.2 video VAE file (see wan22_vae_state_dict) that stock VAELoader detects. "tiny" is the
+    smallest file detection takes, which is full width (1.4 GB).
+
+    Matches tiny_models.TinyFamily's writer signature; returns the path.
+    """
+    if overrides:
+        raise ValueError(f"the Wan 2.2 VAE layout is fixed by detection; it takes no config overrides (got {sorted(overrides)})")
+    if variant != "default" or size != "tiny":
+        raise ValueError(f"unknown Wan 2.2 VAE variant/size {variant!r}/{size!r}; detection fixes its width: choose from ['default'] / ['tiny']")
+    path = Path(path)
+    if path.suffix not in (".safetensors", ".sft"):
+        raise ValueError(f"{path}: a tiny VAE file must end in .safetensors")
+    tensors = wan22_vae_state_dict(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    description = {"family": "wan22_vae", "seed": seed, "stored_as": str(_WAN22_VAE_STORAGE).removeprefix("torch.")}
+    save_file(tensors, str(path), metadata={"comfyui_xdit.tiny_model": json.dumps(description, sort_keys=True)})
+    return path
