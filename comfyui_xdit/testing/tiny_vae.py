@@ -157,6 +157,22 @@ def build_kl_vae(variant: str, seed: int) -> torch.nn.Module:
     return model
 
 
+def _vae_file(path: str | Path) -> Path:
+    """`path` as a Path, refused (before anything is built) unless it names a safetensors file."""
+    path = Path(path)
+    if path.suffix not in (".safetensors", ".sft"):
+        raise ValueError(f"{path}: a tiny VAE file must end in .safetensors")
+    return path
+
+
+def _save_vae(path: Path, tensors: dict[str, torch.Tensor], description: dict[str, Any]) -> Path:
+    """Write one VAE file, its description in the metadata as the tiny models carry theirs; returns the path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {key: tensor.contiguous() for key, tensor in tensors.items()}
+    save_file(tensors, str(path), metadata={"comfyui_xdit.tiny_model": json.dumps(description, sort_keys=True)})
+    return path
+
+
 def write_tiny_kl_vae(path: str | Path, variant: str = "flux", size: str = "tiny", seed: int = 0,
                       **overrides: Any) -> Path:
     """Write a seeded AutoencoderKL VAE file (see KL_VAE_VARIANTS) that stock VAELoader detects.
@@ -167,15 +183,8 @@ def write_tiny_kl_vae(path: str | Path, variant: str = "flux", size: str = "tiny
         raise ValueError(f"the AutoencoderKL layout is fixed by detection; it takes no config overrides (got {sorted(overrides)})")
     if size != "tiny":
         raise ValueError(f"unknown AutoencoderKL size {size!r}; choose from ['tiny']")
-    path = Path(path)
-    if path.suffix not in (".safetensors", ".sft"):
-        raise ValueError(f"{path}: a tiny VAE file must end in .safetensors")
-    model = build_kl_vae(variant, seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {key: tensor.contiguous() for key, tensor in model.state_dict().items()}
-    description = {"family": "kl_vae", "variant": variant, "seed": seed}
-    save_file(tensors, str(path), metadata={"comfyui_xdit.tiny_model": json.dumps(description, sort_keys=True)})
-    return path
+    path = _vae_file(path)
+    return _save_vae(path, build_kl_vae(variant, seed).state_dict(), {"family": "kl_vae", "variant": variant, "seed": seed})
 
 
 def write_server_vaes(models: str | Path) -> None:
@@ -278,15 +287,8 @@ def write_tiny_wan_vae(path: str | Path, variant: str = "wan21", size: str = "ti
         raise ValueError(f"unknown Wan VAE variant {variant!r}; choose from {list(WAN_VAE_VARIANTS)}")
     if size != "tiny":
         raise ValueError(f"unknown Wan VAE size {size!r}; choose from ['tiny']")
-    path = Path(path)
-    if path.suffix not in (".safetensors", ".sft"):
-        raise ValueError(f"{path}: a tiny VAE file must end in .safetensors")
-    model = build_wan_vae(seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {key: tensor.contiguous() for key, tensor in model.state_dict().items()}
-    description = {"family": "wan_vae", "variant": variant, "seed": seed}
-    save_file(tensors, str(path), metadata={"comfyui_xdit.tiny_model": json.dumps(description, sort_keys=True)})
-    return path
+    path = _vae_file(path)
+    return _save_vae(path, build_wan_vae(seed).state_dict(), {"family": "wan_vae", "variant": variant, "seed": seed})
 
 
 # Wan 2.2's video VAE as stock detection builds it: 160 wide (the decoder 256), 48 latent channels, ~705 M parameters.
@@ -339,11 +341,6 @@ def write_wan22_vae(path: str | Path, variant: str = "default", size: str = "tin
         raise ValueError(f"the Wan 2.2 VAE layout is fixed by detection; it takes no config overrides (got {sorted(overrides)})")
     if variant != "default" or size != "tiny":
         raise ValueError(f"unknown Wan 2.2 VAE variant/size {variant!r}/{size!r}; detection fixes its width: choose from ['default'] / ['tiny']")
-    path = Path(path)
-    if path.suffix not in (".safetensors", ".sft"):
-        raise ValueError(f"{path}: a tiny VAE file must end in .safetensors")
-    tensors = wan22_vae_state_dict(seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    description = {"family": "wan22_vae", "seed": seed, "stored_as": str(_WAN22_VAE_STORAGE).removeprefix("torch.")}
-    save_file(tensors, str(path), metadata={"comfyui_xdit.tiny_model": json.dumps(description, sort_keys=True)})
-    return path
+    path = _vae_file(path)
+    return _save_vae(path, wan22_vae_state_dict(seed),
+                     {"family": "wan22_vae", "seed": seed, "stored_as": str(_WAN22_VAE_STORAGE).removeprefix("torch.")})
