@@ -2,7 +2,8 @@
 
 A model's blocks are split into `stages` contiguous runs with balanced weight (parameters, a proxy for both memory
 and per-token compute), so each stage holds about 1/P of the block parameters. The image is cut along its height
-into `patches` bands of whole token rows; a patch flows through the stages like a micro-batch.
+into `patches` bands of whole token rows (the first shortened by the text tokens that travel with it, so every
+patch carries about as many tokens); a patch flows through the stages like a micro-batch.
 """
 from __future__ import annotations
 
