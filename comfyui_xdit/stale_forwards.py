@@ -148,8 +148,9 @@ def pipefusion_forward(family: str, state: ParallelState, cache: KVCache, plan: 
     stream = stale_steps.stream_of(transformer_options, img, txt)
     synchronous = stale_steps.is_synchronous(cache, stream, transformer_options, options.warmup_steps)
     rows, width = image_grid(img_ids)
-    bands = [(0, rows)] if synchronous else stale_steps.bands_for(rows, options.num_pipeline_patch, pf.size)
     text_len, image_len = txt.shape[1], img.shape[1]
+    # The first band is shorter by about the text's rows, so every patch carries about as many tokens.
+    bands = [(0, rows)] if synchronous else stale_steps.bands_for(rows, options.num_pipeline_patch, pf.size, width, text_len)
     sends: list = []
     outputs = []
     # One set of block replacements serves every band: they differ only in the rows they receive.

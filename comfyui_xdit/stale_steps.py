@@ -60,8 +60,9 @@ def resolve_patches(requested: int, stages: int, rows: int) -> int:
     return 1
 
 
-def bands_for(rows: int, requested: int, stages: int) -> list[tuple[int, int]]:
-    return patch_bands(rows, resolve_patches(requested, stages, rows))
+def bands_for(rows: int, requested: int, stages: int, width: int = 1, lead_tokens: int = 0) -> list[tuple[int, int]]:
+    """PipeFusion's bands of image rows (`width` tokens each) when `lead_tokens` text tokens travel with the first."""
+    return patch_bands(rows, resolve_patches(requested, stages, rows), width, lead_tokens)
 
 
 def carry_options(degrees: dict[str, int], token_rows: int, num_pipeline_patch: int, warmup_steps: int) -> dict:

@@ -9,7 +9,7 @@ attention_with_lse, CommStats, DimensionGroup, KVCache.
 from .attention_kernels import BACKENDS, attention, attention_with_lse, merge_partials
 from .comm import CommStats, DimensionGroup, all_gather, all_to_all, broadcast
 from .config import DIMENSIONS, ParallelConfig
-from .pipefusion import partition_stages, patch_bands, pipeline_bubble, pipeline_bubbles, pipeline_time
+from .pipefusion import band_tokens, partition_stages, patch_bands, pipeline_bubble, pipeline_bubbles, pipeline_time
 from .sharding import gather_batch, gather_sequence, split_batch, split_sequence
 from .spatial_conv import RowGroup, all_gather_rows, edge_rows, group_norm, halo_exchange, split_rows
 from .state import ParallelState, init_parallel, rank_groups
@@ -41,6 +41,7 @@ __all__ = [
     "displaced_attention",
     "edge_rows",
     "partition_stages",
+    "band_tokens",
     "patch_bands",
     "pipefusion_attention",
     "pipeline_bubble",

@@ -2,7 +2,8 @@
 
 A model's blocks are split into `stages` contiguous runs with balanced weight (parameters, a proxy for both memory
 and per-token compute), so each stage holds about 1/P of the block parameters. The image is cut along its height
-into `patches` bands of whole token rows; a patch flows through the stages like a micro-batch.
+into `patches` bands of whole token rows (the first shortened by the text tokens that travel with it, so every
+patch carries about as many tokens); a patch flows through the stages like a micro-batch.
 """
 from __future__ import annotations
 
@@ -56,8 +57,28 @@ def min_max_cut(costs: Sequence[int], stages: int, allowed: Callable[[int, int],
     return bounds[::-1]
 
 
-def patch_bands(rows: int, patches: int) -> list[tuple[int, int]]:
-    """[start, stop) token rows of each patch: `patches` bands as even as possible, taller ones first."""
+def patch_bands(rows: int, patches: int, width: int = 1, lead_tokens: int = 0) -> list[tuple[int, int]]:
+    """[start, stop) token rows of each patch: `patches` bands as even as possible, taller ones first.
+
+    `lead_tokens` more tokens (the text) travel with the first patch, `width` tokens per row: the first band is then
+    shortened (to one row at least) so that every patch holds about as many tokens as the others; a pipeline runs
+    at its heaviest patch's pace, and a first patch carrying 256 text tokens beside an even band of a 1024-token
+    image would be twice the others."""
+    even = _even_bands(rows, patches)
+    if not lead_tokens or patches == 1:
+        return even
+    # Rows of a first band whose patch matches the others' tokens (when the text is not already heavier).
+    ideal = max(1, round((rows * width - (patches - 1) * lead_tokens) / (patches * width)))
+    for first in range(min(ideal, even[0][1]), even[0][1] + 1):  # the even cut's first band always fits
+        try:
+            rest = _even_bands(rows - first, patches - 1)
+        except ValueError:
+            continue
+        return [(0, first)] + [(first + top, first + bottom) for top, bottom in rest]
+    return even
+
+
+def _even_bands(rows: int, patches: int) -> list[tuple[int, int]]:
     if not isinstance(patches, int) or patches < 1:
         raise ValueError(f"num_pipeline_patch must be a whole number >= 1, got {patches!r}")
     if patches > rows:
@@ -78,18 +99,30 @@ def patch_bands(rows: int, patches: int) -> list[tuple[int, int]]:
     return bands
 
 
+def band_tokens(bands: Sequence[tuple[int, int]], width: int, lead_tokens: int) -> list[int]:
+    """Tokens of each patch: its rows x `width`, plus `lead_tokens` on the first."""
+    return [(bottom - top) * width + (lead_tokens if index == 0 else 0) for index, (top, bottom) in enumerate(bands)]
+
+
 def pipeline_bubble(stages: int, patches: int) -> float:
     """Share of a stage's time spent idle when `patches` equal micro-batches fill and drain `stages` once."""
     return (stages - 1) / (patches + stages - 1)
 
 
-def pipeline_time(shares: Sequence[float], patches: int) -> float:
-    """A fill and drain of `patches` equal micro-batches through stages doing `shares` of the work, in units of the
-    whole work on one rank: every stage's first patch, then the rest at the busiest stage's pace."""
-    return (sum(shares) + (patches - 1) * max(shares)) / patches
+def pipeline_time(shares: Sequence[float], patches: int | Sequence[float]) -> float:
+    """A fill and drain of micro-batches through stages doing `shares` of the work, in units of the whole work on
+    one rank. `patches`: a count of equal micro-batches, or each one's share of the work (e.g. band_tokens); a
+    stage starts a patch when it has finished the previous one and the previous stage has handed it over."""
+    sizes = [1 / patches] * patches if isinstance(patches, int) else [p / sum(patches) for p in patches]
+    done = [0.0] * len(shares)  # when each stage finished its latest patch
+    for size in sizes:
+        ready = 0.0
+        for stage, share in enumerate(shares):
+            ready = done[stage] = max(done[stage], ready) + share * size
+    return done[-1]
 
 
-def pipeline_bubbles(shares: Sequence[float], patches: int) -> list[float]:
-    """Share of the pipeline's time each stage spends idle (pipeline_bubble for equal shares)."""
+def pipeline_bubbles(shares: Sequence[float], patches: int | Sequence[float]) -> list[float]:
+    """Share of the pipeline's time each stage spends idle (pipeline_bubble for equal shares and patches)."""
     total = pipeline_time(shares, patches)
     return [1 - share / total for share in shares]

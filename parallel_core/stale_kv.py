@@ -38,9 +38,10 @@ class KVCache:
         self._streams.add(stream)
 
     def table(self, stream: Hashable, layer: Hashable, like: torch.Tensor, total: int) -> torch.Tensor:
-        """The (2, batch, total, heads, head_dim) key/value table of one layer, zeros when new."""
+        """The (2, batch, total, heads, head_dim) key/value table of one layer, zeros when new; `like`: keys, or
+        keys and values stacked (batch, heads and head_dim are its last dims but one)."""
         key = (stream, layer)
-        shape = (2, like.shape[1], total, like.shape[3], like.shape[4])
+        shape = (2, like.shape[-4], total, like.shape[-2], like.shape[-1])
         table = self._tables.get(key)
         if table is None or tuple(table.shape) != shape or table.dtype != like.dtype:
             table = self._tables[key] = like.new_zeros(shape)
@@ -65,9 +66,28 @@ class KVCache:
         self._streams.clear()
 
 
-def _write(table: torch.Tensor, kv: torch.Tensor, positions: torch.Tensor) -> None:
+def _contiguous_run(positions: torch.Tensor) -> tuple[int, int, int] | None:
+    """(first row, its position, rows) when the rows past some leading -1s hold consecutive positions (one patch on
+    one rank, or a whole sequence), else None."""
+    values = positions.tolist()
+    first = next((row for row, position in enumerate(values) if position >= 0), len(values))
+    if first == len(values):
+        return first, 0, 0
+    start, count = values[first], len(values) - first
+    return (first, start, count) if values[first:] == list(range(start, start + count)) else None
+
+
+def _write(table: torch.Tensor, kv, positions: torch.Tensor) -> None:
+    """Write rows of `kv` (keys and values stacked, or a (keys, values) pair) to their positions in `table`."""
+    run = _contiguous_run(positions)
+    if run is not None:  # slices: no index tensors, no gathered copy of the rows
+        row, start, count = run
+        for half, new in zip(table, kv):
+            half[:, start:start + count].copy_(new[:, row:row + count])
+        return
     valid = positions >= 0
-    table[:, :, positions[valid]] = kv[:, :, valid.to(kv.device)]
+    for half, new in zip(table, kv):
+        half[:, positions[valid]] = new[:, valid.to(new.device)]
 
 
 def pipefusion_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions_by_rank: torch.Tensor, total: int,
@@ -81,6 +101,10 @@ def pipefusion_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, posi
     """
     ulysses, ring = state.ulysses, state.ring
     heads = q.shape[2]
+    if ulysses.size == 1 and ring.size == 1:  # one rank per stage: nothing to exchange, nothing to copy
+        table = cache.table(stream, layer, k, total)
+        _write(table, (k, v), positions_by_rank.reshape(-1))
+        return attention(q, table[0], table[1], scale=scale, backend=state.attention_backend)
     padded_heads = chunk_length(heads, ulysses.size) * ulysses.size
     qkv = sequence_to_heads([q, k, v], padded_heads, ulysses, state.comm)
     kv = all_gather(qkv[1:], 2, ring, state.comm)  # every row of the patch, this rank's heads

@@ -186,3 +186,25 @@ def test_qwen_image_block_profile_counts_each_layer_on_its_stream(comfy_root):
     # Per stream: q, k, v and out projections (4 w^2) and a 4x MLP (8 w^2); modulation: w -> 6w.
     assert dict(block.linear_macs) == {"image": 12 * w * w, "text": 12 * w * w, "one": 12 * w * w}
     assert (block.attention, block.attention_width) == ("joint", 3072)
+
+
+def test_the_text_carrying_patch_is_shortened_to_the_others_tokens():
+    # The stale-methods bench: 32 rows of 32 tokens and 256 text tokens travelling with the first patch.
+    bands = pc.patch_bands(32, 4, 32, 256)
+    assert bands == [(0, 2), (2, 12), (12, 22), (22, 32)]
+    assert pc.band_tokens(bands, 32, 256) == [320] * 4
+    # Even bands would put 512 of 1280 tokens in the first patch: stage 2 of 2 then paces at 0.7 of one rank's call.
+    assert pc.pipeline_time([0.5, 0.5], pc.band_tokens(pc.patch_bands(32, 4), 32, 256)) == pytest.approx(0.7)
+    assert pc.pipeline_time([0.5, 0.5], pc.band_tokens(bands, 32, 256)) == pytest.approx(pc.pipeline_time([0.5, 0.5], 4))
+    # Text heavier than a patch: the first band keeps one row; no text: the even cut; the rest within the imbalance
+    # rule (a one-row first band would leave 7 rows in bands of 3 and 2).
+    assert pc.patch_bands(32, 8, 32, 256)[0] == (0, 1)
+    assert pc.patch_bands(16, 4, 16, 0) == pc.patch_bands(16, 4)
+    assert pc.patch_bands(8, 4, 8, 512) == [(0, 2), (2, 4), (4, 6), (6, 8)]
+
+
+def test_unequal_patches_pace_the_pipeline():
+    # A stage starts a patch once it is free and the previous stage handed the patch over.
+    assert pc.pipeline_time([0.5, 0.5], [2, 1, 1]) == pytest.approx(0.5 * 0.5 + 0.5)
+    assert pc.pipeline_time([0.5, 0.5], [1, 1, 2]) == pytest.approx(0.5 * 0.5 + 0.5)
+    assert pc.pipeline_time([0.5, 0.5], [1, 1]) == pytest.approx(pc.pipeline_time([0.5, 0.5], 2))

@@ -83,3 +83,20 @@ def test_positions_mark_padding_and_dummy_rows():
 def test_bubble_of_a_fill_and_drain():
     assert pc.pipeline_bubble(2, 4) == pytest.approx(1 / 5)
     assert pc.pipeline_bubble(1, 4) == 0
+
+
+def test_table_writes_land_at_their_positions_by_slice_or_by_index():
+    import torch
+
+    from parallel_core.stale_kv import _write
+
+    # A patch after the first (a dummy text row, then consecutive rows: written by slices), padding inside a shard,
+    # an order that is not consecutive (by index), nothing valid.
+    for positions in ([-1, 5, 6, 7], [0, 1, -1, 3], [2, 0, 1, 3], [-1, -1, -1, -1]):
+        kv, where = torch.randn(2, 1, 4, 2, 3), torch.tensor(positions)
+        expected = torch.zeros(2, 1, 8, 2, 3)
+        expected[:, :, where[where >= 0]] = kv[:, :, where >= 0]
+        for given in (kv, (kv[0], kv[1])):
+            table = torch.zeros(2, 1, 8, 2, 3)
+            _write(table, given, where)
+            assert torch.equal(table, expected), positions

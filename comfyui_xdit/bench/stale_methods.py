@@ -24,11 +24,15 @@ Method
   `kv_cache_mb` the most the stale methods' key/value tables held at once.
 - Bubble: PipeFusion ranks record the time they block waiting for the previous stage (recv) or for the last
   stage's output (broadcast); `bubble_measured` is that time over the sampling's wall time, beside
-  `bubble_theory` = (P-1)/(M+P-1) of one fill and drain per model call with equal stages, and
-  `bubble_theory_at_plan` = each stage's idle share with the plan's modelled compute shares (pipeline_bubbles).
+  `bubble_theory` = (P-1)/(M+P-1) of one fill and drain per model call with equal stages and patches,
+  `bubble_theory_at_plan` = each stage's idle share of a pipelined call with the plan's modelled compute shares and
+  the patches' token counts (`patch_tokens`: the first band is shortened for the text it carries, stale_steps),
+  and `bubble_theory_sampling` = each stage's idle share of the whole sampling (the synchronous warmup call
+  included, as in `bubble_measured`).
 - CPU time: `cpu_ms_per_step` is each rank's process CPU time per step (waiting ranks block, they do not spin), so
   `stage_cpu_share` measures each stage's share of the work even on a loaded machine, beside the modelled
-  `compute_share` (which leaves out the embedders and final layer every stage runs on each patch).
+  `compute_share` (which leaves out the embedders and final layer every stage runs on each patch); `cpu_over_stock`
+  = the ranks' CPU time together over stock's.
 - Paired: the PipeFusion runs also time stock sampling on rank 0 (one thread, the other rank waiting) before each
   timed PipeFusion sampling: `speedup_vs_1_paired` is the median of those per-pair ratios, the figure to quote on a
   machine whose load changes (rank 0's `peak_rss_mb` then includes the stock model).
@@ -36,11 +40,13 @@ Method
   "pipefusion_speed"): `stage_blocks` per stage, `compute_share` per stage (block_stages' model at this job's token
   counts), `parameter_share` per stage, `stage_busy_ms_per_step` = each rank's wall time minus its waits, per step,
   and `speedup_theory` = what the modelled shares allow over one rank (one synchronous warmup call, then pipelined
-  calls), beside the measured `speedup_vs_1`.
+  calls of `patch_tokens`), beside the measured `speedup_vs_1` (`speedup_measured_over_theory` = their ratio;
+  `speedup_theory_equal_patches` = the same with M equal patches).
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import resource
@@ -52,7 +58,8 @@ from pathlib import Path
 
 import torch
 
-from parallel_core import DEFAULT_BALANCE, Tokens, block_flops, pipeline_bubble, pipeline_bubbles, pipeline_time, stage_shares
+from parallel_core import (DEFAULT_BALANCE, Tokens, band_tokens, block_flops, patch_bands, pipeline_bubble, pipeline_bubbles, pipeline_time,
+                           stage_shares)
 from parallel_core.local_launch import run_on_ranks
 
 from .flux_step import theoretical_step_bytes
@@ -127,16 +134,24 @@ def _caches(model) -> list:
     from parallel_core import KVCache
 
     found = []
-    for patch in model.object_patches.values():
-        for arg in getattr(patch, "args", ()):
-            if isinstance(arg, KVCache):
-                found.append(arg)
+    # The forward patch binds the method, a partial that binds the cache (flux.parallelize, stale_forwards.stale_method).
+    pending = [arg for patch in model.object_patches.values() for arg in getattr(patch, "args", ())]
+    while pending:
+        arg = pending.pop()
+        if isinstance(arg, KVCache):
+            found.append(arg)
+        else:
+            pending.extend(getattr(arg, "args", ()) if isinstance(arg, functools.partial) else ())
     return found
 
 
-def _theory(method: dict, spec: dict, rank: int) -> dict[str, int]:
-    from parallel_core import patch_bands
+def _bands(spec: dict) -> list[tuple[int, int]]:
+    """PipeFusion's bands at this job (stale_steps.bands_for: the first shortened for the text it carries)."""
+    rows = spec["size"] // 2
+    return patch_bands(rows, spec["patches"], rows, spec["text_tokens"])
 
+
+def _theory(method: dict, spec: dict, rank: int) -> dict[str, int]:
     rows, steps, text = spec["size"] // 2, spec["steps"], spec["text_tokens"]
     total: dict[str, int] = {}
 
@@ -148,7 +163,7 @@ def _theory(method: dict, spec: dict, rank: int) -> dict[str, int]:
     if degrees.get("pipefusion_degree", 1) > 1:
         stages = degrees["pipefusion_degree"]
         for call in range(steps):
-            bands = [(0, rows)] if call == 0 else patch_bands(rows, spec["patches"])
+            bands = [(0, rows)] if call == 0 else _bands(spec)
             add(pipefusion_call_bytes(rank, stages, 1, text, rows, bands, spec["hidden"], OUT_FEATURES))
     elif degrees.get("patch_degree", 1) > 1:
         for call in range(steps):
@@ -193,12 +208,17 @@ def plan_line(diffusion_model, adapter, stages: int, balance: str, tokens: Token
             "image_tokens": tokens.image, "text_tokens": tokens.text}
 
 
-def speedup_theory(compute_share: list[float], patches: int, steps: int, warmup_steps: int = 1) -> float:
-    """One rank's time over the pipeline's with these stage shares: synchronous warmup calls run the stages one
-    after the other (the whole work), the rest fill and drain `patches` patches (pipeline_time); work outside the
-    blocks, communication and per-patch overheads are not modelled."""
+def sampling_time(compute_share: list[float], patches, steps: int, warmup_steps: int = 1) -> float:
+    """The pipeline's time for a sampling in units of one rank's step: synchronous warmup calls run the stages one
+    after the other (the whole work), the rest fill and drain `patches` (a count, or each patch's tokens:
+    pipeline_time); work outside the blocks, communication and per-patch overheads are not modelled."""
     warm = min(warmup_steps, steps)
-    return steps / (warm + (steps - warm) * pipeline_time(compute_share, patches))
+    return warm + (steps - warm) * pipeline_time(compute_share, patches)
+
+
+def speedup_theory(compute_share: list[float], patches, steps: int, warmup_steps: int = 1) -> float:
+    """One rank's time over the pipeline's (sampling_time)."""
+    return steps / sampling_time(compute_share, patches, steps, warmup_steps)
 
 
 def flux_dev_plan_lines(patches_per_stage: int = 2) -> list[dict]:
@@ -261,6 +281,7 @@ def main(argv=None) -> int:
                 "hidden": args.hidden, "blocks": BLOCKS, "steps": args.steps, "ms_per_step": round(ms, 1),
                 "speedup_vs_1": round(stock_ms / ms, 3),
                 "cpu_ms_per_step": [round(statistics.median(r["cpu_times"]) / args.steps * 1e3, 1) for r in per_rank],
+                "cpu_over_stock": round(sum(statistics.median(r["cpu_times"]) for r in per_rank) / statistics.median(results["stock"][1][0]["cpu_times"]), 3),
                 "max_abs_err": (per_rank[0]["latent"] - stock_latent).abs().max().item(),
                 "psnr_db": round(_psnr(per_rank[0]["latent"], stock_latent), 2),
                 "block_parameter_share": [round(r["held"][0] / r["held"][1], 4) for r in per_rank],
@@ -273,15 +294,21 @@ def main(argv=None) -> int:
                          "bytes_match": measured == theory,
                          "total_bytes_per_rank_per_step": [sum(m.values()) for m in measured]})
         if name.startswith("pipefusion"):
-            plan, patches = per_rank[0]["plan"], spec["patches"]
+            plan, patches, bands = per_rank[0]["plan"], spec["patches"], _bands(spec)
+            tokens = band_tokens(bands, args.size // 2, args.text_tokens)
             walls = [statistics.median(r["times"]) for r in per_rank]
-            line.update({"warmup_steps": 1, "num_pipeline_patch": patches, **plan,
+            theory = speedup_theory(plan["compute_share"], tokens, args.steps)
+            timeline = sampling_time(plan["compute_share"], tokens, args.steps)
+            line.update({"warmup_steps": 1, "num_pipeline_patch": patches, "patch_bands": bands, "patch_tokens": tokens, **plan,
                          "stage_busy_ms_per_step": [round((wall - r["comm"]["waited_s"]) / args.steps * 1e3, 1) for wall, r in zip(walls, per_rank)],
                          "stage_cpu_share": [round(c / sum(line["cpu_ms_per_step"]), 4) for c in line["cpu_ms_per_step"]],
                          "bubble_measured": [round(r["comm"]["waited_s"] / wall, 3) for wall, r in zip(walls, per_rank)],
                          "bubble_theory": round(pipeline_bubble(2, patches), 3),
-                         "bubble_theory_at_plan": [round(b, 3) for b in pipeline_bubbles(plan["compute_share"], patches)],
-                         "speedup_theory": round(speedup_theory(plan["compute_share"], patches, args.steps), 3),
+                         "bubble_theory_at_plan": [round(b, 3) for b in pipeline_bubbles(plan["compute_share"], tokens)],
+                         "bubble_theory_sampling": [round(1 - share * args.steps / timeline, 3) for share in plan["compute_share"]],
+                         "speedup_theory": round(theory, 3),
+                         "speedup_theory_equal_patches": round(speedup_theory(plan["compute_share"], patches, args.steps), 3),
+                         "speedup_measured_over_theory": round(stock_ms / ms / theory, 3),
                          "stock_ms_per_step_paired": round(statistics.median(per_rank[0]["stock_times"]) / args.steps * 1e3, 1),
                          "speedup_vs_1_paired": round(statistics.median(s / t for s, t in zip(per_rank[0]["stock_times"], per_rank[0]["times"])), 3)})
         print(json.dumps(line), flush=True)
