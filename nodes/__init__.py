@@ -3,6 +3,7 @@ from comfyui_xdit.pool_client import install_exit_hooks, start_pool_with_comfyui
 
 from .ksampler import XDiTKSampler, XDiTKSamplerAdvanced
 from .lora_loader import XDiTFluxLoraLoader, XDiTLoraLoader
+from .queued_start import register_queued_start
 from .redundancy import XDiTCacheSchedule, XDiTRedundancyAnalysis
 from .sampler import XDiTSamplerCustomAdvanced
 from .status_route import register_status_route
@@ -37,5 +38,6 @@ NODE_DISPLAY_NAME_MAPPINGS = {
 }
 
 register_status_route()
+register_queued_start()
 install_exit_hooks()
 start_pool_with_comfyui()

@@ -332,6 +332,21 @@ class PoolRegistry:
             self._pool = WorkerPool(key, self._service_path, should_interrupt)
         return self._pool
 
+    def start_if_none(self, cluster: ClusterTarget, world_for: Callable[[], int | None], started_for: str) -> WorkerPool | None:
+        """Start a pool only if there is none at all (never resizing or replacing one a prompt may be using); the
+        pool started, else None. `world_for` (connects, bounds the world size; None: start nothing) runs under the
+        registry's lock, so a prompt's get waits for this start instead of racing it. `started_for` (why it started
+        in the background) goes into the pool's cold_start before any prompt can see the pool."""
+        with self._lock:
+            if self._pool is not None:
+                return None
+            world_size = world_for()
+            if world_size is None:
+                return None
+            self._pool = WorkerPool(PoolKey(world_size, cluster), self._service_path)
+            self._pool.cold_start["started_for"] = started_for
+            return self._pool
+
     @property
     def current(self) -> WorkerPool | None:
         return self._pool if self._pool is not None and self._pool.alive else None
