@@ -13,28 +13,26 @@ import inspect
 import os
 from typing import Any
 
-from comfyui_xdit import cluster_config
-from comfyui_xdit.pool_client import start_for_queued_prompt
 from ray_backend.clusters import LOCAL, ClusterNotConfigured
 
-from .unet_loader import XDiTUNetLoader, _optional_inputs
-
-LOADER = "XDiTUNetLoader"
-_CHECKED_INPUTS = tuple(inspect.signature(XDiTUNetLoader.VALIDATE_INPUTS).parameters)
+from . import cluster_config
+from .pool_client import start_for_queued_prompt
 
 
-def local_pool_request(prompt: Any) -> tuple[int, str] | None:
-    """(world_size, unet_name) when every XDiTUNetLoader of the API prompt `prompt` asks, with literal inputs that
-    pass the loader's own checks, for one world size on the private local cluster; else None (start nothing)."""
+def local_pool_request(prompt: Any, loader: type) -> tuple[int, str] | None:
+    """(world_size, unet_name) when every `loader` node (XDiTUNetLoader) of the API prompt `prompt` asks, with literal
+    inputs that pass the loader's own checks (VALIDATE_INPUTS, world_size's bounds), for one world size on the
+    private local cluster; else None (start nothing)."""
     if not isinstance(prompt, dict):
         return None
-    loaders = [node.get("inputs") for node in prompt.values() if isinstance(node, dict) and node.get("class_type") == LOADER]
-    if not loaders or not all(isinstance(inputs, dict) for inputs in loaders):
+    nodes = [node.get("inputs") for node in prompt.values() if isinstance(node, dict) and node.get("class_type") == loader.__name__]
+    if not nodes or not all(isinstance(inputs, dict) for inputs in nodes):
         return None
-    limit = _optional_inputs()["world_size"][1]["max"]
+    limit = loader.INPUT_TYPES()["optional"]["world_size"][1]["max"]
+    checked_names = tuple(inspect.signature(loader.VALIDATE_INPUTS).parameters)
     requests = set()
-    for inputs in loaders:
-        checked = {name: inputs[name] for name in _CHECKED_INPUTS if name in inputs}
+    for inputs in nodes:
+        checked = {name: inputs[name] for name in checked_names if name in inputs}
         world, address, unet = checked.get("world_size", 0), checked.get("ray_address", LOCAL), inputs.get("unet_name")
         if type(world) is not int or not 0 <= world <= limit or not isinstance(unet, str) or not isinstance(address, str):
             return None  # a link, a wrong type or an out-of-range value: the loader decides when it runs
@@ -43,7 +41,7 @@ def local_pool_request(prompt: Any) -> tuple[int, str] | None:
                 return None
         except ClusterNotConfigured:
             return None
-        if XDiTUNetLoader.VALIDATE_INPUTS(**checked) is not True:
+        if loader.VALIDATE_INPUTS(**checked) is not True:
             return None
         requests.add((world, unet))
     return requests.pop() if len(requests) == 1 else None
@@ -58,24 +56,23 @@ def _model_bytes(unet_name: str) -> int | None:
     return os.path.getsize(path) if path else None
 
 
-def on_prompt(json_data: dict) -> dict:
-    """ComfyUI's on-prompt hook: maybe start the pool (see the module docstring); the prompt passes unchanged."""
-    from server import PromptServer
-
-    if PromptServer.instance.prompt_queue.get_tasks_remaining() != 0:
-        return json_data  # a prompt runs or waits: it may be using or resizing the pool
-    request = local_pool_request(json_data.get("prompt"))
-    if request is not None:
-        model_bytes = _model_bytes(request[1])
-        if model_bytes is not None:
-            start_for_queued_prompt(request[0], model_bytes)
-    return json_data
-
-
-def register_queued_start() -> None:
+def register_queued_start(loader: type) -> None:
+    """Have ComfyUI's server call us with every prompt queued (see the module docstring)."""
     try:
         from server import PromptServer
     except ImportError:  # imported outside a ComfyUI server (tests, scripts): no queue to watch
         return
-    if getattr(PromptServer, "instance", None) is not None:
-        PromptServer.instance.add_on_prompt_handler(on_prompt)
+    if getattr(PromptServer, "instance", None) is None:
+        return
+
+    def on_prompt(json_data: dict) -> dict:
+        if PromptServer.instance.prompt_queue.get_tasks_remaining() != 0:
+            return json_data  # a prompt runs or waits: it may be using or resizing the pool
+        request = local_pool_request(json_data.get("prompt"), loader)
+        if request is not None:
+            model_bytes = _model_bytes(request[1])
+            if model_bytes is not None:
+                start_for_queued_prompt(request[0], model_bytes)
+        return json_data  # unchanged
+
+    PromptServer.instance.add_on_prompt_handler(on_prompt)
