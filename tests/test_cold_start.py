@@ -38,6 +38,14 @@ def test_breakdown_of_a_prompt_after_the_pool_started_with_comfyui():
     assert prompt[-1].endswith(f"{8.0 - (1 + 5):.2f} s")
 
 
+def test_breakdown_of_a_prompt_whose_queueing_started_the_pool():
+    lines = cold_start_lines(12.0, {**COLD, "started_for": "queued prompt"}, None, 7.5)
+    assert lines[0] == "  first prompt 12.00 s:"
+    assert lines[1].startswith("    pool start, from when the prompt was queued (Ray 2.00 s, 2 worker processes 3.00 s, group and imports 4.00 s)")
+    assert lines[1].endswith(": 7.50 s")
+    assert lines[-1].endswith(f"{12.0 - (7.5 + 1 + 5):.2f} s")  # ComfyUI's own work that did not overlap the start
+
+
 def test_the_demo_ratio_is_explained_for_the_machine_it_ran_on():
     cpu = [{"cuda": False, "threads": 1}] * 2
     assert "2 CPU cores shared by 2 workers (1 thread each)" in ratio_meaning(cpu, 1.02, 2, 0.5)
