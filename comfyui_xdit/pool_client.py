@@ -23,7 +23,7 @@ REGISTRY = PoolRegistry(SERVICE_PATH)
 PRESTART_ENV = "XDIT_PRESTART_WORKERS"
 # What the start with ComfyUI did ("off", "starting", "ready", "failed"), for GET /xdit/status.
 PRESTART: dict[str, Any] = {"state": "off"}
-# The start a queued prompt began before it ran (nodes/queued_start.py): "off", "starting", "ready", "skipped" (a
+# The start a queued prompt began before it ran (queued_start.py): "off", "starting", "ready", "skipped" (a
 # pool or a connection was there by then), "failed"; for GET /xdit/status.
 QUEUED_START: dict[str, Any] = {"state": "off"}
 # The one thread that starts pools in the background (with ComfyUI, or for a queued prompt). Ray starts its cluster's
