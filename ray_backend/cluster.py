@@ -28,10 +28,6 @@ from .clusters import LOCAL_TARGET, ClusterTarget
 LOCAL_RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 AUTH_ENV_KEYS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
 NO_IDLE_WORKERS = {"enable_worker_prestart": False, "prestart_worker_first_driver": False}
-# Ray runs its workers at nice 15; ours do the prompt's own compute (stock ComfyUI runs it at ComfyUI's priority), and
-# at 15 they wait for every other process while they import and sample: Ray's agents, ComfyUI running the prompt's
-# other nodes meanwhile, anything else on the machine.
-PRIVATE_CLUSTER_CONFIG = {**NO_IDLE_WORKERS, "worker_niceness": 0}
 CONNECT_TIMEOUT_S = float(os.environ.get("XDIT_CLUSTER_CONNECT_TIMEOUT_S", "60"))
 TOKEN_FILE = "auth_token"
 
@@ -207,10 +203,9 @@ def _start_private_cluster(ray) -> None:
     # num_cpus=cpu_count: CPU workers reserve no CPU (they are sized by threads), GPU workers ask for one GPU.
     # No prestarted idle workers: ours carry their own environment (runtime_env), so Ray could never hand them one;
     # starting them only took CPU from the pool's own workers while they start (a Python process and Ray each).
-    # Workers at ComfyUI's own priority (PRIVATE_CLUSTER_CONFIG).
     with _loopback_only():
         ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1",
-                 _temp_dir=str(temp_dir / "ray"), log_to_driver=True, _system_config=PRIVATE_CLUSTER_CONFIG)
+                 _temp_dir=str(temp_dir / "ray"), log_to_driver=True, _system_config=NO_IDLE_WORKERS)
 
 
 @contextlib.contextmanager
