@@ -7,6 +7,7 @@ import signal
 import sys
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
 
 from ray_backend.clusters import LOCAL_TARGET
@@ -22,6 +23,13 @@ REGISTRY = PoolRegistry(SERVICE_PATH)
 PRESTART_ENV = "XDIT_PRESTART_WORKERS"
 # What the start with ComfyUI did ("off", "starting", "ready", "failed"), for GET /xdit/status.
 PRESTART: dict[str, Any] = {"state": "off"}
+# The start a queued prompt began before it ran (queued_start.py): "off", "starting", "ready", "skipped" (a
+# pool or a connection was there by then), "failed"; for GET /xdit/status.
+QUEUED_START: dict[str, Any] = {"state": "off"}
+# The one thread that starts pools in the background (with ComfyUI, or for a queued prompt). Ray starts its cluster's
+# processes with PR_SET_PDEATHSIG, which fires when the *thread* that started them ends: this thread lives as long
+# as ComfyUI (an executor's idle thread waits for work instead of ending), or the private cluster dies under the pool.
+_STARTER = ThreadPoolExecutor(1, thread_name_prefix="xdit-start")
 # Our SIGTERM handler, and the main thread's event loop (ComfyUI's server) that can put it back (see keep_sigterm_hook).
 _sigterm_hook: dict[str, object] = {}
 
@@ -98,7 +106,7 @@ def prestart_world(value: str | None) -> int | None:
     return int(text)
 
 
-def start_pool_with_comfyui() -> threading.Thread | None:
+def start_pool_with_comfyui() -> Future | None:
     """If XDIT_PRESTART_WORKERS asks for it, start the private local pool in the background now (ComfyUI is
     starting): the first prompt then pays only its model load. Never a configured cluster: loopback only."""
     try:
@@ -110,35 +118,62 @@ def start_pool_with_comfyui() -> threading.Thread | None:
     if world is None:
         return None
     PRESTART.update(state="starting")
-    thread = threading.Thread(target=_prestart_and_stay, args=(world,), name="xdit-prestart", daemon=True)
-    thread.start()
-    return thread
-
-
-def _prestart_and_stay(world: int) -> None:
-    _prestart(world)
-    # Ray starts its cluster's processes with PR_SET_PDEATHSIG, which fires when the *thread* that started them ends:
-    # this thread must live as long as ComfyUI, or the private cluster is killed under the pool.
-    threading.Event().wait()
+    return _STARTER.submit(_prestart, world)
 
 
 def _prestart(world: int) -> None:
-    from ray_backend.capacity import check_world_fits
-    from ray_backend.cluster import cluster_gpus, cluster_memory_bytes, ensure_ray
-
-    from .degrees import resolve_world_size
-
     started = time.perf_counter()
     try:
-        import_comfy(prepare=False)  # exports COMFYUI_PATH, so workers import this same ComfyUI
-        ensure_ray(LOCAL_TARGET)
-        keep_sigterm_hook()
-        world = resolve_world_size(world, cluster_gpus())
-        check_world_fits(world, cluster_gpus(), cluster_memory_bytes(), 0)
-        REGISTRY.get(world, LOCAL_TARGET)
+        world = _start_local_pool(world, 0, "comfyui start")
     except Exception as error:  # ComfyUI runs on: the first prompt starts the pool as without the setting
         PRESTART.update(state="failed", error=f"{type(error).__name__}: {error}")
         print(f"comfyui-xdit: starting the pool with ComfyUI ({PRESTART_ENV}) failed: {error}", file=sys.stderr, flush=True)
         return
     PRESTART.update(state="ready", world_size=world, seconds=round(time.perf_counter() - started, 3))
     print(f"comfyui-xdit: pool of {world} workers started with ComfyUI in {PRESTART['seconds']:.1f} s ({PRESTART_ENV})", flush=True)
+
+
+def _start_local_pool(world_size: int, model_bytes: int, started_for: str) -> int | None:
+    """Start the private local cluster and a pool of `world_size` (0: auto) on it, bounded as the loader bounds it;
+    only where this process has no cluster connection other than it and no pool at all. The world started, or None
+    when something was already there (then nothing was touched)."""
+    from ray_backend.capacity import check_world_fits
+    from ray_backend.cluster import cluster_gpus, cluster_memory_bytes, start_private_cluster_if_unconnected
+
+    from .degrees import resolve_world_size
+
+    import_comfy(prepare=False)  # exports COMFYUI_PATH, so workers import this same ComfyUI
+
+    def bounded_world() -> int | None:
+        if not start_private_cluster_if_unconnected():
+            return None
+        keep_sigterm_hook()
+        world = resolve_world_size(world_size, cluster_gpus())
+        check_world_fits(world, cluster_gpus(), cluster_memory_bytes(), model_bytes)
+        return world
+
+    # started_for: the pool's start is then outside (or beside) its first prompt (GET /xdit/status, the demo)
+    pool = REGISTRY.start_if_none(LOCAL_TARGET, bounded_world, started_for)
+    return None if pool is None else pool.key.world_size
+
+
+def start_for_queued_prompt(world_size: int, model_bytes: int) -> Future | None:
+    """A prompt that needs the private local pool was queued while nothing runs and no pool is up: start it in the
+    background now, so Ray and the workers start while ComfyUI validates the prompt and runs its other nodes (the
+    loader then finds the pool, or waits for it). `world_size` must be checked as the loader's inputs are."""
+    if REGISTRY.current is not None or QUEUED_START.get("state") == "starting" or PRESTART.get("state") == "starting":
+        return None
+    QUEUED_START.clear()
+    QUEUED_START.update(state="starting", world_size=world_size)
+    return _STARTER.submit(_queued_start, world_size, model_bytes)
+
+
+def _queued_start(world_size: int, model_bytes: int) -> None:
+    started = time.perf_counter()
+    try:
+        world = _start_local_pool(world_size, model_bytes, "queued prompt")
+    except Exception as error:  # the prompt's loader starts the pool itself (and reports what is wrong)
+        QUEUED_START.update(state="failed", error=f"{type(error).__name__}: {error}")
+        return
+    QUEUED_START.update(state="skipped" if world is None else "ready", world_size=world,
+                        seconds=round(time.perf_counter() - started, 3))

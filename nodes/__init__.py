@@ -1,5 +1,6 @@
 """The pack's ComfyUI nodes (classic node API: stable across ComfyUI releases, which V3's `latest` is not yet)."""
 from comfyui_xdit.pool_client import install_exit_hooks, start_pool_with_comfyui
+from comfyui_xdit.queued_start import register_queued_start
 
 from .ksampler import XDiTKSampler, XDiTKSamplerAdvanced
 from .lora_loader import XDiTFluxLoraLoader, XDiTLoraLoader
@@ -37,5 +38,6 @@ NODE_DISPLAY_NAME_MAPPINGS = {
 }
 
 register_status_route()
+register_queued_start(XDiTUNetLoader)
 install_exit_hooks()
 start_pool_with_comfyui()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from comfyui_xdit.pool_client import PRESTART, REGISTRY
+from comfyui_xdit.pool_client import PRESTART, QUEUED_START, REGISTRY
 
 
 def register_status_route() -> None:
@@ -17,4 +17,4 @@ def register_status_route() -> None:
     @PromptServer.instance.routes.get("/xdit/status")
     async def xdit_status(request):
         pool = REGISTRY.current
-        return web.json_response({"pool": pool.status() if pool else None, "prestart": PRESTART})
+        return web.json_response({"pool": pool.status() if pool else None, "prestart": PRESTART, "queued_start": QUEUED_START})

@@ -171,6 +171,21 @@ def ensure_ray(target: ClusterTarget = LOCAL_TARGET, should_interrupt: Callable[
         _connection["connect_s"] = time.perf_counter() - started
 
 
+def start_private_cluster_if_unconnected() -> bool:
+    """Start the private local cluster if this process is connected to no cluster at all; True when it is then
+    connected to it. Never leaves a cluster (whichever prompt or pool uses it), so a background start cannot
+    disturb one."""
+    ray = _import_ray()
+    with _connect_lock:
+        if ray.is_initialized():
+            return _connection.get("target") == LOCAL_TARGET
+        started = time.perf_counter()
+        _start_private_cluster(ray)
+        _connection["target"] = LOCAL_TARGET
+        _connection["connect_s"] = time.perf_counter() - started
+        return True
+
+
 def take_connect_seconds() -> float:
     """How long the last connection took (starting the private cluster, or probing and joining one), once: the
     first pool on a connection reports it, later ones 0."""

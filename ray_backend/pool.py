@@ -312,6 +312,7 @@ class PoolRegistry:
         self._service_path = service_path
         self._pool: WorkerPool | None = None
         self._lock = threading.Lock()  # a prompt's get waits for a start already under way (started with ComfyUI)
+        self._failed_start: PoolFailure | None = None  # a background start's failure, for the next get to report
 
     def get(self, world_size: int, cluster: ClusterTarget, should_interrupt: Callable[[], bool] | None = None) -> WorkerPool:
         """The live pool for this world size and cluster, started (after connecting, cancellably) if needed."""
@@ -319,6 +320,9 @@ class PoolRegistry:
             return self._get(world_size, cluster, should_interrupt)
 
     def _get(self, world_size: int, cluster: ClusterTarget, should_interrupt: Callable[[], bool] | None) -> WorkerPool:
+        if self._failed_start is not None:  # the prompt a background start was for fails as if it had started the pool
+            error, self._failed_start = self._failed_start, None
+            raise error
         key = PoolKey(world_size, cluster)
         if self._pool is not None and (self._pool.key.cluster != cluster or not self._pool.alive):
             self._pool.shutdown()
@@ -331,6 +335,26 @@ class PoolRegistry:
         if self._pool is None:
             self._pool = WorkerPool(key, self._service_path, should_interrupt)
         return self._pool
+
+    def start_if_none(self, cluster: ClusterTarget, world_for: Callable[[], int | None], started_for: str) -> WorkerPool | None:
+        """Start a pool only if there is none at all (never resizing or replacing one a prompt may be using); the
+        pool started, else None. `world_for` (connects, bounds the world size; None: start nothing) runs under the
+        registry's lock, so a prompt's get waits for this start instead of racing it, and the next get raises its
+        PoolFailure (a worker died or hung while starting) instead of starting another pool. `started_for` (why it
+        started in the background) goes into the pool's cold_start before any prompt can see the pool."""
+        with self._lock:
+            if self._pool is not None:
+                return None
+            world_size = world_for()
+            if world_size is None:
+                return None
+            try:
+                self._pool = WorkerPool(PoolKey(world_size, cluster), self._service_path)
+            except PoolFailure as error:
+                self._failed_start = error  # once: the prompt after it starts a fresh pool
+                raise
+            self._pool.cold_start["started_for"] = started_for
+            return self._pool
 
     @property
     def current(self) -> WorkerPool | None:

@@ -14,7 +14,7 @@ from ray_head import ray_head
 from server_graphs import flux_graph
 from server_jobs import descendants, own_server, pool_worker_processes, run_in_background, survivors
 
-from comfyui_xdit.api_client import ComfyClient
+from comfyui_xdit.api_client import ComfyClient, PromptRejected
 from comfyui_xdit.cluster_config import CLUSTERS_FILE, SYSTEM_USER
 
 pytestmark = pytest.mark.server
@@ -88,6 +88,26 @@ def test_the_pool_started_with_comfyui_serves_a_prompt_queued_meanwhile_and_stop
         status = server.get_json("/xdit/status")
         assert status["prestart"]["state"] == "ready" and status["prestart"]["world_size"] == 2
         assert status["pool"]["jobs_run"] == 1 and [r["model_loads"] for r in status["pool"]["ranks"]] == [1, 1]
+        seen = descendants(server)
+        assert len(pool_worker_processes(server)) == 2
+        assert sum("raylet" in n for n in (p.name() for p in seen)) == 1, _names(seen)
+        _sigterm_leaves_nothing(server, seen)
+
+
+def test_a_queued_prompt_starts_the_local_pool_and_a_refused_one_starts_nothing(comfy_root, tiny_flux_paths, tmp_path):
+    """The pool starts when a prompt that needs it is queued, before its loader runs (one cluster, one pool of 2:
+    nothing started twice); a prompt naming a cluster the operator did not configure is refused and starts nothing;
+    a SIGTERM still stops every process."""
+    with own_server(comfy_root, tiny_flux_paths, tmp_path) as server:
+        client = ComfyClient(server.url)
+        with pytest.raises(PromptRejected):
+            client.queue_prompt(flux_graph(True, size=SIZE, ray_address="nowhere", **ULYSSES2))
+        assert server.get_json("/xdit/status")["queued_start"] == {"state": "off"}
+        assert not any("raylet" in n for n in _names(descendants(server)))
+        client.run(flux_graph(True, size=SIZE, **ULYSSES2), timeout=600)
+        status = server.get_json("/xdit/status")
+        assert status["queued_start"]["state"] == "ready" and status["queued_start"]["world_size"] == 2, status["queued_start"]
+        assert status["pool"]["cold_start"]["started_for"] == "queued prompt" and status["pool"]["jobs_run"] == 1
         seen = descendants(server)
         assert len(pool_worker_processes(server)) == 2
         assert sum("raylet" in n for n in (p.name() for p in seen)) == 1, _names(seen)
