@@ -167,53 +167,6 @@ def heads_to_sequence(x: torch.Tensor, heads: int, segments: Sequence[int], dim_
     return recv.permute(1, 2, 0, 3, 4).reshape(batch, rows, size * per_rank, head_dim)[:, :, :heads]
 
 
-class HeadsToSequenceByPeer:
-    """heads_to_sequence's exchange sent one peer at a time, so each transfer overlaps the attention still to run.
-
-    Attention's result for a query row does not depend on the other rows, so a rank that holds every row for its heads
-    can attend peer r's rows first and `send(r, rows)` them while it attends the next peer's and, last, its own rows;
-    `finish(own rows)` then waits and returns (batch, rows, heads, head_dim): this rank's rows of every head (the
-    first `heads` of the padded ones). The receives are posted up front, straight into the buffer the result is laid
-    out from; the bytes are heads_to_sequence's, recorded as one all_to_all.
-    """
-
-    def __init__(self, batch: int, rows: int, heads: int, heads_here: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device, dim_group: DimensionGroup, stats: CommStats):
-        self._group, self._stats, self._heads = dim_group, stats, heads
-        size, me = dim_group.size, dim_group.rank
-        self.peers = [(me + step) % size for step in range(1, size)]
-        self._sent: list[torch.Tensor] = []  # kept alive until their sends complete
-        self._requests: list[dist.Work] = []
-        if size == 1:
-            return
-        self._recv = torch.empty(size, batch, rows, heads_here, head_dim, dtype=dtype, device=device)
-        with _traced("all_to_all"):
-            self._requests = [dist.irecv(self._recv[peer], dim_group.global_rank(peer), group=dim_group.group)
-                              for peer in self.peers]
-
-    def send(self, peer: int, rows: torch.Tensor) -> None:
-        """Start sending `rows` (batch, rows, heads_here, head_dim): group rank `peer`'s rows for this rank's heads."""
-        rows = rows.contiguous()
-        self._sent.append(rows)
-        with _traced("all_to_all"):
-            self._requests.append(dist.isend(rows, self._group.global_rank(peer), group=self._group.group))
-
-    def finish(self, own: torch.Tensor) -> torch.Tensor:
-        """This rank's own rows for its heads in, every head of its rows out (after the peers' rows arrive)."""
-        if len(self._sent) != len(self.peers):
-            raise RuntimeError(f"{self._group.name} exchange: {len(self._sent)} of {len(self.peers)} peers' rows sent")
-        if not self.peers:
-            return own[:, :, :self._heads]
-        size, batch, rows, heads_here, head_dim = self._recv.shape
-        self._recv[self._group.rank].copy_(own)
-        with _traced("all_to_all_wait"):
-            for request in self._requests:
-                request.wait()
-        self._stats.record("all_to_all", self._group.name, sum(_nbytes(x) for x in self._sent))
-        self._sent.clear()
-        return self._recv.permute(1, 2, 0, 3, 4).reshape(batch, rows, size * heads_here, head_dim)[:, :, :self._heads]
-
-
 def all_gather(x: torch.Tensor, dim: int, dim_group: DimensionGroup, stats: CommStats) -> torch.Tensor:
     """Concatenate every rank's `x` (all the same shape) along `dim`, in group-rank order."""
     size = dim_group.size

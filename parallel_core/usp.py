@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention_kernels import attention, attention_with_lse, merge_partials
-from .comm import HeadsToSequenceByPeer, RingShift, all_gather, sequence_to_heads
+from .comm import RingShift, all_gather, all_to_all, heads_to_sequence, sequence_to_heads
 from .sharding import chunk_length
 from .state import ParallelState
 
@@ -90,97 +90,62 @@ def usp_attention(
     bq, bk, bv = sequence_to_heads([q, k, v], padded_heads, ulysses, state.comm).unbind(0)  # (B, U*local_len, heads_here, D): ring block `ring.rank`
     block_len = bq.shape[1]
 
+    text_len = 0
     if has_joint:
+        text_len = joint_q.shape[1]
         head_slice = slice(ulysses.rank * heads_here, (ulysses.rank + 1) * heads_here)
         jq, jk, jv = (pad_heads(t, padded_heads)[:, :, head_slice] for t in (joint_q, joint_k, joint_v))
         front = joint_strategy == "front"
+        queries = torch.cat([jq, bq] if front else [bq, jq], dim=1)
+    else:
+        queries = bq
 
     def valid_keys(block: int) -> int:
         return max(0, min(block_len, total - block * block_len))
 
-    # Image and text queries are attended apart (the text rows whole, alike on every rank: replicated text rows come
-    # out bit-identical, as kernels may round a row differently in a different group of rows).
     if ring.size == 1:
         n = valid_keys(0) if not causal else block_len
         keys, values = bk[:, :n], bv[:, :n]
         if has_joint:
             keys = torch.cat([jk, keys] if front else [keys, jk], dim=1)
             values = torch.cat([jv, values] if front else [values, jv], dim=1)
-
-        def attend(queries: torch.Tensor) -> torch.Tensor:
-            return attention(queries, keys, values, causal=causal, scale=scale, backend=state.attention_backend)
-
-        if causal:  # the causal mask is aligned to the first query row: attend all rows at once, send their slices
-            whole = attend(bq)
-            image_rows = lambda ranges: _rows(whole, ranges)  # noqa: E731
-        else:
-            image_rows = lambda ranges: attend(_rows(bq, ranges))  # noqa: E731
-        text_rows = lambda: attend(jq)  # noqa: E731
+        out = attention(queries, keys, values, causal=causal, scale=scale, backend=state.attention_backend)
     else:
-        def block_attention(queries, kv, block):
-            if causal and block > ring.rank:
-                return None
-            diagonal = causal and block == ring.rank  # never the last block: its rows are attended all at once
-            n = kv.shape[2] if diagonal else valid_keys(block)
-            keys, values = kv[0][:, :n], kv[1][:, :n]
-            if block == 0 and has_joint:
-                keys, values = torch.cat([jk, keys], dim=1), torch.cat([jv, values], dim=1)
-            if keys.shape[1] == 0:
-                return None
-            return attention_with_lse(queries, keys, values, causal=diagonal, scale=scale, backend=state.attention_backend)
+        out = _ring_attention(queries, bk, bv, (jk, jv) if has_joint else None, state, causal, scale, valid_keys)
 
-        ring_rows = _RingRows([bq, jq] if has_joint else [bq], torch.stack([bk, bv]), state, block_attention)
-        image_rows = lambda ranges: ring_rows(0, ranges)  # noqa: E731
-        text_rows = lambda: ring_rows(1)  # noqa: E731
-
-    # Ulysses back (head shard -> sequence shard), one peer's rows at a time while the next peer's are attended.
-    exchange = HeadsToSequenceByPeer(q.shape[0], local_len, heads, heads_here, q.shape[3], q.dtype, q.device, ulysses, state.comm)
-    for peer in exchange.peers:
-        exchange.send(peer, image_rows([(peer * local_len, (peer + 1) * local_len)]))
-    text_out = text_rows() if has_joint else None
-    image_out = exchange.finish(image_rows([(ulysses.rank * local_len, (ulysses.rank + 1) * local_len)]))
+    if has_joint:
+        text_out = out[:, :text_len] if front else out[:, block_len:]
+        image_out = out[:, text_len:] if front else out[:, :block_len]
+    else:
+        image_out = out
+    # Ulysses back: head shard -> sequence shard; text rows gather their heads.
+    image_out = all_to_all(image_out, scatter_dim=1, gather_dim=2, dim_group=ulysses, stats=state.comm)[:, :, :heads]
     if not has_joint:
         return image_out
-    text_out = all_gather(text_out, 2, ulysses, state.comm)[:, :, :heads]  # text rows gather their heads
+    text_out = all_gather(text_out, 2, ulysses, state.comm)[:, :, :heads]
     return torch.cat([text_out, image_out] if front else [image_out, text_out], dim=1)
 
 
-def _rows(x: torch.Tensor, ranges: Sequence[tuple[int, int]], dim: int = 1) -> torch.Tensor:
-    """x's rows `ranges` along `dim`, in order: a view for one range, one copy of just those rows for several."""
-    if len(ranges) == 1:
-        return x.narrow(dim, ranges[0][0], ranges[0][1] - ranges[0][0])
-    return torch.cat([x.narrow(dim, a, b - a) for a, b in ranges], dim=dim)
-
-
-class _RingRows:
-    """Ring attention with its last K/V block attended per group of query rows, so that each group's result can be
-    sent back while the next group is attended. Every other block is attended for all rows of each query tensor while
-    the K/V blocks travel (RingShift). `block_attention(queries, kv, block)` gives a block's (out, lse) or None (no
-    keys there); the partials are merged in global block order, as a one-piece ring does."""
-
-    def __init__(self, queries: list[torch.Tensor], kv: torch.Tensor, state: ParallelState, block_attention):
-        ring = state.ring
-        self._partials: list[dict[int, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in queries]
-        for step in range(ring.size - 1):
-            shift = RingShift(kv, ring, state.comm)
-            block = (ring.rank - step) % ring.size
-            for query, partials in zip(queries, self._partials):
-                partial = block_attention(query, kv, block)
-                if partial is not None:
-                    partials[block] = partial
+def _ring_attention(queries, block_k, block_v, joint_kv, state, causal, scale, valid_keys):
+    """Attention of `queries` over every ring rank's K/V block (plus joint K/V), merged in global block order."""
+    ring = state.ring
+    partials: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    kv = torch.stack([block_k, block_v])
+    for step in range(ring.size):
+        shift = RingShift(kv, ring, state.comm) if step < ring.size - 1 else None
+        block = (ring.rank - step) % ring.size
+        diagonal = causal and block == ring.rank
+        if not (causal and block > ring.rank):
+            n = block_k.shape[1] if diagonal else valid_keys(block)
+            keys, values = kv[0][:, :n], kv[1][:, :n]
+            if block == 0 and joint_kv is not None:
+                keys = torch.cat([joint_kv[0], keys], dim=1)
+                values = torch.cat([joint_kv[1], values], dim=1)
+            if keys.shape[1] > 0:
+                partials[block] = attention_with_lse(queries, keys, values, causal=diagonal, scale=scale, backend=state.attention_backend)
+        if shift is not None:
             kv = shift.wait()
-        self._queries, self._kv, self._last, self._attend = queries, kv, (ring.rank + 1) % ring.size, block_attention
-
-    def __call__(self, index: int, ranges: Sequence[tuple[int, int]] | None = None) -> torch.Tensor:
-        """Rows `ranges` (default all) of query tensor `index`, attended over every block."""
-        queries, partials = self._queries[index], self._partials[index]
-        if ranges is not None:
-            queries = _rows(queries, ranges)
-            partials = {block: (_rows(out, ranges), _rows(lse, ranges, dim=2)) for block, (out, lse) in partials.items()}
-        last = self._attend(queries, self._kv, self._last)
-        if last is not None:
-            partials = {**partials, self._last: last}
-        return merge_partials([partials[b] for b in sorted(partials)], queries.dtype)
+    return merge_partials([partials[b] for b in sorted(partials)], queries.dtype)
 
 
 def usp_segments_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: ParallelState,
@@ -233,30 +198,17 @@ def usp_segments_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, st
     backend = state.attention_backend
     if ring.size == 1:
         keys, values = block_keys((bk, bv), 0)
-        attend = lambda ranges: attention(_rows(bq, ranges), keys, values, scale=scale, backend=backend)  # noqa: E731
+        out = attention(bq, keys, values, scale=scale, backend=backend)
     else:
-        def block_attention(rows_q, kv, block):
+        partials: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        kv = torch.stack([bk, bv])
+        for step in range(ring.size):
+            shift = RingShift(kv, ring, state.comm) if step < ring.size - 1 else None
+            block = (ring.rank - step) % ring.size
             keys = block_keys(kv, block)
-            return None if keys is None else attention_with_lse(rows_q, *keys, scale=scale, backend=backend)
-
-        ring_rows = _RingRows([bq], torch.stack([bk, bv]), state, block_attention)
-        attend = lambda ranges: ring_rows(0, ranges)  # noqa: E731
-
-    def rows_of(rank: int) -> list[tuple[int, int]]:
-        """Rows of Ulysses rank `rank` in the exchanged layout: its piece of each segment (adjacent pieces joined)."""
-        ranges, start = [], 0
-        for rows in local:
-            first = ulysses.size * start + rank * rows
-            if ranges and ranges[-1][1] == first:
-                ranges[-1] = (ranges[-1][0], first + rows)
-            elif rows:
-                ranges.append((first, first + rows))
-            start += rows
-        return ranges
-
-    # Ulysses back (head shard -> sequence shard), one peer's rows at a time while the next peer's are attended.
-    exchange = HeadsToSequenceByPeer(q.shape[0], q.shape[1], heads, padded_heads // ulysses.size, q.shape[3], q.dtype,
-                                     q.device, ulysses, state.comm)
-    for peer in exchange.peers:
-        exchange.send(peer, attend(rows_of(peer)))
-    return exchange.finish(attend(rows_of(ulysses.rank)))
+            if keys is not None:
+                partials[block] = attention_with_lse(bq, *keys, scale=scale, backend=backend)
+            if shift is not None:
+                kv = shift.wait()
+        out = merge_partials([partials[b] for b in sorted(partials)], bq.dtype)
+    return heads_to_sequence(out, heads, local, ulysses, state.comm)
