@@ -124,7 +124,7 @@ def start_pool_with_comfyui() -> Future | None:
 def _prestart(world: int) -> None:
     started = time.perf_counter()
     try:
-        world = _start_local_pool(world, 0, "comfyui start")
+        world = _start_local_pool(world, 0, "comfyui start", for_a_prompt=False)
     except Exception as error:  # ComfyUI runs on: the first prompt starts the pool as without the setting
         PRESTART.update(state="failed", error=f"{type(error).__name__}: {error}")
         print(f"comfyui-xdit: starting the pool with ComfyUI ({PRESTART_ENV}) failed: {error}", file=sys.stderr, flush=True)
@@ -133,7 +133,7 @@ def _prestart(world: int) -> None:
     print(f"comfyui-xdit: pool of {world} workers started with ComfyUI in {PRESTART['seconds']:.1f} s ({PRESTART_ENV})", flush=True)
 
 
-def _start_local_pool(world_size: int, model_bytes: int, started_for: str) -> int | None:
+def _start_local_pool(world_size: int, model_bytes: int, started_for: str, for_a_prompt: bool) -> int | None:
     """Start the private local cluster and a pool of `world_size` (0: auto) on it, bounded as the loader bounds it;
     only where this process has no cluster connection other than it and no pool at all. The world started, or None
     when something was already there (then nothing was touched)."""
@@ -153,7 +153,7 @@ def _start_local_pool(world_size: int, model_bytes: int, started_for: str) -> in
         return world
 
     # started_for: the pool's start is then outside (or beside) its first prompt (GET /xdit/status, the demo)
-    pool = REGISTRY.start_if_none(LOCAL_TARGET, bounded_world, started_for)
+    pool = REGISTRY.start_if_none(LOCAL_TARGET, bounded_world, started_for, for_a_prompt)
     return None if pool is None else pool.key.world_size
 
 
@@ -171,7 +171,7 @@ def start_for_queued_prompt(world_size: int, model_bytes: int) -> Future | None:
 def _queued_start(world_size: int, model_bytes: int) -> None:
     started = time.perf_counter()
     try:
-        world = _start_local_pool(world_size, model_bytes, "queued prompt")
+        world = _start_local_pool(world_size, model_bytes, "queued prompt", for_a_prompt=True)
     except Exception as error:  # the prompt's loader starts the pool itself (and reports what is wrong)
         QUEUED_START.update(state="failed", error=f"{type(error).__name__}: {error}")
         return

@@ -336,12 +336,15 @@ class PoolRegistry:
             self._pool = WorkerPool(key, self._service_path, should_interrupt)
         return self._pool
 
-    def start_if_none(self, cluster: ClusterTarget, world_for: Callable[[], int | None], started_for: str) -> WorkerPool | None:
+    def start_if_none(self, cluster: ClusterTarget, world_for: Callable[[], int | None], started_for: str,
+                      for_a_prompt: bool) -> WorkerPool | None:
         """Start a pool only if there is none at all (never resizing or replacing one a prompt may be using); the
         pool started, else None. `world_for` (connects, bounds the world size; None: start nothing) runs under the
-        registry's lock, so a prompt's get waits for this start instead of racing it, and the next get raises its
-        PoolFailure (a worker died or hung while starting) instead of starting another pool. `started_for` (why it
-        started in the background) goes into the pool's cold_start before any prompt can see the pool."""
+        registry's lock, so a prompt's get waits for this start instead of racing it. `for_a_prompt` (started for a
+        queued prompt): the next get then raises the start's PoolFailure (a worker died or hung while starting), as
+        that prompt would have, instead of starting another pool; a start with ComfyUI leaves the first prompt to
+        start the pool afresh. `started_for` (why it started in the background) goes into the pool's cold_start
+        before any prompt can see the pool."""
         with self._lock:
             if self._pool is not None:
                 return None
@@ -351,7 +354,8 @@ class PoolRegistry:
             try:
                 self._pool = WorkerPool(PoolKey(world_size, cluster), self._service_path)
             except PoolFailure as error:
-                self._failed_start = error  # once: the prompt after it starts a fresh pool
+                if for_a_prompt:
+                    self._failed_start = error  # once: the prompt after it starts a fresh pool
                 raise
             self._pool.cold_start["started_for"] = started_for
             return self._pool

@@ -98,3 +98,31 @@ def test_a_queued_prompt_starts_nothing_unless_every_loader_asks_validly_for_the
 
     monkeypatch.setenv(CLUSTERS_ENV, "operators=127.0.0.1:6379")
     assert local_pool_request(prompt, loader_class) is None
+
+
+@pytest.mark.parametrize("for_a_prompt", [True, False])
+def test_a_failed_background_start_fails_the_next_get_only_when_it_was_for_a_prompt(for_a_prompt, monkeypatch):
+    """A queued prompt's start that loses a worker fails that prompt (once), as if its loader had started the pool;
+    a start with ComfyUI leaves the first prompt to start a pool afresh. WorkerPool is replaced because a worker
+    dying mid-start needs Ray: the real case runs in test_server_faults."""
+    from ray_backend import pool as pool_module
+    from ray_backend.clusters import LOCAL_TARGET
+    from ray_backend.errors import PoolFailure
+
+    started = []
+
+    def worker_pool(key, service_path, should_interrupt=None):
+        started.append(key.world_size)
+        if len(started) == 1:
+            raise PoolFailure("rank 1 died while starting")
+        return type("StartedPool", (), {"key": key, "alive": True, "cold_start": {}})()
+
+    monkeypatch.setattr(pool_module, "WorkerPool", worker_pool)
+    registry = pool_module.PoolRegistry("unused.service")
+    with pytest.raises(PoolFailure):
+        registry.start_if_none(LOCAL_TARGET, lambda: 2, "test", for_a_prompt)
+    if for_a_prompt:
+        with pytest.raises(PoolFailure, match="rank 1 died while starting"):
+            registry.get(2, LOCAL_TARGET)
+    assert registry.get(2, LOCAL_TARGET).key.world_size == 2
+    assert started == [2, 2]
