@@ -17,12 +17,15 @@ class EchoService:
         self.regroups = 0  # process groups of another world this service was carried into
         self._active = 0  # jobs inside run() right now: more than one means two jobs' collectives interleave
         self._lock = threading.Lock()
+        self._compute_threads: set[int] = set()  # threads prepare() and run() were called on
 
     def prepare(self, model_ref, state) -> None:
+        self._compute_threads.add(threading.get_ident())
         if isinstance(model_ref, dict) and model_ref.get("die_rank") == state.rank:
             os._exit(1)  # the worker process dies while it loads the model
 
     def run(self, job: dict, state, control) -> dict:
+        self._compute_threads.add(threading.get_ident())
         with self._lock:
             self._active += 1
             overlapped = self._active > 1
@@ -46,4 +49,4 @@ class EchoService:
         self.regroups += 1
 
     def stats(self) -> dict:
-        return {"jobs": self.jobs, "regroups": self.regroups, "pid": os.getpid()}
+        return {"jobs": self.jobs, "regroups": self.regroups, "pid": os.getpid(), "compute_threads": len(self._compute_threads)}
