@@ -162,6 +162,7 @@ def _counting_attention(counts: list, func, q, k, v, heads, mask=None, skip_resh
                 transformer_options=transformer_options, **kwargs)
 
 
+@torch.inference_mode()  # as ComfyUI runs a prompt's nodes (and the pool's workers their jobs)
 def _sample(model_patcher, shape: BenchShape, steps: int, seed: int) -> tuple[torch.Tensor, list[float]]:
     from comfy_extras import nodes_custom_sampler as custom
 

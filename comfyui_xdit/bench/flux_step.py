@@ -166,6 +166,7 @@ def _first(node_output):
     return node_output.result[0] if hasattr(node_output, "result") else node_output[0]
 
 
+@torch.inference_mode()  # as ComfyUI runs a prompt's nodes (and the pool's workers their jobs)
 def _sample(model_patcher, guider_kind: str, job: dict, steps: int, seed: int, on_step=None) -> tuple[torch.Tensor, list[float]]:
     """SamplerCustomAdvanced with stock nodes; returns the latent and one perf_counter stamp per step (+ start).
     `on_step()` runs at the end of every step."""

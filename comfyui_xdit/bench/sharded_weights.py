@@ -40,6 +40,7 @@ def _first(node_output):
     return node_output.result[0] if hasattr(node_output, "result") else node_output[0]
 
 
+@torch.inference_mode()  # as ComfyUI runs a prompt's nodes (and the pool's workers their jobs)
 def _sample(model_patcher, latent: int, steps: int) -> float:
     """Seconds per step of SamplerCustomAdvanced with stock nodes (BasicGuider, euler, one model call a step)."""
     from comfy_extras import nodes_custom_sampler as custom
