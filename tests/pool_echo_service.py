@@ -18,6 +18,7 @@ class EchoService:
         self._active = 0  # jobs inside run() right now: more than one means two jobs' collectives interleave
         self._lock = threading.Lock()
         self._compute_threads: set[int] = set()  # threads prepare() and run() were called on
+        self._inference_mode: set[bool] = set()  # whether each run() was in inference mode
 
     def prepare(self, model_ref, state) -> None:
         self._compute_threads.add(threading.get_ident())
@@ -26,6 +27,7 @@ class EchoService:
 
     def run(self, job: dict, state, control) -> dict:
         self._compute_threads.add(threading.get_ident())
+        self._inference_mode.add(torch.is_inference_mode_enabled())
         with self._lock:
             self._active += 1
             overlapped = self._active > 1
@@ -49,4 +51,5 @@ class EchoService:
         self.regroups += 1
 
     def stats(self) -> dict:
-        return {"jobs": self.jobs, "regroups": self.regroups, "pid": os.getpid(), "compute_threads": len(self._compute_threads)}
+        return {"jobs": self.jobs, "regroups": self.regroups, "pid": os.getpid(), "compute_threads": len(self._compute_threads),
+                "inference_mode": sorted(self._inference_mode)}

@@ -1,6 +1,6 @@
 """ray_backend on its own (no ComfyUI): a job its caller abandons is stopped on every rank before the next job
-starts, every job of a worker runs on one thread, and a worker that dies while the model loads takes the pool down
-so the next request starts a fresh one."""
+starts, every job of a worker runs on one thread in inference mode, and a worker that dies while the model loads
+takes the pool down so the next request starts a fresh one."""
 from __future__ import annotations
 
 from echo_driver import run_echo_driver
@@ -32,6 +32,7 @@ report["alive_after_cancel"] = pool.alive
 for value in range(6):  # Ray answers each call on any thread of the actor's pool
     pool.run({"value": value}, degrees)
 report["compute_threads"] = [s["compute_threads"] for s in pool.last_stats]
+report["inference_mode"] = [s["inference_mode"] for s in pool.last_stats]
 try:
     pool.warm({"die_rank": 1}, degrees)
 except PoolFailure as error:
@@ -54,6 +55,7 @@ def test_an_abandoned_job_stops_on_every_rank_and_a_death_in_prepare_takes_the_p
     assert report["alive_after_cancel"]
     # One thread computes on each worker: with OpenMP teams of several threads alive, libgomp stops spin-waiting.
     assert report["compute_threads"] == [1, 1]
+    assert report["inference_mode"] == [[True], [True]], "jobs run in inference mode, as ComfyUI runs a prompt's nodes"
     assert report["warm_error"].startswith("loading the model in the worker pool failed:"), report
     assert report["alive_after_warm"] is False
     assert report["fresh_is_new"] and report["fresh"] == {"sum": 2 * 1 + 2 * 2, "world": 2, "overlapped": False}
