@@ -2,7 +2,8 @@
 
 The actor is generic: what a job means (which model, which sampling code) belongs to the service, named by an
 import path so that this module needs neither ComfyUI nor the model code. The actor runs with several threads
-so that progress() and request_interrupt() answer while run() is busy.
+so that progress() and request_interrupt() answer while run() is busy; prepare() and run() hand their work to one
+compute thread of their own.
 """
 from __future__ import annotations
 
