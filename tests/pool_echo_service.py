@@ -3,6 +3,7 @@ a job with "hang_rank" leaves that rank asleep (a stuck worker); one with "steps
 "step_s" seconds (something to interrupt); a model ref {"die_rank": r} makes rank r's process exit in prepare."""
 from __future__ import annotations
 
+import gc
 import os
 import threading
 import time
@@ -13,6 +14,7 @@ import torch.distributed as dist
 
 class EchoService:
     def __init__(self, device: str):
+        self._collector_while_built = gc.isenabled()  # a worker builds its service with the collector paused
         self.jobs = 0
         self.regroups = 0  # process groups of another world this service was carried into
         self._active = 0  # jobs inside run() right now: more than one means two jobs' collectives interleave
@@ -52,4 +54,5 @@ class EchoService:
 
     def stats(self) -> dict:
         return {"jobs": self.jobs, "regroups": self.regroups, "pid": os.getpid(), "compute_threads": len(self._compute_threads),
-                "inference_mode": sorted(self._inference_mode)}
+                "inference_mode": sorted(self._inference_mode), "collector_while_built": self._collector_while_built,
+                "collector_now": gc.isenabled(), "frozen_objects": gc.get_freeze_count()}

@@ -1,6 +1,7 @@
 """ray_backend on its own (no ComfyUI): a job its caller abandons is stopped on every rank before the next job
 starts, every job of a worker runs on one thread in inference mode, and a worker that dies while the model loads
-takes the pool down so the next request starts a fresh one."""
+takes the pool down so the next request starts a fresh one; a worker's startup imports run without the cyclic
+collector and end frozen, with the collector back on."""
 from __future__ import annotations
 
 from echo_driver import run_echo_driver
@@ -33,6 +34,7 @@ for value in range(6):  # Ray answers each call on any thread of the actor's poo
     pool.run({"value": value}, degrees)
 report["compute_threads"] = [s["compute_threads"] for s in pool.last_stats]
 report["inference_mode"] = [s["inference_mode"] for s in pool.last_stats]
+report["collector"] = [(s["collector_while_built"], s["collector_now"], s["frozen_objects"]) for s in pool.last_stats]
 try:
     pool.warm({"die_rank": 1}, degrees)
 except PoolFailure as error:
@@ -56,6 +58,9 @@ def test_an_abandoned_job_stops_on_every_rank_and_a_death_in_prepare_takes_the_p
     # One thread computes on each worker: with OpenMP teams of several threads alive, libgomp stops spin-waiting.
     assert report["compute_threads"] == [1, 1]
     assert report["inference_mode"] == [[True], [True]], "jobs run in inference mode, as ComfyUI runs a prompt's nodes"
+    # The startup imports ran without the cyclic collector and were frozen after; the collector is back on for jobs.
+    for while_built, now, frozen in report["collector"]:
+        assert (while_built, now) == (False, True) and frozen > 50_000, report["collector"]
     assert report["warm_error"].startswith("loading the model in the worker pool failed:"), report
     assert report["alive_after_warm"] is False
     assert report["fresh_is_new"] and report["fresh"] == {"sum": 2 * 1 + 2 * 2, "world": 2, "overlapped": False}
