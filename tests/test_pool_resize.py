@@ -1,7 +1,8 @@
 """ray_backend on its own (no ComfyUI): a world change keeps the workers that can serve the new world.
 
 Growing 2 -> 3 keeps ranks 0 and 1 (same processes, same service and so the same resident model) and starts one;
-shrinking 3 -> 1 keeps rank 0 and stops the others; every world's group computes over exactly its own ranks."""
+shrinking 3 -> 1 keeps rank 0 and stops the others; every world's group computes over exactly its own ranks. The
+private cluster holds no idle Ray workers, and its raylet retries a socket every 10 ms rather than every second."""
 from __future__ import annotations
 
 import psutil
@@ -35,13 +36,18 @@ for world in (2, 3, 1, 2):
     output = pool.run({"value": 1, "steps": 2}, {"ulysses_degree": world})["output"]
     report.append({"world": world, "pool": id(pool), "sum": output["sum"], "kept": pool.kept_workers,
                    "stats": pool.last_stats, "pids": [w["pid"] for w in pool.workers], "cold": pool.status()["cold_start"], "idle": idle})
-print(json.dumps(report))
+from ray._private.state import state  # the system config Ray's GCS holds for this cluster
+config = state.get_system_config()
+print(json.dumps({"worlds": report, "config": {key: config.get(key) for key in (
+    "enable_worker_prestart", "prestart_worker_first_driver", "raylet_client_connect_timeout_milliseconds",
+    "raylet_client_num_connect_attempts")}}))
 registry.shutdown()
 """
 
 
 def test_a_world_change_keeps_the_workers_that_fit_and_forms_a_group_of_the_new_size():
-    two, three, one, two_again = run_echo_driver(DRIVER)
+    report = run_echo_driver(DRIVER)
+    two, three, one, two_again = report["worlds"]
     # The all-reduce of value * (rank + 1) sums over exactly the new world's ranks.
     assert [r["sum"] for r in (two, three, one, two_again)] == [3.0, 6.0, 1.0, 3.0]
     assert len({r["pool"] for r in (two, three, one, two_again)}) == 1, "the pool object was replaced, not resized"
@@ -52,6 +58,9 @@ def test_a_world_change_keeps_the_workers_that_fit_and_forms_a_group_of_the_new_
     assert two_again["pids"][0] == two["pids"][0] and two_again["kept"] == 1
     # The private cluster starts no idle Ray workers (ours carry their own environment, so none could be used).
     assert [r["idle"] for r in (two, three, one, two_again)] == [[]] * 4
+    # The raylet retries its object store's socket every 10 ms, not every second (a 1 s stall in some starts).
+    assert report["config"] == {"enable_worker_prestart": False, "prestart_worker_first_driver": False,
+                                "raylet_client_connect_timeout_milliseconds": 10, "raylet_client_num_connect_attempts": 1000}
     # Each start's record (the demo prints it): only the first started Ray; only new workers have a process start.
     assert two["cold"]["ray_s"] > 0 and three["cold"]["ray_s"] == 0
     assert [r["cold"]["new_workers"] for r in (two, three, one, two_again)] == [2, 1, 0, 1]
