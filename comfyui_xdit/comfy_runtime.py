@@ -36,7 +36,7 @@ SKIPPED_REQUIREMENTS = frozenset(
 TORCHAUDIO_REQUIREMENT = "torchaudio==2.11.0"
 
 PREPARED_MARKER = ".comfyui-xdit-prepared"  # written last, only after a complete preparation
-# Written once the tree's bytecode for this interpreter exists (.pyc files are per Python version: see _compile_bytecode).
+# Written once the tree's bytecode for this interpreter exists (.pyc files are per Python version: see ensure_bytecode).
 BYTECODE_STAMP = f".comfyui-xdit-bytecode-{sys.implementation.cache_tag}"
 
 

@@ -18,20 +18,34 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any
 
-# A fresh worker process imports torch here, when Ray loads the actor class: 2.05 CPU-s with the cyclic collector
-# running over torch's long-lived objects, 1.58 without (see _collector_paused_then_frozen, which the service's imports
-# run under). In ComfyUI's process these modules are imported already and the pause lasts no time.
-_collector_was_enabled = gc.isenabled()
-gc.disable()
-try:
+
+@contextlib.contextmanager
+def _collector_paused(then_freeze: bool = False) -> Iterator[None]:
+    """Run a worker's startup imports without the cyclic garbage collector (and with `then_freeze`, freeze what they
+    left). Importing torch and ComfyUI creates ~475k tracked objects that live as long as the process; the collector
+    traversed them again and again (7 full passes: torch's import 2.05 -> 1.58 CPU-s without it, ComfyUI's 3.9 ->
+    3.1), paid by every worker at once on a cold start, and would again in every later full collection (0.2-0.35 s
+    each, inside some sampling step). Frozen, no collection looks at them. The ~12k objects the imports left
+    unreachable are frozen too: a one-time leak of a few MB, cheaper than the full collection that would find them."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if then_freeze:
+            gc.freeze()
+        if was_enabled:
+            gc.enable()
+
+
+# A fresh worker process imports torch here, when Ray loads the actor class (ComfyUI's process has torch already:
+# there the pause lasts a moment, and nothing is frozen).
+with _collector_paused():
     import torch
     import torch.distributed as dist
 
     from parallel_core import ParallelConfig, ParallelState, init_parallel
     from parallel_core.rendezvous import connect_store, file_store, serve_store
-finally:
-    if _collector_was_enabled:
-        gc.enable()
 
 from .step_control import StepControl
 
@@ -91,25 +105,6 @@ def _return_free_memory() -> None:
         pass
 
 
-@contextlib.contextmanager
-def _collector_paused_then_frozen() -> Iterator[None]:
-    """Run a worker's startup imports without the cyclic garbage collector, then freeze what they left.
-
-    Importing ComfyUI creates ~475k tracked objects that live as long as the process. The collector traversed them
-    7 times over (about 1 CPU-s of a 4 CPU-s import, paid by every worker at once on a cold start), and would again
-    in every later full collection (0.2-0.35 s each, inside some sampling step). Frozen, no collection looks at them.
-    The ~12k objects the imports left unreachable are frozen too: a one-time leak of a few MB, cheaper than the
-    full collection (0.35 CPU-s) that would find them."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.freeze()
-        if was_enabled:
-            gc.enable()
-
-
 class PoolWorker:
     def __init__(self, rank: int, world_size: int, service_path: str, threads: int):
         import psutil
@@ -139,7 +134,7 @@ class PoolWorker:
     def _make_service(self):
         started = time.perf_counter()
         module, name = self._service_path.split(":")
-        with _collector_paused_then_frozen():
+        with _collector_paused(then_freeze=True):
             service = getattr(importlib.import_module(module), name)(self._device)
         self.startup["service_s"] = round(time.perf_counter() - started, 3)
         return service
