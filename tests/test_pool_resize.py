@@ -67,7 +67,8 @@ def test_a_world_change_keeps_the_workers_that_fit_and_forms_a_group_of_the_new_
     for record in (two, three, one, two_again):
         cold = record["cold"]
         assert min(cold["workers_s"], cold["group_s"], cold["loads_s"], cold["first_job_s"], cold["first_step_s"]) >= 0
-        assert cold["first_step_s"] <= cold["first_job_s"] and cold["startup_s"] >= cold["workers_s"] + cold["group_s"] - 1e-3
+        # Each of the three is rounded to the millisecond on its own, so their sum may be off by up to 1.5 ms.
+        assert cold["first_step_s"] <= cold["first_job_s"] and cold["startup_s"] >= cold["workers_s"] + cold["group_s"] - 2e-3
         assert all(rank["process_s"] > 0 and rank["service_s"] >= 0 and rank["join_s"] >= 0 for rank in cold["ranks"])
     # The stopped workers are gone, not idling.
     for pid in set(three["pids"]) - set(two_again["pids"]):
