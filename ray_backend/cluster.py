@@ -20,6 +20,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from types import MappingProxyType
 from typing import Callable
 
 from .clusters import LOCAL_TARGET, ClusterTarget
@@ -33,8 +34,12 @@ AUTH_ENV_KEYS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
 # - the raylet connects to its object store's socket just after starting the store's thread, and when it came first
 #   it slept Ray's whole retry interval (1 s) before trying again: 6 of 25 starts here took 3.2 s instead of 2.2 s.
 #   Retrying every 10 ms up to 1000 times keeps Ray's 10 s of patience (this also paces workers connecting to the raylet).
-PRIVATE_CLUSTER_CONFIG = {"enable_worker_prestart": False, "prestart_worker_first_driver": False,
-                          "raylet_client_connect_timeout_milliseconds": 10, "raylet_client_num_connect_attempts": 1000}
+# Read-only: ray.init gets a copy, because Ray writes into the dict it is given (node.py's validate_external_storage
+# adds object_spilling_config, naming that cluster's session dir): a shared dict sent the next private cluster of this
+# process (after a world on another cluster) spilling into the first one's removed folder, which Ray then made again.
+PRIVATE_CLUSTER_CONFIG = MappingProxyType({
+    "enable_worker_prestart": False, "prestart_worker_first_driver": False,
+    "raylet_client_connect_timeout_milliseconds": 10, "raylet_client_num_connect_attempts": 1000})
 CONNECT_TIMEOUT_S = float(os.environ.get("XDIT_CLUSTER_CONNECT_TIMEOUT_S", "60"))
 TOKEN_FILE = "auth_token"
 
@@ -210,7 +215,7 @@ def _start_private_cluster(ray) -> None:
     # num_cpus=cpu_count: CPU workers reserve no CPU (they are sized by threads), GPU workers ask for one GPU.
     with _loopback_only():
         ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1",
-                 _temp_dir=str(temp_dir / "ray"), log_to_driver=True, _system_config=PRIVATE_CLUSTER_CONFIG)
+                 _temp_dir=str(temp_dir / "ray"), log_to_driver=True, _system_config=dict(PRIVATE_CLUSTER_CONFIG))
 
 
 @contextlib.contextmanager

@@ -46,6 +46,19 @@ ray.init(address=sys.argv[1], _node_ip_address="127.0.0.1", log_to_driver=False)
 print("ran", ray.get(ray.remote(lambda: 41 + 1).remote()))
 """
 
+TWO_CLUSTERS = """
+import glob, json
+from ray._private.state import state
+from ray_backend.cluster import ensure_ray, private_cluster_folder, shutdown_ray
+folders, spill = [], []
+for _ in range(2):  # a second private cluster in the same process, as after a prompt on another cluster
+    ensure_ray()
+    folders.append(str(private_cluster_folder()))
+    spill.append(json.loads(state.get_system_config()["object_spilling_config"])["params"]["directory_path"])
+    shutdown_ray()
+print(json.dumps({"folders": folders, "spill": spill, "left": [p for f in folders for p in glob.glob(f + "*")]}))
+"""
+
 
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
@@ -128,3 +141,15 @@ def test_a_configured_cluster_that_does_not_answer_fails_in_bounded_time_and_can
         probe_cluster(ClusterTarget("silent", silent_listener), should_interrupt=lambda: time.monotonic() > cancel_at, timeout_s=60)
     assert time.monotonic() - cancel_at < 3
     assert not ray.is_initialized(), "a failed probe must not touch this process's Ray connection"
+
+
+def test_a_second_private_cluster_in_one_process_keeps_to_its_own_folder():
+    """Ray writes into the system config it is given (the spill directory, in the first cluster's folder): a second
+    private cluster must spill into its own folder, and stopping both leaves neither folder (nor one made again)."""
+    driver = subprocess.run([sys.executable, "-c", TWO_CLUSTERS], env=_env(), capture_output=True, text=True, timeout=180)
+    assert driver.returncode == 0, driver.stderr[-4000:]
+    report = json.loads(driver.stdout.strip().splitlines()[-1])
+    first, second = report["folders"]
+    assert first != second
+    assert [Path(s).is_relative_to(f) for s, f in zip(report["spill"], report["folders"])] == [True, True], report["spill"]
+    assert report["left"] == [], "a stopped private cluster's folder came back"
