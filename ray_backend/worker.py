@@ -129,7 +129,10 @@ class PoolWorker:
         # Every call that computes runs on this one thread. libgomp keeps a team of threads for each thread that
         # starts parallel regions; with teams of several of Ray's method threads alive it counts more threads than
         # cores and stops spin-waiting between regions, which made a 2-thread CPU worker's steps 40-60% slower.
-        self._compute = ThreadPoolExecutor(1, thread_name_prefix="compute")
+        # OpenMP's thread count is per thread: the compute thread starts from OMP_NUM_THREADS (Ray sets 1 for an
+        # actor without CPUs) and torch's first parallel op there copies the process's count into it once; a later
+        # set_num_threads on another thread (regroup) never reaches it. So the compute thread sets its own, each time.
+        self._compute = ThreadPoolExecutor(1, thread_name_prefix="compute", initializer=torch.set_num_threads, initargs=(threads,))
 
     def _make_service(self):
         started = time.perf_counter()
@@ -190,6 +193,7 @@ class PoolWorker:
         self._store = None
         self.rank, self.world_size = rank, world_size
         torch.set_num_threads(threads)
+        self._compute.submit(torch.set_num_threads, threads).result()  # the thread that computes (see __init__)
         if self._service is not None:
             self._service.regroup()
 

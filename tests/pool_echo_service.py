@@ -3,6 +3,7 @@ a job with "hang_rank" leaves that rank asleep (a stuck worker); one with "steps
 "step_s" seconds (something to interrupt); a model ref {"die_rank": r} makes rank r's process exit in prepare."""
 from __future__ import annotations
 
+import ctypes
 import gc
 import os
 import threading
@@ -10,6 +11,14 @@ import time
 
 import torch
 import torch.distributed as dist
+
+
+def openmp_threads() -> int | None:
+    """The calling thread's OpenMP thread count, from the libgomp torch loaded (None if it loaded none): OpenMP keeps
+    it per thread, while torch.get_num_threads() reports the last set_num_threads of any thread."""
+    with open("/proc/self/maps") as maps:
+        paths = [line.split()[-1] for line in maps if "libgomp" in line]
+    return ctypes.CDLL(paths[0]).omp_get_max_threads() if paths else None
 
 
 class EchoService:
@@ -21,6 +30,7 @@ class EchoService:
         self._lock = threading.Lock()
         self._compute_threads: set[int] = set()  # threads prepare() and run() were called on
         self._inference_mode: set[bool] = set()  # whether each run() was in inference mode
+        self._openmp_threads: int | None = None  # the OpenMP thread count the last run() computed with
 
     def prepare(self, model_ref, state) -> None:
         self._compute_threads.add(threading.get_ident())
@@ -30,6 +40,8 @@ class EchoService:
     def run(self, job: dict, state, control) -> dict:
         self._compute_threads.add(threading.get_ident())
         self._inference_mode.add(torch.is_inference_mode_enabled())
+        torch.ones(1 << 16).add_(1)  # a parallel op, as every model step has: torch sets this thread's count once, here
+        self._openmp_threads = openmp_threads()
         with self._lock:
             self._active += 1
             overlapped = self._active > 1
@@ -55,4 +67,5 @@ class EchoService:
     def stats(self) -> dict:
         return {"jobs": self.jobs, "regroups": self.regroups, "pid": os.getpid(), "compute_threads": len(self._compute_threads),
                 "inference_mode": sorted(self._inference_mode), "collector_while_built": self._collector_while_built,
-                "collector_now": gc.isenabled(), "frozen_objects": gc.get_freeze_count()}
+                "collector_now": gc.isenabled(), "frozen_objects": gc.get_freeze_count(),
+                "openmp_threads": self._openmp_threads, "torch_threads": torch.get_num_threads()}

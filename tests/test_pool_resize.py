@@ -2,8 +2,11 @@
 
 Growing 2 -> 3 keeps ranks 0 and 1 (same processes, same service and so the same resident model) and starts one;
 shrinking 3 -> 1 keeps rank 0 and stops the others; every world's group computes over exactly its own ranks. The
-private cluster holds no idle Ray workers, and its raylet retries a socket every 10 ms rather than every second."""
+private cluster holds no idle Ray workers, and its raylet retries a socket every 10 ms rather than every second.
+Each world's workers compute with the machine's cores shared out among them, kept workers included."""
 from __future__ import annotations
+
+import os
 
 import psutil
 
@@ -70,6 +73,11 @@ def test_a_world_change_keeps_the_workers_that_fit_and_forms_a_group_of_the_new_
         # Each of the three is rounded to the millisecond on its own, so their sum may be off by up to 1.5 ms.
         assert cold["first_step_s"] <= cold["first_job_s"] and cold["startup_s"] >= cold["workers_s"] + cold["group_s"] - 2e-3
         assert all(rank["process_s"] > 0 and rank["service_s"] >= 0 and rank["join_s"] >= 0 for rank in cold["ranks"])
+    # A CPU worker's share of the cores is what its compute thread uses (OpenMP counts threads per thread: the
+    # compute thread had 1, Ray's OMP_NUM_THREADS, whatever the worker was given), also after a world change.
+    for record in (two, three, one, two_again):
+        share = max(1, (os.cpu_count() or 1) // record["world"])
+        assert [s["openmp_threads"] for s in record["stats"]] == [share] * record["world"], (record["world"], record["stats"])
     # The stopped workers are gone, not idling.
     for pid in set(three["pids"]) - set(two_again["pids"]):
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
