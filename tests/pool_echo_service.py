@@ -68,4 +68,4 @@ class EchoService:
         return {"jobs": self.jobs, "regroups": self.regroups, "pid": os.getpid(), "compute_threads": len(self._compute_threads),
                 "inference_mode": sorted(self._inference_mode), "collector_while_built": self._collector_while_built,
                 "collector_now": gc.isenabled(), "frozen_objects": gc.get_freeze_count(),
-                "openmp_threads": self._openmp_threads, "torch_threads": torch.get_num_threads()}
+                "openmp_threads": self._openmp_threads}

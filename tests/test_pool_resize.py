@@ -73,8 +73,8 @@ def test_a_world_change_keeps_the_workers_that_fit_and_forms_a_group_of_the_new_
         # Each of the three is rounded to the millisecond on its own, so their sum may be off by up to 1.5 ms.
         assert cold["first_step_s"] <= cold["first_job_s"] and cold["startup_s"] >= cold["workers_s"] + cold["group_s"] - 2e-3
         assert all(rank["process_s"] > 0 and rank["service_s"] >= 0 and rank["join_s"] >= 0 for rank in cold["ranks"])
-    # A CPU worker's share of the cores is what its compute thread uses (OpenMP counts threads per thread: the
-    # compute thread had 1, Ray's OMP_NUM_THREADS, whatever the worker was given), also after a world change.
+    # A CPU worker's share of the cores is what its compute thread uses, also after a world change (OpenMP counts
+    # threads per thread: the compute thread kept the count of its first parallel op, whatever a regroup set).
     for record in (two, three, one, two_again):
         share = max(1, (os.cpu_count() or 1) // record["world"])
         assert [s["openmp_threads"] for s in record["stats"]] == [share] * record["world"], (record["world"], record["stats"])
