@@ -37,13 +37,13 @@ _sigterm_hook: dict[str, object] = {}
 def install_exit_hooks() -> None:
     """Stop the pool and the Ray cluster with ComfyUI: at a normal exit, and on SIGTERM, which Python does not
     turn into an exit by itself (Ray's agents would outlive ComfyUI). Call from the main thread (pack import)."""
-    atexit.register(REGISTRY.shutdown)
+    atexit.register(REGISTRY.shutdown, ending=True)
     if threading.current_thread() is not threading.main_thread():
         return
     previous = signal.getsignal(signal.SIGTERM)
 
     def on_sigterm(signum, frame):
-        REGISTRY.shutdown()
+        REGISTRY.shutdown(ending=True)
         if callable(previous):
             previous(signum, frame)
             return

@@ -58,19 +58,32 @@ class ClusterConnectCancelled(ConnectionError):
     """The user cancelled while a cluster was being probed (the current connection is unchanged)."""
 
 
+class RayClosed(ConnectionError):
+    """This process is ending (close_ray ran): no cluster is started or joined any more."""
+
+
 # This process's Ray connection (process-global by Ray's design): which target, and the private cluster's temp dir.
 _connection: dict[str, object] = {}
-_connect_lock = threading.Lock()
+# Reentrant: close_ray may run in a signal handler on the main thread while that thread is inside ensure_ray.
+_connect_lock = threading.RLock()
+CLOSE_WAIT_S = 60.0  # how long close_ray waits for a connection under way (ray.init takes 2-5 s here) to finish
+REAP_GRACE_S = 5.0  # how long the private cluster's processes get to end by themselves before they are killed
 # The operator's own Ray auth settings, restored whenever we leave the private cluster.
 _operator_auth_env: dict[str, str | None] = {}
 
 
 def _import_ray():
+    # Any Ray call made while this process is connected to no cluster (e.g. a thread's call just after we left one)
+    # would otherwise run a bare ray.init(): join RAY_ADDRESS's cluster or start one on the machine's address without
+    # our token. The variable reaches the processes Ray starts; the flag, Ray's copy of it, covers an earlier import.
+    os.environ["RAY_ENABLE_AUTO_CONNECT"] = "0"
     try:
         import ray
+        from ray._private import auto_init_hook
     except ImportError as error:
         raise RuntimeError("the XDiT nodes need Ray in ComfyUI's Python environment: "
                            "run `pip install -r requirements.txt` from the comfyui-xdit folder") from error
+    auto_init_hook.enable_auto_connect = False
     return ray
 
 
@@ -166,6 +179,7 @@ def ensure_ray(target: ClusterTarget = LOCAL_TARGET, should_interrupt: Callable[
     """
     ray = _import_ray()
     with _connect_lock:  # a prompt's connection waits for the one the pool's start with ComfyUI began (pool_client)
+        _refuse_if_closed()
         if ray.is_initialized() and _connection.get("target") == target:
             return
         started = time.perf_counter()
@@ -189,6 +203,7 @@ def start_private_cluster_if_unconnected() -> bool:
     disturb one."""
     ray = _import_ray()
     with _connect_lock:
+        _refuse_if_closed()
         if ray.is_initialized():
             return _connection.get("target") == LOCAL_TARGET
         started = time.perf_counter()
@@ -196,6 +211,11 @@ def start_private_cluster_if_unconnected() -> bool:
         _connection["target"] = LOCAL_TARGET
         _connection["connect_s"] = time.perf_counter() - started
         return True
+
+
+def _refuse_if_closed() -> None:
+    if _connection.get("closed"):
+        raise RayClosed("this ComfyUI is shutting down: no Ray cluster is started or joined any more")
 
 
 def take_connect_seconds() -> float:
@@ -288,7 +308,7 @@ def connected_target() -> ClusterTarget | None:
 def _private_cluster_tree() -> list:
     """The private cluster's processes: those Ray started for its node (GCS, raylet, log monitor) and everything they
     started (dashboard and runtime-env agents, workers). Read before ray.shutdown(), which stops the first kind; the
-    others notice their raylet's end only by polling it, so _reap kills what still runs after a grace period."""
+    others notice their raylet's end only by polling it (not while they still start), so what is left gets killed."""
     import psutil
     from ray._private import worker as ray_worker
 
@@ -304,31 +324,40 @@ def _private_cluster_tree() -> list:
     return tree
 
 
-def _reap(processes: list, grace_s: float = 5.0) -> None:
-    """SIGKILL whatever of `processes` is still running after `grace_s`."""
-    import psutil
-
-    _, alive = psutil.wait_procs(processes, timeout=grace_s)
-    for process in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            process.kill()
-    psutil.wait_procs(alive, timeout=grace_s)
-
-
-def shutdown_ray() -> None:
+def shutdown_ray(ending: bool = False) -> None:
     """Leave the current cluster (stopping it, every process of it, if it is our private one) and forget its token
-    and temp dir."""
+    and temp dir. `ending` (close_ray): a detached reaper does the stopping and the removal too, because when another
+    thread calls Ray while ray.shutdown() runs, Ray's core worker ends this process at once (the node's own processes
+    die with it; the agents, started by the raylet, would not)."""
+    from .reaper import reap, reap_detached
+
+    temp_dir = _connection.get("temp_dir")
     if "ray" in sys.modules:
         import ray
 
         if ray.is_initialized():
             target = _connection.get("target")
             tree = _private_cluster_tree() if target is not None and target.is_local else []
+            if ending and tree:
+                reap_detached(tree, REAP_GRACE_S, temp_dir)
             ray.shutdown()
-            _reap(tree)
-    temp_dir = _connection.pop("temp_dir", None)
+            reap(tree, REAP_GRACE_S)
+    _connection.pop("temp_dir", None)
     _connection.pop("target", None)
     if temp_dir is not None:
         shutil.rmtree(temp_dir, ignore_errors=True)
     if _operator_auth_env:
         _set_auth_env(dict(_operator_auth_env))
+
+
+def close_ray() -> None:
+    """Leave Ray for good, as this process ends (ComfyUI's exit or SIGTERM): stop the private cluster, and refuse
+    every later connection (RayClosed), since a prompt's thread would otherwise start a cluster the exit orphans.
+    A connection under way (another thread inside ray.init) finishes first, so its processes are stopped too."""
+    locked = _connect_lock.acquire(timeout=CLOSE_WAIT_S)
+    try:
+        _connection["closed"] = True
+        shutdown_ray(ending=True)
+    finally:
+        if locked:
+            _connect_lock.release()

@@ -364,11 +364,15 @@ class PoolRegistry:
     def current(self) -> WorkerPool | None:
         return self._pool if self._pool is not None and self._pool.alive else None
 
-    def shutdown(self) -> None:
+    def shutdown(self, ending: bool = False) -> None:
+        """Stop the pool and leave its cluster; `ending`: for good, as this process ends (see close_ray)."""
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
         if "ray" in sys.modules:
-            from .cluster import shutdown_ray
+            from .cluster import close_ray, shutdown_ray
 
-            shutdown_ray()
+            if ending:
+                close_ray()
+            else:
+                shutdown_ray()

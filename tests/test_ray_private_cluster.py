@@ -59,6 +59,38 @@ for _ in range(2):  # a second private cluster in the same process, as after a p
 print(json.dumps({"folders": folders, "spill": spill, "left": [p for f in folders for p in glob.glob(f + "*")]}))
 """
 
+AFTER_CLOSING = """
+import json, psutil, ray
+from ray_backend.cluster import RayClosed, close_ray, ensure_ray, start_private_cluster_if_unconnected
+ensure_ray()
+cluster = [p.pid for p in psutil.Process().children(recursive=True)]
+close_ray()
+try:  # what a prompt's thread still calling Ray would do
+    ray.get(ray.put(1))
+    late_call = "ran"
+except Exception as error:
+    late_call = f"{type(error).__name__}: {error}"
+refusals = []
+for connect in (ensure_ray, start_private_cluster_if_unconnected):
+    try:
+        connect()
+    except RayClosed as error:
+        refusals.append(str(error))
+print(json.dumps({"cluster": cluster, "late_call": late_call, "refusals": refusals, "ray_initialized": ray.is_initialized(),
+                  "children_after": [p.cmdline() for p in psutil.Process().children(recursive=True)
+                                     if p.status() != psutil.STATUS_ZOMBIE and "ray_backend.reaper" not in p.cmdline()]}))
+"""
+
+ENDED_WHILE_CLOSING = """
+import json, os, psutil, ray
+from ray_backend.cluster import close_ray, ensure_ray, private_cluster_folder
+ensure_ray()
+ray.get(ray.remote(num_cpus=0)(lambda: 1).remote())  # a worker too
+print(json.dumps({"cluster": [p.pid for p in psutil.Process().children(recursive=True)], "folder": str(private_cluster_folder())}), flush=True)
+ray.shutdown = lambda: os._exit(3)  # stands in for Ray's core worker ending the process when a thread calls Ray meanwhile
+close_ray()
+"""
+
 
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
@@ -153,3 +185,40 @@ def test_a_second_private_cluster_in_one_process_keeps_to_its_own_folder():
     assert first != second
     assert [Path(s).is_relative_to(f) for s, f in zip(report["spill"], report["folders"])] == [True, True], report["spill"]
     assert report["left"] == [], "a stopped private cluster's folder came back"
+
+
+def test_after_closing_ray_nothing_connects_again_not_even_a_late_ray_call():
+    """After close_ray (ComfyUI's exit or SIGTERM) the private cluster is gone, a late Ray call fails instead of Ray
+    starting a default cluster by itself (on the machine's address, without our token, or RAY_ADDRESS's), and
+    connecting again is refused."""
+    from server_jobs import survivors
+
+    driver = subprocess.run([sys.executable, "-c", AFTER_CLOSING], env=_env(), capture_output=True, text=True, timeout=180)
+    assert driver.returncode == 0, driver.stderr[-4000:]
+    report = json.loads(driver.stdout.strip().splitlines()[-1])
+    assert report["late_call"].startswith("RaySystemError") and "not been started" in report["late_call"], report["late_call"]
+    assert len(report["refusals"]) == 2 and all("shutting down" in r for r in report["refusals"]), report["refusals"]
+    assert not report["ray_initialized"] and report["children_after"] == [], report
+    import psutil
+
+    assert survivors([psutil.Process(pid) for pid in report["cluster"] if psutil.pid_exists(pid)], timeout=10) == []
+
+
+def test_the_private_cluster_stops_and_its_folder_goes_even_when_ray_ends_the_process_while_closing():
+    """Ray's core worker ends the whole process when another thread calls Ray during ray.shutdown() (seen when
+    ComfyUI got SIGTERM while its pool started): the reaper close_ray handed the cluster to beforehand still stops
+    every process of it and removes its folder, token included. Ray's shutdown is replaced by that exit here (the
+    race itself cannot be forced)."""
+    from server_jobs import survivors
+
+    driver = subprocess.run([sys.executable, "-c", ENDED_WHILE_CLOSING], env=_env(), capture_output=True, text=True, timeout=180)
+    assert driver.returncode == 3, driver.stderr[-4000:]
+    report = json.loads(driver.stdout.strip().splitlines()[-1])
+    assert len(report["cluster"]) >= 4, "expected GCS, raylet, agents and a worker"
+    import psutil
+
+    assert survivors([psutil.Process(pid) for pid in report["cluster"] if psutil.pid_exists(pid)], timeout=15) == []
+    deadline = time.monotonic() + 15
+    while Path(report["folder"]).exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not Path(report["folder"]).exists(), "the private cluster's folder (with its token) outlived it"
