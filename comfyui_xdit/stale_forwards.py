@@ -42,9 +42,12 @@ from .block_stages import RemoteBlock, balance_of, blocks as model_blocks, stage
 from .errors import UnsupportedByXDiT
 from .families import adapter_for
 from .parallel_glue import from_bshd, to_bshd
+from .pipefusion_lookahead import FamilyCall, Lookahead, NextCall, Prediction, euler_input, next_call
 
 # forward_orig of a family on (img, img_ids, txt, txt_ids) with these transformer_options: the image tokens' output.
 TokenCall = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict], torch.Tensor]
+# The model patcher attachment holding a PipeFusion model's Lookahead (its used / missed counts for reports and tests).
+LOOKAHEAD_ATTACHMENT = "comfyui_xdit.pipefusion_lookahead"
 # A block's replacement key and whether it keeps text apart (double) or runs one joint stream (single).
 BlockKey = tuple[tuple[str, int], bool]
 
@@ -83,8 +86,10 @@ def _displaced_attention_override(family: str, state: ParallelState, cache: KVCa
 
 
 def displaced_forward(family: str, state: ParallelState, cache: KVCache, call: TokenCall, img: torch.Tensor,
-                      img_ids: torch.Tensor, txt: torch.Tensor, txt_ids: torch.Tensor, transformer_options: dict) -> torch.Tensor:
-    """The image tokens' output of `call` with this rank computing its band of rows (patch group), all rows gathered."""
+                      img_ids: torch.Tensor, txt: torch.Tensor, txt_ids: torch.Tensor, transformer_options: dict,
+                      family_call: FamilyCall | None = None) -> torch.Tensor:
+    """The image tokens' output of `call` with this rank computing its band of rows (patch group), all rows gathered
+    (`family_call` serves PipeFusion's lookahead only)."""
     patch = state.patch
     text_len, image_len = txt.shape[1], img.shape[1]
     stream = stale_steps.stream_of(transformer_options, img, txt)
@@ -102,8 +107,9 @@ def displaced_forward(family: str, state: ParallelState, cache: KVCache, call: T
     return gather_over(out, 1, patch, state, image_len)
 
 
-def _run_block(index: int, double: bool, stage: range, state: ParallelState, sends: list, args: dict, extra: dict) -> dict:
-    """One block of the family's loop on this stage: pass through, or receive / compute / send the patch's rows."""
+def _run_block(index: int, double: bool, stage: range, state: ParallelState, hand_over: Callable[[torch.Tensor], None],
+               args: dict, extra: dict) -> dict:
+    """One block of the family's loop on this stage: pass through, or receive / compute / hand over the patch's rows."""
     pf = state.pipefusion
     if index not in stage:
         return {"img": args["img"], "txt": args["txt"]} if double else {"img": args["img"]}
@@ -115,13 +121,12 @@ def _run_block(index: int, double: bool, stage: range, state: ParallelState, sen
         args = {**args, "txt": joint[:, :text_rows], "img": joint[:, text_rows:]} if double else {**args, "img": joint}
     out = extra["original_block"](args)
     if index == stage.stop - 1 and pf.rank < pf.size - 1:
-        joint = torch.cat([out["txt"], out["img"]], 1) if double else out["img"]
-        sends.append((send_async(joint, pf.rank + 1, pf, state.comm), joint))
+        hand_over(torch.cat([out["txt"], out["img"]], 1) if double else out["img"])
     return out
 
 
-def _block_replacements(blocks: list[BlockKey], stage: range, state: ParallelState, sends: list) -> dict:
-    return {key: functools.partial(_run_block, index, double, stage, state, sends) for index, (key, double) in enumerate(blocks)}
+def _block_replacements(blocks: list[BlockKey], stage: range, state: ParallelState, hand_over: Callable[[torch.Tensor], None]) -> dict:
+    return {key: functools.partial(_run_block, index, double, stage, state, hand_over) for index, (key, double) in enumerate(blocks)}
 
 
 def _pipefusion_attention_override(family: str, state: ParallelState, cache: KVCache, stream, positions: torch.Tensor,
@@ -133,17 +138,66 @@ def _pipefusion_attention_override(family: str, state: ParallelState, cache: KVC
     return from_bshd(out, skip_output_reshape)
 
 
-def pipefusion_forward(family: str, state: ParallelState, cache: KVCache, plan: list[range], blocks: list[BlockKey],
-                       call: TokenCall, img: torch.Tensor, img_ids: torch.Tensor, txt: torch.Tensor, txt_ids: torch.Tensor,
-                       transformer_options: dict) -> torch.Tensor:
+def _band_call(family: str, state: ParallelState, cache: KVCache, stream, call: TokenCall, img, img_ids, txt, txt_ids,
+               options: dict, replacements: dict, band: int, top: int, bottom: int, width: int) -> torch.Tensor:
+    """One patch (band of image rows `top`..`bottom`) through the family's forward on this stage."""
+    sp = state.sequence
+    text_len = txt.shape[1]
+    image = slice(top * width, bottom * width)
+    # The text rows travel with the first patch. Joint blocks cannot take zero text rows, so later patches carry
+    # one throwaway text row: position -1, never written to the tables, its output dropped.
+    text = slice(0, text_len if band == 0 else 1)
+    text_positions = range(text_len) if band == 0 else range(-1, 0)
+    positions = shard_positions([text_positions, range(text_len + image.start, text_len + image.stop)], sp.size)
+    call_options = dict(options)
+    call_options["optimized_attention_override"] = functools.partial(
+        _pipefusion_attention_override, family, state, cache, stream, positions, text_len + img.shape[1], stale_steps.TableNames())
+    call_options["patches_replace"] = replacements
+    return call(*(split_over(t, 1, sp) for t in (img[:, image], img_ids[:, image], txt[:, text], txt_ids[:, text])), call_options)
+
+
+def _run_ahead(family: str, state: ParallelState, cache: KVCache, lookahead: Lookahead, model_sampling, stream,
+               family_call: FamilyCall, nxt: NextCall, img, img_ids, txt, txt_ids, blocks: list[BlockKey], stage: range,
+               band: tuple[int, int], width: int, out_channels: int, transformer_options: dict) -> None:
+    """First stage, after this call's last patch: receive the last stage's output of the first patch, predict the
+    next call's first patch from it, and run this stage's blocks on it, holding back the rows for the next stage."""
+    pf = state.pipefusion
+    image = slice(band[0] * width, band[1] * width)
+    output = recv(img.new_empty(img.shape[0], image.stop - image.start, out_channels), pf.size - 1, pf, state.comm)
+    if lookahead.off:  # a prediction failed in this sampling run: the output is received (the last stage sent it) only
+        return
+    predicted = img.clone()
+    predicted[:, image] = euler_input(img[:, image], output, transformer_options["sigmas"], nxt, model_sampling)
+    held: list = []
+    replacements = {**transformer_options.get("patches_replace", {}), "dit": _block_replacements(blocks, stage, state, held.append)}
+    _band_call(family, state, cache, stream, family_call.call_at(nxt.timesteps), predicted, img_ids, txt, txt_ids,
+               nxt.options, replacements, 0, band[0], band[1], width)
+    lookahead.predictions[stream] = Prediction(predicted[:, image], img_ids[:, image], txt, nxt.timesteps, family_call.fixed_inputs, held)
+
+
+def _foreign_hooks(transformer_options: dict) -> bool:
+    """Whether hooks other than this pack's stateless ones see the model's calls (another node's patches, wrappers or
+    callbacks; our block cache): they may keep state or depend on more than the predicted inputs, so no lookahead."""
+    from .block_cache import WRAPPER_KEY as BLOCK_CACHE_KEY
+
+    keys = {key for by_key in (transformer_options.get("wrappers") or {}).values() for key in by_key}
+    foreign = {key for key in keys if not str(key).startswith("comfyui_xdit.")} | (keys & {BLOCK_CACHE_KEY})
+    return bool(foreign or transformer_options.get("patches") or any((transformer_options.get("callbacks") or {}).values()))
+
+
+def pipefusion_forward(family: str, state: ParallelState, cache: KVCache, lookahead: Lookahead | None, model_sampling,
+                       plan: list[range], blocks: list[BlockKey], call: TokenCall, img: torch.Tensor, img_ids: torch.Tensor,
+                       txt: torch.Tensor, txt_ids: torch.Tensor, transformer_options: dict, family_call: FamilyCall | None = None) -> torch.Tensor:
     """The image tokens' output of `call` run as a pipeline of `plan`'s stages (block indices into `blocks`) over
-    the pipefusion group; every rank returns the whole output."""
+    the pipefusion group; every rank returns the whole output. With `family_call` (the forward at other timesteps)
+    the first stage also runs the next call's first patch ahead (pipefusion_lookahead)."""
     if transformer_options.get("reference_image_num_tokens"):  # set by forwards that append reference latents
         raise UnsupportedByXDiT(f"PipeFusion on {family} does not take reference latents (ReferenceLatent): their tokens "
                                 "do not form image rows to pipeline; set pipefusion_degree to 1 (ulysses, ring, cfg or patch parallel take them)")
     if transformer_options.get("patches_replace", {}).get("dit"):
         raise UnsupportedByXDiT(f"another node replaces {family} blocks on this model, which PipeFusion cannot combine with; remove it or set pipefusion_degree to 1")
     pf, sp = state.pipefusion, state.sequence
+    first, last = pf.rank == 0, pf.rank == pf.size - 1
     options = stale_steps.options_from(transformer_options)
     stream = stale_steps.stream_of(transformer_options, img, txt)
     synchronous = stale_steps.is_synchronous(cache, stream, transformer_options, options.warmup_steps)
@@ -151,28 +205,48 @@ def pipefusion_forward(family: str, state: ParallelState, cache: KVCache, plan: 
     text_len, image_len = txt.shape[1], img.shape[1]
     # The first band is shorter by about the text's rows, so every patch carries about as many tokens.
     bands = [(0, rows)] if synchronous else stale_steps.bands_for(rows, options.num_pipeline_patch, pf.size, width, text_len)
+    # Every rank decides alike (the same options and history) whether this call looks ahead: the last stage then
+    # sends the first patch's output back to the first stage.
+    nxt = None
+    if (lookahead is not None and family_call is not None and options.lookahead and not synchronous and len(bands) > 1
+            and not _foreign_hooks(transformer_options)):
+        nxt = next_call(transformer_options, model_sampling, stale_steps.step_index(transformer_options), options.warmup_steps)
+    ahead = None
+    if first and lookahead is not None and family_call is not None:
+        if synchronous:
+            lookahead.predictions.pop(stream, None)
+        else:
+            band0 = slice(0, bands[0][1] * width)
+            ahead = lookahead.take(stream, img[:, band0], img_ids[:, band0], txt, family_call.timesteps, family_call.fixed_inputs)
     sends: list = []
     outputs = []
+    back = None
     # One set of block replacements serves every band: they differ only in the rows they receive.
-    replacements = {**transformer_options.get("patches_replace", {}), "dit": _block_replacements(blocks, plan[pf.rank], state, sends)}
+
+    def hand_over(joint: torch.Tensor) -> None:
+        sends.append((send_async(joint, pf.rank + 1, pf, state.comm), joint))
+
+    replacements = {**transformer_options.get("patches_replace", {}), "dit": _block_replacements(blocks, plan[pf.rank], state, hand_over)}
     for band, (top, bottom) in enumerate(bands):
-        image = slice(top * width, bottom * width)
-        # The text rows travel with the first patch. Joint blocks cannot take zero text rows, so later patches
-        # carry one throwaway text row: position -1, never written to the tables, its output dropped.
-        text = slice(0, text_len if band == 0 else 1)
-        text_positions = range(text_len) if band == 0 else range(-1, 0)
-        positions = shard_positions([text_positions, range(text_len + image.start, text_len + image.stop)], sp.size)
-        call_options = dict(transformer_options)
-        call_options["optimized_attention_override"] = functools.partial(
-            _pipefusion_attention_override, family, state, cache, stream, positions, text_len + image_len, stale_steps.TableNames())
-        call_options["patches_replace"] = replacements
-        out = call(*(split_over(t, 1, sp) for t in (img[:, image], img_ids[:, image], txt[:, text], txt_ids[:, text])), call_options)
-        outputs.append(gather_over(out, 1, sp, state, image.stop - image.start) if pf.rank == pf.size - 1 else None)
+        if band == 0 and first and ahead is not None:
+            for joint in ahead.held:  # computed ahead at the end of the last call: hand over, do not compute again
+                hand_over(joint)
+            continue
+        out = _band_call(family, state, cache, stream, call, img, img_ids, txt, txt_ids, transformer_options, replacements, band, top, bottom, width)
+        if last:
+            outputs.append(gather_over(out, 1, sp, state, (bottom - top) * width))
+            if band == 0 and nxt is not None:
+                back = send_async(outputs[0], 0, pf, state.comm)
     for work, _ in sends:
         work.wait()
     if synchronous:
         cache.mark_filled(stream)
-    if pf.rank == pf.size - 1:
+    if first and nxt is not None:
+        _run_ahead(family, state, cache, lookahead, model_sampling, stream, family_call, nxt, img, img_ids, txt, txt_ids,
+                   blocks, plan[pf.rank], bands[0], width, out.shape[-1], transformer_options)
+    if back is not None:
+        back.wait()
+    if last:
         result = torch.cat(outputs, dim=1)
     else:
         result = out.new_empty(out.shape[0], image_len, out.shape[2])
@@ -184,13 +258,16 @@ def pipefusion_forward(family: str, state: ParallelState, cache: KVCache, plan: 
 
 def stale_method(model_patcher, state: ParallelState, family: str, containers: tuple[str, ...],
                  blocks: list[BlockKey]) -> tuple[object, Callable[..., torch.Tensor]]:
-    """A clone of `model_patcher` whose key/value tables are emptied around each sampling run, and the method
-    `state` asks for bound to them: method(call, img, img_ids, txt, txt_ids, transformer_options), PipeFusion over
-    the blocks of `containers` (keyed `blocks`, in the same order) or displaced patch parallel."""
+    """A clone of `model_patcher` whose key/value tables (and PipeFusion's lookahead) are emptied around each
+    sampling run, and the method `state` asks for bound to them: method(call, img, img_ids, txt, txt_ids,
+    transformer_options, family_call=None), PipeFusion over the blocks of `containers` (keyed `blocks`, in the same
+    order) or displaced patch parallel."""
     patched = model_patcher.clone()
-    cache = stale_steps.attach_cache(patched)
     if state.pipefusion.size == 1:
-        return patched, functools.partial(displaced_forward, family, state, cache)
+        return patched, functools.partial(displaced_forward, family, state, stale_steps.attach_cache(patched))
+    lookahead = Lookahead()
+    cache = stale_steps.attach_cache(patched, lookahead.clear)
+    patched.set_attachments(LOOKAHEAD_ATTACHMENT, lookahead)
     diffusion_model = model_patcher.model.diffusion_model
     plan = stage_plan(diffusion_model, adapter_for(model_patcher.model), state.pipefusion.size, balance_of(model_patcher))
     if plan[-1].stop != len(blocks):  # the hooks' keys must cover the registry's containers: a mismatch is a bug
@@ -199,4 +276,4 @@ def stale_method(model_patcher, state: ParallelState, family: str, containers: t
     if len(held) < len(blocks) and held != list(plan[state.pipefusion.rank]):  # a stage model loaded for another cut
         raise RuntimeError(f"{family}: this rank holds blocks {held[0]}-{held[-1]} but PipeFusion stage {state.pipefusion.rank} "
                            f"of {state.pipefusion.size} runs blocks {plan[state.pipefusion.rank].start}-{plan[state.pipefusion.rank].stop - 1}")
-    return patched, functools.partial(pipefusion_forward, family, state, cache, plan, blocks)
+    return patched, functools.partial(pipefusion_forward, family, state, cache, lookahead, model_patcher.model.model_sampling, plan, blocks)

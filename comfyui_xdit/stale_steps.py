@@ -37,6 +37,7 @@ class StaleOptions:
 
     num_pipeline_patch: int = 0
     warmup_steps: int = DEFAULT_WARMUP_STEPS
+    lookahead: bool = True  # PipeFusion's first stage runs the next call's first patch ahead (pipefusion_lookahead)
 
 
 def default_patches(pipefusion_degree: int) -> int:
@@ -101,22 +102,29 @@ def is_synchronous(cache: KVCache, stream: Hashable, transformer_options: dict, 
     return step_index(transformer_options) < warmup_steps or not cache.has_stream(stream)
 
 
-def attach_cache(model_patcher) -> KVCache:
-    """A new KVCache for `model_patcher` (a parallel clone), emptied around each of its sampling runs."""
+def attach_cache(model_patcher, *also_clear: Callable[[], None]) -> KVCache:
+    """A new KVCache for `model_patcher` (a parallel clone), emptied (with whatever `also_clear` empties) around each
+    of its sampling runs."""
     cache = KVCache()
-    model_patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, RESET_WRAPPER_KEY, reset_wrapper(cache))
+    model_patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, RESET_WRAPPER_KEY,
+                                       reset_wrapper(cache, *also_clear))
     return cache
 
 
-def reset_wrapper(cache: KVCache) -> Callable[..., Any]:
+def reset_wrapper(cache: KVCache, *also_clear: Callable[[], None]) -> Callable[..., Any]:
     """An OUTER_SAMPLE wrapper emptying `cache` around each sampling run (no stale rows cross prompts)."""
 
-    def outer_sample(executor, *args, **kwargs):
+    def clear() -> None:
         cache.clear()
+        for empty in also_clear:
+            empty()
+
+    def outer_sample(executor, *args, **kwargs):
+        clear()
         try:
             return executor(*args, **kwargs)
         finally:
-            cache.clear()
+            clear()
 
     return outer_sample
 

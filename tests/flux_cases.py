@@ -312,12 +312,14 @@ def family_rank(rank: int, world_size: int, model_spec: str, configs: list[dict]
     device "cuda": ComfyUI runs on this rank's CUDA device (local_launch sets it), for NCCL ranks."""
     init_worker(cpu=(device == "cpu"))
     from comfyui_xdit.parallel_model import parallelize
+    from comfyui_xdit.stale_forwards import LOOKAHEAD_ATTACHMENT
     from comfyui_xdit.weight_sharding import sharded_blocks
     from parallel_core import ParallelConfig, init_parallel
 
     cases = [SamplingCase(**c) for c in case_dicts]
     base = load_tiny_model(model_spec, weight_dtype)
-    result: dict = {"parallel": {}, "bytes": {}, "after_warmup": {}, "block_weights": block_weights(base.model.diffusion_model)}
+    result: dict = {"parallel": {}, "bytes": {}, "after_warmup": {}, "lookahead": {}, "without_lookahead": {},
+                    "block_weights": block_weights(base.model.diffusion_model)}
     if rank == 0:
         result["stock"] = {case.name: sample(base, case) for case in cases}
     sharded = None  # the model with weight_sharding "blocks", loaded once for every config that asks for it
@@ -329,7 +331,12 @@ def family_rank(rank: int, world_size: int, model_spec: str, configs: list[dict]
             result["sharded"] = {"resident": sharded_blocks(sharded).resident_bytes(), "whole": sharded_blocks(sharded).block_bytes()}
         model = parallelize(sharded if "weight_sharding" in degrees else base, state)
         if state.config.patch_degree > 1 or state.config.pipefusion_degree > 1:
-            result["after_warmup"][f"{tag(degrees)}/{cases[0].name}"] = sample(with_stale_options(model, DEFAULT_STALE_OPTIONS), cases[0])
+            key = f"{tag(degrees)}/{cases[0].name}"
+            lookahead = model.get_attachment(LOOKAHEAD_ATTACHMENT)
+            result["after_warmup"][key] = sample(with_stale_options(model, DEFAULT_STALE_OPTIONS), cases[0])
+            if lookahead is not None:  # PipeFusion: its lookahead (used, missed), and the same run without it
+                result["lookahead"][key] = (lookahead.used, lookahead.missed)
+                result["without_lookahead"][key] = sample(with_stale_options(model, {"lookahead": False}), cases[0])
             model = with_stale_options(model, FULL_WARMUP)
         for case in cases:
             state.comm.reset()

@@ -34,10 +34,11 @@ def pipefusion_rank(rank: int, world_size: int, model_path: str, runs: list[dict
     from comfyui_xdit.lora_merge import MergedLoras
     from comfyui_xdit.parallel_model import parallelize
     from comfyui_xdit.stage_loading import held_block_parameters, load_stage
+    from comfyui_xdit.stale_forwards import LOOKAHEAD_ATTACHMENT
     from parallel_core import DEFAULT_BALANCE, ParallelConfig, init_parallel
 
     base = comfy.sd.load_diffusion_model(model_path)
-    result: dict = {"latents": {}, "bytes": {}, "held": {}, "stock": {}, "naive": {}}
+    result: dict = {"latents": {}, "bytes": {}, "held": {}, "stock": {}, "naive": {}, "lookahead": {}}
     cases = {str(run["case"]): flux_cases.SamplingCase(**run["case"]) for run in runs}
     if rank == 0:
         stock = base
@@ -62,9 +63,13 @@ def pipefusion_rank(rank: int, world_size: int, model_path: str, runs: list[dict
             models[config, balance] = (parallelize(model, state), held_block_parameters(model.model))
         model, held = models[config, balance]
         state.comm.reset()
+        lookahead = model.get_attachment(LOOKAHEAD_ATTACHMENT)
+        before = (lookahead.used, lookahead.missed) if lookahead is not None else (0, 0)
         result["latents"][index] = flux_cases.sample(flux_cases.with_stale_options(model, run["options"]), cases[str(run["case"])])
         result["bytes"][index] = state.comm.snapshot()
         result["held"][index] = held
+        if lookahead is not None:  # predictions of the next call's first patch used and missed (first stage only)
+            result["lookahead"][index] = (lookahead.used - before[0], lookahead.missed - before[1])
     return result
 
 

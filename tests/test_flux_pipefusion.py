@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import pipefusion_cases
-from comfyui_xdit.bench.stale_bytes import displaced_call_bytes, pipefusion_call_bytes
+from comfyui_xdit.bench.stale_bytes import displaced_call_bytes, looks_ahead, pipefusion_call_bytes
 from parallel_core import patch_bands
 from parallel_core.local_launch import run_on_ranks
 
@@ -143,7 +143,8 @@ def test_bytes_per_step_match_the_definitions(pipeline_flux):
     for stage, result in enumerate(per_rank):
         expected: dict[str, int] = {}
         for call, bands in enumerate([[(0, rows)]] + [patch_bands(rows, 4)] * (steps - 1)):  # warmup, then 4 patches
-            for key, value in pipefusion_call_bytes(stage, 2, 1, text, width, bands, hidden=256, out_features=64).items():
+            for key, value in pipefusion_call_bytes(stage, 2, 1, text, width, bands, hidden=256, out_features=64,
+                                                    looks_ahead=looks_ahead(call, steps)).items():
                 expected[key] = expected.get(key, 0) + value
         assert result["bytes"][0] == expected
         expected = {}
@@ -151,6 +152,40 @@ def test_bytes_per_step_match_the_definitions(pipeline_flux):
             for key, value in displaced_call_bytes(2, 1, text, rows * width, 14, 2, 128, 64, synchronous=call == 0).items():
                 expected[key] = expected.get(key, 0) + value
         assert result["bytes"][1] == expected
+
+
+LOOKAHEAD_CASES = {"euler": {"name": "lookahead-euler", "steps": 6, "seed": 4},
+                   "dpmpp_2m": {"name": "lookahead-dpmpp2m", "sampler": "dpmpp_2m", "steps": 4, "seed": 5},
+                   "cfg": {"name": "lookahead-cfg", "guider": "cfg", "steps": 4, "seed": 6}}
+LOOKAHEAD_CONFIGS = {2: [{"pipefusion_degree": 2}],
+                     4: [{"pipefusion_degree": 4}, {"pipefusion_degree": 2, "ulysses_degree": 2}, {"pipefusion_degree": 2, "ring_degree": 2},
+                         {"pipefusion_degree": 2, "cfg_degree": 2}, {"pipefusion_degree": 2, "data_degree": 2}]}
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_lookahead_changes_nothing_but_when_the_first_stage_works(world_size, pipeline_flux):
+    """The first stage running the next call's first patch ahead gives bit-identical latents on every rank, with
+    every hybrid: used at every call it can serve under euler (all but the first two: the warmup call, and the one
+    after it, whose prediction the third uses), missed once and then off under dpmpp_2m (another update rule) and
+    for CFG under cfg parallel (each rank's call holds one cond, the update needs both), never tried for a CFG batch
+    (both conds in one call)."""
+    runs = [{"degrees": d, "case": case, "options": options} for d in LOOKAHEAD_CONFIGS[world_size]
+            for case in LOOKAHEAD_CASES.values() for options in ({}, {"lookahead": False})]
+    per_rank = run_on_ranks(pipefusion_cases.pipefusion_rank, world_size, pipeline_flux, runs, timeout_s=900)
+    failures = []
+    for index in range(0, len(runs), 2):
+        run = runs[index]
+        for rank, result in enumerate(per_rank):
+            if not torch.equal(result["latents"][index], result["latents"][index + 1]):
+                failures.append(f"{run['degrees']} {run['case']['name']} rank {rank}: lookahead changed the latent")
+            assert result["lookahead"][index + 1] == (0, 0), "lookahead ran while switched off"
+        first_stage = per_rank[0]["lookahead"][index]
+        name, cfg_parallel = run["case"]["name"], run["degrees"].get("cfg_degree", 1) > 1
+        expected = {"lookahead-euler": (run["case"]["steps"] - 2, 0), "lookahead-dpmpp2m": (0, 1),
+                    "lookahead-cfg": (0, 1) if cfg_parallel else (0, 0)}[name]
+        if first_stage != expected:
+            failures.append(f"{run['degrees']} {name}: (used, missed) {first_stage}, expected {expected}")
+    assert not failures, "\n".join(failures)
 
 
 def test_loras_merge_onto_stage_models(pipeline_flux, tmp_path):

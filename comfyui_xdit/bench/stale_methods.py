@@ -63,7 +63,7 @@ from parallel_core import (DEFAULT_BALANCE, Tokens, band_tokens, block_flops, pa
 from parallel_core.local_launch import run_on_ranks
 
 from .flux_step import theoretical_step_bytes
-from .stale_bytes import displaced_call_bytes, pipefusion_call_bytes
+from .stale_bytes import displaced_call_bytes, looks_ahead, pipefusion_call_bytes
 
 HEAD_DIM, BLOCKS, OUT_FEATURES = 128, 14, 64
 FLUX_DEV = {"hidden_size": 3072, "num_heads": 24, "depth": 19, "depth_single_blocks": 38}
@@ -164,7 +164,8 @@ def _theory(method: dict, spec: dict, rank: int) -> dict[str, int]:
         stages = degrees["pipefusion_degree"]
         for call in range(steps):
             bands = [(0, rows)] if call == 0 else _bands(spec)
-            add(pipefusion_call_bytes(rank, stages, 1, text, rows, bands, spec["hidden"], OUT_FEATURES))
+            add(pipefusion_call_bytes(rank, stages, 1, text, rows, bands, spec["hidden"], OUT_FEATURES,
+                                      looks_ahead=looks_ahead(call, steps)))
     elif degrees.get("patch_degree", 1) > 1:
         for call in range(steps):
             add(displaced_call_bytes(degrees["patch_degree"], 1, text, rows * rows, BLOCKS, spec["hidden"] // HEAD_DIM, HEAD_DIM, OUT_FEATURES, call == 0))

@@ -26,6 +26,7 @@ import torch
 
 from parallel_core import ParallelState, gather_sequence, split_sequence
 
+from ..pipefusion_lookahead import FamilyCall
 from ..stale_forwards import dit_block_keys, stale_method
 from .flux import OBJECT_PATCH_KEY, joint_attention_options, refuse_unsupported, shard_tokens
 
@@ -51,10 +52,13 @@ def _stale_forward_orig(original, method, family: str, img, img_ids, txt, txt_id
     transformer_options = transformer_options or {}
     refuse_unsupported(control, None, attn_mask, transformer_options, family)
 
-    def call(img, img_ids, txt, txt_ids, options):
-        return original(img, img_ids, txt, txt_ids, timesteps, guidance, None, transformer_options=options)
+    def call_at(timesteps):
+        def call(img, img_ids, txt, txt_ids, options):
+            return original(img, img_ids, txt, txt_ids, timesteps, guidance, None, transformer_options=options)
+        return call
 
-    return method(call, img, img_ids, txt, txt_ids, transformer_options)
+    return method(call_at(timesteps), img, img_ids, txt, txt_ids, transformer_options,
+                  family_call=FamilyCall(call_at, timesteps, (guidance,)))
 
 
 def _sharded_img_in(original, state: ParallelState, img: torch.Tensor) -> torch.Tensor:

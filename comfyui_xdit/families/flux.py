@@ -25,6 +25,7 @@ from parallel_core.sharding import padded_piece
 
 from ..errors import UnsupportedByXDiT
 from ..parallel_glue import refuse_foreign_attention_override, text_front_attention_override
+from ..pipefusion_lookahead import FamilyCall
 from ..stale_forwards import dit_block_keys, refuse_mask, stale_method
 
 OBJECT_PATCH_KEY = "diffusion_model.forward_orig"
@@ -75,10 +76,13 @@ def _stale_forward_orig(original, method, family: str, img, img_ids, txt, txt_id
     transformer_options = transformer_options or {}
     refuse_unsupported(control, timestep_zero_index, attn_mask, transformer_options, family)
 
-    def call(img, img_ids, txt, txt_ids, options):
-        return original(img, img_ids, txt, txt_ids, timesteps, y, guidance, None, transformer_options=options)
+    def call_at(timesteps):
+        def call(img, img_ids, txt, txt_ids, options):
+            return original(img, img_ids, txt, txt_ids, timesteps, y, guidance, None, transformer_options=options)
+        return call
 
-    return method(call, img, img_ids, txt, txt_ids, transformer_options)
+    return method(call_at(timesteps), img, img_ids, txt, txt_ids, transformer_options,
+                  family_call=FamilyCall(call_at, timesteps, (y, guidance)))
 
 
 def parallelize(model_patcher, state: ParallelState, adapter):

@@ -34,6 +34,7 @@ from parallel_core.sharding import padded_piece
 
 from ..errors import UnsupportedByXDiT
 from ..parallel_glue import patches_at, refuse_foreign_attention_override, text_front_attention_override
+from ..pipefusion_lookahead import FamilyCall
 from ..stale_forwards import dit_block_keys, stale_method
 
 WRAPPER_KEY = "comfyui_xdit.qwen_image_sequence_parallel"
@@ -133,8 +134,14 @@ def _stale_forward(method, family: str, executor, x: torch.Tensor, timestep, con
     diffusion_model = executor.class_obj
     img, img_ids, shape = diffusion_model.process_img(x)
     txt_ids = _text_positions(x, context, diffusion_model.patch_size)
-    call = functools.partial(_token_call, executor, diffusion_model, timestep, additional_t_cond, kwargs)
-    out = method(call, img, img_ids, context, txt_ids, transformer_options)
+    def call_at(timesteps):
+        return functools.partial(_token_call, executor, diffusion_model, timesteps, additional_t_cond, kwargs)
+
+    # PipeFusion's lookahead checks that the next call repeats every input but the latent and timestep: tensors only.
+    extra = [kwargs[key] for key in sorted(kwargs)]
+    family_call = FamilyCall(call_at, timestep, (additional_t_cond, *extra)) \
+        if all(value is None or isinstance(value, torch.Tensor) for value in extra) else None
+    out = method(call_at(timestep), img, img_ids, context, txt_ids, transformer_options, family_call=family_call)
     return _unpatchify(out, shape)[:, :, :, :x.shape[-2], :x.shape[-1]]
 
 
