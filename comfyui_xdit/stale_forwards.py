@@ -10,13 +10,15 @@ whether each keeps text apart (returns "img" and "txt") or runs one joint [text,
 Displaced patch parallel (DistriFusion-style): each rank of the patch group computes its band of image rows plus
 the whole text; attention uses the other bands' keys/values from the previous step (displaced_attention).
 
-PipeFusion: within one model call (ComfyUI's sampler owns the loop, so the pipeline fills and drains once per
-call) the image is cut into patches (bands of rows; the text travels with the first) and each runs through the
-family's forward on every stage. Block replacements make each stage run only its own blocks: the first receives
-the patch's rows from the previous stage, the last sends them on without waiting, the others' blocks pass through.
-A patch's queries see the whole sequence: fresh keys/values for the rows already computed in this call, last
-call's for the rest (pipefusion_attention, sequence-parallel over the stage's Ulysses x Ring ranks). The last
-stage's output is broadcast so every rank continues the sampler loop with the same prediction.
+PipeFusion: within one model call (ComfyUI's sampler owns the loop) the image is cut into patches (bands of rows;
+the text travels with the first) and each runs through the family's forward on every stage. Block replacements
+make each stage run only its own blocks: a stage's first block receives the patch's rows from the previous stage,
+its last hands them on without waiting, the others' blocks pass through. A patch's queries see the whole
+sequence: fresh keys/values for the rows already computed in this call, last call's for the rest
+(pipefusion_attention, sequence-parallel over the stage's Ulysses x Ring ranks). The last stage's output is
+broadcast so every rank continues the sampler loop with the same prediction. Where the family's hooks give the
+forward at other timesteps (FamilyCall), the first stage also runs the next call's first patch ahead, so the
+pipeline does not fill and drain once per call (pipefusion_lookahead).
 
 Each attention call's key/value table is named by its place in the call's sequence of attention calls (the
 blocks run in the same order every call, and a stage runs the same blocks for every patch), so a family's blocks

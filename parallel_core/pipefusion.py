@@ -109,20 +109,32 @@ def pipeline_bubble(stages: int, patches: int) -> float:
     return (stages - 1) / (patches + stages - 1)
 
 
-def pipeline_time(shares: Sequence[float], patches: int | Sequence[float]) -> float:
+def pipeline_time(shares: Sequence[float], patches: int | Sequence[float], skip_first: bool = False,
+                  ahead: bool = False) -> float:
     """A fill and drain of micro-batches through stages doing `shares` of the work, in units of the whole work on
     one rank. `patches`: a count of equal micro-batches, or each one's share of the work (e.g. band_tokens); a
-    stage starts a patch when it has finished the previous one and the previous stage has handed it over."""
+    stage starts a patch when it has finished the previous one and the previous stage has handed it over.
+
+    PipeFusion's lookahead: `skip_first`, the first stage ran the first patch in the previous call and hands it over
+    at once; `ahead`, after its last patch the first stage runs the next call's first patch (once the last stage has
+    finished this call's), and the call ends when that is done too."""
     sizes = [1 / patches] * patches if isinstance(patches, int) else [p / sum(patches) for p in patches]
     done = [0.0] * len(shares)  # when each stage finished its latest patch
-    for size in sizes:
+    first_out = 0.0  # when the last stage finished the first patch
+    for index, size in enumerate(sizes):
         ready = 0.0
         for stage, share in enumerate(shares):
-            ready = done[stage] = max(done[stage], ready) + share * size
+            work = 0.0 if skip_first and index == 0 and stage == 0 else share * size
+            ready = done[stage] = max(done[stage], ready) + work
+        if index == 0:
+            first_out = ready
+    if ahead:
+        return max(done[-1], max(done[0], first_out) + shares[0] * sizes[0])
     return done[-1]
 
 
-def pipeline_bubbles(shares: Sequence[float], patches: int | Sequence[float]) -> list[float]:
-    """Share of the pipeline's time each stage spends idle (pipeline_bubble for equal shares and patches)."""
-    total = pipeline_time(shares, patches)
+def pipeline_bubbles(shares: Sequence[float], patches: int | Sequence[float], lookahead: bool = False) -> list[float]:
+    """Share of the pipeline's time each stage spends idle (pipeline_bubble for equal shares and patches); with
+    `lookahead`, in a call between two that look ahead (pipeline_time's skip_first and ahead)."""
+    total = pipeline_time(shares, patches, skip_first=lookahead, ahead=lookahead)
     return [1 - share / total for share in shares]

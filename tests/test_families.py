@@ -266,7 +266,7 @@ def test_qwen_image_token_level_call_is_stocks_forward_and_refuses_reference_ima
     patcher = IN_PROCESS["qwen_image_stages"](0)
     model = patcher.model.diffusion_model
 
-    def whole(call, img, img_ids, txt, txt_ids, options):
+    def whole(call, img, img_ids, txt, txt_ids, options, family_call=None):
         return call(img, img_ids, txt, txt_ids, options)
 
     wrappers = {"wrappers": {comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL: {"k": [functools.partial(_stale_forward, whole, "Qwen-Image")]}}}

@@ -136,6 +136,15 @@ def test_uneven_stages_idle_more_than_the_equal_bubble():
     bubbles = pc.pipeline_bubbles([2 / 7, 5 / 7], 4)
     assert bubbles[0] > pc.pipeline_bubble(2, 4) > bubbles[1] > 0
     assert pc.pipeline_time([1.0], 3) == 1 and pc.pipeline_bubbles([1.0], 3) == [0]
+    # Lookahead: a call between two that look ahead has no fill and no drain with equal stages; the first pipelined
+    # call still fills (its extra patch runs while the last stage drains), the last still drains.
+    assert pc.pipeline_time([0.5, 0.5], 4, skip_first=True, ahead=True) == pytest.approx(0.5)
+    assert pc.pipeline_time([0.5, 0.5], 4, ahead=True) == pytest.approx(5 / 8)
+    assert pc.pipeline_time([0.5, 0.5], 4, skip_first=True) == pytest.approx(0.5)
+    assert pc.pipeline_bubbles([0.5, 0.5], 2, lookahead=True) == [pytest.approx(0), pytest.approx(0)]
+    # Uneven stages: the heavier stage paces the call, whichever it is.
+    assert pc.pipeline_time([0.25, 0.75], 2, skip_first=True, ahead=True) == pytest.approx(0.75)
+    assert pc.pipeline_time([0.75, 0.25], 2, skip_first=True, ahead=True) == pytest.approx(0.75)
 
 
 def test_block_profiles_come_from_comfyuis_module_shapes(comfy_root):

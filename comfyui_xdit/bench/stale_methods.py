@@ -24,11 +24,14 @@ Method
   `kv_cache_mb` the most the stale methods' key/value tables held at once.
 - Bubble: PipeFusion ranks record the time they block waiting for the previous stage (recv) or for the last
   stage's output (broadcast); `bubble_measured` is that time over the sampling's wall time, beside
-  `bubble_theory` = (P-1)/(M+P-1) of one fill and drain per model call with equal stages and patches,
-  `bubble_theory_at_plan` = each stage's idle share of a pipelined call with the plan's modelled compute shares and
-  the patches' token counts (`patch_tokens`: the first band is shortened for the text it carries, stale_steps),
-  and `bubble_theory_sampling` = each stage's idle share of the whole sampling (the synchronous warmup call
-  included, as in `bubble_measured`).
+  `bubble_theory` = (P-1)/(M+P-1) of one fill and drain per model call with equal stages and patches (what a call
+  costs without lookahead), `bubble_theory_at_plan` = each stage's idle share of one pipelined call with the
+  plan's modelled compute shares and the patches' token counts (`patch_tokens`: the first band is shortened for
+  the text it carries, stale_steps), with lookahead (`lookahead`: true unless the method switches it off; the first
+  stage runs the next call's first patch while the last stage finishes this call's, pipefusion_lookahead) for a
+  call between two that look ahead, and `bubble_theory_sampling` = each stage's idle share of the whole sampling
+  (the synchronous warmup call, the first pipelined call that fills and the last that drains included, as in
+  `bubble_measured`). `lookahead_used_missed`: the first stage's predictions used and missed over all samplings.
 - CPU time: `cpu_ms_per_step` is each rank's process CPU time per step (waiting ranks block, they do not spin), so
   `stage_cpu_share` measures each stage's share of the work even on a loaded machine, beside the modelled
   `compute_share` (which leaves out the embedders and final layer every stage runs on each patch); `cpu_over_stock`
@@ -37,10 +40,10 @@ Method
   timed PipeFusion sampling: `speedup_vs_1_paired` is the median of those per-pair ratios, the figure to quote on a
   machine whose load changes (rank 0's `peak_rss_mb` then includes the stock model).
 - Stage plan: PipeFusion runs once per balance ("pipefusion" = the default, balanced; "pipefusion_memory",
-  "pipefusion_speed"): `stage_blocks` per stage, `compute_share` per stage (block_stages' model at this job's token
+  "pipefusion_speed"; "pipefusion_speed_no_lookahead" = the speed cut with lookahead off): `stage_blocks` per stage, `compute_share` per stage (block_stages' model at this job's token
   counts), `parameter_share` per stage, `stage_busy_ms_per_step` = each rank's wall time minus its waits, per step,
   and `speedup_theory` = what the modelled shares allow over one rank (one synchronous warmup call, then pipelined
-  calls of `patch_tokens`), beside the measured `speedup_vs_1` (`speedup_measured_over_theory` = their ratio;
+  calls of `patch_tokens`, with lookahead where the method has it), beside the measured `speedup_vs_1` (`speedup_measured_over_theory` = their ratio;
   `speedup_theory_equal_patches` = the same with M equal patches).
 """
 from __future__ import annotations
@@ -79,6 +82,7 @@ def _rank(rank: int, world_size: int, model_path: str, method: dict, spec: dict)
     from comfyui_xdit.bench.naive_patches import naive_patch_model
     from comfyui_xdit.parallel_model import parallelize
     from comfyui_xdit.stage_loading import held_block_parameters, load_stage
+    from comfyui_xdit.stale_forwards import LOOKAHEAD_ATTACHMENT
     from comfyui_xdit.stale_steps import OPTIONS_KEY
     from parallel_core import ParallelConfig, init_parallel
 
@@ -126,8 +130,10 @@ def _rank(rank: int, world_size: int, model_path: str, method: dict, spec: dict)
         if state is not None:
             comm = {"bytes": state.comm.snapshot(), "waited_s": state.comm.waited_s()}
     cache = sum(c.peak_bytes for c in _caches(model))
+    lookahead = model.get_attachment(LOOKAHEAD_ATTACHMENT) if state is not None else None
     return {"latent": latent, "times": times, "cpu_times": cpu_times, "stock_times": stock_times, "comm": comm, "held": held, "kv_cache_bytes": cache,
-            "plan": plan, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "plan": plan, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "lookahead": [lookahead.used, lookahead.missed] if lookahead is not None else None}
 
 
 def _caches(model) -> list:
@@ -165,7 +171,7 @@ def _theory(method: dict, spec: dict, rank: int) -> dict[str, int]:
         for call in range(steps):
             bands = [(0, rows)] if call == 0 else _bands(spec)
             add(pipefusion_call_bytes(rank, stages, 1, text, rows, bands, spec["hidden"], OUT_FEATURES,
-                                      looks_ahead=looks_ahead(call, steps)))
+                                      looks_ahead=method.get("options", {}).get("lookahead", True) and looks_ahead(call, steps)))
     elif degrees.get("patch_degree", 1) > 1:
         for call in range(steps):
             add(displaced_call_bytes(degrees["patch_degree"], 1, text, rows * rows, BLOCKS, spec["hidden"] // HEAD_DIM, HEAD_DIM, OUT_FEATURES, call == 0))
@@ -190,6 +196,8 @@ def _methods(spec: dict) -> list[dict]:
         {"method": "pipefusion", **pipefusion, "balance": DEFAULT_BALANCE},
         {"method": "pipefusion_memory", **pipefusion, "balance": "memory"},
         {"method": "pipefusion_speed", **pipefusion, "balance": "speed"},
+        # The same without lookahead (pipefusion_lookahead: each model call fills and drains the pipeline).
+        {"method": "pipefusion_speed_no_lookahead", **pipefusion, "balance": "speed", "options": {"num_pipeline_patch": patches, "lookahead": False}},
         {"method": "patch_parallel", "world_size": 2, "degrees": {"patch_degree": 2}, "options": {}},
         {"method": "ulysses", "world_size": 2, "degrees": {"ulysses_degree": 2}},
     ]
@@ -209,17 +217,20 @@ def plan_line(diffusion_model, adapter, stages: int, balance: str, tokens: Token
             "image_tokens": tokens.image, "text_tokens": tokens.text}
 
 
-def sampling_time(compute_share: list[float], patches, steps: int, warmup_steps: int = 1) -> float:
+def sampling_time(compute_share: list[float], patches, steps: int, warmup_steps: int = 1, lookahead: bool = True) -> float:
     """The pipeline's time for a sampling in units of one rank's step: synchronous warmup calls run the stages one
-    after the other (the whole work), the rest fill and drain `patches` (a count, or each patch's tokens:
-    pipeline_time); work outside the blocks, communication and per-patch overheads are not modelled."""
+    after the other (the whole work), the rest pipeline `patches` (a count, or each patch's tokens: pipeline_time),
+    with `lookahead` (a plain Euler run) every call but the last running the next one's first patch ahead and
+    every one but the first after the warmup handing it over at once; work outside the blocks, communication and
+    per-patch overheads are not modelled."""
     warm = min(warmup_steps, steps)
-    return warm + (steps - warm) * pipeline_time(compute_share, patches)
+    return warm + sum(pipeline_time(compute_share, patches, skip_first=lookahead and call > warm, ahead=lookahead and call < steps - 1)
+                      for call in range(warm, steps))
 
 
-def speedup_theory(compute_share: list[float], patches, steps: int, warmup_steps: int = 1) -> float:
+def speedup_theory(compute_share: list[float], patches, steps: int, warmup_steps: int = 1, lookahead: bool = True) -> float:
     """One rank's time over the pipeline's (sampling_time)."""
-    return steps / sampling_time(compute_share, patches, steps, warmup_steps)
+    return steps / sampling_time(compute_share, patches, steps, warmup_steps, lookahead)
 
 
 def flux_dev_plan_lines(patches_per_stage: int = 2) -> list[dict]:
@@ -243,7 +254,9 @@ def flux_dev_plan_lines(patches_per_stage: int = 2) -> list[dict]:
                           **line, "max_parameter_share_over_equal": round(max(line["parameter_share"]) * stages, 4),
                           "max_compute_share_over_equal": round(max(line["compute_share"]) * stages, 4),
                           "patches": patches, "bubble_theory_at_plan": [round(b, 3) for b in pipeline_bubbles(line["compute_share"], patches)],
-                          "speedup_theory_per_pipelined_call": round(1 / pipeline_time(line["compute_share"], patches), 3)})
+                          "speedup_theory_per_pipelined_call": round(1 / pipeline_time(line["compute_share"], patches), 3),
+                          "speedup_theory_per_pipelined_call_lookahead": round(
+                              1 / pipeline_time(line["compute_share"], patches, skip_first=True, ahead=True), 3)})
     return lines
 
 
@@ -298,17 +311,20 @@ def main(argv=None) -> int:
             plan, patches, bands = per_rank[0]["plan"], spec["patches"], _bands(spec)
             tokens = band_tokens(bands, args.size // 2, args.text_tokens)
             walls = [statistics.median(r["times"]) for r in per_rank]
-            theory = speedup_theory(plan["compute_share"], tokens, args.steps)
-            timeline = sampling_time(plan["compute_share"], tokens, args.steps)
+            lookahead = method["options"].get("lookahead", True)
+            theory = speedup_theory(plan["compute_share"], tokens, args.steps, lookahead=lookahead)
+            timeline = sampling_time(plan["compute_share"], tokens, args.steps, lookahead=lookahead)
             line.update({"warmup_steps": 1, "num_pipeline_patch": patches, "patch_bands": bands, "patch_tokens": tokens, **plan,
+                         # first stage's predictions used and missed over the run's samplings (the untimed one included)
+                         "lookahead": lookahead, "lookahead_used_missed": per_rank[0]["lookahead"],
                          "stage_busy_ms_per_step": [round((wall - r["comm"]["waited_s"]) / args.steps * 1e3, 1) for wall, r in zip(walls, per_rank)],
                          "stage_cpu_share": [round(c / sum(line["cpu_ms_per_step"]), 4) for c in line["cpu_ms_per_step"]],
                          "bubble_measured": [round(r["comm"]["waited_s"] / wall, 3) for wall, r in zip(walls, per_rank)],
                          "bubble_theory": round(pipeline_bubble(2, patches), 3),
-                         "bubble_theory_at_plan": [round(b, 3) for b in pipeline_bubbles(plan["compute_share"], tokens)],
+                         "bubble_theory_at_plan": [round(b, 3) for b in pipeline_bubbles(plan["compute_share"], tokens, lookahead)],
                          "bubble_theory_sampling": [round(1 - share * args.steps / timeline, 3) for share in plan["compute_share"]],
                          "speedup_theory": round(theory, 3),
-                         "speedup_theory_equal_patches": round(speedup_theory(plan["compute_share"], patches, args.steps), 3),
+                         "speedup_theory_equal_patches": round(speedup_theory(plan["compute_share"], patches, args.steps, lookahead=lookahead), 3),
                          "speedup_measured_over_theory": round(stock_ms / ms / theory, 3),
                          "stock_ms_per_step_paired": round(statistics.median(per_rank[0]["stock_times"]) / args.steps * 1e3, 1),
                          "speedup_vs_1_paired": round(statistics.median(s / t for s, t in zip(per_rank[0]["stock_times"], per_rank[0]["times"])), 3)})
