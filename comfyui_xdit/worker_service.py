@@ -53,6 +53,7 @@ class SamplingService:
         self.model_loads = 0
         self.parallel_builds = 0
         self._vae = ResidentVae()
+        self._lookahead: list[int] | None = None  # PipeFusion's lookahead [used, missed] in the last sampling job
 
     def _model(self, ref, state: ParallelState):
         import comfy.model_management
@@ -108,6 +109,7 @@ class SamplingService:
 
     def run(self, job, state: ParallelState, control) -> dict[str, Any]:
         from .job import run_job
+        from .stale_forwards import LOOKAHEAD_ATTACHMENT
 
         if isinstance(job, VaeJob):
             return {"tensor": self._vae.run(job)}
@@ -123,7 +125,10 @@ class SamplingService:
             control.after_step(step + 1, x0[:1].to("cpu", copy=True) if previews else None)
 
         report: dict[str, Any] = {}
+        lookahead = model.get_attachment(LOOKAHEAD_ATTACHMENT)  # PipeFusion models only; counts on the first stage
+        before = (lookahead.used, lookahead.missed) if lookahead is not None else (0, 0)
         samples = run_job(model, job, callback, state, report)
+        self._lookahead = None if lookahead is None else [lookahead.used - before[0], lookahead.missed - before[1]]
         x0 = last_x0.get("x0")
         return {"samples": samples.cpu(), "x0": None if x0 is None else x0.cpu(), **report}
 
@@ -141,4 +146,5 @@ class SamplingService:
                 "sharded_block_bytes": sharded.resident_bytes() if sharded else None,  # this rank's pieces
                 "whole_block_bytes": sharded.block_bytes() if sharded else None,
                 "loras": loras.describe() if loras else [], "lora_switches": loras.switches if loras else 0,
-                "lora_keys_changed": loras.last_keys_changed if loras else 0, "vae_loads": self._vae.loads}
+                "lora_keys_changed": loras.last_keys_changed if loras else 0, "vae_loads": self._vae.loads,
+                "pipefusion_lookahead": self._lookahead}

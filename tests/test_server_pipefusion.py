@@ -32,6 +32,8 @@ def test_shipped_pipefusion_workflow_is_exact_at_full_warmup_and_close_at_defaul
     shipped = load_api_workflow(PIPEFUSION_WORKFLOW)
     stock = saved_latent(comfy_server, client.run(_offline(stock_twin(shipped), "pf_stock"), timeout=300))
     defaults = saved_latent(comfy_server, client.run(_offline(shipped, "pf_defaults"), timeout=600))
+    # euler, BasicGuider: the first stage ran every call after the second's first patch ahead (pipefusion_lookahead)
+    assert [r["pipefusion_lookahead"] for r in comfy_server.get_json("/xdit/status")["pool"]["ranks"]] == [[STEPS - 2, 0], [0, 0]]
     exact = _offline(shipped, "pf_exact")
     set_input(exact, "XDiTSamplerCustomAdvanced", "warmup_steps", STEPS)
     exact = saved_latent(comfy_server, client.run(exact, timeout=600))
