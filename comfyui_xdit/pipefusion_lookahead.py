@@ -23,14 +23,14 @@ import torch
 import comfy.k_diffusion.sampling
 import comfy.model_sampling
 
-# A family's forward for given timesteps: call_at(timesteps) -> TokenCall (stale_forwards), and the tensors besides
-# the tokens and timesteps that its output depends on (pooled text, guidance), which the next call must repeat.
+# A family's forward for given timesteps: call_at(timesteps) -> TokenCall (stale_forwards).
 CallAt = Callable[[torch.Tensor], Callable]
 
 
 @dataclass(frozen=True)
 class FamilyCall:
-    """This call's timesteps and other fixed inputs, and the family's forward at any timesteps."""
+    """The family's forward at any timesteps, this call's timesteps, and the other tensors its output depends on
+    besides the tokens (pooled text, guidance): the next call must repeat them for a prediction to be used."""
 
     call_at: CallAt
     timesteps: torch.Tensor
@@ -39,7 +39,8 @@ class FamilyCall:
 
 @dataclass
 class Prediction:
-    """The first stage's run of the next call's first patch: its predicted inputs, and the rows held for stage 2."""
+    """The first stage's run of the next call's first patch: its predicted inputs, and the rows held for the next
+    stage."""
 
     image: torch.Tensor
     image_ids: torch.Tensor
