@@ -123,14 +123,14 @@ def attention(
 
 
 def merge_partials(partials: list[tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype) -> torch.Tensor:
-    """Combine attention results over disjoint key blocks, in the given order, by their LSEs (fp32)."""
-    if len(partials) == 1:
-        return partials[0][0].to(dtype)
-    lses = torch.stack([lse for _, lse in partials])  # (n, B, H, Sq)
-    total = torch.logsumexp(lses, dim=0)
-    out = None
-    for (part, _), lse in zip(partials, lses):
-        weight = torch.exp(lse - total).transpose(1, 2).unsqueeze(-1)  # (B, Sq, H, 1)
-        term = part.float() * weight
-        out = term if out is None else out + term
+    """Combine attention results over disjoint key blocks, in the given order, by their LSEs (fp32).
+
+    Folded in one block at a time: the running result moves towards the next block's by that block's share of the
+    softmax mass so far (one fused lerp pass over the rows, not a weighted sum of every block)."""
+    out, lse = partials[0][0].float(), partials[0][1]
+    for part, part_lse in partials[1:]:
+        total = torch.logaddexp(lse, part_lse)
+        share = torch.exp(part_lse - total).transpose(1, 2).unsqueeze(-1)  # (B, Sq, H, 1)
+        out = torch.lerp(out, part.float(), share)
+        lse = total
     return out.to(dtype)

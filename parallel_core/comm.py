@@ -12,7 +12,6 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -103,68 +102,52 @@ def all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, dim_group: Di
     return torch.cat(recv.unbind(0), dim=gather_dim)
 
 
-def sequence_to_heads(tensors: list[torch.Tensor], padded_heads: int, dim_group: DimensionGroup, stats: CommStats,
-                      segments: Sequence[int] | None = None) -> torch.Tensor:
+def sequence_to_heads(tensors: list[torch.Tensor], padded_heads: int, dim_group: DimensionGroup,
+                      stats: CommStats) -> torch.Tensor:
     """Ulysses' forward exchange for several (batch, seq_local, heads, head_dim) tensors in one collective: every rank
     gets all ranks' rows for its `padded_heads / size` heads (heads past the real ones are zero), as one
-    (n, batch, size * seq_local, padded_heads / size, head_dim) tensor, rows in group-rank order.
+    (n, batch, size * seq_local, padded_heads / size, head_dim) view, rows in group-rank order (rank-major: each
+    rank's seq_local rows in turn, whatever sequences they hold pieces of).
 
-    `segments` (local row counts summing to seq_local): each rank's rows are its pieces of several sequences in
-    turn (e.g. [its text rows, its image rows]); the result then holds segment 0 of every rank in rank order, then
-    segment 1 of every rank, ..., i.e. each sequence whole, laid out in the same single copy.
-
-    Memory: the inputs are copied once, straight into the send buffer (head-chunk outermost), and the send buffer is
-    released before the received blocks are laid out: two copies of the inputs at most besides them, where stacking,
-    chunking and concatenating would hold four."""
+    Memory and copies: the inputs are copied once, straight into the send buffer, laid out (rank, row, batch,
+    tensor, head, dim) so that the receive buffer is already the result (a strided view, no copy after the
+    exchange); the send buffer is released after it: two copies of the inputs at most besides them."""
     size, n = dim_group.size, len(tensors)
     batch, rows, heads, head_dim = tensors[0].shape
     per_rank = padded_heads // size
     allocate = torch.empty if padded_heads == heads else torch.zeros
-    send = allocate(size, n, batch, rows, per_rank, head_dim, dtype=tensors[0].dtype, device=tensors[0].device)
+    send = allocate(size, rows, batch, n, per_rank, head_dim, dtype=tensors[0].dtype, device=tensors[0].device)
     for index, tensor in enumerate(tensors):
         for rank in range(size):
             first, last = rank * per_rank, min((rank + 1) * per_rank, heads)
             if last > first:
-                send[rank, index, :, :, :last - first].copy_(tensor[:, :, first:last])
+                send[rank, :, :, index, :last - first].copy_(tensor[:, :, first:last].transpose(0, 1))
     if size == 1:
-        return send[0]
-    recv = torch.empty_like(send)
-    with _traced("all_to_all"):
-        dist.all_to_all_single(recv, send, group=dim_group.group)
-    stats.record("all_to_all", dim_group.name, _nbytes(send) * (size - 1) // size)
-    del send
-    if segments is None:
-        return recv.permute(1, 2, 0, 3, 4, 5).reshape(n, batch, size * rows, per_rank, head_dim)
-    out = torch.empty(n, batch, size * rows, per_rank, head_dim, dtype=recv.dtype, device=recv.device)
-    start = 0
-    for length in segments:
-        out[:, :, size * start:size * (start + length)].view(n, batch, size, length, per_rank, head_dim).copy_(
-            recv[:, :, :, start:start + length].permute(1, 2, 0, 3, 4, 5))
-        start += length
-    return out
+        recv = send
+    else:
+        recv = torch.empty_like(send)
+        with _traced("all_to_all"):
+            dist.all_to_all_single(recv, send, group=dim_group.group)
+        stats.record("all_to_all", dim_group.name, _nbytes(send) * (size - 1) // size)
+        del send
+    return recv.view(size * rows, batch, n, per_rank, head_dim).permute(2, 1, 0, 3, 4)
 
 
-def heads_to_sequence(x: torch.Tensor, heads: int, segments: Sequence[int], dim_group: DimensionGroup,
-                      stats: CommStats) -> torch.Tensor:
-    """Inverse of sequence_to_heads(..., segments): x (batch, size * seq_local, heads_here, head_dim) holding each
-    segment whole (segment-major) for this rank's heads -> (batch, seq_local, heads, head_dim), this rank's rows of
-    every head (the first `heads` of the padded ones). One copy into the send buffer, one out of the receive buffer."""
+def heads_to_sequence(x: torch.Tensor, heads: int, dim_group: DimensionGroup, stats: CommStats) -> torch.Tensor:
+    """Inverse of sequence_to_heads: x (batch, size * seq_local, heads_here, head_dim), rows rank-major, for this
+    rank's heads -> (batch, seq_local, heads, head_dim), this rank's rows of every head (the first `heads` of the
+    padded ones). One copy into the send buffer, one out of the receive buffer."""
     size = dim_group.size
     if size == 1:
         return x[:, :, :heads]
     batch, total, per_rank, head_dim = x.shape
-    rows = total // size
-    send = torch.empty(size, batch, rows, per_rank, head_dim, dtype=x.dtype, device=x.device)
-    start = 0
-    for length in segments:
-        send[:, :, start:start + length].copy_(x[:, size * start:size * (start + length)].unflatten(1, (size, length)).transpose(0, 1))
-        start += length
+    send = x.unflatten(1, (size, total // size)).transpose(0, 1).contiguous()
     recv = torch.empty_like(send)
     with _traced("all_to_all"):
         dist.all_to_all_single(recv, send, group=dim_group.group)
     stats.record("all_to_all", dim_group.name, _nbytes(send) * (size - 1) // size)
     del send
-    return recv.permute(1, 2, 0, 3, 4).reshape(batch, rows, size * per_rank, head_dim)[:, :, :heads]
+    return recv.permute(1, 2, 0, 3, 4).reshape(batch, total // size, size * per_rank, head_dim)[:, :, :heads]
 
 
 def all_gather(x: torch.Tensor, dim: int, dim_group: DimensionGroup, stats: CommStats) -> torch.Tensor:

@@ -155,9 +155,10 @@ def usp_segments_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, st
 
     q, k, v: (batch, rows, heads, head_dim) where rows are this rank's piece of segment 0, then of segment 1, ...
     `segments`: (rows of this rank's piece, true length) per segment. Every row, text included, travels in Ulysses'
-    all-to-all with the others, so nothing is gathered whole or computed on two ranks, and the exchange lays each
-    segment out whole in the same copy. A ring block holds each segment's rows of its U shards; its valid keys are
-    those ranges less the padding. With one ring rank the keys are the joined sequence in order, as one rank has it.
+    all-to-all with the others, so nothing is gathered whole or computed on two ranks. Attention does not depend on
+    the order of its keys, so after the exchange the rows stay rank by rank as they arrived (each rank's pieces in
+    turn: no copy to put each segment back together); a ring block is its U ranks' rows, and its valid keys are
+    those rows less each piece's padding. With one sequence rank the keys are the joined sequence in order.
     """
     if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"q, k, v must share one (batch, rows, heads, head_dim) shape; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
@@ -172,19 +173,19 @@ def usp_segments_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, st
     if ulysses.size == 1:  # the rows already lie segment after segment: no exchange, no copy
         bq, bk, bv = q, k, v
     else:
-        bq, bk, bv = sequence_to_heads([q, k, v], padded_heads, ulysses, state.comm, segments=local).unbind(0)
+        bq, bk, bv = sequence_to_heads([q, k, v], padded_heads, ulysses, state.comm).unbind(0)
 
     def key_ranges(block: int) -> list[tuple[int, int]]:
-        """Rows of ring block `block` that are real keys: each segment's rows of the block less its padding."""
+        """Rows of ring block `block` that are real keys: each of its U sequence ranks' pieces less their padding."""
         ranges, offset = [], 0
-        for rows, length in segments:
-            width = ulysses.size * rows
-            valid = max(0, min(width, length - block * width))
-            if valid and ranges and ranges[-1][1] == offset:
-                ranges[-1] = (ranges[-1][0], offset + valid)
-            elif valid:
-                ranges.append((offset, offset + valid))
-            offset += width
+        for sequence_rank in range(block * ulysses.size, (block + 1) * ulysses.size):
+            for rows, length in segments:
+                valid = max(0, min(rows, length - sequence_rank * rows))
+                if valid and ranges and ranges[-1][1] == offset:
+                    ranges[-1] = (ranges[-1][0], offset + valid)
+                elif valid:
+                    ranges.append((offset, offset + valid))
+                offset += rows
         return ranges
 
     def block_keys(kv: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -211,4 +212,4 @@ def usp_segments_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, st
             if shift is not None:
                 kv = shift.wait()
         out = merge_partials([partials[b] for b in sorted(partials)], bq.dtype)
-    return heads_to_sequence(out, heads, local, ulysses, state.comm)
+    return heads_to_sequence(out, heads, ulysses, state.comm)

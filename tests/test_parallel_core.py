@@ -104,14 +104,35 @@ def test_kernel_lse_is_the_true_logsumexp(backend, causal, dtype):
     assert lse.abs().min() > 0
 
 
-def test_merging_blocks_needs_the_real_lse():
+@pytest.mark.parametrize("cuts", ((10,), (5, 13, 20), (1, 2, 23)))
+def test_merging_blocks_needs_the_real_lse(cuts):
+    """Blocks of any size, merged in order by folding one block at a time (ring ranks hand theirs in that way)."""
     gen = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(1, 24, 2, 8, generator=gen) for _ in range(3))
-    parts = [pc.attention_with_lse(q, k[:, s], v[:, s]) for s in (slice(0, 10), slice(10, 24))]
+    bounds = (0, *cuts, 24)
+    parts = [pc.attention_with_lse(q, k[:, a:b], v[:, a:b]) for a, b in zip(bounds, bounds[1:])]
     full = parallel_cases.reference(q, k, v)
     assert (pc.merge_partials(parts, torch.float32) - full).abs().max() < 1e-5
+    assert pc.merge_partials([(o.bfloat16(), lse) for o, lse in parts], torch.bfloat16).dtype == torch.bfloat16
     zero_lse = [(o, torch.zeros_like(lse)) for o, lse in parts]
     assert (pc.merge_partials(zero_lse, torch.float32) - full).abs().max() > 1e-2
+
+
+def test_ulysses_exchange_hands_back_views_of_one_buffer():
+    """sequence_to_heads' result is views of the one buffer the exchange filled (its layout is what arrives), heads
+    past the real ones zero; heads_to_sequence undoes it. One rank, no group: the layout and the round trip only
+    (the multi-rank exchange is checked by the segments and USP tests)."""
+    from parallel_core.comm import CommStats, DimensionGroup, heads_to_sequence, sequence_to_heads
+
+    one = DimensionGroup("ulysses", 0, 1, (0,))
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 5, 3, 4, generator=gen) for _ in range(3))
+    qkv = sequence_to_heads([q, k, v], 4, one, CommStats())
+    assert qkv.shape == (3, 2, 5, 4, 4)
+    assert len({t.untyped_storage().data_ptr() for t in qkv.unbind(0)}) == 1
+    for got, sent in zip(qkv.unbind(0), (q, k, v)):
+        assert torch.equal(got[:, :, :3], sent) and not got[:, :, 3:].any()
+    assert torch.equal(heads_to_sequence(qkv[0], 3, one, CommStats()), q)
 
 
 # --- errors that say what to change ------------------------------------------------------------------------------

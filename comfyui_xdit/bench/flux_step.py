@@ -221,10 +221,10 @@ def _replay_step_comm(method: str, state, job: dict, spec: dict) -> dict:
         heads_here = -(-heads // u)
         for _ in range(calls):
             qkv = [torch.zeros(b, rows, heads_here * u, d) for _ in range(3)]
-            kv = pc.comm.sequence_to_heads(qkv, heads_here * u, state.ulysses, stats, segments=[rows])[1:]
+            kv = pc.comm.sequence_to_heads(qkv, heads_here * u, state.ulysses, stats)[1:]
             for _step in range(r - 1):
                 kv = RingShift(kv, state.ring, stats).wait()
-            pc.comm.heads_to_sequence(torch.zeros(b, u * rows, heads_here, d), heads, [rows], state.ulysses, stats)
+            pc.comm.heads_to_sequence(torch.zeros(b, u * rows, heads_here, d), heads, state.ulysses, stats)
         pc.all_gather(torch.zeros(b, local, OUT_FEATURES), 1, state.sequence, stats)
 
     replay()  # warm
