@@ -19,6 +19,7 @@ from .cluster import cluster_gpus, ensure_ray, live_nodes, private_cluster_folde
 from .clusters import ClusterTarget
 from .errors import JobInterrupted, PoolFailure
 from .placement import WORKER_SLOT_RESOURCE, NodeSlots, node_slots, spread, uses_worker_slots
+from .torch_switches import TorchSwitches
 from .worker import PoolWorker
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -149,8 +150,9 @@ class WorkerPool:
         import ray
 
         started = time.perf_counter()
+        switches = TorchSwitches.of_this_process()
         try:
-            self.last_stats = ray.get([a.prepare.remote(model_ref, degrees) for a in self.actors], timeout=STARTUP_TIMEOUT_S)
+            self.last_stats = ray.get([a.prepare.remote(model_ref, degrees, switches) for a in self.actors], timeout=STARTUP_TIMEOUT_S)
         except Exception as error:
             # A rank that died or failed here leaves the others waiting in a collective: no later job can run on it.
             self.shutdown()
@@ -168,7 +170,8 @@ class WorkerPool:
         attached to a step it has not delivered before (else None), so a preview crosses at most once per step.
         """
         dispatched = time.perf_counter()
-        refs = [a.run.remote(job, degrees) for a in self.actors]
+        switches = TorchSwitches.of_this_process()  # the workers compute with the kernels this process would
+        refs = [a.run.remote(job, degrees, switches) for a in self.actors]
         try:
             results = self._collect(refs, on_progress, should_interrupt, poll_s, previews)
         except (PoolFailure, JobInterrupted):

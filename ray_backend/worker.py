@@ -48,6 +48,7 @@ with _collector_paused():
     from parallel_core.rendezvous import connect_store, file_store, serve_store
 
 from .step_control import StepControl
+from .torch_switches import TorchSwitches
 
 LOOPBACK_PREFIX = "127."
 GLOO_IFNAME_ENV = "GLOO_SOCKET_IFNAME"
@@ -203,28 +204,28 @@ class PoolWorker:
             self._states[config] = init_parallel(config)
         return self._states[config]
 
-    def _computed(self, work, *args):
+    def _computed(self, switches: TorchSwitches, work, *args):
         """`work(*args)` on the compute thread, in inference mode as ComfyUI runs a prompt's nodes (no autograd
-        bookkeeping per op: 8% of a tiny model's step)."""
+        bookkeeping per op: 8% of a tiny model's step), with the torch switches of the process that sent it."""
         def call():
-            with torch.inference_mode():
+            with torch.inference_mode(), switches.applied():
                 return work(*args)
 
         return self._compute.submit(call).result()
 
-    def prepare(self, model_ref: Any, degrees: dict[str, int]) -> dict[str, Any]:
+    def prepare(self, model_ref: Any, degrees: dict[str, int], switches: TorchSwitches) -> dict[str, Any]:
         """Make a model resident (every rank at once); returns the service's stats."""
-        return self._computed(self._prepare, model_ref, degrees)
+        return self._computed(switches, self._prepare, model_ref, degrees)
 
     def _prepare(self, model_ref: Any, degrees: dict[str, int]) -> dict[str, Any]:
         service = self._service
         service.prepare(model_ref, self._state_for(degrees))
         return service.stats()
 
-    def run(self, job: Any, degrees: dict[str, int]) -> dict[str, Any]:
-        """Run one job on this rank. Rank 0's result carries the job's output (every rank's, for a job that says
-        `every_rank_returns`)."""
-        return self._computed(self._run, job, degrees)
+    def run(self, job: Any, degrees: dict[str, int], switches: TorchSwitches) -> dict[str, Any]:
+        """Run one job on this rank with the sender's torch `switches`. Rank 0's result carries the job's output
+        (every rank's, for a job that says `every_rank_returns`)."""
+        return self._computed(switches, self._run, job, degrees)
 
     def _run(self, job: Any, degrees: dict[str, int]) -> dict[str, Any]:
         service = self._service

@@ -31,6 +31,7 @@ class EchoService:
         self._compute_threads: set[int] = set()  # threads prepare() and run() were called on
         self._inference_mode: set[bool] = set()  # whether each run() was in inference mode
         self._openmp_threads: int | None = None  # the OpenMP thread count the last run() computed with
+        self._switches: tuple[bool, bool] | None = None  # (oneDNN, deterministic algorithms) as the last run() saw them
 
     def prepare(self, model_ref, state) -> None:
         self._compute_threads.add(threading.get_ident())
@@ -42,6 +43,7 @@ class EchoService:
         self._inference_mode.add(torch.is_inference_mode_enabled())
         torch.ones(1 << 16).add_(1)  # a parallel op, as every model step has: torch sets this thread's count once, here
         self._openmp_threads = openmp_threads()
+        self._switches = (torch.backends.mkldnn.enabled, torch.are_deterministic_algorithms_enabled())
         with self._lock:
             self._active += 1
             overlapped = self._active > 1
@@ -68,4 +70,4 @@ class EchoService:
         return {"jobs": self.jobs, "regroups": self.regroups, "pid": os.getpid(), "compute_threads": len(self._compute_threads),
                 "inference_mode": sorted(self._inference_mode), "collector_while_built": self._collector_while_built,
                 "collector_now": gc.isenabled(), "frozen_objects": gc.get_freeze_count(),
-                "openmp_threads": self._openmp_threads}
+                "openmp_threads": self._openmp_threads, "switches": self._switches}

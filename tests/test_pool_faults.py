@@ -1,5 +1,5 @@
 """ray_backend on its own (no ComfyUI): a job its caller abandons is stopped on every rank before the next job
-starts, every job of a worker runs on one thread in inference mode, and a worker that dies while the model loads
+starts, every job of a worker runs on one thread in inference mode with the sender's torch switches, and a worker that dies while the model loads
 takes the pool down so the next request starts a fresh one; a worker's startup imports run without the cyclic
 collector and end frozen, with the collector back on."""
 from __future__ import annotations
@@ -34,6 +34,15 @@ for value in range(6):  # Ray answers each call on any thread of the actor's poo
     pool.run({"value": value}, degrees)
 report["compute_threads"] = [s["compute_threads"] for s in pool.last_stats]
 report["inference_mode"] = [s["inference_mode"] for s in pool.last_stats]
+import torch
+torch.backends.mkldnn.enabled = False  # as a node, or ComfyUI's --deterministic, sets them in the ComfyUI process
+torch.use_deterministic_algorithms(True, warn_only=True)
+pool.run({"value": 1}, degrees)
+report["switches_sent"] = [s["switches"] for s in pool.last_stats]
+torch.backends.mkldnn.enabled = True
+torch.use_deterministic_algorithms(False)
+pool.run({"value": 1}, degrees)
+report["switches_back"] = [s["switches"] for s in pool.last_stats]
 report["collector"] = [(s["collector_while_built"], s["collector_now"], s["frozen_objects"]) for s in pool.last_stats]
 try:
     pool.warm({"die_rank": 1}, degrees)
@@ -58,6 +67,9 @@ def test_an_abandoned_job_stops_on_every_rank_and_a_death_in_prepare_takes_the_p
     # One thread computes on each worker: with OpenMP teams of several threads alive, libgomp stops spin-waiting.
     assert report["compute_threads"] == [1, 1]
     assert report["inference_mode"] == [[True], [True]], "jobs run in inference mode, as ComfyUI runs a prompt's nodes"
+    # Each job computes with the torch switches of the process that sent it.
+    assert report["switches_sent"] == [[False, True]] * 2, report["switches_sent"]
+    assert report["switches_back"] == [[True, False]] * 2, report["switches_back"]
     # The startup imports ran without the cyclic collector and were frozen after; the collector is back on for jobs.
     for while_built, now, frozen in report["collector"]:
         assert (while_built, now) == (False, True) and frozen > 50_000, report["collector"]

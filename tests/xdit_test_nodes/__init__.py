@@ -74,6 +74,35 @@ class XDiTTestClipVisionOutput:
         return (output,)
 
 
-NODE_CLASS_MAPPINGS = {"XDiTTestConditioning": XDiTTestConditioning, "XDiTTestClipVisionOutput": XDiTTestClipVisionOutput}
+class XDiTTestOneDNN:
+    """Turns oneDNN on or off in the server process, for the prompts that follow (a graph of this node alone).
+
+    oneDNN picks its convolution kernel by batch size, so a U-Net whose batch CFG or data parallel splits differs from
+    stock by kernel choice alone (up to 2.6e-6 of the latent's max on an AVX2 CPU). With PyTorch's own convolution,
+    which treats every sample alike, on both sides a test sees only what the parallel methods change; the pool
+    computes with the server's switch because every job carries the server's torch switches to the workers.
+    """
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {"enabled": ("BOOLEAN", {"default": True})}}
+
+    @classmethod
+    def IS_CHANGED(cls, enabled: bool) -> float:
+        return float("nan")  # run every time it is queued: the switch is process state, not a cached output
+
+    RETURN_TYPES = ()
+    FUNCTION = "switch"
+    OUTPUT_NODE = True
+    CATEGORY = "testing/xdit"
+
+    def switch(self, enabled: bool) -> tuple:
+        torch.backends.mkldnn.enabled = enabled
+        return ()
+
+
+NODE_CLASS_MAPPINGS = {"XDiTTestConditioning": XDiTTestConditioning, "XDiTTestClipVisionOutput": XDiTTestClipVisionOutput,
+                       "XDiTTestOneDNN": XDiTTestOneDNN}
 NODE_DISPLAY_NAME_MAPPINGS = {"XDiTTestConditioning": "xDiT Test Conditioning (random, tests only)",
-                              "XDiTTestClipVisionOutput": "xDiT Test CLIP Vision Output (random, tests only)"}
+                              "XDiTTestClipVisionOutput": "xDiT Test CLIP Vision Output (random, tests only)",
+                              "XDiTTestOneDNN": "xDiT Test oneDNN switch (tests only)"}
