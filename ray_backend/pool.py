@@ -39,11 +39,11 @@ class PoolKey:
     cluster: ClusterTarget
 
 
-def _worker_env() -> dict[str, str]:
+def _worker_env(service_env: dict[str, str]) -> dict[str, str]:
     # Workers import this repo's packages and the ComfyUI this process uses; the repo goes after whatever is
     # already there, so ComfyUI's top-level `nodes` module is never shadowed by our `nodes/` folder.
     paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p] + [str(REPO_ROOT)]
-    env = {"PYTHONPATH": os.pathsep.join(paths), "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**service_env, "PYTHONPATH": os.pathsep.join(paths), "RAY_USAGE_STATS_ENABLED": "0"}
     if os.environ.get("COMFYUI_PATH"):
         env["COMFYUI_PATH"] = os.environ["COMFYUI_PATH"]
     return env
@@ -58,11 +58,13 @@ def _cause(error: BaseException) -> BaseException:
 class WorkerPool:
     """`key.world_size` actors, one per GPU when the cluster has enough GPUs, else CPU workers over gloo."""
 
-    def __init__(self, key: PoolKey, service_path: str, should_interrupt: Callable[[], bool] | None = None):
+    def __init__(self, key: PoolKey, service_path: str, should_interrupt: Callable[[], bool] | None = None,
+                 service_env: dict[str, str] | None = None):
         ensure_ray(key.cluster, should_interrupt)
         ray_s = take_connect_seconds()  # the connection may have been made before (the loader connects first)
         self.key = key
         self._service_path = service_path
+        self._env = _worker_env(service_env or {})
         self.actors: list = []
         self.placement: list[NodeSlots] = []
         self.jobs_run = 0
@@ -133,8 +135,7 @@ class WorkerPool:
         port = ray.get(self.actors[0].open_rendezvous.remote(host), timeout=STARTUP_TIMEOUT_S)
         return [a.join.remote(host, port, COLLECTIVE_TIMEOUT_S, node.address) for a, node in zip(self.actors, self.placement)]
 
-    @staticmethod
-    def _actor(ray, node: NodeSlots, use_gpus: bool, by_slots: bool):
+    def _actor(self, ray, node: NodeSlots, use_gpus: bool, by_slots: bool):
         """The actor class pinned to `node` (hard affinity: a worker never lands elsewhere than planned)."""
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -142,7 +143,7 @@ class WorkerPool:
             num_cpus=0 if not use_gpus else 1, num_gpus=1 if use_gpus else 0, max_concurrency=4,
             resources={WORKER_SLOT_RESOURCE: 1} if by_slots else {},
             scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=False),
-            runtime_env={"env_vars": _worker_env()},
+            runtime_env={"env_vars": self._env},
         )
 
     def warm(self, model_ref: Any, degrees: dict[str, int]) -> list[dict]:
@@ -309,10 +310,12 @@ class WorkerPool:
 
 
 class PoolRegistry:
-    """The ComfyUI process's one live pool: reused while its key matches, replaced when it changes or dies."""
+    """The ComfyUI process's one live pool: reused while its key matches, replaced when it changes or dies.
+    `service_env()` gives the environment entries the service needs in its workers, read when a pool starts."""
 
-    def __init__(self, service_path: str):
+    def __init__(self, service_path: str, service_env: Callable[[], dict[str, str]] = dict):
         self._service_path = service_path
+        self._service_env = service_env
         self._pool: WorkerPool | None = None
         self._lock = threading.Lock()  # a prompt's get waits for a start already under way (started with ComfyUI)
         self._failed_start: PoolFailure | None = None  # a background start's failure, for the next get to report
@@ -336,7 +339,7 @@ class PoolRegistry:
             except PoolFailure:
                 self._pool = None  # it took the pool down: start afresh below
         if self._pool is None:
-            self._pool = WorkerPool(key, self._service_path, should_interrupt)
+            self._pool = WorkerPool(key, self._service_path, should_interrupt, self._service_env())
         return self._pool
 
     def start_if_none(self, cluster: ClusterTarget, world_for: Callable[[], int | None], started_for: str,
@@ -355,7 +358,7 @@ class PoolRegistry:
             if world_size is None:
                 return None
             try:
-                self._pool = WorkerPool(PoolKey(world_size, cluster), self._service_path)
+                self._pool = WorkerPool(PoolKey(world_size, cluster), self._service_path, service_env=self._service_env())
             except PoolFailure as error:
                 if for_a_prompt:
                     self._failed_start = error  # once: the prompt after it starts a fresh pool

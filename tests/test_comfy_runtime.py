@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -164,6 +165,47 @@ def test_worker_subprocess_imports_the_same_comfyui(comfy_root: Path) -> None:
     assert Path(root) == comfy_root
     assert Path(nodes_origin) == comfy_root / "nodes.py"
     assert device == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+_WORKER_COMPUTE = (
+    "import json\n"
+    "from comfyui_xdit.comfy_runtime import init_worker\n"
+    "init_worker(cpu=True)\n"
+    "import comfy.cli_args, comfy.model_management as mm, comfy.ldm.modules.attention as attention\n"
+    "print(json.dumps({'attention': attention.optimized_attention.__name__, 'unet_dtype': str(mm.unet_dtype()),\n"
+    "                  'fast': sorted(f.value for f in comfy.cli_args.args.fast)}))\n"
+)
+
+
+def test_a_worker_computes_with_the_comfyui_processs_compute_arguments(comfy_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ComfyUI started with --use-split-cross-attention --bf16-unet --fast autotune (and --port, which stays
+    behind): a worker imports ComfyUI with the same attention kernel, model dtype and fast features."""
+    import comfy.cli_args
+
+    from comfyui_xdit.comfy_args import COMFY_ARGS_ENV, compute_args_env
+
+    args = comfy.cli_args.args
+    assert compute_args_env() == {}, "a ComfyUI with default arguments carries none"
+    monkeypatch.setattr(args, "use_split_cross_attention", True)
+    monkeypatch.setattr(args, "bf16_unet", True)
+    monkeypatch.setattr(args, "fast", {comfy.cli_args.PerformanceFeature.AutoTune})
+    monkeypatch.setattr(args, "port", 9999)
+    carried = compute_args_env()
+    assert json.loads(carried[COMFY_ARGS_ENV]) == {"bf16_unet": True, "fast": ["autotune"], "use_split_cross_attention": True}
+    default = _python(_WORKER_COMPUTE, dict(os.environ))
+    assert default.returncode == 0, default.stderr
+    assert json.loads(default.stdout.splitlines()[-1]) == {"attention": "attention_sub_quad", "unet_dtype": "torch.float32", "fast": []}
+    worker = _python(_WORKER_COMPUTE, {**os.environ, **carried})
+    assert worker.returncode == 0, worker.stderr
+    assert json.loads(worker.stdout.splitlines()[-1]) == {"attention": "attention_split", "unet_dtype": "torch.bfloat16", "fast": ["autotune"]}
+
+
+def test_a_worker_refuses_a_compute_argument_its_comfyui_lacks(comfy_root: Path) -> None:
+    from comfyui_xdit.comfy_args import COMFY_ARGS_ENV
+
+    result = _python(_WORKER_COMPUTE, {**os.environ, COMFY_ARGS_ENV: json.dumps({"use_future_attention": True})})
+    assert result.returncode != 0
+    assert "no argument(s) ['use_future_attention']" in result.stderr and "same ComfyUI version" in result.stderr
 
 
 @not_in_custom_nodes
