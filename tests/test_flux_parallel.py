@@ -115,6 +115,8 @@ def test_parallel_model_matches_stock_sampling(family, world_size, model_path):
                      for r in per_rank for name in flux_cases.FAMILY_CASES[family]
                      if r["parallel"][f"{key}/{name}"].shape == per_rank[0]["stock"][name].shape), default=float("nan"))
         print(f"{family} world {world_size} {key}: max abs error {worst:.2e} vs stock")
+    for name, one_item in per_rank[0].get("stock_one_item_calls", {}).items():
+        print(f"{family} {name}: stock with one-item calls moves by {(one_item - per_rank[0]['stock'][name]).abs().max().item():.2e}")
     failures = flux_cases.differences_from_stock(per_rank, family, world_size)
     assert not failures, "\n".join(failures)
 
