@@ -28,16 +28,27 @@ def _set_deterministic(value: tuple[bool, bool]) -> None:
 
 
 _cuda = torch.backends.cuda
-# name -> (read, write). float32_matmul_precision comes before the TF32 switch it also moves, so a carried pair that
-# the sender set separately lands as the sender has it.
 _SWITCHES: dict[str, tuple[Callable[[], Any], Callable[[Any], None]]] = {
     "mkldnn.enabled": _attribute(torch.backends.mkldnn, "enabled"),
     "cudnn.enabled": _attribute(torch.backends.cudnn, "enabled"),
     "cudnn.benchmark": _attribute(torch.backends.cudnn, "benchmark"),
     "cudnn.deterministic": _attribute(torch.backends.cudnn, "deterministic"),
-    "cudnn.allow_tf32": _attribute(torch.backends.cudnn, "allow_tf32"),
-    "float32_matmul_precision": (torch.get_float32_matmul_precision, torch.set_float32_matmul_precision),
-    "cuda.matmul.allow_tf32": _attribute(_cuda.matmul, "allow_tf32"),
+}
+if hasattr(_cuda.matmul, "fp32_precision"):
+    # torch >= 2.9 keeps fp32 precision (TF32 or IEEE) per backend and op; once a process sets it this way, reading
+    # it through the older calls below raises, so only this form travels. Parents before children: "none" inherits.
+    for _path in ("", "cuda.matmul", "cudnn", "cudnn.conv", "cudnn.rnn", "mkldnn", "mkldnn.matmul", "mkldnn.conv", "mkldnn.rnn"):
+        _namespace = torch.backends
+        for _part in filter(None, _path.split(".")):
+            _namespace = getattr(_namespace, _part)
+        _SWITCHES[f"{_path}.fp32_precision".lstrip(".")] = _attribute(_namespace, "fp32_precision")
+else:
+    _SWITCHES.update({
+        "float32_matmul_precision": (torch.get_float32_matmul_precision, torch.set_float32_matmul_precision),
+        "cuda.matmul.allow_tf32": _attribute(_cuda.matmul, "allow_tf32"),  # after the precision, which also moves it
+        "cudnn.allow_tf32": _attribute(torch.backends.cudnn, "allow_tf32"),
+    })
+_SWITCHES.update({
     "cuda.matmul.allow_fp16_reduced_precision_reduction": _attribute(_cuda.matmul, "allow_fp16_reduced_precision_reduction"),
     "cuda.matmul.allow_bf16_reduced_precision_reduction": _attribute(_cuda.matmul, "allow_bf16_reduced_precision_reduction"),
     "cuda.matmul.allow_fp16_accumulation": _attribute(_cuda.matmul, "allow_fp16_accumulation"),
@@ -47,7 +58,7 @@ _SWITCHES: dict[str, tuple[Callable[[], Any], Callable[[Any], None]]] = {
     "cuda.cudnn_sdp": (_cuda.cudnn_sdp_enabled, _cuda.enable_cudnn_sdp),
     "cuda.fp16_bf16_reduction_math_sdp": (_cuda.fp16_bf16_reduction_math_sdp_allowed, _cuda.allow_fp16_bf16_reduction_math_sdp),
     "deterministic_algorithms": (_deterministic, _set_deterministic),
-}
+})
 
 
 @dataclass(frozen=True)
