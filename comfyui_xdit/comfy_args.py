@@ -4,7 +4,8 @@ A worker imports ComfyUI with default arguments. A user who starts ComfyUI with 
 --bf16-unet, --force-channels-last or --fast would otherwise get those on the stock path and not on the pool: other
 attention kernels, another weight dtype, another memory format. These arguments travel in the workers' environment
 and are set before the worker imports comfy.model_management (which reads them once, at import). The others
-(addresses, folders, memory and device policy) belong to each process and stay the worker's own.
+(addresses, folders, memory and device policy, --cpu-vae included: a GPU worker's VAE takes part in its NCCL
+collectives) belong to each process and stay the worker's own.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ COMFY_ARGS_ENV = "XDIT_COMFY_ARGS"
 COMPUTE_ARGS = (
     # precision: ComfyUI picks the model's and the VAE's dtype from these when a loader says "default"
     "force_fp32", "force_fp16", "fp32_unet", "fp64_unet", "bf16_unet", "fp16_unet", "fp16_vae", "fp32_vae", "bf16_vae",
-    "cpu_vae", "fp16_intermediates", "supports_fp8_compute",
+    "fp16_intermediates", "supports_fp8_compute",
     # kernels: attention implementation and upcasting, memory format, Triton, determinism, --fast's features
     "use_split_cross_attention", "use_quad_cross_attention", "use_pytorch_cross_attention", "use_sage_attention",
     "use_flash_attention", "disable_xformers", "force_upcast_attention", "dont_upcast_attention", "force_channels_last",
