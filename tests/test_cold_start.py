@@ -111,7 +111,7 @@ def test_a_failed_background_start_fails_the_next_get_only_when_it_was_for_a_pro
 
     started = []
 
-    def worker_pool(key, service_path, should_interrupt=None):
+    def worker_pool(key, service_path, should_interrupt=None, service_env=None):
         started.append(key.world_size)
         if len(started) == 1:
             raise PoolFailure("rank 1 died while starting")
