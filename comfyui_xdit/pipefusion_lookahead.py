@@ -12,6 +12,11 @@ with the predicted ones: equal, and the held rows go out at once (the first patc
 call runs as without lookahead, which stays off for the rest of that sampling run. Either way the result is
 bit-identical to the pipeline without lookahead: the first stage runs the same computations in the same order
 (this call's patches, then the next call's first), only earlier.
+
+The sampler's update runs on its own latent, in float32; the model sees that latent cast to its dtype. For a bf16
+or fp16 model (every GPU run) an update computed from the model's tokens would round differently and miss every
+time, so an APPLY_MODEL wrapper hands the model's input as the sampler holds it to the first stage, which
+patchifies it the family's way (FamilyCall.image_tokens) and predicts from that.
 """
 from __future__ import annotations
 
@@ -23,8 +28,15 @@ import torch
 import comfy.k_diffusion.sampling
 import comfy.model_sampling
 
+from parallel_core import ParallelState
+from parallel_core.sharding import padded_piece
+
 # A family's forward for given timesteps: call_at(timesteps) -> TokenCall (stale_forwards).
 CallAt = Callable[[torch.Tensor], Callable]
+# A family's patchify of a latent into its image tokens, as its forward makes them (no dtype cast).
+ImageTokens = Callable[[torch.Tensor], torch.Tensor]
+# transformer_options entry: the model call's latent as the sampler holds it (sampler_input_wrapper).
+SAMPLER_INPUT_KEY = "comfyui_xdit.sampler_input"
 
 
 @dataclass(frozen=True)
@@ -35,6 +47,7 @@ class FamilyCall:
     call_at: CallAt
     timesteps: torch.Tensor
     fixed_inputs: tuple
+    image_tokens: ImageTokens | None = None
 
 
 @dataclass
@@ -112,9 +125,34 @@ def next_call(transformer_options: dict, model_sampling, step: int, warmup_steps
     return NextCall(sigma, sigma_next, options, model_sampling.timestep(next_sigmas).float())
 
 
+def sampler_input_wrapper(state: ParallelState) -> Callable:
+    """An APPLY_MODEL wrapper putting the call's latent as the sampler holds it (before ComfyUI casts it to the model's
+    dtype) into transformer_options[SAMPLER_INPUT_KEY]; this rank's data-parallel share of it, as the data-parallel
+    wrapper (inside this one) hands the model."""
+
+    def apply_model(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
+        latent = padded_piece(x, 0, state.data.size, state.data.rank)
+        return executor(x, t, c_concat, c_crossattn, control, {**transformer_options, SAMPLER_INPUT_KEY: latent}, **kwargs)
+
+    return apply_model
+
+
+def sampler_tokens(image: torch.Tensor, transformer_options: dict, family_call: FamilyCall) -> torch.Tensor:
+    """The call's image tokens with the sampler's precision: the family's patchify of the sampler's latent where the
+    model computes in a narrower dtype and those tokens round to exactly `image`; else `image` itself."""
+    latent = transformer_options.get(SAMPLER_INPUT_KEY)
+    if latent is None or family_call.image_tokens is None or latent.dtype == image.dtype:
+        return image
+    tokens = family_call.image_tokens(latent)
+    if tokens.shape != image.shape or not torch.equal(tokens.to(image.dtype), image):
+        return image
+    return tokens
+
+
 def euler_input(image: torch.Tensor, output: torch.Tensor, sigmas: torch.Tensor, nxt: NextCall, model_sampling) -> torch.Tensor:
     """The next call's image tokens after ComfyUI's sample_euler step: denoised as the model computes it from this
-    call's output, then x + to_d(x, sigma, denoised) * (sigma_next - sigma). Elementwise, so a patch's tokens give
-    that patch's next input."""
-    denoised = model_sampling.calculate_denoised(sigmas, output, image)
+    call's output (made float as ComfyUI makes it), then x + to_d(x, sigma, denoised) * (sigma_next - sigma), in
+    `image`'s dtype (the sampler's tokens, sampler_tokens). Elementwise, so a patch's tokens give that patch's next
+    input."""
+    denoised = model_sampling.calculate_denoised(sigmas, output.to(image.dtype), image)
     return image + comfy.k_diffusion.sampling.to_d(image, nxt.sigma, denoised) * (nxt.sigma_next - nxt.sigma)

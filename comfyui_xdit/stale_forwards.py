@@ -35,6 +35,8 @@ from typing import Callable
 
 import torch
 
+import comfy.patcher_extension
+
 from parallel_core import KVCache, ParallelState, broadcast, displaced_attention, pipefusion_attention
 from parallel_core.comm import recv, send_async
 from parallel_core.sharding import gather_over, shard_positions, split_over
@@ -44,12 +46,14 @@ from .block_stages import RemoteBlock, balance_of, blocks as model_blocks, stage
 from .errors import UnsupportedByXDiT
 from .families import adapter_for
 from .parallel_glue import from_bshd, to_bshd
-from .pipefusion_lookahead import FamilyCall, Lookahead, NextCall, Prediction, euler_input, next_call
+from .pipefusion_lookahead import (FamilyCall, Lookahead, NextCall, Prediction, euler_input, next_call, sampler_input_wrapper,
+                                   sampler_tokens)
 
 # forward_orig of a family on (img, img_ids, txt, txt_ids) with these transformer_options: the image tokens' output.
 TokenCall = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict], torch.Tensor]
 # The model patcher attachment holding a PipeFusion model's Lookahead (its used / missed counts for reports and tests).
 LOOKAHEAD_ATTACHMENT = "comfyui_xdit.pipefusion_lookahead"
+SAMPLER_INPUT_WRAPPER_KEY = "comfyui_xdit.sampler_input"
 # A block's replacement key and whether it keeps text apart (double) or runs one joint stream (single).
 BlockKey = tuple[tuple[str, int], bool]
 
@@ -168,8 +172,9 @@ def _run_ahead(family: str, state: ParallelState, cache: KVCache, lookahead: Loo
     output = recv(img.new_empty(img.shape[0], image.stop - image.start, out_channels), pf.size - 1, pf, state.comm)
     if lookahead.off:  # a prediction failed in this sampling run: the output is received (the last stage sent it) only
         return
-    predicted = img.clone()
-    predicted[:, image] = euler_input(img[:, image], output, transformer_options["sigmas"], nxt, model_sampling)
+    predicted = img.clone()  # the update is computed at the sampler's precision, then cast as the model casts it
+    rows = sampler_tokens(img, transformer_options, family_call)[:, image]
+    predicted[:, image] = euler_input(rows, output, transformer_options["sigmas"], nxt, model_sampling)
     held: list = []
     replacements = {**transformer_options.get("patches_replace", {}), "dit": _block_replacements(blocks, stage, state, held.append)}
     _band_call(family, state, cache, stream, family_call.call_at(nxt.timesteps), predicted, img_ids, txt, txt_ids,
@@ -270,6 +275,7 @@ def stale_method(model_patcher, state: ParallelState, family: str, containers: t
     lookahead = Lookahead()
     cache = stale_steps.attach_cache(patched, lookahead.clear)
     patched.set_attachments(LOOKAHEAD_ATTACHMENT, lookahead)
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, SAMPLER_INPUT_WRAPPER_KEY, sampler_input_wrapper(state))
     diffusion_model = model_patcher.model.diffusion_model
     plan = stage_plan(diffusion_model, adapter_for(model_patcher.model), state.pipefusion.size, balance_of(model_patcher))
     if plan[-1].stop != len(blocks):  # the hooks' keys must cover the registry's containers: a mismatch is a bug

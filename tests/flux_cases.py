@@ -358,6 +358,30 @@ def family_rank(rank: int, world_size: int, model_spec: str, configs: list[dict]
     return result
 
 
+def bf16_lookahead_rank(rank: int, world_size: int, model_spec: str, case_dict: dict) -> dict:
+    """PipeFusion over 2 stages, one case sampled with and without lookahead, the model held and run in bf16 as
+    ComfyUI runs it on a GPU. Mock: ComfyUI computes in bf16 only on devices it trusts with it, never on a CPU, so
+    its should_use_bf16 answers yes here; the choices after that (weights, inference dtype, casts) are ComfyUI's own
+    (a model built in-process is built in bf16 likewise)."""
+    init_worker(cpu=True)
+    import comfy.model_management
+
+    from comfyui_xdit.parallel_model import parallelize
+    from comfyui_xdit.stale_forwards import LOOKAHEAD_ATTACHMENT
+    from parallel_core import ParallelConfig, init_parallel
+
+    comfy.model_management.should_use_bf16 = lambda *args, **kwargs: True
+    base = load_tiny_model(model_spec, in_process_dtype=torch.bfloat16)
+    model = parallelize(base, init_parallel(ParallelConfig(pipefusion_degree=2)))
+    lookahead = model.get_attachment(LOOKAHEAD_ATTACHMENT)
+    case = SamplingCase(**case_dict)
+    with_lookahead = sample(with_stale_options(model, DEFAULT_STALE_OPTIONS), case)
+    used_missed = (lookahead.used, lookahead.missed)
+    without = sample(with_stale_options(model, {**DEFAULT_STALE_OPTIONS, "lookahead": False}), case)
+    return {"inference_dtype": str(base.model.get_dtype_inference()), "with": with_lookahead, "without": without,
+            "lookahead": used_missed}
+
+
 def one_item_calls(model_patcher):
     """A clone of the stock model whose every model call runs stock's own code on one batch item at a time.
 

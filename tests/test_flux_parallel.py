@@ -15,6 +15,7 @@ test_gpu_parallel.py runs the same cases on CUDA ranks over NCCL.
 from __future__ import annotations
 
 import functools
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -175,6 +176,20 @@ def test_pipefusion_lookahead_changes_no_latent(family, model_path):
         plain_euler = case.sampler == "euler" and case.guider == "basic"  # (a CFG batch is never tried)
         expected = (case.steps - 2, 0) if family in LOOKAHEAD_FAMILIES and plain_euler else (0, 0)
         assert used_missed == expected, f"{key}: lookahead (used, missed) {used_missed}, expected {expected}"
+
+
+@pytest.mark.parametrize("family", ["flux", *sorted(LOOKAHEAD_FAMILIES)])
+def test_pipefusion_lookahead_serves_a_bf16_model(family, model_path):
+    """A bf16 model (as a GPU runs these families) sees the sampler's float32 latent rounded to bf16. The first
+    stage predicts the next input from the sampler's own latent, patchified the family's way, not from the rounded
+    tokens (that missed at once and turned lookahead off: (0, 1)), so every call after the second uses its
+    prediction, and the latent is bit-identical to the run without lookahead on every rank."""
+    case = flux_cases.CASE_BY_NAME["basic-euler"]
+    per_rank = run_on_ranks(flux_cases.bf16_lookahead_rank, 2, model_path(family), asdict(case), timeout_s=600)
+    for rank, result in enumerate(per_rank):
+        assert result["inference_dtype"] == "torch.bfloat16", f"rank {rank} computed in {result['inference_dtype']}"
+        assert torch.equal(result["with"], result["without"]), f"rank {rank}: lookahead changed the latent"
+    assert per_rank[0]["lookahead"] == (case.steps - 2, 0)
 
 
 def test_wan_gathers_only_the_heads_output_once_per_model_call(model_path):

@@ -22,7 +22,10 @@ from __future__ import annotations
 
 import functools
 
+import einops
 import torch
+
+import comfy.ldm.common_dit
 
 from parallel_core import ParallelState, gather_sequence, split_sequence
 
@@ -57,8 +60,13 @@ def _stale_forward_orig(original, method, family: str, img, img_ids, txt, txt_id
             return original(img, img_ids, txt, txt_ids, timesteps, guidance, None, transformer_options=options)
         return call
 
+    def image_tokens(latent):  # stock Chroma's patchify in its _forward (original is forward_orig bound to the model)
+        patch = original.args[0].patch_size
+        padded = comfy.ldm.common_dit.pad_to_patch_size(latent, (patch, patch))
+        return einops.rearrange(padded, "b c (h ph) (w pw) -> b (h w) (c ph pw)", ph=patch, pw=patch)
+
     return method(call_at(timesteps), img, img_ids, txt, txt_ids, transformer_options,
-                  family_call=FamilyCall(call_at, timesteps, (guidance,)))
+                  family_call=FamilyCall(call_at, timesteps, (guidance,), image_tokens))
 
 
 def _sharded_img_in(original, state: ParallelState, img: torch.Tensor) -> torch.Tensor:

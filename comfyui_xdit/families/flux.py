@@ -81,8 +81,11 @@ def _stale_forward_orig(original, method, family: str, img, img_ids, txt, txt_id
             return original(img, img_ids, txt, txt_ids, timesteps, y, guidance, None, transformer_options=options)
         return call
 
+    def image_tokens(latent):  # original is forward_orig bound to the diffusion model
+        return original.args[0].process_img(latent, transformer_options=transformer_options)[0]
+
     return method(call_at(timesteps), img, img_ids, txt, txt_ids, transformer_options,
-                  family_call=FamilyCall(call_at, timesteps, (y, guidance)))
+                  family_call=FamilyCall(call_at, timesteps, (y, guidance), image_tokens))
 
 
 def parallelize(model_patcher, state: ParallelState, adapter):

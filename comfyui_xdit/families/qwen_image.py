@@ -139,7 +139,7 @@ def _stale_forward(method, family: str, executor, x: torch.Tensor, timestep, con
 
     # PipeFusion's lookahead checks that the next call repeats every input but the latent and timestep: tensors only.
     extra = [kwargs[key] for key in sorted(kwargs)]
-    family_call = FamilyCall(call_at, timestep, (additional_t_cond, *extra)) \
+    family_call = FamilyCall(call_at, timestep, (additional_t_cond, *extra), lambda latent: diffusion_model.process_img(latent)[0]) \
         if all(value is None or isinstance(value, torch.Tensor) for value in extra) else None
     out = method(call_at(timestep), img, img_ids, context, txt_ids, transformer_options, family_call=family_call)
     return _unpatchify(out, shape)[:, :, :, :x.shape[-2], :x.shape[-1]]

@@ -576,16 +576,19 @@ IN_PROCESS_PREFIX = "in-process:"
 IN_PROCESS: dict[str, Callable[[int], Any]] = {}
 
 
-def in_process_patcher(config_class: str, unet_config: dict[str, Any], seed: int, output_layer: str = _OUTPUT_LAYER) -> Any:
+def in_process_patcher(config_class: str, unet_config: dict[str, Any], seed: int, output_layer: str = _OUTPUT_LAYER,
+                       inference_dtype: torch.dtype = torch.float32) -> Any:
     """A ModelPatcher around the model ComfyUI builds for comfy.supported_models.<config_class> given `unet_config`
-    (tiny), seeded like the tiny files: the stock model class and forward, with only detection bypassed."""
+    (tiny), seeded like the tiny files: the stock model class and forward, with only detection bypassed. It holds
+    and computes in `inference_dtype` (no manual cast), as ComfyUI's loader sets up a model on a device that
+    computes in that dtype."""
     import_comfy()
     import comfy.model_management
     import comfy.model_patcher
     import comfy.supported_models
 
     model_config = getattr(comfy.supported_models, config_class)(copy.deepcopy(unet_config))
-    model_config.set_inference_dtype(torch.float32, None)
+    model_config.set_inference_dtype(inference_dtype, None)
     model = model_config.get_model({})
     init_weights_(model.diffusion_model, seed, output_layer)
     return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
@@ -631,14 +634,15 @@ MOCHI_UNET_CONFIG: dict[str, Any] = {
 IN_PROCESS["mochi"] = functools.partial(in_process_patcher, "GenmoMochi", MOCHI_UNET_CONFIG, output_layer="final_layer.linear")
 
 
-def load_tiny_model(spec: str, weight_dtype: str = "default") -> Any:
-    """The ModelPatcher of a tiny model: a file path (loaded as UNETLoader does, with its `weight_dtype`) or
-    IN_PROCESS_PREFIX + a name in IN_PROCESS."""
+def load_tiny_model(spec: str, weight_dtype: str = "default", in_process_dtype: torch.dtype | None = None) -> Any:
+    """The ModelPatcher of a tiny model: a file path (loaded as UNETLoader does, with its `weight_dtype`; ComfyUI
+    chooses the dtype it computes in) or IN_PROCESS_PREFIX + a name in IN_PROCESS (computing in `in_process_dtype`
+    where given, for the entries built by in_process_patcher; else float32)."""
     if spec.startswith(IN_PROCESS_PREFIX):
         name = spec[len(IN_PROCESS_PREFIX):]
         if name not in IN_PROCESS:
             raise ValueError(f"no in-process tiny model {name!r}; choose from {sorted(IN_PROCESS)}")
-        return IN_PROCESS[name](0)
+        return IN_PROCESS[name](0) if in_process_dtype is None else IN_PROCESS[name](0, inference_dtype=in_process_dtype)
     import_comfy()
     import comfy.sd
 
