@@ -46,14 +46,15 @@ from .block_stages import RemoteBlock, balance_of, blocks as model_blocks, stage
 from .errors import UnsupportedByXDiT
 from .families import adapter_for
 from .parallel_glue import from_bshd, to_bshd
-from .pipefusion_lookahead import (FamilyCall, Lookahead, NextCall, Prediction, euler_input, next_call, sampler_input_wrapper,
-                                   sampler_tokens)
+from .pipefusion_lookahead import (FamilyCall, Lookahead, Prediction, looks_ahead, replay, sampler_input_wrapper, sampler_tokens,
+                                   sampler_wrapper, serves)
 
 # forward_orig of a family on (img, img_ids, txt, txt_ids) with these transformer_options: the image tokens' output.
 TokenCall = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict], torch.Tensor]
 # The model patcher attachment holding a PipeFusion model's Lookahead (its used / missed counts for reports and tests).
 LOOKAHEAD_ATTACHMENT = "comfyui_xdit.pipefusion_lookahead"
 SAMPLER_INPUT_WRAPPER_KEY = "comfyui_xdit.sampler_input"
+SAMPLER_WRAPPER_KEY = "comfyui_xdit.lookahead_sampler"
 # A block's replacement key and whether it keeps text apart (double) or runs one joint stream (single).
 BlockKey = tuple[tuple[str, int], bool]
 
@@ -163,23 +164,31 @@ def _band_call(family: str, state: ParallelState, cache: KVCache, stream, call: 
 
 
 def _run_ahead(family: str, state: ParallelState, cache: KVCache, lookahead: Lookahead, model_sampling, stream,
-               family_call: FamilyCall, nxt: NextCall, img, img_ids, txt, txt_ids, blocks: list[BlockKey], stage: range,
+               family_call: FamilyCall, rows: torch.Tensor, img, img_ids, txt, txt_ids, blocks: list[BlockKey], stage: range,
                band: tuple[int, int], width: int, out_channels: int, transformer_options: dict) -> None:
-    """First stage, after this call's last patch: receive the last stage's output of the first patch, predict the
-    next call's first patch from it, and run this stage's blocks on it, holding back the rows for the next stage."""
+    """First stage, after this call's last patch: receive the last stage's output of the first patch (`rows`: its
+    input at the sampler's precision), find the next call's input by replaying the sampler, and run this stage's
+    blocks on it, holding back the rows for the next stage."""
     pf = state.pipefusion
     image = slice(band[0] * width, band[1] * width)
     output = recv(img.new_empty(img.shape[0], image.stop - image.start, out_channels), pf.size - 1, pf, state.comm)
-    if lookahead.off:  # a prediction failed in this sampling run: the output is received (the last stage sent it) only
+    if lookahead.off or rows is None:  # a prediction failed in this run, or no sampler to replay: received only
         return
-    predicted = img.clone()  # the update is computed at the sampler's precision, then cast as the model casts it
-    rows = sampler_tokens(img, transformer_options, family_call)[:, image]
-    predicted[:, image] = euler_input(rows, output, transformer_options["sigmas"], nxt, model_sampling)
+    lookahead.record(stream, rows, output, transformer_options["sigmas"], model_sampling)
+    found = replay(lookahead.sampler, model_sampling, transformer_options["sample_sigmas"], lookahead.history[stream])
+    if found is None:
+        lookahead.missed += 1
+        lookahead.off = True
+        return
+    next_rows, next_sigmas = found
+    timesteps = model_sampling.timestep(next_sigmas).float()  # as ComfyUI's _apply_model computes them
+    predicted = img.clone()
+    predicted[:, image] = next_rows  # cast to the model's dtype as ComfyUI casts the sampler's latent
     held: list = []
     replacements = {**transformer_options.get("patches_replace", {}), "dit": _block_replacements(blocks, stage, state, held.append)}
-    _band_call(family, state, cache, stream, family_call.call_at(nxt.timesteps), predicted, img_ids, txt, txt_ids,
-               nxt.options, replacements, 0, band[0], band[1], width)
-    lookahead.predictions[stream] = Prediction(predicted[:, image], img_ids[:, image], txt, nxt.timesteps, family_call.fixed_inputs, held)
+    _band_call(family, state, cache, stream, family_call.call_at(timesteps), predicted, img_ids, txt, txt_ids,
+               {**transformer_options, "sigmas": next_sigmas}, replacements, 0, band[0], band[1], width)
+    lookahead.predictions[stream] = Prediction(predicted[:, image], img_ids[:, image], txt, timesteps, family_call.fixed_inputs, held)
 
 
 def _foreign_hooks(transformer_options: dict) -> bool:
@@ -211,20 +220,25 @@ def pipefusion_forward(family: str, state: ParallelState, cache: KVCache, lookah
     rows, width = image_grid(img_ids)
     text_len, image_len = txt.shape[1], img.shape[1]
     # The first band is shorter by about the text's rows, so every patch carries about as many tokens.
-    bands = [(0, rows)] if synchronous else stale_steps.bands_for(rows, options.num_pipeline_patch, pf.size, width, text_len)
+    pipelined = stale_steps.bands_for(rows, options.num_pipeline_patch, pf.size, width, text_len)
+    bands = [(0, rows)] if synchronous else pipelined
+    band0 = slice(0, pipelined[0][1] * width)
+    # Whether lookahead may serve this run: the first stage then records every call's first-patch rows for replays.
+    serving = (lookahead is not None and family_call is not None and options.lookahead and len(pipelined) > 1
+               and not _foreign_hooks(transformer_options) and serves(transformer_options, model_sampling))
     # Every rank decides alike (the same options and history) whether this call looks ahead: the last stage then
     # sends the first patch's output back to the first stage.
-    nxt = None
-    if (lookahead is not None and family_call is not None and options.lookahead and not synchronous and len(bands) > 1
-            and not _foreign_hooks(transformer_options)):
-        nxt = next_call(transformer_options, model_sampling, stale_steps.step_index(transformer_options), options.warmup_steps)
+    ahead_next = serving and not synchronous and looks_ahead(
+        transformer_options, model_sampling, stale_steps.step_index(transformer_options), options.warmup_steps)
     ahead = None
+    recording = None  # first stage: this call's first-patch input rows at the sampler's precision
     if first and lookahead is not None and family_call is not None:
         if synchronous:
             lookahead.predictions.pop(stream, None)
         else:
-            band0 = slice(0, bands[0][1] * width)
             ahead = lookahead.take(stream, img[:, band0], img_ids[:, band0], txt, family_call.timesteps, family_call.fixed_inputs)
+        if serving and not lookahead.off and lookahead.sampler is not None:
+            recording = sampler_tokens(img, transformer_options, family_call)[:, band0]
     sends: list = []
     outputs = []
     back = None
@@ -242,15 +256,16 @@ def pipefusion_forward(family: str, state: ParallelState, cache: KVCache, lookah
         out = _band_call(family, state, cache, stream, call, img, img_ids, txt, txt_ids, transformer_options, replacements, band, top, bottom, width)
         if last:
             outputs.append(gather_over(out, 1, sp, state, (bottom - top) * width))
-            if band == 0 and nxt is not None:
+            if band == 0 and ahead_next:
                 back = send_async(outputs[0], 0, pf, state.comm)
     for work, _ in sends:
         work.wait()
     if synchronous:
         cache.mark_filled(stream)
-    if first and nxt is not None:
-        _run_ahead(family, state, cache, lookahead, model_sampling, stream, family_call, nxt, img, img_ids, txt, txt_ids,
-                   blocks, plan[pf.rank], bands[0], width, out.shape[-1], transformer_options)
+    if first and ahead_next:
+        _run_ahead(family, state, cache, lookahead, model_sampling, stream, family_call, recording, img, img_ids, txt, txt_ids,
+                   blocks, plan[pf.rank], pipelined[0], width, out.shape[-1], transformer_options)
+        recording = None  # recorded there
     if back is not None:
         back.wait()
     if last:
@@ -260,6 +275,8 @@ def pipefusion_forward(family: str, state: ParallelState, cache: KVCache, lookah
     started = time.perf_counter()
     result = broadcast(result, pf.size - 1, pf, state.comm)  # earlier stages wait here for the pipeline to drain
     state.comm.record_wait("broadcast", pf.name, time.perf_counter() - started)
+    if recording is not None:
+        lookahead.record(stream, recording, result[:, band0], transformer_options["sigmas"], model_sampling)
     return result
 
 
@@ -276,6 +293,7 @@ def stale_method(model_patcher, state: ParallelState, family: str, containers: t
     cache = stale_steps.attach_cache(patched, lookahead.clear)
     patched.set_attachments(LOOKAHEAD_ATTACHMENT, lookahead)
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, SAMPLER_INPUT_WRAPPER_KEY, sampler_input_wrapper(state))
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE, SAMPLER_WRAPPER_KEY, sampler_wrapper(lookahead))
     diffusion_model = model_patcher.model.diffusion_model
     plan = stage_plan(diffusion_model, adapter_for(model_patcher.model), state.pipefusion.size, balance_of(model_patcher))
     if plan[-1].stop != len(blocks):  # the hooks' keys must cover the registry's containers: a mismatch is a bug
