@@ -119,13 +119,13 @@ def serves(transformer_options: dict, model_sampling) -> bool:
     return isinstance(model_sampling, comfy.model_sampling.CONST) and len(transformer_options.get("cond_or_uncond") or ()) == 1
 
 
-def looks_ahead(transformer_options: dict, model_sampling, step: int, warmup_steps: int) -> bool:
-    """Whether the first stage tries to predict the call after this one (every rank decides alike: the last stage
-    then sends the first patch's output back): a stream lookahead serves, inside a schedule, with a next call that
-    is neither a warmup call nor past the last step."""
+def looks_ahead(transformer_options: dict, step: int, warmup_steps: int) -> bool:
+    """Whether the first stage tries to predict the call after this one, in a stream lookahead `serves` (every rank
+    decides alike: the last stage then sends the first patch's output back): inside a schedule, with a next call
+    that is neither a warmup call nor past the last step."""
     schedule = transformer_options.get("sample_sigmas")
-    return (serves(transformer_options, model_sampling) and transformer_options.get("sigmas") is not None
-            and schedule is not None and step + 1 >= warmup_steps and step + 2 < len(schedule))
+    return (transformer_options.get("sigmas") is not None and schedule is not None
+            and step + 1 >= warmup_steps and step + 2 < len(schedule))
 
 
 class _Reached(Exception):

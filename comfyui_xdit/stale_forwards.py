@@ -229,7 +229,7 @@ def pipefusion_forward(family: str, state: ParallelState, cache: KVCache, lookah
     # Every rank decides alike (the same options and history) whether this call looks ahead: the last stage then
     # sends the first patch's output back to the first stage.
     ahead_next = serving and not synchronous and looks_ahead(
-        transformer_options, model_sampling, stale_steps.step_index(transformer_options), options.warmup_steps)
+        transformer_options, stale_steps.step_index(transformer_options), options.warmup_steps)
     ahead = None
     recording = None  # first stage: this call's first-patch input rows at the sampler's precision
     if first and lookahead is not None and family_call is not None:
