@@ -10,6 +10,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
 
+from ray_backend.cluster import set_private_cluster_env
 from ray_backend.clusters import LOCAL_TARGET
 from ray_backend.pool import PoolRegistry, WorkerPool
 
@@ -20,6 +21,7 @@ from .job_spec import PoolModelRef
 from .worker_service import SERVICE_PATH
 
 REGISTRY = PoolRegistry(SERVICE_PATH, compute_args_env)  # workers compute with ComfyUI's compute arguments
+set_private_cluster_env(REGISTRY.worker_env)  # the private cluster's processes start with what its workers need
 # Opt-in: start the pool (private local cluster only) when ComfyUI starts, so the first prompt finds it up.
 PRESTART_ENV = "XDIT_PRESTART_WORKERS"
 # What the start with ComfyUI did ("off", "starting", "ready", "failed"), for GET /xdit/status.

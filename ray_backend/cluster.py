@@ -21,7 +21,7 @@ import threading
 import time
 from pathlib import Path
 from types import MappingProxyType
-from typing import Callable
+from typing import Callable, Mapping
 
 from .clusters import LOCAL_TARGET, ClusterTarget
 
@@ -29,8 +29,8 @@ from .clusters import LOCAL_TARGET, ClusterTarget
 LOCAL_RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 AUTH_ENV_KEYS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
 # Ray's system config for the private cluster:
-# - no prestarted idle workers: ours carry their own environment (runtime_env), so Ray could never hand them one;
-#   starting them only took CPU from the pool's own workers while they start (a Python process and Ray each);
+# - no prestarted idle workers: starting them took CPU from the pool's own workers while they start (a Python process
+#   and Ray each), and on a machine with many CPUs Ray would start one per CPU;
 # - the raylet connects to its object store's socket just after starting the store's thread, and when it came first
 #   it slept Ray's whole retry interval (1 s) before trying again: 6 of 25 starts here took 3.2 s instead of 2.2 s.
 #   Retrying every 10 ms up to 1000 times keeps Ray's 10 s of patience (this also paces workers connecting to the raylet).
@@ -62,8 +62,11 @@ class RayClosed(ConnectionError):
     """This process is ending (close_ray ran): no cluster is started or joined any more."""
 
 
-# This process's Ray connection (process-global by Ray's design): which target, and the private cluster's temp dir.
+# This process's Ray connection (process-global by Ray's design): which target, the private cluster's temp dir and
+# the environment entries its processes got (private_env).
 _connection: dict[str, object] = {}
+# Where a private cluster started from now on gets the environment entries it gives its processes (set_private_cluster_env).
+_private_env_source: list[Callable[[], Mapping[str, str]]] = []
 # Reentrant: close_ray may run in a signal handler on the main thread while that thread is inside ensure_ray.
 _connect_lock = threading.RLock()
 CLOSE_WAIT_S = 60.0  # how long close_ray waits for a connection under way (ray.init takes 2-5 s here) to finish
@@ -224,6 +227,21 @@ def take_connect_seconds() -> float:
     return float(_connection.pop("connect_s", 0.0))
 
 
+def set_private_cluster_env(source: Callable[[], Mapping[str, str]]) -> None:
+    """Name what a private cluster started from now on puts in its processes' environment, and so in that of the
+    workers its raylet starts. A pool whose workers need exactly these entries then starts them without a
+    runtime_env: Ray starts a worker with one only after its runtime-env agent (a Python process the raylet starts
+    with the cluster) is up and answered, ~0.5 s into a cold start on 2 busy cores."""
+    _private_env_source[:] = [source]
+
+
+def private_cluster_env() -> dict[str, str] | None:
+    """The entries the running private cluster's processes got in their environment; None when this process is not
+    connected to its private cluster."""
+    target = _connection.get("target")
+    return dict(_connection["private_env"]) if target is not None and target.is_local and "private_env" in _connection else None  # type: ignore[arg-type]
+
+
 def _start_private_cluster(ray) -> None:
     # A 0700 folder (mkdtemp) holds the token and Ray's own temp dir, which Ray makes world-writable: other users can
     # then neither read nor swap anything of ours. Short, under /tmp: Ray's unix socket paths have a length limit.
@@ -233,9 +251,30 @@ def _start_private_cluster(ray) -> None:
     _set_auth_env(_auth_env_for(LOCAL_TARGET, token_path))
     # address="local": always a new cluster, never one found through RAY_ADDRESS or /tmp/ray/ray_current_cluster.
     # num_cpus=cpu_count: CPU workers reserve no CPU (they are sized by threads), GPU workers ask for one GPU.
-    with _loopback_only():
+    try:
+        private_env = {key: str(value) for key, value in (_private_env_source[0]() if _private_env_source else {}).items()}
+    except ImportError:  # a process without ComfyUI (its compute arguments): pools then pass theirs as a runtime_env
+        private_env = {}
+    # The raylet and every process it starts inherit the environment ray.init starts them with; this process's stays as it was.
+    with _loopback_only(), _environment(private_env):
         ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1",
                  _temp_dir=str(temp_dir / "ray"), log_to_driver=True, _system_config=dict(PRIVATE_CLUSTER_CONFIG))
+    _connection["private_env"] = private_env
+
+
+@contextlib.contextmanager
+def _environment(values: Mapping[str, str]):
+    """`values` in os.environ while the block runs; what was there before comes back after."""
+    before = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 @contextlib.contextmanager
@@ -245,18 +284,13 @@ def _loopback_only():
     our private cluster starts (its processes read the environment we set, so they keep to loopback after)."""
     from ray._private import ray_constants
 
-    before = ray_constants.ENABLE_RAY_CLUSTER, {key: os.environ.get(key) for key in LOCAL_RAY_ENV}
+    before = ray_constants.ENABLE_RAY_CLUSTER
     ray_constants.ENABLE_RAY_CLUSTER = False
-    os.environ.update(LOCAL_RAY_ENV)
     try:
-        yield
+        with _environment(LOCAL_RAY_ENV):
+            yield
     finally:
-        ray_constants.ENABLE_RAY_CLUSTER = before[0]
-        for key, value in before[1].items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        ray_constants.ENABLE_RAY_CLUSTER = before
 
 
 def private_cluster_folder() -> Path | None:
@@ -344,6 +378,7 @@ def shutdown_ray(ending: bool = False) -> None:
             reap(tree, REAP_GRACE_S)
     _connection.pop("temp_dir", None)
     _connection.pop("target", None)
+    _connection.pop("private_env", None)
     if temp_dir is not None:
         shutil.rmtree(temp_dir, ignore_errors=True)
     if _operator_auth_env:

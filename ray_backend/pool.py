@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .cluster import cluster_gpus, ensure_ray, live_nodes, private_cluster_folder, take_connect_seconds
+from .cluster import cluster_gpus, ensure_ray, live_nodes, private_cluster_env, private_cluster_folder, take_connect_seconds
 from .clusters import ClusterTarget
 from .errors import JobInterrupted, PoolFailure
 from .placement import WORKER_SLOT_RESOURCE, NodeSlots, node_slots, spread, uses_worker_slots
@@ -143,7 +143,9 @@ class WorkerPool:
             num_cpus=0 if not use_gpus else 1, num_gpus=1 if use_gpus else 0, max_concurrency=4,
             resources={WORKER_SLOT_RESOURCE: 1} if by_slots else {},
             scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=False),
-            runtime_env={"env_vars": self._env},
+            # The private cluster's processes may have this environment already (set_private_cluster_env): a worker
+            # then starts without waiting for Ray's runtime-env agent.
+            **({} if self.key.cluster.is_local and private_cluster_env() == self._env else {"runtime_env": {"env_vars": self._env}}),
         )
 
     def warm(self, model_ref: Any, degrees: dict[str, int]) -> list[dict]:
@@ -319,6 +321,10 @@ class PoolRegistry:
         self._pool: WorkerPool | None = None
         self._lock = threading.Lock()  # a prompt's get waits for a start already under way (started with ComfyUI)
         self._failed_start: PoolFailure | None = None  # a background start's failure, for the next get to report
+
+    def worker_env(self) -> dict[str, str]:
+        """The environment entries this registry's workers start with."""
+        return _worker_env(self._service_env())
 
     def get(self, world_size: int, cluster: ClusterTarget, should_interrupt: Callable[[], bool] | None = None) -> WorkerPool:
         """The live pool for this world size and cluster, started (after connecting, cancellably) if needed."""

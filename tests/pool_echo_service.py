@@ -70,4 +70,11 @@ class EchoService:
         return {"jobs": self.jobs, "regroups": self.regroups, "pid": os.getpid(), "compute_threads": len(self._compute_threads),
                 "inference_mode": sorted(self._inference_mode), "collector_while_built": self._collector_while_built,
                 "collector_now": gc.isenabled(), "frozen_objects": gc.get_freeze_count(),
-                "openmp_threads": self._openmp_threads, "switches": self._switches}
+                "openmp_threads": self._openmp_threads, "switches": self._switches,
+                "probe_env": os.environ.get("XDIT_ECHO_PROBE"), "runtime_env_vars": sorted(_runtime_env().get("env_vars") or {})}
+
+
+def _runtime_env() -> dict:
+    import ray
+
+    return dict(ray.get_runtime_context().runtime_env)

@@ -40,6 +40,21 @@ registry.shutdown()
 print(json.dumps({"temp_dir_left": os.path.exists(info["temp_dir"])}), flush=True)
 """
 
+WORKER_ENV = """
+import json, os
+from ray_backend.cluster import set_private_cluster_env
+from ray_backend.clusters import LOCAL_TARGET
+from ray_backend.pool import PoolRegistry
+report = {}
+for name in ("shared", "differs"):
+    registry = PoolRegistry("pool_echo_service:EchoService", lambda: {"XDIT_ECHO_PROBE": name})
+    set_private_cluster_env(registry.worker_env if name == "shared" else (lambda: {"XDIT_ECHO_PROBE": "the cluster's"}))
+    stats = registry.get(2, LOCAL_TARGET).run({"value": 1}, {"ulysses_degree": 2})["stats"]
+    report[name] = {"probe": stats["probe_env"], "runtime_env_vars": stats["runtime_env_vars"], "here": os.environ.get("XDIT_ECHO_PROBE")}
+    registry.shutdown()  # and the private cluster with it: the next one starts with the next environment
+print(json.dumps(report))
+"""
+
 STRANGER = """
 import sys, ray
 ray.init(address=sys.argv[1], _node_ip_address="127.0.0.1", log_to_driver=False)
@@ -173,6 +188,19 @@ def test_a_configured_cluster_that_does_not_answer_fails_in_bounded_time_and_can
         probe_cluster(ClusterTarget("silent", silent_listener), should_interrupt=lambda: time.monotonic() > cancel_at, timeout_s=60)
     assert time.monotonic() - cancel_at < 3
     assert not ray.is_initialized(), "a failed probe must not touch this process's Ray connection"
+
+
+def test_workers_find_their_environment_in_the_private_cluster_or_get_it_as_a_runtime_env():
+    """A private cluster started with the environment its pool's workers need (set_private_cluster_env) hands it to
+    them without a runtime_env (which would make every worker's start wait for Ray's runtime-env agent); where the
+    cluster's differs, the pool passes its own as a runtime_env and that wins. The driver's own environment is left
+    as it was either way."""
+    driver = subprocess.run([sys.executable, "-c", WORKER_ENV], env=_env(), capture_output=True, text=True, timeout=300)
+    assert driver.returncode == 0, driver.stderr[-4000:]
+    report = json.loads(driver.stdout.strip().splitlines()[-1])
+    assert report["shared"] == {"probe": "shared", "runtime_env_vars": [], "here": None}, report
+    assert report["differs"]["probe"] == "differs" and report["differs"]["here"] is None, report
+    assert {"XDIT_ECHO_PROBE", "PYTHONPATH"} <= set(report["differs"]["runtime_env_vars"]), report
 
 
 def test_a_second_private_cluster_in_one_process_keeps_to_its_own_folder():
