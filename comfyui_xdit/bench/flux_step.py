@@ -167,7 +167,8 @@ def _first(node_output):
 
 
 @torch.inference_mode()  # as ComfyUI runs a prompt's nodes (and the pool's workers their jobs)
-def _sample(model_patcher, guider_kind: str, job: dict, steps: int, seed: int, on_step=None) -> tuple[torch.Tensor, list[float]]:
+def _sample(model_patcher, guider_kind: str, job: dict, steps: int, seed: int, on_step=None,
+            sampler_name: str = "euler") -> tuple[torch.Tensor, list[float]]:
     """SamplerCustomAdvanced with stock nodes; returns the latent and one perf_counter stamp per step (+ start).
     `on_step()` runs at the end of every step."""
     from comfy_extras import nodes_custom_sampler as custom
@@ -192,7 +193,7 @@ def _sample(model_patcher, guider_kind: str, job: dict, steps: int, seed: int, o
     else:
         guider = _first(custom.BasicGuider.execute(model, positive))
     sigmas = _first(custom.BasicScheduler.execute(model, "simple", steps, 1.0))
-    sampler = _first(custom.KSamplerSelect.execute("euler"))
+    sampler = _first(custom.KSamplerSelect.execute(sampler_name))
     noise = _first(custom.RandomNoise.execute(seed))
     latent = {"samples": torch.zeros(1, LATENT_CHANNELS, h, w)}
     start = time.perf_counter()

@@ -1,7 +1,7 @@
 """PipeFusion, displaced patch parallel and Ulysses at the same world size, against stock ComfyUI and naive patches.
 
     python -m comfyui_xdit.bench.stale_methods [--steps 12] [--size 64] [--text-tokens 256] [--repeats 2]
-        [--methods stock,pipefusion,...] [--patches 4]
+        [--methods stock,pipefusion,...] [--patches 4] [--sampler euler]
         (e.g. --methods pipefusion,pipefusion_memory,pipefusion_speed --repeats 5: the balances, paired with stock)
 
 Prints one JSON line per method on stdout (progress on stderr), then one line per stage count and balance for the
@@ -10,7 +10,7 @@ stage plan of the real Flux.1-dev architecture (shapes only, at 1024x1024: 4096 
 Method
 - Model: a seeded checkpoint of tiny_models' "pipeline" size (4 double + 10 single blocks; hidden 256, or
   `--hidden`) loaded by ComfyUI; a `--size` x `--size` latent and `--text-tokens` text rows; sampling as SamplerCustomAdvanced does with
-  stock nodes (BasicGuider, euler, "simple" schedule, `--steps` steps), as in tests/flux_cases.py.
+  stock nodes (BasicGuider, euler or `--sampler`, "simple" schedule, `--steps` steps), as in tests/flux_cases.py.
 - Every method is one spawn of its ranks (`run_on_ranks`, one torch thread per rank, ComfyUI with
   --use-pytorch-cross-attention so all runs use the same SDPA kernel); `ms_per_step` is the median over `--repeats`
   samplings of the wall time / steps, after one untimed sampling. `speedup_vs_1` divides the stock median by it.
@@ -70,6 +70,8 @@ from .stale_bytes import displaced_call_bytes, looks_ahead, pipefusion_call_byte
 
 HEAD_DIM, BLOCKS, OUT_FEATURES = 128, 14, 64
 FLUX_DEV = {"hidden_size": 3072, "num_heads": 24, "depth": 19, "depth_single_blocks": 38}
+# Deterministic ComfyUI samplers with one model call a step (the bytes and bubble theory count one call a step).
+ONE_CALL_SAMPLERS = ("euler", "dpmpp_2m", "deis", "uni_pc", "res_multistep", "ipndm", "lms")
 
 
 def _rank(rank: int, world_size: int, model_path: str, method: dict, spec: dict) -> dict:
@@ -109,22 +111,22 @@ def _rank(rank: int, world_size: int, model_path: str, method: dict, spec: dict)
     # Paired: rank 0 also samples with the stock model (one thread, the other rank waiting) before each timed
     # parallel sampling, so each ratio compares runs made under the same machine load.
     stock = comfy.sd.load_diffusion_model(model_path) if method.get("paired") and state is not None and state.rank == 0 else None
-    latent, _ = _sample(model, "basic", job, spec["steps"], spec["seed"])  # untimed: first use of every group
+    latent, _ = _sample(model, "basic", job, spec["steps"], spec["seed"], sampler_name=spec["sampler"])  # untimed: first use of every group
     if stock is not None:
-        _sample(stock, "basic", job, spec["steps"], spec["seed"])
+        _sample(stock, "basic", job, spec["steps"], spec["seed"], sampler_name=spec["sampler"])
     times, cpu_times, stock_times, comm = [], [], [], None
     for _ in range(spec["repeats"]):
         if method.get("paired") and state is not None:
             torch.distributed.barrier()
             if stock is not None:
                 started = time.perf_counter()
-                _sample(stock, "basic", job, spec["steps"], spec["seed"])
+                _sample(stock, "basic", job, spec["steps"], spec["seed"], sampler_name=spec["sampler"])
                 stock_times.append(time.perf_counter() - started)
         if state is not None:
             torch.distributed.barrier()
             state.comm.reset()
         started, cpu_started = time.perf_counter(), time.process_time()
-        latent, _ = _sample(model, "basic", job, spec["steps"], spec["seed"])
+        latent, _ = _sample(model, "basic", job, spec["steps"], spec["seed"], sampler_name=spec["sampler"])
         times.append(time.perf_counter() - started)
         cpu_times.append(time.process_time() - cpu_started)
         if state is not None:
@@ -270,9 +272,11 @@ def main(argv=None) -> int:
     parser.add_argument("--hidden", type=int, default=256, help="model width (a multiple of 128); the pipeline size's is 256")
     parser.add_argument("--patches", type=int, default=4, help="PipeFusion's num_pipeline_patch (4 = its auto value at 2 stages)")
     parser.add_argument("--methods", default="", help="comma-separated method names to run (stock always runs); default: all")
+    parser.add_argument("--sampler", default="euler", choices=ONE_CALL_SAMPLERS,
+                        help="ComfyUI sampler (deterministic, one model call a step, as the bytes and bubble theory assume)")
     args = parser.parse_args(argv)
     spec = {"steps": args.steps, "size": args.size, "text_tokens": args.text_tokens, "repeats": args.repeats, "seed": args.seed,
-            "hidden": args.hidden, "patches": args.patches}
+            "hidden": args.hidden, "patches": args.patches, "sampler": args.sampler}
     chosen = {"stock", *filter(None, args.methods.split(","))} if args.methods else None
     from comfyui_xdit.comfy_runtime import import_comfy
     from comfyui_xdit.testing.tiny_models import write_tiny_flux
@@ -292,7 +296,7 @@ def main(argv=None) -> int:
         ms = statistics.median(per_rank[0]["times"]) / args.steps * 1e3
         line = {"method": name, "world_size": method["world_size"], "degrees": method.get("degrees", {}),
                 "latent": [args.size, args.size], "image_tokens": (args.size // 2) ** 2, "text_tokens": args.text_tokens,
-                "hidden": args.hidden, "blocks": BLOCKS, "steps": args.steps, "ms_per_step": round(ms, 1),
+                "hidden": args.hidden, "blocks": BLOCKS, "steps": args.steps, "sampler": args.sampler, "ms_per_step": round(ms, 1),
                 "speedup_vs_1": round(stock_ms / ms, 3),
                 "cpu_ms_per_step": [round(statistics.median(r["cpu_times"]) / args.steps * 1e3, 1) for r in per_rank],
                 "cpu_over_stock": round(sum(statistics.median(r["cpu_times"]) for r in per_rank) / statistics.median(results["stock"][1][0]["cpu_times"]), 3),
