@@ -135,7 +135,7 @@ def sequence_to_heads(tensors: list[torch.Tensor], padded_heads: int, dim_group:
 
 def _exchange(recv: torch.Tensor, send: torch.Tensor, dim_group: DimensionGroup) -> None:
     """All-to-all of (size, ...) chunks: recv[r] = rank r's send[own rank]. Between two ranks it is one pairwise
-    exchange and the caller has already put its own chunk in recv: on gloo, all_to_all_single took 12-19% longer
+    exchange and the caller has already put its own chunk in recv: on gloo, all_to_all_single took 14-23% longer
     for Ulysses' q, k, v (it also copies the own chunk); at 4 ranks pairwise sends measured slower, so the
     collective stays there."""
     with _traced("all_to_all"):
