@@ -57,6 +57,11 @@ Method
   round (precede them in odd rounds). Its lines give `median_forward_ms`, `speedup_vs_1` against its own 1-rank
   runs, `max_abs_err` against its own 1-rank output, and our same method's speedup and step time from this run.
   A diffusers forward has no sampler around it: a ComfyUI step adds the sampler's per-step work to the forward.
+- `median_steady_step_ms` and `steady_speedup_vs_1`: the same over the steps after each run's first interval only.
+  The first interval is timed from SamplerCustomAdvanced's start, so it also holds ComfyUI's set-up of the
+  sampling (noise, conds, the model's loaded check), which a real prompt pays once for all its steps and a bare
+  forward never pays (with the default 2 timed steps, one step per round). The diffusers lines repeat them for ours
+  as `xdit_steady_speedup_vs_1` and `xdit_median_steady_step_ms`.
 - `--profile` (profile_categories.py): torch.profiler over one step of each of our configurations on every rank,
   and with `--diffusers` over one forward of each diffusers model, its modules and RoPE application labelled the
   way ours are (diffusers_flux.profile_labels), so both print self-CPU ms in the same categories.
@@ -418,9 +423,11 @@ def _bench_rank(rank: int, world_size: int, spec: dict) -> list[dict]:
                 step_ms = [(b - a) * 1e3 for a, b in zip(stamps, stamps[1:])]
                 if len(step_ms) != steps:
                     raise RuntimeError(f"{name}: {len(step_ms)} step stamps for {steps} steps")
+                steady = step_ms[max(warmup, 1):]  # the first interval also holds the sampler's set-up
                 record = {
                     "step_ms": step_ms,
                     "median_ms": statistics.median(step_ms[warmup:]),
+                    "steady_ms": statistics.median(steady) if steady else None,
                     "bytes_per_step": {key: n / steps for key, n in state.comm.snapshot().items()} if state else {},
                     "load": (load, os.getloadavg()[0]),
                     "cpu_ms_per_step": cpu_s * 1e3 / steps,
@@ -496,6 +503,9 @@ def _records(job: dict, result: dict, spec: dict, threads: int) -> list[dict]:
         line["median_step_ms"] = round(statistics.median(mine), 1)
         line.update(_cpu_by_rank(result["runs_by_rank"][name]))  # work per rank, less sensitive to load
         line["per_pair_step_ms"] = [round(x, 1) for x in mine]
+        steady = [run["steady_ms"] for run in rank0]
+        if None not in steady:
+            line["median_steady_step_ms"] = round(statistics.median(steady), 1)
         line["per_pair_loadavg_1m"] = [round(run["load"][0], 2) for run in rank0]
         if baseline is None:
             line["latent_absmax"] = round(max(run["latent_absmax"] for run in rank0), 3)
@@ -506,6 +516,9 @@ def _records(job: dict, result: dict, spec: dict, threads: int) -> list[dict]:
         else:
             base_ms = [run["median_ms"] for run in result["runs_rank0"][baseline]]
             ratios = [b / m for b, m in zip(base_ms, mine)]
+            base_steady = [run["steady_ms"] for run in result["runs_rank0"][baseline]]
+            if None not in steady and None not in base_steady:
+                line["steady_speedup_vs_1"] = round(statistics.median(b / m for b, m in zip(base_steady, steady)), 3)
             method = name
             theory = theoretical_step_bytes(method, 1, job["image_tokens"], job["text_tokens"], job["heads"], 128, calls, job["latent"])
             measured = result["bytes_by_rank"][name]
@@ -567,7 +580,9 @@ def _diffusers_records(runs: dict, runs_by_rank: dict, common: dict, ours: dict)
                          "speedup_vs_1": round(statistics.median(ratios), 3),
                          "max_abs_err": max(run["max_abs_err"] for run in rank0),
                          "xdit_speedup_vs_1": ours_line["speedup_vs_1"],
-                         "xdit_median_step_ms": ours_line["median_step_ms"]})
+                         "xdit_median_step_ms": ours_line["median_step_ms"],
+                         **{f"xdit_{key}": ours_line[key] for key in ("steady_speedup_vs_1", "median_steady_step_ms")
+                            if key in ours_line}})
         lines.append(line)
     return lines
 
