@@ -60,7 +60,8 @@ Method
 - `median_steady_step_ms` and `steady_speedup_vs_1`: the same over the steps after each run's first interval only.
   The first interval is timed from SamplerCustomAdvanced's start, so it also holds ComfyUI's set-up of the
   sampling (noise, conds, the model's loaded check), which a real prompt pays once for all its steps and a bare
-  forward never pays (with the default 2 timed steps, one step per round). The diffusers lines repeat them for ours
+  forward never pays (with the default 2 timed steps and 1 warmup step: two steps in the first round, one in each
+  later round). The diffusers lines repeat them for ours
   as `xdit_steady_speedup_vs_1` and `xdit_median_steady_step_ms`.
 - `--profile` (profile_categories.py): torch.profiler over one step of each of our configurations on every rank,
   and with `--diffusers` over one forward of each diffusers model, its modules and RoPE application labelled the
