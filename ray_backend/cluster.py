@@ -24,6 +24,7 @@ from types import MappingProxyType
 from typing import Callable, Mapping
 
 from .clusters import LOCAL_TARGET, ClusterTarget
+from .raylet_wait import prompt_node_lookup
 
 # Set before Ray starts: keep a local cluster on 127.0.0.1 and send nothing home.
 LOCAL_RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
@@ -256,7 +257,7 @@ def _start_private_cluster(ray) -> None:
     except ImportError:  # a process without ComfyUI (its compute arguments): pools then pass theirs as a runtime_env
         private_env = {}
     # The raylet and every process it starts inherit the environment ray.init starts them with; this process's stays as it was.
-    with _loopback_only(), _environment(private_env):
+    with _loopback_only(), _environment(private_env), prompt_node_lookup():
         ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1",
                  _temp_dir=str(temp_dir / "ray"), log_to_driver=True, _system_config=dict(PRIVATE_CLUSTER_CONFIG))
     _connection["private_env"] = private_env

@@ -106,6 +106,34 @@ ray.shutdown = lambda: os._exit(3)  # stands in for Ray's core worker ending the
 close_ray()
 """
 
+NODE_LOOKUP = """
+import json, time, ray
+from ray._private import services
+from ray_backend import raylet_wait
+from ray_backend.cluster import ensure_ray, shutdown_ray
+original, polled = services.get_node, []
+real_wait = raylet_wait.wait_registered
+def recording(gcs_address, node_id, patience_s=raylet_wait.PATIENCE_S):
+    found = real_wait(gcs_address, node_id, patience_s)
+    polled.append({"node_id": node_id, "found": found})
+    return found
+raylet_wait.wait_registered = recording
+ensure_ray()
+context = ray.get_runtime_context()
+gcs, head = context.gcs_address, context.get_node_id()
+started = time.monotonic()
+stranger = real_wait(gcs, "ab" * 28, 0.3)
+stranger_s = time.monotonic() - started
+def broken(*_):
+    raise ConnectionError("the poll failed")
+raylet_wait.wait_registered = broken
+with raylet_wait.prompt_node_lookup():
+    despite_broken_poll = services.get_node(gcs, head)["node_id"] == head
+shutdown_ray()
+print(json.dumps({"head": head, "polled": polled, "restored": services.get_node is original,
+                  "stranger": stranger, "stranger_s": stranger_s, "despite_broken_poll": despite_broken_poll}))
+"""
+
 
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
@@ -213,6 +241,19 @@ def test_a_second_private_cluster_in_one_process_keeps_to_its_own_folder():
     assert first != second
     assert [Path(s).is_relative_to(f) for s, f in zip(report["spill"], report["folders"])] == [True, True], report["spill"]
     assert report["left"] == [], "a stopped private cluster's folder came back"
+
+
+def test_the_private_cluster_start_polls_for_its_node_instead_of_sleeping_through_ray_s_retry():
+    """Ray's start asks the GCS for the new node before the raylet has registered and then sleeps a whole second;
+    our start polls the node table first (raylet_wait): it found the head node, Ray's own lookup is back after the
+    start, a node that never registers is given up on after the patience, and a poll that fails leaves the answer to
+    Ray's own lookup."""
+    driver = subprocess.run([sys.executable, "-c", NODE_LOOKUP], env=_env(), capture_output=True, text=True, timeout=180)
+    assert driver.returncode == 0, driver.stderr[-4000:]
+    report = json.loads(driver.stdout.strip().splitlines()[-1])
+    assert report["polled"] == [{"node_id": report["head"], "found": True}], report
+    assert report["restored"] and report["despite_broken_poll"], report
+    assert report["stranger"] is False and report["stranger_s"] >= 0.3, report
 
 
 def test_after_closing_ray_nothing_connects_again_not_even_a_late_ray_call():
