@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 POLL_S = 0.01
 # After this the poll gives up and Ray's own lookup waits (and fails) as it always did.
-PATIENCE_S = 10.0
+PATIENCE_S = 5.0
 
 
 def wait_registered(gcs_address: str, node_id: str, patience_s: float = PATIENCE_S) -> bool:
