@@ -7,40 +7,19 @@ compute thread of their own.
 """
 from __future__ import annotations
 
-import contextlib
 import ctypes
-import gc
 import importlib
 import os
 import time
-from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any
 
-
-@contextlib.contextmanager
-def _collector_paused(then_freeze: bool = False) -> Iterator[None]:
-    """Run a worker's startup imports without the cyclic garbage collector (and with `then_freeze`, freeze what they
-    left). Importing torch and ComfyUI creates ~475k tracked objects that live as long as the process; the collector
-    traversed them again and again (7 full passes: torch's import 2.05 -> 1.58 CPU-s without it, ComfyUI's 3.9 ->
-    3.1), paid by every worker at once on a cold start, and would again in every later full collection (0.2-0.35 s
-    each, inside some sampling step). Frozen, no collection looks at them. The ~12k objects the imports left
-    unreachable are frozen too: a one-time leak of a few MB, cheaper than the full collection that would find them."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if then_freeze:
-            gc.freeze()
-        if was_enabled:
-            gc.enable()
-
+from .collector import collector_paused
 
 # A fresh worker process imports torch here, when Ray loads the actor class (ComfyUI's process has torch already:
 # there the pause lasts a moment, and nothing is frozen).
-with _collector_paused():
+with collector_paused():
     import torch
     import torch.distributed as dist
 
@@ -138,7 +117,7 @@ class PoolWorker:
     def _make_service(self):
         started = time.perf_counter()
         module, name = self._service_path.split(":")
-        with _collector_paused(then_freeze=True):
+        with collector_paused(then_freeze=True):
             service = getattr(importlib.import_module(module), name)(self._device)
         self.startup["service_s"] = round(time.perf_counter() - started, 3)
         return service

@@ -242,8 +242,12 @@ def _replay_step_comm(method: str, state, job: dict, spec: dict) -> dict:
 
 def _diffusers_models(job: dict, spec: dict) -> dict:
     """diffusers' Flux at the job's shape: the 1-rank model and its Ulysses-2 and Ring-2 copies (collective)."""
-    from comfyui_xdit.bench import diffusers_flux
+    from ray_backend.collector import collector_paused
 
+    with collector_paused(then_freeze=True):  # diffusers' modules frozen as ComfyUI's are (import_comfy_on_rank)
+        from diffusers import ContextParallelConfig, FluxTransformer2DModel  # noqa: F401  (their modules load here)
+
+        from comfyui_xdit.bench import diffusers_flux
     single = diffusers_flux.flux_transformer(job["hidden"], job["depth"], job["single_depth"], spec["seed"])
     models = {"diffusers-single": single}
     for name, degrees in DIFFUSERS_METHODS.items():
@@ -361,18 +365,24 @@ def _cpu_s() -> float:
 
 
 def import_comfy_on_rank(attention: str) -> str:
-    """Import ComfyUI in this rank (CPU); "pytorch" sets --use-pytorch-cross-attention first. Returns the kernel."""
+    """Import ComfyUI in this rank (CPU) as a pool worker does: with the cyclic collector paused and what the imports
+    left frozen after (otherwise a full collection, 0.12-0.15 s here, lands in some timed step, and in a parallel
+    step every rank waits for it). "pytorch" sets --use-pytorch-cross-attention first. Returns the kernel."""
     from comfyui_xdit.comfy_runtime import comfyui_path, init_worker
+    from ray_backend.collector import collector_paused
 
-    if attention == "pytorch":
-        root = str(comfyui_path(prepare=False))
-        if root not in sys.path:
-            sys.path.insert(0, root)
-        import comfy.cli_args
+    with collector_paused(then_freeze=True):
+        if attention == "pytorch":
+            root = str(comfyui_path(prepare=False))
+            if root not in sys.path:
+                sys.path.insert(0, root)
+            import comfy.cli_args
 
-        comfy.cli_args.args.use_pytorch_cross_attention = True  # read when comfy.model_management is imported
-    init_worker(cpu=True)
-    import comfy.ldm.modules.attention
+            comfy.cli_args.args.use_pytorch_cross_attention = True  # read when comfy.model_management is imported
+        init_worker(cpu=True)
+        import comfy.ldm.modules.attention
+        import comfy.samplers  # noqa: F401  (the job modules a worker imports with ComfyUI)
+        import comfy.sd  # noqa: F401
 
     return comfy.ldm.modules.attention.optimized_attention.__name__
 
