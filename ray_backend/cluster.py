@@ -2,8 +2,8 @@
 
 The private cluster is always started new (`address="local"`, so neither RAY_ADDRESS nor the world-writable
 /tmp/ray/ray_current_cluster can make us adopt somebody else's), in a temp directory of its own, on 127.0.0.1,
-without dashboard or usage stats, and with Ray token authentication on a token only this user can read: a local
-process without the token can neither attach nor run a task.
+without dashboard, API server, autoscaler monitor or usage stats, and with Ray token authentication on a token only
+this user can read: a local process without the token can neither attach nor run a task.
 
 An operator-named cluster is probed in a separate process first (bounded time, cancellable); only a cluster that
 answered is connected to in-process, so an unreachable one never hangs ComfyUI and never disturbs the private one.
@@ -24,6 +24,7 @@ from types import MappingProxyType
 from typing import Callable, Mapping
 
 from .clusters import LOCAL_TARGET, ClusterTarget
+from .head_services import without_unused_head_services
 from .raylet_wait import prompt_node_lookup
 
 # Set before Ray starts: keep a local cluster on 127.0.0.1 and send nothing home.
@@ -257,7 +258,7 @@ def _start_private_cluster(ray) -> None:
     except ImportError:  # a process without ComfyUI (its compute arguments): pools then pass theirs as a runtime_env
         private_env = {}
     # The raylet and every process it starts inherit the environment ray.init starts them with; this process's stays as it was.
-    with _loopback_only(), _environment(private_env), prompt_node_lookup():
+    with _loopback_only(), _environment(private_env), prompt_node_lookup(), without_unused_head_services():
         ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1",
                  _temp_dir=str(temp_dir / "ray"), log_to_driver=True, _system_config=dict(PRIVATE_CLUSTER_CONFIG))
     _connection["private_env"] = private_env

@@ -134,6 +134,26 @@ print(json.dumps({"head": head, "polled": polled, "restored": services.get_node 
                   "stranger": stranger, "stranger_s": stranger_s, "despite_broken_poll": despite_broken_poll}))
 """
 
+HEAD_SERVICES = """
+import json, sys, time, ray
+from ray._private import node as ray_node, ray_constants
+from ray_backend.cluster import ensure_ray, shutdown_ray
+from ray_backend.head_services import UNUSED_HEAD_SERVICES
+originals = {name: getattr(ray_node.Node, name) for name in UNUSED_HEAD_SERVICES}
+ensure_ray()
+started = sorted(ray._private.worker._global_node.all_processes)
+@ray.remote(num_cpus=0)
+def speak():
+    print("a line from a worker", flush=True)
+    return 1
+ray.get(speak.remote())
+time.sleep(3)  # Ray's log monitor forwards workers' output about once a second
+shutdown_ray()
+print(json.dumps({"started": started, "restored": all(getattr(ray_node.Node, n) is f for n, f in originals.items()),
+                  "dashboard": ray_constants.PROCESS_TYPE_DASHBOARD, "monitor": ray_constants.PROCESS_TYPE_MONITOR,
+                  "log_monitor": ray_constants.PROCESS_TYPE_LOG_MONITOR}))
+"""
+
 
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
@@ -255,6 +275,18 @@ def test_the_private_cluster_start_polls_for_its_node_instead_of_sleeping_throug
     assert report["restored"] and report["despite_broken_poll"], report
     assert report["stranger"] is False and report["stranger_s"] >= 0.3, report
 
+
+def test_the_private_cluster_starts_without_ray_s_api_server_and_autoscaler_monitor():
+    """Neither serves a one-node private cluster with usage stats off, and ray.init waited for the API server (head_services):
+    the head starts without them, the log monitor still forwards a worker's output to the driver, and Ray's node
+    class is as it was after the start."""
+    driver = subprocess.run([sys.executable, "-c", HEAD_SERVICES], env=_env(), capture_output=True, text=True, timeout=180)
+    assert driver.returncode == 0, driver.stderr[-4000:]
+    report = json.loads(driver.stdout.strip().splitlines()[-1])
+    assert report["dashboard"] not in report["started"] and report["monitor"] not in report["started"], report
+    assert report["log_monitor"] in report["started"] and "gcs_server" in report["started"], report
+    assert "a line from a worker" in driver.stdout + driver.stderr
+    assert report["restored"], report
 
 def test_after_closing_ray_nothing_connects_again_not_even_a_late_ray_call():
     """After close_ray (ComfyUI's exit or SIGTERM) the private cluster is gone, a late Ray call fails instead of Ray
