@@ -2,26 +2,31 @@
 this call's last one, so the pipeline no longer fills and drains once per sampling step.
 
 ComfyUI's sampler owns the step loop, so a model call returns only when its last patch is through; the next call's
-input is the sampler's update of the whole latent. For a deterministic sampler on a flow model (euler, heun,
-dpmpp_2m, deis, ...) that update is elementwise: the first patch's next input needs only the first patch's outputs,
-which the last stage has long finished. So the last stage sends this call's back to the first, and the first stage,
-after its last patch of this call, finds the next input by running the sampler itself (ComfyUI's own sampler
-function, the same operations on the same values) on the first patch's rows, answering its model calls with the
-outputs recorded in this run and stopping it at the first call past them. It runs its blocks on that input, holding
-back the rows for the next stage. When the next call comes, its real inputs are compared with the predicted ones:
-equal, and the held rows go out at once (the first patch is not computed again); different (a sampler that adds
-noise, a CFG batch, a post-CFG hook that changes the prediction), and the prediction is dropped and the call runs as
-without lookahead, which stays off for the rest of that sampling run. Either way the result is bit-identical to the
-pipeline without lookahead: the first stage runs the same computations in the same order (this call's patches, then
-the next call's first), only earlier.
+input is the sampler's update of the whole latent. On a flow model that update is elementwise for ComfyUI's samplers
+(euler, heun, dpmpp_2m, deis, ..., and the ones that add noise: euler_ancestral, dpmpp_sde, lcm, ...): the first
+patch's next input needs only the first patch's outputs, which the last stage has long finished. So the last stage
+sends this call's back to the first, and the first stage, after its last patch of this call, finds the next input by
+running the sampler itself (ComfyUI's own sampler function, the same operations on the same values), answering its
+model calls with the outputs recorded in this run and stopping it at the first call past them. It runs its blocks on
+that input, holding back the rows for the next stage. When the next call comes, its real inputs are compared with
+the predicted ones: equal, and the held rows go out at once (the first patch is not computed again); different (a CFG
+batch, a post-CFG hook that changes the prediction, a sampler that mixes elements), and the prediction is dropped and
+the call runs as without lookahead, which stays off for the rest of that sampling run. Either way the result is
+bit-identical to the pipeline without lookahead: the first stage runs the same computations in the same order (this
+call's patches, then the next call's first), only earlier.
 
-The sampler runs on its own latent, in float32; the model sees that latent cast to its dtype. For a bf16 or fp16
-model (every GPU run) an update computed from the model's tokens would round differently and miss every time, so an
-APPLY_MODEL wrapper hands the model's input as the sampler holds it to the first stage, which patchifies it the
-family's way (FamilyCall.image_tokens) and records and predicts from that.
+The replay runs on a latent of the sampler's whole shape, dtype and device, with the run's seed, so a sampler that
+draws noise (from the seed's generator or Brownian tree, whose draws depend only on those) draws the same noise as
+the real run. Only the first patch's elements of that latent are known (recorded from the real run; the rest stay
+zero, which an elementwise update never mixes in), and only they are compared with and predicted. The sampler holds
+its latent in float32 while a bf16 or fp16 model (every GPU run) sees it rounded, so an APPLY_MODEL wrapper hands
+the sampler's latent to the first stage, which finds where its first patch's tokens come from by running the
+family's patchify (FamilyCall.image_tokens) on the latent's element indices.
 """
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -38,19 +43,58 @@ from parallel_core.sharding import padded_piece
 CallAt = Callable[[torch.Tensor], Callable]
 # A family's patchify of a latent into its image tokens, as its forward makes them (no dtype cast).
 ImageTokens = Callable[[torch.Tensor], torch.Tensor]
-# transformer_options entry: the model call's latent as the sampler holds it (sampler_input_wrapper).
+# transformer_options entry: the model call's whole latent as the sampler holds it (sampler_input_wrapper).
 SAMPLER_INPUT_KEY = "comfyui_xdit.sampler_input"
 
 
 @dataclass(frozen=True)
 class FamilyCall:
-    """The family's forward at any timesteps, this call's timesteps, and the other tensors its output depends on
-    besides the tokens (pooled text, guidance): the next call must repeat them for a prediction to be used."""
+    """The family's forward at any timesteps, this call's timesteps, the other tensors its output depends on besides
+    the tokens (pooled text, guidance: the next call must repeat them for a prediction to be used), and its
+    patchify."""
 
     call_at: CallAt
     timesteps: torch.Tensor
     fixed_inputs: tuple
-    image_tokens: ImageTokens | None = None
+    image_tokens: ImageTokens
+
+
+@dataclass(frozen=True)
+class FirstPatch:
+    """Where this rank's first-patch image tokens come from in the sampler's whole latent."""
+
+    shape: torch.Size
+    dtype: torch.dtype
+    device: torch.device
+    token_index: torch.Tensor  # the tokens' shape: each element's flat index into the latent, -1 for padding rows
+    first: torch.Tensor  # positions in token_index.flatten() of each latent element's first token (patch padding repeats some)
+    known: torch.Tensor  # the latent's flat indices at those positions: the elements this rank records and predicts
+
+    def tokens(self, latent: torch.Tensor) -> torch.Tensor:
+        """The first patch's tokens of `latent`, at its precision (data-parallel padding rows zero, as padded_piece)."""
+        with_zero = torch.cat([latent.flatten(), latent.new_zeros(1)])  # index -1 reads the appended zero
+        return with_zero[self.token_index]
+
+    def known_values(self, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens.flatten()[self.first]
+
+    def latent_with(self, values: torch.Tensor) -> torch.Tensor:
+        """A whole latent holding `values` at the known elements and zero elsewhere."""
+        latent = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+        latent.view(-1)[self.known] = values.to(self.dtype)
+        return latent
+
+
+def first_patch_of(latent: torch.Tensor, image_tokens: ImageTokens, band: slice, data_size: int, data_rank: int) -> FirstPatch:
+    """Where the tokens `band` of this data-parallel rank's share of `latent` come from: the family's patchify run on
+    the latent's element indices (1-based in float64, exact to 2**53 elements; data-parallel padding reads 0)."""
+    indices = torch.arange(1, latent.numel() + 1, dtype=torch.float64, device=latent.device).view(latent.shape)
+    token_index = image_tokens(padded_piece(indices, 0, data_size, data_rank))[:, band].round().long() - 1
+    flat = token_index.flatten()
+    elements, occurrence = torch.unique(flat, return_inverse=True)
+    positions = torch.arange(flat.numel(), device=flat.device)
+    first = torch.full_like(elements, flat.numel()).scatter_reduce_(0, occurrence, positions, "amin")[elements >= 0]
+    return FirstPatch(latent.shape, latent.dtype, latent.device, token_index, first, flat[first])
 
 
 @dataclass
@@ -75,23 +119,63 @@ class Lookahead:
     used: int = 0
     missed: int = 0
     sampler: Any = None  # the running sampler (ComfyUI's KSAMPLER), while sampler_wrapper holds it
-    # First stage: each call's (input, denoised) rows of the first patch in this sampling run, per stream.
+    seed: int | None = None  # the running sampler's seed (extra_args["seed"]), which seeds its noise
+    # First stage, per stream: where the first patch's tokens come from in the sampler's latent, each call's (input,
+    # denoised) values of the latent's known elements in this sampling run, and the sampler's replay.
+    patches: dict[Hashable, FirstPatch] = field(default_factory=dict)
     history: dict[Hashable, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+    replays: dict[Hashable, SamplerReplay] = field(default_factory=dict)
 
     def clear(self) -> None:
+        self.stop_replays()
         self.predictions.clear()
+        self.patches.clear()
         self.history.clear()
         self.off = False
 
+    def stop_replays(self) -> None:
+        for replay in self.replays.values():
+            replay.stop()
+        self.replays.clear()
+
+    def miss(self) -> None:
+        """A prediction failed or could not be made: off for the rest of this sampling run."""
+        self.missed += 1
+        self.off = True
+        self.predictions.clear()
+        self.stop_replays()
+
+    def sampler_rows(self, stream: Hashable, latent: torch.Tensor | None, family_call: FamilyCall, rows: torch.Tensor,
+                     band: slice, data_size: int, data_rank: int) -> torch.Tensor | None:
+        """The first patch's tokens `rows` at the sampler's precision, taken from the sampler's `latent`; None (and
+        a miss) where the family's patchify of it does not give exactly the tokens the model sees."""
+        patch = self.patches.get(stream)
+        if latent is not None and (patch is None or patch.shape != latent.shape):
+            patch = self.patches[stream] = first_patch_of(latent, family_call.image_tokens, band, data_size, data_rank)
+        tokens = None if latent is None else patch.tokens(latent)
+        if tokens is None or tokens.shape != rows.shape or not torch.equal(tokens.to(rows.dtype), rows):
+            self.miss()
+            return None
+        return tokens
+
     def record(self, stream: Hashable, rows: torch.Tensor, output: torch.Tensor, sigmas: torch.Tensor, model_sampling) -> None:
-        """This call's first-patch input rows and their denoised value, as ComfyUI computes it from the model's
-        output (made float as ComfyUI makes it)."""
+        """This call's first-patch input rows (sampler_rows) and their denoised value, as ComfyUI computes it from
+        the model's output (made float as ComfyUI makes it)."""
         denoised = model_sampling.calculate_denoised(sigmas, output.to(rows.dtype), rows)
-        self.history.setdefault(stream, []).append((rows, denoised))
+        patch = self.patches[stream]
+        self.history.setdefault(stream, []).append((patch.known_values(rows), patch.known_values(denoised)))
+
+    def next_input(self, stream: Hashable, model_sampling, schedule: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The first patch's tokens and the sigmas of this stream's call after the recorded ones, from its replay of
+        the running sampler (started at the first prediction); None where there is none."""
+        replay = self.replays.get(stream)
+        if replay is None:
+            replay = self.replays[stream] = SamplerReplay(self.sampler, self.seed, model_sampling, schedule, self.patches[stream])
+        return replay.next_call(self.history[stream])
 
     def take(self, stream: Hashable, image: torch.Tensor, image_ids: torch.Tensor, text: torch.Tensor,
              timesteps: torch.Tensor, fixed_inputs: tuple) -> Prediction | None:
-        """This stream's prediction if the call's real inputs are exactly the predicted ones; else None (and off)."""
+        """This stream's prediction if the call's real inputs are exactly the predicted ones; else None (and a miss)."""
         prediction = self.predictions.pop(stream, None)
         if prediction is None:
             return None
@@ -101,9 +185,7 @@ class Lookahead:
                 and all(_same(a, b) for a, b in zip(prediction.fixed_inputs, fixed_inputs))):
             self.used += 1
             return prediction
-        self.missed += 1
-        self.off = True
-        self.predictions.clear()
+        self.miss()
         return None
 
 
@@ -128,89 +210,126 @@ def looks_ahead(transformer_options: dict, step: int, warmup_steps: int) -> bool
             and step + 1 >= warmup_steps and step + 2 < len(schedule))
 
 
-class _Reached(Exception):
-    """The replayed sampler's first model call past the recorded ones: its input and sigmas."""
-
-    def __init__(self, latent: torch.Tensor, sigmas: torch.Tensor):
-        super().__init__("reached the next call")
-        self.latent, self.sigmas = latent, sigmas
+class _Stopped(Exception):
+    """Raised in the replayed sampler's model call to end a replay that is no longer needed."""
 
 
-class _Diverged(Exception):
-    """The replayed sampler asked the model about another input than the recorded one."""
+_STOP = object()
 
 
-class _RecordedModel:
-    """The sampler's model in a replay: answers each call with the recorded denoised rows while the input is the
-    recorded one. Samplers read the model sampling through inner_model, as from ComfyUI's KSamplerX0Inpaint."""
+class _FedModel:
+    """The sampler's model in a replay: each call hands its input to the first stage and returns the answer it gets
+    back. Samplers read the model sampling through inner_model, as from ComfyUI's KSamplerX0Inpaint."""
 
-    def __init__(self, model_sampling, history: list[tuple[torch.Tensor, torch.Tensor]]):
-        self._calls = iter(history)
+    def __init__(self, model_sampling, ask: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
+        self._ask = ask
         self.inner_model = SimpleNamespace(inner_model=SimpleNamespace(model_sampling=model_sampling),
                                            model_patcher=SimpleNamespace(get_model_object={"model_sampling": model_sampling}.__getitem__))
 
     def __call__(self, latent: torch.Tensor, sigmas: torch.Tensor, **extra_args) -> torch.Tensor:
-        recorded = next(self._calls, None)
-        if recorded is None:
-            raise _Reached(latent, sigmas)
-        if not torch.equal(latent, recorded[0]):
-            raise _Diverged()
-        return recorded[1]
+        return self._ask(latent, sigmas)
 
 
-def replay(sampler, model_sampling, schedule: torch.Tensor, history: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The sampler's input rows and sigmas at the call after the recorded ones, found by running the sampler again
-    on the recorded rows; None where it cannot be replayed (not a KSAMPLER, no further call, a sampler that draws
-    noise or does anything the recorded calls do not answer)."""
-    function = getattr(sampler, "sampler_function", None)
-    if function is None or not history:
-        return None
-    first = history[0][0]
-    devices = [] if first.device.type == "cpu" else [first.device]
-    # A sampler that draws noise must not move the real run's generators (its replay then misses anyway).
-    with torch.random.fork_rng(devices=devices, device_type="cuda" if first.device.type == "cpu" else first.device.type):
-        try:
-            function(_RecordedModel(model_sampling, history), first, schedule, extra_args={}, callback=None, disable=True,
-                     **getattr(sampler, "extra_options", {}))
-        except _Reached as reached:
-            return reached.latent, reached.sigmas
-        except Exception:  # the sampler is code run on stand-ins: whatever it raises means only "no replay"
+class SamplerReplay:
+    """ComfyUI's sampler function run again beside the real run, on a latent of the real one's shape holding the first
+    patch's recorded values, with the run's seed. It runs on its own thread, which the first stage advances one model
+    call at a time: each call of its model is answered with the run's recorded denoised values while its input's
+    known elements are the recorded ones, and its call after the recorded ones is the prediction. Never restarted, so
+    a sampling run costs one more run of the sampler's update (and noise draws), not one per call."""
+
+    def __init__(self, sampler, seed: int | None, model_sampling, schedule: torch.Tensor, patch: FirstPatch):
+        self._function = getattr(sampler, "sampler_function", None)
+        self._options = getattr(sampler, "extra_options", {})
+        self._seed, self._model_sampling, self._schedule, self._patch = seed, model_sampling, schedule, patch
+        self._answers: queue.SimpleQueue = queue.SimpleQueue()  # first stage -> replay: denoised latent, or _STOP
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()  # replay -> first stage: (latent, sigmas); None: it ended
+        self._thread: threading.Thread | None = None
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None  # the replay's call waiting for an answer
+        self._answered = 0  # recorded calls answered
+        self._ended = self._function is None  # not a KSAMPLER: nothing to replay
+
+    def next_call(self, history: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The first patch's tokens (at the sampler's precision) and the sigmas of the sampler's call after the run's
+        recorded ones (`history`, which only grows); None where the replay cannot follow the run (another input
+        than the recorded one, no further call, anything the sampler raises)."""
+        if self._ended or not history:
             return None
-    return None
+        device = self._patch.device
+        # The replay only runs while the first stage waits here: whatever it draws from the global generators (a
+        # sampler without a seed) is undone, so the real run's draws stay as without lookahead.
+        with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device],
+                                   device_type="cuda" if device.type == "cpu" else device.type):
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, args=(history[0][0],), daemon=True, name="comfyui-xdit-sampler-replay")
+                self._thread.start()
+            while True:
+                if self._pending is None:
+                    self._pending = self._calls.get()
+                    if self._pending is None:
+                        self._ended = True
+                        return None
+                latent, sigmas = self._pending
+                if self._answered == len(history):
+                    return self._patch.tokens(latent), sigmas
+                recorded = history[self._answered]
+                if not torch.equal(latent.reshape(-1)[self._patch.known], recorded[0]):
+                    self.stop()
+                    return None
+                self._pending = None
+                self._answers.put(self._patch.latent_with(recorded[1]))
+                self._answered += 1
+
+    def stop(self) -> None:
+        """End the replay's thread (it waits in a model call, or has ended)."""
+        self._ended = True
+        if self._thread is not None:
+            self._answers.put(_STOP)
+            self._thread.join()
+            self._thread = None
+
+    def _ask(self, latent: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+        self._calls.put((latent, sigmas))
+        answer = self._answers.get()
+        if answer is _STOP:
+            raise _Stopped()
+        return answer
+
+    def _run(self, start: torch.Tensor) -> None:
+        try:
+            with torch.inference_mode():
+                self._function(_FedModel(self._model_sampling, self._ask), self._patch.latent_with(start), self._schedule,
+                               extra_args={} if self._seed is None else {"seed": self._seed}, callback=None, disable=True,
+                               **self._options)
+        except _Stopped:
+            return
+        except Exception:  # the sampler is code run on stand-ins: whatever it raises means only "no replay"
+            pass
+        self._calls.put(None)
 
 
 def sampler_wrapper(lookahead: Lookahead) -> Callable:
-    """A SAMPLER_SAMPLE wrapper telling `lookahead` which sampler runs, for its replays."""
+    """A SAMPLER_SAMPLE wrapper telling `lookahead` which sampler runs and with which seed, for its replays."""
 
     def sample(executor, *args, **kwargs):
+        # the executor runs KSAMPLER.sample(model_wrap, sigmas, extra_args, callback, noise, ...)
+        extra_args = kwargs.get("extra_args", args[2] if len(args) > 2 else None)
         lookahead.sampler = executor.class_obj
+        lookahead.seed = extra_args.get("seed") if isinstance(extra_args, dict) else None
         try:
             return executor(*args, **kwargs)
         finally:
-            lookahead.sampler = None
+            lookahead.sampler = lookahead.seed = None
+            lookahead.stop_replays()
 
     return sample
 
 
-def sampler_input_wrapper(state: ParallelState) -> Callable:
-    """An APPLY_MODEL wrapper putting the call's latent as the sampler holds it (before ComfyUI casts it to the model's
-    dtype) into transformer_options[SAMPLER_INPUT_KEY]; this rank's data-parallel share of it, as the data-parallel
-    wrapper (inside this one) hands the model."""
+def sampler_input_wrapper() -> Callable:
+    """An APPLY_MODEL wrapper putting the call's whole latent as the sampler holds it (before ComfyUI casts it to the
+    model's dtype, and before the data-parallel wrapper inside this one shares it out) into
+    transformer_options[SAMPLER_INPUT_KEY]."""
 
     def apply_model(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
-        latent = padded_piece(x, 0, state.data.size, state.data.rank)
-        return executor(x, t, c_concat, c_crossattn, control, {**transformer_options, SAMPLER_INPUT_KEY: latent}, **kwargs)
+        return executor(x, t, c_concat, c_crossattn, control, {**transformer_options, SAMPLER_INPUT_KEY: x}, **kwargs)
 
     return apply_model
-
-
-def sampler_tokens(image: torch.Tensor, transformer_options: dict, family_call: FamilyCall) -> torch.Tensor:
-    """The call's image tokens with the sampler's precision: the family's patchify of the sampler's latent where the
-    model computes in a narrower dtype and those tokens round to exactly `image`; else `image` itself."""
-    latent = transformer_options.get(SAMPLER_INPUT_KEY)
-    if latent is None or family_call.image_tokens is None or latent.dtype == image.dtype:
-        return image
-    tokens = family_call.image_tokens(latent)
-    if tokens.shape != image.shape or not torch.equal(tokens.to(image.dtype), image):
-        return image
-    return tokens

@@ -39,14 +39,14 @@ import comfy.patcher_extension
 
 from parallel_core import KVCache, ParallelState, broadcast, displaced_attention, pipefusion_attention
 from parallel_core.comm import recv, send_async
-from parallel_core.sharding import gather_over, shard_positions, split_over
+from parallel_core.sharding import gather_over, padded_piece, shard_positions, split_over
 
 from . import stale_steps
 from .block_stages import RemoteBlock, balance_of, blocks as model_blocks, stage_plan
 from .errors import UnsupportedByXDiT
 from .families import adapter_for
 from .parallel_glue import from_bshd, to_bshd
-from .pipefusion_lookahead import (FamilyCall, Lookahead, Prediction, looks_ahead, replay, sampler_input_wrapper, sampler_tokens,
+from .pipefusion_lookahead import (SAMPLER_INPUT_KEY, FamilyCall, Lookahead, Prediction, looks_ahead, sampler_input_wrapper,
                                    sampler_wrapper, serves)
 
 # forward_orig of a family on (img, img_ids, txt, txt_ids) with these transformer_options: the image tokens' output.
@@ -163,6 +163,11 @@ def _band_call(family: str, state: ParallelState, cache: KVCache, stream, call: 
     return call(*(split_over(t, 1, sp) for t in (img[:, image], img_ids[:, image], txt[:, text], txt_ids[:, text])), call_options)
 
 
+def _data_share(sigmas: torch.Tensor, state: ParallelState) -> torch.Tensor:
+    """This rank's share of the batch's sigmas, as the data-parallel wrapper shares out the model's inputs."""
+    return padded_piece(sigmas, 0, state.data.size, state.data.rank)
+
+
 def _run_ahead(family: str, state: ParallelState, cache: KVCache, lookahead: Lookahead, model_sampling, stream,
                family_call: FamilyCall, rows: torch.Tensor, img, img_ids, txt, txt_ids, blocks: list[BlockKey], stage: range,
                band: tuple[int, int], width: int, out_channels: int, transformer_options: dict) -> None:
@@ -174,14 +179,14 @@ def _run_ahead(family: str, state: ParallelState, cache: KVCache, lookahead: Loo
     output = recv(img.new_empty(img.shape[0], image.stop - image.start, out_channels), pf.size - 1, pf, state.comm)
     if lookahead.off or rows is None:  # a prediction failed in this run, or no sampler to replay: received only
         return
-    lookahead.record(stream, rows, output, transformer_options["sigmas"], model_sampling)
-    found = replay(lookahead.sampler, model_sampling, transformer_options["sample_sigmas"], lookahead.history[stream])
+    lookahead.record(stream, rows, output, _data_share(transformer_options["sigmas"], state), model_sampling)
+    found = lookahead.next_input(stream, model_sampling, transformer_options["sample_sigmas"])
     if found is None:
-        lookahead.missed += 1
-        lookahead.off = True
+        lookahead.miss()
         return
     next_rows, next_sigmas = found
-    timesteps = model_sampling.timestep(next_sigmas).float()  # as ComfyUI's _apply_model computes them
+    # This rank's share of the batch's timesteps, as the data-parallel wrapper and ComfyUI's _apply_model make them.
+    timesteps = model_sampling.timestep(_data_share(next_sigmas, state)).float()
     predicted = img.clone()
     predicted[:, image] = next_rows  # cast to the model's dtype as ComfyUI casts the sampler's latent
     held: list = []
@@ -201,18 +206,21 @@ def _foreign_hooks(transformer_options: dict) -> bool:
     return bool(foreign or transformer_options.get("patches") or any((transformer_options.get("callbacks") or {}).values()))
 
 
-def pipefusion_forward(family: str, state: ParallelState, cache: KVCache, lookahead: Lookahead | None, model_sampling,
+def pipefusion_forward(family: str, state: ParallelState, cache: KVCache, lookahead: Lookahead | None, model,
                        plan: list[range], blocks: list[BlockKey], call: TokenCall, img: torch.Tensor, img_ids: torch.Tensor,
                        txt: torch.Tensor, txt_ids: torch.Tensor, transformer_options: dict, family_call: FamilyCall | None = None) -> torch.Tensor:
     """The image tokens' output of `call` run as a pipeline of `plan`'s stages (block indices into `blocks`) over
     the pipefusion group; every rank returns the whole output. With `family_call` (the forward at other timesteps)
-    the first stage also runs the next call's first patch ahead (pipefusion_lookahead)."""
+    the first stage also runs the next call's first patch ahead (pipefusion_lookahead). `model` is ComfyUI's model
+    (its model_sampling read at each call: a node's object patch, such as ModelSamplingFlux's shift, is on it only
+    while it samples)."""
     if transformer_options.get("reference_image_num_tokens"):  # set by forwards that append reference latents
         raise UnsupportedByXDiT(f"PipeFusion on {family} does not take reference latents (ReferenceLatent): their tokens "
                                 "do not form image rows to pipeline; set pipefusion_degree to 1 (ulysses, ring, cfg or patch parallel take them)")
     if transformer_options.get("patches_replace", {}).get("dit"):
         raise UnsupportedByXDiT(f"another node replaces {family} blocks on this model, which PipeFusion cannot combine with; remove it or set pipefusion_degree to 1")
     pf, sp = state.pipefusion, state.sequence
+    model_sampling = model.model_sampling
     first, last = pf.rank == 0, pf.rank == pf.size - 1
     options = stale_steps.options_from(transformer_options)
     stream = stale_steps.stream_of(transformer_options, img, txt)
@@ -238,7 +246,8 @@ def pipefusion_forward(family: str, state: ParallelState, cache: KVCache, lookah
         else:
             ahead = lookahead.take(stream, img[:, band0], img_ids[:, band0], txt, family_call.timesteps, family_call.fixed_inputs)
         if serving and not lookahead.off and lookahead.sampler is not None:
-            recording = sampler_tokens(img, transformer_options, family_call)[:, band0]
+            recording = lookahead.sampler_rows(stream, transformer_options.get(SAMPLER_INPUT_KEY), family_call, img[:, band0],
+                                               band0, state.data.size, state.data.rank)
     sends: list = []
     outputs = []
     back = None
@@ -276,7 +285,7 @@ def pipefusion_forward(family: str, state: ParallelState, cache: KVCache, lookah
     result = broadcast(result, pf.size - 1, pf, state.comm)  # earlier stages wait here for the pipeline to drain
     state.comm.record_wait("broadcast", pf.name, time.perf_counter() - started)
     if recording is not None:
-        lookahead.record(stream, recording, result[:, band0], transformer_options["sigmas"], model_sampling)
+        lookahead.record(stream, recording, result[:, band0], _data_share(transformer_options["sigmas"], state), model_sampling)
     return result
 
 
@@ -292,7 +301,7 @@ def stale_method(model_patcher, state: ParallelState, family: str, containers: t
     lookahead = Lookahead()
     cache = stale_steps.attach_cache(patched, lookahead.clear)
     patched.set_attachments(LOOKAHEAD_ATTACHMENT, lookahead)
-    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, SAMPLER_INPUT_WRAPPER_KEY, sampler_input_wrapper(state))
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, SAMPLER_INPUT_WRAPPER_KEY, sampler_input_wrapper())
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE, SAMPLER_WRAPPER_KEY, sampler_wrapper(lookahead))
     diffusion_model = model_patcher.model.diffusion_model
     plan = stage_plan(diffusion_model, adapter_for(model_patcher.model), state.pipefusion.size, balance_of(model_patcher))
@@ -302,4 +311,4 @@ def stale_method(model_patcher, state: ParallelState, family: str, containers: t
     if len(held) < len(blocks) and held != list(plan[state.pipefusion.rank]):  # a stage model loaded for another cut
         raise RuntimeError(f"{family}: this rank holds blocks {held[0]}-{held[-1]} but PipeFusion stage {state.pipefusion.rank} "
                            f"of {state.pipefusion.size} runs blocks {plan[state.pipefusion.rank].start}-{plan[state.pipefusion.rank].stop - 1}")
-    return patched, functools.partial(pipefusion_forward, family, state, cache, lookahead, model_patcher.model.model_sampling, plan, blocks)
+    return patched, functools.partial(pipefusion_forward, family, state, cache, lookahead, model_patcher.model, plan, blocks)

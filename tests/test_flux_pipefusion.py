@@ -188,21 +188,24 @@ def test_lookahead_changes_nothing_but_when_the_first_stage_works(world_size, pi
     assert not failures, "\n".join(failures)
 
 
-# ComfyUI's samplers beyond euler and dpmpp_2m, at 4 steps: (used, missed) on the first stage. Deterministic ones are
-# served at every call but the warmup call and the one after it (one call a step: 4 - 2), including those with two
-# calls a step (heun, dpm_2: 7 calls; the last step's call shares its sigma with the call before it, which therefore
-# does not look ahead: 4; heunpp2 makes its second call only where the next sigma is not the last: 5), their own model
-# wrappers (uni_pc) and multistep histories (deis, ipndm, lms, res_multistep). Samplers that draw noise miss at the
-# first prediction (the replay cannot draw the run's noise) and stay off: (0, 1).
+# ComfyUI's samplers beyond euler and dpmpp_2m, at 4 steps: (used, missed) on the first stage. Every one is served at
+# every call but the warmup call and the one after it (one call a step: 4 - 2), including those with two calls a step
+# (heun, dpm_2, dpmpp_sde, dpmpp_2s_ancestral: 7 calls; the last step's call shares its sigma with the call before it,
+# which therefore does not look ahead: 4; heunpp2 makes its second call only where the next sigma is not the last: 5),
+# their own model wrappers (uni_pc) and multistep histories (deis, ipndm, lms, res_multistep), and those that draw noise
+# (euler_ancestral, lcm, dpmpp_sde, dpmpp_2m_sde, er_sde, dpmpp_2s_ancestral): the replay draws the run's noise from
+# its seed, and its model sampling is the one the run samples with (ModelSamplingFlux's shift sets where
+# dpmpp_sde's Brownian tree is queried and er_sde's first sigma).
 SAMPLER_LOOKAHEAD = {"heun": (4, 0), "heunpp2": (5, 0), "dpm_2": (4, 0), "deis": (2, 0), "uni_pc": (2, 0),
                      "uni_pc_bh2": (2, 0), "ipndm": (2, 0), "ipndm_v": (2, 0), "lms": (2, 0), "res_multistep": (2, 0),
-                     "gradient_estimation": (2, 0), "ddim": (2, 0), "euler_ancestral": (0, 1), "lcm": (0, 1),
-                     "dpmpp_sde": (0, 1), "dpmpp_2m_sde": (0, 1), "er_sde": (0, 1), "dpmpp_2s_ancestral": (0, 1)}
+                     "gradient_estimation": (2, 0), "ddim": (2, 0), "euler_ancestral": (2, 0), "lcm": (2, 0),
+                     "dpmpp_sde": (4, 0), "dpmpp_2m_sde": (2, 0), "er_sde": (2, 0), "dpmpp_2s_ancestral": (4, 0)}
 
 
-def test_lookahead_serves_every_deterministic_sampler(pipeline_flux):
-    """Lookahead replays ComfyUI's own sampler, so it follows any update rule: with and without it the latents are
-    bit-identical on both ranks for every sampler, and the prediction is used wherever the sampler is deterministic."""
+def test_lookahead_serves_every_sampler(pipeline_flux):
+    """Lookahead replays ComfyUI's own sampler with the run's seed, so it follows any elementwise update rule, noise
+    included: with and without it the latents are bit-identical on both ranks for every sampler, and the prediction
+    is used at every call it can serve."""
     runs = [{"degrees": {"pipefusion_degree": 2}, "case": {"name": f"lookahead-{sampler}", "sampler": sampler, "steps": 4, "seed": 7},
              "options": options} for sampler in SAMPLER_LOOKAHEAD for options in ({}, {"lookahead": False})]
     per_rank = run_on_ranks(pipefusion_cases.pipefusion_rank, 2, pipeline_flux, runs, timeout_s=600)
