@@ -25,6 +25,7 @@ family's patchify (FamilyCall.image_tokens) on the latent's element indices.
 """
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 from collections.abc import Callable, Hashable
@@ -246,6 +247,9 @@ class SamplerReplay:
         self._thread: threading.Thread | None = None
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None  # the replay's call waiting for an answer
         self._answered = 0  # recorded calls answered
+        # A thread starts on the device's default stream: the replay queues its work on the first stage's, after the
+        # work that made the recorded values.
+        self._stream = torch.cuda.current_stream(patch.device) if patch.device.type == "cuda" else None
         self._ended = self._function is None  # not a KSAMPLER: nothing to replay
 
     def next_call(self, history: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -296,7 +300,7 @@ class SamplerReplay:
 
     def _run(self, start: torch.Tensor) -> None:
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), (torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext()):
                 self._function(_FedModel(self._model_sampling, self._ask), self._patch.latent_with(start), self._schedule,
                                extra_args={} if self._seed is None else {"seed": self._seed}, callback=None, disable=True,
                                **self._options)
