@@ -165,10 +165,11 @@ LOOKAHEAD_CONFIGS = {2: [{"pipefusion_degree": 2}],
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_lookahead_changes_nothing_but_when_the_first_stage_works(world_size, pipeline_flux):
     """The first stage running the next call's first patch ahead gives bit-identical latents on every rank, with
-    every hybrid: used at every call it can serve under euler (all but the first two: the warmup call, and the one
-    after it, whose prediction the third uses), missed once and then off under dpmpp_2m (another update rule) and
-    for CFG under cfg parallel (each rank's call holds one cond, the update needs both), never tried for a CFG batch
-    (both conds in one call)."""
+    every hybrid: used at every call it can serve (all but the first two: the warmup call, and the one after it,
+    whose prediction the third uses) under euler, dpmpp_2m and euler_ancestral on a batch of 2 (its noise drawn for
+    the whole batch; data parallel gives each rank one row of it), missed once and then off for CFG under cfg
+    parallel (each rank's call holds one cond, the update needs both), never tried for a CFG batch (both conds in one
+    call)."""
     runs = [{"degrees": d, "case": case, "options": options} for d in LOOKAHEAD_CONFIGS[world_size]
             for case in LOOKAHEAD_CASES.values() for options in ({}, {"lookahead": False})]
     per_rank = run_on_ranks(pipefusion_cases.pipefusion_rank, world_size, pipeline_flux, runs, timeout_s=900)
