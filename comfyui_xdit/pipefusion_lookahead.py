@@ -211,8 +211,9 @@ def looks_ahead(transformer_options: dict, step: int, warmup_steps: int) -> bool
             and step + 1 >= warmup_steps and step + 2 < len(schedule))
 
 
-class _Stopped(Exception):
-    """Raised in the replayed sampler's model call to end a replay that is no longer needed."""
+class _Stopped(BaseException):
+    """Raised in the replayed sampler's model call to end a replay that is no longer needed (a BaseException, so a
+    sampler's own `except Exception` cannot keep the replay going)."""
 
 
 _STOP = object()
@@ -292,6 +293,8 @@ class SamplerReplay:
             self._thread = None
 
     def _ask(self, latent: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+        if self._ended:  # stopped: any further model call ends the replay at once
+            raise _Stopped()
         self._calls.put((latent, sigmas))
         answer = self._answers.get()
         if answer is _STOP:
