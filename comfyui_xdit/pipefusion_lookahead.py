@@ -73,8 +73,7 @@ class FirstPatch:
 
     def tokens(self, latent: torch.Tensor) -> torch.Tensor:
         """The first patch's tokens of `latent`, at its precision (data-parallel padding rows zero, as padded_piece)."""
-        with_zero = torch.cat([latent.flatten(), latent.new_zeros(1)])  # index -1 reads the appended zero
-        return with_zero[self.token_index]
+        return latent.reshape(-1)[self.token_index.clamp(min=0)].masked_fill_(self.token_index < 0, 0)
 
     def known_values(self, tokens: torch.Tensor) -> torch.Tensor:
         return tokens.flatten()[self.first]
