@@ -9,8 +9,8 @@ sends this call's back to the first, and the first stage, after its last patch o
 running the sampler itself (ComfyUI's own sampler function, the same operations on the same values), answering its
 model calls with the outputs recorded in this run and stopping it at the first call past them. It runs its blocks on
 that input, holding back the rows for the next stage. When the next call comes, its real inputs are compared with
-the predicted ones: equal, and the held rows go out at once (the first patch is not computed again); different (a CFG
-batch, a post-CFG hook that changes the prediction, a sampler that mixes elements), and the prediction is dropped and
+the predicted ones: equal, and the held rows go out at once (the first patch is not computed again); different (a
+post-CFG hook that changes the prediction, a sampler that mixes elements), and the prediction is dropped and
 the call runs as without lookahead, which stays off for the rest of that sampling run. Either way the result is
 bit-identical to the pipeline without lookahead: the first stage runs the same computations in the same order (this
 call's patches, then the next call's first), only earlier.
@@ -22,6 +22,10 @@ zero, which an elementwise update never mixes in), and only they are compared wi
 its latent in float32 while a bf16 or fp16 model (every GPU run) sees it rounded, so an APPLY_MODEL wrapper hands
 the sampler's latent to the first stage, which finds where its first patch's tokens come from by running the
 family's patchify (FamilyCall.image_tokens) on the latent's element indices.
+
+A CFG batch (a plain CFGGuider's cond and uncond in one model call, as ComfyUI batches them) holds the sampler's latent
+once per cond; the first stage gets both conds' first-patch outputs back and combines their denoised values as
+ComfyUI's cfg_function does without hooks, so the replay sees the guided denoised value the sampler saw.
 """
 from __future__ import annotations
 
@@ -36,6 +40,7 @@ from typing import Any
 import torch
 
 import comfy.model_sampling
+import comfy.samplers
 
 from parallel_core import ParallelState
 from parallel_core.sharding import padded_piece
@@ -120,6 +125,7 @@ class Lookahead:
     missed: int = 0
     sampler: Any = None  # the running sampler (ComfyUI's KSAMPLER), while sampler_wrapper holds it
     seed: int | None = None  # the running sampler's seed (extra_args["seed"]), which seeds its noise
+    cfg: float | None = None  # the running guider's CFG scale, where it is a plain CFGGuider (sampler_wrapper)
     # First stage, per stream: where the first patch's tokens come from in the sampler's latent, each call's (input,
     # denoised) values of the latent's known elements in this sampling run, and the sampler's replay.
     patches: dict[Hashable, FirstPatch] = field(default_factory=dict)
@@ -146,24 +152,32 @@ class Lookahead:
         self.stop_replays()
 
     def sampler_rows(self, stream: Hashable, latent: torch.Tensor | None, family_call: FamilyCall, rows: torch.Tensor,
-                     band: slice, data_size: int, data_rank: int) -> torch.Tensor | None:
-        """The first patch's tokens `rows` at the sampler's precision, taken from the sampler's `latent`; None (and
-        a miss) where the family's patchify of it does not give exactly the tokens the model sees."""
+                     band: slice, data_size: int, data_rank: int, copies: int = 1) -> torch.Tensor | None:
+        """The first patch's tokens `rows` at the sampler's precision, taken from the call's `latent` (the sampler's
+        latent `copies` times over: once per cond of a CFG batch), for one copy; None (and a miss) where the family's
+        patchify of it does not give exactly the tokens the model sees."""
+        if latent is not None:
+            latent = latent[:latent.shape[0] // copies]
         patch = self.patches.get(stream)
         if latent is not None and (patch is None or patch.shape != latent.shape):
             patch = self.patches[stream] = first_patch_of(latent, family_call.image_tokens, band, data_size, data_rank)
         tokens = None if latent is None else patch.tokens(latent)
-        if tokens is None or tokens.shape != rows.shape or not torch.equal(tokens.to(rows.dtype), rows):
+        if tokens is None or tokens.shape[0] * copies != rows.shape[0] or not torch.equal(torch.cat([tokens.to(rows.dtype)] * copies), rows):
             self.miss()
             return None
         return tokens
 
-    def record(self, stream: Hashable, rows: torch.Tensor, output: torch.Tensor, sigmas: torch.Tensor, model_sampling) -> None:
+    def record(self, stream: Hashable, rows: torch.Tensor, output: torch.Tensor, sigmas: torch.Tensor, model_sampling,
+               conds: list[int]) -> None:
         """This call's first-patch input rows (sampler_rows) and their denoised value, as ComfyUI computes it from
-        the model's output (made float as ComfyUI makes it)."""
-        denoised = model_sampling.calculate_denoised(sigmas, output.to(rows.dtype), rows)
+        the model's output (made float as ComfyUI makes it; `output` holds one chunk per entry of `conds`, the call's
+        cond_or_uncond) and, for a CFG batch, guides it (cfg_function's formula)."""
+        denoised = [model_sampling.calculate_denoised(sigmas, chunk, rows) for chunk in output.to(rows.dtype).chunk(len(conds))]
+        if len(conds) > 1:
+            cond, uncond = denoised[conds.index(0)], denoised[conds.index(1)]
+            denoised = [uncond + (cond - uncond) * self.cfg]
         patch = self.patches[stream]
-        self.history.setdefault(stream, []).append((patch.known_values(rows), patch.known_values(denoised)))
+        self.history.setdefault(stream, []).append((patch.known_values(rows), patch.known_values(denoised[0])))
 
     def next_input(self, stream: Hashable, model_sampling, schedule: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The first patch's tokens and the sigmas of this stream's call after the recorded ones, from its replay of
@@ -195,10 +209,13 @@ def _same(a, b) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
 
 
-def serves(transformer_options: dict, model_sampling) -> bool:
+def serves(transformer_options: dict, model_sampling, cfg: float | None, data_size: int) -> bool:
     """Whether lookahead can serve this call's stream at all: a flow model (the model's input is the sampler's
-    latent) and one cond per call (a CFG batch mixes rows, and the update needs every cond's output)."""
-    return isinstance(model_sampling, comfy.model_sampling.CONST) and len(transformer_options.get("cond_or_uncond") or ()) == 1
+    latent), and one cond per call, or a plain CFGGuider's cond and uncond batched (`cfg` its scale) on a rank that
+    holds both (no data parallel: a share of a CFG batch may hold one cond only, and the update needs both)."""
+    conds = sorted(transformer_options.get("cond_or_uncond") or ())
+    cfg_batch = conds == [0, 1] and cfg is not None and data_size == 1
+    return isinstance(model_sampling, comfy.model_sampling.CONST) and (len(conds) == 1 or cfg_batch)
 
 
 def looks_ahead(transformer_options: dict, step: int, warmup_steps: int) -> bool:
@@ -314,17 +331,21 @@ class SamplerReplay:
 
 
 def sampler_wrapper(lookahead: Lookahead) -> Callable:
-    """A SAMPLER_SAMPLE wrapper telling `lookahead` which sampler runs and with which seed, for its replays."""
+    """A SAMPLER_SAMPLE wrapper telling `lookahead` which sampler runs, with which seed and CFG scale, for its replays."""
 
     def sample(executor, *args, **kwargs):
         # the executor runs KSAMPLER.sample(model_wrap, sigmas, extra_args, callback, noise, ...)
         extra_args = kwargs.get("extra_args", args[2] if len(args) > 2 else None)
+        guider = kwargs.get("model_wrap", args[0] if args else None)
         lookahead.sampler = executor.class_obj
         lookahead.seed = extra_args.get("seed") if isinstance(extra_args, dict) else None
+        # Only a plain CFGGuider's scale is known to be what guides the denoised value (other guiders predict their own way).
+        plain = getattr(type(guider), "predict_noise", None) is comfy.samplers.CFGGuider.predict_noise
+        lookahead.cfg = guider.cfg if plain and isinstance(getattr(guider, "cfg", None), (int, float)) else None
         try:
             return executor(*args, **kwargs)
         finally:
-            lookahead.sampler = lookahead.seed = None
+            lookahead.sampler = lookahead.seed = lookahead.cfg = None
             lookahead.stop_replays()
 
     return sample

@@ -179,16 +179,18 @@ def _run_ahead(family: str, state: ParallelState, cache: KVCache, lookahead: Loo
     output = recv(img.new_empty(img.shape[0], image.stop - image.start, out_channels), pf.size - 1, pf, state.comm)
     if lookahead.off or rows is None:  # a prediction failed in this run, or no sampler to replay: received only
         return
-    lookahead.record(stream, rows, output, _data_share(transformer_options["sigmas"], state), model_sampling)
+    conds = transformer_options["cond_or_uncond"]
+    lookahead.record(stream, rows, output, _data_share(transformer_options["sigmas"], state), model_sampling, conds)
     found = lookahead.next_input(stream, model_sampling, transformer_options["sample_sigmas"])
     if found is None:
         lookahead.miss()
         return
     next_rows, next_sigmas = found
-    # This rank's share of the batch's timesteps, as the data-parallel wrapper and ComfyUI's _apply_model make them.
-    timesteps = model_sampling.timestep(_data_share(next_sigmas, state)).float()
+    # This rank's share of the batch's timesteps, as the data-parallel wrapper and ComfyUI's _apply_model make them
+    # (once per cond of a CFG batch, as its model input holds the latent once per cond).
+    timesteps = model_sampling.timestep(torch.cat([_data_share(next_sigmas, state)] * len(conds))).float()
     predicted = img.clone()
-    predicted[:, image] = next_rows  # cast to the model's dtype as ComfyUI casts the sampler's latent
+    predicted[:, image] = torch.cat([next_rows] * len(conds))  # cast to the model's dtype as ComfyUI casts the sampler's latent
     held: list = []
     replacements = {**transformer_options.get("patches_replace", {}), "dit": _block_replacements(blocks, stage, state, held.append)}
     _band_call(family, state, cache, stream, family_call.call_at(timesteps), predicted, img_ids, txt, txt_ids,
@@ -233,7 +235,7 @@ def pipefusion_forward(family: str, state: ParallelState, cache: KVCache, lookah
     band0 = slice(0, pipelined[0][1] * width)
     # Whether lookahead may serve this run: the first stage then records every call's first-patch rows for replays.
     serving = (lookahead is not None and family_call is not None and options.lookahead and len(pipelined) > 1
-               and not _foreign_hooks(transformer_options) and serves(transformer_options, model_sampling))
+               and not _foreign_hooks(transformer_options) and serves(transformer_options, model_sampling, lookahead.cfg, state.data.size))
     # Every rank decides alike (the same options and history) whether this call looks ahead: the last stage then
     # sends the first patch's output back to the first stage.
     ahead_next = serving and not synchronous and looks_ahead(
@@ -247,7 +249,7 @@ def pipefusion_forward(family: str, state: ParallelState, cache: KVCache, lookah
             ahead = lookahead.take(stream, img[:, band0], img_ids[:, band0], txt, family_call.timesteps, family_call.fixed_inputs)
         if serving and not lookahead.off and lookahead.sampler is not None:
             recording = lookahead.sampler_rows(stream, transformer_options.get(SAMPLER_INPUT_KEY), family_call, img[:, band0],
-                                               band0, state.data.size, state.data.rank)
+                                               band0, state.data.size, state.data.rank, len(transformer_options["cond_or_uncond"]))
     sends: list = []
     outputs = []
     back = None
@@ -285,7 +287,8 @@ def pipefusion_forward(family: str, state: ParallelState, cache: KVCache, lookah
     result = broadcast(result, pf.size - 1, pf, state.comm)  # earlier stages wait here for the pipeline to drain
     state.comm.record_wait("broadcast", pf.name, time.perf_counter() - started)
     if recording is not None:
-        lookahead.record(stream, recording, result[:, band0], _data_share(transformer_options["sigmas"], state), model_sampling)
+        lookahead.record(stream, recording, result[:, band0], _data_share(transformer_options["sigmas"], state), model_sampling,
+                         transformer_options["cond_or_uncond"])
     return result
 
 

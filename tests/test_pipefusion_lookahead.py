@@ -118,3 +118,44 @@ def test_a_replay_that_no_longer_follows_the_run_ends_its_thread(comfy):
     state = torch.get_rng_state()
     assert unseeded.next_call([(values, values)]) is not None and torch.equal(torch.get_rng_state(), state)
     unseeded.stop()
+
+
+@pytest.mark.parametrize("conds", [[0], [0, 1], [1, 0]])
+def test_a_cfg_batch_is_recorded_as_the_guided_denoised_value(comfy, conds):
+    """A CFG batch's model call holds the sampler's latent once per cond: the first patch's rows are checked against
+    every copy, and the value recorded for the replay is ComfyUI's cfg_function of the conds' denoised values (one
+    cond: its own), bit for bit."""
+    from comfyui_xdit.pipefusion_lookahead import FamilyCall, Lookahead
+
+    model_sampling, scale = comfy.FlowSampling(), 4.5
+    latent, sigmas = torch.randn(2, 4, 6, 8), torch.tensor([0.7, 0.7])
+    call_latent = torch.cat([latent] * len(conds))
+    tokens = comfy.flux_tokens(call_latent)
+    band = slice(0, 6)
+    output = torch.randn(tokens[:, band].shape)
+    lookahead = Lookahead(cfg=scale)
+    family_call = FamilyCall(call_at=None, timesteps=sigmas, fixed_inputs=(), image_tokens=comfy.flux_tokens)
+    rows = lookahead.sampler_rows("s", call_latent, family_call, tokens[:, band], band, 1, 0, len(conds))
+    assert rows is not None and torch.equal(rows, tokens[:2, band])
+    lookahead.record("s", rows, output, sigmas, model_sampling, conds)
+    denoised = [model_sampling.calculate_denoised(sigmas, chunk, rows) for chunk in output.chunk(len(conds))]
+    expected = denoised[0] if len(conds) == 1 else comfy.samplers.cfg_function(
+        None, denoised[conds.index(0)], denoised[conds.index(1)], scale, rows, sigmas)
+    patch = lookahead.patches["s"]
+    assert torch.equal(lookahead.history["s"][0][1], patch.known_values(expected))
+    if len(conds) > 1:  # the copies must agree: another latent in the uncond's rows is a miss
+        changed = tokens[:, band].clone()
+        changed[-1, 0, 0] += 1
+        assert lookahead.sampler_rows("s", call_latent, family_call, changed, band, 1, 0, len(conds)) is None and lookahead.off
+
+
+def test_lookahead_serves_one_cond_or_a_plain_cfg_batch_on_a_rank_holding_both(comfy):
+    from comfyui_xdit.pipefusion_lookahead import serves
+
+    flow, eps = comfy.FlowSampling(), comfy.samplers.comfy.model_sampling.EPS()
+    assert serves({"cond_or_uncond": [1]}, flow, None, 2)
+    assert serves({"cond_or_uncond": [1, 0]}, flow, 3.5, 1)
+    assert not serves({"cond_or_uncond": [1, 0]}, flow, None, 1)  # not a plain CFGGuider: its scale is unknown
+    assert not serves({"cond_or_uncond": [0, 1]}, flow, 3.5, 2)  # a data-parallel share may hold one cond only
+    assert not serves({"cond_or_uncond": [0, 0]}, flow, 3.5, 1) and not serves({"cond_or_uncond": [0, 1, 2]}, flow, 3.5, 1)
+    assert not serves({"cond_or_uncond": [0]}, eps, None, 1) and not serves({}, flow, None, 1)

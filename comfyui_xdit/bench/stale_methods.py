@@ -1,7 +1,7 @@
 """PipeFusion, displaced patch parallel and Ulysses at the same world size, against stock ComfyUI and naive patches.
 
     python -m comfyui_xdit.bench.stale_methods [--steps 12] [--size 64] [--text-tokens 256] [--repeats 2]
-        [--methods stock,pipefusion,...] [--patches 4] [--sampler euler]
+        [--methods stock,pipefusion,...] [--patches 4] [--sampler euler] [--guider basic|cfg]
         (e.g. --methods pipefusion,pipefusion_memory,pipefusion_speed --repeats 5: the balances, paired with stock)
 
 Prints one JSON line per method on stdout (progress on stderr), then one line per stage count and balance for the
@@ -10,7 +10,8 @@ stage plan of the real Flux.1-dev architecture (shapes only, at 1024x1024: 4096 
 Method
 - Model: a seeded checkpoint of tiny_models' "pipeline" size (4 double + 10 single blocks; hidden 256, or
   `--hidden`) loaded by ComfyUI; a `--size` x `--size` latent and `--text-tokens` text rows; sampling as SamplerCustomAdvanced does with
-  stock nodes (BasicGuider, euler or `--sampler`, "simple" schedule, `--steps` steps), as in tests/flux_cases.py.
+  stock nodes (BasicGuider, or CFGGuider with `--guider cfg`, whose cond and uncond run as one batch of 2; euler or
+  `--sampler`, "simple" schedule, `--steps` steps), as in tests/flux_cases.py.
 - Every method is one spawn of its ranks (`run_on_ranks`, one torch thread per rank, ComfyUI with
   --use-pytorch-cross-attention so all runs use the same SDPA kernel); `ms_per_step` is the median over `--repeats`
   samplings of the wall time / steps, after one untimed sampling. `speedup_vs_1` divides the stock median by it.
@@ -113,22 +114,22 @@ def _rank(rank: int, world_size: int, model_path: str, method: dict, spec: dict)
     # Paired: rank 0 also samples with the stock model (one thread, the other rank waiting) before each timed
     # parallel sampling, so each ratio compares runs made under the same machine load.
     stock = comfy.sd.load_diffusion_model(model_path) if method.get("paired") and state is not None and state.rank == 0 else None
-    latent, _ = _sample(model, "basic", job, spec["steps"], spec["seed"], sampler_name=spec["sampler"])  # untimed: first use of every group
+    latent, _ = _sample(model, spec["guider"], job, spec["steps"], spec["seed"], sampler_name=spec["sampler"])  # untimed: first use of every group
     if stock is not None:
-        _sample(stock, "basic", job, spec["steps"], spec["seed"], sampler_name=spec["sampler"])
+        _sample(stock, spec["guider"], job, spec["steps"], spec["seed"], sampler_name=spec["sampler"])
     times, cpu_times, stock_times, comm = [], [], [], None
     for _ in range(spec["repeats"]):
         if method.get("paired") and state is not None:
             torch.distributed.barrier()
             if stock is not None:
                 started = time.perf_counter()
-                _sample(stock, "basic", job, spec["steps"], spec["seed"], sampler_name=spec["sampler"])
+                _sample(stock, spec["guider"], job, spec["steps"], spec["seed"], sampler_name=spec["sampler"])
                 stock_times.append(time.perf_counter() - started)
         if state is not None:
             torch.distributed.barrier()
             state.comm.reset()
         started, cpu_started = time.perf_counter(), time.process_time()
-        latent, _ = _sample(model, "basic", job, spec["steps"], spec["seed"], sampler_name=spec["sampler"])
+        latent, _ = _sample(model, spec["guider"], job, spec["steps"], spec["seed"], sampler_name=spec["sampler"])
         times.append(time.perf_counter() - started)
         cpu_times.append(time.process_time() - cpu_started)
         if state is not None:
@@ -163,6 +164,7 @@ def _bands(spec: dict) -> list[tuple[int, int]]:
 
 def _theory(method: dict, spec: dict, rank: int) -> dict[str, int]:
     rows, steps, text = spec["size"] // 2, spec["steps"], spec["text_tokens"]
+    batch = 2 if spec["guider"] == "cfg" else 1  # CFGGuider batches cond and uncond in one model call
     total: dict[str, int] = {}
 
     def add(part: dict[str, int]) -> None:
@@ -174,14 +176,14 @@ def _theory(method: dict, spec: dict, rank: int) -> dict[str, int]:
         stages = degrees["pipefusion_degree"]
         for call in range(steps):
             bands = [(0, rows)] if call == 0 else _bands(spec)
-            add(pipefusion_call_bytes(rank, stages, 1, text, rows, bands, spec["hidden"], OUT_FEATURES,
+            add(pipefusion_call_bytes(rank, stages, batch, text, rows, bands, spec["hidden"], OUT_FEATURES,
                                       looks_ahead=method.get("options", {}).get("lookahead", True) and looks_ahead(call, steps)))
     elif degrees.get("patch_degree", 1) > 1:
         for call in range(steps):
-            add(displaced_call_bytes(degrees["patch_degree"], 1, text, rows * rows, BLOCKS, spec["hidden"] // HEAD_DIM, HEAD_DIM, OUT_FEATURES, call == 0))
+            add(displaced_call_bytes(degrees["patch_degree"], batch, text, rows * rows, BLOCKS, spec["hidden"] // HEAD_DIM, HEAD_DIM, OUT_FEATURES, call == 0))
     else:
         for _ in range(steps):
-            add(theoretical_step_bytes("ulysses", 1, rows * rows, text, spec["hidden"] // HEAD_DIM, HEAD_DIM, BLOCKS, (spec["size"], spec["size"])))
+            add(theoretical_step_bytes("ulysses", batch, rows * rows, text, spec["hidden"] // HEAD_DIM, HEAD_DIM, BLOCKS, (spec["size"], spec["size"])))
     return {k: v // steps for k, v in total.items()}
 
 
@@ -276,9 +278,11 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", default="", help="comma-separated method names to run (stock always runs); default: all")
     parser.add_argument("--sampler", default="euler", choices=ONE_CALL_SAMPLERS,
                         help="ComfyUI sampler (one model call a step, as the bytes and bubble theory assume)")
+    parser.add_argument("--guider", default="basic", choices=("basic", "cfg"),
+                        help="BasicGuider, or CFGGuider (scale 3.5): its cond and uncond run as one batch of 2 in each model call")
     args = parser.parse_args(argv)
     spec = {"steps": args.steps, "size": args.size, "text_tokens": args.text_tokens, "repeats": args.repeats, "seed": args.seed,
-            "hidden": args.hidden, "patches": args.patches, "sampler": args.sampler}
+            "hidden": args.hidden, "patches": args.patches, "sampler": args.sampler, "guider": args.guider}
     chosen = {"stock", *filter(None, args.methods.split(","))} if args.methods else None
     from comfyui_xdit.comfy_runtime import import_comfy
     from comfyui_xdit.testing.tiny_models import write_tiny_flux
@@ -298,7 +302,7 @@ def main(argv=None) -> int:
         ms = statistics.median(per_rank[0]["times"]) / args.steps * 1e3
         line = {"method": name, "world_size": method["world_size"], "degrees": method.get("degrees", {}),
                 "latent": [args.size, args.size], "image_tokens": (args.size // 2) ** 2, "text_tokens": args.text_tokens,
-                "hidden": args.hidden, "blocks": BLOCKS, "steps": args.steps, "sampler": args.sampler, "ms_per_step": round(ms, 1),
+                "hidden": args.hidden, "blocks": BLOCKS, "steps": args.steps, "sampler": args.sampler, "guider": args.guider, "ms_per_step": round(ms, 1),
                 "speedup_vs_1": round(stock_ms / ms, 3),
                 "cpu_ms_per_step": [round(statistics.median(r["cpu_times"]) / args.steps * 1e3, 1) for r in per_rank],
                 "cpu_over_stock": round(sum(statistics.median(r["cpu_times"]) for r in per_rank) / statistics.median(results["stock"][1][0]["cpu_times"]), 3),
