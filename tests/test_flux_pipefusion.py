@@ -167,9 +167,10 @@ def test_lookahead_changes_nothing_but_when_the_first_stage_works(world_size, pi
     """The first stage running the next call's first patch ahead gives bit-identical latents on every rank, with
     every hybrid: used at every call it can serve (all but the first two: the warmup call, and the one after it,
     whose prediction the third uses) under euler, dpmpp_2m and euler_ancestral on a batch of 2 (its noise drawn for
-    the whole batch; data parallel gives each rank one row of it), missed once and then off for CFG under cfg
-    parallel (each rank's call holds one cond, the update needs both), never tried for a CFG batch (both conds in one
-    call)."""
+    the whole batch; data parallel gives each rank one row of it) and for a CFG batch (both conds in one call, their
+    denoised values guided on the first stage), missed once and then off for CFG under cfg parallel (each rank's
+    call holds one cond, the update needs both), never tried for a CFG batch shared out by data parallel (a rank's
+    share may hold one cond)."""
     runs = [{"degrees": d, "case": case, "options": options} for d in LOOKAHEAD_CONFIGS[world_size]
             for case in LOOKAHEAD_CASES.values() for options in ({}, {"lookahead": False})]
     per_rank = run_on_ranks(pipefusion_cases.pipefusion_rank, world_size, pipeline_flux, runs, timeout_s=900)
@@ -181,9 +182,10 @@ def test_lookahead_changes_nothing_but_when_the_first_stage_works(world_size, pi
                 failures.append(f"{run['degrees']} {run['case']['name']} rank {rank}: lookahead changed the latent")
             assert result["lookahead"][index + 1] == (0, 0), "lookahead ran while switched off"
         first_stage = per_rank[0]["lookahead"][index]
-        name, cfg_parallel = run["case"]["name"], run["degrees"].get("cfg_degree", 1) > 1
-        expected = {"lookahead-euler": (run["case"]["steps"] - 2, 0), "lookahead-dpmpp2m": (run["case"]["steps"] - 2, 0),
-                    "lookahead-cfg": (0, 1) if cfg_parallel else (0, 0)}[name]
+        name, served = run["case"]["name"], (run["case"]["steps"] - 2, 0)
+        cfg_parallel, data_parallel = run["degrees"].get("cfg_degree", 1) > 1, run["degrees"].get("data_degree", 1) > 1
+        expected = {"lookahead-euler": served, "lookahead-dpmpp2m": served,
+                    "lookahead-cfg": (0, 1) if cfg_parallel else (0, 0) if data_parallel else served}[name]
         if first_stage != expected:
             failures.append(f"{run['degrees']} {name}: (used, missed) {first_stage}, expected {expected}")
     assert not failures, "\n".join(failures)
